@@ -1,0 +1,88 @@
+"""Shared fixtures: the tiny open_clip config (registered by tvtool.models), files, CLI runner."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TVTOOL_CACHE_DIR", str(Path(__file__).parent / ".cache-unused"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = "tvtool-tiny"
+
+
+@dataclass
+class CliResult:
+    """What a tvtool invocation produced."""
+
+    exit_code: int
+    stdout: str
+    stdout_bytes: bytes
+    stderr: str
+
+
+def run_tvtool(args: Sequence[str], input: bytes | None = None) -> CliResult:
+    """Run the CLI in-process with separate stdout/stderr."""
+    from typer.testing import CliRunner
+
+    from tvtool.cli.app import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, list(args), input=input, catch_exceptions=False)
+    return CliResult(result.exit_code, result.stdout, result.stdout_bytes, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """The in-process CLI runner."""
+    return run_tvtool
+
+
+@pytest.fixture(scope="session")
+def tiny_state() -> dict[str, torch.Tensor]:
+    """State dict of the tiny open_clip model, random init (seeded)."""
+    from tvtool.models import load_clip
+
+    return {k: v.clone() for k, v in load_clip(f"{TINY}:random").model.state_dict().items()}
+
+
+def perturbed(state: dict[str, torch.Tensor], seed: int, prefix: str = "visual.",
+              scale: float = 0.01) -> dict[str, torch.Tensor]:
+    """A fake fine-tuned model: the tensors under ``prefix`` moved by seeded noise."""
+    gen = torch.Generator().manual_seed(seed)
+    return {k: (v + scale * torch.randn(v.shape, generator=gen) if k.startswith(prefix)
+                and v.is_floating_point() else v.clone()) for k, v in state.items()}
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory, tiny_state):
+    """A base checkpoint, two fine-tuned checkpoints and their task vectors on disk."""
+    from tvtool import operations
+    from tvtool.io import write_tensors
+    from tvtool.metadata import FileMeta, Kind
+
+    root = tmp_path_factory.mktemp("files")
+    header = FileMeta(kind=Kind.CHECKPOINT, architecture=TINY).to_header()
+    paths = {"root": root, "base": root / "base.safetensors"}
+    write_tensors(str(paths["base"]), tiny_state, header)
+    for index in (1, 2):
+        ft = root / f"ft{index}.safetensors"
+        write_tensors(str(ft), perturbed(tiny_state, index), header)
+        tv = root / f"tv{index}.safetensors"
+        operations.extract(operations.ExtractConfig(base=str(paths["base"]), finetuned=str(ft),
+                                                    output=str(tv), dataset=f"task{index}",
+                                                    keep="changed"))
+        paths[f"ft{index}"], paths[f"tv{index}"] = ft, tv
+    return {k: (str(v) if k != "root" else v) for k, v in paths.items()}
+
+
+def load(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file."""
+    from safetensors.torch import load_file
+
+    return load_file(path)

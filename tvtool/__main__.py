@@ -1,0 +1,6 @@
+"""``python -m tvtool`` entry point."""
+
+from tvtool.cli.app import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The tvtool command line: a thin typer layer over the library."""

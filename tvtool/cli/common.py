@@ -1,0 +1,142 @@
+"""Shared pieces of every subcommand: options, error mapping, output conventions.
+
+stdout carries data only (an output path, or one JSON document with ``--json``); logs,
+warnings and progress go to stderr.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from tvtool.errors import TvtoolError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+stderr = Console(stderr=True, highlight=False)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID = 2
+
+
+def debug_enabled() -> bool:
+    """Whether ``TVTOOL_DEBUG=1`` asks for full tracebacks."""
+    return os.environ.get("TVTOOL_DEBUG", "") not in ("", "0")
+
+
+def report_error(message: str) -> None:
+    """Print a one-line error on stderr."""
+    sys.stderr.write(f"tvtool: error: {message}\n")
+    sys.stderr.flush()
+
+
+def handles_errors(func: F) -> F:
+    """Map library errors to a one-line message and the documented exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except TvtoolError as exc:
+            if debug_enabled():
+                traceback.print_exc()
+            report_error(exc.one_line())
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            report_error("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - last line of defence for the CLI
+            if debug_enabled():
+                traceback.print_exc()
+            text = " ".join(str(exc).split())[:300]
+            report_error(f"internal error: {type(exc).__name__}: {text} "
+                         "(rerun with TVTOOL_DEBUG=1 for the traceback)")
+            raise typer.Exit(EXIT_FAILURE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def log(message: str) -> None:
+    """Log a progress or info line on stderr."""
+    stderr.print(message)
+
+
+def emit_path(path: str) -> None:
+    """Print an output path on stdout (nothing when the data itself went to stdout)."""
+    if path != "-":
+        sys.stdout.write(f"{path}\n")
+        sys.stdout.flush()
+
+
+def emit_json(document: Any) -> None:
+    """Print one JSON document on stdout."""
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on stderr, silent when stderr is not a terminal.
+
+    Yields:
+        A function advancing the bar by ``n`` steps.
+    """
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=stderr, disable=not stderr.is_terminal, transient=True,
+    )
+    with progress:
+        task = progress.add_task(description, total=total)
+        yield lambda n=1: progress.advance(task, n)
+
+
+# Options shared by several commands (typer Annotated aliases).
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output file, or - for stdout.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout.")]
+DeviceOpt = Annotated[str, typer.Option("--device", envvar="TVTOOL_DEVICE",
+                                        help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED", help="Random seed.")]
+PrecisionOpt = Annotated[str, typer.Option("--precision", envvar="TVTOOL_PRECISION",
+                                           help="fp32, bf16 or fp16 (autocast on GPU).")]
+AllowOtherBaseOpt = Annotated[bool, typer.Option(
+    "--allow-base-mismatch",
+    help="Use vectors whose recorded base fingerprint differs from the base (unsafe).")]
+
+
+def resolve_device(device: str) -> str:
+    """Turn ``auto`` into ``cuda`` when available, else ``cpu``; validate the rest."""
+    import torch
+
+    from tvtool.errors import UsageError
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device} asked for, but no CUDA device is available",
+                             hint="use --device cpu or auto")
+        return device
+    raise UsageError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N")

@@ -1,0 +1,40 @@
+"""``tvtool extract``: fine-tuned checkpoint minus base -> task vector."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tvtool import operations
+from tvtool.cli.common import JsonOpt, OutputOpt, emit_json, emit_path, handles_errors, log
+from tvtool.metadata import Mode
+
+
+@handles_errors
+def extract(
+    finetuned: Annotated[str, typer.Argument(help="Fine-tuned checkpoint (.safetensors) or -.")],
+    base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
+                                      help="Model reference of the pre-trained base.")],
+    output: OutputOpt,
+    mode: Annotated[str, typer.Option("--mode", help="Mode to record: full or attn.")] = "full",
+    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to record.")] = None,
+    allow_missing: Annotated[bool, typer.Option(
+        "--allow-missing", help="Take base tensors absent from the checkpoint as unchanged.")
+    ] = False,
+    keep: Annotated[str, typer.Option(
+        "--keep", help="all: every floating tensor; changed: drop all-zero deltas.")] = "all",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the task vector FINETUNED - BASE (streamed tensor by tensor)."""
+    try:
+        mode_value = Mode(mode)
+    except ValueError:
+        from tvtool.errors import UsageError
+
+        raise UsageError(f"unknown mode {mode!r}", hint="extract records full or attn") from None
+    config = operations.ExtractConfig(base=base, finetuned=finetuned, output=output,
+                                      mode=mode_value, dataset=dataset,
+                                      allow_missing=allow_missing, keep=keep)
+    result = operations.extract(config, log=log)
+    emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -1,0 +1,377 @@
+"""Lazy safetensors reading and streaming, atomic safetensors writing.
+
+Readers never unpickle anything: safetensors is a JSON header plus raw bytes, validated by
+the safetensors library (offsets, sizes, dtypes) before any tensor is touched. Writers emit
+the header first and then one tensor at a time, so a result of N input files is produced
+with about one tensor of extra memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from tvtool.errors import InvalidInputError, NumericalError, TvtoolError
+from tvtool.io.atomic import STDIO, atomic_output, check_distinct_paths
+
+_DTYPE_TO_CODE: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of one stored tensor (known without reading its data)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the raw data in bytes."""
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class TensorSource(Protocol):
+    """A read-only, lazily loaded collection of named tensors plus string metadata."""
+
+    label: str
+    metadata: dict[str, str]
+
+    def keys(self) -> list[str]:
+        """Tensor names in file order."""
+        ...
+
+    def info(self, name: str) -> TensorInfo:
+        """Dtype and shape of ``name`` without loading it."""
+        ...
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor (a CPU tensor the caller may keep)."""
+        ...
+
+    def close(self) -> None:
+        """Release the underlying file."""
+        ...
+
+
+class DictSource:
+    """A :class:`TensorSource` over tensors already in memory."""
+
+    def __init__(
+        self, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+        label: str = "<memory>",
+    ) -> None:
+        self._tensors = dict(tensors)
+        self.metadata = dict(metadata or {})
+        self.label = label
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        tensor = self._tensors[name]
+        return TensorInfo(name, tensor.dtype, tuple(tensor.shape))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+class _SafetensorsFileSource:
+    """A :class:`TensorSource` over a safetensors file (memory-mapped, read lazily)."""
+
+    def __init__(self, path: Path, label: str) -> None:
+        self.label = label
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+            self._ctx = self._handle.__enter__()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise InvalidInputError(
+                f"{label} is not a valid safetensors file: {_short(exc)}",
+                hint=_format_hint(path),
+            ) from exc
+        self.metadata = dict(self._ctx.metadata() or {})
+        self._keys = list(self._ctx.keys())
+        self._infos: dict[str, TensorInfo] = {}
+        for name in self._keys:
+            view = self._ctx.get_slice(name)
+            code = view.get_dtype()
+            if code not in _CODE_TO_DTYPE:
+                raise InvalidInputError(f"{label}: tensor {name!r} has unsupported dtype {code}")
+            self._infos[name] = TensorInfo(name, _CODE_TO_DTYPE[code], tuple(view.get_shape()))
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._ctx.get_tensor(name)
+        except (SafetensorError, OSError) as exc:
+            raise InvalidInputError(f"{self.label}: cannot read tensor {name!r}: {_short(exc)}") from exc
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._handle.__exit__(None, None, None)
+
+
+def _short(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def _format_hint(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError:
+        return None
+    if head.startswith(_ZIP_MAGIC) or head[:2] in _PICKLE_MAGIC:
+        return "this looks like a pickled PyTorch checkpoint; convert it with `tvtool convert`"
+    return "the file may be truncated or not a safetensors file"
+
+
+def _check_header(path: Path, label: str) -> None:
+    """Cheap structural checks that give clearer messages than the library's."""
+    size = path.stat().st_size
+    if size < 8:
+        raise InvalidInputError(f"{label} is not a valid safetensors file: only {size} bytes",
+                                hint=_format_hint(path))
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    (header_len,) = struct.unpack("<Q", head)
+    if header_len > _MAX_HEADER_BYTES or header_len + 8 > size:
+        raise InvalidInputError(
+            f"{label} is not a valid safetensors file: header length {header_len} does not fit "
+            f"in {size} bytes",
+            hint=_format_hint(path),
+        )
+
+
+def open_tensors(path: str) -> TensorSource:
+    """Open a safetensors file, or ``-`` for safetensors bytes on stdin, for lazy reading.
+
+    Args:
+        path: File path or ``-``.
+
+    Returns:
+        A validated :class:`TensorSource`; call ``close()`` when done.
+
+    Raises:
+        InvalidInputError: if the file is missing, truncated, not safetensors, or lies in its
+            header (offsets, sizes, dtypes).
+    """
+    if path == STDIO:
+        return _open_stdin()
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise InvalidInputError(f"input file {path!r} does not exist")
+    if not file.is_file():
+        raise InvalidInputError(f"input {path!r} is not a regular file")
+    _check_header(file, repr(path))
+    return _SafetensorsFileSource(file, repr(path))
+
+
+def _open_stdin() -> TensorSource:
+    if sys.stdin is None or sys.stdin.isatty():
+        raise InvalidInputError("input '-' means stdin, but stdin is a terminal",
+                                hint="pipe safetensors bytes in, e.g. `tvtool extract ... -o - |`")
+    # Spool to an unlinked temp file so stdin gets the same lazy, validated reader as a file.
+    with tempfile.NamedTemporaryFile(prefix="tvtool-stdin-", suffix=".safetensors",
+                                     delete=False) as tmp:
+        shutil.copyfileobj(sys.stdin.buffer, tmp, length=16 * 1024 * 1024)
+        tmp_path = Path(tmp.name)
+    try:
+        if tmp_path.stat().st_size == 0:
+            raise InvalidInputError("stdin was empty", hint="did the previous command fail?")
+        _check_header(tmp_path, "stdin")
+        return _SafetensorsFileSource(tmp_path, "stdin")
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def _layout_header(layout: Sequence[TensorInfo], metadata: Mapping[str, str]) -> bytes:
+    header: dict[str, Any] = {}
+    if metadata:
+        for key, value in metadata.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise TypeError(f"metadata must map str to str, got {key!r}: {type(value)}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    seen: set[str] = set()
+    for info in layout:
+        if info.name in seen:
+            raise ValueError(f"duplicate tensor name {info.name!r}")
+        seen.add(info.name)
+        if info.dtype not in _DTYPE_TO_CODE:
+            raise InvalidInputError(f"tensor {info.name!r} has unsupported dtype {info.dtype}")
+        end = offset + info.nbytes
+        header[info.name] = {"dtype": _DTYPE_TO_CODE[info.dtype], "shape": list(info.shape),
+                             "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _stream_to(handle: IO[bytes], layout: Sequence[TensorInfo], metadata: Mapping[str, str],
+               tensors: Iterable[tuple[str, torch.Tensor]], check_finite: bool) -> None:
+    handle.write(_layout_header(layout, metadata))
+    produced = iter(tensors)
+    for info in layout:
+        try:
+            name, tensor = next(produced)
+        except StopIteration:
+            raise TvtoolError(f"internal error: writer expected tensor {info.name!r}") from None
+        if name != info.name or tensor.dtype != info.dtype or tuple(tensor.shape) != info.shape:
+            raise TvtoolError(
+                f"internal error: writer got {name!r} {tensor.dtype} {tuple(tensor.shape)}, "
+                f"expected {info.name!r} {info.dtype} {info.shape}"
+            )
+        if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NumericalError(f"result tensor {name!r} contains NaN or Inf",
+                                 hint="check the inputs and coefficients for overflow")
+        data = tensor.detach().to("cpu").contiguous().view(-1)
+        if data.numel():
+            handle.write(memoryview(data.view(torch.uint8).numpy()))
+    leftover = next(produced, None)
+    if leftover is not None:
+        raise TvtoolError(f"internal error: writer got unexpected tensor {leftover[0]!r}")
+
+
+def write_tensors(
+    output: str,
+    tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    layout: Sequence[TensorInfo] | None = None,
+    inputs: Sequence[str] = (),
+    check_finite: bool = True,
+) -> None:
+    """Write tensors as safetensors, atomically, to a file or to stdout (``-``).
+
+    Args:
+        output: Destination path, or ``-`` for stdout.
+        tensors: Either a mapping, or an iterator of ``(name, tensor)`` pairs produced lazily in
+            the order of ``layout`` (streaming: one tensor in memory at a time).
+        metadata: String-to-string metadata stored in the header.
+        layout: Names, dtypes and shapes in write order; required when ``tensors`` is an
+            iterator, derived from the mapping otherwise.
+        inputs: Paths this command read; an output equal to one of them is refused.
+        check_finite: Refuse to write NaN or Inf values.
+
+    Raises:
+        InvalidInputError: output equals an input, or its directory is missing.
+        NumericalError: a tensor holds NaN or Inf (nothing is written).
+        TvtoolError: the disk is full or the write failed (the target is left unchanged).
+    """
+    check_distinct_paths(output, inputs)
+    if isinstance(tensors, Mapping):
+        items: Iterable[tuple[str, torch.Tensor]] = list(tensors.items())
+        if layout is None:
+            layout = [TensorInfo(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    else:
+        items = tensors
+    if layout is None:
+        raise TypeError("layout is required when tensors is an iterator")
+    meta = dict(metadata or {})
+    if output == STDIO:
+        # Buffer in an anonymous temp file so a failure never leaves half a file in the pipe.
+        with tempfile.TemporaryFile(prefix="tvtool-out-") as spool:
+            _stream_to(spool, layout, meta, items, check_finite)
+            spool.seek(0)
+            write_stdout_from(spool)
+        return
+    with atomic_output(output) as tmp, open(tmp, "wb") as handle:
+        _stream_to(handle, layout, meta, items, check_finite)
+
+
+def write_stdout_from(handle: IO[bytes]) -> None:
+    """Copy a binary stream to stdout, tolerating a closed pipe."""
+    try:
+        shutil.copyfileobj(handle, sys.stdout.buffer, length=16 * 1024 * 1024)
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        # The reader went away; silence the interpreter's own flush error at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def write_bytes(output: str, data: bytes, *, inputs: Sequence[str] = ()) -> None:
+    """Write raw bytes atomically (PNG figures, reports); ``-`` means stdout."""
+    check_distinct_paths(output, inputs)
+    if output == STDIO:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    with atomic_output(output) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_json(output: str, document: Any, *, inputs: Sequence[str] = ()) -> None:
+    """Write a JSON document atomically (``-`` means stdout)."""
+    text = json.dumps(document, indent=2, sort_keys=False, default=str) + "\n"
+    write_bytes(output, text.encode("utf-8"), inputs=inputs)
+
+
+def read_json(path: str) -> Any:
+    """Read a JSON document from a file or ``-``.
+
+    Raises:
+        InvalidInputError: if the file is missing or not valid JSON.
+    """
+    try:
+        if path == STDIO:
+            text = sys.stdin.read()
+        else:
+            text = Path(path).expanduser().read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InvalidInputError(f"input file {path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"cannot read {path!r}: {_short(exc)}") from exc
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{path!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+
+
+def iter_source(source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` pairs of a source one at a time."""
+    for name in source.keys():
+        yield name, source.get(name)

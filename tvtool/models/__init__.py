@@ -1,0 +1,39 @@
+"""The only package that imports open_clip: model references, loading, heads, fingerprints."""
+
+from tvtool.models.heads import build_zero_shot_head
+from tvtool.models.loading import (
+    ClipBundle,
+    base_source,
+    fingerprint,
+    load_clip,
+    load_state_into,
+    resolve_ref,
+    state_dict_fingerprint,
+)
+from tvtool.models.refs import (
+    TINY_MODEL,
+    ModelRef,
+    RefKind,
+    cache_dir,
+    embedded_weights_path,
+    known_architectures,
+    parse_ref,
+)
+
+__all__ = [
+    "TINY_MODEL",
+    "ClipBundle",
+    "ModelRef",
+    "RefKind",
+    "base_source",
+    "build_zero_shot_head",
+    "cache_dir",
+    "embedded_weights_path",
+    "fingerprint",
+    "known_architectures",
+    "load_clip",
+    "load_state_into",
+    "parse_ref",
+    "resolve_ref",
+    "state_dict_fingerprint",
+]

@@ -1,0 +1,136 @@
+"""Model references: one grammar for naming a base model everywhere.
+
+``NAME`` (the embedded ``tvtool-tiny`` only), ``NAME:PRETRAINED`` (an open_clip pretrained tag,
+``random``, or a local weights file), ``hf-hub:ORG/REPO``, or the path of a tvtool checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import open_clip
+
+from tvtool.errors import InvalidInputError
+
+TINY_MODEL = "tvtool-tiny"
+_CONFIG_DIR = Path(__file__).parent / "configs"
+_WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+open_clip.add_model_config(_CONFIG_DIR)
+
+
+class RefKind(str, Enum):
+    """How a reference resolves to weights."""
+
+    EMBEDDED = "embedded"
+    RANDOM = "random"
+    PRETRAINED_TAG = "pretrained_tag"
+    WEIGHTS_FILE = "weights_file"
+    HF_HUB = "hf_hub"
+    CHECKPOINT = "checkpoint"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed model reference.
+
+    Attributes:
+        text: The reference as the user wrote it.
+        kind: How it resolves to weights.
+        architecture: open_clip model name (``hf-hub:...`` for hub models).
+        location: Pretrained tag or file path, where the kind has one.
+    """
+
+    text: str
+    kind: RefKind
+    architecture: str
+    location: str | None = None
+
+    @property
+    def is_file(self) -> bool:
+        """Whether the weights come from a local file tvtool reads."""
+        return self.kind in (RefKind.EMBEDDED, RefKind.WEIGHTS_FILE, RefKind.CHECKPOINT)
+
+
+def cache_dir() -> Path:
+    """tvtool's cache directory (``$TVTOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/tvtool``)."""
+    if os.environ.get("TVTOOL_CACHE_DIR"):
+        return Path(os.environ["TVTOOL_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "tvtool"
+
+
+def embedded_weights_path() -> Path:
+    """Where the embedded pre-trained ``tvtool-tiny`` weights live.
+
+    The packaged file wins; otherwise the copy ``tvtool pretrain`` writes to the cache dir.
+    """
+    packaged = Path(__file__).parent / "weights" / f"{TINY_MODEL}.safetensors"
+    if packaged.is_file():
+        return packaged
+    return cache_dir() / f"{TINY_MODEL}.safetensors"
+
+
+def known_architectures() -> list[str]:
+    """open_clip model names tvtool can build (tvtool-tiny included)."""
+    return list(open_clip.list_models())
+
+
+def parse_ref(text: str) -> ModelRef:
+    """Parse a model reference.
+
+    Args:
+        text: ``NAME``, ``NAME:PRETRAINED``, ``hf-hub:ORG/REPO`` or a tvtool checkpoint path.
+
+    Returns:
+        The parsed reference (files are checked for existence, not read).
+
+    Raises:
+        InvalidInputError: unknown model name or tag, or missing file.
+    """
+    text = text.strip()
+    if not text:
+        raise InvalidInputError("empty model reference", hint=f"try {TINY_MODEL}")
+    if text.startswith("hf-hub:"):
+        return ModelRef(text, RefKind.HF_HUB, text, text[len("hf-hub:"):])
+    path = Path(text).expanduser()
+    if path.suffix in _WEIGHT_SUFFIXES or path.is_file():
+        if not path.is_file():
+            raise InvalidInputError(f"model reference {text!r} is not an existing file")
+        if path.suffix != ".safetensors":
+            raise InvalidInputError(
+                f"model reference {text!r} is a pickled file without an architecture",
+                hint="use NAME:PATH (e.g. ViT-B-32:weights.pt) or convert it with `tvtool convert`",
+            )
+        # Architecture comes from the file's tvtool metadata (resolved by the loader).
+        return ModelRef(text, RefKind.CHECKPOINT, "", str(path))
+    name, _, tag = text.partition(":")
+    if name not in known_architectures():
+        raise InvalidInputError(
+            f"unknown model {name!r} in reference {text!r}",
+            hint=f"use an open_clip model name (e.g. ViT-B-32), {TINY_MODEL}, or a checkpoint path",
+        )
+    if not tag:
+        if name == TINY_MODEL:
+            return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path()))
+        raise InvalidInputError(
+            f"model reference {text!r} names no weights",
+            hint=f"use {name}:TAG (e.g. {name}:openai), {name}:PATH for a local file, "
+                 f"or {name}:random",
+        )
+    if tag == "random":
+        return ModelRef(text, RefKind.RANDOM, name)
+    tag_path = Path(tag).expanduser()
+    if tag_path.suffix in _WEIGHT_SUFFIXES or "/" in tag or tag_path.exists():
+        if not tag_path.is_file():
+            raise InvalidInputError(f"weights file {tag!r} in reference {text!r} does not exist")
+        return ModelRef(text, RefKind.WEIGHTS_FILE, name, str(tag_path))
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if tag not in tags:
+        raise InvalidInputError(
+            f"unknown pretrained tag {tag!r} for {name}",
+            hint=f"known tags: {', '.join(tags) or 'none'}; or give a local weights file",
+        )
+    return ModelRef(text, RefKind.PRETRAINED_TAG, name, tag)

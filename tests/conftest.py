@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
-os.environ.setdefault("TVTOOL_CACHE_DIR", str(Path(__file__).parent / ".cache-unused"))
+# Tests never read or write the user's cache: one throw-away cache dir per session.
+os.environ["TVTOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="tvtool-test-cache-")
+atexit.register(shutil.rmtree, os.environ["TVTOOL_CACHE_DIR"], ignore_errors=True)
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY = "tvtool-tiny"

@@ -73,9 +73,12 @@ class FileMeta:
 
     def to_header(self) -> dict[str, str]:
         """Serialise to the str->str mapping stored in the safetensors header."""
-        out: dict[str, str] = {PREFIX + "format_version": FORMAT_VERSION,
-                               PREFIX + "kind": self.kind.value,
-                               PREFIX + "linearized": "true" if self.linearized else "false"}
+        # Extra keys first, so they can never override the fields that follow.
+        out: dict[str, str] = {PREFIX + key: value for key, value in self.extra.items()
+                               if key not in _KNOWN}
+        out.update({PREFIX + "format_version": FORMAT_VERSION,
+                    PREFIX + "kind": self.kind.value,
+                    PREFIX + "linearized": "true" if self.linearized else "false"})
         for key in ("architecture", "base_ref", "base_fingerprint", "dataset"):
             value = getattr(self, key)
             if value is not None:
@@ -84,8 +87,6 @@ class FileMeta:
             out[PREFIX + "mode"] = self.mode.value
         if self.provenance is not None:
             out[PREFIX + "provenance"] = json.dumps(self.provenance, sort_keys=True, default=str)
-        for key, value in self.extra.items():
-            out[PREFIX + key] = value
         return out
 
     def with_changes(self, **changes: Any) -> FileMeta:
@@ -124,7 +125,8 @@ class FileMeta:
             try:
                 mode = Mode(ours["mode"])
             except ValueError:
-                raise InvalidInputError(f"{label} has unknown tvtool.mode {ours['mode']!r}") from None
+                raise InvalidInputError(
+                    f"{label} has unknown tvtool.mode {ours['mode']!r}") from None
         linearized_text = ours.get("linearized", "false")
         if linearized_text not in ("true", "false"):
             raise InvalidInputError(f"{label} has tvtool.linearized={linearized_text!r}, "
@@ -142,7 +144,8 @@ class FileMeta:
                    provenance=provenance, extra=extra)
 
 
-def provenance(command: str, arguments: Mapping[str, Any], seed: int | None = None) -> dict[str, Any]:
+def provenance(command: str, arguments: Mapping[str, Any], seed: int | None = None
+               ) -> dict[str, Any]:
     """Build the provenance record stored with every output.
 
     Args:
@@ -154,7 +157,7 @@ def provenance(command: str, arguments: Mapping[str, Any], seed: int | None = No
 
     return {
         "command": command,
-        "arguments": {k: v for k, v in arguments.items()},
+        "arguments": dict(arguments),
         "seed": seed,
         "versions": {"tvtool": __version__, "torch": torch.__version__,
                      "python": sys.version.split()[0], "platform": platform.platform()},

@@ -1,22 +1,39 @@
-"""Library entry points of the file-level commands: extract, negate, apply, inspect.
+"""Library entry points of the file-level commands: extract, negate, apply, inspect, convert.
 
 Each takes one frozen config and returns a small result record; the CLI only parses flags,
-calls these, and prints.
+calls these, and prints. Every command checks its output path before reading anything, and
+streams tensor by tensor through :mod:`tvtool.vectors` plans.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.io import TensorSource, open_tensors, write_tensors
-from tvtool.metadata import LINEARIZED_MODES, FileMeta, Kind, Mode, provenance
-from tvtool.models import base_source, fingerprint
+from tvtool.io import (
+    STDIO,
+    TensorSource,
+    all_finite,
+    check_output,
+    open_tensors,
+    read_checkpoint,
+    write_tensors,
+)
+from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
+from tvtool.models import base_source, fingerprint, match_architecture, resolve_ref
 from tvtool.models.refs import ModelRef
-from tvtool.vectors import cosine_matrix, open_vector_meta, plan_combine, plan_extract
+from tvtool.vectors import (
+    cosine_matrix,
+    open_vector_meta,
+    plan_combine,
+    plan_extract,
+    vector_norms,
+)
 
 Logger = Callable[[str], None]
 
@@ -77,10 +94,10 @@ class WriteResult:
 
 def _open_finetuned(path: str) -> TensorSource:
     source = open_tensors(path)
-    meta = source.metadata.get("tvtool.kind")
-    if meta is not None and meta != Kind.CHECKPOINT.value:
+    kind = source.metadata.get(PREFIX + "kind")
+    if kind is not None and kind != Kind.CHECKPOINT.value:
         source.close()
-        raise InvalidInputError(f"{source.label} is a tvtool {meta}, not a model checkpoint",
+        raise InvalidInputError(f"{source.label} is a tvtool {kind}, not a model checkpoint",
                                 hint="extract takes a fine-tuned checkpoint, not a task vector")
     return source
 
@@ -89,15 +106,19 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
     """Write ``finetuned - base`` as a task vector (streaming, tensor by tensor).
 
     Raises:
-        InvalidInputError: bad inputs (see :func:`tvtool.vectors.plan_extract`).
+        UsageError: a mode that extract cannot record.
+        InvalidInputError: bad inputs (see :func:`tvtool.vectors.plan_extract`), or an output
+            that is an input.
     """
-    if config.mode in LINEARIZED_MODES or config.mode in (Mode.LORA,):
+    if config.mode not in (Mode.FULL, Mode.ATTN):
         raise UsageError(f"extract cannot record mode {config.mode.value}: those vectors come "
                          "from `tvtool finetune`, which stores what they need")
-    base, ref = base_source(config.base)
-    with _opened([base]):
-        finetuned = _open_finetuned(config.finetuned)
-        with _opened([finetuned]):
+    ref = resolve_ref(config.base)
+    check_output(config.output, [config.finetuned, *_file_inputs(ref)])
+    finetuned = _open_finetuned(config.finetuned)
+    with _opened([finetuned]):
+        base, ref = base_source(ref)
+        with _opened([base]):
             plan = plan_extract(base, finetuned, allow_missing=config.allow_missing,
                                 keep=config.keep)
             for note in plan.notes:
@@ -107,9 +128,8 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
                             mode=config.mode, linearized=False, dataset=config.dataset,
                             provenance=provenance("extract", _args(config)))
             write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
-                          inputs=[config.finetuned, *_file_inputs(ref)])
-    return WriteResult(config.output, len(plan.layout), sum(i.numel for i in plan.layout),
-                       plan.notes)
+                          inputs=[config.finetuned, *_file_inputs(ref)], check_finite=False)
+    return WriteResult(config.output, len(plan.layout), plan.parameters, plan.notes)
 
 
 def _args(config: Any) -> dict[str, Any]:
@@ -118,6 +138,17 @@ def _args(config: Any) -> dict[str, Any]:
 
 def _file_inputs(ref: ModelRef) -> list[str]:
     return [ref.location] if ref.is_file and ref.location else []
+
+
+def check_coefficients(coefs: Sequence[float], flag: str = "--coef") -> None:
+    """Refuse NaN or infinite coefficients.
+
+    Raises:
+        UsageError: naming the flag.
+    """
+    bad = [c for c in coefs if not math.isfinite(c)]
+    if bad:
+        raise UsageError(f"{flag} must be a finite number, got {bad[0]}")
 
 
 # ---------------------------------------------------------------- negate / scale
@@ -133,9 +164,16 @@ class NegateConfig:
 
 
 def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
-    """Write the negated (and scaled) task vector, streaming."""
+    """Write the negated (and scaled) task vector, streaming.
+
+    Raises:
+        UsageError: a coefficient that is not a positive finite number.
+        InvalidInputError: the input is not a task vector, or the output is the input.
+    """
+    check_coefficients([config.coef])
     if config.coef <= 0:
         raise UsageError(f"--coef must be positive (got {config.coef}); negate flips the sign")
+    check_output(config.output, [config.vector])
     source = open_tensors(config.vector)
     with _opened([source]):
         meta = open_vector_meta(source, source.label)
@@ -146,14 +184,16 @@ def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
             provenance=provenance("negate", _args(config)),
             extra={**meta.extra, "operations": _dumps(history)})
         write_tensors(config.output, plan.tensors(), out_meta.to_header(), layout=plan.layout,
-                      inputs=[config.vector])
-    return WriteResult(config.output, len(plan.layout), sum(i.numel for i in plan.layout))
+                      inputs=[config.vector], check_finite=False)
+    return WriteResult(config.output, len(plan.layout), plan.parameters)
 
 
 def json_list(text: str | None) -> list[Any]:
-    """Parse a JSON list stored in metadata (empty when absent)."""
-    import json
+    """Parse a JSON list stored in metadata (empty when absent).
 
+    Raises:
+        InvalidInputError: the text is not valid JSON.
+    """
     if not text:
         return []
     try:
@@ -164,8 +204,6 @@ def json_list(text: str | None) -> list[Any]:
 
 
 def _dumps(value: Any) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True)
 
 
@@ -194,15 +232,22 @@ class ApplyConfig:
     approximate_linearized: bool = False
 
 
+def _same_architecture(a: str, b: str) -> bool:
+    # "X" and "X-quickgelu" have identical tensors; the fingerprint decides about the weights.
+    return a.removesuffix("-quickgelu") == b.removesuffix("-quickgelu")
+
+
 def check_vectors_fit_base(metas: Sequence[tuple[str, FileMeta]], base_fp: str, *,
                            allow_mismatch: bool, architecture: str) -> None:
     """Refuse vectors recorded against another base, unless explicitly allowed.
 
     Raises:
-        InvalidInputError: architecture or fingerprint mismatch.
+        InvalidInputError: architecture mismatch (never overridable: the tensors would not
+            fit), or fingerprint mismatch without ``allow_mismatch``.
     """
     for label, meta in metas:
-        if meta.architecture and architecture and meta.architecture != architecture:
+        if meta.architecture and architecture and \
+                not _same_architecture(meta.architecture, architecture):
             raise InvalidInputError(f"{label} was made for {meta.architecture}, the base is "
                                     f"{architecture}")
         if meta.base_fingerprint and meta.base_fingerprint != base_fp and not allow_mismatch:
@@ -230,35 +275,49 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     """Write an open_clip-loadable checkpoint of the edited model, streaming.
 
     Raises:
+        UsageError: no vectors, stdin twice, coefficient count or value wrong.
         InvalidInputError: vectors from another base, linearized vectors without
-            ``approximate_linearized``, key or shape mismatches.
+            ``approximate_linearized``, key, shape or dtype mismatches, an output that is an
+            input.
     """
     if not config.vectors:
         raise UsageError("apply needs at least one task vector")
-    if list(config.vectors).count("-") > 1:
+    if list(config.vectors).count(STDIO) > 1:
         raise UsageError("stdin ('-') can be given only once")
+    check_coefficients(config.coefs)
     coefs = expand_coefs(config.coefs, len(config.vectors))
-    base, ref = base_source(config.base)
-    sources: list[TensorSource] = [base]
+    ref = resolve_ref(config.base)
+    check_output(config.output, [*config.vectors, *_file_inputs(ref)])
+    sources: list[TensorSource] = []
     with _opened(sources):
         metas = []
         for path in config.vectors:
             source = open_tensors(path)
             sources.append(source)
             meta = open_vector_meta(source, source.label)
-            if meta.mode is Mode.LORA or meta.mode is Mode.LLORA:
-                source = _materialized_lora(source, meta)
-                sources[-1] = source
             if meta.linearized and not config.approximate_linearized:
                 raise InvalidInputError(
                     f"{source.label} is a linearized ({meta.mode.value if meta.mode else '?'}) "
                     "vector: adding it to the weights only approximates the model it was "
                     "trained as", hint="evaluate it with `tvtool eval`, or pass "
                     "--approximate-linearized to write the weight-space approximation")
+            if meta.linearized:
+                log(f"warning: {source.label} is linearized; the checkpoint approximates its "
+                    "linearized model by adding the vector to the weights")
+            if meta.mode is Mode.LORA or meta.mode is Mode.LLORA:
+                source = _materialized_lora(source, meta)
+                sources[-1] = source
             metas.append((source.label, meta))
+        base, ref = base_source(ref)
+        sources.insert(0, base)
         base_fp = fingerprint(base)
         check_vectors_fit_base(metas, base_fp, allow_mismatch=config.allow_base_mismatch,
                                architecture=ref.architecture)
+        mismatched = [label for label, m in metas
+                      if m.base_fingerprint and m.base_fingerprint != base_fp]
+        if mismatched:
+            log(f"warning: {len(mismatched)} vectors were extracted from another base "
+                f"({', '.join(mismatched[:3])}); applying them anyway (--allow-base-mismatch)")
         plan = plan_combine(base, list(zip(sources[1:], coefs, strict=True)))
         meta = FileMeta(kind=Kind.CHECKPOINT, architecture=ref.architecture,
                         base_ref=config.base, base_fingerprint=base_fp,
@@ -266,8 +325,8 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
                         extra={"sources": _dumps([m.dataset or label for label, m in metas]),
                                "coefficients": _dumps(coefs)})
         write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
-                      inputs=[*config.vectors, *_file_inputs(ref)])
-    return WriteResult(config.output, len(plan.layout), sum(i.numel for i in plan.layout),
+                      inputs=[*config.vectors, *_file_inputs(ref)], check_finite=False)
+    return WriteResult(config.output, len(plan.layout), plan.parameters,
                        details={"coefficients": coefs, "base_fingerprint": base_fp})
 
 
@@ -286,8 +345,8 @@ class InspectConfig:
     """Configuration of ``tvtool inspect``.
 
     Attributes:
-        files: tvtool files (vectors, checkpoints, coefficient files).
-        top: How many tensors (largest norm first) to list per file.
+        files: safetensors files (tvtool vectors, checkpoints, coefficients, or plain ones).
+        top: How many tensors (largest norm first) to list per task vector.
         cosine: Whether to compute the cosine-similarity matrix of the task vectors.
     """
 
@@ -299,35 +358,123 @@ class InspectConfig:
 def inspect(config: InspectConfig) -> dict[str, Any]:
     """Metadata, norms and (for several vectors) the cosine-similarity matrix.
 
+    Files without tvtool metadata are described too (kind ``null``, no norms).
+
     Returns:
-        A JSON-ready report: ``files`` (one entry per input) and ``cosine`` (or None).
+        A JSON-ready report: ``files`` (one entry per input, in order; task vectors carry
+        ``norm``, ``norms`` of every tensor and the ``largest`` ``top`` of them) and ``cosine``
+        (the matrix over the task vectors, in the order they appear, or None).
+
+    Raises:
+        UsageError: stdin given twice, or a negative ``top``.
+        InvalidInputError: a file that is not valid safetensors, or malformed tvtool metadata.
     """
-    if list(config.files).count("-") > 1:
+    if not config.files:
+        raise UsageError("inspect needs at least one file")
+    if list(config.files).count(STDIO) > 1:
         raise UsageError("stdin ('-') can be given only once")
-    sources = [open_tensors(path) for path in config.files]
+    if config.top < 0:
+        raise UsageError(f"--top must be >= 0 (got {config.top})")
+    sources: list[TensorSource] = []
     with _opened(sources):
+        for path in config.files:
+            sources.append(open_tensors(path))
         files = []
         vectors: list[TensorSource] = []
-        for source in sources:
-            meta = FileMeta.from_header(source.metadata, source.label)
+        for path, source in zip(config.files, sources, strict=True):
+            names = source.keys()
+            meta = (FileMeta.from_header(source.metadata, source.label)
+                    if PREFIX + "kind" in source.metadata else None)
             entry: dict[str, Any] = {
-                "file": source.label.strip("'"),
+                "file": path,
+                "kind": meta.kind.value if meta else None,
                 "metadata": {k: v for k, v in source.metadata.items()
-                             if k != "tvtool.provenance"},
-                "provenance": meta.provenance,
-                "tensors": len(source.keys()),
-                "parameters": sum(source.info(n).numel for n in source.keys()),
+                             if k != PREFIX + "provenance"},
+                "provenance": meta.provenance if meta else None,
+                "tensors": len(names),
+                "parameters": sum(source.info(n).numel for n in names),
+                "dtypes": sorted({str(source.info(n).dtype).removeprefix("torch.")
+                                  for n in names}),
             }
-            if meta.kind is Kind.TASK_VECTOR:
-                from tvtool.vectors import vector_norms
-
+            if meta is not None and meta.kind is Kind.TASK_VECTOR:
                 norms = vector_norms(source)
-                total = sum(v * v for v in norms.values()) ** 0.5
-                entry["norm"] = total
+                entry["norm"] = math.sqrt(sum(v * v for v in norms.values()))
                 entry["largest"] = [
                     {"tensor": n, "norm": v}
                     for n, v in sorted(norms.items(), key=lambda kv: -kv[1])[: config.top]]
+                entry["norms"] = norms
                 vectors.append(source)
             files.append(entry)
         cosine = cosine_matrix(vectors) if config.cosine and len(vectors) > 1 else None
     return {"files": files, "cosine": cosine}
+
+
+# ---------------------------------------------------------------- convert
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """Configuration of ``tvtool convert``: a legacy checkpoint -> tvtool checkpoint.
+
+    Attributes:
+        input: Pickled ``.pt``/``.pth``/``.bin`` file (or safetensors without tvtool
+            metadata), or ``-``.
+        output: Output path or ``-``.
+        architecture: open_clip model name; inferred from the tensor shapes when None.
+    """
+
+    input: str
+    output: str
+    architecture: str | None = None
+
+
+def _activation(classes: frozenset[str]) -> bool | None:
+    """Whether a pickled model used QuickGELU (None: the file does not say)."""
+    if any(name.rsplit(".", 1)[-1] == "QuickGELU" for name in classes):
+        return True
+    if "torch.nn.modules.activation.GELU" in classes:
+        return False
+    return None
+
+
+def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
+    """Convert a pickled (or plain safetensors) checkpoint into a tvtool checkpoint.
+
+    Pickles are read by :func:`tvtool.io.read_checkpoint`, which never executes code
+    from the file. Wrapper prefixes (``module.``, ``model.``) are removed, and the open_clip
+    architecture is checked (``architecture``) or inferred from the tensor shapes.
+
+    Raises:
+        InvalidInputError: unreadable input, no or several fitting architectures, tensors
+            that do not fit the given architecture, or an output that is the input.
+    """
+    check_output(config.output, [config.input])
+    checkpoint = read_checkpoint(config.input)
+    for note in checkpoint.notes:
+        log(note)
+    quick_gelu = _activation(checkpoint.classes)
+    match = match_architecture({n: tuple(t.shape) for n, t in checkpoint.tensors.items()},
+                               architecture=config.architecture, quick_gelu=quick_gelu)
+    notes = list(checkpoint.notes)
+    how = "inferred from the tensor shapes" if match.inferred else "as given"
+    if match.inferred and quick_gelu is not None:
+        how += f" and the pickled activation ({'QuickGELU' if quick_gelu else 'GELU'})"
+    notes.append(f"architecture {match.architecture} ({how})")
+    if match.missing:
+        notes.append(f"the checkpoint lacks {len(match.missing)} tensors of "
+                     f"{match.architecture} (e.g. {list(match.missing[:2])}); extract a task "
+                     "vector from it with `tvtool extract --allow-missing`")
+    for note in notes[len(checkpoint.notes):]:
+        log(note)
+    bad = [n for n, t in checkpoint.tensors.items() if not all_finite(t)]
+    if bad:
+        raise InvalidInputError(f"{len(bad)} tensors of the checkpoint contain NaN or Inf, "
+                                f"e.g. {bad[:3]}")
+    meta = FileMeta(kind=Kind.CHECKPOINT, architecture=match.architecture,
+                    provenance=provenance("convert", _args(config)),
+                    extra={"converted_from": checkpoint.container})
+    write_tensors(config.output, checkpoint.tensors, meta.to_header(), inputs=[config.input])
+    return WriteResult(config.output, len(checkpoint.tensors),
+                       sum(t.numel() for t in checkpoint.tensors.values()), notes,
+                       details={"architecture": match.architecture,
+                                "missing": len(match.missing)})

@@ -12,13 +12,14 @@ Both layers share the per-tensor primitives, so they cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from tvtool.errors import InvalidInputError
-from tvtool.io import TensorInfo, TensorSource
+from tvtool.errors import InvalidInputError, NumericalError
+from tvtool.io import TensorInfo, TensorSource, all_finite
 from tvtool.metadata import FileMeta, Kind
 from tvtool.types import StateDict
 
@@ -34,25 +35,66 @@ def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
     Raises:
         InvalidInputError: naming the tensor and the input.
     """
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise InvalidInputError(f"{where}: tensor {name!r} contains NaN or Inf")
+    if not all_finite(tensor):
+        raise InvalidInputError(f"{where}: tensor {name!r} contains NaN or Inf",
+                                hint="the file is damaged or came from a diverged run")
+
+
+_CHUNK = 1 << 22  # elements per float64 slice: bounds the temporary memory to ~100 MB
 
 
 def tensor_delta(base: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-    """``finetuned - base`` computed in float64, stored in the fine-tuned tensor's dtype."""
-    return (finetuned.double() - base.double()).to(finetuned.dtype)
+    """``finetuned - base`` computed in float64, stored in the fine-tuned tensor's dtype.
+
+    Large tensors are processed in slices, so the float64 temporaries stay small.
+    """
+    out = torch.empty(finetuned.shape, dtype=finetuned.dtype)
+    flat_out, flat_b, flat_f = out.view(-1), base.reshape(-1), finetuned.reshape(-1)
+    for start in range(0, flat_out.numel(), _CHUNK):
+        stop = start + _CHUNK
+        flat_out[start:stop] = flat_f[start:stop].double() - flat_b[start:stop].double()
+    return out
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are accumulated in: float64 for float64 tensors, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def start_sum(first: torch.Tensor, coef: float, acc_dtype: torch.dtype) -> torch.Tensor:
+    """A fresh accumulator holding ``coef · first`` (never an alias of ``first``)."""
+    if coef == 1.0:
+        return first.to(acc_dtype, copy=True)
+    # One pass: the multiplication allocates the accumulator itself.
+    return torch.mul(first.to(acc_dtype), coef)
+
+
+def add_to_sum(acc: torch.Tensor, delta: torch.Tensor, coef: float) -> torch.Tensor:
+    """``acc += coef · delta`` in place, in the accumulator's dtype; returns ``acc``.
+
+    A coefficient beyond the accumulator's range makes the sum overflow to ±Inf (which the
+    writer then reports) instead of raising inside torch.
+    """
+    if abs(coef) > torch.finfo(acc.dtype).max:
+        return acc.add_(delta.to(acc.dtype).mul(coef))
+    return acc.add_(delta.to(acc.dtype), alpha=coef)
 
 
 def tensor_combine(
     base: torch.Tensor | None, deltas: Sequence[torch.Tensor], coefs: Sequence[float],
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``base + Σ coef_i · delta_i`` accumulated in float32 (float64 for float64 inputs)."""
-    acc_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    acc = base.to(acc_dtype).clone() if base is not None else None
+    """``base + Σ coef_i · delta_i`` accumulated in float32 (float64 for float64 outputs).
+
+    The inputs are never modified and the result never aliases them.
+
+    Raises:
+        ValueError: neither a base nor a delta was given.
+    """
+    acc_dtype = accumulation_dtype(out_dtype)
+    acc = start_sum(base, 1.0, acc_dtype) if base is not None else None
     for delta, coef in zip(deltas, coefs, strict=True):
-        term = delta.to(acc_dtype) * coef if coef != 1.0 else delta.to(acc_dtype)
-        acc = term if acc is None else acc.add_(term)
+        acc = start_sum(delta, coef, acc_dtype) if acc is None else add_to_sum(acc, delta, coef)
     if acc is None:
         raise ValueError("tensor_combine needs a base or at least one delta")
     return acc.to(out_dtype)
@@ -65,7 +107,8 @@ def extract(base: StateDict, finetuned: StateDict) -> StateDict:
     """Task vector ``finetuned - base`` over the floating tensors of ``finetuned``.
 
     Raises:
-        InvalidInputError: a key of ``finetuned`` missing from ``base``, or a shape mismatch.
+        InvalidInputError: a key of ``finetuned`` missing from ``base``, or a shape or dtype
+            mismatch.
     """
     out: StateDict = {}
     for name, tensor in finetuned.items():
@@ -74,37 +117,41 @@ def extract(base: StateDict, finetuned: StateDict) -> StateDict:
         if name not in base:
             raise InvalidInputError(f"tensor {name!r} of the fine-tuned model is not in the base")
         _check_same_shape(name, base[name], tensor)
+        _check_same_dtype(name, base[name], tensor)
         out[name] = tensor_delta(base[name], tensor)
     return out
 
 
 def scale(vector: StateDict, coef: float) -> StateDict:
-    """Multiply every tensor of a task vector by ``coef``."""
+    """Multiply every tensor of a task vector by ``coef`` (new tensors, same dtypes)."""
     return {name: tensor_combine(None, [t], [coef], t.dtype) for name, t in vector.items()}
 
 
 def negate(vector: StateDict) -> StateDict:
-    """The negated task vector (forgetting direction)."""
+    """The negated task vector (forgetting direction); exact, so negating twice is identity."""
     return {name: -t for name, t in vector.items()}
 
 
 def add(vectors: Sequence[StateDict], coefs: Sequence[float] | None = None) -> StateDict:
-    """``Σ coef_i · vector_i`` over vectors with identical key sets and shapes.
+    """``Σ coef_i · vector_i`` over vectors with identical key sets, shapes and dtypes.
 
     Raises:
-        InvalidInputError: if the vectors do not share keys and shapes.
+        InvalidInputError: if the vectors do not share keys, shapes and dtypes.
     """
     if not vectors:
         raise InvalidInputError("add needs at least one task vector")
     coefs = list(coefs) if coefs is not None else [1.0] * len(vectors)
+    if len(coefs) != len(vectors):
+        raise InvalidInputError(f"{len(coefs)} coefficients for {len(vectors)} vectors")
     first = vectors[0]
     for index, vector in enumerate(vectors[1:], start=1):
-        _check_same_keys(first.keys(), vector.keys(), "vector 0", f"vector {index}")
+        _check_same_keys(list(first), list(vector), "vector 0", f"vector {index}")
     out: StateDict = {}
     for name, tensor in first.items():
         parts = [v[name] for v in vectors]
         for part in parts[1:]:
             _check_same_shape(name, tensor, part)
+            _check_same_dtype(name, tensor, part)
         out[name] = tensor_combine(None, parts, coefs, tensor.dtype)
     return out
 
@@ -114,9 +161,12 @@ def apply(base: StateDict, vectors: Sequence[StateDict], coefs: Sequence[float] 
     """``base + Σ coef_i · vector_i``; tensors a vector lacks stay as in the base.
 
     Raises:
-        InvalidInputError: a vector key not in the base, or a shape mismatch.
+        InvalidInputError: a vector key not in the base, a non-floating base tensor in a
+            vector, or a shape or dtype mismatch.
     """
     coefs = list(coefs) if coefs is not None else [1.0] * len(vectors)
+    if len(coefs) != len(vectors):
+        raise InvalidInputError(f"{len(coefs)} coefficients for {len(vectors)} vectors")
     for vector in vectors:
         extra = sorted(set(vector) - set(base))
         if extra:
@@ -127,7 +177,8 @@ def apply(base: StateDict, vectors: Sequence[StateDict], coefs: Sequence[float] 
         parts = [(v[name], c) for v, c in zip(vectors, coefs, strict=True) if name in v]
         for part, _ in parts:
             _check_same_shape(name, tensor, part)
-        if parts and tensor.is_floating_point():
+            _check_same_dtype(name, tensor, part)
+        if parts:
             out[name] = tensor_combine(tensor, [p for p, _ in parts], [c for _, c in parts],
                                        tensor.dtype)
         else:
@@ -140,8 +191,17 @@ def _check_same_shape(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         raise InvalidInputError(f"tensor {name!r}: shape {tuple(a.shape)} vs {tuple(b.shape)}")
 
 
-def _check_same_keys(a: object, b: object, label_a: str, label_b: str) -> None:
-    keys_a, keys_b = set(a), set(b)  # type: ignore[call-overload]
+def _check_same_dtype(name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype != b.dtype:
+        raise InvalidInputError(f"tensor {name!r}: dtype {a.dtype} vs {b.dtype}",
+                                hint="convert the files to one precision first")
+    if not a.is_floating_point():
+        raise InvalidInputError(f"tensor {name!r} is {a.dtype}, not floating point; task "
+                                "vectors hold floating tensors only")
+
+
+def _check_same_keys(a: Sequence[str], b: Sequence[str], label_a: str, label_b: str) -> None:
+    keys_a, keys_b = set(a), set(b)
     if keys_a != keys_b:
         only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
         raise InvalidInputError(
@@ -153,35 +213,23 @@ def _check_same_keys(a: object, b: object, label_a: str, label_b: str) -> None:
 # ---------------------------------------------------------------- key alignment
 
 
-@dataclass(frozen=True)
-class KeyAlignment:
-    """How the names of a checkpoint map onto the base's names.
-
-    Attributes:
-        mapping: Stored name -> base name for every tensor kept.
-        stripped_prefix: The wrapper prefix removed (``module.``, ``model.``), if any.
-        skipped_non_float: Stored names skipped because they are not floating point.
-    """
-
-    mapping: dict[str, str]
-    stripped_prefix: str | None = None
-    skipped_non_float: tuple[str, ...] = ()
-
-
 def align_keys(stored: Sequence[str], base: Sequence[str]) -> tuple[dict[str, str], str | None]:
     """Map stored names to base names, removing a wrapper prefix if that makes them match.
+
+    A prefix (``module.`` from DistributedDataParallel, ``model.`` from wrapper modules such
+    as the published ``ImageEncoder``, or both) is removed only if every stored name has it
+    and removing it matches more base names than keeping it.
 
     Returns:
         The mapping (stored -> base) and the prefix removed, if any.
     """
     base_set = set(base)
-    direct = sum(1 for name in stored if name in base_set)
-    best: tuple[int, str | None] = (direct, None)
-    for prefix in _WRAPPER_PREFIXES:
-        if stored and all(name.startswith(prefix) for name in stored):
-            hits = sum(1 for name in stored if name[len(prefix):] in base_set)
+    best: tuple[int, str | None] = (sum(1 for name in stored if name in base_set), None)
+    for candidate in _WRAPPER_PREFIXES:
+        if stored and all(name.startswith(candidate) for name in stored):
+            hits = sum(1 for name in stored if name[len(candidate):] in base_set)
             if hits > best[0]:
-                best = (hits, prefix)
+                best = (hits, candidate)
     prefix = best[1]
     if prefix is None:
         return {name: name for name in stored}, None
@@ -215,24 +263,37 @@ def open_vector_meta(source: TensorSource, label: str) -> FileMeta:
     return meta
 
 
+Producer = Callable[[], torch.Tensor]
+"""Computes one output tensor when called (reading its inputs only then)."""
+
+
 @dataclass
 class StreamPlan:
     """What a streaming command will write: the layout, and how to make each tensor.
 
+    The tensors a plan yields are finite: a non-finite result is blamed on the input holding
+    NaN/Inf (:class:`InvalidInputError`, exit 2) or reported as an overflow
+    (:class:`NumericalError`, exit 1), so writers need not check them again.
+
     Attributes:
         layout: Output names, dtypes and shapes in write order.
+        producers: Output name -> function computing that tensor from the inputs.
         notes: Human-readable remarks (normalised prefixes, skipped tensors) for stderr.
     """
 
     layout: list[TensorInfo]
-    producers: dict[str, object] = field(repr=False, default_factory=dict)
+    producers: dict[str, Producer] = field(repr=False, default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Compute the output tensors one at a time, in layout order."""
         for info in self.layout:
-            producer = self.producers[info.name]
-            yield info.name, producer()  # type: ignore[operator]
+            yield info.name, self.producers[info.name]()
+
+    @property
+    def parameters(self) -> int:
+        """Number of elements the plan writes."""
+        return sum(info.numel for info in self.layout)
 
 
 def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: bool = False,
@@ -253,12 +314,13 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
     if keep not in ("all", "changed"):
         raise InvalidInputError(f"--keep must be 'all' or 'changed', not {keep!r}")
     base_keys = base.keys()
+    base_set = set(base_keys)
     mapping, prefix = align_keys(finetuned.keys(), base_keys)
     notes: list[str] = []
     if prefix:
         notes.append(f"normalised {len(mapping)} names of {finetuned.label} by removing the "
                      f"{prefix!r} prefix")
-    extra = sorted(stored for stored, name in mapping.items() if name not in set(base_keys))
+    extra = sorted(stored for stored, name in mapping.items() if name not in base_set)
     if extra:
         raise InvalidInputError(
             f"{finetuned.label} has {len(extra)} tensors that are not in the base, e.g. "
@@ -272,15 +334,13 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
             hint="pass --allow-missing if the checkpoint holds only part of the model "
                  "(those tensors are then taken as unchanged)")
     if missing:
-        notes.append(f"{len(missing)} base tensors absent from {finetuned.label} taken as unchanged")
+        notes.append(f"{len(missing)} base tensors absent from {finetuned.label} taken as "
+                     "unchanged")
     layout: list[TensorInfo] = []
-    producers: dict[str, object] = {}
+    producers: dict[str, Producer] = {}
     skipped = 0
     for stored, name in mapping.items():
         ft_info, base_info = finetuned.info(stored), base.info(name)
-        if not ft_info.dtype.is_floating_point:
-            skipped += 1
-            continue
         if ft_info.shape != base_info.shape:
             raise InvalidInputError(f"tensor {name!r}: base shape {base_info.shape}, fine-tuned "
                                     f"shape {ft_info.shape}")
@@ -288,13 +348,18 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
             raise InvalidInputError(
                 f"tensor {name!r}: base dtype {base_info.dtype}, fine-tuned dtype {ft_info.dtype}",
                 hint="save both models in the same precision")
+        if not ft_info.dtype.is_floating_point:
+            skipped += 1
+            continue
         if keep == "changed":
-            delta = _delta_of(base, finetuned, name, stored)
-            if not bool(delta.any()):
+            b, f = base.get(name), finetuned.get(stored)
+            check_finite(b, name, base.label)
+            check_finite(f, stored, finetuned.label)
+            if torch.equal(b, f):
                 skipped += 1
                 continue
         layout.append(TensorInfo(name, ft_info.dtype, ft_info.shape))
-        producers[name] = (lambda n=name, s=stored: _delta_of(base, finetuned, n, s))
+        producers[name] = functools.partial(_delta_of, base, finetuned, name, stored)
     if skipped:
         reason = "unchanged or non-floating" if keep == "changed" else "non-floating"
         notes.append(f"skipped {skipped} {reason} tensors")
@@ -303,11 +368,21 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
     return StreamPlan(layout, producers, notes)
 
 
-def _delta_of(base: TensorSource, finetuned: TensorSource, name: str, stored: str) -> torch.Tensor:
+def _delta_of(base: TensorSource, finetuned: TensorSource, name: str, stored: str
+              ) -> torch.Tensor:
     b, f = base.get(name), finetuned.get(stored)
-    check_finite(b, name, base.label)
-    check_finite(f, stored, finetuned.label)
-    return tensor_delta(b, f)
+    delta = tensor_delta(b, f)
+    if not all_finite(delta):
+        check_finite(b, name, base.label)
+        check_finite(f, stored, finetuned.label)
+        raise _overflow(name)
+    return delta
+
+
+def _overflow(name: str) -> NumericalError:
+    return NumericalError(f"result tensor {name!r} contains NaN or Inf although the inputs "
+                          "are finite (overflow)",
+                          hint="check the coefficients, or use a wider dtype")
 
 
 def plan_combine(base: TensorSource | None, vectors: Sequence[tuple[TensorSource, float]], *,
@@ -315,97 +390,148 @@ def plan_combine(base: TensorSource | None, vectors: Sequence[tuple[TensorSource
     """Plan ``[base +] Σ coef_i · vector_i`` tensor by tensor.
 
     With a base, the output holds every base tensor (a full checkpoint). Without one, the
-    vectors must hold the same keys (unless ``allow_subset``, where a missing tensor counts as
-    zero) and the output is a task vector.
+    output is a task vector over the union of the vectors' tensors, a missing tensor counting
+    as zero (with ``allow_subset=False`` the vectors must hold the same tensors).
+
+    Memory: each output tensor is accumulated in place, reading one input tensor at a time,
+    so the peak is about one output tensor plus one input tensor beyond what the sources map.
 
     Raises:
-        InvalidInputError: keys not in the base, differing key sets, shape mismatch, NaN/Inf.
+        InvalidInputError: keys not in the base, differing key sets, shape or dtype mismatch,
+            non-floating vector tensors (all before anything is read); NaN/Inf in an input
+            (when its tensor is read).
     """
     if not vectors and base is None:
         raise InvalidInputError("nothing to combine")
+    key_sets = [set(source.keys()) for source, _ in vectors]
     if base is not None:
-        base_keys = base.keys()
-        base_set = set(base_keys)
-        for source, _ in vectors:
-            extra = sorted(set(source.keys()) - base_set)
+        names = base.keys()
+        base_set = set(names)
+        for (source, _), keys in zip(vectors, key_sets, strict=True):
+            extra = sorted(keys - base_set)
             if extra:
                 raise InvalidInputError(
                     f"{source.label} has {len(extra)} tensors that are not in the base, e.g. "
                     f"{extra[:3]}", hint="was it extracted from another architecture?")
-        names = list(base_keys)
         infos = {n: base.info(n) for n in names}
+        reference = {n: base.label for n in names}
     else:
         first = vectors[0][0]
-        names = list(first.keys())
+        names = first.keys()
         seen = set(names)
+        infos = {n: first.info(n) for n in names}
+        reference = {n: first.label for n in names}
         for source, _ in vectors[1:]:
+            source_names = source.keys()
             if not allow_subset:
-                _check_same_keys(first.keys(), source.keys(), first.label, source.label)
-            for name in source.keys():
+                _check_same_keys(names, source_names, first.label, source.label)
+            for name in source_names:
                 if name not in seen:
                     names.append(name)
                     seen.add(name)
-        infos = {}
-        for name in names:
-            owner = next(s for s, _ in vectors if name in set(s.keys()))
-            infos[name] = owner.info(name)
-    key_sets = [set(source.keys()) for source, _ in vectors]
-    for name in names:
-        for (source, _), keys in zip(vectors, key_sets, strict=True):
-            if name in keys and source.info(name).shape != infos[name].shape:
-                raise InvalidInputError(f"tensor {name!r}: {source.label} has shape "
-                                        f"{source.info(name).shape}, expected {infos[name].shape}")
+                    infos[name] = source.info(name)
+                    reference[name] = source.label
+    for (source, _), keys in zip(vectors, key_sets, strict=True):
+        for name in keys:
+            _check_info(name, source.info(name), source.label, infos[name], reference[name])
 
     def produce(name: str) -> torch.Tensor:
-        parts, coefs = [], []
+        info = infos[name]
+        acc: torch.Tensor | None = None
+        if base is not None:
+            base_tensor = base.get(name)
+            if not any(name in keys for keys in key_sets):
+                check_finite(base_tensor, name, base.label)
+                return base_tensor
+            acc = start_sum(base_tensor, 1.0, accumulation_dtype(info.dtype))
+            del base_tensor
         for (source, coef), keys in zip(vectors, key_sets, strict=True):
+            if name not in keys:
+                continue
+            tensor = source.get(name)
+            acc = (start_sum(tensor, coef, accumulation_dtype(info.dtype)) if acc is None
+                   else add_to_sum(acc, tensor, coef))
+            del tensor
+        if acc is None:  # pragma: no cover - every name comes from the base or a vector
+            raise InvalidInputError(f"no input holds tensor {name!r}")
+        result = acc.to(info.dtype)
+        if not all_finite(result):
+            # One check of the result instead of one per input; only now find the culprit.
+            blame(name)
+        return result
+
+    def blame(name: str) -> None:
+        if base is not None:
+            check_finite(base.get(name), name, base.label)
+        for (source, _), keys in zip(vectors, key_sets, strict=True):
             if name in keys:
-                tensor = source.get(name)
-                check_finite(tensor, name, source.label)
-                parts.append(tensor)
-                coefs.append(coef)
-        if base is None:
-            return tensor_combine(None, parts, coefs, infos[name].dtype)
-        base_tensor = base.get(name)
-        check_finite(base_tensor, name, base.label)
-        if not parts or not base_tensor.is_floating_point():
-            return base_tensor
-        return tensor_combine(base_tensor, parts, coefs, infos[name].dtype)
+                check_finite(source.get(name), name, source.label)
+        raise _overflow(name)
 
     layout = [TensorInfo(n, infos[n].dtype, infos[n].shape) for n in names]
-    producers = {n: (lambda n=n: produce(n)) for n in names}
+    producers: dict[str, Producer] = {n: functools.partial(produce, n) for n in names}
     return StreamPlan(layout, producers)
+
+
+def _check_info(name: str, info: TensorInfo, label: str, expected: TensorInfo,
+                expected_label: str) -> None:
+    if info.shape != expected.shape:
+        raise InvalidInputError(f"tensor {name!r}: {label} has shape {info.shape}, "
+                                f"{expected_label} has {expected.shape}",
+                                hint="were they made from the same architecture?")
+    if not info.dtype.is_floating_point:
+        raise InvalidInputError(f"tensor {name!r} of {label} is {info.dtype}; task vectors "
+                                "hold floating tensors only")
+    if info.dtype != expected.dtype:
+        raise InvalidInputError(f"tensor {name!r}: {label} is {info.dtype}, {expected_label} "
+                                f"is {expected.dtype}",
+                                hint="convert the files to one precision first")
 
 
 def vector_norms(source: TensorSource) -> dict[str, float]:
     """L2 norm of every tensor of a vector, computed one tensor at a time."""
-    return {name: float(source.get(name).double().norm()) for name in source.keys()}
+    names = source.keys()
+    return {name: float(source.get(name).double().norm()) for name in names}
 
 
 def cosine_matrix(sources: Sequence[TensorSource]) -> list[list[float]]:
-    """Cosine similarities between flattened task vectors, one tensor at a time.
+    """Cosine similarities between flattened task vectors, one tensor name at a time.
 
-    Tensors missing from one vector count as zero in it.
+    Tensors missing from one vector count as zero in it; a zero vector has similarity 0
+    with everything (itself included).
+
+    Raises:
+        InvalidInputError: two vectors hold a tensor of different shapes.
     """
     count = len(sources)
     dots = torch.zeros(count, count, dtype=torch.float64)
     key_sets = [set(s.keys()) for s in sources]
     names: list[str] = []
+    seen: set[str] = set()
     for source in sources:
-        names += [n for n in source.keys() if n not in set(names)]
+        source_names = source.keys()
+        fresh = [n for n in source_names if n not in seen]
+        names += fresh
+        seen.update(fresh)
     for name in names:
-        flat = [s.get(name).double().reshape(-1) if name in keys else None
-                for s, keys in zip(sources, key_sets, strict=True)]
-        for i in range(count):
-            for j in range(i, count):
-                a, b = flat[i], flat[j]
-                if a is not None and b is not None:
-                    dots[i, j] += torch.dot(a, b)
+        owners = [i for i in range(count) if name in key_sets[i]]
+        shapes = {sources[i].info(name).shape for i in owners}
+        if len(shapes) > 1:
+            raise InvalidInputError(f"tensor {name!r} has different shapes in the inputs: "
+                                    f"{sorted(shapes)}")
+        flat = {i: sources[i].get(name).double().reshape(-1) for i in owners}
+        for a in owners:
+            for b in owners:
+                if b >= a:
+                    dots[a, b] += torch.dot(flat[a], flat[b])
     dots = torch.triu(dots) + torch.triu(dots, 1).T
-    norms = dots.diagonal().sqrt().clamp_min(1e-300)
-    return (dots / norms[:, None] / norms[None, :]).tolist()
+    norms = dots.diagonal().sqrt()
+    denom = norms[:, None] * norms[None, :]
+    cosine = torch.where(denom > 0, dots / denom.clamp_min(1e-300), torch.zeros_like(dots))
+    return cosine.tolist()
 
 
-def state_dict_of(source: TensorSource, names: Mapping[str, str] | None = None) -> StateDict:
+def state_dict_of(source: TensorSource) -> StateDict:
     """Load every tensor of a source into memory (for small models and tests)."""
-    return {name: source.get(name) for name in source.keys()}
+    names = source.keys()
+    return {name: source.get(name) for name in names}

@@ -8,9 +8,16 @@ import typer
 
 from tvtool import __version__
 from tvtool.cli import apply as apply_cmd
+from tvtool.cli import convert as convert_cmd
+from tvtool.cli import demo as demo_cmd
+from tvtool.cli import eval as eval_cmd
 from tvtool.cli import extract as extract_cmd
+from tvtool.cli import finetune as finetune_cmd
 from tvtool.cli import inspect_cmd
+from tvtool.cli import learn_coeffs as learn_coeffs_cmd
+from tvtool.cli import merge as merge_cmd
 from tvtool.cli import negate as negate_cmd
+from tvtool.cli import pretrain as pretrain_cmd
 
 app = typer.Typer(
     name="tvtool",
@@ -37,10 +44,17 @@ def _root(
     """Edit CLIP models with task vectors."""
 
 
+app.command("finetune")(finetune_cmd.finetune)
 app.command("extract")(extract_cmd.extract)
 app.command("negate")(negate_cmd.negate)
 app.command("apply")(apply_cmd.apply)
 app.command("inspect")(inspect_cmd.inspect)
+app.command("convert")(convert_cmd.convert)
+app.command("merge")(merge_cmd.merge)
+app.command("learn-coeffs")(learn_coeffs_cmd.learn_coeffs)
+app.add_typer(eval_cmd.eval_app, name="eval")
+app.command("pretrain")(pretrain_cmd.pretrain)
+app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:

@@ -6,7 +6,6 @@ from typing import Annotated
 
 import typer
 
-from tvtool import operations
 from tvtool.cli.common import (
     AllowOtherBaseOpt,
     JsonOpt,
@@ -15,6 +14,7 @@ from tvtool.cli.common import (
     emit_path,
     handles_errors,
     log,
+    refuse_json_with_stdout,
 )
 
 
@@ -34,6 +34,9 @@ def apply(
     as_json: JsonOpt = False,
 ) -> None:
     """Write BASE + sum(COEF_i x VECTOR_i) as a safetensors checkpoint open_clip can load."""
+    from tvtool import operations
+
+    refuse_json_with_stdout(as_json, output)
     config = operations.ApplyConfig(
         base=base, vectors=tuple(vectors), output=output, coefs=tuple(coef or [1.0]),
         allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized)

@@ -2,6 +2,10 @@
 
 stdout carries data only (an output path, or one JSON document with ``--json``); logs,
 warnings and progress go to stderr.
+
+Command modules import only this module, typer and the standard library at import time;
+the library (torch, open_clip, safetensors) is imported inside the command functions, so
+``tvtool --help`` and argument errors stay fast.
 """
 
 from __future__ import annotations
@@ -17,20 +21,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from tvtool.errors import TvtoolError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-stderr = Console(stderr=True, highlight=False)
+# soft_wrap: log lines stay one line each when stderr is a file or a pipe (grep-able).
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -65,7 +62,14 @@ def handles_errors(func: F) -> F:
         except KeyboardInterrupt:
             report_error("interrupted")
             raise typer.Exit(130) from None
-        except Exception as exc:  # noqa: BLE001 - last line of defence for the CLI
+        except OSError as exc:
+            # Files vanishing or permissions changing mid-run: a runtime failure, not a bug.
+            if debug_enabled():
+                traceback.print_exc()
+            where = f": {exc.filename}" if exc.filename else ""
+            report_error(f"{exc.strerror or type(exc).__name__}{where}")
+            raise typer.Exit(EXIT_FAILURE) from None
+        except Exception as exc:  # last line of defence: a bug, reported on one line
             if debug_enabled():
                 traceback.print_exc()
             text = " ".join(str(exc).split())[:300]
@@ -88,6 +92,19 @@ def emit_path(path: str) -> None:
         sys.stdout.flush()
 
 
+def refuse_json_with_stdout(as_json: bool, output: str) -> None:
+    """Refuse ``--json`` together with ``-o -``: both would claim stdout.
+
+    Raises:
+        UsageError: when both are given.
+    """
+    if as_json and output == "-":
+        from tvtool.errors import UsageError
+
+        raise UsageError("--json and -o - both write to stdout",
+                         hint="write the file with -o PATH, or drop --json")
+
+
 def emit_json(document: Any) -> None:
     """Print one JSON document on stdout."""
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
@@ -101,6 +118,15 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
     Yields:
         A function advancing the bar by ``n`` steps.
     """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
     progress = Progress(
         TextColumn("[progress.description]{task.description}"), BarColumn(),
         MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -108,7 +134,11 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
     )
     with progress:
         task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+
+        def advance(n: int = 1) -> None:
+            progress.advance(task, n)
+
+        yield advance
 
 
 # Options shared by several commands (typer Annotated aliases).

@@ -6,9 +6,15 @@ from typing import Annotated
 
 import typer
 
-from tvtool import operations
-from tvtool.cli.common import JsonOpt, OutputOpt, emit_json, emit_path, handles_errors, log
-from tvtool.metadata import Mode
+from tvtool.cli.common import (
+    JsonOpt,
+    OutputOpt,
+    emit_json,
+    emit_path,
+    handles_errors,
+    log,
+    refuse_json_with_stdout,
+)
 
 
 @handles_errors
@@ -27,12 +33,15 @@ def extract(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the task vector FINETUNED - BASE (streamed tensor by tensor)."""
+    from tvtool import operations
+    from tvtool.errors import UsageError
+    from tvtool.metadata import Mode
+
     try:
         mode_value = Mode(mode)
     except ValueError:
-        from tvtool.errors import UsageError
-
         raise UsageError(f"unknown mode {mode!r}", hint="extract records full or attn") from None
+    refuse_json_with_stdout(as_json, output)
     config = operations.ExtractConfig(base=base, finetuned=finetuned, output=output,
                                       mode=mode_value, dataset=dataset,
                                       allow_missing=allow_missing, keep=keep)

@@ -5,33 +5,56 @@ Public API:
 * :func:`open_tensors` -- lazy, validated reader for safetensors files or ``-`` (stdin).
 * :func:`write_tensors` -- streaming, atomic safetensors writer (file or ``-`` for stdout).
 * :class:`TensorSource`, :class:`TensorInfo` -- what readers return.
+* :func:`check_output` -- refuse an unusable output (an input, a directory) before any work.
 * :func:`check_distinct_paths` -- refuse an output that is also an input.
 * :func:`atomic_output` -- context manager giving a temp path renamed into place on success.
-* :func:`load_legacy` -- read pickled checkpoints without executing pickle code.
+* :func:`read_pickled_checkpoint` / :func:`read_checkpoint` / :func:`load_legacy` -- read
+  pickled (or plain safetensors) checkpoints without executing pickle code.
+* :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
 """
 
-from tvtool.io.atomic import atomic_output, check_distinct_paths
-from tvtool.io.legacy import load_legacy
+from tvtool.io.atomic import STDIO, atomic_output, check_distinct_paths, check_output_path
+from tvtool.io.legacy import (
+    LegacyCheckpoint,
+    load_legacy,
+    read_checkpoint,
+    read_pickled_checkpoint,
+)
 from tvtool.io.safetensors_io import (
     DictSource,
     TensorInfo,
     TensorSource,
+    all_finite,
+    check_output,
+    input_file,
+    iter_source,
     open_tensors,
     read_json,
+    spooled_stdin,
     write_bytes,
     write_json,
     write_tensors,
 )
 
 __all__ = [
+    "STDIO",
     "DictSource",
+    "LegacyCheckpoint",
     "TensorInfo",
     "TensorSource",
+    "all_finite",
     "atomic_output",
     "check_distinct_paths",
+    "check_output",
+    "check_output_path",
+    "input_file",
+    "iter_source",
     "load_legacy",
     "open_tensors",
+    "read_checkpoint",
     "read_json",
+    "read_pickled_checkpoint",
+    "spooled_stdin",
     "write_bytes",
     "write_json",
     "write_tensors",

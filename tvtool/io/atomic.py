@@ -12,6 +12,7 @@ from pathlib import Path
 from tvtool.errors import InvalidInputError, TvtoolError
 
 STDIO = "-"
+"""The path that means stdin (for inputs) or stdout (for outputs)."""
 
 
 def _resolved(path: str) -> Path:
@@ -47,12 +48,53 @@ def check_distinct_paths(output: str, inputs: Sequence[str]) -> None:
             )
 
 
+def check_output_path(output: str) -> None:
+    """Refuse an output path that cannot be written before any work is done.
+
+    Args:
+        output: The output path, or ``-`` for stdout.
+
+    Raises:
+        InvalidInputError: the directory is missing, or the path is a directory.
+    """
+    if output == STDIO:
+        return
+    if not output:
+        raise InvalidInputError("empty output path", hint="give -o PATH, or -o - for stdout")
+    target = Path(output).expanduser()
+    if target.is_dir():
+        raise InvalidInputError(f"output {output!r} is a directory", hint="give a file path")
+    if not target.parent.is_dir():
+        raise InvalidInputError(f"output directory {str(target.parent)!r} does not exist",
+                                hint="create it first")
+
+
+def _umask() -> int:
+    # The umask can only be read by setting it; restore it immediately.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def os_error(exc: OSError, action: str) -> TvtoolError:
+    """Turn an ``OSError`` into a one-line :class:`TvtoolError` (exit 1).
+
+    Args:
+        exc: The error the operating system reported.
+        action: What was being done, e.g. ``"writing 'out.safetensors'"``.
+    """
+    if exc.errno == errno.ENOSPC:
+        return TvtoolError(f"no space left on device while {action}",
+                           hint="free disk space or write elsewhere (TMPDIR for stdin/stdout)")
+    return TvtoolError(f"failed while {action}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``path`` on success.
 
     The temp file is fsynced before the rename and removed if the body raises, so the target
-    is either the complete new file or unchanged.
+    is either the complete new file or unchanged, and no temp file is left behind.
 
     Args:
         path: Final destination path.
@@ -61,18 +103,23 @@ def atomic_output(path: str) -> Iterator[Path]:
         The temporary path to write.
 
     Raises:
-        TvtoolError: if the directory does not exist or the disk is full.
+        InvalidInputError: the directory does not exist, or the path is a directory.
+        TvtoolError: the disk is full or the write failed.
     """
+    check_output_path(path)
     target = Path(path).expanduser()
-    directory = target.parent if str(target.parent) else Path(".")
-    if not directory.is_dir():
-        raise InvalidInputError(
-            f"output directory {str(directory)!r} does not exist", hint="create it first"
-        )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    directory = target.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise os_error(exc, f"creating a file in {str(directory)!r}") from exc
     tmp = Path(tmp_name)
     try:
+        # mkstemp creates the file 0600; outputs get the permissions a plain open() would give.
+        try:
+            os.fchmod(fd, 0o666 & ~_umask())
+        finally:
+            os.close(fd)
         yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -85,11 +132,7 @@ def atomic_output(path: str) -> Iterator[Path]:
                 os.close(dir_fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise TvtoolError(
-                f"no space left on device while writing {path!r}", hint="free disk space"
-            ) from exc
-        raise TvtoolError(f"cannot write {path!r}: {exc.strerror or exc}") from exc
+        raise os_error(exc, f"writing {path!r}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -1,6 +1,7 @@
 """The only package that imports open_clip: model references, loading, heads, fingerprints."""
 
 from tvtool.models.heads import build_zero_shot_head
+from tvtool.models.infer import ArchitectureMatch, architecture_shapes, match_architecture
 from tvtool.models.loading import (
     ClipBundle,
     base_source,
@@ -22,9 +23,11 @@ from tvtool.models.refs import (
 
 __all__ = [
     "TINY_MODEL",
+    "ArchitectureMatch",
     "ClipBundle",
     "ModelRef",
     "RefKind",
+    "architecture_shapes",
     "base_source",
     "build_zero_shot_head",
     "cache_dir",
@@ -33,6 +36,7 @@ __all__ = [
     "known_architectures",
     "load_clip",
     "load_state_into",
+    "match_architecture",
     "parse_ref",
     "resolve_ref",
     "state_dict_fingerprint",

@@ -35,5 +35,7 @@ def build_zero_shot_head(
             model, tokenizer=bundle.tokenizer, classnames=list(classnames),
             templates=list(templates), num_classes_per_batch=16, device=device, use_tqdm=False,
         )
-        scale = model.logit_scale.exp().float()
+        logit_scale = model.logit_scale
+        assert isinstance(logit_scale, torch.Tensor)
+        scale = logit_scale.exp().float()
     return (scale * weights.float().T).detach().to("cpu")

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from tvtool.errors import InvalidInputError
-from tvtool.io import DictSource, TensorSource, load_legacy, open_tensors
+from tvtool.io import DictSource, TensorInfo, TensorSource, load_legacy, open_tensors
+from tvtool.io.legacy import strip_wrapper_prefixes
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models.refs import TINY_MODEL, ModelRef, RefKind, parse_ref
 from tvtool.types import StateDict
@@ -58,13 +59,6 @@ def _quiet_open_clip() -> Iterator[None]:
         root.setLevel(level)
 
 
-def _strip_wrapper_prefix(names: list[str]) -> dict[str, str]:
-    """Map stored names to open_clip names, dropping a DDP ``module.`` prefix on every key."""
-    if names and all(n.startswith("module.") for n in names):
-        return {n: n[len("module."):] for n in names}
-    return {n: n for n in names}
-
-
 class _RenamedSource:
     """A lazy view of a source under other names."""
 
@@ -77,9 +71,9 @@ class _RenamedSource:
     def keys(self) -> list[str]:
         return list(self._to_inner)
 
-    def info(self, name: str):  # type: ignore[no-untyped-def]
+    def info(self, name: str) -> TensorInfo:
         info = self._inner.info(self._to_inner[name])
-        return type(info)(name, info.dtype, info.shape)
+        return TensorInfo(name, info.dtype, info.shape)
 
     def get(self, name: str) -> torch.Tensor:
         return self._inner.get(self._to_inner[name])
@@ -108,7 +102,9 @@ def resolve_ref(ref: str | ModelRef) -> ModelRef:
             hint="a model reference must be a checkpoint; apply a task vector with `tvtool apply`",
         )
     if not meta.architecture:
-        raise InvalidInputError(f"{parsed.text!r} does not name its architecture (tvtool.architecture)")
+        raise InvalidInputError(
+            f"{parsed.text!r} does not name its architecture (tvtool.architecture)",
+            hint="use NAME:PATH to say which open_clip architecture it is")
     return ModelRef(parsed.text, RefKind.CHECKPOINT, meta.architecture, parsed.location)
 
 
@@ -120,23 +116,37 @@ def _create(architecture: str, pretrained: str | None = None) -> tuple[nn.Module
     return model, preprocess_train, preprocess_eval
 
 
+def _create_for(ref: ModelRef) -> tuple[nn.Module, Any, Any]:
+    """Build the model of a reference, with weights where open_clip loads them itself."""
+    if ref.kind is RefKind.PRETRAINED_TAG:
+        return _create(ref.architecture, ref.location)
+    if ref.kind is RefKind.HF_HUB:
+        # open_clip reads config and weights from the hub name; `pretrained` must stay unset.
+        return _create(ref.architecture)
+    if ref.kind is RefKind.RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            return _create(ref.architecture)
+    return _create(ref.architecture)
+
+
 def _random_state(architecture: str) -> StateDict:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_RANDOM_INIT_SEED)
-        model, _, _ = _create(architecture)
+    model, _, _ = _create_for(ModelRef(f"{architecture}:random", RefKind.RANDOM, architecture))
     return model.state_dict()
 
 
 def base_source(ref: str | ModelRef) -> tuple[TensorSource, ModelRef]:
     """Open the tensors of a base model for lazy, tensor-by-tensor reading.
 
-    File-backed references are memory-mapped; others are built once in memory.
+    File-backed references are memory-mapped; others are built once in memory. Names are
+    open_clip state-dict names (a ``module.``/``model.`` wrapper prefix on every name of a
+    weights file is removed).
 
     Args:
         ref: A model reference.
 
     Returns:
-        The tensor source (open_clip state-dict names) and the resolved reference.
+        The tensor source and the resolved reference.
 
     Raises:
         InvalidInputError: bad reference or weights file.
@@ -156,12 +166,20 @@ def base_source(ref: str | ModelRef) -> tuple[TensorSource, ModelRef]:
         location = resolved.location or resolved.text
         if location.endswith(".safetensors"):
             source = open_tensors(location)
+            kind = source.metadata.get("tvtool.kind")
+            if kind is not None and kind != Kind.CHECKPOINT.value:
+                source.close()
+                raise InvalidInputError(
+                    f"{source.label} is a tvtool {kind}, not model weights",
+                    hint="a model reference must be a checkpoint; apply a task vector with "
+                         "`tvtool apply`")
         else:
             source = DictSource(load_legacy(location), label=repr(location))
-        return _RenamedSource(source, _strip_wrapper_prefix(source.keys())), resolved
+        mapping, _ = strip_wrapper_prefixes(source.keys())
+        return _RenamedSource(source, mapping), resolved
     if resolved.kind is RefKind.RANDOM:
         return DictSource(_random_state(resolved.architecture), label=resolved.text), resolved
-    model, _, _ = _create(resolved.architecture, resolved.location)
+    model, _, _ = _create_for(resolved)
     return DictSource(model.state_dict(), label=resolved.text), resolved
 
 
@@ -202,10 +220,8 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
         InvalidInputError: bad reference or weights.
     """
     resolved = resolve_ref(ref)
-    if resolved.kind in (RefKind.PRETRAINED_TAG, RefKind.HF_HUB):
-        model, pre_train, pre_eval = _create(resolved.architecture, resolved.location)
-    else:
-        model, pre_train, pre_eval = _create(resolved.architecture)
+    model, pre_train, pre_eval = _create_for(resolved)
+    if resolved.is_file:
         source, resolved = base_source(resolved)
         try:
             load_state_into(model, source)
@@ -230,7 +246,7 @@ def fingerprint(source: TensorSource) -> str:
         tensor = source.get(name).detach().to("cpu").contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
         if tensor.numel():
-            digest.update(memoryview(tensor.view(-1).view(torch.uint8).numpy()))
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
     return "sha256:" + digest.hexdigest()
 
 

@@ -55,7 +55,7 @@ class ModelRef:
 
 
 def cache_dir() -> Path:
-    """tvtool's cache directory (``$TVTOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/tvtool``)."""
+    """Return tvtool's cache directory (``$TVTOOL_CACHE_DIR``, else ``$XDG_CACHE_HOME/tvtool``)."""
     if os.environ.get("TVTOOL_CACHE_DIR"):
         return Path(os.environ["TVTOOL_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -85,7 +85,10 @@ def parse_ref(text: str) -> ModelRef:
         text: ``NAME``, ``NAME:PRETRAINED``, ``hf-hub:ORG/REPO`` or a tvtool checkpoint path.
 
     Returns:
-        The parsed reference (files are checked for existence, not read).
+        The parsed reference (files are checked for existence, not read). For a pretrained
+        tag whose weights were trained with QuickGELU (the OpenAI models), the architecture is
+        the ``-quickgelu`` config, so the model computes what the weights were trained for
+        and the name recorded in output files rebuilds the same model.
 
     Raises:
         InvalidInputError: unknown model name or tag, or missing file.
@@ -94,36 +97,51 @@ def parse_ref(text: str) -> ModelRef:
     if not text:
         raise InvalidInputError("empty model reference", hint=f"try {TINY_MODEL}")
     if text.startswith("hf-hub:"):
+        if len(text) == len("hf-hub:"):
+            raise InvalidInputError("empty hf-hub reference", hint="use hf-hub:ORG/REPO")
         return ModelRef(text, RefKind.HF_HUB, text, text[len("hf-hub:"):])
     path = Path(text).expanduser()
-    if path.suffix in _WEIGHT_SUFFIXES or path.is_file():
-        if not path.is_file():
-            raise InvalidInputError(f"model reference {text!r} is not an existing file")
-        if path.suffix != ".safetensors":
-            raise InvalidInputError(
-                f"model reference {text!r} is a pickled file without an architecture",
-                hint="use NAME:PATH (e.g. ViT-B-32:weights.pt) or convert it with `tvtool convert`",
-            )
-        # Architecture comes from the file's tvtool metadata (resolved by the loader).
-        return ModelRef(text, RefKind.CHECKPOINT, "", str(path))
-    name, _, tag = text.partition(":")
+    if path.is_file():
+        return _file_ref(text, path)
+    name, colon, tag = text.partition(":")
+    if colon and name in known_architectures():
+        return _tagged_ref(text, name, tag)
+    if path.suffix in _WEIGHT_SUFFIXES or os.sep in text:
+        raise InvalidInputError(f"model reference {text!r} is not an existing file")
     if name not in known_architectures():
         raise InvalidInputError(
             f"unknown model {name!r} in reference {text!r}",
             hint=f"use an open_clip model name (e.g. ViT-B-32), {TINY_MODEL}, or a checkpoint path",
         )
-    if not tag:
-        if name == TINY_MODEL:
-            return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path()))
+    if name == TINY_MODEL:
+        return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path()))
+    raise InvalidInputError(
+        f"model reference {text!r} names no weights",
+        hint=f"use {name}:TAG (e.g. {name}:openai), {name}:PATH for a local file, "
+             f"or {name}:random",
+    )
+
+
+def _file_ref(text: str, path: Path) -> ModelRef:
+    if path.suffix != ".safetensors":
         raise InvalidInputError(
-            f"model reference {text!r} names no weights",
-            hint=f"use {name}:TAG (e.g. {name}:openai), {name}:PATH for a local file, "
-                 f"or {name}:random",
+            f"model reference {text!r} is a file without an architecture",
+            hint="use NAME:PATH (e.g. ViT-B-32-quickgelu:weights.pt), or convert it with "
+                 "`tvtool convert`",
         )
+    # Architecture comes from the file's tvtool metadata (resolved by the loader).
+    return ModelRef(text, RefKind.CHECKPOINT, "", str(path))
+
+
+def _tagged_ref(text: str, name: str, tag: str) -> ModelRef:
+    if not tag:
+        raise InvalidInputError(
+            f"model reference {text!r} names no weights after ':'",
+            hint=f"use {name}:TAG, {name}:PATH for a local file, or {name}:random")
     if tag == "random":
         return ModelRef(text, RefKind.RANDOM, name)
     tag_path = Path(tag).expanduser()
-    if tag_path.suffix in _WEIGHT_SUFFIXES or "/" in tag or tag_path.exists():
+    if tag_path.suffix in _WEIGHT_SUFFIXES or os.sep in tag or tag_path.exists():
         if not tag_path.is_file():
             raise InvalidInputError(f"weights file {tag!r} in reference {text!r} does not exist")
         return ModelRef(text, RefKind.WEIGHTS_FILE, name, str(tag_path))
@@ -133,4 +151,15 @@ def parse_ref(text: str) -> ModelRef:
             f"unknown pretrained tag {tag!r} for {name}",
             hint=f"known tags: {', '.join(tags) or 'none'}; or give a local weights file",
         )
-    return ModelRef(text, RefKind.PRETRAINED_TAG, name, tag)
+    return ModelRef(text, RefKind.PRETRAINED_TAG, _effective_architecture(name, tag), tag)
+
+
+def _effective_architecture(name: str, tag: str) -> str:
+    """The config that matches how the tagged weights were trained (QuickGELU or not)."""
+    tag_quick = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+    model_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    variant = f"{name}-quickgelu"
+    if tag_quick and not model_quick and variant in known_architectures() \
+            and tag in open_clip.list_pretrained_tags_by_model(variant):
+        return variant
+    return name

@@ -1,0 +1,152 @@
+"""``tvtool learn-coeffs`` end to end on the tiny model and the synthetic world."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load as load_bytes
+
+from tests.conftest import load
+from tvtool.coeffs import compose_state, composed_vector, read_coefficients
+from tvtool.evaluate import EvalConfig, evaluate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models on a shared 2-core machine run several times faster on one thread.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    # Zero-shot heads are cached on disk; keep them out of the repository.
+    monkeypatch.setenv("TVTOOL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _args(files, *extra):
+    return ["learn-coeffs", files["tv1"], files["tv2"], "--base", files["base"],
+            "-d", "synthetic:shape", "--shots", "2", "--steps", "2", "--eval-every", "1",
+            "--device", "cpu", *extra]
+
+
+def test_help_lists_learn_coeffs(cli):
+    result = cli(["--help"])
+    assert "learn-coeffs" in result.stdout
+    result = cli(["learn-coeffs", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--granularity", "--objective", "--shots", "--merged-out", "--vector-dtype"):
+        assert flag in result.stdout
+
+
+def test_end_to_end_writes_a_valid_coefficient_file_and_merged_model(cli, files, tmp_path):
+    out, merged = tmp_path / "c.safetensors", tmp_path / "m.safetensors"
+    result = cli(_args(files, "-o", str(out), "--merged-out", str(merged), "--json"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["output"] == str(out) and report["merged_output"] == str(merged)
+    assert report["vectors"] == 2 and report["granularity"] == "tensor"
+    assert report["steps_run"] == 2 and report["objective"] == "ce"
+    assert report["initial"][0]["dataset"] == "synthetic:shape"
+
+    coefs = read_coefficients(str(out))
+    visual = [n for n in load(files["tv1"]) if n.startswith("visual.")]
+    assert coefs.coefficients.shape == (2, len(visual))
+    assert list(coefs.partition.block_names) == visual
+    assert [s["path"] for s in coefs.sources] == [files["tv1"], files["tv2"]]
+    assert [s["dataset"] for s in coefs.sources] == ["task1", "task2"]
+    header = coefs.to_header()
+    assert header["tvtool.base_fingerprint"] == coefs.sources[0]["base_fingerprint"]
+    assert header["tvtool.dataset"] == "synthetic:shape"
+    assert coefs.meta.provenance["command"] == "learn-coeffs"
+
+    base, edited = load(files["base"]), load(str(merged))
+    expected = compose_state(base, [load(files["tv1"]), load(files["tv2"])],
+                             coefs.coefficients, coefs.partition)
+    assert set(edited) == set(base)
+    for name in base:
+        torch.testing.assert_close(edited[name], expected[name], rtol=0, atol=1e-6)
+    model = open_clip.create_model("tvtool-tiny", pretrained=str(merged))
+    torch.testing.assert_close(model.state_dict()["visual.proj"], edited["visual.proj"])
+
+    # The file is what `merge --coefs` and the evaluation library consume.
+    merged_vector = tmp_path / "mv.safetensors"
+    result = cli(["merge", files["tv1"], files["tv2"], "--coefs", str(out), "-o",
+                  str(merged_vector)])
+    assert result.exit_code == 0, result.stderr
+    composed = composed_vector([load(files["tv1"]), load(files["tv2"])], coefs.coefficients,
+                               coefs.partition)
+    merged_tensors = load(str(merged_vector))
+    for name, tensor in composed.items():
+        torch.testing.assert_close(merged_tensors[name].float(), tensor, rtol=0, atol=1e-6)
+    settings = {"datasets": ("synthetic:shape",), "split": "test", "limit": 24,
+                "device": "cpu"}
+    with_builder = evaluate(EvalConfig(base=files["base"], vectors=(files["tv1"], files["tv2"]),
+                                       weights=coefs.weight_builder(), **settings))
+    with_checkpoint = evaluate(EvalConfig(base=str(merged), **settings))
+    assert with_builder.results[0].correct == with_checkpoint.results[0].correct
+
+
+def test_random_granularity_is_deterministic(cli, files, tmp_path):
+    paths = [tmp_path / f"c{i}.safetensors" for i in range(2)]
+    for path in paths:
+        result = cli(_args(files, "-g", "random:2", "--partition-seed", "3", "-o", str(path)))
+        assert result.exit_code == 0, result.stderr
+        assert result.stdout.strip() == str(path)
+    first, second = (read_coefficients(str(p)) for p in paths)
+    assert torch.equal(first.coefficients, second.coefficients)
+    header = first.to_header()
+    assert header["tvtool.granularity"] == "random:2"
+    assert header["tvtool.partition_seed"] == "3" and header["tvtool.partition_k"] == "2"
+    assert first.coefficients.shape[1] == 2 * len(first.partition.tensors)
+
+
+def test_entropy_objective_to_stdout(cli, files, tmp_path):
+    merged = tmp_path / "m.safetensors"
+    result = cli(_args(files, "--objective", "entropy", "--split", "test",
+                       "--granularity", "layer", "--vector-dtype", "bf16", "-o", "-",
+                       "--merged-out", str(merged)))
+    assert result.exit_code == 0, result.stderr
+    assert merged.exists()
+    tensors = load_bytes(result.stdout_bytes)  # nothing but the safetensors bytes
+    assert list(tensors) == ["coefficients"]
+    # class_embedding, positional_embedding, proj, conv1, ln_pre, 3 resblocks, ln_post
+    assert tensors["coefficients"].shape == (2, 9)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-g", "random:0"], "unknown granularity"),
+    (["--control", "synthetic:color"], "--control is only used"),
+    (["--objective", "negation"], "needs --control"),
+    (["--objective", "fancy"], "unknown objective"),
+    (["--shots", "0"], "--shots must be at least 1"),
+    (["--val-fraction", "1.5"], "--val-fraction"),
+    (["--vector-dtype", "int8"], "--vector-dtype"),
+    (["-d", "synthetic:nope"], "unknown synthetic task"),
+    (["-o", "-", "--json"], "--json prints a document on stdout"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, files, tmp_path, extra, message):
+    out = tmp_path / "c.safetensors"
+    result = cli(_args(files, "-o", str(out), *extra))
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.count("tvtool: error:") == 1
+    assert result.stdout == ""
+    assert not out.exists()
+
+
+def test_refuses_overwriting_an_input_and_non_vectors(cli, files, tmp_path):
+    result = cli(_args(files, "-o", files["tv2"]))
+    assert result.exit_code == 2 and "also an input" in result.stderr
+    out = tmp_path / "c.safetensors"
+    result = cli(["learn-coeffs", files["base"], "--base", files["base"], "-d",
+                  "synthetic:shape", "-o", str(out)])
+    assert result.exit_code == 2 and "not a task vector" in result.stderr
+    result = cli(_args(files, "-o", str(tmp_path / "missing" / "c.safetensors")))
+    assert result.exit_code == 2 and "does not exist" in result.stderr
+    assert not out.exists()

@@ -1,0 +1,173 @@
+"""``imagefolder:PATH`` datasets built from PNG files the tests write."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tvtool.data import load_split, split_manifest, task_spec
+from tvtool.errors import InvalidInputError
+from tvtool.io.images import read_image
+
+# Each class gets its own colour, so a loaded image tells which label it must carry.
+COLOURS = {"cat": (250, 0, 0), "dog": (0, 0, 250), "a_b": (0, 250, 0), "c": (250, 250, 0)}
+
+
+def _png(path: Path, colour: tuple[int, int, int], shade: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8) + np.array(colour, dtype=np.uint8)
+    pixels[0, 0] = shade  # makes every file distinct
+    Image.fromarray(pixels).save(path)
+
+
+def _fill(root: Path, classes: dict[str, int], sub: str = "") -> None:
+    for name, count in classes.items():
+        for i in range(count):
+            _png(root / sub / name / f"img{i:02d}.png", COLOURS[name], shade=i)
+
+
+@pytest.fixture(scope="session")
+def folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("imagefolders")
+    splits = base / "splits"
+    _fill(splits, {"cat": 6, "dog": 4}, "train")
+    _fill(splits, {"cat": 2, "dog": 2}, "test")
+    # Hidden entries are ignored everywhere: a hidden class, a hidden file, a hidden sub-folder.
+    (splits / "train" / ".thumbnails").mkdir()
+    (splits / "train" / ".thumbnails" / "junk.txt").write_text("not an image")
+    (splits / "train" / "cat" / ".DS_Store").write_bytes(b"\x00\x01")
+    (splits / "README.txt").write_text("a file beside the split folders")
+
+    single = base / "single"
+    _fill(single, {"a_b": 10, "c": 10})
+    _png(single / "c" / "nested" / "deep.png", COLOURS["c"], shade=99)
+    (single / "classnames.txt").write_text("alpha beta\n\n# comment\ngamma\n")
+    (single / "templates.txt").write_text("a sketch of a {}.\na {} drawn small.\n")
+    return {"splits": splits, "single": single, "base": base}
+
+
+def _labels_match_colours(dataset, classes: list[str]) -> None:
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        assert image.mode == "RGB"
+        assert tuple(np.asarray(image)[4, 4]) == COLOURS[classes[label]]
+
+
+def test_split_layout_uses_the_test_folder_and_carves_val(folders):
+    name = f"imagefolder:{folders['splits']}"
+    spec = task_spec(name)
+    assert spec.classnames == ("cat", "dog") and spec.templates == ("a photo of a {}.",)
+    train, val, test = (load_split(name, s, val_fraction=0.2) for s in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (8, 2, 4)
+    assert set(train.indices).isdisjoint(val.indices)
+    for dataset in (train, val, test):
+        assert dataset.spec == spec
+        _labels_match_colours(dataset, ["cat", "dog"])
+
+
+def test_single_layout_reads_classnames_templates_and_nested_files(folders):
+    name = f"imagefolder:{folders['single']}"
+    spec = task_spec(name)
+    assert spec.classnames == ("alpha beta", "gamma")
+    assert spec.templates == ("a sketch of a {}.", "a {} drawn small.")
+    parts = {s: load_split(name, s) for s in ("train", "val", "test")}
+    # 21 images: 4 held out for test (20%), then 2 of the remaining 17 for val (10%).
+    assert {s: len(d) for s, d in parts.items()} == {"train": 15, "val": 2, "test": 4}
+    seen = [set(d.indices.tolist()) for d in parts.values()]
+    assert set.union(*seen) == set(range(21)) and sum(map(len, seen)) == 21
+    for dataset in parts.values():
+        _labels_match_colours(dataset, ["a_b", "c"])
+
+
+def test_transform_is_applied(folders):
+    dataset = load_split(f"imagefolder:{folders['splits']}", "test",
+                         transform=lambda image: np.asarray(image).shape)
+    assert dataset[0] == ((8, 8, 3), 0)
+
+
+def test_splits_are_seeded_and_manifest_is_location_independent(folders, tmp_path):
+    name = f"imagefolder:{folders['single']}"
+    a, b = split_manifest(name, seed=1), split_manifest(name, seed=1)
+    c = split_manifest(name, seed=2)
+    assert a == b
+    assert a["hashes"]["test"] == c["hashes"]["test"]
+    assert a["hashes"]["val"] != c["hashes"]["val"]
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(folders["single"], moved)
+    d = split_manifest(f"imagefolder:{moved}", seed=1)
+    assert d["hashes"] == a["hashes"] and d["counts"] == a["counts"]
+
+
+def _broken(base: Path, label: str) -> Path:
+    root = base / label
+    _fill(root, {"cat": 3, "dog": 3})
+    return root
+
+
+def test_empty_class_folder_is_an_error(folders):
+    root = _broken(folders["base"], "empty-class")
+    (root / "bird").mkdir()
+    with pytest.raises(InvalidInputError, match=r"'bird'.*no images"):
+        load_split(f"imagefolder:{root}", "train")
+
+
+def test_unreadable_image_is_an_error(folders):
+    root = _broken(folders["base"], "corrupt")
+    (root / "dog" / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    datasets = [load_split(f"imagefolder:{root}", s) for s in ("train", "val", "test")]
+    with pytest.raises(InvalidInputError, match=r"zz-broken\.png"):
+        for dataset in datasets:
+            for i in range(len(dataset)):
+                dataset[i]
+    with pytest.raises(InvalidInputError, match="cannot read image"):
+        read_image(root / "dog" / "zz-broken.png")
+
+
+def test_non_image_file_in_class_folder_is_an_error(folders):
+    root = _broken(folders["base"], "stray-file")
+    (root / "cat" / "notes.txt").write_text("hello")
+    with pytest.raises(InvalidInputError, match=r"notes\.txt.*not an image"):
+        load_split(f"imagefolder:{root}", "train")
+
+
+def test_classnames_file_must_match_the_folders(folders):
+    root = _broken(folders["base"], "bad-classnames")
+    (root / "classnames.txt").write_text("only one\n")
+    with pytest.raises(InvalidInputError, match="lists 1 class names but there are 2"):
+        task_spec(f"imagefolder:{root}")
+
+
+def test_templates_need_a_placeholder(folders):
+    root = _broken(folders["base"], "bad-templates")
+    (root / "templates.txt").write_text("a photo\n")
+    with pytest.raises(InvalidInputError, match="exactly one"):
+        task_spec(f"imagefolder:{root}")
+
+
+def test_test_class_missing_from_train_is_an_error(folders):
+    root = folders["base"] / "mismatch"
+    _fill(root, {"cat": 2}, "train")
+    _fill(root, {"cat": 1, "dog": 1}, "test")
+    with pytest.raises(InvalidInputError, match="training folder lacks"):
+        load_split(f"imagefolder:{root}", "test")
+
+
+@pytest.mark.parametrize("suffix", ["does-not-exist", "file.png"])
+def test_missing_or_non_directory_path_is_an_error(folders, suffix):
+    target = folders["base"] / suffix
+    if suffix.endswith(".png"):
+        _png(target, (1, 2, 3))
+    with pytest.raises(InvalidInputError, match=r"does not exist|not a directory"):
+        task_spec(f"imagefolder:{target}")
+
+
+def test_folder_without_classes_is_an_error(folders):
+    root = folders["base"] / "no-classes"
+    root.mkdir()
+    (root / ".hidden").mkdir()
+    with pytest.raises(InvalidInputError, match="no class folders"):
+        task_spec(f"imagefolder:{root}")

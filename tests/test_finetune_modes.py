@@ -1,0 +1,331 @@
+"""What each fine-tuning mode trains, how it runs, and the task vector it produces."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.utils.data import Dataset
+
+from tvtool.errors import InvalidInputError, UsageError
+from tvtool.finetune import (
+    MODES,
+    FinetuneConfig,
+    ModeOptions,
+    attention_parameter_names,
+    finetune,
+    get_mode,
+    lora_targets,
+    materialize_lora,
+    train,
+)
+from tvtool.linearize import jvp_reference, linearized_forward
+from tvtool.metadata import FileMeta, Kind, Mode
+
+BASE = "tvtool-tiny:random"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class RandomImages(Dataset):
+    """Seeded random images with labels tied to the mean of the first channel."""
+
+    def __init__(self, size: int = 32, classes: int = 4, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(size, 3, 32, 32, generator=gen)
+        self.labels = torch.randint(0, classes, (size,), generator=gen)
+        self.images[:, 0] += self.labels.view(-1, 1, 1).float()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+@pytest.fixture(scope="module")
+def base_model() -> nn.Module:
+    from tvtool.models import load_clip
+
+    return load_clip(BASE).model
+
+
+@pytest.fixture(scope="module")
+def head() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return 20 * nn.functional.normalize(torch.randn(4, 64, generator=gen), dim=-1)
+
+
+def _config(mode: str, **changes) -> FinetuneConfig:
+    values = dict(base=BASE, dataset="random", output="unused", mode=mode, steps=3,
+                  batch_size=8, lr=1e-3, workers=0, lora_rank=4, lora_alpha=8.0)
+    values.update(changes)
+    return FinetuneConfig(**values)
+
+
+def _trained(mode: str, base_model: nn.Module, head: torch.Tensor, **changes):
+    config = _config(mode, **changes)
+    encoder = copy.deepcopy(base_model.visual)
+    adapter = get_mode(mode).build(encoder, config.mode_options())
+    train(adapter, head, RandomImages(), config, device=torch.device("cpu"), precision="fp32")
+    return adapter
+
+
+def test_registry_has_every_mode():
+    assert set(MODES) == set(Mode)
+    for mode in Mode:
+        assert get_mode(mode.value).name is mode
+    assert {m for m in Mode if get_mode(m).linearized} == {Mode.LINEAR, Mode.LLORA}
+    with pytest.raises(UsageError, match="unknown fine-tuning mode"):
+        get_mode("everything")
+
+
+def test_attention_parameters_are_found_by_module_type(base_model):
+    names = attention_parameter_names(base_model.visual)
+    assert sorted(names) == sorted(
+        f"transformer.resblocks.{i}.attn.{n}" for i in range(3)
+        for n in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"))
+    with pytest.raises(InvalidInputError, match="MultiheadAttention"):
+        attention_parameter_names(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+def test_an_attention_pooler_is_not_a_block():
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([Block(), Block()])
+            self.pool = nn.Module()
+            self.pool.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    encoder = Encoder()
+    names = attention_parameter_names(encoder)
+    assert names and all(n.startswith("blocks.") for n in names)
+    assert lora_targets(encoder, ("attn", "mlp")) == [
+        "blocks.0.attn.in_proj_weight", "blocks.0.attn.out_proj.weight",
+        "blocks.1.attn.in_proj_weight", "blocks.1.attn.out_proj.weight",
+        "blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight",
+        "blocks.1.mlp.0.weight", "blocks.1.mlp.2.weight"]
+
+
+def test_attn_mode_changes_only_attention_tensors(base_model, head):
+    before = {n: p.detach().clone() for n, p in base_model.visual.named_parameters()}
+    adapter = _trained("attn", base_model, head)
+    attention = set(attention_parameter_names(base_model.visual))
+    changed = {n for n, p in adapter.encoder.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == attention
+    vector = adapter.task_vector()
+    assert set(vector) == {"visual." + n for n in attention}
+    for name, delta in vector.items():
+        current = dict(adapter.encoder.named_parameters())[name[len("visual."):]]
+        torch.testing.assert_close(delta, current.detach() - before[name[len("visual."):]],
+                                   rtol=0, atol=0)
+
+
+def test_full_mode_never_changes_head_or_text_tower(base_model, head, tmp_path):
+    from safetensors.torch import load_file
+
+    from tvtool.io import open_tensors
+
+    head_before = head.clone()
+    output, checkpoint = tmp_path / "tv.safetensors", tmp_path / "ft.safetensors"
+    config = _config("full", output=str(output), checkpoint_out=str(checkpoint))
+    finetune(config, dataset=RandomImages(), head=head)
+    assert torch.equal(head, head_before)
+    vector, tuned = load_file(str(output)), load_file(str(checkpoint))
+    base = base_model.state_dict()
+    assert set(vector) == {k for k, v in base.items()
+                           if k.startswith("visual.") and v.is_floating_point()}
+    assert set(tuned) == set(base)
+    for name, tensor in base.items():
+        if name.startswith("visual."):
+            torch.testing.assert_close(tuned[name], tensor + vector[name], rtol=0, atol=1e-7)
+        else:
+            assert torch.equal(tuned[name], tensor), name
+    assert any(v.abs().max() > 0 for v in vector.values())
+    source = open_tensors(str(output))
+    meta = FileMeta.from_header(source.metadata, "tv")
+    source.close()
+    assert meta.kind is Kind.TASK_VECTOR and meta.mode is Mode.FULL and not meta.linearized
+    assert meta.architecture == "tvtool-tiny" and meta.base_ref == BASE
+    assert meta.base_fingerprint and meta.base_fingerprint.startswith("sha256:")
+    assert meta.dataset == "random" and meta.provenance["command"] == "finetune"
+
+
+def test_linear_mode_vector_is_the_delta_and_marked_linearized(base_model, head, tmp_path):
+    from tvtool.io import open_tensors
+    from tvtool.models import base_source, fingerprint
+
+    output = tmp_path / "lin.safetensors"
+    seen = {}
+    finetune(_config("linear", output=str(output)), dataset=RandomImages(), head=head,
+             on_trained=lambda adapter: seen.update(adapter=adapter))
+    source = open_tensors(str(output))
+    meta = FileMeta.from_header(source.metadata, "lin")
+    vector = {k: source.get(k) for k in list(source.keys())}
+    source.close()
+    assert meta.mode is Mode.LINEAR and meta.linearized
+    base, _ = base_source(BASE)
+    assert meta.base_fingerprint == fingerprint(base)
+    base.close()
+    adapter = seen["adapter"]
+    assert torch.equal(adapter.encoder.proj, base_model.visual.proj)  # θ0 never moves
+    delta = {k[len("visual."):]: v for k, v in vector.items()}
+    x = RandomImages(4, seed=5).images
+    with torch.no_grad():
+        expected = linearized_forward(base_model.visual, None, delta, x)
+        torch.testing.assert_close(adapter(x), expected)
+
+
+def test_linear_mode_refuses_checkpoint_out():
+    with pytest.raises(UsageError, match="checkpoint-out"):
+        _config("linear", checkpoint_out="ft.safetensors").validate()
+
+
+@pytest.mark.parametrize(("targets", "count"), [(("attn",), 6), (("mlp",), 6),
+                                                 (("attn", "mlp"), 12)])
+def test_lora_targets_are_found_by_structure(base_model, targets, count):
+    names = lora_targets(base_model.visual, targets)
+    assert len(names) == count
+    if "attn" in targets:
+        assert "transformer.resblocks.0.attn.in_proj_weight" in names
+        assert "transformer.resblocks.0.attn.out_proj.weight" in names
+    if "mlp" in targets:
+        assert "transformer.resblocks.2.mlp.c_fc.weight" in names
+        assert "transformer.resblocks.2.mlp.c_proj.weight" in names
+    with pytest.raises(UsageError):
+        lora_targets(base_model.visual, ("qkv",))
+
+
+def test_lora_starts_at_base_and_never_writes_the_base(base_model, head):
+    options = ModeOptions(lora_rank=4, lora_alpha=8.0, lora_targets=("attn", "mlp"))
+    fresh = get_mode("lora").build(copy.deepcopy(base_model.visual), options)
+    x = RandomImages(4, seed=6).images
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), base_model.visual(x), rtol=0, atol=0)
+    adapter = _trained("lora", base_model, head, lora_targets=("attn", "mlp"))
+    for name, param in adapter.encoder.named_parameters():
+        assert torch.equal(param, dict(base_model.visual.named_parameters())[name]), name
+    vector = adapter.task_vector()
+    assert len(vector) == 24 and all(k.endswith((".lora_A", ".lora_B")) for k in vector)
+    metadata = {f"tvtool.{k}": v for k, v in adapter.vector_metadata().items()}
+    dense = materialize_lora(vector, metadata)
+    assert set(dense) == {"visual." + t for t in adapter.targets}
+    name = "visual.transformer.resblocks.1.attn.in_proj_weight"
+    a, b = vector[name + ".lora_A"], vector[name + ".lora_B"]
+    assert a.shape == (4, 64) and b.shape == (192, 4)
+    torch.testing.assert_close(dense[name], 2.0 * b @ a)
+    # θ0 + dense delta is exactly the model LoRA trained.
+    params = {n: p + dense.get("visual." + n, 0) for n, p in base_model.visual.named_parameters()}
+    with torch.no_grad():
+        torch.testing.assert_close(functional_call(base_model.visual, params, (x,)), adapter(x),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_llora_is_the_lora_model_linearized_in_its_factors(base_model, head):
+    """f(x;θ0,φ0) + J_φ·(φ − φ0) with B0 = 0 equals f(x;θ0) + J_W·(s·ΔB·A0); ΔA has no effect."""
+    adapter = _trained("llora", base_model, head, lr=1e-2)
+    scale = adapter.scaling
+    vis = copy.deepcopy(base_model.visual).double()
+    theta0 = {n: p.detach() for n, p in vis.named_parameters()}
+    targets = adapter.targets
+    a0 = [adapter._a0(i).detach().double() for i in range(len(targets))]
+    b = [p.detach().double() for p in adapter.lora_b]
+    assert any(t.abs().max() > 0 for t in b)
+    x = RandomImages(3, seed=7).images.double()
+
+    def lora_model(a_list, b_list):
+        params = dict(theta0)
+        for t, a_t, b_t in zip(targets, a_list, b_list, strict=True):
+            params[t] = theta0[t] + scale * b_t @ a_t
+        return functional_call(vis, params, (x,))
+
+    zeros_b = [torch.zeros_like(t) for t in b]
+    random_da = [torch.randn_like(t) for t in a0]
+    from tvtool.linearize import _forward_ad_safe_attention
+
+    with _forward_ad_safe_attention():
+        f0, first_order = jvp(lora_model, (a0, zeros_b), (random_da, b))
+        _, from_a_only = jvp(lora_model, (a0, zeros_b), (random_da, zeros_b))
+    # A moves nothing at first order when B0 = 0, which is why tvtool freezes A.
+    assert from_a_only.abs().max() == 0
+    adapter.double()
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(x), f0 + first_order, rtol=1e-9, atol=1e-10)
+        dense = materialize_lora(adapter.task_vector(), adapter.vector_metadata())
+        delta = {k[len("visual."):]: v for k, v in dense.items()}
+        for t, a_t, b_t in zip(targets, a0, b, strict=True):
+            torch.testing.assert_close(delta[t], scale * b_t @ a_t)
+        torch.testing.assert_close(jvp_reference(vis, None, delta, x), f0 + first_order,
+                                   rtol=1e-9, atol=1e-10)
+    assert [n for n, _ in adapter.trainable()] == [t + ".lora_B" for t in targets]
+
+
+def test_llora_gradient_to_a_is_zero_at_peft_init(base_model):
+    """The reason A is frozen: with B0 = 0, the L-LoRA output has zero gradient in ΔA."""
+    from tvtool.linearize import _forward_ad_safe_attention
+
+    adapter = get_mode("llora").build(copy.deepcopy(base_model.visual),
+                                      ModeOptions(lora_rank=2, lora_alpha=4.0))
+    vis, scale, targets = adapter.encoder, adapter.scaling, adapter.targets
+    theta0 = {n: p.detach() for n, p in vis.named_parameters()}
+    a0 = [adapter._a0(i) for i in range(len(targets))]
+    b0 = [torch.zeros_like(p) for p in adapter.lora_b]
+    x = RandomImages(2).images
+
+    def lora_model(a_list, b_list):
+        params = dict(theta0)
+        for t, a_t, b_t in zip(targets, a_list, b_list, strict=True):
+            params[t] = theta0[t] + scale * b_t @ a_t
+        return functional_call(vis, params, (x,))
+
+    da = [torch.zeros_like(a).requires_grad_() for a in a0]
+    db = [torch.randn_like(b).requires_grad_() for b in b0]
+    with _forward_ad_safe_attention():
+        _, tangent = jvp(lora_model, (a0, b0), (da, db))
+    tangent.square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().max() == 0 for t in da)
+    assert all(t.grad is not None and t.grad.abs().max() > 0 for t in db)
+
+
+def test_materialize_lora_validates_its_input():
+    a, b = torch.ones(2, 3), torch.ones(5, 2)
+    good = {"w.lora_A": a, "w.lora_B": b, "bias": torch.ones(5)}
+    out = materialize_lora(good, {"tvtool.lora_alpha": "4.0", "tvtool.lora_rank": "2"})
+    torch.testing.assert_close(out["w"], 2.0 * b @ a)
+    assert torch.equal(out["bias"], torch.ones(5))
+    meta = FileMeta(kind=Kind.TASK_VECTOR, mode=Mode.LORA, extra={"lora_alpha": "4"})
+    torch.testing.assert_close(materialize_lora(good, meta)["w"], 2.0 * b @ a)
+    assert materialize_lora({"x": a}, {}) == {"x": a}
+    with pytest.raises(InvalidInputError, match="lora_alpha"):
+        materialize_lora(good, {})
+    with pytest.raises(InvalidInputError, match="matching"):
+        materialize_lora({"w.lora_A": a}, {"tvtool.lora_alpha": "1"})
+    with pytest.raises(InvalidInputError, match="matching"):
+        materialize_lora({"w.lora_B": b}, {"tvtool.lora_alpha": "1"})
+    with pytest.raises(InvalidInputError, match="rank"):
+        materialize_lora(good, {"tvtool.lora_alpha": "1", "tvtool.lora_rank": "3"})
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        materialize_lora({"w.lora_A": a, "w.lora_B": torch.ones(5, 3)},
+                         {"tvtool.lora_alpha": "1"})
+
+
+def test_lora_options_are_checked(base_model):
+    with pytest.raises(UsageError, match="rank"):
+        get_mode("lora").build(copy.deepcopy(base_model.visual), ModeOptions(lora_rank=0))
+    with pytest.raises(UsageError, match="alpha"):
+        get_mode("llora").build(copy.deepcopy(base_model.visual), ModeOptions(lora_alpha=-1))

@@ -1,0 +1,297 @@
+"""The fine-tuning loop: schedule, data stream, resume, divergence, DDP, learning."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import Dataset
+
+from tvtool.errors import InvalidInputError, NumericalError, UsageError
+from tvtool.finetune import FinetuneConfig, finetune, learning_rate
+from tvtool.finetune.trainer import (
+    RESUME_FILE,
+    DistInfo,
+    MicroBatches,
+    SampleStream,
+    default_warmup,
+    total_steps,
+)
+
+BASE = "tvtool-tiny:random"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+class RandomImages(Dataset):
+    """Seeded random images; labels shift the first channel so the task is learnable."""
+
+    def __init__(self, size: int = 32, classes: int = 4, seed: int = 0,
+                 poison_from: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(size, 3, 32, 32, generator=gen)
+        self.labels = torch.randint(0, classes, (size,), generator=gen)
+        self.images[:, 0] += self.labels.view(-1, 1, 1).float()
+        self.poison_from = poison_from
+        self.calls = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self.calls += 1
+        image = self.images[index]
+        # Random augmentation: must be reproducible through resumption.
+        image = image + 0.01 * torch.randn(image.shape)
+        if self.poison_from is not None and self.calls > self.poison_from:
+            image = torch.full_like(image, float("nan"))
+        return image, int(self.labels[index])
+
+
+def _head() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return 20 * nn.functional.normalize(torch.randn(4, 64, generator=gen), dim=-1)
+
+
+def _config(tmp_path: Path, name: str, **changes) -> FinetuneConfig:
+    values = dict(base=BASE, dataset="random", output=str(tmp_path / f"{name}.safetensors"),
+                  mode="full", steps=6, batch_size=8, lr=1e-3, workers=0, log_every=1,
+                  lora_rank=2, lora_alpha=4.0)
+    values.update(changes)
+    return FinetuneConfig(**values)
+
+
+def test_learning_rate_schedule_follows_the_reference():
+    total, warmup, peak = 2000, 500, 1e-5
+    assert learning_rate(0, total, warmup, peak) == pytest.approx(peak / warmup)
+    assert learning_rate(warmup - 1, total, warmup, peak) == pytest.approx(peak)
+    assert learning_rate(warmup, total, warmup, peak) == pytest.approx(peak)
+    middle = warmup + (total - warmup) // 2
+    assert learning_rate(middle, total, warmup, peak) == pytest.approx(peak / 2)
+    assert learning_rate(total - 1, total, warmup, peak) < 1e-3 * peak
+    assert learning_rate(3, 10, 0, peak) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi * 0.3)) * peak)
+    assert default_warmup(2000) == 500 and default_warmup(40) == 10 and default_warmup(3) == 0
+
+
+def test_run_length_from_steps_epochs_or_default(tmp_path):
+    assert total_steps(_config(tmp_path, "a", steps=7), 100) == 7
+    assert total_steps(_config(tmp_path, "a", steps=None, epochs=2.0), 100) == 25
+    assert total_steps(_config(tmp_path, "a", steps=None), 100) == 2000
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"epochs": 1.0}, "both given"),
+    ({"steps": 0}, "--steps"),
+    ({"batch_size": 10, "grad_accum": 3}, "divisible"),
+    ({"lr": float("nan")}, "--lr"),
+    ({"precision": "fp8"}, "precision"),
+    ({"resume": True}, "--workdir"),
+    ({"mode": "linear", "checkpoint_out": "x.safetensors"}, "checkpoint-out"),
+    ({"mode": "llora", "checkpoint_out": "x.safetensors"}, "checkpoint-out"),
+    ({"grad_clip": -1.0}, "grad-clip"),
+])
+def test_bad_configurations_are_usage_errors(tmp_path, changes, message):
+    with pytest.raises(UsageError, match=message):
+        _config(tmp_path, "bad", **changes).validate()
+    with pytest.raises(UsageError, match="mode"):
+        _config(tmp_path, "bad", mode="partial")
+
+
+def test_micro_batches_partition_each_global_batch():
+    stream = SampleStream(10, seed=3)
+    seen: dict[int, list[int]] = {}
+    for rank in range(2):
+        sampler = MicroBatches(stream, batch_size=8, grad_accum=2, info=DistInfo(rank, 2, rank),
+                               start_step=1, total_steps=4)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == 6 and all(len(b) == 2 for b in batches)
+        for position in [p for batch in batches for _, p in batch]:
+            seen.setdefault(position // 8, []).append(position)
+    for step, positions in seen.items():
+        assert sorted(positions) == list(range(step * 8, step * 8 + 8))
+    # Each epoch is a permutation of the dataset.
+    assert sorted(stream.index(p) for p in range(10, 20)) == list(range(10))
+    again = SampleStream(10, seed=3)
+    assert [again.index(p) for p in range(30)] == [stream.index(p) for p in range(30)]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["full", "linear", "lora"])
+def test_resume_equals_an_uninterrupted_run(tmp_path, mode):
+    head = _head()
+    straight = _config(tmp_path, f"straight-{mode}", mode=mode, workdir=str(tmp_path / "w1"),
+                       checkpoint_every=3)
+    finetune(straight, dataset=RandomImages(), head=head)
+
+    def stop_at_3(step: int) -> None:
+        if step == 3:
+            raise _Interrupt
+
+    interrupted = _config(tmp_path, f"resumed-{mode}", mode=mode, workdir=str(tmp_path / "w2"),
+                          checkpoint_every=3)
+    with pytest.raises(_Interrupt):
+        finetune(interrupted, dataset=RandomImages(), head=head, after_step=stop_at_3)
+    assert not Path(interrupted.output).exists()
+    assert (tmp_path / "w2" / RESUME_FILE).exists()
+    resumed = finetune(replace(interrupted, resume=True),
+                       dataset=RandomImages(), head=head)
+    assert resumed.resumed_from == 3 and resumed.steps == 6
+    first, second = load_file(straight.output), load_file(interrupted.output)
+    assert first.keys() == second.keys()
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+def test_resume_refuses_a_different_run(tmp_path):
+    head = _head()
+    config = _config(tmp_path, "a", workdir=str(tmp_path / "w"), checkpoint_every=2, steps=4)
+    finetune(config, dataset=RandomImages(), head=head)
+    changed = replace(config, resume=True, lr=2e-3)
+    with pytest.raises(InvalidInputError, match="different run"):
+        finetune(changed, dataset=RandomImages(), head=head)
+    missing = replace(config, resume=True, workdir=str(tmp_path / "empty"))
+    with pytest.raises(InvalidInputError, match="no training state"):
+        finetune(missing, dataset=RandomImages(), head=head)
+
+
+def test_non_finite_loss_stops_the_run_and_writes_nothing(tmp_path):
+    config = _config(tmp_path, "nan", workdir=str(tmp_path / "w"), checkpoint_every=2, steps=6,
+                     checkpoint_out=str(tmp_path / "ft.safetensors"))
+    # 8 images per step: images after the 24th (step 4 onwards) are NaN.
+    with pytest.raises(NumericalError, match="NaN or Inf") as caught:
+        finetune(config, dataset=RandomImages(poison_from=24), head=_head())
+    assert "between steps 3 and 4" in caught.value.one_line()
+    assert not Path(config.output).exists()
+    assert not (tmp_path / "ft.safetensors").exists()
+    from tvtool.io.train_state import read_train_state
+
+    tensors, state = read_train_state(str(tmp_path / "w" / RESUME_FILE))
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("param/"))
+    leftovers = [p for p in (tmp_path / "w").iterdir() if p.name != RESUME_FILE]
+    assert leftovers == []
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    head = _head()
+    one = _config(tmp_path, "one", steps=2)
+    two = _config(tmp_path, "two", steps=2, grad_accum=2)
+    finetune(one, dataset=RandomImages(), head=head)
+    finetune(two, dataset=RandomImages(), head=head)
+    a, b = load_file(one.output), load_file(two.output)
+    for name in a:
+        # Adam divides by sqrt(v): summation-order noise on near-zero gradients shows up as a
+        # small fraction of one step (lr 1e-3), not as a relative error.
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5)
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    result = finetune(_config(tmp_path, "bf16", steps=2, precision="bf16", mode="linear"),
+                      dataset=RandomImages(), head=_head())
+    assert result.precision == "bf16" and math.isfinite(result.final_loss)
+
+
+def test_fine_tuning_raises_accuracy_on_a_synthetic_task(tmp_path):
+    from torch.utils.data import Subset
+
+    from tvtool.data import load_split
+    from tvtool.models import build_zero_shot_head, load_clip
+
+    bundle = load_clip(BASE)
+    name = "synthetic:color"
+    test = load_split(name, "test", bundle.preprocess_eval)
+    test = Subset(test, range(200))
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    labels = torch.tensor([test[i][1] for i in range(len(test))])
+    head = build_zero_shot_head(bundle, test.dataset.spec.classnames, test.dataset.spec.templates)
+
+    def accuracy(encoder: nn.Module) -> float:
+        with torch.no_grad():
+            logits = nn.functional.normalize(encoder(images), dim=-1) @ head.T
+        return float((logits.argmax(-1) == labels).float().mean())
+
+    before = accuracy(bundle.model.visual)
+    trained = {}
+    config = FinetuneConfig(base=BASE, dataset=name, output=str(tmp_path / "tv.safetensors"),
+                            mode="full", steps=25, batch_size=16, lr=2e-3, workers=0)
+    result = finetune(config, on_trained=lambda adapter: trained.update(adapter=adapter))
+    after = accuracy(trained["adapter"].encoder.eval())
+    assert result.dataset == name and result.steps == 25
+    assert after > before + 0.25, (before, after)
+
+
+_DDP_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+    from tvtool.finetune import FinetuneConfig, finetune
+    from tvtool.io import write_tensors
+
+    torch.set_num_threads(1)
+    out, mode = sys.argv[1], sys.argv[2]
+
+    class Images(Dataset):
+        def __init__(self):
+            gen = torch.Generator().manual_seed(0)
+            self.x = torch.randn(32, 3, 32, 32, generator=gen)
+            self.y = torch.randint(0, 4, (32,), generator=gen)
+        def __len__(self):
+            return 32
+        def __getitem__(self, i):
+            return self.x[i] + 0.01 * torch.randn(3, 32, 32), int(self.y[i])
+
+    head = 20 * nn.functional.normalize(
+        torch.randn(4, 64, generator=torch.Generator().manual_seed(1)), dim=-1)
+    config = FinetuneConfig(base="tvtool-tiny:random", dataset="random", mode=mode,
+                            output=f"{out}/tv.safetensors", steps=3, batch_size=8, lr=1e-3,
+                            workers=0, device="cpu")
+
+    def dump(adapter):
+        import torch.distributed as dist
+        write_tensors(f"{out}/rank{dist.get_rank()}.safetensors", adapter.trainable_state())
+
+    result = finetune(config, dataset=Images(), head=head, on_trained=dump)
+    assert result.world_size == 2
+""")
+
+
+def test_ddp_two_processes_end_with_identical_weights(tmp_path):
+    # linear: the hand-written autograd Functions under DDP gradient all-reduce.
+    mode = "linear"
+    script = tmp_path / "ddp_run.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(29500 + os.getpid() % 1000),
+         str(script), str(tmp_path), mode],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    vector = load_file(str(tmp_path / "tv.safetensors"))
+    assert any(v.abs().max() > 0 for v in vector.values())

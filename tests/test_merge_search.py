@@ -1,0 +1,222 @@
+"""Coefficient searches: pure logic with fake evaluators, then the real CLI on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tvtool.errors import UsageError
+from tvtool.merge.search import parse_grid, search_coef, search_negation
+
+# ---------------------------------------------------------------- grids
+
+
+def test_default_grid_is_0_to_1_step_005():
+    grid = parse_grid("0:1:0.05")
+    assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 1.0
+    assert grid[3] == 0.15
+
+
+@pytest.mark.parametrize("text,expected", [("0.2,0.4, 1", (0.2, 0.4, 1.0)), ("1:1:0.5", (1.0,)),
+                                           ("-1:1:1", (-1.0, 0.0, 1.0))])
+def test_grid_forms(text, expected):
+    assert parse_grid(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "0:1", "0:1:0", "1:0:0.1", "0:1:-1", "nan"])
+def test_bad_grids(text):
+    with pytest.raises(UsageError):
+        parse_grid(text)
+
+
+# ---------------------------------------------------------------- merge search
+
+
+def peaked(best: dict[str, float]):
+    """A fake evaluator: accuracy per dataset peaks at its own α."""
+    calls = []
+
+    def evaluate(alpha):
+        calls.append(alpha)
+        return {name: 0.9 - abs(alpha - peak) for name, peak in best.items()}
+
+    return evaluate, calls
+
+
+def test_search_picks_best_average_normalized_accuracy():
+    evaluate, calls = peaked({"a": 0.3, "b": 0.5})
+    # Normalization weighs dataset b ten times more (its fine-tuned accuracy is tiny).
+    result = search_coef(evaluate, parse_grid("0:1:0.1"), references={"a": 1.0, "b": 0.1})
+    assert result.best == 0.5
+    assert result.criterion == "normalized"
+    assert calls == list(parse_grid("0:1:0.1"))
+    point = result.best_point
+    assert point.normalized == pytest.approx({"a": 0.7 / 1.0, "b": 0.9 / 0.1})
+    assert point.score == pytest.approx((0.7 + 9.0) / 2)
+
+
+def test_search_without_references_uses_average_accuracy():
+    evaluate, _ = peaked({"a": 0.2, "b": 0.4})
+    result = search_coef(evaluate, [0.0, 0.2, 0.3, 0.4])
+    assert result.criterion == "absolute"
+    assert result.best == 0.2  # 0.2, 0.3 and 0.4 tie: the earliest grid point wins
+
+
+def test_search_refuses_missing_references_and_empty_grid():
+    evaluate, _ = peaked({"a": 0.2, "b": 0.4})
+    with pytest.raises(UsageError, match="reference"):
+        search_coef(evaluate, [0.1], references={"a": 0.9})
+    with pytest.raises(UsageError, match="empty"):
+        search_coef(evaluate, [])
+
+
+def test_search_record_is_json_ready():
+    evaluate, _ = peaked({"a": 0.5})
+    document = search_coef(evaluate, [0.0, 0.5], references={"a": 0.9}).as_json()
+    assert json.loads(json.dumps(document))["best_coef"] == 0.5
+
+
+# ---------------------------------------------------------------- negation search
+
+
+def negation_world(control_drop: float):
+    """Target accuracy falls with α; control accuracy falls ``control_drop`` per unit α."""
+
+    def evaluate(alpha):
+        return {"target": max(0.0, 0.8 - alpha), "control": 0.6 - control_drop * alpha}
+
+    return evaluate
+
+
+def test_negation_picks_lowest_target_within_control_threshold():
+    result = search_negation(negation_world(0.1), parse_grid("0.1:1:0.1"), target="target",
+                             control="control", threshold=0.95)
+    # control/base >= 0.95  <=>  0.6 - 0.1 α >= 0.57  <=>  α <= 0.3
+    assert result.best == pytest.approx(0.3)
+    assert result.base_control == pytest.approx(0.6)
+    assert [p.feasible for p in result.points][:4] == [True, True, True, False]
+
+
+def test_negation_ties_go_to_the_largest_alpha():
+    result = search_negation(negation_world(0.0), parse_grid("0.5:1.5:0.25"), target="target",
+                             control="control")
+    # The target is at 0 from α = 0.8 on; every point is feasible: the largest α with target 0.
+    assert result.best == 1.5
+
+
+def test_negation_without_a_feasible_alpha():
+    result = search_negation(negation_world(1.0), [0.5, 1.0], target="target", control="control")
+    assert result.best is None
+
+
+def test_negation_refuses_bad_threshold():
+    with pytest.raises(UsageError):
+        search_negation(negation_world(0.1), [0.5], target="target", control="control",
+                        threshold=1.5)
+
+
+# ---------------------------------------------------------------- the real evaluator
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_state):
+    """A random tiny base and two vectors recorded for two synthetic datasets."""
+    from tests.conftest import perturbed
+    from tvtool import operations
+    from tvtool.io import write_tensors
+    from tvtool.metadata import FileMeta, Kind
+
+    root = tmp_path_factory.mktemp("search")
+    header = FileMeta(kind=Kind.CHECKPOINT, architecture="tvtool-tiny").to_header()
+    base = root / "base.safetensors"
+    write_tensors(str(base), tiny_state, header)
+    paths = {"root": root, "base": str(base)}
+    for index, dataset in ((1, "synthetic:shape"), (2, "synthetic:color")):
+        ft = root / f"ft{index}.safetensors"
+        write_tensors(str(ft), perturbed(tiny_state, index, scale=0.05), header)
+        tv = root / f"tv{index}.safetensors"
+        operations.extract(operations.ExtractConfig(base=str(base), finetuned=str(ft),
+                                                    output=str(tv), dataset=dataset,
+                                                    keep="changed"))
+        paths[f"tv{index}"] = str(tv)
+    return paths
+
+
+EVAL = ["--limit", "8", "--batch-size", "8", "--device", "cpu"]
+
+
+def test_merge_search_coef_end_to_end(cli, world, tmp_path):
+    out = tmp_path / "searched.safetensors"
+    report_path = tmp_path / "report.json"
+    result = cli(["merge", world["tv1"], world["tv2"], "--search-coef", "--base", world["base"],
+                  "--coef-grid", "0,0.5", *EVAL, "-o", str(out), "--search-report",
+                  str(report_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report == json.loads(report_path.read_text())
+    assert report["best_coef"] in (0.0, 0.5)
+    assert report["datasets"] == ["synthetic:shape", "synthetic:color"]
+    assert [p["coef"] for p in report["val"]["grid"]] == [0.0, 0.5]
+    assert set(report["test"]["accuracy"]) == {"synthetic:shape", "synthetic:color"}
+    assert "zero-shot %" in result.stderr
+    # The written vector is the ordinary merge at the chosen coefficient.
+    plain = tmp_path / "plain.safetensors"
+    again = cli(["merge", world["tv1"], world["tv2"], "--coef", str(report["best_coef"]), "-o",
+                 str(plain)])
+    assert again.exit_code == 0, again.stderr
+    from tests.conftest import load
+
+    for name, tensor in load(str(plain)).items():
+        assert torch.equal(load(str(out))[name], tensor)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "report.json",
+                                                         "searched.safetensors"]
+
+
+def test_merge_search_refusals(cli, world, tmp_path):
+    out = tmp_path / "o.safetensors"
+    no_base = cli(["merge", world["tv1"], world["tv2"], "--search-coef", "-o", str(out)],)
+    assert no_base.exit_code == 2 and "--base" in no_base.stderr
+    coefs = tmp_path / "c.json"
+    coefs.write_text("[1, 1]")
+    with_file = cli(["merge", world["tv1"], world["tv2"], "--search-coef", "--base",
+                     world["base"], "--coefs", str(coefs), "-o", str(out)])
+    assert with_file.exit_code == 2 and "--coefs" in with_file.stderr
+    same = cli(["merge", world["tv1"], world["tv1"], "--search-coef", "--base", world["base"],
+                "-o", str(out)])
+    assert same.exit_code == 2 and "share a dataset" in same.stderr
+    assert not out.exists()
+
+
+def test_negate_search_end_to_end(cli, world, tmp_path):
+    out = tmp_path / "neg.safetensors"
+    result = cli(["negate", world["tv1"], "--search", "--base", world["base"], "--control",
+                  "synthetic:color", "--threshold", "0.01", "--coef-grid", "0.5,1", *EVAL,
+                  "-o", str(out), "--json"])
+    if result.exit_code == 1:  # no α kept the control task: refused, nothing written
+        assert "nothing written" in result.stderr and not out.exists()
+        return
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["target"] == "synthetic:shape" and report["best_coef"] in (0.5, 1.0)
+    from tests.conftest import load
+
+    vector = load(world["tv1"])
+    negated = load(str(out))
+    name = next(iter(vector))
+    torch.testing.assert_close(negated[name], -report["best_coef"] * vector[name])
+
+
+def test_negate_search_needs_control(cli, world, tmp_path):
+    out = tmp_path / "neg.safetensors"
+    result = cli(["negate", world["tv1"], "--search", "--base", world["base"], "-o", str(out)])
+    assert result.exit_code == 2 and "--control" in result.stderr
+    assert not out.exists()
+
+
+def test_merge_search_refuses_a_bad_output_before_searching(cli, world, tmp_path):
+    result = cli(["merge", world["tv1"], world["tv2"], "--search-coef", "--base", world["base"],
+                  "-o", str(tmp_path / "missing-dir" / "o.safetensors")])
+    assert result.exit_code == 2
+    assert "searching" not in result.stderr

@@ -1,0 +1,248 @@
+"""The synthetic world: generator determinism and semantics, captions, pre-training."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+
+from tvtool.errors import UsageError
+from tvtool.world import (
+    TASKS,
+    CaptionStyle,
+    captions,
+    corpus_batch,
+    generate_task,
+    render,
+    rng_for,
+    sample_scenes,
+)
+from tvtool.world import tasks as tasks_module
+from tvtool.world.vocab import COLORS, COUNTS, POSITIONS, SHAPES, SIZES, TEXTURES, plural
+
+PLAIN = TEXTURES.index("plain")
+SQUARE = SHAPES.index("square")
+
+
+def _object_mask(image: np.ndarray) -> np.ndarray:
+    """Pixels that differ from a plain background (sampled in the image corner)."""
+    diff = np.abs(image.astype(np.int16) - image[0, 0].astype(np.int16)).max(axis=-1)
+    return diff > 12
+
+
+def _components(mask: np.ndarray) -> int:
+    seen = np.zeros_like(mask)
+    count = 0
+    for y, x in zip(*np.nonzero(mask), strict=True):
+        if seen[y, x]:
+            continue
+        count += 1
+        queue = deque([(y, x)])
+        seen[y, x] = True
+        while queue:
+            cy, cx = queue.popleft()
+            for ny, nx in ((cy + 1, cx), (cy - 1, cx), (cy, cx + 1), (cy, cx - 1)):
+                if 0 <= ny < mask.shape[0] and 0 <= nx < mask.shape[1] and mask[ny, nx] \
+                        and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+    return count
+
+
+def test_same_seed_gives_same_bytes_and_other_seeds_differ():
+    first = render(sample_scenes(rng_for("test", 1), 48))
+    again = render(sample_scenes(rng_for("test", 1), 48))
+    other = render(sample_scenes(rng_for("test", 2), 48))
+    assert first.dtype == np.uint8 and first.shape == (48, 32, 32, 3)
+    assert first.tobytes() == again.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+def test_task_generation_is_deterministic_and_balanced():
+    images, labels = generate_task("digit", "test", n=95)
+    tasks_module._generate.cache_clear()
+    images2, labels2 = generate_task("digit", "test", n=95)
+    assert images.tobytes() == images2.tobytes()
+    assert np.array_equal(labels, labels2)
+    counts = np.bincount(labels, minlength=10)
+    assert counts.max() - counts.min() <= 1
+    train_images, _ = generate_task("digit", "train", n=95)
+    assert train_images.tobytes() != images.tobytes()
+
+
+def test_generated_pools_are_read_only():
+    images, labels = generate_task("color", "test", n=10)
+    with pytest.raises(ValueError):
+        images[0, 0, 0, 0] = 1
+    with pytest.raises(ValueError):
+        labels[0] = 1
+
+
+@pytest.mark.parametrize("position", range(len(POSITIONS)))
+def test_single_object_sits_at_its_position(position):
+    scenes = sample_scenes(rng_for("pos", position), 12,
+                           fixed={"count": 1, "position": position, "texture": PLAIN,
+                                  "kind": SQUARE, "color": COLORS.index("red")})
+    for image in render(scenes):
+        ys, xs = np.nonzero(_object_mask(image))
+        cx, cy = xs.mean() + 0.5, ys.mean() + 0.5
+        name = POSITIONS[position]
+        if name == "center":
+            assert 12 <= cx <= 20 and 12 <= cy <= 20
+        else:
+            assert (cx < 16) == ("left" in name) and (cy < 16) == ("top" in name)
+
+
+def test_count_is_the_number_of_separate_objects():
+    for count in range(1, len(COUNTS) + 1):
+        scenes = sample_scenes(rng_for("count", count), 10,
+                               fixed={"count": count, "texture": PLAIN, "kind": SQUARE,
+                                      "color": COLORS.index("blue")})
+        assert [_components(_object_mask(im)) for im in render(scenes)] == [count] * 10
+
+
+def test_sizes_are_ordered_by_area():
+    areas = []
+    for size in range(len(SIZES)):
+        scenes = sample_scenes(rng_for("size", size), 20,
+                               fixed={"size": size, "count": 1, "texture": PLAIN,
+                                      "kind": SQUARE, "color": COLORS.index("green")})
+        areas.append(np.mean([_object_mask(im).sum() for im in render(scenes)]))
+    assert areas[0] < areas[1] < areas[2]
+
+
+def test_object_colour_is_nearest_to_its_name():
+    from tvtool.world.vocab import COLOR_RGB
+
+    for color in range(len(COLORS)):
+        scenes = sample_scenes(rng_for("color", color), 6,
+                               fixed={"color": color, "count": 1, "size": 2,
+                                      "texture": PLAIN, "kind": SQUARE})
+        for image in render(scenes):
+            mask = _object_mask(image)
+            # Interior pixels only: anti-aliased edges mix in the background.
+            inner = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) \
+                & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+            mean = image[inner].reshape(-1, 3).mean(axis=0)
+            nearest = np.argmin(((COLOR_RGB - mean) ** 2).sum(axis=1))
+            assert nearest == color
+
+
+def test_digit_scenes_hold_one_digit():
+    scenes = sample_scenes(rng_for("digits"), 50, kinds=(len(SHAPES),))
+    assert (scenes.count == 1).all()
+    assert set(scenes.digit.tolist()) <= set(range(10))
+
+
+def test_full_captions_name_every_factor_truthfully():
+    scenes = sample_scenes(rng_for("captions"), 40, kinds=range(len(SHAPES)), single_prob=0.5)
+    style = CaptionStyle(1, 1, 1, 1, 1, 1, noise=0.0)
+    for i, text in enumerate(captions(scenes, rng_for("c"), style)):
+        count = int(scenes.count[i])
+        noun = SHAPES[int(scenes.kind[i])]
+        assert COUNTS[count - 1] in text.split()
+        assert (noun if count == 1 else plural(noun)) in text.split()
+        assert COLORS[int(scenes.color[i])] in text
+        assert SIZES[int(scenes.size[i])] in text
+        assert f"on a {TEXTURES[int(scenes.texture[i])]} background" in text
+        if count == 1:
+            assert f"in the {POSITIONS[int(scenes.position[i])]}" in text
+
+
+def test_noisy_captions_sometimes_lie_and_omit():
+    scenes = sample_scenes(rng_for("noisy"), 400, kinds=range(len(SHAPES)))
+    texts = captions(scenes, rng_for("n"), CaptionStyle(1, 1, 1, 1, 1, 1, noise=0.5))
+    wrong_colour = sum(COLORS[int(c)] not in t for c, t in zip(scenes.color, texts, strict=True))
+    assert 100 < wrong_colour < 300
+    partial = captions(scenes, rng_for("n"), CaptionStyle(0, 0, 0, 0, 0, 0, noise=0.0))
+    assert all(not any(c in t.split() for c in COLORS) for t in partial)
+
+
+def test_corpus_batch_is_deterministic():
+    a_images, a_texts = corpus_batch(rng_for("corpus", 3), 16)
+    b_images, b_texts = corpus_batch(rng_for("corpus", 3), 16)
+    assert a_images.tobytes() == b_images.tobytes() and a_texts == b_texts
+    assert len(set(a_texts)) > 4
+
+
+def test_every_task_has_distinct_classes_and_templates():
+    for task in TASKS.values():
+        assert len(set(task.classnames)) == len(task.classnames) >= 3
+        assert task.templates and all(t.count("{}") == 1 for t in task.templates)
+
+
+def test_clip_loss_treats_identical_captions_as_positives():
+    from tvtool.world.pretrain import clip_loss
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    scale = torch.tensor(2.0)
+    ids = torch.tensor([0, 0, 1, 2])
+    swapped = texts[[1, 0, 2, 3]]
+    assert torch.allclose(clip_loss(images, texts, scale, ids),
+                          clip_loss(images, swapped, scale, ids), atol=1e-6)
+    aligned = clip_loss(images, images, torch.tensor(4.6))
+    assert aligned < clip_loss(images, texts, torch.tensor(4.6))
+
+
+def test_pretrain_config_rejects_nonsense():
+    from tvtool.world.pretrain import PretrainConfig
+
+    with pytest.raises(UsageError):
+        PretrainConfig(steps=0)
+    with pytest.raises(UsageError):
+        PretrainConfig(lr=0.0)
+
+
+@pytest.fixture(scope="session")
+def short_pretrain():
+    from tvtool.world.pretrain import PretrainConfig, pretrain_tiny
+
+    config = PretrainConfig(steps=3, batch=8, warmup=1, seed=5)
+    losses: list[float] = []
+    state = pretrain_tiny(config, progress=lambda step, loss: losses.append(loss))
+    return config, state, losses
+
+
+def test_pretraining_is_seeded_and_changes_the_weights(short_pretrain, tiny_state):
+    from tvtool.world.pretrain import pretrain_tiny
+
+    config, state, losses = short_pretrain
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    again = pretrain_tiny(config)
+    assert state.keys() == again.keys() == tiny_state.keys()
+    assert all(torch.equal(state[k], again[k]) for k in state)
+    assert any(not torch.equal(state[k], tiny_state[k]) for k in state)
+
+
+def test_written_weights_are_a_loadable_tvtool_checkpoint(short_pretrain, tmp_path):
+    from tvtool.io import open_tensors
+    from tvtool.metadata import FileMeta, Kind
+    from tvtool.models import load_clip
+    from tvtool.world.pretrain import write_pretrained
+
+    config, state, _ = short_pretrain
+    out = tmp_path / "tiny.safetensors"
+    write_pretrained(state, str(out), config)
+    source = open_tensors(str(out))
+    meta = FileMeta.from_header(source.metadata, "test")
+    source.close()
+    assert meta.kind is Kind.CHECKPOINT and meta.architecture == "tvtool-tiny"
+    assert meta.provenance["arguments"]["steps"] == 3 and meta.provenance["seed"] == 5
+    model = load_clip(str(out)).model
+    assert torch.equal(model.state_dict()["visual.conv1.weight"], state["visual.conv1.weight"])
+
+
+def test_embedded_weights_beat_chance_zero_shot():
+    from tvtool.models import embedded_weights_path, load_clip
+    from tvtool.world.measure import zero_shot_accuracy
+
+    if not embedded_weights_path().is_file():
+        pytest.fail(f"embedded weights missing at {embedded_weights_path()}; run "
+                    "scripts/pretrain_tiny.py")
+    bundle = load_clip("tvtool-tiny")
+    accuracy = zero_shot_accuracy(bundle, "color", n=300)
+    assert accuracy > 3 / len(TASKS["color"].classnames)

@@ -1,0 +1,37 @@
+"""``tvtool convert``: a pickled (legacy) checkpoint -> tvtool safetensors checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tvtool.cli.common import (
+    JsonOpt,
+    OutputOpt,
+    emit_json,
+    emit_path,
+    handles_errors,
+    log,
+    refuse_json_with_stdout,
+)
+
+
+@handles_errors
+def convert(
+    checkpoint: Annotated[str, typer.Argument(
+        help="Pickled .pt/.pth/.bin checkpoint (state dict or whole module), a safetensors "
+             "file without tvtool metadata, or -.")],
+    output: OutputOpt,
+    architecture: Annotated[str | None, typer.Option(
+        "--architecture", help="open_clip model name [default: inferred from the shapes].",
+        show_default=False)] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Convert CHECKPOINT into a tvtool checkpoint without executing any pickled code."""
+    from tvtool import operations
+
+    refuse_json_with_stdout(as_json, output)
+    config = operations.ConvertConfig(input=checkpoint, output=output, architecture=architecture)
+    result = operations.convert(config, log=log)
+    emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -1,0 +1,154 @@
+"""``tvtool finetune``: fine-tune a base model's image encoder and write the task vector.
+
+A thin command over :func:`tvtool.finetune.finetune`. Under ``torchrun`` every process runs
+it; process 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from tvtool.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    OutputOpt,
+    PrecisionOpt,
+    SeedOpt,
+    emit_json,
+    emit_path,
+    handles_errors,
+    log,
+    stderr,
+)
+from tvtool.errors import UsageError
+
+
+@contextmanager
+def _training_progress(total: int | None) -> Iterator[Callable[[Any], None]]:
+    """A rich bar with loss, lr and images/s on stderr; silent when stderr is not a TTY."""
+    progress = Progress(
+        TextColumn("fine-tuning"), BarColumn(bar_width=20), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  lr {task.fields[lr]}  "
+                   "{task.fields[rate]} img/s"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+        console=stderr, transient=True,
+        # Under torchrun only process 0 reports.
+        disable=not stderr.is_terminal or os.environ.get("RANK", "0") != "0")
+    with progress:
+        task = progress.add_task("finetune", total=total, loss="-", acc="-", lr="-", rate="-")
+
+        def update(entry: Any) -> None:
+            progress.update(task, completed=entry.step, total=entry.total,
+                            loss=f"{entry.loss:.4f}", acc=f"{entry.accuracy:.3f}",
+                            lr=f"{entry.lr:.2e}", rate=f"{entry.images_per_s:.0f}")
+
+        yield update
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not parts:
+        raise UsageError("--lora-targets is empty", hint="use attn, mlp or attn,mlp")
+    return parts
+
+
+@handles_errors
+def finetune(
+    base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
+                                      help="Model reference of the pre-trained base.")],
+    dataset: Annotated[str, typer.Option(
+        "--dataset", "-d", help="Training dataset (synthetic:TASK, imagefolder:PATH, or a "
+                                "standard name).")],
+    output: OutputOpt,
+    mode: Annotated[str, typer.Option(
+        "--mode", help="full, attn, linear, lora or llora.")] = "full",
+    checkpoint_out: Annotated[str | None, typer.Option(
+        "--checkpoint-out", help="Also write the fine-tuned model as a checkpoint "
+                                 "(full, attn, lora).", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Optimizer steps (default 2000 unless --epochs).",
+        show_default=False)] = None,
+    epochs: Annotated[float | None, typer.Option(
+        "--epochs", help="Passes over the training split, instead of --steps.",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Global batch per optimizer step (all GPUs and micro-steps).")
+    ] = 128,
+    grad_accum: Annotated[int, typer.Option(
+        "--grad-accum", help="Micro-steps per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-5,
+    weight_decay: Annotated[float, typer.Option(
+        "--weight-decay", help="AdamW weight decay on the weights θ.")] = 0.1,
+    warmup_steps: Annotated[int | None, typer.Option(
+        "--warmup-steps", help="Linear warm-up before cosine decay (default 500, at most a "
+                               "quarter of the run).", show_default=False)] = None,
+    grad_clip: Annotated[float, typer.Option(
+        "--grad-clip", help="Gradient-norm clip (0 disables).")] = 1.0,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    workdir: Annotated[str | None, typer.Option(
+        "--workdir", envvar="TVTOOL_WORKDIR", help="Directory for the resumable training "
+                                                   "state.", show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run whose state is in --workdir.")] = False,
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", help="Steps between training-state saves (with --workdir).")
+    ] = 500,
+    data_root: Annotated[str | None, typer.Option(
+        "--data-root", envvar="TVTOOL_DATA_ROOT", help="Root directory of the standard "
+                                                       "datasets.", show_default=False)] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="DataLoader worker processes (default 4 on CUDA, 0 on CPU).",
+        show_default=False)] = None,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (lora, llora).")] = 16,
+    lora_alpha: Annotated[float, typer.Option(
+        "--lora-alpha", help="LoRA alpha; the update is (alpha/rank)·B·A.")] = 32.0,
+    lora_targets: Annotated[str, typer.Option(
+        "--lora-targets", help="LoRA targets: attn, mlp or attn,mlp.")] = "attn",
+    as_json: JsonOpt = False,
+) -> None:
+    """Fine-tune the image encoder of BASE on DATASET and write the task vector.
+
+    Defaults follow the reference recipe: AdamW lr 1e-5, weight decay 0.1,
+    batch 128, cosine schedule with warm-up, gradient clip 1, frozen head.
+
+    Several GPUs or nodes: torchrun --nproc_per_node N -m tvtool finetune ...
+    """
+    from tvtool.finetune import FinetuneConfig, get_mode
+    from tvtool.finetune import finetune as run
+
+    if as_json and (output == "-" or checkpoint_out == "-"):
+        raise UsageError("--json and an output to stdout (-) would both write to stdout")
+    config = FinetuneConfig(
+        base=base, dataset=dataset, output=output, mode=get_mode(mode).name,
+        checkpoint_out=checkpoint_out,
+        steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
+        precision=precision, device=device, seed=seed, workdir=workdir, resume=resume,
+        checkpoint_every=checkpoint_every, data_root=data_root, workers=workers,
+        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=_targets(lora_targets))
+    config.validate()
+    with _training_progress(steps) as progress:
+        result = run(config, progress=progress, log=log)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    log(f"{result.mode} fine-tuning: {result.steps} steps in {result.seconds:.1f}s "
+        f"({result.images_per_s:.0f} img/s), final loss {result.final_loss:.4f}")
+    if as_json:
+        emit_json(result.as_json())
+    else:
+        emit_path(result.output)

@@ -1,0 +1,113 @@
+"""``tvtool learn-coeffs``: learn aTLAS coefficients (one per task vector per block)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tvtool.cli.common import (
+    AllowOtherBaseOpt,
+    DeviceOpt,
+    JsonOpt,
+    OutputOpt,
+    PrecisionOpt,
+    SeedOpt,
+    emit_json,
+    emit_path,
+    handles_errors,
+    log,
+    progress_bar,
+)
+from tvtool.errors import UsageError
+
+
+@handles_errors
+def learn_coeffs(
+    vectors: Annotated[list[str], typer.Argument(
+        help="Task vectors (.safetensors), in the order of the coefficient rows; - = stdin.")],
+    base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
+                                      help="Model reference of the base.")],
+    output: OutputOpt,
+    dataset: Annotated[list[str], typer.Option(
+        "--dataset", "-d", help="Dataset to learn on (repeatable); for --objective negation, "
+                                "the data to forget.")],
+    control: Annotated[list[str] | None, typer.Option(
+        "--control", help="Data to keep (repeatable; --objective negation only).")] = None,
+    objective: Annotated[str, typer.Option(
+        "--objective", help="ce (k-shot labelled), entropy (unlabelled, test-time "
+                            "adaptation) or negation (forget --dataset, keep --control).")
+    ] = "ce",
+    granularity: Annotated[str, typer.Option(
+        "--granularity", "-g", help="task, tensor, layer or random:K.")] = "tensor",
+    shots: Annotated[int | None, typer.Option(
+        "--shots", "-k", help="Examples per class (unlabelled: K x classes at random). "
+                              "Omit with --all-examples.")] = 16,
+    all_examples: Annotated[bool, typer.Option(
+        "--all-examples", help="Use the whole split instead of --shots per class.")] = False,
+    split: Annotated[str, typer.Option(
+        "--split", help="Split the examples come from (train; test for test-time "
+                        "adaptation).")] = "train",
+    val_fraction: Annotated[float, typer.Option(
+        "--val-fraction", help="Fraction of the examples held out for selection and early "
+                               "stopping.")] = 0.2,
+    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")
+                            ] = 0.0,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Examples per step (split across datasets).")] = 32,
+    eval_every: Annotated[int, typer.Option(
+        "--eval-every", help="Steps between held-out evaluations.")] = 10,
+    patience: Annotated[int | None, typer.Option(
+        "--patience", help="Stop after N evaluations without held-out improvement.")] = None,
+    negation_weight: Annotated[float, typer.Option(
+        "--negation-weight", help="Weight of the forgetting term (negation).")] = 1.0,
+    init: Annotated[float, typer.Option("--init", help="Initial coefficient value.")] = 0.0,
+    partition_seed: Annotated[int, typer.Option(
+        "--partition-seed", help="Seed of the random:K split.")] = 0,
+    vector_dtype: Annotated[str, typer.Option(
+        "--vector-dtype", help="Storage of the packed vectors: fp32, bf16 or fp16.")] = "fp32",
+    merged_out: Annotated[str | None, typer.Option(
+        "--merged-out", help="Also write the composed model (a checkpoint; for linearized "
+                             "vectors, the composed linearized task vector).")] = None,
+    data_root: Annotated[str | None, typer.Option(
+        "--data-root", envvar="TVTOOL_DATA_ROOT", help="Root directory of standard datasets.")
+    ] = None,
+    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")
+                       ] = 0,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    seed: SeedOpt = 0,
+    allow_base_mismatch: AllowOtherBaseOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Learn one coefficient per task vector per block (aTLAS) and write a coefficient file.
+
+    The file can be given to `merge --coefs` and `eval`.
+    """
+    from tvtool.coeffs.run import LearnCoeffsConfig
+    from tvtool.coeffs.run import learn_coeffs as run
+
+    to_stdout = "-" in (output, merged_out)
+    if as_json and to_stdout:
+        raise UsageError("--json prints a document on stdout, which already carries the "
+                         "safetensors bytes of an output '-'", hint="write to files with --json")
+    config = LearnCoeffsConfig(
+        vectors=tuple(vectors), base=base, output=output, datasets=tuple(dataset),
+        control=tuple(control or ()), objective=objective, granularity=granularity,
+        shots=None if all_examples else shots, split=split, val_fraction=val_fraction,
+        steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+        eval_every=eval_every, patience=patience, negation_weight=negation_weight, init=init,
+        partition_seed=partition_seed, vector_dtype=vector_dtype, device=device,
+        precision=precision, seed=seed, data_root=data_root, merged_out=merged_out,
+        allow_base_mismatch=allow_base_mismatch, workers=workers)
+    result = run(config, log=log, progress=progress_bar)
+    if as_json:
+        emit_json(result.as_json())
+        return
+    if to_stdout:
+        return  # stdout holds the safetensors bytes; a path would corrupt the stream
+    emit_path(result.output)
+    if result.merged_output:
+        emit_path(result.merged_output)

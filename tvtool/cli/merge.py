@@ -1,0 +1,288 @@
+"""``tvtool merge``: combine task vectors (task arithmetic, mean, TIES, DARE, magnitude)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from tvtool.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    PrecisionOpt,
+    emit_json,
+    emit_path,
+    handles_errors,
+    log,
+    progress_bar,
+    refuse_json_with_stdout,
+    stderr,
+)
+from tvtool.errors import UsageError
+
+# Parameters that define the merge itself: with --config they must come from the file.
+_DEFINING = ("vectors", "method", "coef", "coefs", "density", "trim", "param", "seed",
+             "missing_as_zero", "common_only", "allow_base_mismatch", "mixed_modes_as")
+
+
+@handles_errors
+def merge(
+    ctx: typer.Context,
+    vectors: Annotated[list[str] | None, typer.Argument(
+        help="Task vectors (.safetensors); - = stdin (once).", show_default=False)] = None,
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o", help="Output file, or - for stdout.", show_default=False)] = None,
+    method: Annotated[str, typer.Option(
+        "--method", "-m",
+        help="task_arithmetic, mean, ties, dare or magnitude (docs/merge.md).")
+    ] = "task_arithmetic",
+    coef: Annotated[list[float] | None, typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
+                             "[default: 1].", show_default=False)] = None,
+    coefs: Annotated[str | None, typer.Option(
+        "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
+                        "file (learn-coeffs).", show_default=False)] = None,
+    density: Annotated[float | None, typer.Option(
+        "--density", help="ties/dare/magnitude: fraction of entries kept.",
+        show_default=False)] = None,
+    trim: Annotated[str | None, typer.Option(
+        "--trim", help="ties/magnitude: global (whole vector) or tensor (per tensor).",
+        show_default=False)] = None,
+    param: Annotated[list[str] | None, typer.Option(
+        "--param", "-p", help="Method parameter KEY=VALUE (repeatable), e.g. sign=frequency.",
+        show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED",
+                                      help="Random seed (DARE masks).")] = 0,
+    missing_as_zero: Annotated[bool, typer.Option(
+        "--missing-as-zero",
+        help="Vectors with different tensors: merge the union, absent tensors as zero.")
+    ] = False,
+    common_only: Annotated[bool, typer.Option(
+        "--common-only",
+        help="Vectors with different tensors: merge and write only the shared ones.")] = False,
+    allow_base_mismatch: Annotated[bool, typer.Option(
+        "--allow-base-mismatch",
+        help="Merge vectors extracted from different bases (unsafe).")] = False,
+    mixed_modes_as: Annotated[str | None, typer.Option(
+        "--mixed-modes-as",
+        help="Merge linearized with non-linearized vectors; record the result as "
+             "linearized or nonlinear.", show_default=False)] = None,
+    config: Annotated[str | None, typer.Option(
+        "--config", help="YAML merge config (docs/merge.md); replaces the flags above.",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Check the inputs and print the plan; write nothing.")] = False,
+    save_config: Annotated[str | None, typer.Option(
+        "--save-config", help="Also write this merge as a YAML config file.",
+        show_default=False)] = None,
+    search_coef: Annotated[bool, typer.Option(
+        "--search-coef",
+        help="Choose one coefficient for all vectors on the validation splits (best average "
+             "normalized accuracy), then merge with it and report test accuracy.")] = False,
+    coef_grid: Annotated[str, typer.Option(
+        "--coef-grid", help="Search grid: START:STOP:STEP or a,b,c.")] = "0:1:0.05",
+    base: Annotated[str | None, typer.Option(
+        "--base", "-b", envvar="TVTOOL_BASE", help="Search: model reference of the base.",
+        show_default=False)] = None,
+    dataset: Annotated[list[str] | None, typer.Option(
+        "--dataset", "-d", help="Search: dataset of each vector, in order (default: from "
+                                "their metadata).", show_default=False)] = None,
+    data_root: Annotated[str | None, typer.Option(
+        "--data-root", envvar="TVTOOL_DATA_ROOT", help="Search: root of standard datasets.",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Search: batch size.")] = 128,
+    limit: Annotated[int | None, typer.Option(
+        "--limit", help="Search: evaluate a seeded subset of N examples per split.",
+        show_default=False)] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    search_report: Annotated[str | None, typer.Option(
+        "--search-report", help="Search: also write the JSON report to this file.",
+        show_default=False)] = None,
+    threads: Annotated[int, typer.Option(
+        "--threads", envvar="TVTOOL_MERGE_THREADS",
+        help="CPU threads for the merge kernels (results do not depend on it).")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge task vectors into one task vector (streamed tensor by tensor).
+
+    Refuses vectors of different bases, linearized with non-linearized vectors, and vectors
+    holding different tensors, unless a flag says how to combine them.
+    """
+    from tvtool.merge import MergeConfig, load_config
+    from tvtool.merge.engine import merge as run_merge
+
+    if config is not None:
+        # Compared by name: typer may vendor its own click, with its own ParameterSource enum.
+        given = [name for name in _DEFINING
+                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if given:
+            flags = ", ".join(name.replace("_", "-") for name in given)
+            raise UsageError(f"--config defines the merge; do not also give {flags}",
+                             hint="edit the config file, or drop --config")
+        cfg = load_config(config, output=output)
+        if config == "-" and "-" in cfg.vectors:
+            raise UsageError("the config came from stdin, so no vector can be '-'")
+    else:
+        if not vectors:
+            raise UsageError("no task vectors given", hint="tvtool merge TV1 TV2 ... -o OUT")
+        if missing_as_zero and common_only:
+            raise UsageError("--missing-as-zero and --common-only exclude each other")
+        if coef and coefs:
+            raise UsageError("give --coef or --coefs, not both")
+        if output is None and not dry_run:
+            raise UsageError("missing option -o/--output", hint="-o merged.safetensors, or "
+                                                              "-o - for stdout")
+        cfg = MergeConfig(
+            vectors=tuple(vectors), output=output if output is not None else "-",
+            method=method, params=_params(density, trim, param),
+            coefs=tuple(coef or [1.0]), coefs_file=coefs, seed=seed,
+            missing="zero" if missing_as_zero else "common" if common_only else "refuse",
+            allow_base_mismatch=allow_base_mismatch, mixed_modes_as=mixed_modes_as)
+    if cfg.mixed_modes_as not in (None, "linearized", "nonlinear"):
+        raise UsageError(f"--mixed-modes-as must be linearized or nonlinear, got "
+                         f"{cfg.mixed_modes_as!r}")
+    if not dry_run:
+        refuse_json_with_stdout(as_json, cfg.output)
+    if search_coef:
+        _search(cfg, coef_grid, base, dataset, data_root, batch_size, limit, device, precision,
+                search_report, as_json, dry_run, save_config)
+        return
+    result = run_merge(cfg, log=log, dry_run=dry_run, threads=threads)
+    if save_config is not None:
+        _write_config(save_config, cfg)
+    if dry_run:
+        emit_json(result.details) if as_json else _print_plan(result.details)
+        return
+    emit_json(result.as_json()) if as_json else emit_path(result.output)
+
+
+def _params(density: float | None, trim: str | None, pairs: list[str] | None
+            ) -> dict[str, Any]:
+    """Method parameters from the shortcuts and ``--param KEY=VALUE`` (values parsed as YAML)."""
+    import yaml
+
+    params: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--param {pair!r} is not KEY=VALUE")
+        try:
+            params[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            raise UsageError(f"--param {pair!r}: cannot parse the value") from None
+    if density is not None:
+        params["density"] = density
+    if trim is not None:
+        params["trim"] = trim
+    return params
+
+
+def _write_config(path: str, cfg: Any) -> None:
+    from tvtool.io.yaml_io import write_yaml
+
+    write_yaml(path, cfg.to_document(), inputs=tuple(cfg.vectors))
+
+
+def _print_plan(plan: dict[str, Any]) -> None:
+    """Human-readable dry-run plan on stdout (it is the command's data)."""
+    lines = [f"method: {plan['method']['name']} ({plan['method']['paper']})",
+             f"params: {plan['method']['params']}",
+             f"coefficients: {plan['coefficients']['granularity']} "
+             f"from {plan['coefficients']['origin']}"
+             + (f" {plan['coefficients']['values']}"
+                if plan["coefficients"]["granularity"] == "task" else ""),
+             f"seed: {plan['seed']}   missing tensors: {plan['missing']}   "
+             f"reads per input: {plan['read_passes_per_input']}",
+             "inputs:"]
+    for item in plan["inputs"]:
+        lines.append(f"  {item['path']}  dataset={item['dataset']} mode={item['mode']} "
+                     f"linearized={item['linearized']} tensors={item['tensors']} "
+                     f"parameters={item['parameters']:,} bytes={item['bytes']:,}")
+    out = plan["output"]
+    lines.append(f"output: {out['path']}  tensors={out['tensors']} "
+                 f"parameters={out['parameters']:,} bytes={out['bytes']:,} (+ header)")
+    lines.append("keys:")
+    for key in plan["keys"]:
+        missing = f"  absent in {key['missing_in']}" if key["missing_in"] else ""
+        lines.append(f"  {key['name']}  {tuple(key['shape'])}  {key['dtype']}{missing}")
+    for note in plan["notes"]:
+        lines.append(f"note: {note}")
+    typer.echo("\n".join(lines))
+
+
+def _search(cfg: Any, grid_text: str, base: str | None, datasets: list[str] | None,
+            data_root: str | None, batch_size: int, limit: int | None, device: str,
+            precision: str, report_path: str | None, as_json: bool, dry_run: bool,
+            save_config: str | None) -> None:
+    from rich.table import Table
+
+    from tvtool.io import check_output, write_json
+    from tvtool.merge.evaluation import EvalSettings, accuracy_table_rows, search_merge
+    from tvtool.merge.search import parse_grid
+
+    if base is None:
+        raise UsageError("--search-coef needs --base (the model the vectors were made from)")
+    if dry_run:
+        raise UsageError("--search-coef evaluates models; it cannot be a --dry-run")
+    grid = parse_grid(grid_text)
+    if report_path is not None:
+        if report_path == "-":
+            raise UsageError("--search-report - would mix with stdout; use --json")
+        check_output(report_path, list(cfg.vectors))
+    settings = EvalSettings(base=base, data_root=data_root, batch_size=batch_size,
+                            device=device, precision=precision, limit=limit, seed=cfg.seed,
+                            allow_base_mismatch=cfg.allow_base_mismatch)
+    report = search_merge(cfg, settings, grid, datasets=datasets, log=log,
+                          progress=progress_bar)
+    document = report.as_json()
+    table = Table(title=f"{document['method']} at α = {document['best_coef']:g} "
+                        f"(chosen on val, {document['criterion']} accuracy); test split")
+    for column in ("dataset", "zero-shot %", "fine-tuned %", "merged %", "normalized %"):
+        table.add_column(column, justify="left" if column == "dataset" else "right")
+    for row in accuracy_table_rows(document):
+        table.add_row(*row)
+    stderr.print(table)
+    if report_path is not None:
+        write_json(report_path, document, inputs=list(cfg.vectors))
+    if save_config is not None:
+        from dataclasses import replace
+
+        _write_config(save_config, replace(cfg, coefs=(document["best_coef"],)))
+    emit_json(document) if as_json else emit_path(cfg.output)
+
+
+def negate_search(vector: str, output: str, settings: Any, control: str | None,
+                  target: str | None, threshold: float, grid_text: str, as_json: bool) -> None:
+    """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
+    from rich.table import Table
+
+    from tvtool.merge.evaluation import search_negate
+    from tvtool.merge.search import parse_grid
+
+    if not settings.base:
+        raise UsageError("--search needs --base (the model the vector was made from)")
+    if control is None:
+        raise UsageError("--search needs --control DATASET (the task whose accuracy to keep)")
+    refuse_json_with_stdout(as_json, output)
+    grid = parse_grid(grid_text)
+    report = search_negate(vector, output, settings, grid, control=control, target=target,
+                           threshold=threshold, log=log, progress=progress_bar)
+    document = report.as_json()
+    table = Table(title=f"negation: α = {document['best_coef']:g} (chosen on val: lowest "
+                        f"target accuracy with control >= {threshold:.0%} of the base's)")
+    for column in ("model", "split", f"target {report.target} %", f"control {report.control} %"):
+        table.add_column(column, justify="left" if column in ("model", "split") else "right")
+    search = report.search
+    table.add_row("base", "val", _pct(search.base_target), _pct(search.base_control))
+    best = next(p for p in search.points if p.coef == search.best)
+    table.add_row(f"-{best.coef:g} x vector", "val", _pct(best.target), _pct(best.control))
+    for name, accs in report.test.items():
+        label = "base" if name == "base" else f"-{best.coef:g} x vector"
+        table.add_row(label, "test", _pct(accs[report.target]), _pct(accs[report.control]))
+    stderr.print(table)
+    emit_json(document) if as_json else emit_path(output)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.2f}"

@@ -1,0 +1,79 @@
+"""``tvtool pretrain``: (re)create the embedded ``tvtool-tiny`` base by pre-training it.
+
+A thin command over :mod:`tvtool.world.pretrain`: contrastive pre-training on the synthetic
+captioned corpus, on CPU, in minutes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from tvtool.cli.common import (
+    JsonOpt,
+    emit_json,
+    emit_path,
+    handles_errors,
+    log,
+    progress_bar,
+    refuse_json_with_stdout,
+)
+
+
+@handles_errors
+def pretrain(
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o", help="Output checkpoint, or - for stdout. Default: the cache copy of "
+                               "the embedded weights (cache dir/tvtool-tiny.safetensors).",
+        show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Optimiser steps (default: the recipe of the embedded weights).",
+        show_default=False)] = None,
+    batch: Annotated[int | None, typer.Option(
+        "--batch", help="Image-caption pairs per step.", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED",
+                                      help="Seed of the corpus stream.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pre-train the embedded tvtool-tiny CLIP on the synthetic corpus (CPU, a few minutes)."""
+    import dataclasses
+    import time
+
+    from tvtool.io import check_output
+    from tvtool.models import TINY_MODEL, cache_dir, embedded_weights_path
+    from tvtool.world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
+
+    refuse_json_with_stdout(as_json, output or "")
+    defaults = PretrainConfig()
+    config = dataclasses.replace(defaults, seed=seed,
+                                 steps=defaults.steps if steps is None else steps,
+                                 batch=defaults.batch if batch is None else batch)
+    target = output
+    if target is None:
+        default = cache_dir() / f"{TINY_MODEL}.safetensors"
+        # The default destination is tvtool's own cache directory, which may not exist yet.
+        default.parent.mkdir(parents=True, exist_ok=True)
+        target = str(default)
+        packaged = embedded_weights_path()
+        if packaged != default:
+            log(f"note: the packaged weights at {packaged} take precedence over {target}; "
+                f"pass -o {packaged} to replace them")
+    check_output(target)
+    start = time.perf_counter()
+    last = [float("nan")]
+    with progress_bar("pre-training tvtool-tiny", config.steps) as advance:
+
+        def report(step: int, loss: float) -> None:
+            last[0] = loss
+            advance(1)
+
+        state = pretrain_tiny(config, progress=report)
+    elapsed = time.perf_counter() - start
+    write_pretrained(state, target, config)
+    log(f"pre-trained {config.steps} steps in {elapsed:.1f}s, final loss {last[0]:.3f}")
+    if as_json:
+        emit_json({"output": target, "steps": config.steps, "batch": config.batch,
+                   "seed": config.seed, "seconds": elapsed, "final_loss": last[0]})
+    else:
+        emit_path(target)

@@ -1,0 +1,74 @@
+"""aTLAS: learned anisotropic scaling of task vectors (Zhang et al., arXiv 2407.02880).
+
+θ = θ0 + Σ_t Σ_b λ_{t,b} τ_{t,b}: one learned coefficient per task vector per parameter block,
+the task vectors frozen. Public API:
+
+* blocks -- :func:`parse_granularity`, :func:`build_partition` (:class:`Partition`),
+  :class:`Packing` (the flat chunked layout);
+* composition -- :class:`VectorStack`, :class:`ComposedEncoder` (the fused composed model),
+  and the pure :func:`compose_state`, :func:`composed_vector`, :func:`compose_tensor`;
+* objectives -- ``ce``, ``entropy``, ``negation`` (:mod:`tvtool.coeffs.objectives`);
+* learning -- :func:`learn` (:class:`LearnerConfig`, :class:`TaskData`, :class:`LearnResult`),
+  :func:`split_examples`;
+* files -- :class:`CoefficientSet`, :func:`read_coefficients`, :func:`write_coefficients`;
+* the command -- :func:`learn_coeffs` (:class:`LearnCoeffsConfig` ->
+  :class:`LearnCoeffsResult`).
+
+See docs/coeffs.md.
+"""
+
+from tvtool.coeffs.blocks import (
+    Granularity,
+    Packing,
+    Partition,
+    TensorSpec,
+    build_partition,
+    layer_of,
+    parse_granularity,
+)
+from tvtool.coeffs.compose import (
+    ComposedEncoder,
+    VectorStack,
+    compose_state,
+    compose_tensor,
+    composed_vector,
+)
+from tvtool.coeffs.files import (
+    COEFFICIENTS_TENSOR,
+    CoefficientSet,
+    coefficient_set_from_source,
+    read_coefficients,
+    write_coefficients,
+)
+from tvtool.coeffs.learner import LearnerConfig, LearnResult, TaskData, learn, split_examples
+from tvtool.coeffs.objectives import OBJECTIVES
+from tvtool.coeffs.run import LearnCoeffsConfig, LearnCoeffsResult, learn_coeffs
+
+__all__ = [
+    "COEFFICIENTS_TENSOR",
+    "OBJECTIVES",
+    "CoefficientSet",
+    "ComposedEncoder",
+    "Granularity",
+    "LearnCoeffsConfig",
+    "LearnCoeffsResult",
+    "LearnResult",
+    "LearnerConfig",
+    "Packing",
+    "Partition",
+    "TaskData",
+    "TensorSpec",
+    "VectorStack",
+    "build_partition",
+    "coefficient_set_from_source",
+    "compose_state",
+    "compose_tensor",
+    "composed_vector",
+    "layer_of",
+    "learn",
+    "learn_coeffs",
+    "parse_granularity",
+    "read_coefficients",
+    "split_examples",
+    "write_coefficients",
+]

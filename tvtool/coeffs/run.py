@@ -1,0 +1,437 @@
+"""Library entry point of ``tvtool learn-coeffs``: files and datasets in, coefficient file out.
+
+:func:`learn_coeffs` takes one frozen :class:`LearnCoeffsConfig`, opens the base and the task
+vectors (refusing vectors of another base), packs the vectors' image-encoder tensors, samples
+the k-shot (or unlabelled) examples, learns the coefficients and writes the coefficient file,
+plus, on request, the composed model. Every check on the inputs runs before any training, and
+nothing is written when one fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from tvtool.coeffs.blocks import (
+    Packing,
+    Partition,
+    TensorSpec,
+    build_partition,
+    parse_granularity,
+)
+from tvtool.coeffs.compose import VISUAL_PREFIX, ComposedEncoder, VectorStack, compose_tensor
+from tvtool.coeffs.files import CoefficientSet, write_coefficients
+from tvtool.coeffs.learner import (
+    LearnerConfig,
+    TaskData,
+    dataset_labels,
+    learn,
+    split_examples,
+)
+from tvtool.coeffs.objectives import check_objective, needs_labels
+from tvtool.errors import InvalidInputError, UsageError
+from tvtool.io import TensorInfo, TensorSource, check_distinct_paths, write_tensors
+from tvtool.metadata import FileMeta, Kind, Mode, provenance
+
+Logger = Callable[[str], None]
+Advance = Callable[[int], None]
+ProgressFactory = Callable[[str, "int | None"], contextlib.AbstractContextManager[Advance]]
+
+VECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def _no_advance(_n: int = 1) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _no_progress(_description: str, _total: int | None) -> Iterator[Advance]:
+    yield _no_advance
+
+
+@dataclass(frozen=True)
+class LearnCoeffsConfig:
+    """Configuration of ``tvtool learn-coeffs``.
+
+    Attributes:
+        vectors: Task-vector files, in the order of the coefficient rows.
+        base: Model reference of the base the vectors were extracted from.
+        output: Coefficient file to write (``-`` for stdout).
+        datasets: Datasets to learn on (for ``negation``: the data to forget).
+        control: Data to keep (``negation`` only).
+        objective: ``ce``, ``entropy`` or ``negation``.
+        granularity: ``task``, ``tensor``, ``layer`` or ``random:K``.
+        shots: Examples per class (labelled), or ``shots × classes`` examples (unlabelled);
+            None uses the whole split.
+        split: Split the examples come from (``train``; ``test`` for test-time adaptation).
+        val_fraction: Fraction of the chosen examples held out for selection / early stopping.
+        steps: Optimisation steps.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        batch_size: Examples per step (split across datasets).
+        eval_every: Steps between held-out evaluations.
+        patience: Early-stopping patience in evaluations (None: no early stop).
+        negation_weight: Weight of the forgetting term of ``negation``.
+        init: Initial coefficient value.
+        partition_seed: Seed of the ``random:K`` split.
+        vector_dtype: Storage dtype of the packed vectors: ``fp32``, ``bf16`` or ``fp16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        seed: Seed of the example choice and the batch order.
+        data_root: Root of the standard datasets.
+        merged_out: Also write the composed model: a checkpoint, or (linearized vectors) the
+            composed linearized task vector.
+        allow_base_mismatch: Accept vectors recorded against another base.
+        workers: DataLoader workers for data too large to keep in memory.
+    """
+
+    vectors: tuple[str, ...]
+    base: str
+    output: str
+    datasets: tuple[str, ...]
+    control: tuple[str, ...] = ()
+    objective: str = "ce"
+    granularity: str = "tensor"
+    shots: int | None = 16
+    split: str = "train"
+    val_fraction: float = 0.2
+    steps: int = 100
+    lr: float = 0.1
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    eval_every: int = 10
+    patience: int | None = None
+    negation_weight: float = 1.0
+    init: float = 0.0
+    partition_seed: int = 0
+    vector_dtype: str = "fp32"
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    data_root: str | None = None
+    merged_out: str | None = None
+    allow_base_mismatch: bool = False
+    workers: int = 0
+
+    def arguments(self) -> dict[str, Any]:
+        """The settings as a JSON-ready mapping."""
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
+                for f in dataclasses.fields(self)}
+
+    def learner(self, precision: str) -> LearnerConfig:
+        """The learner's part of the configuration."""
+        return LearnerConfig(
+            objective=self.objective, steps=self.steps, lr=self.lr,
+            weight_decay=self.weight_decay, batch_size=self.batch_size,
+            eval_every=self.eval_every, patience=self.patience,
+            negation_weight=self.negation_weight, init=self.init, precision=precision,
+            seed=self.seed, workers=self.workers)
+
+
+@dataclass(frozen=True)
+class LearnCoeffsResult:
+    """What ``tvtool learn-coeffs`` produced.
+
+    Attributes:
+        output: The coefficient file.
+        merged_output: The composed model, if written.
+        vectors: Number of task vectors (rows).
+        blocks: Number of blocks (columns).
+        granularity: The granularity used.
+        objective: The objective used.
+        linearized: Whether the composed model is evaluated linearized.
+        best_step: Step of the selected coefficients (0 = initialisation).
+        steps_run: Steps taken.
+        selection: How the coefficients were selected.
+        initial: Held-out scores at the initialisation.
+        best: Held-out scores of the selected coefficients.
+        coefficients: Per vector: mean, min and max of its row.
+        seconds: Wall time of the learning loop.
+        notes: Remarks (also printed on stderr).
+    """
+
+    output: str
+    merged_output: str | None
+    vectors: int
+    blocks: int
+    granularity: str
+    objective: str
+    linearized: bool
+    best_step: int
+    steps_run: int
+    selection: str
+    initial: list[dict[str, Any]]
+    best: list[dict[str, Any]]
+    coefficients: list[dict[str, Any]]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return dataclasses.asdict(self)
+
+
+class _SourceTensors(Mapping[str, Tensor]):
+    """The tensors of a source as a read-only mapping (read lazily, one at a time)."""
+
+    def __init__(self, source: TensorSource, names: Sequence[str]) -> None:
+        own = set(source.keys())
+        self._source = source
+        self._names = [n for n in names if n in own]
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._source.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def check_config(config: LearnCoeffsConfig) -> None:
+    """Validate everything that needs no file or model, before any work.
+
+    Raises:
+        UsageError: bad flag values or combinations.
+        InvalidInputError: an output that is also an input, or in a missing directory.
+    """
+    check_objective(config.objective)
+    parse_granularity(config.granularity)
+    if not config.vectors:
+        raise UsageError("learn-coeffs needs at least one task vector")
+    if list(config.vectors).count("-") > 1:
+        raise UsageError("stdin ('-') can be given only once")
+    if not config.datasets:
+        raise UsageError("learn-coeffs needs at least one --dataset")
+    if config.objective == "negation" and not config.control:
+        raise UsageError("the negation objective needs --control datasets (the data to keep)")
+    if config.objective != "negation" and config.control:
+        raise UsageError("--control is only used with --objective negation")
+    if config.shots is not None and config.shots < 1:
+        raise UsageError(f"--shots must be at least 1, got {config.shots}")
+    if not 0.0 <= config.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+    if config.vector_dtype not in VECTOR_DTYPES:
+        raise UsageError(f"unknown --vector-dtype {config.vector_dtype!r}",
+                         hint="use fp32, bf16 or fp16")
+    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UsageError(f"unknown precision {config.precision!r}",
+                         hint="use auto, fp32, bf16 or fp16")
+    if not math.isfinite(config.init):
+        raise UsageError(f"--init must be finite, got {config.init}")
+    config.learner("fp32").check()
+    outputs = [config.output] + ([config.merged_out] if config.merged_out else [])
+    if config.merged_out and config.merged_out == config.output and config.output != "-":
+        raise UsageError("--merged-out and -o name the same file")
+    if outputs.count("-") > 1:
+        raise UsageError("only one of -o and --merged-out can be stdout ('-')")
+    inputs = [*config.vectors, config.base]
+    for output in outputs:
+        check_distinct_paths(output, inputs)
+        if output != "-" and not Path(output).expanduser().parent.is_dir():
+            raise InvalidInputError(f"output directory of {output!r} does not exist",
+                                    hint="create it first")
+
+
+def covered_tensors(encoder_params: Mapping[str, Tensor], vectors: Sequence[TensorSource],
+                    prefix: str = VISUAL_PREFIX) -> tuple[list[TensorSpec], list[str]]:
+    """The image-encoder tensors the coefficients will scale, and the notes on the rest.
+
+    A tensor is covered when at least one vector holds it and it is a floating parameter of
+    the encoder. Tensors elsewhere (text tower, logit scale) cannot change zero-shot image
+    classification with a frozen head, so they get no coefficient (and count as 0 in
+    ``--merged-out``).
+
+    Raises:
+        InvalidInputError: no vector touches the image encoder, or a shape mismatch.
+    """
+    names: list[str] = []
+    seen: set[str] = set()
+    outside = 0
+    for source in vectors:
+        stored = source.keys()
+        for name in stored:
+            if name in seen:
+                continue
+            seen.add(name)
+            local = name[len(prefix):] if name.startswith(prefix) else None
+            if local is not None and local in encoder_params and \
+                    source.info(name).dtype.is_floating_point:
+                names.append(name)
+            else:
+                outside += 1
+    if not names:
+        raise InvalidInputError("the task vectors hold no image-encoder tensors "
+                                f"({prefix}*)", hint="aTLAS scales the image encoder")
+    order = {f"{prefix}{n}": i for i, n in enumerate(encoder_params)}
+    names.sort(key=order.__getitem__)
+    key_sets = [set(source.keys()) for source in vectors]
+    specs = []
+    for name in names:
+        shape = tuple(encoder_params[name[len(prefix):]].shape)
+        for source, keys in zip(vectors, key_sets, strict=True):
+            if name in keys and tuple(source.info(name).shape) != shape:
+                raise InvalidInputError(f"{source.label}: tensor {name!r} has shape "
+                                        f"{tuple(source.info(name).shape)}, the base has {shape}")
+        specs.append(TensorSpec(name, shape))
+    notes = [f"{outside} vector tensors outside the image encoder get no coefficient"] \
+        if outside else []
+    return specs, notes
+
+
+def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
+                 progress: ProgressFactory = _no_progress) -> LearnCoeffsResult:
+    """Learn aTLAS coefficients and write the coefficient file (and the composed model).
+
+    Raises:
+        UsageError: bad settings.
+        InvalidInputError: bad base, vectors, datasets or outputs (nothing is written).
+        NumericalError: the loss diverged (nothing is written).
+    """
+    from tvtool.evaluate import head_key, open_eval_data, open_eval_model, zero_shot_head
+    from tvtool.evaluate.model import resolve_device
+
+    check_config(config)
+    device = resolve_device(config.device)
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    granularity = parse_granularity(config.granularity)
+    model = open_eval_model(config.base, config.vectors, device=device,
+                            allow_base_mismatch=config.allow_base_mismatch)
+    with model:
+        notes = list(model.notes)
+        encoder_module = cast(nn.Module, model.bundle.model.visual)
+        params = dict(encoder_module.named_parameters())
+        sources = [v.source for v in model.vectors]
+        specs, more = covered_tensors(params, sources)
+        notes += more
+        partition = build_partition(specs, granularity, config.partition_seed)
+        names = [s.name for s in specs]
+        stack = VectorStack(Packing(partition),
+                            [_SourceTensors(s, names) for s in sources],
+                            VECTOR_DTYPES[config.vector_dtype], device)
+        encoder = ComposedEncoder(encoder_module, stack, linearized=model.linearized)
+        if model.linearized:
+            notes.append("linearized vectors: the composed model is f(x; θ0) + J·Σ λτ "
+                         "(tvtool.linearize)")
+        for note in notes:
+            log(note)
+
+        tasks = []
+        roles = [("target" if config.objective == "negation" else "train", name)
+                 for name in config.datasets] + [("control", name) for name in config.control]
+        labelled = needs_labels(config.objective)
+        for role, name in roles:
+            data = open_eval_data(name, config.split, model.bundle.preprocess_eval,
+                                  data_root=config.data_root, seed=config.seed)
+            labels = dataset_labels(data.dataset) if labelled else None
+            train_idx, val_idx = split_examples(
+                labels, data.total, shots=config.shots, val_fraction=config.val_fraction,
+                seed=config.seed, num_classes=data.num_classes)
+            key = head_key(model.base_fingerprint, data.name, data.classnames, data.templates)
+            head = zero_shot_head(model.bundle, key, data.templates, device=device, log=log)
+            tasks.append(TaskData(data.name, head, Subset(data.dataset, train_idx),
+                                  Subset(data.dataset, val_idx) if val_idx else None,
+                                  role, labelled))
+            what = f" ({role})" if config.objective == "negation" else ""
+            log(f"{data.name}{what}: {len(train_idx)} training and {len(val_idx)} held-out "
+                f"examples from the {config.split} split")
+
+        start = time.perf_counter()
+        with progress("learning coefficients", config.steps) as advance:
+            result = learn(encoder, tasks, config.learner(precision), log=log, advance=advance)
+        seconds = time.perf_counter() - start
+        log(f"selected step {result.best_step} of {result.steps_run} ({result.selection})")
+
+        vector_records = [{"path": v.path, "dataset": v.meta.dataset,
+                           "mode": v.meta.mode.value if v.meta.mode else None,
+                           "linearized": v.meta.linearized,
+                           "base_fingerprint": v.meta.base_fingerprint}
+                          for v in model.vectors]
+        meta = FileMeta(kind=Kind.COEFFICIENTS, architecture=model.ref.architecture,
+                        base_ref=config.base, base_fingerprint=model.base_fingerprint,
+                        linearized=model.linearized,
+                        dataset=",".join([*config.datasets, *config.control]),
+                        provenance=provenance("learn-coeffs", config.arguments(), config.seed),
+                        extra={"objective": config.objective,
+                               "history": json.dumps(result.history)})
+        coefs = CoefficientSet(result.coefficients, partition, tuple(vector_records), meta)
+        inputs = [*config.vectors, *([model.ref.location] if model.ref.is_file and
+                                     model.ref.location else [])]
+        write_coefficients(config.output, coefs, inputs=inputs)
+        if config.merged_out:
+            _write_merged(config.merged_out, coefs, model.base, sources, model.linearized,
+                          [v.meta for v in model.vectors], inputs=[*inputs, config.output])
+    return LearnCoeffsResult(
+        output=config.output, merged_output=config.merged_out, vectors=len(sources),
+        blocks=partition.num_blocks, granularity=str(granularity), objective=config.objective,
+        linearized=model.linearized, best_step=result.best_step, steps_run=result.steps_run,
+        selection=result.selection, initial=result.initial, best=result.best,
+        coefficients=_row_stats(result.coefficients), seconds=round(seconds, 3), notes=notes)
+
+
+def _row_stats(matrix: Tensor) -> list[dict[str, Any]]:
+    return [{"mean": float(row.mean()), "min": float(row.min()), "max": float(row.max())}
+            for row in matrix]
+
+
+def _write_merged(output: str, coefs: CoefficientSet, base: TensorSource,
+                  vectors: Sequence[TensorSource], linearized: bool,
+                  metas: Sequence[FileMeta], inputs: Sequence[str]) -> None:
+    """Write the composed model, streaming one tensor at a time.
+
+    Ordinary vectors give a checkpoint ``θ0 + Σ λτ`` open_clip can load. Linearized vectors
+    give the composed task vector ``Σ λτ`` (marked linearized), since adding it to the
+    weights would only approximate the linear model the coefficients were learned for.
+    """
+    partition: Partition = coefs.partition
+    keys = [set(v.keys()) for v in vectors]
+
+    def parts(name: str) -> list[Tensor | None]:
+        return [v.get(name) if name in k else None for v, k in zip(vectors, keys, strict=True)]
+
+    if linearized:
+        layout = [TensorInfo(s.name, torch.float32, s.shape) for s in partition.tensors]
+        produced: Iterator[tuple[str, Tensor]] = (
+            (s.name, compose_tensor(partition, coefs.coefficients, s.name, parts(s.name)))
+            for s in partition.tensors)
+        mode = metas[0].mode if metas and metas[0].mode else Mode.LINEAR
+        meta = coefs.meta.with_changes(kind=Kind.TASK_VECTOR, mode=mode, linearized=True,
+                                       extra={"coefficients_of": ",".join(
+                                           str(m.dataset) for m in metas)})
+    else:
+        base_names = base.keys()
+        layout = [base.info(name) for name in base_names]
+
+        def produce() -> Iterator[tuple[str, Tensor]]:
+            for info in layout:
+                tensor = base.get(info.name)
+                offset = coefs.combine(info.name, parts(info.name)) \
+                    if tensor.is_floating_point() else None
+                yield info.name, (tensor if offset is None
+                                  else (tensor.float() + offset).to(tensor.dtype))
+
+        produced = produce()
+        meta = coefs.meta.with_changes(kind=Kind.CHECKPOINT, extra={
+            "sources": json.dumps(list(coefs.sources), sort_keys=True),
+            "granularity": str(partition.granularity)})
+    write_tensors(output, produced, meta.to_header(), layout=layout, inputs=inputs)

@@ -1,0 +1,188 @@
+"""Dataset registry: synthetic world tasks, image folders, standard datasets from a local root.
+
+Public API:
+
+* :func:`task_spec` -- class names and prompt templates of a dataset (:class:`TaskSpec`).
+* :func:`load_split` -- a torch ``Dataset`` of ``(transform(image), label)`` for one split.
+* :func:`split_manifest` -- JSON-able record of a split (counts and member hashes).
+* :func:`list_datasets` -- the names tvtool knows (plus ``imagefolder:PATH``).
+
+Dataset names: ``synthetic:<task>``, ``imagefolder:PATH``, or a standard name (``MNIST``,
+``SVHN``, ``GTSRB``, ``EuroSAT``, ``DTD``, ``StanfordCars``, ``SUN397``, ``RESISC45``,
+``CIFAR10``, ``CIFAR100``; case-insensitive). See docs/data.md.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+from tvtool import __version__
+from tvtool.data.base import Pool, Source, SplitDataset, TaskSpec, Transform
+from tvtool.data.imagefolder import PREFIX as IMAGEFOLDER_PREFIX
+from tvtool.data.imagefolder import resolve_imagefolder
+from tvtool.data.splits import (
+    MANIFEST_FORMAT,
+    SPLITS,
+    TEST_FRACTION,
+    Split,
+    members_hash,
+    plan_splits,
+)
+from tvtool.data.standard import DATA_ROOT_ENV, STANDARD, StandardSource, find_standard
+from tvtool.data.synthetic import PREFIX as SYNTHETIC_PREFIX
+from tvtool.data.synthetic import resolve_synthetic, synthetic_names
+from tvtool.errors import InvalidInputError
+
+__all__ = [
+    "DATA_ROOT_ENV",
+    "SPLITS",
+    "Split",
+    "SplitDataset",
+    "TaskSpec",
+    "list_datasets",
+    "load_split",
+    "split_manifest",
+    "task_spec",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+def list_datasets() -> list[str]:
+    """Names of the datasets tvtool knows: standard ones, then ``synthetic:<task>``.
+
+    ``imagefolder:PATH`` is accepted too but, being open-ended, is not listed.
+    """
+    return [d.name for d in STANDARD] + synthetic_names()
+
+
+def _resolve(name: str, data_root: PathLike | None, download: bool = False) -> Source:
+    if not isinstance(name, str) or not name.strip():
+        raise InvalidInputError("empty dataset name", hint="e.g. synthetic:shape or MNIST")
+    text = name.strip()
+    lowered = text.lower()
+    if lowered.startswith(SYNTHETIC_PREFIX):
+        return resolve_synthetic(text)
+    if lowered.startswith(IMAGEFOLDER_PREFIX):
+        return resolve_imagefolder(IMAGEFOLDER_PREFIX + text[len(IMAGEFOLDER_PREFIX):])
+    info = find_standard(text)
+    if info is not None:
+        return StandardSource(info, data_root, download)
+    close = difflib.get_close_matches(text, list_datasets(), n=3, cutoff=0.5)
+    raise InvalidInputError(
+        f"unknown dataset {text!r}",
+        hint=(f"did you mean {', '.join(close)}? " if close else "")
+        + "use a name from `list_datasets()`, synthetic:<task> or imagefolder:PATH",
+    )
+
+
+def task_spec(name: str, data_root: PathLike | None = None) -> TaskSpec:
+    """Class names and zero-shot templates of a dataset.
+
+    Reads nothing for standard and synthetic datasets; for ``imagefolder:PATH`` it lists the
+    class folders (and reads ``classnames.txt`` / ``templates.txt`` where present).
+
+    Args:
+        name: Dataset name.
+        data_root: Local data root (standard datasets); unused otherwise.
+
+    Raises:
+        InvalidInputError: unknown name, or an image folder that cannot be used.
+    """
+    return _resolve(name, data_root).spec
+
+
+def _plan(source: Source, seed: int, val_fraction: float
+          ) -> tuple[dict[str, Pool], dict[Split, Any]]:
+    pools = dict(source.pools())
+    sizes = {pool_name: len(pool) for pool_name, pool in pools.items()}
+    return pools, plan_splits(sizes, seed, val_fraction, source.spec.name)
+
+
+def load_split(
+    name: str,
+    split: Split,
+    transform: Transform | None = None,
+    data_root: PathLike | None = None,
+    download: bool = False,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+) -> SplitDataset:
+    """One split of a dataset as a torch ``Dataset``.
+
+    ``dataset[i]`` is ``(transform(image), label)`` with an RGB ``PIL.Image`` passed to the
+    transform (the image itself when ``transform`` is ``None``); ``dataset.spec`` is the
+    dataset's :class:`TaskSpec`.
+
+    Splits are deterministic: ``test`` is the official test split (or a fixed 20% hold-out
+    where there is none), ``val`` is ``val_fraction`` of the training pool chosen by a
+    permutation seeded with ``seed``, and ``train`` is the rest. Train, val and test never
+    share an example.
+
+    Args:
+        name: Dataset name (see :func:`list_datasets`).
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        transform: Image transform, e.g. ``bundle.preprocess_train``.
+        data_root: Local data root for standard datasets (default ``$TVTOOL_DATA_ROOT``).
+        download: Let torchvision download a missing standard dataset into the data root.
+        seed: Seed of the val carve.
+        val_fraction: Fraction of the training pool used for validation, in ``[0, 1)``.
+
+    Raises:
+        InvalidInputError: unknown name or split, missing data root or dataset directory,
+            malformed image folder.
+    """
+    if split not in SPLITS:
+        raise InvalidInputError(f"unknown split {split!r}", hint="use train, val or test")
+    source = _resolve(name, data_root, download)
+    pools, plan = _plan(source, seed, val_fraction)
+    part = plan[split]
+    return SplitDataset(source.spec, split, pools[part.pool], part, transform)
+
+
+def split_manifest(
+    name: str,
+    data_root: PathLike | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    download: bool = False,
+) -> dict[str, Any]:
+    """Describe the splits as a JSON-able record, so that a result can be reproduced.
+
+    Per split it holds the count and a ``sha256`` over its members in order (pool name and
+    index, or the relative file path for image folders). Two runs used the same examples
+    exactly when their manifests are equal. Write it with ``tvtool.io.write_json``.
+
+    Args:
+        name: Dataset name.
+        data_root: Local data root for standard datasets.
+        seed: Seed of the val carve.
+        val_fraction: Fraction of the training pool used for validation.
+        download: As for :func:`load_split`.
+
+    Returns:
+        ``{"format", "dataset", "seed", "val_fraction", "test_fraction", "num_classes",
+        "source", "counts", "hashes", "tvtool_version"}``.
+    """
+    source = _resolve(name, data_root, download)
+    pools, plan = _plan(source, seed, val_fraction)
+    counts = {split: len(part.indices) for split, part in plan.items()}
+    hashes = {
+        split: members_hash(f"{part.pool}:{pools[part.pool].member(int(i))}"
+                            for i in part.indices)
+        for split, part in plan.items()
+    }
+    return {
+        "format": MANIFEST_FORMAT,
+        "dataset": source.spec.name,
+        "seed": int(seed),
+        "val_fraction": float(val_fraction),
+        "test_fraction": None if "test" in pools else TEST_FRACTION,
+        "num_classes": source.spec.num_classes,
+        "source": source.describe(),
+        "counts": counts,
+        "hashes": hashes,
+        "tvtool_version": __version__,
+    }

@@ -1,0 +1,207 @@
+"""The demo's report: claims checked against measured numbers, Markdown, and figures.
+
+Pure functions from the results document (a JSON-ready dict) to text and PNG bytes; the
+caller writes them through :mod:`tvtool.io`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+Results = Mapping[str, Any]
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def method_rows(results: Results) -> list[tuple[str, str, dict[str, float], float]]:
+    """One row per (mode, method): accuracies per task and their average.
+
+    Returns:
+        ``(mode, method, {task: accuracy}, average)`` rows, zero-shot first.
+    """
+    tasks = results["tasks"]
+    rows = [("-", "zero-shot", dict(results["zero_shot"]),
+             _mean([results["zero_shot"][t] for t in tasks]))]
+    for mode, accs in results["finetuned"].items():
+        rows.append((mode, "fine-tuned (each task)", dict(accs), _mean([accs[t] for t in tasks])))
+    for mode, methods in results["methods"].items():
+        for method, entry in methods.items():
+            accs = entry["accuracy"]
+            rows.append((mode, method, dict(accs), _mean([accs[t] for t in tasks])))
+    return rows
+
+
+def normalized_average(results: Results, mode: str, method: str) -> float:
+    """Average normalized accuracy (accuracy / that mode's fine-tuned accuracy) of a method."""
+    tasks = results["tasks"]
+    accs = results["methods"][mode][method]["accuracy"]
+    ref = results["finetuned"][mode]
+    return _mean([accs[t] / ref[t] if ref[t] > 0 else 0.0 for t in tasks])
+
+
+def check_claims(results: Results) -> list[dict[str, Any]]:
+    """Compare the papers' claims with this run's numbers.
+
+    Returns:
+        One entry per claim that this run measured: ``claim``, ``held`` (bool), ``evidence``.
+    """
+    claims: list[dict[str, Any]] = []
+    tasks = results["tasks"]
+    zero = _mean([results["zero_shot"][t] for t in tasks])
+    for mode, accs in results["finetuned"].items():
+        fine = _mean([accs[t] for t in tasks])
+        claims.append({
+            "claim": f"fine-tuning ({mode}) beats zero-shot on its own task",
+            "held": fine > zero,
+            "evidence": f"average {fine:.3f} vs zero-shot {zero:.3f}"})
+    methods = results["methods"]
+    for mode, entries in methods.items():
+        if "task_arithmetic" in entries:
+            ta = _mean([entries["task_arithmetic"]["accuracy"][t] for t in tasks])
+            claims.append({
+                "claim": f"task addition ({mode}) gives one model above zero-shot on average",
+                "held": ta > zero,
+                "evidence": f"average {ta:.3f} vs zero-shot {zero:.3f}"})
+        for atlas in ("atlas_fewshot", "atlas_unlabelled"):
+            if atlas in entries and "task_arithmetic" in entries:
+                a = normalized_average(results, mode, atlas)
+                t = normalized_average(results, mode, "task_arithmetic")
+                claims.append({
+                    "claim": f"aTLAS ({atlas.split('_')[1]}, {mode}) beats task arithmetic "
+                             "with searched α (normalized accuracy)",
+                    "held": a > t, "evidence": f"{a:.3f} vs {t:.3f}"})
+        if "ties" in entries and "task_arithmetic" in entries:
+            a = normalized_average(results, mode, "ties")
+            t = normalized_average(results, mode, "task_arithmetic")
+            claims.append({"claim": f"TIES ({mode}) beats task arithmetic (normalized accuracy)",
+                           "held": a > t, "evidence": f"{a:.3f} vs {t:.3f}"})
+    dis = results.get("disentanglement", {})
+    if "full" in dis:
+        for mode in ("linear", "attn"):
+            if mode in dis:
+                a, f = dis[mode]["mean_error"], dis["full"]["mean_error"]
+                claims.append({
+                    "claim": f"{mode} vectors are less entangled than full fine-tuning "
+                             "(lower mean disentanglement error)",
+                    "held": a < f, "evidence": f"{a:.3f} vs {f:.3f}"})
+    neg = results.get("negation")
+    if neg:
+        base, after = neg["base"], neg["negated"]
+        ratio = after["control"] / base["control"] if base["control"] > 0 else 0.0
+        claims.append({
+            "claim": "negation lowers target accuracy while control stays >= 95% of zero-shot",
+            "held": bool(neg.get("feasible", True)) and after["target"] < base["target"]
+            and ratio >= 0.95,
+            "evidence": f"target {base['target']:.3f} -> {after['target']:.3f}, control "
+                        f"{base['control']:.3f} -> {after['control']:.3f} ({ratio:.1%})"})
+    return claims
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def markdown(results: Results) -> str:
+    """The human-readable report."""
+    tasks = results["tasks"]
+    lines = ["# tvtool demo report", "",
+             f"Base `{results['base']}`, tasks {', '.join(f'`{t}`' for t in tasks)}, "
+             f"{'quick' if results['config']['quick'] else 'full'} run, seed "
+             f"{results['config']['seed']}. Accuracies in % on the test splits.", "",
+             "## Accuracy per method and task", "",
+             "| mode | method | " + " | ".join(t.split(":")[-1] for t in tasks) + " | avg |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    for mode, method, accs, avg in method_rows(results):
+        cells = " | ".join(_pct(accs[t]) for t in tasks)
+        lines.append(f"| {mode} | {method} | {cells} | {_pct(avg)} |")
+    lines += ["", "Coefficients chosen on the validation splits:", ""]
+    for mode, methods in results["methods"].items():
+        for method, entry in methods.items():
+            if entry.get("coef") is not None:
+                lines.append(f"- {mode} / {method}: α = {entry['coef']:g}")
+    neg = results.get("negation")
+    if neg:
+        lines += ["", "## Negation", "",
+                  f"Forget `{neg['target']}` while keeping `{neg['control']}` "
+                  f"({neg['mode']} vector, α = {neg['coef']}"
+                  + ("" if neg.get("feasible", True) else
+                     "; no α of the grid kept the control task at 95% on validation, the "
+                     "smallest α is shown") + "):", "",
+                  "| model | target | control |", "|---|---|---|",
+                  f"| zero-shot | {_pct(neg['base']['target'])} | {_pct(neg['base']['control'])} |",
+                  f"| negated | {_pct(neg['negated']['target'])} | "
+                  f"{_pct(neg['negated']['control'])} |"]
+    dis = results.get("disentanglement", {})
+    if dis:
+        lines += ["", "## Weight disentanglement", "",
+                  "Mean disentanglement error over the α grid (lower is less entangled):", ""]
+        for mode, entry in dis.items():
+            lines.append(f"- {mode}: {entry['mean_error']:.3f} (`{entry['figure']}`)")
+    lines += ["", "## Claims of the papers on this run", ""]
+    for claim in results["claims"]:
+        mark = "held" if claim["held"] else "did NOT hold"
+        lines.append(f"- **{mark}**: {claim['claim']} — {claim['evidence']}")
+    lines += ["", "## Figures", ""]
+    for figure in results["figures"]:
+        lines.append(f"![{figure}]({figure})")
+    lines += ["", "## Timings (s)", ""]
+    for stage, seconds in results["timings"].items():
+        lines.append(f"- {stage}: {seconds:.1f}")
+    return "\n".join(lines) + "\n"
+
+
+def _png(figure: Any) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def accuracy_figure(results: Results) -> bytes:
+    """Grouped bars: accuracy per method (rows of :func:`method_rows`) and task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = method_rows(results)
+    tasks = results["tasks"]
+    figure, axis = plt.subplots(figsize=(max(7, 0.9 * len(rows)), 4))
+    width = 0.8 / len(tasks)
+    for index, task in enumerate(tasks):
+        xs = [r + index * width for r in range(len(rows))]
+        axis.bar(xs, [100 * row[2][task] for row in rows], width, label=task.split(":")[-1])
+    axis.set_xticks([r + 0.4 - width / 2 for r in range(len(rows))])
+    axis.set_xticklabels([f"{m}\n{n}" if m != "-" else n for m, n, _, _ in rows], fontsize=7,
+                         rotation=30, ha="right")
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.legend(fontsize=7, ncol=min(len(tasks), 6))
+    axis.set_title("Accuracy per method and task")
+    return _png(figure)
+
+
+def cosine_figure(labels: Sequence[str], matrix: Sequence[Sequence[float]], title: str) -> bytes:
+    """Heatmap of the cosine-similarity matrix of task vectors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = len(labels)
+    figure, axis = plt.subplots(figsize=(1.0 + 0.7 * size, 0.8 + 0.6 * size))
+    image = axis.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    axis.set_xticks(range(size), labels, rotation=45, ha="right", fontsize=7)
+    axis.set_yticks(range(size), labels, fontsize=7)
+    for i in range(size):
+        for j in range(size):
+            axis.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=6)
+    figure.colorbar(image, ax=axis)
+    axis.set_title(title)
+    return _png(figure)

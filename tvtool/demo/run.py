@@ -1,0 +1,346 @@
+"""``tvtool demo``: the whole workflow on the embedded world, offline, on a CPU.
+
+Stages (each cached in the output directory, so a re-run reuses what it already made):
+fine-tune every task in every mode, evaluate zero-shot and fine-tuned accuracy, merge per
+mode (task arithmetic and TIES, α searched on the validation splits), learn aTLAS
+coefficients (few-shot labelled and unlabelled), negate one task against a control, measure
+weight disentanglement per mode and the cosine similarity of the vectors, then write the
+report (Markdown + JSON + PNG figures).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from tvtool.demo import report
+from tvtool.errors import InvalidInputError
+from tvtool.io import read_json, write_bytes, write_json
+from tvtool.io.train_state import ensure_directory as ensure_dir
+
+Logger = Callable[[str], None]
+
+QUICK_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count")
+FULL_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count", "synthetic:position",
+              "synthetic:texture", "synthetic:digit")
+QUICK_MODES = ("full", "attn", "linear")
+FULL_MODES = ("full", "attn", "linear", "lora", "llora")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Configuration of ``tvtool demo``.
+
+    Attributes:
+        out: Output directory (report, figures, and the cached artefacts).
+        quick: The short run (3 tasks, 3 modes, small evaluation subsets).
+        base: Model reference of the pre-trained base.
+        seed: Seed of every stage.
+        device: ``auto``, ``cpu`` or ``cuda``.
+        tasks: Datasets to fine-tune on (default depends on ``quick``).
+        modes: Fine-tuning modes (default depends on ``quick``).
+        steps: Fine-tuning steps per task (default depends on ``quick``).
+        batch_size: Fine-tuning batch size.
+        lr: Fine-tuning learning rate.
+        eval_limit: Examples per split evaluated (None: the whole split).
+    """
+
+    out: str = "tvtool-demo"
+    quick: bool = False
+    base: str = "tvtool-tiny"
+    seed: int = 0
+    device: str = "auto"
+    tasks: tuple[str, ...] | None = None
+    modes: tuple[str, ...] | None = None
+    steps: int | None = None
+    batch_size: int = 64
+    lr: float = 1e-3
+    eval_limit: int | None = None
+
+    def resolved(self) -> DemoConfig:
+        """Fill the defaults that depend on ``quick``."""
+        return replace(
+            self,
+            tasks=self.tasks or (QUICK_TASKS if self.quick else FULL_TASKS),
+            modes=self.modes or (QUICK_MODES if self.quick else FULL_MODES),
+            steps=self.steps or (40 if self.quick else 150),
+            eval_limit=self.eval_limit if self.eval_limit is not None
+            else (200 if self.quick else 500),
+        )
+
+
+def _key(*parts: Any) -> str:
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+class _Stages:
+    """Runs stages with caching of their JSON results and timing of each."""
+
+    def __init__(self, root: Path, log: Logger) -> None:
+        self.root = root
+        self.cache = root / "cache"
+        ensure_dir(str(self.cache))
+        self.log = log
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        self.log(f"[demo] {name}")
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - start
+
+    def cached_json(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
+        path = self.cache / f"{name}-{key}.json"
+        if path.is_file():
+            try:
+                return read_json(str(path))
+            except InvalidInputError:
+                path.unlink()
+        value = compute()
+        write_json(str(path), value)
+        return value
+
+
+def run_demo(config: DemoConfig, log: Logger) -> dict[str, Any]:
+    """Run the demo and write its report into ``config.out``.
+
+    Returns:
+        The results document (also written as ``report.json``).
+    """
+    from tvtool.evaluate import EvalConfig, evaluate
+    from tvtool.finetune import FinetuneConfig, finetune
+    from tvtool.metadata import Mode
+    from tvtool.models import base_source, fingerprint
+
+    cfg = config.resolved()
+    assert cfg.tasks is not None and cfg.modes is not None and cfg.steps is not None
+    root = Path(cfg.out)
+    stages = _Stages(root, log)
+    vectors_dir = root / "vectors"
+    ensure_dir(str(vectors_dir))
+    source, _ = base_source(cfg.base)
+    try:
+        base_fp = fingerprint(source)
+    finally:
+        source.close()
+    tasks = list(cfg.tasks)
+    limit = cfg.eval_limit
+
+    def eval_accs(vectors: tuple[str, ...] = (), coefs: tuple[float, ...] = (1.0,),
+                  base: str = cfg.base, datasets: tuple[str, ...] = tuple(tasks),
+                  split: str = "test") -> dict[str, float]:
+        key = _key("eval", base, base_fp, [_file_key(v) for v in vectors], coefs, datasets,
+                   split, limit, cfg.seed)
+
+        def compute() -> dict[str, float]:
+            rep = evaluate(EvalConfig(base=base, datasets=datasets, vectors=vectors,
+                                      coefs=coefs, split=split, device=cfg.device,
+                                      limit=limit, seed=cfg.seed))
+            return {r.dataset: r.accuracy for r in rep.results}
+
+        return stages.cached_json("eval", key, compute)  # type: ignore[no-any-return]
+
+    # ---- fine-tuning
+    vector_paths: dict[str, dict[str, str]] = {}
+    with stages.timed("fine-tuning"):
+        for mode in cfg.modes:
+            vector_paths[mode] = {}
+            for task in tasks:
+                key = _key("ft", base_fp, mode, task, cfg.steps, cfg.batch_size, cfg.lr,
+                           cfg.seed)
+                path = vectors_dir / f"{mode}-{task.split(':')[-1]}-{key}.safetensors"
+                if not path.is_file():
+                    log(f"[demo] fine-tuning {task} ({mode}, {cfg.steps} steps)")
+                    finetune(FinetuneConfig(base=cfg.base, dataset=task, output=str(path),
+                                            mode=Mode(mode), steps=cfg.steps,
+                                            batch_size=cfg.batch_size, lr=cfg.lr,
+                                            warmup_steps=max(1, cfg.steps // 10),
+                                            device=cfg.device, seed=cfg.seed))
+                vector_paths[mode][task] = str(path)
+
+    # ---- zero-shot and fine-tuned accuracy
+    with stages.timed("evaluation"):
+        zero_shot = eval_accs()
+        finetuned = {mode: {task: eval_accs((paths[task],), datasets=(task,))[task]
+                            for task in tasks} for mode, paths in vector_paths.items()}
+
+    results: dict[str, Any] = {
+        "base": cfg.base, "base_fingerprint": base_fp, "tasks": tasks,
+        "config": {k: v for k, v in asdict(cfg).items()},
+        "vectors": vector_paths, "zero_shot": zero_shot, "finetuned": finetuned,
+        "methods": {}, "figures": [],
+    }
+
+    # ---- merging with α searched on validation splits
+    with stages.timed("merging"):
+        for mode, paths in vector_paths.items():
+            results["methods"][mode] = {}
+            for method in ("task_arithmetic", "ties"):
+                results["methods"][mode][method] = _merge_searched(
+                    cfg, stages, mode, method, [paths[t] for t in tasks], tasks, log)
+
+    # ---- aTLAS on the full-mode vectors (and linear ones in the full run)
+    with stages.timed("aTLAS"):
+        atlas_modes = [m for m in ("full",) + (() if cfg.quick else ("linear",))
+                       if m in vector_paths]
+        for mode in atlas_modes:
+            paths = [vector_paths[mode][t] for t in tasks]
+            for objective, name in (("ce", "atlas_fewshot"), ("entropy", "atlas_unlabelled")):
+                results["methods"][mode][name] = _atlas(cfg, stages, mode, objective, paths,
+                                                        tasks, eval_accs, log)
+
+    # ---- negation: forget the first task, keep the second
+    with stages.timed("negation"):
+        neg_mode = "linear" if "linear" in vector_paths else cfg.modes[0]
+        results["negation"] = _negate(cfg, stages, neg_mode, vector_paths[neg_mode][tasks[0]],
+                                      tasks[0], tasks[1], log)
+
+    # ---- weight disentanglement and cosine similarity per mode
+    with stages.timed("disentanglement"):
+        results["disentanglement"] = {}
+        for mode, paths in vector_paths.items():
+            if mode in ("lora", "llora"):
+                continue
+            entry = _disentangle(cfg, stages, mode, paths[tasks[0]], paths[tasks[1]],
+                                 tasks[0], tasks[1])
+            figure = f"disentanglement-{mode}.png"
+            write_bytes(str(root / figure), bytes.fromhex(entry.pop("png_hex")))
+            entry["figure"] = figure
+            results["disentanglement"][mode] = entry
+            results["figures"].append(figure)
+    with stages.timed("cosine similarity"):
+        from tvtool import operations
+
+        labels, paths_all = [], []
+        for mode in cfg.modes:
+            for task in tasks:
+                labels.append(f"{mode}:{task.split(':')[-1]}")
+                paths_all.append(vector_paths[mode][task])
+        inspect = operations.inspect(operations.InspectConfig(files=tuple(paths_all), top=0))
+        results["cosine"] = {"labels": labels, "matrix": inspect["cosine"]}
+        write_bytes(str(root / "cosine.png"),
+                    report.cosine_figure(labels, inspect["cosine"], "Cosine similarity of "
+                                         "task vectors"))
+        results["figures"].append("cosine.png")
+
+    write_bytes(str(root / "accuracy.png"), report.accuracy_figure(results))
+    results["figures"].insert(0, "accuracy.png")
+    results["claims"] = report.check_claims(results)
+    results["timings"] = stages.timings
+    write_json(str(root / "report.json"), results)
+    write_bytes(str(root / "report.md"), report.markdown(results).encode("utf-8"))
+    return results
+
+
+def _file_key(path: str) -> str:
+    """Identify a file by name, size and modification time (cheap cache key)."""
+    stat = Path(path).stat()
+    return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
+                    paths: list[str], tasks: list[str], log: Logger) -> dict[str, Any]:
+    from tvtool.merge import MergeConfig
+    from tvtool.merge.evaluation import EvalSettings, search_merge
+
+    grid = (tuple(round(0.25 * i, 2) for i in range(0, 7)) if cfg.quick
+            else tuple(round(0.1 * i, 2) for i in range(0, 16)))
+    key = _key("merge", method, [_file_key(p) for p in paths], grid, cfg.eval_limit, cfg.seed)
+    output = str(stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors")
+
+    def compute() -> dict[str, Any]:
+        settings = EvalSettings(base=cfg.base, device=cfg.device, limit=cfg.eval_limit,
+                                seed=cfg.seed)
+        rep = search_merge(MergeConfig(vectors=tuple(paths), method=method, output=output),
+                           settings, grid, datasets=tasks, log=log)
+        return {"coef": rep.search.best, "accuracy": dict(rep.test), "output": output}
+
+    return stages.cached_json("merge", key, compute)  # type: ignore[no-any-return]
+
+
+def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: list[str],
+           tasks: list[str], eval_accs: Callable[..., dict[str, float]], log: Logger
+           ) -> dict[str, Any]:
+    from tvtool.coeffs.run import LearnCoeffsConfig, learn_coeffs
+
+    steps = 30 if cfg.quick else 80
+    key = _key("atlas", objective, [_file_key(p) for p in paths], steps, cfg.seed)
+    coefs = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}.safetensors")
+    merged = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}-merged.safetensors")
+    if not (Path(coefs).is_file() and Path(merged).is_file()):
+        learn_coeffs(LearnCoeffsConfig(
+            vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
+            objective=objective, granularity="tensor", shots=16 if objective == "ce" else 32,
+            split="train" if objective == "ce" else "test", steps=steps, lr=0.05,
+            device=cfg.device, seed=cfg.seed, merged_out=merged), log=log)
+    from tvtool.io import open_tensors
+
+    source = open_tensors(merged)
+    try:
+        kind = source.metadata.get("tvtool.kind")
+    finally:
+        source.close()
+    accuracy = eval_accs(base=merged) if kind == "checkpoint" else eval_accs((merged,))
+    return {"coef": None, "accuracy": accuracy, "objective": objective, "output": coefs}
+
+
+def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: str,
+            control: str, log: Logger) -> dict[str, Any]:
+    from tvtool import operations
+    from tvtool.merge.evaluation import EvalSettings, Evaluator
+    from tvtool.merge.search import search_negation
+
+    grid = tuple(round(0.25 * i, 2) for i in range(1, 13))
+    key = _key("negate", _file_key(vector), target, control, grid, cfg.eval_limit, cfg.seed)
+    output = str(stages.root / "vectors" / f"negated-{mode}-{key}.safetensors")
+
+    def compute() -> dict[str, Any]:
+        settings = EvalSettings(base=cfg.base, device=cfg.device, limit=cfg.eval_limit,
+                                seed=cfg.seed)
+        with Evaluator(settings, [vector], [target, control], log=log) as evaluator:
+            base_val = evaluator.accuracies([0.0], "val")
+            search = search_negation(lambda a: evaluator.accuracies([-a], "val"), grid,
+                                     target=target, control=control, base=base_val)
+            # An infeasible grid is a result too: report the smallest α rather than fail.
+            coef = search.best if search.best is not None else min(grid)
+            base_test = evaluator.accuracies([0.0], "test")
+            negated_test = evaluator.accuracies([-coef], "test")
+        operations.negate(operations.NegateConfig(vector=vector, output=output, coef=coef))
+        return {"mode": mode, "target": target, "control": control, "coef": coef,
+                "feasible": search.best is not None, "threshold": search.threshold,
+                "base": {"target": base_test[target], "control": base_test[control]},
+                "negated": {"target": negated_test[target], "control": negated_test[control]},
+                "output": output}
+
+    return stages.cached_json("negate", key, compute)  # type: ignore[no-any-return]
+
+
+def _disentangle(cfg: DemoConfig, stages: _Stages, mode: str, first: str, second: str,
+                 task1: str, task2: str) -> dict[str, Any]:
+    from tvtool.evaluate import DisentanglementConfig, disentanglement, render_heatmap
+
+    alphas = (-2.0, -1.0, 0.0, 1.0, 2.0) if cfg.quick else (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0,
+                                                            3.0)
+    limit = 100 if cfg.quick else 200
+    key = _key("dis", _file_key(first), _file_key(second), alphas, limit, cfg.seed)
+
+    def compute() -> dict[str, Any]:
+        rep = disentanglement(DisentanglementConfig(
+            base=cfg.base, vectors=(first, second), datasets=(task1, task2), alphas=alphas,
+            device=cfg.device, limit=limit, seed=cfg.seed))
+        flat = [v for row in rep.error for v in row]
+        png = render_heatmap(rep, title=f"disentanglement error ({mode})")
+        return {"alphas": rep.alphas, "error": rep.error, "mean_error": sum(flat) / len(flat),
+                "png_hex": png.hex()}
+
+    return dict(stages.cached_json("dis", key, compute))

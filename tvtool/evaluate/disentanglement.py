@@ -1,0 +1,302 @@
+"""Weight disentanglement error (Ortiz-Jimenez et al., arXiv 2305.12827, eq. 4).
+
+For two task vectors τ1, τ2 with datasets D1, D2 and a grid of coefficients,
+
+    ξ(α1, α2) = Σ_{t=1,2} E_{x ∈ D_t} [ 1{ pred(θ0 + α1 τ1 + α2 τ2, x) ≠ pred(θ0 + α_t τ_t, x) } ]
+
+where predictions on D_t use the zero-shot head of task t. The comparison for task t is against
+the model that carries only τ_t, scaled by the same α_t, so ξ measures how much adding the
+other vector changes the predictions on t: 0 means perfectly disentangled, 2 is the maximum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tvtool.errors import UsageError
+from tvtool.evaluate.accuracy import (
+    Logger,
+    ProgressFactory,
+    _quiet,
+    build_heads,
+    no_progress,
+    predictions,
+)
+from tvtool.evaluate.batches import open_eval_data
+from tvtool.evaluate.model import check_precision, open_eval_model, resolve_device
+from tvtool.metadata import provenance
+
+DEFAULT_GRID = "-3:3:13"
+_MAX_GRID = 101
+
+
+def parse_grid(text: str) -> tuple[float, ...]:
+    """Parse a coefficient grid: ``START:STOP:NUM`` (inclusive, evenly spaced) or ``a,b,c``.
+
+    Raises:
+        UsageError: malformed grid, fewer than 2 or more than 101 values, repeated values.
+    """
+    text = text.strip()
+    try:
+        if ":" in text:
+            parts = text.split(":")
+            if len(parts) != 3:
+                raise ValueError
+            start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
+            if num < 2 or not stop > start:
+                raise ValueError
+            values = tuple(start + (stop - start) * i / (num - 1) for i in range(num))
+        else:
+            values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"malformed grid {text!r}",
+                         hint="use START:STOP:NUM (e.g. -3:3:13, with STOP > START and NUM >= 2) "
+                              "or a comma-separated list") from None
+    if not all(math.isfinite(v) for v in values):
+        raise UsageError(f"grid {text!r} has non-finite values")
+    if len(values) < 2 or len(values) > _MAX_GRID:
+        raise UsageError(f"grid {text!r} has {len(values)} values; use 2 to {_MAX_GRID}")
+    if len(set(values)) != len(values):
+        raise UsageError(f"grid {text!r} repeats a value")
+    # Snap float noise (0.49999999) so that 0 and 1 are exactly on the grid when intended.
+    return tuple(round(v, 10) + 0.0 for v in values)
+
+
+@dataclass(frozen=True)
+class DisentanglementConfig:
+    """Configuration of ``tvtool eval disentanglement``.
+
+    Attributes:
+        base: Model reference of the base.
+        vectors: The two task vectors τ1, τ2.
+        datasets: Their datasets D1, D2, in the same order.
+        alphas: Coefficient grid, used for both axes.
+        split: ``val`` or ``test``.
+        data_root: Root of the standard datasets.
+        batch_size: Images per forward pass.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: Autocast precision (see :class:`~tvtool.evaluate.EvalConfig`).
+        limit: Seeded random subset size per dataset.
+        seed: Seed of the splits and subsets.
+        workers: DataLoader workers.
+        allow_base_mismatch: Accept vectors of another base.
+        approximate_linearized: Add linearized vectors to the weights.
+        cache_heads: Use the on-disk head cache.
+    """
+
+    base: str
+    vectors: tuple[str, str]
+    datasets: tuple[str, str]
+    alphas: tuple[float, ...] = field(default_factory=lambda: parse_grid(DEFAULT_GRID))
+    split: str = "test"
+    data_root: str | None = None
+    batch_size: int = 128
+    device: str = "auto"
+    precision: str = "auto"
+    limit: int | None = None
+    seed: int = 0
+    workers: int = 0
+    allow_base_mismatch: bool = False
+    approximate_linearized: bool = False
+    cache_heads: bool = True
+
+    def arguments(self) -> dict[str, Any]:
+        """The settings as a JSON-ready mapping."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class DisentanglementReport:
+    """The disentanglement error map.
+
+    Attributes:
+        alphas: The grid (both axes).
+        error: ``error[i][j] = ξ(alphas[i], alphas[j])`` (row: α1, column: α2), in ``[0, 2]``.
+        per_task: ``{dataset: [[term of that task]]}``, same layout; ``error`` is their sum.
+        datasets: ``(D1, D2)``.
+        model: Base, fingerprint, vectors, and whether they were evaluated linearized.
+        splits: What was evaluated per dataset.
+        settings: The configuration.
+        notes: Remarks also printed on stderr.
+        provenance: Command, versions, seed.
+    """
+
+    alphas: list[float]
+    error: list[list[float]]
+    per_task: dict[str, list[list[float]]]
+    datasets: list[str]
+    model: dict[str, Any]
+    splits: list[dict[str, Any]]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON document written by ``-o``."""
+        return {"report": "disentanglement", "report_version": 1,
+                "definition": "xi(a1,a2) = sum_t mean_{x in D_t} "
+                              "1[pred(theta0+a1*tau1+a2*tau2, x) != pred(theta0+a_t*tau_t, x)]",
+                "axes": {"rows": "alpha1 (vector 1)", "columns": "alpha2 (vector 2)"},
+                **{k: v for k, v in dataclasses.asdict(self).items()}}
+
+
+def disentanglement(config: DisentanglementConfig, *, log: Logger = _quiet,
+                    progress: ProgressFactory = no_progress) -> DisentanglementReport:
+    """Compute the weight-disentanglement error ξ over a grid of (α1, α2).
+
+    Cost: ``G² + 2G`` model edits for a grid of ``G`` values, each evaluated on one or both
+    datasets; the preprocessed images are kept in memory between edits when they fit.
+
+    Raises:
+        UsageError: not two vectors and two datasets, bad settings.
+        InvalidInputError: bad base, vectors or data.
+    """
+    if len(config.vectors) != 2 or len(config.datasets) != 2:
+        raise UsageError("disentanglement needs exactly two task vectors and two datasets",
+                         hint="pass TV1 TV2 --dataset D1 --dataset D2 (same order)")
+    if config.datasets[0] == config.datasets[1]:
+        raise UsageError("the two datasets must differ")
+    if config.batch_size < 1:
+        raise UsageError(f"--batch-size must be positive, got {config.batch_size}")
+    check_precision(config.precision)
+    alphas = tuple(config.alphas)
+    if len(alphas) < 2 or len(set(alphas)) != len(alphas):
+        raise UsageError("the grid needs at least two distinct values")
+    device = resolve_device(config.device)
+    with open_eval_model(config.base, config.vectors, device=device,
+                         allow_base_mismatch=config.allow_base_mismatch,
+                         approximate_linearized=config.approximate_linearized) as model:
+        for note in model.notes:
+            log(note)
+        datas = [open_eval_data(name, config.split, model.bundle.preprocess_eval,
+                                data_root=config.data_root, seed=config.seed, limit=config.limit)
+                 for name in config.datasets]
+        heads = build_heads(model, datas, device=device, cache=config.cache_heads, log=log)
+
+        def predict(task: int) -> Tensor:
+            data = datas[task]
+            predicted, _ = predictions(model, data, heads[data.name], config.batch_size,
+                                       workers=config.workers, precision=config.precision,
+                                       materialize=True)
+            return predicted
+
+        count = len(alphas)
+        with progress("disentanglement grid", count * count + 2 * count) as advance:
+            # Reference predictions: only τ_t, scaled by α_t, on its own dataset.
+            single: list[dict[float, Tensor]] = [{}, {}]
+            for alpha in alphas:
+                model.set_coefficients([alpha, 0.0])
+                single[0][alpha] = predict(0)
+                advance(1)
+                model.set_coefficients([0.0, alpha])
+                single[1][alpha] = predict(1)
+                advance(1)
+            terms = [torch.zeros(count, count, dtype=torch.float64) for _ in range(2)]
+            for i, a1 in enumerate(alphas):
+                for j, a2 in enumerate(alphas):
+                    coefs = (a1, a2)
+                    # On the axes the joint model is the single-task model: nothing changes.
+                    joint: list[Tensor | None] = [single[0][a1] if a2 == 0 else None,
+                                                  single[1][a2] if a1 == 0 else None]
+                    if joint[0] is None or joint[1] is None:
+                        model.set_coefficients(list(coefs))
+                    for task in range(2):
+                        known = joint[task]
+                        predicted = known if known is not None else predict(task)
+                        reference = single[task][coefs[task]]
+                        terms[task][i, j] = torch.ne(predicted, reference).double().mean()
+                    advance(1)
+        error = (terms[0] + terms[1]).tolist()
+        model_record = {"base": config.base, "architecture": model.ref.architecture,
+                        "base_fingerprint": model.base_fingerprint,
+                        "vectors": model.describe_vectors(None),
+                        "evaluated_as": "linearized" if model.linearized else "weights",
+                        "device": str(device)}
+        splits = [d.describe() for d in datas]
+        notes = list(model.notes)
+    return DisentanglementReport(
+        list(alphas), error, {datas[0].name: terms[0].tolist(), datas[1].name: terms[1].tolist()},
+        list(config.datasets), model_record, splits, config.arguments(), notes,
+        provenance("eval disentanglement", config.arguments(), seed=config.seed))
+
+
+def render_heatmap(report: DisentanglementReport, *, title: str | None = None,
+                   vmax: float | None = None) -> bytes:
+    """A PNG heatmap of ξ(α1, α2) (matplotlib, Agg canvas; no global backend change).
+
+    Args:
+        report: The error map.
+        title: Figure title (default names the model kind).
+        vmax: Top of the colour scale (default: the map's maximum); fix it (e.g. 2) to compare
+            maps side by side.
+
+    Returns:
+        The PNG bytes (write them with :func:`tvtool.io.write_bytes`).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    alphas = report.alphas
+    grid = torch.tensor(report.error, dtype=torch.float64).T.numpy()  # rows: α2 (y axis)
+    step = (alphas[-1] - alphas[0]) / (len(alphas) - 1)
+    extent = (alphas[0] - step / 2, alphas[-1] + step / 2, alphas[0] - step / 2,
+              alphas[-1] + step / 2)
+    figure = Figure(figsize=(5.2, 4.4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    top = vmax if vmax is not None else max(1e-9, float(grid.max()))
+    image = axes.imshow(grid, origin="lower", extent=extent, cmap="viridis", vmin=0.0, vmax=top,
+                        aspect="auto",
+                        interpolation="nearest")
+    colorbar = figure.colorbar(image, ax=axes)
+    colorbar.set_label("ξ(α₁, α₂)")
+    axes.axhline(0.0, color="white", linewidth=0.6, alpha=0.6)
+    axes.axvline(0.0, color="white", linewidth=0.6, alpha=0.6)
+    names = report.datasets
+    axes.set_xlabel(f"α₁ ({_short_name(names[0])})")
+    axes.set_ylabel(f"α₂ ({_short_name(names[1])})")
+    kind = "linearized model" if report.model.get("evaluated_as") == "linearized" else \
+        "non-linear model"
+    axes.set_title(title or f"weight disentanglement error, {kind}", fontsize=10)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def _short_name(name: str) -> str:
+    return name if len(name) <= 28 else "…" + name[-27:]
+
+
+def error_at(report: DisentanglementReport, alpha1: float, alpha2: float) -> float:
+    """ξ at one grid point.
+
+    Raises:
+        UsageError: a coefficient not on the grid.
+    """
+    try:
+        i, j = report.alphas.index(alpha1), report.alphas.index(alpha2)
+    except ValueError:
+        raise UsageError(f"({alpha1}, {alpha2}) is not on the grid {report.alphas}") from None
+    return report.error[i][j]
+
+
+def summarize(report: DisentanglementReport, radii: Sequence[float] = (1.0, 2.0, 3.0)
+              ) -> dict[str, float]:
+    """Mean ξ over the grid points with ``max(|α1|, |α2|) <= r`` for each radius ``r``."""
+    out: dict[str, float] = {}
+    for radius in radii:
+        values = [report.error[i][j] for i, a1 in enumerate(report.alphas)
+                  for j, a2 in enumerate(report.alphas) if max(abs(a1), abs(a2)) <= radius + 1e-9]
+        if values:
+            out[f"mean_error_within_{radius:g}"] = sum(values) / len(values)
+    return out

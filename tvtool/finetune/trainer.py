@@ -1,0 +1,906 @@
+"""The fine-tuning command: configuration, training loop, checkpoint/resume, DDP, outputs.
+
+The loop is mode-agnostic: a mode's :class:`~tvtool.finetune.base.Adapter` provides the
+trainable tensors, the forward pass and the task vector. Everything that decides *which*
+examples a step sees is a pure function of (seed, step), so a resumed run, a run with a
+different number of processes or data-loader workers, and an uninterrupted run see the same
+batches: the global batch of step ``s`` is positions ``[s·B, (s+1)·B)`` of an endless stream
+made of one seeded permutation of the dataset per epoch, split evenly over processes and
+accumulation micro-steps, and each example's random augmentation is seeded by its position.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tvtool.errors import InvalidInputError, NumericalError, UsageError
+from tvtool.finetune.base import Adapter, ModeOptions
+from tvtool.io import check_output, write_tensors
+from tvtool.io.train_state import ensure_directory, read_train_state, write_train_state
+from tvtool.metadata import LINEARIZED_MODES, FileMeta, Kind, Mode, provenance
+from tvtool.types import StateDict
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DEFAULT_STEPS = 2000
+REFERENCE_WARMUP = 500
+RESUME_FILE = "resume.safetensors"
+STATE_FORMAT = 1
+
+# Config fields a resumed run must share with the run that wrote the checkpoint.
+_RESUME_KEYS = ("base", "dataset", "mode", "batch_size", "grad_accum", "lr", "weight_decay",
+                "grad_clip", "precision", "seed", "lora_rank", "lora_alpha", "lora_targets",
+                "data_root")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Configuration of ``tvtool finetune`` (defaults: the reference recipe).
+
+    Attributes:
+        base: Model reference of the pre-trained model.
+        dataset: Dataset name (see :func:`tvtool.data.list_datasets`).
+        output: Task-vector output path, or ``-`` for stdout.
+        mode: ``full``, ``attn``, ``linear``, ``lora`` or ``llora``.
+        checkpoint_out: Also write the fine-tuned model as a checkpoint (non-linearized modes).
+        steps: Optimizer steps (default 2000 unless ``epochs`` is given).
+        epochs: Passes over the training split, as an alternative to ``steps``.
+        batch_size: Global batch per optimizer step (all processes and micro-steps together).
+        grad_accum: Micro-steps per optimizer step.
+        lr: Peak learning rate (AdamW).
+        weight_decay: AdamW decoupled weight decay, applied to the weights θ.
+        warmup_steps: Linear warm-up steps before the cosine decay (default: 500, at most a
+            quarter of the run).
+        grad_clip: Gradient-norm clip; 0 disables.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun: the local rank's GPU).
+        seed: Seed of the data order, augmentations and LoRA initialisation.
+        workdir: Directory for the resumable training state; none if unset.
+        resume: Continue from ``workdir``'s training state.
+        checkpoint_every: Steps between training-state saves (with ``workdir``).
+        data_root: Local root of standard datasets.
+        workers: Data-loader worker processes (default: 4 on CUDA, 0 on CPU).
+        lora_rank: LoRA rank (lora, llora).
+        lora_alpha: LoRA alpha (lora, llora).
+        lora_targets: LoRA targets: ``attn`` and/or ``mlp``.
+        log_every: Steps between progress reports (and divergence checks).
+    """
+
+    base: str
+    dataset: str
+    output: str
+    mode: Mode = Mode.FULL
+    checkpoint_out: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int | None = None
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    workdir: str | None = None
+    resume: bool = False
+    checkpoint_every: int = 500
+    data_root: str | None = None
+    workers: int | None = None
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ("attn",)
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.mode, Mode):
+            try:
+                object.__setattr__(self, "mode", Mode(str(self.mode)))
+            except ValueError:
+                raise UsageError(f"unknown fine-tuning mode {self.mode!r}",
+                                 hint=f"use one of {', '.join(m.value for m in Mode)}") from None
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+
+    def validate(self) -> None:
+        """Check values and combinations.
+
+        Raises:
+            UsageError: a bad value or flag combination.
+        """
+        if self.steps is not None and self.epochs is not None:
+            raise UsageError("--steps and --epochs both given", hint="give one of them")
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise UsageError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, "
+                                 f"got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise UsageError(f"--batch-size {self.batch_size} is not divisible by "
+                             f"--grad-accum {self.grad_accum}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"--weight-decay must be non-negative, got {self.weight_decay}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise UsageError(f"--grad-clip must be non-negative (0 disables), got {self.grad_clip}")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps must be non-negative, got {self.warmup_steps}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}",
+                             hint=f"use one of {', '.join(PRECISIONS)}")
+        if self.workers is not None and self.workers < 0:
+            raise UsageError(f"--workers must be non-negative, got {self.workers}")
+        if self.resume and not self.workdir:
+            raise UsageError("--resume needs --workdir", hint="point it at the interrupted run's "
+                                                              "work directory")
+        if self.checkpoint_out is not None and self.mode in LINEARIZED_MODES:
+            raise UsageError(
+                f"--checkpoint-out is not available for --mode {self.mode.value}",
+                hint="a linearized model is not an open_clip model; keep the task vector and "
+                     "evaluate it linearized (tvtool eval)")
+        if self.checkpoint_out is not None and self.checkpoint_out == self.output \
+                and self.output != "-":
+            raise UsageError("--checkpoint-out and -o name the same file")
+        if self.checkpoint_out == "-" and self.output == "-":
+            raise UsageError("-o - and --checkpoint-out - would both write to stdout")
+
+    def mode_options(self) -> ModeOptions:
+        """The mode-specific options."""
+        return ModeOptions(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+                           lora_targets=self.lora_targets, seed=self.seed)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready field values."""
+        out = asdict(self)
+        out["mode"] = self.mode.value
+        out["lora_targets"] = list(self.lora_targets)
+        return out
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One progress report.
+
+    Attributes:
+        step: Optimizer steps completed.
+        total: Steps of the whole run.
+        loss: Mean training loss since the previous report.
+        accuracy: Training accuracy since the previous report.
+        lr: Learning rate of the last step.
+        images_per_s: Throughput since the previous report (all processes).
+    """
+
+    step: int
+    total: int
+    loss: float
+    accuracy: float
+    lr: float
+    images_per_s: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What the training loop did."""
+
+    start_step: int
+    steps: int
+    seconds: float
+    images_per_s: float
+    final_loss: float
+    train_accuracy: float
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """Summary of a fine-tuning run (the ``--json`` document)."""
+
+    output: str
+    checkpoint_out: str | None
+    mode: str
+    linearized: bool
+    dataset: str
+    steps: int
+    resumed_from: int
+    seconds: float
+    images_per_s: float
+    final_loss: float
+    train_accuracy: float
+    tensors: int
+    parameters: int
+    device: str
+    precision: str
+    world_size: int
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Schedule, devices, processes
+# --------------------------------------------------------------------------------------------
+
+
+def learning_rate(step: int, total: int, warmup: int, base_lr: float) -> float:
+    """Reference schedule: linear warm-up to ``base_lr``, then cosine decay to 0.
+
+    Args:
+        step: 0-based optimizer step.
+        total: Steps in the run.
+        warmup: Warm-up steps.
+        base_lr: Peak learning rate.
+    """
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress)) * base_lr
+
+
+def default_warmup(total: int) -> int:
+    """500 steps as in the reference recipe (2000 steps), at most a quarter of shorter runs."""
+    return min(REFERENCE_WARMUP, total // 4)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun job (world 1 when run directly)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes outputs and reports progress."""
+        return self.rank == 0
+
+
+def dist_from_env() -> DistInfo:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as set by torchrun."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        raise UsageError("malformed RANK/WORLD_SIZE/LOCAL_RANK environment") from None
+    return DistInfo(rank, world, local)
+
+
+def resolve_device(name: str, info: DistInfo) -> torch.device:
+    """Resolve ``auto``/``cpu``/``cuda[:N]``; under torchrun CUDA means the local rank's GPU.
+
+    Raises:
+        UsageError: CUDA asked for but unavailable, or an unknown device.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name} asked for, but no CUDA device is available",
+                             hint="use --device cpu or auto")
+        if info.world > 1:
+            return torch.device("cuda", info.local_rank)
+        return torch.device(name)
+    raise UsageError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` becomes bf16 on CUDA devices that support it, fp32 elsewhere."""
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic data stream
+# --------------------------------------------------------------------------------------------
+
+
+class SampleStream:
+    """Position -> dataset index: one seeded permutation of the dataset per epoch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        if size < 1:
+            raise InvalidInputError("the training split is empty")
+        self.size = size
+        self.seed = seed
+        self._epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def index(self, position: int) -> int:
+        """Dataset index at a stream position."""
+        epoch, offset = divmod(position, self.size)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+            self._epoch = epoch
+        return int(self._perm[offset])
+
+
+class MicroBatches(Sampler[list[tuple[int, int]]]):
+    """This process's micro-batches from ``start_step`` on, as ``(index, position)`` lists."""
+
+    def __init__(self, stream: SampleStream, batch_size: int, grad_accum: int, info: DistInfo,
+                 start_step: int, total_steps: int) -> None:
+        self.stream = stream
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.info = info
+        self.start_step = start_step
+        self.total_steps = total_steps
+        self.micro = batch_size // (grad_accum * info.world)
+
+    def __len__(self) -> int:
+        return (self.total_steps - self.start_step) * self.grad_accum
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for step in range(self.start_step, self.total_steps):
+            for k in range(self.grad_accum):
+                first = step * self.batch_size + (k * self.info.world + self.info.rank) * self.micro
+                yield [(self.stream.index(p), p) for p in range(first, first + self.micro)]
+
+
+def _sample_seed(seed: int, position: int) -> int:
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset so ``dataset[(index, position)]`` draws its augmentation from a seed.
+
+    The seed depends on the run seed and the stream position only, so augmentations do not
+    depend on worker count, process count or resumption.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, position = item
+        sample_seed = _sample_seed(self.seed, position)
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state (resume)
+# --------------------------------------------------------------------------------------------
+
+
+def _run_key(config: FinetuneConfig, fingerprint: str, total: int, warmup: int,
+             size: int) -> dict[str, Any]:
+    values = config.as_json()
+    key = {k: values[k] for k in _RESUME_KEYS}
+    key.update(base_fingerprint=fingerprint, total_steps=total, warmup_steps=warmup,
+               dataset_size=size)
+    return key
+
+
+def _check_run_key(saved: Mapping[str, Any], current: Mapping[str, Any], path: str) -> None:
+    different = [k for k in current if saved.get(k) != current[k]]
+    if different:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in different[:3])
+        raise InvalidInputError(
+            f"the training state in {path!r} belongs to a different run ({detail})",
+            hint="resume with the original settings, or use a new --workdir")
+
+
+def _python_random_state() -> list[Any]:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_python_random_state(state: Sequence[Any]) -> None:
+    random.setstate((int(state[0]), tuple(int(v) for v in state[1]), state[2]))
+
+
+def _save_state(path: str, adapter: Adapter, names: list[str], optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler, step: int, run_key: dict[str, Any]) -> None:
+    tensors: StateDict = {}
+    params = dict(adapter.trainable())
+    for name in names:
+        param = params[name]
+        tensors[f"param/{name}"] = param.detach()
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, Tensor):
+                tensors[f"optim/{name}/{key}"] = value
+    tensors["rng/torch_cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{index}"] = rng
+    state = {"format": STATE_FORMAT, "step": step, "run": run_key,
+             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+             "python_random": _python_random_state()}
+    write_train_state(path, tensors, state)
+
+
+def _load_state(path: str, adapter: Adapter, names: list[str],
+                optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                run_key: dict[str, Any]) -> int:
+    tensors, state = read_train_state(path)
+    if state.get("format") != STATE_FORMAT:
+        raise InvalidInputError(f"{path!r} has training-state format {state.get('format')!r}, "
+                                f"this tvtool reads {STATE_FORMAT}")
+    _check_run_key(state.get("run", {}), run_key, path)
+    adapter.load_trainable_state({n: tensors[f"param/{n}"] for n in names
+                                  if f"param/{n}" in tensors})
+    # Rebuild the optimizer's own state_dict so torch applies its device/dtype rules ("step"
+    # lives on the device for fused AdamW, on the CPU otherwise).
+    current = optimizer.state_dict()
+    order = [i for group in current["param_groups"] for i in group["params"]]
+    restored: dict[int, dict[str, Tensor]] = {}
+    for index, name in zip(order, names, strict=True):
+        moments = {k.rsplit("/", 1)[1]: v for k, v in tensors.items()
+                   if k.startswith(f"optim/{name}/")}
+        if moments:
+            restored[index] = moments
+    optimizer.load_state_dict({"state": restored, "param_groups": current["param_groups"]})
+    if scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(tensors["rng/torch_cpu"])
+    cuda_states = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states[:torch.cuda.device_count()])
+    if state.get("python_random"):
+        _set_python_random_state(state["python_random"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def classification_loss(model: torch.nn.Module, images: Tensor, labels: Tensor, head: Tensor,
+                        device: torch.device, precision: str) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of the frozen zero-shot head on the model's normalised image features.
+
+    Returns:
+        ``(loss, logits)``; the loss is float32 whatever the autocast precision.
+    """
+    with _autocast(device, precision):
+        features = model(images)
+    logits = F.normalize(features.float(), dim=-1) @ head.T
+    return F.cross_entropy(logits, labels), logits
+
+
+@dataclass
+class Optimisation:
+    """AdamW over an adapter's trainable tensors, with clipping, scaling and θ-decay.
+
+    Attributes:
+        optimizer: The AdamW optimizer (fused on CUDA).
+        scaler: Gradient scaler (enabled for fp16 only).
+        names: Trainable names in optimizer parameter order.
+        params: Trainable parameters in the same order.
+        decay_pairs: ``(δ, θ0)`` for parameters that hold offsets (see
+            :meth:`Adapter.decay_anchors`).
+        weight_decay: Decoupled weight decay.
+        grad_clip: Gradient-norm clip, 0 for none.
+    """
+
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    decay_pairs: list[tuple[torch.nn.Parameter, Tensor]]
+    weight_decay: float
+    grad_clip: float
+
+    @classmethod
+    def for_adapter(cls, adapter: Adapter, lr: float, weight_decay: float,
+                    device: torch.device, precision: str, grad_clip: float) -> Optimisation:
+        """Set up the optimizer the trainer uses for ``adapter``.
+
+        Raises:
+            InvalidInputError: the mode selected no trainable tensors.
+        """
+        named = adapter.trainable()
+        if not named:
+            raise InvalidInputError("this mode selected no trainable tensors")
+        anchors = adapter.decay_anchors()
+        direct = [(n, p) for n, p in named if n not in anchors]
+        offset = [(n, p) for n, p in named if n in anchors]
+        groups: list[dict[str, Any]] = []
+        if direct:
+            groups.append({"params": [p for _, p in direct], "weight_decay": weight_decay})
+        if offset:
+            # δ = θ − θ0 must decay toward −θ0 so that θ decays toward 0 (see update()).
+            groups.append({"params": [p for _, p in offset], "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                      weight_decay=weight_decay,
+                                      fused=True if device.type == "cuda" else None)
+        ordered = direct + offset
+        return cls(optimizer=optimizer,
+                   scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                   names=[n for n, _ in ordered], params=[p for _, p in ordered],
+                   decay_pairs=[(p, anchors[n]) for n, p in offset],
+                   weight_decay=weight_decay, grad_clip=grad_clip)
+
+    def update(self, lr: float) -> None:
+        """Unscale, clip, decay and step with learning rate ``lr``; then clear gradients."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scaler.unscale_(self.optimizer)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        if self.decay_pairs and self.weight_decay:
+            factor = lr * self.weight_decay
+            with torch.no_grad():
+                for param, anchor in self.decay_pairs:
+                    param.mul_(1.0 - factor).sub_(anchor.to(param.dtype), alpha=factor)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def total_steps(config: FinetuneConfig, dataset_size: int) -> int:
+    """Optimizer steps of the run (from ``steps``, ``epochs`` or the 2000-step default)."""
+    if config.steps is not None:
+        return config.steps
+    if config.epochs is not None:
+        return max(1, math.ceil(config.epochs * dataset_size / config.batch_size))
+    return DEFAULT_STEPS
+
+
+def _workers(config: FinetuneConfig, device: torch.device) -> int:
+    if config.workers is not None:
+        return config.workers
+    return 4 if device.type == "cuda" else 0
+
+
+def _collate_check(images: Any, labels: Any) -> tuple[Tensor, Tensor]:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise InvalidInputError("the dataset must yield (image tensor [3, H, W], label) pairs",
+                                hint="pass a transform such as the model's preprocess_train")
+    if not isinstance(labels, Tensor):
+        labels = torch.as_tensor(labels)
+    return images, labels.long()
+
+
+def train(
+    adapter: Adapter,
+    head: Tensor,
+    dataset: Dataset,
+    config: FinetuneConfig,
+    *,
+    device: torch.device,
+    precision: str,
+    info: DistInfo = DistInfo(),
+    fingerprint: str = "",
+    progress: Callable[[StepLog], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Run the optimisation loop of one fine-tuning job.
+
+    Args:
+        adapter: The mode's adapter (moved to ``device`` here).
+        head: Frozen zero-shot head ``[classes, dim]``; logits = normalize(features) @ head.T.
+        dataset: Training examples ``(image tensor, label)``.
+        config: The run's configuration.
+        device: Training device.
+        precision: Resolved precision (``fp32``, ``bf16`` or ``fp16``).
+        info: Process placement (torchrun).
+        fingerprint: Base fingerprint, recorded in and checked against the training state.
+        progress: Called with a :class:`StepLog` every ``log_every`` steps (main process).
+        after_step: Called with the number of completed steps after each step (all processes).
+        log: Info lines (main process).
+
+    Returns:
+        What happened.
+
+    Raises:
+        NumericalError: the loss became NaN or Inf (nothing is written past the last good
+            training state).
+        InvalidInputError: a resume state that does not match the run.
+        UsageError: a batch size that does not split over processes and micro-steps.
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    total = total_steps(config, size)
+    warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total)
+    if config.batch_size % (config.grad_accum * info.world):
+        raise UsageError(f"--batch-size {config.batch_size} does not split into "
+                         f"{config.grad_accum} micro-steps on {info.world} processes")
+    run_key = _run_key(config, fingerprint, total, warmup, size)
+    state_path = os.path.join(config.workdir, RESUME_FILE) if config.workdir else None
+
+    adapter.to(device)
+    adapter.train()
+    head = head.detach().to(device=device, dtype=torch.float32)
+    opt = Optimisation.for_adapter(adapter, config.lr, config.weight_decay, device, precision,
+                                   config.grad_clip)
+    optimizer, scaler, names = opt.optimizer, opt.scaler, opt.names
+
+    start = 0
+    if config.resume and state_path is not None:
+        if not os.path.exists(state_path):
+            raise InvalidInputError(f"--resume: no training state at {state_path!r}",
+                                    hint="drop --resume to start a new run")
+        start = _load_state(state_path, adapter, names, optimizer, scaler, run_key)
+        if log and info.is_main:
+            log(f"resuming from step {start} of {total} ({state_path})")
+    if start > total:
+        raise InvalidInputError(f"the training state is at step {start}, past the run's {total}")
+
+    model: torch.nn.Module = adapter
+    if info.world > 1:
+        model = DistributedDataParallel(
+            adapter, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    stream = SampleStream(size, config.seed)
+    sampler = MicroBatches(stream, config.batch_size, config.grad_accum, info, start, total)
+    workers = _workers(config, device)
+    loader = DataLoader(SeededSamples(dataset, config.seed), batch_sampler=sampler,
+                        num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=False)
+
+    window_loss = torch.zeros((), device=device)
+    window_correct = torch.zeros((), device=device, dtype=torch.long)
+    window_seen = 0
+    window_micro = 0
+    diverged = torch.zeros((), device=device, dtype=torch.bool)
+    last_checked = start
+    last_saved = start if config.resume else None
+    window_start = time.perf_counter()
+    run_start = window_start
+    last_loss, last_acc, lr = float("nan"), float("nan"), config.lr
+    global_batch = config.batch_size
+    batches = iter(loader)
+
+    def check_finite(step_done: int) -> None:
+        flag = diverged.to(torch.int32)
+        if info.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if bool(flag.item()):
+            where = f"between steps {last_checked} and {step_done}"
+            saved = (f"; the training state of step {last_saved} in {config.workdir} is intact "
+                     "(--resume continues from it)" if last_saved is not None else "")
+            raise NumericalError(f"training diverged: the loss became NaN or Inf {where}; "
+                                 f"no output was written{saved}",
+                                 hint="lower --lr, use --precision fp32 or bf16, or check the data")
+
+    for step in range(start, total):
+        lr = learning_rate(step, total, warmup, config.lr)
+        for k in range(config.grad_accum):
+            images, labels = _collate_check(*next(batches))
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            sync = contextlib.nullcontext()
+            if info.world > 1 and k < config.grad_accum - 1:
+                sync = model.no_sync()  # type: ignore[operator]
+            with sync:
+                loss, logits = classification_loss(model, images, labels, head, device,
+                                                   precision)
+                scaler.scale(loss / config.grad_accum).backward()
+            with torch.no_grad():
+                detached = loss.detach()
+                diverged |= ~torch.isfinite(detached)
+                window_loss += detached
+                window_correct += (logits.argmax(dim=-1) == labels).sum()
+            window_micro += 1
+            window_seen += labels.numel()
+        opt.update(lr)
+        done = step + 1
+        save_now = state_path is not None and done % config.checkpoint_every == 0 and done < total
+        if done % config.log_every == 0 or done == total or save_now:
+            check_finite(done)
+            last_checked = done
+            now = time.perf_counter()
+            last_loss = float(window_loss.item()) / max(1, window_micro)
+            last_acc = float(window_correct.item()) / max(1, window_seen)
+            steps_in_window = window_micro / config.grad_accum
+            rate = steps_in_window * global_batch / max(now - window_start, 1e-9)
+            if progress is not None and info.is_main:
+                progress(StepLog(done, total, last_loss, last_acc, lr, rate))
+            window_loss.zero_()
+            window_correct.zero_()
+            window_seen = window_micro = 0
+            window_start = now
+        if save_now and state_path is not None:
+            if info.is_main:
+                _save_state(state_path, adapter, names, optimizer, scaler, done, run_key)
+            if info.world > 1:
+                dist.barrier()
+            last_saved = done
+        if after_step is not None:
+            after_step(done)
+    check_finite(total)
+    seconds = time.perf_counter() - run_start
+    ran = total - start
+    return TrainResult(start_step=start, steps=total, seconds=seconds,
+                       images_per_s=ran * global_batch / max(seconds, 1e-9),
+                       final_loss=last_loss, train_accuracy=last_acc)
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def _quiet(_: str) -> None:
+    return None
+
+
+def _init_process_group(info: DistInfo, device_kind: str) -> bool:
+    if info.world <= 1 or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return True
+
+
+def _write_checkpoint(path: str, ref: Any, dense: Mapping[str, Tensor],
+                      meta: FileMeta, inputs: Sequence[str]) -> None:
+    from tvtool.io import TensorInfo
+    from tvtool.models import base_source
+
+    source, _ = base_source(ref)
+    try:
+        names = source.keys()
+        layout = [TensorInfo(n, source.info(n).dtype, source.info(n).shape) for n in names]
+
+        def tensors() -> Iterator[tuple[str, Tensor]]:
+            for name in names:
+                tensor = source.get(name)
+                if name in dense:
+                    tensor = (tensor.double() + dense[name].double()).to(tensor.dtype)
+                yield name, tensor
+
+        write_tensors(path, tensors(), meta.to_header(), layout=layout, inputs=inputs)
+    finally:
+        source.close()
+
+
+def finetune(
+    config: FinetuneConfig,
+    *,
+    dataset: Dataset | None = None,
+    head: Tensor | None = None,
+    progress: Callable[[StepLog], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    on_trained: Callable[[Adapter], None] | None = None,
+) -> FinetuneResult:
+    """Fine-tune the image encoder of ``config.base`` and write the task vector.
+
+    Under torchrun every process calls this; process 0 writes the outputs.
+
+    Args:
+        config: What to do.
+        dataset: Training examples; default ``tvtool.data.load_split(config.dataset, "train",
+            preprocess_train)``.
+        head: Zero-shot head; default built from the dataset's class names and templates.
+        progress: Progress callback (see :func:`train`).
+        after_step: Per-step callback (see :func:`train`).
+        log: Info lines (stderr in the CLI).
+        on_trained: Called on every process with the trained adapter, before the outputs
+            are written (e.g. to evaluate in-process).
+
+    Returns:
+        The run summary.
+
+    Raises:
+        UsageError, InvalidInputError: bad configuration, inputs or resume state.
+        NumericalError: the run diverged (no output written).
+    """
+    from tvtool.finetune import get_mode
+    from tvtool.models import base_source, build_zero_shot_head, fingerprint, load_clip
+    from tvtool.models.refs import RefKind
+
+    config.validate()
+    info = dist_from_env()
+    say = log if log is not None and info.is_main else _quiet
+    device = resolve_device(config.device, info)
+    precision = resolve_precision(config.precision, device)
+    mode = get_mode(config.mode)
+    owns_group = _init_process_group(info, device.type)
+    try:
+        source, ref = base_source(config.base)
+        try:
+            base_fp = fingerprint(source)
+        finally:
+            source.close()
+        inputs = [ref.location or ref.text] if ref.kind in (RefKind.CHECKPOINT,
+                                                              RefKind.WEIGHTS_FILE) else []
+        if info.is_main:
+            check_output(config.output, inputs)
+            if config.checkpoint_out is not None:
+                check_output(config.checkpoint_out, inputs)
+            if config.workdir:
+                ensure_directory(config.workdir)
+                if not config.resume and os.path.exists(os.path.join(config.workdir,
+                                                                     RESUME_FILE)):
+                    say(f"note: {config.workdir} holds the training state of an earlier run; "
+                        "it will be replaced (pass --resume to continue that run instead)")
+        if info.world > 1:
+            dist.barrier()
+        torch.manual_seed(config.seed)
+        bundle = load_clip(ref, device)
+        if dataset is None:
+            from tvtool.data import load_split
+
+            dataset = load_split(config.dataset, "train", bundle.preprocess_train,
+                                 data_root=config.data_root, seed=config.seed)
+        if head is None:
+            spec = getattr(dataset, "spec", None)
+            if spec is None:
+                raise InvalidInputError("the dataset has no .spec (class names and templates)",
+                                        hint="pass a zero-shot head explicitly")
+            head = build_zero_shot_head(bundle, spec.classnames, spec.templates, device)
+        encoder = cast(torch.nn.Module, bundle.model.visual)
+        architecture = bundle.architecture
+        del bundle  # drop the text tower: only the image encoder trains
+        adapter = mode.build(encoder, config.mode_options())
+        say(f"fine-tuning {architecture} ({mode.name.value}: {mode.summary}) on "
+            f"{config.dataset}, {len(dataset)} examples, {device}, {precision}"  # type: ignore[arg-type]
+            + (f", {info.world} processes" if info.world > 1 else ""))
+        result = train(adapter, head, dataset, config, device=device, precision=precision,
+                       info=info, fingerprint=base_fp, progress=progress,
+                       after_step=after_step, log=say)
+        if on_trained is not None:
+            on_trained(adapter)
+        vector = adapter.task_vector()
+        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=architecture, base_ref=config.base,
+                        base_fingerprint=base_fp, mode=config.mode, linearized=mode.linearized,
+                        dataset=config.dataset,
+                        provenance=provenance("finetune", {**config.as_json(),
+                                                           "precision_resolved": precision,
+                                                           "world_size": info.world},
+                                              seed=config.seed),
+                        extra=adapter.vector_metadata())
+        if info.is_main:
+            write_tensors(config.output, vector, meta.to_header(), inputs=inputs)
+            if config.checkpoint_out is not None:
+                ckpt_meta = meta.with_changes(kind=Kind.CHECKPOINT, linearized=False, extra={})
+                _write_checkpoint(config.checkpoint_out, ref, adapter.dense_delta(), ckpt_meta,
+                                  inputs)
+        if info.world > 1:
+            dist.barrier()
+        return FinetuneResult(
+            output=config.output, checkpoint_out=config.checkpoint_out, mode=config.mode.value,
+            linearized=mode.linearized, dataset=config.dataset, steps=result.steps,
+            resumed_from=result.start_step, seconds=result.seconds,
+            images_per_s=result.images_per_s, final_loss=result.final_loss,
+            train_accuracy=result.train_accuracy, tensors=len(vector),
+            parameters=sum(t.numel() for t in vector.values()), device=str(device),
+            precision=precision, world_size=info.world)
+    finally:
+        if owns_group and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,52 @@
+"""Merging task vectors: one module per method, a registry, a streaming engine, search.
+
+Registry (``METHODS``: name -> :class:`MergeMethod` with its paper, whether it streams, its
+per-tensor function and its params class):
+
+* ``task_arithmetic`` -- Σ α_i τ_i (Ilharco et al. 2023)
+* ``mean`` -- (1/N) Σ α_i τ_i (Wortsman et al. 2022)
+* ``ties`` -- trim / elect sign / disjoint merge (Yadav et al. 2023)
+* ``dare`` -- seeded drop and rescale, then sum or TIES (Yu et al. 2024)
+* ``magnitude`` -- magnitude pruning, then sum (TIES paper's trim-only ablation)
+
+Entry points: :func:`merge` (files, one :class:`MergeConfig`), :func:`merge_state_dicts`
+(in memory), :func:`plan_sources` (streaming over any TensorSource), :func:`load_config`,
+and the coefficient searches in :mod:`tvtool.merge.search`.
+"""
+
+from tvtool.merge.base import MergeMethod, TensorContext
+from tvtool.merge.coefs import Coefficients, load_coefficients
+from tvtool.merge.config import MergeConfig, config_from_document, load_config
+from tvtool.merge.engine import (
+    MergePlan,
+    MergeResult,
+    MergeSpec,
+    describe_plan,
+    make_spec,
+    merge,
+    merge_state_dicts,
+    open_merge,
+    plan_sources,
+)
+from tvtool.merge.registry import METHODS, get_method
+
+__all__ = [
+    "METHODS",
+    "Coefficients",
+    "MergeConfig",
+    "MergeMethod",
+    "MergePlan",
+    "MergeResult",
+    "MergeSpec",
+    "TensorContext",
+    "config_from_document",
+    "describe_plan",
+    "get_method",
+    "load_coefficients",
+    "load_config",
+    "make_spec",
+    "merge",
+    "merge_state_dicts",
+    "open_merge",
+    "plan_sources",
+]

@@ -90,6 +90,12 @@ def test_end_to_end_writes_a_valid_coefficient_file_and_merged_model(cli, files,
                                        weights=coefs.weight_builder(), **settings))
     with_checkpoint = evaluate(EvalConfig(base=str(merged), **settings))
     assert with_builder.results[0].correct == with_checkpoint.results[0].correct
+    # ... and what `tvtool eval --coefs` evaluates.
+    result = cli(["eval", files["tv1"], files["tv2"], "--coefs", str(out), "--base",
+                  files["base"], "-d", "synthetic:shape", "--limit", "24", "--device", "cpu",
+                  "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["results"][0]["correct"] == with_checkpoint.results[0].correct
 
 
 def test_random_granularity_is_deterministic(cli, files, tmp_path):

@@ -98,6 +98,10 @@ def eval_command(
     coef: Annotated[list[float] | None, typer.Option(
         "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.",
         show_default=False)] = None,
+    coefs: Annotated[str | None, typer.Option(
+        "--coefs", help="Coefficient file of `learn-coeffs` (aTLAS): per-block coefficients "
+                        "of the VECTORs, in its row order; replaces --coef.",
+        show_default=False)] = None,
     dataset: DatasetOpt = None,
     split: SplitOpt = "test",
     data_root: DataRootOpt = None,
@@ -135,13 +139,20 @@ def eval_command(
 
     if base is None:
         raise UsageError("missing option --base", hint="e.g. --base tvtool-tiny")
+    weights = None
+    if coefs is not None:
+        from tvtool.coeffs import read_coefficients
+
+        if coef:
+            raise UsageError("--coef and --coefs are exclusive")
+        weights = read_coefficients(coefs).weight_builder()
     config = EvalConfig(
         base=base, datasets=tuple(dataset or ()), vectors=tuple(vectors or ()),
         coefs=tuple(coef or [1.0]), split=split, data_root=data_root, batch_size=batch_size,
         device=device, precision=precision, limit=limit, seed=seed, workers=workers,
         references=tuple(reference or ()), heads=tuple(head or ()),
         allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
-        cache_heads=not no_head_cache)
+        cache_heads=not no_head_cache, weights=weights)
     if out is not None:
         _check_out(out, config)
     report = evaluate(config, log=log, progress=progress_bar)
@@ -157,6 +168,7 @@ def eval_command(
 
 def _inputs(config: Any) -> list[str]:
     return [*config.vectors, *config.references, *config.heads]
+
 
 
 def _check_out(out: str, config: Any) -> None:

@@ -1,0 +1,106 @@
+"""The demo: claim checks on hand-made numbers, and the CI smoke run of ``tvtool demo --quick``."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from tvtool.demo import report
+
+TASKS = ["synthetic:a", "synthetic:b"]
+
+
+def _results(ta: float, atlas: float) -> dict:
+    return {
+        "tasks": TASKS,
+        "zero_shot": {"synthetic:a": 0.2, "synthetic:b": 0.4},
+        "finetuned": {"full": {"synthetic:a": 0.9, "synthetic:b": 0.8}},
+        "methods": {"full": {
+            "task_arithmetic": {"coef": 0.5, "accuracy": {"synthetic:a": ta, "synthetic:b": ta}},
+            "atlas_fewshot": {"coef": None,
+                              "accuracy": {"synthetic:a": atlas, "synthetic:b": atlas}}}},
+        "disentanglement": {"full": {"mean_error": 0.5, "figure": "f.png"},
+                            "linear": {"mean_error": 0.7, "figure": "l.png"}},
+        "negation": {"mode": "full", "target": "synthetic:a", "control": "synthetic:b",
+                     "coef": 1.0, "feasible": True,
+                     "base": {"target": 0.2, "control": 0.4},
+                     "negated": {"target": 0.1, "control": 0.39}},
+    }
+
+
+def _claim(claims: list[dict], text: str) -> dict:
+    return next(c for c in claims if text in c["claim"])
+
+
+def test_claims_follow_the_numbers():
+    claims = report.check_claims(_results(ta=0.5, atlas=0.7))
+    assert _claim(claims, "aTLAS (fewshot, full)")["held"] is True
+    assert _claim(claims, "fine-tuning (full)")["held"] is True
+    assert _claim(claims, "linear vectors are less entangled")["held"] is False
+    assert _claim(claims, "negation lowers")["held"] is True
+    flipped = report.check_claims(_results(ta=0.7, atlas=0.5))
+    assert _claim(flipped, "aTLAS (fewshot, full)")["held"] is False
+
+
+def test_infeasible_negation_never_counts_as_held():
+    results = _results(ta=0.5, atlas=0.7)
+    results["negation"]["feasible"] = False
+    assert _claim(report.check_claims(results), "negation lowers")["held"] is False
+
+
+def test_normalized_average_divides_by_the_modes_finetuned_accuracy():
+    value = report.normalized_average(_results(ta=0.45, atlas=0.7), "full", "task_arithmetic")
+    assert math.isclose(value, (0.45 / 0.9 + 0.45 / 0.8) / 2)
+
+
+def test_markdown_names_every_method_and_claim():
+    results = _results(ta=0.5, atlas=0.7)
+    results.update(base="tvtool-tiny", config={"quick": True, "seed": 0}, figures=["a.png"],
+                   timings={"merging": 1.0})
+    results["claims"] = report.check_claims(results)
+    text = report.markdown(results)
+    assert "| full | atlas_fewshot | 70.0 | 70.0 | 70.0 |" in text
+    assert text.count("**held**") + text.count("**did NOT hold**") == len(results["claims"])
+
+
+def test_quick_demo_smoke(cli, tmp_path):
+    from tvtool.models import embedded_weights_path
+
+    if not embedded_weights_path().is_file():
+        pytest.fail(f"embedded weights missing at {embedded_weights_path()}")
+    out = tmp_path / "demo"
+    result = cli(["demo", "--quick", "--out", str(out), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert doc["tasks"] == on_disk["tasks"] and len(doc["tasks"]) == 3
+    modes = ["full", "attn", "linear"]
+    # every stage produced a result
+    assert set(doc["finetuned"]) == set(modes)
+    for mode in modes:
+        for task in doc["tasks"]:
+            assert 0.0 <= doc["finetuned"][mode][task] <= 1.0
+            assert Path(doc["vectors"][mode][task]).is_file()
+        for method in ("task_arithmetic", "ties"):
+            entry = doc["methods"][mode][method]
+            assert entry["coef"] is not None
+            assert set(entry["accuracy"]) == set(doc["tasks"])
+        assert doc["disentanglement"][mode]["mean_error"] >= 0.0
+    for method in ("atlas_fewshot", "atlas_unlabelled"):
+        assert set(doc["methods"]["full"][method]["accuracy"]) == set(doc["tasks"])
+    neg = doc["negation"]
+    assert Path(neg["output"]).is_file()
+    assert set(neg["negated"]) == {"target", "control"}
+    assert len(doc["cosine"]["matrix"]) == 3 * len(modes)
+    assert doc["claims"] and all(isinstance(c["held"], bool) for c in doc["claims"])
+    # fine-tuning must actually have helped on the embedded world
+    zero = sum(doc["zero_shot"].values()) / 3
+    full = sum(doc["finetuned"]["full"].values()) / 3
+    assert full > zero + 0.2, (zero, full)
+    for figure in doc["figures"]:
+        assert (out / figure).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    text = (out / "report.md").read_text()
+    assert "## Claims of the papers on this run" in text

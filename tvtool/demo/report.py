@@ -43,42 +43,86 @@ def normalized_average(results: Results, mode: str, method: str) -> float:
     return _mean([accs[t] / ref[t] if ref[t] > 0 else 0.0 for t in tasks])
 
 
+def noise_level(accuracies: Sequence[Mapping[str, float]], tasks: Sequence[str],
+                examples: int | None, scale: Mapping[str, float] | None = None,
+                ) -> float | None:
+    """Two standard errors of the difference between two average accuracies.
+
+    Each accuracy is a binomial proportion over ``examples`` test images per task; the
+    average over tasks of one model has variance ``sum(p (1 - p) / n) / T**2``, and a
+    difference of two (treated as independent) adds the variances.
+
+    Args:
+        accuracies: The two models' accuracies per task.
+        tasks: The tasks averaged over.
+        examples: Test images per task (``None``: unknown, no noise level).
+        scale: Factor per task applied to both accuracies before averaging (``1 / fine-tuned
+            accuracy`` for normalized accuracy).
+
+    Returns:
+        The noise level in accuracy units, or ``None`` when ``examples`` is unknown.
+    """
+    if not examples or not tasks:
+        return None
+    factor = scale or {}
+    variance = sum(factor.get(t, 1.0) ** 2 * acc[t] * (1 - acc[t]) / examples
+                   for acc in accuracies for t in tasks)
+    return float(2 * variance ** 0.5 / len(tasks))
+
+
+def _claim(claim: str, held: bool, evidence: str, difference: float | None = None,
+           noise: float | None = None) -> dict[str, Any]:
+    entry: dict[str, Any] = {"claim": claim, "held": held, "evidence": evidence}
+    if difference is not None and noise is not None:
+        entry["within_noise"] = abs(difference) < noise
+        entry["evidence"] += f"; difference {difference:+.3f}, noise ±{noise:.3f}"
+    return entry
+
+
 def check_claims(results: Results) -> list[dict[str, Any]]:
     """Compare the papers' claims with this run's numbers.
 
     Returns:
-        One entry per claim that this run measured: ``claim``, ``held`` (bool), ``evidence``.
+        One entry per claim that this run measured: ``claim``, ``held`` (bool), ``evidence``,
+        and for accuracy comparisons ``within_noise`` (the difference is smaller than two
+        standard errors of the test-set sampling, see :func:`noise_level`).
     """
     claims: list[dict[str, Any]] = []
     tasks = results["tasks"]
-    zero = _mean([results["zero_shot"][t] for t in tasks])
+    examples = results.get("config", {}).get("eval_limit")
+    zero_accs = results["zero_shot"]
+    zero = _mean([zero_accs[t] for t in tasks])
     for mode, accs in results["finetuned"].items():
         fine = _mean([accs[t] for t in tasks])
-        claims.append({
-            "claim": f"fine-tuning ({mode}) beats zero-shot on its own task",
-            "held": fine > zero,
-            "evidence": f"average {fine:.3f} vs zero-shot {zero:.3f}"})
+        claims.append(_claim(
+            f"fine-tuning ({mode}) beats zero-shot on its own task", fine > zero,
+            f"average {fine:.3f} vs zero-shot {zero:.3f}", fine - zero,
+            noise_level([accs, zero_accs], tasks, examples)))
     methods = results["methods"]
     for mode, entries in methods.items():
+        ref = results["finetuned"][mode]
+        inverse_ref = {t: 1 / ref[t] if ref[t] > 0 else 0.0 for t in tasks}
         if "task_arithmetic" in entries:
-            ta = _mean([entries["task_arithmetic"]["accuracy"][t] for t in tasks])
-            claims.append({
-                "claim": f"task addition ({mode}) gives one model above zero-shot on average",
-                "held": ta > zero,
-                "evidence": f"average {ta:.3f} vs zero-shot {zero:.3f}"})
-        for atlas in ("atlas_fewshot", "atlas_unlabelled"):
-            if atlas in entries and "task_arithmetic" in entries:
-                a = normalized_average(results, mode, atlas)
-                t = normalized_average(results, mode, "task_arithmetic")
-                claims.append({
-                    "claim": f"aTLAS ({atlas.split('_')[1]}, {mode}) beats task arithmetic "
-                             "with searched α (normalized accuracy)",
-                    "held": a > t, "evidence": f"{a:.3f} vs {t:.3f}"})
-        if "ties" in entries and "task_arithmetic" in entries:
-            a = normalized_average(results, mode, "ties")
+            ta_accs = entries["task_arithmetic"]["accuracy"]
+            ta = _mean([ta_accs[t] for t in tasks])
+            claims.append(_claim(
+                f"task addition ({mode}) gives one model above zero-shot on average",
+                ta > zero, f"average {ta:.3f} vs zero-shot {zero:.3f}", ta - zero,
+                noise_level([ta_accs, zero_accs], tasks, examples)))
+        for other, label in (("atlas_fewshot", "aTLAS (fewshot, {mode})"),
+                             ("atlas_unlabelled", "aTLAS (unlabelled, {mode})"),
+                             ("ties", "TIES ({mode})")):
+            if other not in entries or "task_arithmetic" not in entries:
+                continue
+            a = normalized_average(results, mode, other)
             t = normalized_average(results, mode, "task_arithmetic")
-            claims.append({"claim": f"TIES ({mode}) beats task arithmetic (normalized accuracy)",
-                           "held": a > t, "evidence": f"{a:.3f} vs {t:.3f}"})
+            searched = " with searched α" if other.startswith("atlas") else ""
+            noise = noise_level([entries[other]["accuracy"],
+                                 entries["task_arithmetic"]["accuracy"]], tasks, examples,
+                                scale=inverse_ref)
+            claims.append(_claim(
+                f"{label.format(mode=mode)} beats task arithmetic{searched} "
+                "(normalized accuracy)", a > t, f"{a:.3f} vs {t:.3f}", a - t, noise))
     dis = results.get("disentanglement", {})
     if "full" in dis:
         for mode in ("linear", "attn"):
@@ -144,6 +188,8 @@ def markdown(results: Results) -> str:
     lines += ["", "## Claims of the papers on this run", ""]
     for claim in results["claims"]:
         mark = "held" if claim["held"] else "did NOT hold"
+        if claim.get("within_noise"):
+            mark += " (within noise)"
         lines.append(f"- **{mark}**: {claim['claim']} — {claim['evidence']}")
     lines += ["", "## Figures", ""]
     for figure in results["figures"]:

@@ -15,6 +15,7 @@ import numpy as np
 from tvtool.world.vocab import (
     COLOR_RGB,
     COLORS,
+    DIGIT_EXTRA_RADIUS,
     DIGIT_KIND,
     DIGITS,
     IMAGE_SIZE,
@@ -114,6 +115,7 @@ def sample_scenes(
     kinds: Sequence[int] = _ALL_KINDS,
     single_prob: float | None = None,
     shift: Shift | None = None,
+    choices: Mapping[str, Sequence[int]] | None = None,
 ) -> Scenes:
     """Sample ``n`` scenes; factors not in ``fixed`` are drawn uniformly.
 
@@ -128,6 +130,7 @@ def sample_scenes(
         kinds: Object kinds to draw from when ``kind`` is not fixed.
         single_prob: Probability of a single object when ``count`` is not fixed; ``None``
             draws the count uniformly.
+        choices: Allowed values of factors that are drawn (e.g. ``{"size": (1, 2)}``).
         shift: Domain gap to apply (``None``: the corpus's look). Its random draws come after
             all others, so the same generator state gives the same scenes otherwise.
 
@@ -135,11 +138,12 @@ def sample_scenes(
         The sampled scenes.
     """
     fixed = dict(fixed or {})
+    allowed = dict(choices or {})
 
     def factor(name: str, values: Sequence[int]) -> np.ndarray:
         if name in fixed:
             return np.broadcast_to(np.asarray(fixed[name], dtype=np.int64), (n,)).copy()
-        return _choice(rng, n, values)
+        return _choice(rng, n, allowed.get(name, values))
 
     kind = factor("kind", kinds)
     digit = np.where(kind == DIGIT_KIND, factor("digit", range(len(DIGITS))), 0)
@@ -159,6 +163,7 @@ def sample_scenes(
         raise ValueError(f"count must be 1..{MAX_OBJECTS}")
 
     radius = SIZE_RADIUS[size] * rng.uniform(0.93, 1.07, size=n).astype(np.float32)
+    radius = np.where(kind == DIGIT_KIND, radius + DIGIT_EXTRA_RADIUS, radius).astype(np.float32)
     centers = _place(rng, count, position, radius)
     jitter = rng.uniform(-18, 18, size=(n, 3)).astype(np.float32)
     rgb = np.clip(COLOR_RGB[color] + jitter, 0, 255)

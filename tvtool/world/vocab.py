@@ -28,8 +28,11 @@ COLOR_RGB = np.array(
 )
 
 SIZES: tuple[str, ...] = ("small", "medium", "large")
-SIZE_RADIUS = np.array([3.5, 5.0, 7.0], dtype=np.float32)
+SIZE_RADIUS = np.array([4.0, 5.5, 7.0], dtype=np.float32)
 """Half-extent of an object of each size, in pixels."""
+
+DIGIT_EXTRA_RADIUS = 2.5
+"""Digits are drawn this much larger (half-height, pixels) so that strokes stay legible."""
 
 COUNTS: tuple[str, ...] = ("one", "two", "three", "four")
 MAX_OBJECTS = len(COUNTS)

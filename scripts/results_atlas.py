@@ -187,7 +187,7 @@ def main() -> int:
     parser.add_argument("--base", default="tvtool-tiny")
     parser.add_argument("--tasks", default="shape,color,size,count",
                         help="comma-separated synthetic tasks")
-    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per task")
+    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per task")
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     parser.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch")
     parser.add_argument("--grid", default="0:1:0.05", help="task-arithmetic α grid")

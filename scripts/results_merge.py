@@ -10,7 +10,7 @@ work directory), then compare on the test splits
 Usage::
 
     python scripts/results_merge.py [--base tvtool-tiny] [--tasks shape,color,size,count]
-        [--steps 300] [--lr 1e-3] [--grid 0:1:0.05] [--limit N] [--workdir out/results-merge]
+        [--steps 500] [--lr 1e-3] [--grid 0:1:0.05] [--limit N] [--workdir out/results-merge]
         [--doc docs/results.md]
 
 The table is printed and written between the ``merge-results`` markers of ``--doc`` (the rest
@@ -45,11 +45,19 @@ def log(message: str) -> None:
 
 def finetune_vectors(args: argparse.Namespace, workdir: Path) -> list[str]:
     """One task vector per task, fine-tuned once and cached in the work directory."""
+    import hashlib
+    import json
+
     from tvtool.finetune import FinetuneConfig, finetune
 
+    # The recipe and the base's fingerprint name the cached file, so a changed base or recipe
+    # fine-tunes afresh instead of reusing a vector of another base.
+    recipe = json.dumps([_fingerprint(args.base), args.steps, args.lr, args.batch_size,
+                         args.seed])
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     paths = []
     for task in args.tasks:
-        path = workdir / f"{task.replace(':', '_')}.full.safetensors"
+        path = workdir / f"{task.replace(':', '_')}.full.{key}.safetensors"
         if not path.exists():
             log(f"fine-tuning {task} ({args.steps} steps)")
             started = time.perf_counter()
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows.append({"method": label, "coef": 1.0, "accuracy": accuracy,
                          "normalized": normalize(accuracy, reference["finetuned"]["test"])})
     assert reference is not None
+    negation = negate(args, vectors, settings, workdir)
     finetuned = reference["finetuned"]["test"]
     zero_shot = reference["zero_shot"]["test"]
     rows = [{"method": "zero-shot", "coef": None, "accuracy": zero_shot,
@@ -103,7 +112,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"base": args.base, "base_fingerprint": _fingerprint(args.base),
             "tasks": args.tasks, "steps": args.steps, "lr": args.lr,
             "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
-            "grid": list(grid), "rows": rows}
+            "grid": list(grid), "rows": rows, "negation": negation}
+
+
+def negate(args: argparse.Namespace, vectors: list[str], settings: Any,
+           workdir: Path) -> dict[str, Any]:
+    """``tvtool negate --search`` on the target task's vector against the control task."""
+    from tvtool.merge.evaluation import search_negate
+    from tvtool.merge.search import parse_grid
+
+    target = args.tasks[args.tasks.index(args.negate_target)]
+    log(f"negation: forgetting {target}, keeping {args.negate_control}")
+    report = search_negate(vectors[args.tasks.index(target)],
+                           str(workdir / "negated.safetensors"), settings,
+                           parse_grid(args.negate_grid), control=args.negate_control,
+                           target=target, threshold=args.negate_threshold, log=log)
+    return report.as_json()
 
 
 def _fingerprint(base: str) -> str:
@@ -150,6 +174,8 @@ def markdown(results: dict[str, Any]) -> str:
                      + f" | {_pct(sum(accs) / len(accs))} | {_pct(sum(norms) / len(norms))} |")
     if results.get("note"):
         lines += ["", results["note"]]
+    if results.get("negation"):
+        lines += ["", *negation_markdown(results["negation"])]
     lines += [
         "",
         f"Run time: {results.get('seconds', float('nan')) / 60:.1f} min on CPU. For scale, the "
@@ -160,6 +186,32 @@ def markdown(results: dict[str, Any]) -> str:
         "its work directory).",
     ]
     return "\n".join(lines)
+
+
+def negation_markdown(report: dict[str, Any]) -> list[str]:
+    """The negation table: base and negated test accuracy of target and control."""
+    target, control = report["target"], report["control"]
+    base, negated = report["test"]["base"], report["test"]["negated"]
+    threshold = report["val"]["threshold"]
+    kept = negated[control] / base[control] if base[control] > 0 else float("nan")
+    return [
+        "### Negation",
+        "",
+        f"`tvtool negate --search`: the vector fine-tuned on `{target}` subtracted with the "
+        f"largest α (searched on the validation splits over {len(report['val']['grid'])} "
+        f"values) that keeps `{control}` accuracy at ≥ {threshold:.0%} of the base's while "
+        "lowering the target's. Test accuracy in %:",
+        "",
+        "| model | α | target (" + target.split(":", 1)[-1] + ") | control ("
+        + control.split(":", 1)[-1] + ") |",
+        "|---|---|---|---|",
+        f"| zero-shot |  | {_pct(base[target])} | {_pct(base[control])} |",
+        f"| negated | −{report['best_coef']:g} | {_pct(negated[target])} | "
+        f"{_pct(negated[control])} |",
+        "",
+        f"Target accuracy {_pct(base[target])} → {_pct(negated[target])}; control kept at "
+        f"{_pct(kept)} % of zero-shot (test split).",
+    ]
 
 
 def update_doc(path: Path, section: str) -> None:
@@ -182,7 +234,7 @@ def main() -> int:
     parser.add_argument("--base", default="tvtool-tiny")
     parser.add_argument("--tasks", default="shape,color,size,count",
                         help="comma-separated synthetic tasks (at least 4 for the doc)")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-batch-size", type=int, default=256)
@@ -190,6 +242,12 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--negate-target", default="synthetic:shape",
+                        help="task whose vector is negated (one of --tasks)")
+    parser.add_argument("--negate-control", default="synthetic:count",
+                        help="task whose accuracy the negation must keep")
+    parser.add_argument("--negate-grid", default="0.05:1:0.05")
+    parser.add_argument("--negate-threshold", type=float, default=0.95)
     parser.add_argument("--workdir", default="out/results-merge")
     parser.add_argument("--doc", default="docs/results.md")
     parser.add_argument("--note", default=None, help="a sentence added under the table")
@@ -199,6 +257,10 @@ def main() -> int:
                         help="only render an earlier run's results_merge.json into --doc")
     args = parser.parse_args()
     args.tasks = [t if ":" in t else f"synthetic:{t}" for t in args.tasks.split(",") if t]
+    args.negate_target, args.negate_control = (
+        t if ":" in t else f"synthetic:{t}" for t in (args.negate_target, args.negate_control))
+    if args.negate_target not in args.tasks:
+        parser.error("--negate-target must be one of --tasks")
     from tvtool.io import read_json, write_json
 
     if args.from_json:

@@ -128,3 +128,50 @@ def test_resisc45_missing_class_folders_is_an_error(tmp_path):
     (tmp_path / "resisc45" / "NWPU-RESISC45" / "airplane").mkdir(parents=True)
     with pytest.raises(InvalidInputError, match="lacks class folders"):
         load_split("RESISC45", "train", data_root=tmp_path)
+
+
+def _fake_download(monkeypatch, source: Path) -> list[str]:
+    """Make torchvision's MNIST download copy ``source``'s files instead of using the network."""
+    import shutil
+
+    import torchvision.datasets
+
+    calls: list[str] = []
+
+    def download(self) -> None:
+        calls.append(self.root)
+        if not self._check_exists():
+            shutil.copytree(source / "MNIST", Path(self.root) / "MNIST", dirs_exist_ok=True)
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", download)
+    return calls
+
+
+def test_download_fetches_only_standard_datasets(tmp_path, fake_mnist, monkeypatch):
+    from tvtool.data import download
+
+    calls = _fake_download(monkeypatch, fake_mnist)
+    assert download("MNIST", tmp_path) is True
+    assert calls and (tmp_path / "MNIST" / "raw").is_dir()
+    assert len(load_split("MNIST", "test", data_root=tmp_path)) == 20
+    assert download("synthetic:shape") is False
+    with pytest.raises(InvalidInputError, match="RESISC45 has no downloader"):
+        download("RESISC45", tmp_path)
+
+
+def test_cli_download_flag_fetches_before_evaluating(cli, tmp_path, fake_mnist, monkeypatch):
+    import json
+
+    calls = _fake_download(monkeypatch, fake_mnist)
+    args = ["eval", "--base", "tvtool-tiny:random", "-d", "MNIST", "--data-root", str(tmp_path),
+            "--limit", "8", "--no-head-cache", "--json"]
+    refused = cli(args)
+    assert refused.exit_code == 2 and "--download" in refused.stderr and not calls
+    assert not (tmp_path / "MNIST").exists()
+    result = cli([*args, "--download"])
+    assert result.exit_code == 0, result.stderr
+    (entry,) = json.loads(result.stdout)["results"]
+    assert calls and entry["dataset"] == "MNIST" and entry["total"] == 8
+    no_search = cli(["merge", "a.safetensors", "b.safetensors", "-o", str(tmp_path / "m"),
+                     "--download"])
+    assert no_search.exit_code == 2 and "--search-coef" in no_search.stderr

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any, TypeVar
 
@@ -152,6 +152,20 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", envvar="TVTOOL_PRECISI
 AllowOtherBaseOpt = Annotated[bool, typer.Option(
     "--allow-base-mismatch",
     help="Use vectors whose recorded base fingerprint differs from the base (unsafe).")]
+
+
+DownloadOpt = Annotated[bool, typer.Option(
+    "--download", help="Download missing standard datasets into --data-root first (network).")]
+
+
+def download_datasets(names: Iterable[str | None], data_root: str | None) -> None:
+    """Fetch the standard datasets among ``names`` into the data root (``--download``)."""
+    from tvtool.data import download
+
+    for name in dict.fromkeys(n for n in names if n):
+        if not name.lower().startswith(("synthetic:", "imagefolder:")):
+            log(f"{name}: downloading what is missing under the data root")
+        download(name, data_root)
 
 
 def resolve_device(device: str) -> str:

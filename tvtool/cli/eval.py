@@ -16,9 +16,11 @@ from typer.core import TyperGroup
 
 from tvtool.cli.common import (
     DeviceOpt,
+    DownloadOpt,
     JsonOpt,
     PrecisionOpt,
     SeedOpt,
+    download_datasets,
     emit_json,
     emit_path,
     handles_errors,
@@ -105,6 +107,7 @@ def eval_command(
     dataset: DatasetOpt = None,
     split: SplitOpt = "test",
     data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
     batch_size: BatchOpt = 128,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -155,6 +158,8 @@ def eval_command(
         cache_heads=not no_head_cache, weights=weights)
     if out is not None:
         _check_out(out, config)
+    if download:
+        download_datasets(config.datasets, data_root)
     report = evaluate(config, log=log, progress=progress_bar)
     document = report.as_json()
     stderr.print(_table(document))
@@ -236,6 +241,7 @@ def disentanglement_command(
         "--png", help="Also write a heatmap PNG.", show_default=False)] = None,
     split: SplitOpt = "test",
     data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
     batch_size: BatchOpt = 128,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -275,6 +281,8 @@ def disentanglement_command(
     if png == "-" and (output is None or output == "-" or as_json):
         raise UsageError("--png - would mix the PNG with the JSON on stdout",
                          hint="write the PNG to a file")
+    if download:
+        download_datasets(config.datasets, data_root)
     report = disentanglement(config, log=log, progress=progress_bar)
     document = report.as_json()
     for key, value in summarize(report).items():

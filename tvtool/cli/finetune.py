@@ -23,10 +23,12 @@ from rich.progress import (
 
 from tvtool.cli.common import (
     DeviceOpt,
+    DownloadOpt,
     JsonOpt,
     OutputOpt,
     PrecisionOpt,
     SeedOpt,
+    download_datasets,
     emit_json,
     emit_path,
     handles_errors,
@@ -111,6 +113,7 @@ def finetune(
     data_root: Annotated[str | None, typer.Option(
         "--data-root", envvar="TVTOOL_DATA_ROOT", help="Root directory of the standard "
                                                        "datasets.", show_default=False)] = None,
+    download: DownloadOpt = False,
     workers: Annotated[int | None, typer.Option(
         "--workers", help="DataLoader worker processes (default 4 on CUDA, 0 on CPU).",
         show_default=False)] = None,
@@ -142,6 +145,12 @@ def finetune(
         checkpoint_every=checkpoint_every, data_root=data_root, workers=workers,
         lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=_targets(lora_targets))
     config.validate()
+    if download:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UsageError("--download under torchrun would race between processes",
+                             hint="download first: tvtool eval ... --download, or run once "
+                                  "without torchrun")
+        download_datasets([dataset], data_root)
     with _training_progress(steps) as progress:
         result = run(config, progress=progress, log=log)
     if os.environ.get("RANK", "0") != "0":

@@ -9,10 +9,12 @@ import typer
 from tvtool.cli.common import (
     AllowOtherBaseOpt,
     DeviceOpt,
+    DownloadOpt,
     JsonOpt,
     OutputOpt,
     PrecisionOpt,
     SeedOpt,
+    download_datasets,
     emit_json,
     emit_path,
     handles_errors,
@@ -74,6 +76,7 @@ def learn_coeffs(
     data_root: Annotated[str | None, typer.Option(
         "--data-root", envvar="TVTOOL_DATA_ROOT", help="Root directory of standard datasets.")
     ] = None,
+    download: DownloadOpt = False,
     workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")
                        ] = 0,
     device: DeviceOpt = "auto",
@@ -102,6 +105,8 @@ def learn_coeffs(
         partition_seed=partition_seed, vector_dtype=vector_dtype, device=device,
         precision=precision, seed=seed, data_root=data_root, merged_out=merged_out,
         allow_base_mismatch=allow_base_mismatch, workers=workers)
+    if download:
+        download_datasets([*config.datasets, *config.control], data_root)
     result = run(config, log=log, progress=progress_bar)
     if as_json:
         emit_json(result.as_json())

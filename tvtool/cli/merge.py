@@ -8,8 +8,10 @@ import typer
 
 from tvtool.cli.common import (
     DeviceOpt,
+    DownloadOpt,
     JsonOpt,
     PrecisionOpt,
+    download_datasets,
     emit_json,
     emit_path,
     handles_errors,
@@ -90,6 +92,7 @@ def merge(
     data_root: Annotated[str | None, typer.Option(
         "--data-root", envvar="TVTOOL_DATA_ROOT", help="Search: root of standard datasets.",
         show_default=False)] = None,
+    download: DownloadOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Search: batch size.")] = 128,
     limit: Annotated[int | None, typer.Option(
         "--limit", help="Search: evaluate a seeded subset of N examples per split.",
@@ -144,9 +147,11 @@ def merge(
                          f"{cfg.mixed_modes_as!r}")
     if not dry_run:
         refuse_json_with_stdout(as_json, cfg.output)
+    if download and not search_coef:
+        raise UsageError("--download goes with --search-coef (only the search reads datasets)")
     if search_coef:
         _search(cfg, coef_grid, base, dataset, data_root, batch_size, limit, device, precision,
-                search_report, as_json, dry_run, save_config)
+                search_report, as_json, dry_run, save_config, download)
         return
     result = run_merge(cfg, log=log, dry_run=dry_run, threads=threads)
     if save_config is not None:
@@ -214,11 +219,16 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def _search(cfg: Any, grid_text: str, base: str | None, datasets: list[str] | None,
             data_root: str | None, batch_size: int, limit: int | None, device: str,
             precision: str, report_path: str | None, as_json: bool, dry_run: bool,
-            save_config: str | None) -> None:
+            save_config: str | None, download: bool = False) -> None:
     from rich.table import Table
 
     from tvtool.io import check_output, write_json
-    from tvtool.merge.evaluation import EvalSettings, accuracy_table_rows, search_merge
+    from tvtool.merge.evaluation import (
+        EvalSettings,
+        accuracy_table_rows,
+        search_merge,
+        vector_datasets,
+    )
     from tvtool.merge.search import parse_grid
 
     if base is None:
@@ -233,6 +243,8 @@ def _search(cfg: Any, grid_text: str, base: str | None, datasets: list[str] | No
     settings = EvalSettings(base=base, data_root=data_root, batch_size=batch_size,
                             device=device, precision=precision, limit=limit, seed=cfg.seed,
                             allow_base_mismatch=cfg.allow_base_mismatch)
+    if download:
+        download_datasets(vector_datasets(cfg, datasets), data_root)
     report = search_merge(cfg, settings, grid, datasets=datasets, log=log,
                           progress=progress_bar)
     document = report.as_json()
@@ -252,8 +264,23 @@ def _search(cfg: Any, grid_text: str, base: str | None, datasets: list[str] | No
     emit_json(document) if as_json else emit_path(cfg.output)
 
 
+def _recorded_dataset(vector: str) -> str | None:
+    """The dataset a task-vector file records (None for stdin or when it records none)."""
+    if vector == "-":
+        return None
+    from tvtool.io import open_tensors
+    from tvtool.vectors import open_vector_meta
+
+    source = open_tensors(vector)
+    try:
+        return open_vector_meta(source, source.label).dataset or None
+    finally:
+        source.close()
+
+
 def negate_search(vector: str, output: str, settings: Any, control: str | None,
-                  target: str | None, threshold: float, grid_text: str, as_json: bool) -> None:
+                  target: str | None, threshold: float, grid_text: str, as_json: bool, *,
+                  download: bool = False) -> None:
     """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
     from rich.table import Table
 
@@ -266,6 +293,8 @@ def negate_search(vector: str, output: str, settings: Any, control: str | None,
         raise UsageError("--search needs --control DATASET (the task whose accuracy to keep)")
     refuse_json_with_stdout(as_json, output)
     grid = parse_grid(grid_text)
+    if download:
+        download_datasets([control, target or _recorded_dataset(vector)], settings.data_root)
     report = search_negate(vector, output, settings, grid, control=control, target=target,
                            threshold=threshold, log=log, progress=progress_bar)
     document = report.as_json()

@@ -8,6 +8,7 @@ import typer
 
 from tvtool.cli.common import (
     DeviceOpt,
+    DownloadOpt,
     JsonOpt,
     OutputOpt,
     PrecisionOpt,
@@ -18,6 +19,7 @@ from tvtool.cli.common import (
     log,
     refuse_json_with_stdout,
 )
+from tvtool.errors import UsageError
 
 
 @handles_errors
@@ -37,7 +39,7 @@ def negate(
     control: Annotated[str | None, typer.Option("--control", help="Search: dataset to keep.",
                                                 show_default=False)] = None,
     target: Annotated[str | None, typer.Option(
-        "--target", help="Search: dataset to forget [default: the vector's].",
+        "--target", help="Search: dataset to forget (default: the vector's recorded dataset).",
         show_default=False)] = None,
     threshold: Annotated[float, typer.Option(
         "--threshold", help="Search: fraction of the base's control accuracy to keep.")] = 0.95,
@@ -46,6 +48,7 @@ def negate(
     data_root: Annotated[str | None, typer.Option(
         "--data-root", envvar="TVTOOL_DATA_ROOT", help="Search: root of standard datasets.",
         show_default=False)] = None,
+    download: DownloadOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Search: batch size.")] = 128,
     limit: Annotated[int | None, typer.Option(
         "--limit", help="Search: evaluate a seeded subset of N examples per split.",
@@ -55,13 +58,16 @@ def negate(
     seed: SeedOpt = 0,
 ) -> None:
     """Write -COEF x VECTOR (streamed tensor by tensor)."""
+    if download and not search:
+        raise UsageError("--download goes with --search (only the search reads datasets)")
     if search:
         from tvtool.cli.merge import negate_search
         from tvtool.merge.evaluation import EvalSettings
 
         settings = EvalSettings(base=base or "", data_root=data_root, batch_size=batch_size,
                                 device=device, precision=precision, limit=limit, seed=seed)
-        negate_search(vector, output, settings, control, target, threshold, coef_grid, as_json)
+        negate_search(vector, output, settings, control, target, threshold, coef_grid, as_json,
+                      download=download)
         return
     from tvtool import operations
 

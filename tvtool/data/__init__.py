@@ -41,6 +41,7 @@ __all__ = [
     "Split",
     "SplitDataset",
     "TaskSpec",
+    "download",
     "list_datasets",
     "load_split",
     "split_manifest",
@@ -140,6 +141,36 @@ def load_split(
     pools, plan = _plan(source, seed, val_fraction)
     part = plan[split]
     return SplitDataset(source.spec, split, pools[part.pool], part, transform)
+
+
+def download(name: str, data_root: PathLike | None = None) -> bool:
+    """Fetch a standard dataset into the data root with torchvision's downloaders.
+
+    The only way tvtool touches the network for data; the commands call it for ``--download``.
+    A dataset already in place is only checked (torchvision verifies what it finds).
+
+    Args:
+        name: Dataset name.
+        data_root: Existing local data root (or ``$TVTOOL_DATA_ROOT``).
+
+    Returns:
+        True when a standard dataset was fetched or found complete; False for synthetic and
+        image-folder datasets, which have nothing to download.
+
+    Raises:
+        InvalidInputError: unknown name, no data root, RESISC45 (no public downloader), or a
+            download that left an incomplete dataset.
+        TvtoolError: a network or disk failure.
+    """
+    source = _resolve(name, data_root, download=True)
+    if not isinstance(source, StandardSource):
+        return False
+    if source.info.build is None:
+        raise InvalidInputError(
+            f"{source.info.name} has no downloader (torchvision has none for it)",
+            hint="download NWPU-RESISC45 by hand and unpack it as docs/data.md shows")
+    source.pools()
+    return True
 
 
 def split_manifest(

@@ -17,6 +17,7 @@ demo: install
 
 test: install
 	$(PY) -m ruff check tvtool tests benchmarks scripts
+	$(PY) -m mypy
 	$(PY) -m pytest -q
 
 lint: install

@@ -194,9 +194,9 @@ def run_demo(config: DemoConfig, log: Logger) -> dict[str, Any]:
         atlas_modes = [m for m in ("full",) + (() if cfg.quick else ("linear",))
                        if m in vector_paths]
         for mode in atlas_modes:
-            paths = [vector_paths[mode][t] for t in tasks]
+            mode_paths = [vector_paths[mode][t] for t in tasks]
             for objective, name in (("ce", "atlas_fewshot"), ("entropy", "atlas_unlabelled")):
-                results["methods"][mode][name] = _atlas(cfg, stages, mode, objective, paths,
+                results["methods"][mode][name] = _atlas(cfg, stages, mode, objective, mode_paths,
                                                         tasks, eval_accs, log)
 
     # ---- negation: forget the first task, keep the second

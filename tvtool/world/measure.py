@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -32,7 +34,7 @@ def zero_shot_accuracy(bundle: ClipBundle, task: str, pool: str = "test", n: int
     head = build_zero_shot_head(bundle, spec.classnames, spec.templates)
     images, labels = generate_task(task, pool, n)
     mean, std = normalization(bundle.preprocess_eval)
-    model = bundle.model.eval()
+    model: Any = bundle.model.eval()  # open_clip's CLIP, typed as a plain Module
     correct = 0
     for start in range(0, len(labels), batch):
         x = images_to_tensor(images[start:start + batch], mean, std)

@@ -115,7 +115,8 @@ def images_to_tensor(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) 
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, rest = [], []
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -153,7 +154,8 @@ def pretrain_tiny(config: PretrainConfig | None = None,
 def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | None,
               ) -> StateDict:
     bundle = load_clip(f"{TINY_MODEL}:random")
-    model = bundle.model.train()
+    # open_clip's CLIP (encode_image, encode_text, logit_scale), typed as a plain Module.
+    model: Any = bundle.model.train()
     mean, std = normalization(bundle.preprocess_eval)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6)

@@ -434,8 +434,9 @@ def test_coefficients_file_per_task_and_per_tensor(cli, vecs, tmp_path):
     assert recorded["granularity"] == "tensor" and recorded["values"]["b"] == [0.0, 2.0]
 
 
-def test_tensors_a_coefficients_file_does_not_cover_get_zero(cli, vecs, tmp_path):
-    only_a = write_coefficients(tmp_path / "a.safetensors", [[1.0], [1.0]], "tensor",
+@pytest.mark.parametrize("granularity", ["tensor", "task"])
+def test_tensors_a_coefficients_file_does_not_cover_get_zero(cli, vecs, tmp_path, granularity):
+    only_a = write_coefficients(tmp_path / "a.safetensors", [[1.0], [1.0]], granularity,
                                 keys=("a",))
     out = tmp_path / "o.safetensors"
     result = cli(["merge", vecs["v1"], vecs["v2"], "--coefs", only_a, "-o", str(out)])

@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-from tvtool.cli.common import DeviceOpt, JsonOpt, SeedOpt, emit_json, emit_path, handles_errors, log
+from tvtool.cli.common import (
+    DeviceOpt,
+    JsonOpt,
+    SeedOpt,
+    emit_json,
+    emit_path,
+    handles_errors,
+    log,
+    progress_bar,
+)
 
 
 @handles_errors
@@ -36,7 +45,7 @@ def demo(
     from tvtool.demo.report import method_rows
 
     results = run_demo(DemoConfig(out=out, quick=quick, base=base, steps=steps, device=device,
-                                  seed=seed), log=log)
+                                  seed=seed), log=log, progress=progress_bar)
     table = Table(title="tvtool demo: test accuracy (%)")
     table.add_column("mode")
     table.add_column("method", no_wrap=True)

@@ -185,6 +185,11 @@ def markdown(results: Results) -> str:
                   "Mean disentanglement error over the α grid (lower is less entangled):", ""]
         for mode, entry in dis.items():
             lines.append(f"- {mode}: {entry['mean_error']:.3f} (`{entry['figure']}`)")
+        skipped = [m for m in results.get("config", {}).get("modes") or () if m not in dis]
+        if skipped:
+            lines.append(f"- {', '.join(skipped)}: not mapped (the demo maps the modes the "
+                         "papers compare, full, attn and linear, to stay in its time budget; "
+                         "`tvtool eval disentanglement` maps any two vectors)")
     lines += ["", "## Claims of the papers on this run", ""]
     for claim in results["claims"]:
         mark = "held" if claim["held"] else "did NOT hold"

@@ -14,7 +14,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,18 @@ from tvtool.io import read_json, write_bytes, write_json
 from tvtool.io.train_state import ensure_directory as ensure_dir
 
 Logger = Callable[[str], None]
+Advance = Callable[[int], None]
+ProgressFactory = Callable[[str, "int | None"], AbstractContextManager[Advance]]
+"""``progress(description, total)`` -> context manager yielding ``advance(n)`` (as the CLI's
+rich bar); the default shows nothing."""
+
+
+@contextmanager
+def _no_progress(_description: str, _total: int | None) -> Iterator[Advance]:
+    def advance(_n: int = 1) -> None:
+        return None
+
+    yield advance
 
 QUICK_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count")
 FULL_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count", "synthetic:position",
@@ -83,11 +95,12 @@ def _key(*parts: Any) -> str:
 class _Stages:
     """Runs stages with caching of their JSON results and timing of each."""
 
-    def __init__(self, root: Path, log: Logger) -> None:
+    def __init__(self, root: Path, log: Logger, progress: ProgressFactory) -> None:
         self.root = root
         self.cache = root / "cache"
         ensure_dir(str(self.cache))
         self.log = log
+        self.progress = progress
         self.timings: dict[str, float] = {}
 
     @contextmanager
@@ -111,8 +124,15 @@ class _Stages:
         return value
 
 
-def run_demo(config: DemoConfig, log: Logger) -> dict[str, Any]:
+def run_demo(config: DemoConfig, log: Logger,
+             progress: ProgressFactory = _no_progress) -> dict[str, Any]:
     """Run the demo and write its report into ``config.out``.
+
+    Args:
+        config: What to run.
+        log: Receives one line per stage and note.
+        progress: Progress-bar factory handed to every stage (fine-tuning, evaluation,
+            searches, aTLAS, disentanglement).
 
     Returns:
         The results document (also written as ``report.json``).
@@ -125,7 +145,7 @@ def run_demo(config: DemoConfig, log: Logger) -> dict[str, Any]:
     cfg = config.resolved()
     assert cfg.tasks is not None and cfg.modes is not None and cfg.steps is not None
     root = Path(cfg.out)
-    stages = _Stages(root, log)
+    stages = _Stages(root, log, progress)
     vectors_dir = root / "vectors"
     ensure_dir(str(vectors_dir))
     source, _ = base_source(cfg.base)
@@ -145,7 +165,7 @@ def run_demo(config: DemoConfig, log: Logger) -> dict[str, Any]:
         def compute() -> dict[str, float]:
             rep = evaluate(EvalConfig(base=base, datasets=datasets, vectors=vectors,
                                       coefs=coefs, split=split, device=cfg.device,
-                                      limit=limit, seed=cfg.seed))
+                                      limit=limit, seed=cfg.seed), progress=progress)
             return {r.dataset: r.accuracy for r in rep.results}
 
         return stages.cached_json("eval", key, compute)  # type: ignore[no-any-return]
@@ -161,11 +181,21 @@ def run_demo(config: DemoConfig, log: Logger) -> dict[str, Any]:
                 path = vectors_dir / f"{mode}-{task.split(':')[-1]}-{key}.safetensors"
                 if not path.is_file():
                     log(f"[demo] fine-tuning {task} ({mode}, {cfg.steps} steps)")
-                    finetune(FinetuneConfig(base=cfg.base, dataset=task, output=str(path),
-                                            mode=Mode(mode), steps=cfg.steps,
-                                            batch_size=cfg.batch_size, lr=cfg.lr,
-                                            warmup_steps=max(1, cfg.steps // 10),
-                                            device=cfg.device, seed=cfg.seed))
+                    with progress(f"fine-tuning {task.split(':')[-1]} ({mode})",
+                                  cfg.steps) as advance:
+                        done = [0]
+
+                        def step_reached(entry: Any, advance: Advance = advance,
+                                         done: list[int] = done) -> None:
+                            advance(entry.step - done[0])
+                            done[0] = entry.step
+
+                        finetune(FinetuneConfig(base=cfg.base, dataset=task,
+                                                output=str(path), mode=Mode(mode),
+                                                steps=cfg.steps, batch_size=cfg.batch_size,
+                                                lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10),
+                                                device=cfg.device, seed=cfg.seed),
+                                 progress=step_reached)
                 vector_paths[mode][task] = str(path)
 
     # ---- zero-shot and fine-tuned accuracy
@@ -262,7 +292,7 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
         settings = EvalSettings(base=cfg.base, device=cfg.device, limit=cfg.eval_limit,
                                 seed=cfg.seed)
         rep = search_merge(MergeConfig(vectors=tuple(paths), method=method, output=output),
-                           settings, grid, datasets=tasks, log=log)
+                           settings, grid, datasets=tasks, log=log, progress=stages.progress)
         return {"coef": rep.search.best, "accuracy": dict(rep.test), "output": output}
 
     return stages.cached_json("merge", key, compute)  # type: ignore[no-any-return]
@@ -282,7 +312,8 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
             vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
             objective=objective, granularity="tensor", shots=16 if objective == "ce" else 32,
             split="train" if objective == "ce" else "test", steps=steps, lr=0.05,
-            device=cfg.device, seed=cfg.seed, merged_out=merged), log=log)
+            device=cfg.device, seed=cfg.seed, merged_out=merged), log=log,
+            progress=stages.progress)
     from tvtool.io import open_tensors
 
     source = open_tensors(merged)
@@ -307,7 +338,8 @@ def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: st
     def compute() -> dict[str, Any]:
         settings = EvalSettings(base=cfg.base, device=cfg.device, limit=cfg.eval_limit,
                                 seed=cfg.seed)
-        with Evaluator(settings, [vector], [target, control], log=log) as evaluator:
+        with Evaluator(settings, [vector], [target, control], log=log,
+                       progress=stages.progress) as evaluator:
             base_val = evaluator.accuracies([0.0], "val")
             search = search_negation(lambda a: evaluator.accuracies([-a], "val"), grid,
                                      target=target, control=control, base=base_val)
@@ -337,7 +369,7 @@ def _disentangle(cfg: DemoConfig, stages: _Stages, mode: str, first: str, second
     def compute() -> dict[str, Any]:
         rep = disentanglement(DisentanglementConfig(
             base=cfg.base, vectors=(first, second), datasets=(task1, task2), alphas=alphas,
-            device=cfg.device, limit=limit, seed=cfg.seed))
+            device=cfg.device, limit=limit, seed=cfg.seed), progress=stages.progress)
         flat = [v for row in rep.error for v in row]
         png = render_heatmap(rep, title=f"disentanglement error ({mode})")
         return {"alphas": rep.alphas, "error": rep.error, "mean_error": sum(flat) / len(flat),

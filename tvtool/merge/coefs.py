@@ -220,7 +220,8 @@ def from_coefficients_file(path: str, vectors: Sequence[VectorId],
             float(v) for v in column.reshape(len(vectors)).tolist())
     matrix = coefficient_set.coefficients.double()
     means = tuple(float(v) for v in matrix.mean(dim=1).tolist())
-    if coefficient_set.partition.granularity.kind == "task":
+    if (coefficient_set.partition.granularity.kind == "task"
+            and all(name in coefficient_set.partition for name in names)):
         return Coefficients(tuple(float(v) for v in matrix[:, 0].tolist()), origin=path,
                             source_granularity=granularity)
     return Coefficients(means, per_tensor=per_tensor, origin=path,

@@ -125,6 +125,19 @@ def test_entropy_objective_to_stdout(cli, files, tmp_path):
     assert tensors["coefficients"].shape == (2, 9)
 
 
+def test_negation_objective_runs_from_the_command_line(cli, files, tmp_path):
+    out = tmp_path / "neg.safetensors"
+    result = cli(_args(files, "--objective", "negation", "--control", "synthetic:color",
+                       "--granularity", "task", "-o", str(out), "--json"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["objective"] == "negation"
+    assert {(r["dataset"], r["role"]) for r in report["initial"]} == {
+        ("synthetic:shape", "target"), ("synthetic:color", "control")}
+    coefs = read_coefficients(str(out))
+    assert coefs.coefficients.shape == (2, 1) and torch.isfinite(coefs.coefficients).all()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["-g", "random:0"], "unknown granularity"),
     (["--control", "synthetic:color"], "--control is only used"),

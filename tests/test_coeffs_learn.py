@@ -235,6 +235,24 @@ def test_negation_forgets_target_and_keeps_control(toy):
     assert float(result.coefficients.mean()) < 0
 
 
+def test_ce_on_several_datasets_weighs_each_task(toy):
+    # Two labelled datasets: the toy task, and the same images classified by a permuted head
+    # (labels permuted alike), so both are solved by τ; a pure-noise vector helps neither.
+    perm = torch.roll(torch.arange(CLASSES), 1)
+    head_b, labels_b = toy.head[perm], torch.argsort(perm)[toy.labels]
+    gen = torch.Generator().manual_seed(5)
+    noise = {n: 0.5 * torch.randn(t.shape, generator=gen) * t.std() for n, t in toy.tau.items()}
+    task_a = TaskData("A", toy.head, _data(toy, 200, 240), _data(toy, 240, 280))
+    task_b = TaskData("B", head_b, _data(toy, 280, 320, labels_b), _data(toy, 320, 360, labels_b))
+    result = learn(toy.composed("task", [toy.tau, noise]), [task_a, task_b],
+                   LearnerConfig(steps=30, lr=0.1, batch_size=40, eval_every=5))
+    assert [r["dataset"] for r in result.best] == ["A", "B"]
+    for initial, best in zip(result.initial, result.best, strict=True):
+        assert best["accuracy"] >= initial["accuracy"] + 0.1, (initial, best)
+    tau_coef, noise_coef = result.coefficients.reshape(-1).tolist()
+    assert tau_coef > 0.3 and abs(noise_coef) < tau_coef, (tau_coef, noise_coef)
+
+
 def test_early_stopping_keeps_the_best(toy):
     task = TaskData("toy", toy.head, _data(toy, 200, 216), _data(toy, 216, 224))
     # A huge learning rate wrecks the model after the first steps; selection keeps step 0.

@@ -17,6 +17,19 @@ def test_help_lists_subcommands(cli):
         assert name in result.stdout
 
 
+def test_python_dash_m_runs_the_same_app():
+    out = subprocess.run([sys.executable, "-m", "tvtool", "--help"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert out.returncode == 0, out.stderr
+    for name in ("finetune", "extract", "merge", "negate", "learn-coeffs", "eval", "apply",
+                 "inspect", "demo"):
+        assert name in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "tvtool", "no-such-command"],
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert bad.returncode == 2
+
+
 def test_cli_import_does_not_load_the_library():
     # `tvtool --help` must stay fast: command modules import torch/open_clip lazily.
     code = ("import sys, tvtool.cli.app; "

@@ -47,6 +47,21 @@ def test_eval_prints_table_on_stderr_and_nothing_on_stdout(cli, files):
     assert result.exit_code == 0, result.stderr
     assert result.stdout == ""
     assert DATASET in result.stderr and "accuracy" in result.stderr
+    # stderr is not a terminal here: no progress bar, no carriage returns or cursor codes
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr
+
+
+def test_eval_on_the_validation_split(cli, files):
+    val = cli(["eval", "--base", files["base"], "-d", DATASET, "--split", "val", "--limit", "16",
+               "--device", "cpu", "--json"])
+    test = cli(["eval", "--base", files["base"], "-d", DATASET, "--limit", "16",
+                "--device", "cpu", "--json"])
+    assert val.exit_code == 0 and test.exit_code == 0, val.stderr + test.stderr
+    val_split, test_split = (json.loads(r.stdout)["splits"][0] for r in (val, test))
+    assert val_split["split"] == "val" and test_split["split"] == "test"
+    assert val_split["manifest"]["hashes"]["val"] == test_split["manifest"]["hashes"]["val"]
+    assert (val_split["split_size"], test_split["split_size"]) == (500, 1000)
+    assert val_split["examples"] == 16
 
 
 def test_eval_json_and_out_file(cli, files, tmp_path):

@@ -212,15 +212,20 @@ def run_gpu(args: argparse.Namespace, model: str, batch: int) -> dict[str, dict[
             for _ in range(args.warmup):
                 step()
             torch.cuda.synchronize()
-            start = time.perf_counter()
+            # Each step timed on its own (CUDA events), the median reported, as the anchor.
+            times = []
             for _ in range(args.rounds):
+                begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+                begin.record()
                 step()
-            torch.cuda.synchronize()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(begin.elapsed_time(end))
         except torch.cuda.OutOfMemoryError as exc:
             print(json.dumps({"config": name, "model": model, "error": repr(exc)[:200]}))
             del step
             continue
-        ms = (time.perf_counter() - start) / args.rounds * 1e3
+        ms = statistics.median(times)
         results[name] = {"ms_per_step": round(ms, 2), "img_per_s": round(batch / ms * 1e3, 1),
                          "peak_MiB": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
         print(json.dumps({"config": name, "model": model, "batch": batch, **results[name]}),
@@ -229,31 +234,57 @@ def run_gpu(args: argparse.Namespace, model: str, batch: int) -> dict[str, dict[
     return results
 
 
+RATIOS: dict[str, tuple[str, str, str]] = {
+    # name: (numerator, denominator, what is divided)
+    "full_speedup_vs_reference_fp32": ("reference_full_fp32", "full", "ms"),
+    "attn_over_full": ("attn", "full", "ms"),
+    "linear_over_full": ("linear", "full", "ms"),
+    "peak_mem_linear_over_full": ("linear", "full", "peak"),
+    "linear_speedup_vs_reference_jvp": ("reference_linear_jvp_fp32", "linear", "ms"),
+    "linear_all_tokens_over_full": ("linear_all_tokens", "full", "ms"),
+    "linear_all_tokens_speedup_vs_reference_jvp": ("reference_linear_jvp_fp32",
+                                                   "linear_all_tokens", "ms"),
+    "lora_over_full": ("lora", "full", "ms"),
+    "llora_over_full": ("llora", "full", "ms"),
+    "linear_bf16_speedup_vs_reference_jvp_fp32": ("reference_linear_jvp_fp32", "linear_bf16",
+                                                  "ms"),
+    "linear_bf16_over_full_bf16": ("linear_bf16", "full_bf16", "ms"),
+    "linear_bf16_over_full_fp32": ("linear_bf16", "full", "ms"),
+}
+
+# Issue targets (GPU): (ratio, comparison, bound); the full speed-up bound depends on the model.
+TARGETS: tuple[tuple[str, str, float], ...] = (
+    ("attn_over_full", "<=", 0.8),
+    ("linear_over_full", "<=", 1.8),
+    ("peak_mem_linear_over_full", "<=", 1.7),
+    ("linear_speedup_vs_reference_jvp", ">=", 2.0),
+)
+FULL_SPEEDUP_TARGET = {"ViT-B-32": 2.5, "ViT-L-14": 6.0}
+
+
 def ratios(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    def t(name: str) -> float:
-        return results[name]["ms_per_step"]
+    """The ratios whose configurations all ran (an out-of-memory one leaves its ratios out)."""
+    out = {}
+    for name, (top, bottom, what) in RATIOS.items():
+        if top in results and bottom in results:
+            key = "ms_per_step" if what == "ms" else "peak_MiB"
+            out[name] = round(results[top][key] / results[bottom][key], 3)
+    return out
 
-    def m(name: str) -> float:
-        return results[name]["peak_MiB"]
 
-    out = {
-        "full_speedup_vs_reference_fp32": t("reference_full_fp32") / t("full"),
-        "attn_over_full": t("attn") / t("full"),
-        "linear_over_full": t("linear") / t("full"),
-        "peak_mem_linear_over_full": m("linear") / m("full"),
-        "linear_speedup_vs_reference_jvp": t("reference_linear_jvp_fp32") / t("linear"),
-        "linear_all_tokens_over_full": t("linear_all_tokens") / t("full"),
-        "linear_all_tokens_speedup_vs_reference_jvp": (t("reference_linear_jvp_fp32")
-                                                       / t("linear_all_tokens")),
-        "lora_over_full": t("lora") / t("full"),
-        "llora_over_full": t("llora") / t("full"),
-    }
-    if "linear_bf16" in results:
-        out["linear_bf16_speedup_vs_reference_jvp_fp32"] = (
-            t("reference_linear_jvp_fp32") / t("linear_bf16"))
-        out["linear_bf16_over_full_bf16"] = t("linear_bf16") / t("full_bf16")
-        out["linear_bf16_over_full_fp32"] = t("linear_bf16") / t("full")
-    return {k: round(v, 3) for k, v in out.items()}
+def target_checks(found: dict[str, float], model: str) -> dict[str, str]:
+    """``met`` / ``missed`` / ``not measured`` for each of the issue's targets."""
+    targets = list(TARGETS)
+    if model in FULL_SPEEDUP_TARGET:
+        targets.append(("full_speedup_vs_reference_fp32", ">=", FULL_SPEEDUP_TARGET[model]))
+    checks = {}
+    for name, op, bound in targets:
+        if name not in found:
+            checks[name] = "not measured"
+            continue
+        ok = found[name] <= bound if op == "<=" else found[name] >= bound
+        checks[name] = f"{'met' if ok else 'missed'} ({found[name]} {op} {bound})"
+    return checks
 
 
 def main() -> None:
@@ -276,13 +307,17 @@ def main() -> None:
                                                                  ("ViT-L-14", 64)]
         for model, batch in suites:
             results = run_gpu(args, model, batch or 128)
-            print(json.dumps({"model": model, "ratios": ratios(results), **info}), flush=True)
+            found = ratios(results)
+            print(json.dumps({"model": model, "ratios": found,
+                              "targets": target_checks(found, model), **info}), flush=True)
     else:
         args.rounds = args.rounds or 15
         args.batch = args.batch or 128
         results = run_cpu(args)
+        found = ratios(results)
         print(json.dumps({"model": args.model or "tvtool-tiny:random", "batch": args.batch,
-                          "ratios": ratios(results), **info}), flush=True)
+                          "ratios": found, "targets": target_checks(found, ""), **info}),
+              flush=True)
 
 
 if __name__ == "__main__":

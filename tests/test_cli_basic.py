@@ -30,6 +30,13 @@ def test_python_dash_m_runs_the_same_app():
     assert bad.returncode == 2
 
 
+def test_log_lines_are_printed_verbatim(capsys):
+    from tvtool.cli.common import log
+
+    log("[demo] fine-tuning [bold]x[/bold] under /tmp/[a]")
+    assert capsys.readouterr().err == "[demo] fine-tuning [bold]x[/bold] under /tmp/[a]\n"
+
+
 def test_cli_import_does_not_load_the_library():
     # `tvtool --help` must stay fast: command modules import torch/open_clip lazily.
     code = ("import sys, tvtool.cli.app; "

@@ -132,3 +132,13 @@ def test_quick_demo_smoke(cli, tmp_path):
         assert (out / figure).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     text = (out / "report.md").read_text()
     assert "## Claims of the papers on this run" in text
+
+    # A re-run reuses every cached artefact: no vector is written again, same results.
+    written = {p: p.stat().st_mtime_ns for p in (out / "vectors").iterdir()}
+    again = cli(["demo", "--quick", "--out", str(out), "--device", "cpu", "--json"])
+    assert again.exit_code == 0, again.stderr
+    redo = json.loads(again.stdout)
+    assert {p: p.stat().st_mtime_ns for p in (out / "vectors").iterdir()} == written
+    assert "fine-tuning synthetic" not in again.stderr
+    for key in ("zero_shot", "finetuned", "methods", "negation", "disentanglement", "claims"):
+        assert redo[key] == doc[key], key

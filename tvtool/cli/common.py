@@ -81,8 +81,8 @@ def handles_errors(func: F) -> F:
 
 
 def log(message: str) -> None:
-    """Log a progress or info line on stderr."""
-    stderr.print(message)
+    """Log a progress or info line on stderr (verbatim: brackets are not rich markup)."""
+    stderr.print(message, markup=False)
 
 
 def emit_path(path: str) -> None:

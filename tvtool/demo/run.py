@@ -81,9 +81,11 @@ class DemoConfig:
             self,
             tasks=self.tasks or (QUICK_TASKS if self.quick else FULL_TASKS),
             modes=self.modes or (QUICK_MODES if self.quick else FULL_MODES),
-            steps=self.steps or (80 if self.quick else 150),
+            # Sized for the budgets on a 2-core CPU (quick <= 3 min, full <= 15 min; measured
+            # figures in docs/demo.md).
+            steps=self.steps or (80 if self.quick else 120),
             eval_limit=self.eval_limit if self.eval_limit is not None
-            else (200 if self.quick else 500),
+            else (200 if self.quick else 300),
         )
 
 
@@ -284,7 +286,7 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
     from tvtool.merge.evaluation import EvalSettings, search_merge
 
     grid = (tuple(round(0.25 * i, 2) for i in range(0, 7)) if cfg.quick
-            else tuple(round(0.1 * i, 2) for i in range(0, 11)))
+            else tuple(round(0.1 * i, 2) for i in range(0, 7)))
     key = _key("merge", method, [_file_key(p) for p in paths], grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors")
 

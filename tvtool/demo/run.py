@@ -285,8 +285,10 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
     from tvtool.merge import MergeConfig
     from tvtool.merge.evaluation import EvalSettings, search_merge
 
-    grid = (tuple(round(0.25 * i, 2) for i in range(0, 7)) if cfg.quick
-            else tuple(round(0.1 * i, 2) for i in range(0, 7)))
+    # Seven points each. TIES's disjoint merge is a mean of the vectors, not a sum, so its best
+    # α sits near 1 where task arithmetic's sits near 1/#tasks.
+    step = 0.25 if cfg.quick else (0.2 if method == "ties" else 0.1)
+    grid = tuple(round(step * i, 2) for i in range(0, 7))
     key = _key("merge", method, [_file_key(p) for p in paths], grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors")
 
@@ -333,7 +335,7 @@ def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: st
     from tvtool.merge.evaluation import EvalSettings, Evaluator
     from tvtool.merge.search import search_negation
 
-    grid = tuple(round(0.25 * i, 2) for i in range(1, 13))
+    grid = tuple(round(0.05 * i, 2) for i in range(1, 21))  # `negate --search`'s default
     key = _key("negate", _file_key(vector), target, control, grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"negated-{mode}-{key}.safetensors")
 

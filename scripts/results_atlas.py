@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 # The fine-tuning recipe and the vector cache are results_merge.py's (same directory).
-from results_merge import finetune_vectors, log
+from results_merge import base_fingerprint, finetune_vectors, log
 
 BEGIN = "<!-- atlas-results:begin (scripts/results_atlas.py) -->"
 END = "<!-- atlas-results:end -->"
@@ -107,23 +107,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rows.append({"method": label, "accuracy": accuracy})
     for row in rows:
         row["normalized"] = normalize(row["accuracy"], finetuned)
-    return {"base": args.base, "base_fingerprint": _fingerprint(args.base),
+    return {"base": args.base, "base_fingerprint": base_fingerprint(args.base),
             "tasks": args.tasks, "steps": args.steps, "lr": args.lr,
             "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
             "shots": args.shots, "granularity": args.granularity,
             "atlas_steps": args.atlas_steps, "atlas_lr": args.atlas_lr,
             "atlas_batch_size": args.atlas_batch_size, "rows": rows,
             "task_arithmetic": search, "atlas_runs": runs}
-
-
-def _fingerprint(base: str) -> str:
-    from tvtool.models import base_source, fingerprint
-
-    source, _ = base_source(base)
-    try:
-        return fingerprint(source)
-    finally:
-        source.close()
 
 
 def _pct(value: float | None) -> str:

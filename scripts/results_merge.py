@@ -52,7 +52,7 @@ def finetune_vectors(args: argparse.Namespace, workdir: Path) -> list[str]:
 
     # The recipe and the base's fingerprint name the cached file, so a changed base or recipe
     # fine-tunes afresh instead of reusing a vector of another base.
-    recipe = json.dumps([_fingerprint(args.base), args.steps, args.lr, args.batch_size,
+    recipe = json.dumps([base_fingerprint(args.base), args.steps, args.lr, args.batch_size,
                          args.seed])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     paths = []
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              "normalized": normalize(zero_shot, finetuned)},
             {"method": "fine-tuned (one vector per task)", "coef": None, "accuracy": finetuned,
              "normalized": {k: 1.0 for k in finetuned}}, *rows]
-    return {"base": args.base, "base_fingerprint": _fingerprint(args.base),
+    return {"base": args.base, "base_fingerprint": base_fingerprint(args.base),
             "tasks": args.tasks, "steps": args.steps, "lr": args.lr,
             "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
             "grid": list(grid), "rows": rows, "negation": negation}
@@ -130,7 +130,8 @@ def negate(args: argparse.Namespace, vectors: list[str], settings: Any,
     return report.as_json()
 
 
-def _fingerprint(base: str) -> str:
+def base_fingerprint(base: str) -> str:
+    """The base's tensor fingerprint (names the cached vectors and the doc's base)."""
     from tvtool.models import base_source, fingerprint
 
     source, _ = base_source(base)

@@ -40,7 +40,7 @@ def pretrain(
     import dataclasses
     import time
 
-    from tvtool.io import check_output
+    from tvtool.io import check_output, ensure_directory
     from tvtool.models import TINY_MODEL, cache_dir, embedded_weights_path
     from tvtool.world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
 
@@ -53,7 +53,7 @@ def pretrain(
     if target is None:
         default = cache_dir() / f"{TINY_MODEL}.safetensors"
         # The default destination is tvtool's own cache directory, which may not exist yet.
-        default.parent.mkdir(parents=True, exist_ok=True)
+        ensure_directory(str(default.parent))
         target = str(default)
         packaged = embedded_weights_path()
         if packaged != default:

@@ -21,8 +21,8 @@ from typing import Any
 
 from tvtool.demo import report
 from tvtool.errors import InvalidInputError
-from tvtool.io import read_json, write_bytes, write_json
-from tvtool.io.train_state import ensure_directory as ensure_dir
+from tvtool.io import ensure_directory as ensure_dir
+from tvtool.io import read_json, remove_file, write_bytes, write_json
 
 Logger = Callable[[str], None]
 Advance = Callable[[int], None]
@@ -120,7 +120,7 @@ class _Stages:
             try:
                 return read_json(str(path))
             except InvalidInputError:
-                path.unlink()
+                remove_file(str(path))
         value = compute()
         write_json(str(path), value)
         return value

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from tvtool.errors import InvalidInputError, TvtoolError
-from tvtool.io import open_tensors, write_tensors
+from tvtool.io import ensure_directory, open_tensors, write_tensors
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models import ClipBundle, build_zero_shot_head, cache_dir
 
@@ -192,7 +192,7 @@ def _write_cached(path: Path, head: torch.Tensor, key: HeadKey,
     try:
         # The io writer refuses a missing directory (a safety net for user outputs); the cache
         # directory is ours to create.
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_directory(str(path.parent))
         write_tensors(str(path), {HEAD_TENSOR: head.contiguous()}, head_metadata(key))
     except (OSError, TvtoolError) as exc:
         # The cache is an optimisation: a read-only or full disk must not fail an evaluation.

@@ -11,6 +11,8 @@ Public API:
 * :func:`read_pickled_checkpoint` / :func:`read_checkpoint` / :func:`load_legacy` -- read
   pickled (or plain safetensors) checkpoints without executing pickle code.
 * :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
+* :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
+  tvtool owns (cache, work, scratch) and removal of its own damaged files.
 """
 
 from tvtool.io.atomic import STDIO, atomic_output, check_distinct_paths, check_output_path
@@ -20,6 +22,7 @@ from tvtool.io.legacy import (
     read_checkpoint,
     read_pickled_checkpoint,
 )
+from tvtool.io.paths import ensure_directory, remove_file, scratch_directory
 from tvtool.io.safetensors_io import (
     DictSource,
     TensorInfo,
@@ -47,6 +50,7 @@ __all__ = [
     "check_distinct_paths",
     "check_output",
     "check_output_path",
+    "ensure_directory",
     "input_file",
     "iter_source",
     "load_legacy",
@@ -54,6 +58,8 @@ __all__ = [
     "read_checkpoint",
     "read_json",
     "read_pickled_checkpoint",
+    "remove_file",
+    "scratch_directory",
     "spooled_stdin",
     "write_bytes",
     "write_json",

@@ -10,32 +10,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from tvtool.errors import InvalidInputError, TvtoolError
+from tvtool.io.paths import ensure_directory
 from tvtool.io.safetensors_io import open_tensors, write_tensors
+
+__all__ = ["STATE_KEY", "ensure_directory", "read_train_state", "write_train_state"]
 
 STATE_KEY = "tvtool_resume.state"
 """Header key holding the JSON document (deliberately not a ``tvtool.*`` file kind)."""
-
-
-def ensure_directory(path: str) -> Path:
-    """Create a work directory (and parents) if missing.
-
-    Raises:
-        InvalidInputError: the path exists and is not a directory, or cannot be created.
-    """
-    directory = Path(path).expanduser()
-    if directory.exists() and not directory.is_dir():
-        raise InvalidInputError(f"work directory {path!r} exists and is not a directory")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InvalidInputError(f"cannot create work directory {path!r}: {exc.strerror}") from exc
-    return directory
 
 
 def write_train_state(path: str, tensors: Mapping[str, torch.Tensor],

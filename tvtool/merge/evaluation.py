@@ -18,15 +18,13 @@ tvtool.evaluate (and so open_clip) is imported only when an evaluator is built.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from tvtool.errors import TvtoolError, UsageError
+from tvtool.io import scratch_directory
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.engine import MergeResult, merge, open_merge
 from tvtool.merge.search import (
@@ -230,17 +228,6 @@ def vector_datasets(config: MergeConfig, datasets: Sequence[str] | None) -> list
     return names
 
 
-@contextlib.contextmanager
-def _scratch_dir(near: str) -> Iterator[Path]:
-    """A private temporary directory, next to the output when it is a file."""
-    parent = None
-    if near != "-":
-        candidate = Path(near).expanduser().parent
-        parent = str(candidate) if candidate.is_dir() else None
-    with tempfile.TemporaryDirectory(prefix=".tvtool-search-", dir=parent) as name:
-        yield Path(name)
-
-
 def search_merge(config: MergeConfig, settings: EvalSettings, grid: Sequence[float], *,
                  datasets: Sequence[str] | None = None, log: Logger = _quiet,
                  progress: Progress = None) -> MergeSearchReport:
@@ -273,7 +260,7 @@ def search_merge(config: MergeConfig, settings: EvalSettings, grid: Sequence[flo
     check_output(config.output, list(config.vectors))
     names = vector_datasets(config, datasets)
     count = len(config.vectors)
-    with _scratch_dir(config.output) as scratch:
+    with scratch_directory(config.output, prefix=".tvtool-search-") as scratch:
         unit_path = str(scratch / "merged-at-1.safetensors")
         log(f"merging at coefficient 1 ({config.method}) for the search")
         merge(replace(config, coefs=(1.0,), output=unit_path), log)

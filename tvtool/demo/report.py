@@ -187,9 +187,7 @@ def markdown(results: Results) -> str:
             lines.append(f"- {mode}: {entry['mean_error']:.3f} (`{entry['figure']}`)")
         skipped = [m for m in results.get("config", {}).get("modes") or () if m not in dis]
         if skipped:
-            lines.append(f"- {', '.join(skipped)}: not mapped (the demo maps the modes the "
-                         "papers compare, full, attn and linear, to stay in its time budget; "
-                         "`tvtool eval disentanglement` maps any two vectors)")
+            lines.append(f"- {', '.join(skipped)}: not mapped")
     lines += ["", "## Claims of the papers on this run", ""]
     for claim in results["claims"]:
         mark = "held" if claim["held"] else "did NOT hold"

@@ -241,8 +241,6 @@ def run_demo(config: DemoConfig, log: Logger,
     with stages.timed("disentanglement"):
         results["disentanglement"] = {}
         for mode, paths in vector_paths.items():
-            if mode in ("lora", "llora"):
-                continue
             entry = _disentangle(cfg, stages, mode, paths[tasks[0]], paths[tasks[1]],
                                  tasks[0], tasks[1])
             figure = f"disentanglement-{mode}.png"

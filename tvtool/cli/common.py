@@ -163,9 +163,7 @@ def download_datasets(names: Iterable[str | None], data_root: str | None) -> Non
     from tvtool.data import download
 
     for name in dict.fromkeys(n for n in names if n):
-        if not name.lower().startswith(("synthetic:", "imagefolder:")):
-            log(f"{name}: downloading what is missing under the data root")
-        download(name, data_root)
+        download(name, data_root, log=log)
 
 
 def resolve_device(device: str) -> str:

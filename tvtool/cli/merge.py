@@ -264,27 +264,13 @@ def _search(cfg: Any, grid_text: str, base: str | None, datasets: list[str] | No
     emit_json(document) if as_json else emit_path(cfg.output)
 
 
-def _recorded_dataset(vector: str) -> str | None:
-    """The dataset a task-vector file records (None for stdin or when it records none)."""
-    if vector == "-":
-        return None
-    from tvtool.io import open_tensors
-    from tvtool.vectors import open_vector_meta
-
-    source = open_tensors(vector)
-    try:
-        return open_vector_meta(source, source.label).dataset or None
-    finally:
-        source.close()
-
-
 def negate_search(vector: str, output: str, settings: Any, control: str | None,
                   target: str | None, threshold: float, grid_text: str, as_json: bool, *,
                   download: bool = False) -> None:
     """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
     from rich.table import Table
 
-    from tvtool.merge.evaluation import search_negate
+    from tvtool.merge.evaluation import recorded_dataset, search_negate
     from tvtool.merge.search import parse_grid
 
     if not settings.base:
@@ -294,7 +280,7 @@ def negate_search(vector: str, output: str, settings: Any, control: str | None,
     refuse_json_with_stdout(as_json, output)
     grid = parse_grid(grid_text)
     if download:
-        download_datasets([control, target or _recorded_dataset(vector)], settings.data_root)
+        download_datasets([control, target or recorded_dataset(vector)], settings.data_root)
     report = search_negate(vector, output, settings, grid, control=control, target=target,
                            threshold=threshold, log=log, progress=progress_bar)
     document = report.as_json()

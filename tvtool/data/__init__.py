@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections.abc import Callable
 from typing import Any
 
 from tvtool import __version__
@@ -143,7 +144,8 @@ def load_split(
     return SplitDataset(source.spec, split, pools[part.pool], part, transform)
 
 
-def download(name: str, data_root: PathLike | None = None) -> bool:
+def download(name: str, data_root: PathLike | None = None,
+             log: Callable[[str], None] | None = None) -> bool:
     """Fetch a standard dataset into the data root with torchvision's downloaders.
 
     The only way tvtool touches the network for data; the commands call it for ``--download``.
@@ -152,6 +154,7 @@ def download(name: str, data_root: PathLike | None = None) -> bool:
     Args:
         name: Dataset name.
         data_root: Existing local data root (or ``$TVTOOL_DATA_ROOT``).
+        log: Told before a standard dataset is fetched or checked.
 
     Returns:
         True when a standard dataset was fetched or found complete; False for synthetic and
@@ -169,6 +172,8 @@ def download(name: str, data_root: PathLike | None = None) -> bool:
         raise InvalidInputError(
             f"{source.info.name} has no downloader (torchvision has none for it)",
             hint="download NWPU-RESISC45 by hand and unpack it as docs/data.md shows")
+    if log is not None:
+        log(f"{source.info.name}: downloading what is missing under the data root")
     source.pools()
     return True
 

@@ -14,29 +14,18 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from tvtool.demo import report
 from tvtool.errors import InvalidInputError
+from tvtool.evaluate.accuracy import ProgressFactory, no_progress
 from tvtool.io import ensure_directory as ensure_dir
 from tvtool.io import read_json, remove_file, write_bytes, write_json
 
 Logger = Callable[[str], None]
-Advance = Callable[[int], None]
-ProgressFactory = Callable[[str, "int | None"], AbstractContextManager[Advance]]
-"""``progress(description, total)`` -> context manager yielding ``advance(n)`` (as the CLI's
-rich bar); the default shows nothing."""
-
-
-@contextmanager
-def _no_progress(_description: str, _total: int | None) -> Iterator[Advance]:
-    def advance(_n: int = 1) -> None:
-        return None
-
-    yield advance
 
 QUICK_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count")
 FULL_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count", "synthetic:position",
@@ -127,7 +116,7 @@ class _Stages:
 
 
 def run_demo(config: DemoConfig, log: Logger,
-             progress: ProgressFactory = _no_progress) -> dict[str, Any]:
+             progress: ProgressFactory = no_progress) -> dict[str, Any]:
     """Run the demo and write its report into ``config.out``.
 
     Args:
@@ -183,15 +172,8 @@ def run_demo(config: DemoConfig, log: Logger,
                 path = vectors_dir / f"{mode}-{task.split(':')[-1]}-{key}.safetensors"
                 if not path.is_file():
                     log(f"[demo] fine-tuning {task} ({mode}, {cfg.steps} steps)")
-                    with progress(f"fine-tuning {task.split(':')[-1]} ({mode})",
-                                  cfg.steps) as advance:
-                        done = [0]
-
-                        def step_reached(entry: Any, advance: Advance = advance,
-                                         done: list[int] = done) -> None:
-                            advance(entry.step - done[0])
-                            done[0] = entry.step
-
+                    with _step_progress(progress, f"fine-tuning {task.split(':')[-1]} "
+                                        f"({mode})", cfg.steps) as step_reached:
                         finetune(FinetuneConfig(base=cfg.base, dataset=task,
                                                 output=str(path), mode=Mode(mode),
                                                 steps=cfg.steps, batch_size=cfg.batch_size,
@@ -270,6 +252,21 @@ def run_demo(config: DemoConfig, log: Logger,
     write_json(str(root / "report.json"), results)
     write_bytes(str(root / "report.md"), report.markdown(results).encode("utf-8"))
     return results
+
+
+@contextmanager
+def _step_progress(progress: ProgressFactory, description: str,
+                   total: int) -> Iterator[Callable[[Any], None]]:
+    """A bar for ``finetune``'s progress reports, which carry the steps done so far."""
+    with progress(description, total) as advance:
+        done = 0
+
+        def step_reached(entry: Any) -> None:
+            nonlocal done
+            advance(entry.step - done)
+            done = entry.step
+
+        yield step_reached
 
 
 def _file_key(path: str) -> str:

@@ -30,8 +30,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tvtool.errors import InvalidInputError, NumericalError, UsageError
 from tvtool.finetune.base import Adapter, ModeOptions
-from tvtool.io import check_output, write_tensors
-from tvtool.io.train_state import ensure_directory, read_train_state, write_train_state
+from tvtool.io import check_output, ensure_directory, write_tensors
+from tvtool.io.train_state import read_train_state, write_train_state
 from tvtool.metadata import LINEARIZED_MODES, FileMeta, Kind, Mode, provenance
 from tvtool.types import StateDict
 

@@ -15,10 +15,7 @@ from typing import Any
 import torch
 
 from tvtool.errors import InvalidInputError, TvtoolError
-from tvtool.io.paths import ensure_directory
 from tvtool.io.safetensors_io import open_tensors, write_tensors
-
-__all__ = ["STATE_KEY", "ensure_directory", "read_train_state", "write_train_state"]
 
 STATE_KEY = "tvtool_resume.state"
 """Header key holding the JSON document (deliberately not a ``tvtool.*`` file kind)."""

@@ -310,6 +310,20 @@ class NegateSearchReport:
                 "val": self.search.as_json(), "test": self.test}
 
 
+def recorded_dataset(vector: str) -> str | None:
+    """The dataset a task-vector file records (None for stdin or when it records none)."""
+    from tvtool.io import open_tensors
+    from tvtool.vectors import open_vector_meta
+
+    if vector == "-":
+        return None
+    source = open_tensors(vector)
+    try:
+        return open_vector_meta(source, source.label).dataset or None
+    finally:
+        source.close()
+
+
 def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequence[float], *,
                   control: str, target: str | None = None,
                   threshold: float = DEFAULT_THRESHOLD, log: Logger = _quiet,
@@ -335,8 +349,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
         TvtoolError: no α of the grid keeps the control accuracy (nothing is written).
     """
     from tvtool import operations
-    from tvtool.io import check_output, open_tensors
-    from tvtool.vectors import open_vector_meta
+    from tvtool.io import check_output
 
     if vector == "-":
         raise UsageError("--search reads the vector several times; stdin ('-') cannot be the "
@@ -345,11 +358,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
         raise UsageError("negation coefficients must be positive", hint="e.g. 0.05:1:0.05")
     check_output(output, [vector])
     if target is None:
-        source = open_tensors(vector)
-        try:
-            target = open_vector_meta(source, source.label).dataset
-        finally:
-            source.close()
+        target = recorded_dataset(vector)
         if not target:
             raise UsageError(f"{vector!r} records no dataset", hint="pass --target DATASET")
     if target == control:

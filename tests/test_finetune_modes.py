@@ -84,7 +84,7 @@ def test_registry_has_every_mode():
     assert set(MODES) == set(Mode)
     for mode in Mode:
         assert get_mode(mode.value).name is mode
-    assert {m for m in Mode if get_mode(m).linearized} == {Mode.LINEAR, Mode.LLORA}
+    assert {m for m in Mode if get_mode(m).linearized} == {Mode.LINEAR, Mode.LLORA_NET}
     with pytest.raises(UsageError, match="unknown fine-tuning mode"):
         get_mode("everything")
 
@@ -116,8 +116,9 @@ def test_an_attention_pooler_is_not_a_block():
     names = attention_parameter_names(encoder)
     assert names and all(n.startswith("blocks.") for n in names)
     assert lora_targets(encoder, ("attn", "mlp")) == [
-        "blocks.0.attn.in_proj_weight", "blocks.0.attn.out_proj.weight",
-        "blocks.1.attn.in_proj_weight", "blocks.1.attn.out_proj.weight",
+        *(f"blocks.{i}.attn.{n}" for i in (0, 1)
+          for n in ("in_proj_weight.q", "in_proj_weight.k", "in_proj_weight.v",
+                    "out_proj.weight")),
         "blocks.0.mlp.0.weight", "blocks.0.mlp.2.weight",
         "blocks.1.mlp.0.weight", "blocks.1.mlp.2.weight"]
 
@@ -196,19 +197,30 @@ def test_linear_mode_refuses_checkpoint_out():
         _config("linear", checkpoint_out="ft.safetensors").validate()
 
 
-@pytest.mark.parametrize(("targets", "count"), [(("attn",), 6), (("mlp",), 6),
-                                                 (("attn", "mlp"), 12)])
-def test_lora_targets_are_found_by_structure(base_model, targets, count):
+@pytest.mark.parametrize(("targets", "expected"), [
+    (("q", "v"), ["attn.in_proj_weight.q", "attn.in_proj_weight.v"]),
+    (("v", "q", "q"), ["attn.in_proj_weight.q", "attn.in_proj_weight.v"]),
+    (("k", "o"), ["attn.in_proj_weight.k", "attn.out_proj.weight"]),
+    (("mlp",), ["mlp.c_fc.weight", "mlp.c_proj.weight"]),
+    (("attn",), ["attn.in_proj_weight.q", "attn.in_proj_weight.k", "attn.in_proj_weight.v",
+                 "attn.out_proj.weight"]),
+])
+def test_lora_targets_are_found_by_structure(base_model, targets, expected):
     names = lora_targets(base_model.visual, targets)
-    assert len(names) == count
-    if "attn" in targets:
-        assert "transformer.resblocks.0.attn.in_proj_weight" in names
-        assert "transformer.resblocks.0.attn.out_proj.weight" in names
-    if "mlp" in targets:
-        assert "transformer.resblocks.2.mlp.c_fc.weight" in names
-        assert "transformer.resblocks.2.mlp.c_proj.weight" in names
-    with pytest.raises(UsageError):
+    assert names == [f"transformer.resblocks.{i}.{n}" for i in range(3) for n in expected]
+    with pytest.raises(UsageError, match="unknown LoRA targets"):
         lora_targets(base_model.visual, ("qkv",))
+    with pytest.raises(UsageError, match="no LoRA targets"):
+        lora_targets(base_model.visual, ())
+
+
+def test_default_lora_targets_are_the_papers_q_and_v():
+    assert ModeOptions().lora_targets == ("q", "v")
+    assert _config("lora").lora_targets == ("q", "v")
+    assert _config("lora", lora_targets=("mlp", "attn")).lora_targets == \
+        ("q", "k", "v", "o", "mlp")
+    with pytest.raises(UsageError, match="unknown LoRA targets"):
+        _config("lora", lora_targets=("in_proj",))
 
 
 def test_lora_starts_at_base_and_never_writes_the_base(base_model, head):
@@ -221,14 +233,21 @@ def test_lora_starts_at_base_and_never_writes_the_base(base_model, head):
     for name, param in adapter.encoder.named_parameters():
         assert torch.equal(param, dict(base_model.visual.named_parameters())[name]), name
     vector = adapter.task_vector()
-    assert len(vector) == 24 and all(k.endswith((".lora_A", ".lora_B")) for k in vector)
+    assert len(vector) == 36 and all(k.endswith((".lora_A", ".lora_B")) for k in vector)
     metadata = {f"tvtool.{k}": v for k, v in adapter.vector_metadata().items()}
+    assert metadata["tvtool.lora_targets"] == "q,k,v,o,mlp"
     dense = materialize_lora(vector, metadata)
-    assert set(dense) == {"visual." + t for t in adapter.targets}
-    name = "visual.transformer.resblocks.1.attn.in_proj_weight"
-    a, b = vector[name + ".lora_A"], vector[name + ".lora_B"]
-    assert a.shape == (4, 64) and b.shape == (192, 4)
-    torch.testing.assert_close(dense[name], 2.0 * b @ a)
+    attn = "visual.transformer.resblocks.1.attn"
+    assert set(dense) == {f"visual.transformer.resblocks.{i}.{n}" for i in range(3)
+                          for n in ("attn.in_proj_weight", "attn.out_proj.weight",
+                                    "mlp.c_fc.weight", "mlp.c_proj.weight")}
+    blocks = []
+    for kind in "qkv":
+        a, b = vector[f"{attn}.in_proj_weight.{kind}.lora_A"], \
+            vector[f"{attn}.in_proj_weight.{kind}.lora_B"]
+        assert a.shape == (4, 64) and b.shape == (64, 4)
+        blocks.append(2.0 * b.double() @ a.double())
+    torch.testing.assert_close(dense[f"{attn}.in_proj_weight"].double(), torch.cat(blocks))
     # θ0 + dense delta is exactly the model LoRA trained.
     params = {n: p + dense.get("visual." + n, 0) for n, p in base_model.visual.named_parameters()}
     with torch.no_grad():
@@ -236,22 +255,151 @@ def test_lora_starts_at_base_and_never_writes_the_base(base_model, head):
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_llora_is_the_lora_model_linearized_in_its_factors(base_model, head):
+def test_lora_q_v_leaves_the_key_rows_and_out_projection_alone(base_model, head):
+    adapter = _trained("lora", base_model, head, lr=1e-2)
+    vector = adapter.task_vector()
+    assert {k.rsplit(".", 2)[-2] for k in vector} == {"q", "v"}
+    dense = materialize_lora(vector, adapter.vector_metadata())
+    for i in range(3):
+        delta = dense[f"visual.transformer.resblocks.{i}.attn.in_proj_weight"]
+        assert delta.shape == (192, 64)
+        assert delta[64:128].abs().max() == 0  # k rows
+        assert delta[:64].abs().max() > 0 and delta[128:].abs().max() > 0
+    assert not any("out_proj" in k or "mlp" in k for k in dense)
+
+
+class _RefAttention(nn.Module):
+    """Multi-head attention written out, each projection a given function (the reference)."""
+
+    def __init__(self, mha: nn.MultiheadAttention, projections: dict) -> None:
+        super().__init__()
+        self.heads, self.batch_first = mha.num_heads, mha.batch_first
+        self.projections = projections
+
+    def forward(self, q_x, k_x, v_x, need_weights=False, attn_mask=None):
+        assert q_x is k_x is v_x and attn_mask is None  # a ViT image tower
+        x = q_x if self.batch_first else q_x.transpose(0, 1)
+        batch, length, width = x.shape
+        size = width // self.heads
+
+        def heads(t):
+            return t.reshape(batch, length, self.heads, size).transpose(1, 2)
+
+        q, k, v = (heads(self.projections[p](x)) for p in "qkv")
+        weights = torch.softmax(q @ k.transpose(-1, -2) / size ** 0.5, dim=-1)
+        out = self.projections["o"]((weights @ v).transpose(1, 2).reshape(batch, length, width))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+
+class _RefLayer(nn.Module):
+    def __init__(self, function) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, x):
+        return self.function(x)
+
+
+def _taylor_lora_layer(weight, bias, scale, factors):
+    """x -> first-order Taylor expansion in (A, B) of F.linear(x, W0 + s·B·A, b) at (A0, B0)."""
+    if factors is None:
+        return lambda x: nn.functional.linear(x, weight, bias)
+    (a0, b0), (a, b) = factors
+
+    def layer(x):
+        out, tangent = jvp(lambda a_, b_: nn.functional.linear(x, weight + scale * b_ @ a_, bias),
+                           (a0, b0), (a - a0, b - b0))
+        return out + tangent
+
+    return layer
+
+
+def _per_layer_llora_reference(visual, factors, scale):
+    """The encoder with every adapted layer replaced by its own Taylor expansion (peta-style).
+
+    ``factors``: full state-dict target name -> ((A0, B0), (A, B)).
+    """
+    model = copy.deepcopy(visual)
+    for i, block in enumerate(model.transformer.resblocks):
+        prefix = f"visual.transformer.resblocks.{i}"
+        mha = block.attn
+        width = mha.embed_dim
+        weight, bias = mha.in_proj_weight.detach(), mha.in_proj_bias.detach()
+        projections = {kind: _taylor_lora_layer(
+            weight[j * width:(j + 1) * width], bias[j * width:(j + 1) * width], scale,
+            factors.get(f"{prefix}.attn.in_proj_weight.{kind}")) for j, kind in enumerate("qkv")}
+        projections["o"] = _taylor_lora_layer(mha.out_proj.weight.detach(),
+                                              mha.out_proj.bias.detach(), scale,
+                                              factors.get(f"{prefix}.attn.out_proj.weight"))
+        block.attn = _RefAttention(mha, projections)
+        for name in ("c_fc", "c_proj"):
+            linear = getattr(block.mlp, name)
+            setattr(block.mlp, name, _RefLayer(_taylor_lora_layer(
+                linear.weight.detach(), linear.bias.detach(), scale,
+                factors.get(f"{prefix}.mlp.{name}.weight"))))
+    return model
+
+
+@pytest.mark.parametrize("targets", [("q", "v"), ("k", "o", "mlp")])
+def test_llora_is_each_lora_layer_linearized_around_its_initial_factors(base_model, targets):
+    """Published L-LoRA: a Taylor expansion per adapted layer, the network stays nonlinear."""
+    options = ModeOptions(lora_rank=2, lora_alpha=6.0, lora_targets=targets, seed=3)
+    adapter = get_mode("llora").build(copy.deepcopy(base_model.visual).double(), options)
+    assert not adapter.linearized and adapter.mode is Mode.LLORA
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for b in adapter.lora_b:  # a "trained" B
+            b.copy_(0.3 * torch.randn(b.shape, generator=gen, dtype=torch.float64))
+    vector = adapter.task_vector()
+    scale = 6.0 / 2
+    factors = {}
+    for key in vector:
+        if key.endswith(".lora_A"):
+            target = key[: -len(".lora_A")]
+            a0, b = vector[key], vector[target + ".lora_B"]
+            # A moved away from A0: at B0 = 0 the expansion must not depend on it.
+            a = a0 + torch.randn(a0.shape, generator=gen, dtype=torch.float64)
+            factors[target] = ((a0, torch.zeros_like(b)), (a, b))
+    assert len(factors) == 3 * len(targets) + (3 if "mlp" in targets else 0)
+    reference = _per_layer_llora_reference(copy.deepcopy(base_model.visual).double(), factors,
+                                           scale)
+    x = RandomImages(3, seed=7).images.double()
+    with torch.no_grad():
+        expected = reference(x)
+        got = adapter(x)
+        base_out = copy.deepcopy(base_model.visual).double()(x)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert (got - base_out).abs().max() > 1e-3
+    # The network-level variant is a different model.
+    net = get_mode("llora-net").build(copy.deepcopy(base_model.visual).double(), options)
+    with torch.no_grad():
+        for mine, theirs in zip(net.lora_b, adapter.lora_b, strict=True):
+            mine.copy_(theirs)
+        assert (net(x) - got).abs().max() > 1e-6
+    assert [n for n, _ in adapter.trainable()] == [t + ".lora_B" for t in adapter.targets]
+
+
+def test_llora_net_is_the_lora_model_linearized_in_its_factors(base_model, head):
     """f(x;θ0,φ0) + J_φ·(φ − φ0) with B0 = 0 equals f(x;θ0) + J_W·(s·ΔB·A0); ΔA has no effect."""
-    adapter = _trained("llora", base_model, head, lr=1e-2)
+    adapter = _trained("llora-net", base_model, head, lr=1e-2)
     scale = adapter.scaling
     vis = copy.deepcopy(base_model.visual).double()
     theta0 = {n: p.detach() for n, p in vis.named_parameters()}
     targets = adapter.targets
-    a0 = [adapter._a0(i).detach().double() for i in range(len(targets))]
+    a0 = [adapter.lora_a_factor(i).detach().double() for i in range(len(targets))]
     b = [p.detach().double() for p in adapter.lora_b]
     assert any(t.abs().max() > 0 for t in b)
     x = RandomImages(3, seed=7).images.double()
+    width = 64
 
     def lora_model(a_list, b_list):
         params = dict(theta0)
         for t, a_t, b_t in zip(targets, a_list, b_list, strict=True):
-            params[t] = theta0[t] + scale * b_t @ a_t
+            weight, _, kind = t.rpartition(".")
+            rows = slice("qkv".index(kind) * width, ("qkv".index(kind) + 1) * width)
+            delta = torch.zeros_like(theta0[weight])
+            delta[rows] = scale * b_t @ a_t
+            params[weight] = params[weight] + delta
         return functional_call(vis, params, (x,))
 
     zeros_b = [torch.zeros_like(t) for t in b]
@@ -268,22 +416,21 @@ def test_llora_is_the_lora_model_linearized_in_its_factors(base_model, head):
         torch.testing.assert_close(adapter(x), f0 + first_order, rtol=1e-9, atol=1e-10)
         dense = materialize_lora(adapter.task_vector(), adapter.vector_metadata())
         delta = {k[len("visual."):]: v for k, v in dense.items()}
-        for t, a_t, b_t in zip(targets, a0, b, strict=True):
-            torch.testing.assert_close(delta[t], scale * b_t @ a_t)
         torch.testing.assert_close(jvp_reference(vis, None, delta, x), f0 + first_order,
                                    rtol=1e-9, atol=1e-10)
     assert [n for n, _ in adapter.trainable()] == [t + ".lora_B" for t in targets]
 
 
-def test_llora_gradient_to_a_is_zero_at_peft_init(base_model):
-    """The reason A is frozen: with B0 = 0, the L-LoRA output has zero gradient in ΔA."""
+def test_llora_net_gradient_to_a_is_zero_at_peft_init(base_model):
+    """The reason A is frozen: with B0 = 0, the linearized output has zero gradient in ΔA."""
     from tvtool.linearize import _forward_ad_safe_attention
 
-    adapter = get_mode("llora").build(copy.deepcopy(base_model.visual),
-                                      ModeOptions(lora_rank=2, lora_alpha=4.0))
+    adapter = get_mode("llora-net").build(copy.deepcopy(base_model.visual),
+                                          ModeOptions(lora_rank=2, lora_alpha=4.0,
+                                                      lora_targets=("o", "mlp")))
     vis, scale, targets = adapter.encoder, adapter.scaling, adapter.targets
     theta0 = {n: p.detach() for n, p in vis.named_parameters()}
-    a0 = [adapter._a0(i) for i in range(len(targets))]
+    a0 = [adapter.lora_a_factor(i) for i in range(len(targets))]
     b0 = [torch.zeros_like(p) for p in adapter.lora_b]
     x = RandomImages(2).images
 

@@ -37,9 +37,14 @@ class Mode(str, Enum):
     LINEAR = "linear"
     LORA = "lora"
     LLORA = "llora"
+    LLORA_NET = "llora-net"
 
 
-LINEARIZED_MODES = frozenset({Mode.LINEAR, Mode.LLORA})
+LINEARIZED_MODES = frozenset({Mode.LINEAR, Mode.LLORA_NET})
+"""Modes whose vectors are evaluated as a linearized model (``tvtool.linearized=true``)."""
+
+LORA_MODES = frozenset({Mode.LORA, Mode.LLORA, Mode.LLORA_NET})
+"""Modes whose vectors store LoRA factors instead of dense deltas."""
 
 _KNOWN = {"format_version", "kind", "architecture", "base_ref", "base_fingerprint", "mode",
           "linearized", "dataset", "provenance"}

@@ -8,6 +8,7 @@ streams tensor by tensor through :mod:`tvtool.vectors` plans.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -24,10 +25,12 @@ from tvtool.io import (
     read_checkpoint,
     write_tensors,
 )
-from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
+from tvtool.metadata import LORA_MODES, PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, match_architecture, resolve_ref
 from tvtool.models.refs import ModelRef
 from tvtool.vectors import (
+    StreamPlan,
+    check_finite,
     cosine_matrix,
     open_vector_meta,
     plan_combine,
@@ -178,6 +181,8 @@ def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
     with _opened([source]):
         meta = open_vector_meta(source, source.label)
         plan = plan_combine(None, [(source, -config.coef)])
+        if meta.mode in LORA_MODES:
+            _keep_lora_a(plan, source)
         history = list(json_list(meta.extra.get("operations")))
         history.append({"op": "negate", "coef": config.coef})
         out_meta = meta.with_changes(
@@ -186,6 +191,23 @@ def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
         write_tensors(config.output, plan.tensors(), out_meta.to_header(), layout=plan.layout,
                       inputs=[config.vector], check_finite=False)
     return WriteResult(config.output, len(plan.layout), plan.parameters)
+
+
+def _keep_lora_a(plan: StreamPlan, source: TensorSource) -> None:
+    """Scale only the B factors of a LoRA vector: (−c·B)·A = −c·ΔW.
+
+    Scaling both factors would give (−c·B)·(−c·A) = +c²·ΔW (a negation that adds the task).
+    """
+    from tvtool.finetune.lora import SUFFIX_A
+
+    def unchanged(name: str) -> Any:
+        tensor = source.get(name)
+        check_finite(tensor, name, source.label)
+        return tensor
+
+    for info in plan.layout:
+        if info.name.endswith(SUFFIX_A):
+            plan.producers[info.name] = functools.partial(unchanged, info.name)
 
 
 def json_list(text: str | None) -> list[Any]:
@@ -304,7 +326,7 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
             if meta.linearized:
                 log(f"warning: {source.label} is linearized; the checkpoint approximates its "
                     "linearized model by adding the vector to the weights")
-            if meta.mode is Mode.LORA or meta.mode is Mode.LLORA:
+            if meta.mode in LORA_MODES:
                 source = _materialized_lora(source, meta)
                 sources[-1] = source
             metas.append((source.label, meta))

@@ -13,6 +13,7 @@ Both layers share the per-tensor primitives, so they cannot disagree.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 
 from tvtool.errors import InvalidInputError, NumericalError
 from tvtool.io import TensorInfo, TensorSource, all_finite
-from tvtool.metadata import FileMeta, Kind
+from tvtool.metadata import FileMeta, Kind, Mode
 from tvtool.types import StateDict
 
 _WRAPPER_PREFIXES = ("module.", "model.", "module.model.")
@@ -260,7 +261,23 @@ def open_vector_meta(source: TensorSource, label: str) -> FileMeta:
                 if meta.kind is Kind.CHECKPOINT else None)
         raise InvalidInputError(f"{label} is a tvtool {meta.kind.value}, not a task vector",
                                 hint=hint)
+    if meta.mode is Mode.LLORA and meta.linearized:
+        # Before L-LoRA became per-adapter (non-linearized), tvtool's `llora` linearized the
+        # whole network in the LoRA factors: that model is now the mode `llora-net`.
+        meta = meta.with_changes(mode=Mode.LLORA_NET)
+        _note_once(f"note: {label} is a `llora` vector from an older tvtool (whole network "
+                   "linearized in the LoRA factors); reading it as mode llora-net")
     return meta
+
+
+_NOTED: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """One line on stderr, once per process (a vector is often opened more than once)."""
+    if message not in _NOTED:
+        _NOTED.add(message)
+        sys.stderr.write(message + "\n")
 
 
 Producer = Callable[[], torch.Tensor]

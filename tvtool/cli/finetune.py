@@ -63,7 +63,7 @@ def _training_progress(total: int | None) -> Iterator[Callable[[Any], None]]:
 def _targets(text: str) -> tuple[str, ...]:
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     if not parts:
-        raise UsageError("--lora-targets is empty", hint="use attn, mlp or attn,mlp")
+        raise UsageError("--lora-targets is empty", hint="use any of q,k,v,o,mlp, e.g. q,v")
     return parts
 
 
@@ -76,10 +76,10 @@ def finetune(
                                 "standard name).")],
     output: OutputOpt,
     mode: Annotated[str, typer.Option(
-        "--mode", help="full, attn, linear, lora or llora.")] = "full",
+        "--mode", help="full, attn, linear, lora, llora (L-LoRA) or llora-net.")] = "full",
     checkpoint_out: Annotated[str | None, typer.Option(
         "--checkpoint-out", help="Also write the fine-tuned model as a checkpoint "
-                                 "(full, attn, lora).", show_default=False)] = None,
+                                 "(full, attn, lora, llora).", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", help="Optimizer steps (default 2000 unless --epochs).",
         show_default=False)] = None,
@@ -117,11 +117,13 @@ def finetune(
     workers: Annotated[int | None, typer.Option(
         "--workers", help="DataLoader worker processes (default 4 on CUDA, 0 on CPU).",
         show_default=False)] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (lora, llora).")] = 16,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (LoRA modes).")] = 16,
     lora_alpha: Annotated[float, typer.Option(
         "--lora-alpha", help="LoRA alpha; the update is (alpha/rank)·B·A.")] = 32.0,
     lora_targets: Annotated[str, typer.Option(
-        "--lora-targets", help="LoRA targets: attn, mlp or attn,mlp.")] = "attn",
+        "--lora-targets", help="LoRA targets, comma-separated: q, k, v (rows of the attention "
+                                "in-projection), o (out-projection), mlp; attn = q,k,v,o.")
+    ] = "q,v",
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the image encoder of BASE on DATASET and write the task vector.

@@ -167,8 +167,9 @@ def run_demo(config: DemoConfig, log: Logger,
         for mode in cfg.modes:
             vector_paths[mode] = {}
             for task in tasks:
+                # LoRA vectors cached before the q,v targets and per-adapter L-LoRA differ.
                 key = _key("ft", base_fp, mode, task, cfg.steps, cfg.batch_size, cfg.lr,
-                           cfg.seed)
+                           cfg.seed, *(("lora-qv",) if "lora" in mode else ()))
                 path = vectors_dir / f"{mode}-{task.split(':')[-1]}-{key}.safetensors"
                 if not path.is_file():
                     log(f"[demo] fine-tuning {task} ({mode}, {cfg.steps} steps)")

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import DictSource, TensorInfo, TensorSource, open_tensors
-from tvtool.metadata import Mode
+from tvtool.metadata import LORA_MODES
 from tvtool.models import ClipBundle, base_source, fingerprint, load_clip, load_state_into
 from tvtool.models.refs import ModelRef
 from tvtool.operations import check_vectors_fit_base, expand_coefs
@@ -273,7 +273,7 @@ def open_eval_model(
             vec_source = open_tensors(path)
             opened.append(VectorInput(path, vec_source, open_vector_meta(vec_source,
                                                                          vec_source.label)))
-            if opened[-1].meta.mode in (Mode.LORA, Mode.LLORA):
+            if opened[-1].meta.mode in LORA_MODES:
                 opened[-1] = _materialized(opened[-1])
         base_fp = fingerprint(source)
         check_vectors_fit_base([(v.source.label, v.meta) for v in opened], base_fp,
@@ -293,11 +293,11 @@ def open_eval_model(
 
 
 def _materialized(vector: VectorInput) -> VectorInput:
-    """Dense deltas ``(alpha/r)·B·A`` of a LoRA / L-LoRA vector (its factors multiplied out).
+    """Dense deltas ``(alpha/r)·B·A`` of a LoRA vector (its factors multiplied out).
 
-    For L-LoRA (A frozen at its initial value, B trained from zero) this dense delta is exactly
-    the first-order weight change of the linearized model it was trained as, so evaluating it
-    linearized reproduces that model.
+    For ``llora`` (A frozen at its initial value, B trained from zero) this is exactly the
+    weight change of the trained model; for ``llora-net`` it is the first-order weight change
+    its linearized model is evaluated at, so evaluating it linearized reproduces that model.
     """
     try:
         from tvtool.finetune.lora_vectors import materialize_lora_source

@@ -1,11 +1,12 @@
-"""Fine-tuning: a trainer plus one module per mode (full, attn, linear, lora, llora).
+"""Fine-tuning: a trainer plus one module per mode (full, attn, linear, lora, llora, llora-net).
 
 Public API:
 
 * :class:`FinetuneConfig`, :func:`finetune` -- the ``tvtool finetune`` command as a function.
 * :func:`train` -- the optimisation loop over any :class:`Adapter` and dataset.
 * :data:`MODES`, :func:`get_mode` -- the mode registry (name -> mode object).
-* :func:`materialize_lora` -- dense deltas from a ``lora``/``llora`` vector's factors.
+* :func:`materialize_lora` -- dense deltas from a LoRA vector's factors.
+* :func:`parse_lora_targets` -- canonical ``--lora-targets`` (q, k, v, o, mlp).
 
 See docs/finetune.md.
 """
@@ -17,8 +18,14 @@ from tvtool.finetune.attn import AttnMode, attention_parameter_names
 from tvtool.finetune.base import Adapter, FinetuneMode, ModeOptions
 from tvtool.finetune.full import FullMode
 from tvtool.finetune.linear import LinearMode
-from tvtool.finetune.llora import LloraMode
-from tvtool.finetune.lora import LoraMode, init_lora_factors, lora_targets, materialize_lora
+from tvtool.finetune.llora import LloraMode, LloraNetMode
+from tvtool.finetune.lora import (
+    LoraMode,
+    init_lora_factors,
+    lora_targets,
+    materialize_lora,
+    parse_lora_targets,
+)
 from tvtool.finetune.trainer import (
     FinetuneConfig,
     FinetuneResult,
@@ -36,6 +43,7 @@ MODES: dict[Mode, FinetuneMode] = {
     Mode.LINEAR: LinearMode(),
     Mode.LORA: LoraMode(),
     Mode.LLORA: LloraMode(),
+    Mode.LLORA_NET: LloraNetMode(),
 }
 """The fine-tuning modes by name."""
 
@@ -69,5 +77,6 @@ __all__ = [
     "learning_rate",
     "lora_targets",
     "materialize_lora",
+    "parse_lora_targets",
     "train",
 ]

@@ -22,7 +22,8 @@ from tvtool.types import StateDict
 ENCODER_PREFIX = "visual."
 """State-dict prefix of the image encoder inside an open_clip CLIP model."""
 
-LORA_TARGET_KINDS = ("attn", "mlp")
+LORA_TARGET_KINDS = ("q", "k", "v", "o", "mlp")
+"""LoRA targets by projection, in canonical order (``attn`` is an alias of ``q,k,v,o``)."""
 
 
 @dataclass(frozen=True)
@@ -32,14 +33,16 @@ class ModeOptions:
     Attributes:
         lora_rank: LoRA rank r.
         lora_alpha: LoRA alpha; the update is (alpha / r)·B·A.
-        lora_targets: Which weights get LoRA factors: ``attn`` (the attention in- and
-            out-projections of every block) and/or ``mlp`` (the MLP linear layers).
+        lora_targets: Which projections get LoRA factors: any of ``q``, ``k``, ``v``
+            (rows of the attention in-projection, one factor pair each), ``o`` (attention
+            out-projection), ``mlp`` (the MLP linear layers); default ``q, v`` as in the
+            LoRA paper.
         seed: Seed of the LoRA factor initialisation.
     """
 
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("attn",)
+    lora_targets: tuple[str, ...] = ("q", "v")
     seed: int = 0
 
 

@@ -1,10 +1,13 @@
 """``lora`` mode: low-rank updates W = W0 + (alpha/r)·B·A on the image encoder's weights.
 
-Targets are chosen by module type: ``attn`` = the in-projection (q, k and v together, as peft
-does for ``nn.MultiheadAttention``) and out-projection weight of every attention module;
-``mlp`` = the ``nn.Linear`` layers of every residual block outside its attention module.
-Initialisation follows peft's default: A ~ Kaiming-uniform (a = √5), B = 0, so training
-starts exactly at the base model.
+Targets are chosen by projection (:data:`~tvtool.finetune.base.LORA_TARGET_KINDS`): ``q``,
+``k``, ``v`` = the query, key and value rows of each attention module's in-projection, each
+with its own factor pair (open_clip fuses them into one ``in_proj_weight`` [3E, E]; the rows
+[0, E), [E, 2E), [2E, 3E) are q, k, v); ``o`` = the out-projection weight; ``mlp`` = the
+``nn.Linear`` layers of every residual block outside its attention module. The default,
+``q, v``, is the LoRA paper's (Hu et al., arXiv 2106.09685, §7.1). ``attn`` is accepted as
+an alias of ``q, k, v, o``. Initialisation follows peft's default: A ~ Kaiming-uniform
+(a = √5), B = 0, so training starts exactly at the base model.
 
 Why not peft's own wrappers: peft's ``nn.MultiheadAttention`` support merges the LoRA update
 into the frozen in/out-projection weights before every forward and subtracts it afterwards,
@@ -13,15 +16,19 @@ on the tiny model), and its ``target_parameters`` route cannot wrap both project
 attention module. tvtool computes W0 + (alpha/r)·B·A functionally instead (exact, the base is
 never written) with peft's parameter shapes, initialisation and scaling.
 
-Vector format: for each target weight ``T`` (full model name) the file stores ``T.lora_A``
-[r, in] and ``T.lora_B`` [out, r], with ``tvtool.lora_rank``, ``tvtool.lora_alpha`` and
-``tvtool.lora_targets`` in the metadata. :func:`materialize_lora` turns it into dense deltas.
+Vector format (docs/format.md): for each target ``T`` the file stores ``T.lora_A`` [r, in]
+and ``T.lora_B`` [out, r], with ``tvtool.lora_rank``, ``tvtool.lora_alpha`` and
+``tvtool.lora_targets`` in the metadata. ``T`` is the full model name of the weight, or for
+a row block of a fused in-projection that name plus ``.q``, ``.k`` or ``.v``
+(``visual.transformer.resblocks.0.attn.in_proj_weight.q``). :func:`materialize_lora` turns
+the factors into dense deltas (blocks without factors are zero).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -42,32 +49,73 @@ from tvtool.types import StateDict
 
 SUFFIX_A = ".lora_A"
 SUFFIX_B = ".lora_B"
+FUSED_IN_PROJ = "in_proj_weight"
+ROW_BLOCKS = ("q", "k", "v")
+"""Row blocks of a fused in-projection, in the order their rows are stored."""
 
 
-def lora_targets(encoder: nn.Module, kinds: tuple[str, ...]) -> list[str]:
-    """Names (relative to ``encoder``) of the 2-D weights that get LoRA factors.
+def parse_lora_targets(kinds: Iterable[str]) -> tuple[str, ...]:
+    """Canonical LoRA targets: aliases expanded, duplicates removed, in canonical order.
+
+    Raises:
+        UsageError: an unknown or empty target list.
+    """
+    wanted: set[str] = set()
+    unknown = []
+    for kind in kinds:
+        kind = kind.strip().lower()
+        if kind == "attn":
+            wanted.update(("q", "k", "v", "o"))
+        elif kind in LORA_TARGET_KINDS:
+            wanted.add(kind)
+        else:
+            unknown.append(kind)
+    if unknown or not wanted:
+        raise UsageError(f"unknown LoRA targets {unknown or []}" if unknown else
+                         "no LoRA targets given",
+                         hint=f"use one or more of {', '.join(LORA_TARGET_KINDS)} (attn = "
+                              "q,k,v,o), e.g. --lora-targets q,v")
+    return tuple(k for k in LORA_TARGET_KINDS if k in wanted)
+
+
+def split_target(target: str) -> tuple[str, int | None]:
+    """The weight a LoRA target adapts, and its row block (0 q, 1 k, 2 v) or None.
+
+    ``...attn.in_proj_weight.v`` -> (``...attn.in_proj_weight``, 2); any other name is a
+    whole weight.
+    """
+    head, _, last = target.rpartition(".")
+    if last in ROW_BLOCKS and head.rpartition(".")[2] == FUSED_IN_PROJ:
+        return head, ROW_BLOCKS.index(last)
+    return target, None
+
+
+def lora_targets(encoder: nn.Module, kinds: Iterable[str]) -> list[str]:
+    """Names (relative to ``encoder``) of the LoRA targets, see :func:`split_target`.
+
+    Per attention module in q, k, v, o order, then the MLP layers of every block.
 
     Args:
         encoder: The image encoder.
-        kinds: Any of ``attn`` and ``mlp``.
+        kinds: Any of ``q``, ``k``, ``v``, ``o``, ``mlp`` (or ``attn`` = q, k, v, o).
 
     Raises:
         UsageError: unknown kind.
         InvalidInputError: the encoder has no attention modules.
     """
-    unknown = [k for k in kinds if k not in LORA_TARGET_KINDS]
-    if unknown or not kinds:
-        raise UsageError(f"unknown LoRA targets {unknown or list(kinds)}",
-                         hint=f"use one or more of {', '.join(LORA_TARGET_KINDS)}")
+    canonical = parse_lora_targets(kinds)
+    modules = attention_modules(encoder)
     names: list[str] = []
-    if "attn" in kinds:
-        for module_name, mha in attention_modules(encoder):
-            if not mha._qkv_same_embed_dim:
-                raise InvalidInputError(f"attention module {module_name!r} has separate q/k/v "
-                                        "weights, which LoRA mode does not support")
-            names += [f"{module_name}.in_proj_weight", f"{module_name}.out_proj.weight"]
-    if "mlp" in kinds:
-        attention_modules(encoder)  # same error as attn for encoders without blocks
+    for module_name, mha in modules:
+        for kind in canonical:
+            if kind == "o":
+                names.append(f"{module_name}.out_proj.weight")
+            elif kind != "mlp":
+                # Separate q/k/v weights (kdim/vdim differ from the embedding) are whole
+                # matrices; open_clip's fused in-projection gets one factor pair per row block.
+                names.append(f"{module_name}.{FUSED_IN_PROJ}.{kind}" if mha._qkv_same_embed_dim
+                             else f"{module_name}.{kind}_proj_weight")
+    if "mlp" in canonical:
         for block_name, block in residual_blocks(encoder):
             inside_attention = {f"{child}." for child, module in block.named_children()
                                 if isinstance(module, nn.MultiheadAttention)}
@@ -76,6 +124,45 @@ def lora_targets(encoder: nn.Module, kinds: tuple[str, ...]) -> list[str]:
                         not any(f"{name}.".startswith(p) for p in inside_attention):
                     names.append(f"{block_name}.{name}.weight")
     return names
+
+
+def assemble_deltas(per_target: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Dense deltas per weight from per-target deltas (row blocks stacked, absent ones zero).
+
+    Differentiable in the inputs (the LoRA adapters use it in their forward pass).
+
+    Raises:
+        InvalidInputError: row blocks of one weight with different shapes, or a weight given
+            both whole and by row blocks.
+    """
+    whole: dict[str, Tensor] = {}
+    blocks: dict[str, dict[int, Tensor]] = {}
+    order: list[str] = []
+    for target, delta in per_target.items():
+        weight, block = split_target(target)
+        if weight not in whole and weight not in blocks:
+            order.append(weight)
+        if block is None:
+            whole[weight] = delta
+        else:
+            blocks.setdefault(weight, {})[block] = delta
+    out: dict[str, Tensor] = {}
+    for weight in order:
+        if weight in whole and weight in blocks:
+            raise InvalidInputError(f"{weight!r} has LoRA factors both for the whole matrix and "
+                                    "for its q/k/v rows")
+        if weight in whole:
+            out[weight] = whole[weight]
+            continue
+        parts = blocks[weight]
+        shapes = {tuple(t.shape) for t in parts.values()}
+        if len(shapes) != 1:
+            raise InvalidInputError(f"the q/k/v LoRA factors of {weight!r} give blocks of "
+                                    f"different shapes {sorted(shapes)}")
+        some = next(iter(parts.values()))
+        out[weight] = torch.cat([parts[i] if i in parts else torch.zeros_like(some)
+                                 for i in range(len(ROW_BLOCKS))], dim=0)
+    return out
 
 
 def init_lora_factors(shapes: Mapping[str, tuple[int, int]], rank: int, seed: int,
@@ -101,9 +188,14 @@ def init_lora_factors(shapes: Mapping[str, tuple[int, int]], rank: int, seed: in
 
 
 def target_shapes(encoder: nn.Module, targets: list[str]) -> dict[str, tuple[int, int]]:
-    """``(out_features, in_features)`` of each target weight."""
+    """``(out_features, in_features)`` of each target (a row block has a third of the rows)."""
     params = dict(encoder.named_parameters())
-    return {t: (int(params[t].shape[0]), int(params[t].shape[1])) for t in targets}
+    shapes = {}
+    for target in targets:
+        weight, block = split_target(target)
+        rows, cols = int(params[weight].shape[0]), int(params[weight].shape[1])
+        shapes[target] = (rows // len(ROW_BLOCKS) if block is not None else rows, cols)
+    return shapes
 
 
 def check_lora_options(options: ModeOptions) -> None:
@@ -121,7 +213,7 @@ def check_lora_options(options: ModeOptions) -> None:
 def lora_metadata(options: ModeOptions) -> dict[str, str]:
     """The ``tvtool.lora_*`` metadata keys (without prefix) of a LoRA vector."""
     return {"lora_rank": str(options.lora_rank), "lora_alpha": repr(float(options.lora_alpha)),
-            "lora_targets": ",".join(options.lora_targets)}
+            "lora_targets": ",".join(parse_lora_targets(options.lora_targets))}
 
 
 def _alpha_from(metadata: FileMeta | Mapping[str, str]) -> tuple[float, int | None]:
@@ -142,13 +234,32 @@ def _alpha_from(metadata: FileMeta | Mapping[str, str]) -> tuple[float, int | No
     return alpha, rank
 
 
+def factor_groups(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Which stored keys make each dense output tensor of a LoRA vector.
+
+    A weight adapted by factors maps to its ``.lora_A``/``.lora_B`` keys (all row blocks
+    together); any other key maps to itself. Order: first appearance.
+    """
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        if key.endswith(SUFFIX_A) or key.endswith(SUFFIX_B):
+            stem = key[: -len(SUFFIX_A)] if key.endswith(SUFFIX_A) else key[: -len(SUFFIX_B)]
+            groups.setdefault(split_target(stem)[0], []).append(key)
+        else:
+            groups.setdefault(key, []).append(key)
+    return groups
+
+
 def materialize_lora(tensors: Mapping[str, Tensor],
                      metadata: FileMeta | Mapping[str, str]) -> StateDict:
     """Turn stored LoRA factors into dense weight deltas ΔW = (alpha/r)·B·A.
 
-    Keys ``T.lora_A`` / ``T.lora_B`` become one key ``T``; any other tensor passes through.
-    This is the dense task vector of both ``lora`` and ``llora`` files (for ``llora`` it is
-    exactly the weight change the trained linearized model applies, see docs/finetune.md).
+    Keys ``T.lora_A`` / ``T.lora_B`` become one key ``T``; the q/k/v row blocks of a fused
+    in-projection (``W.q``, ``W.k``, ``W.v``) become one key ``W`` whose rows without factors
+    are zero. Any other tensor passes through. This is the dense task vector of ``lora``,
+    ``llora`` and ``llora-net`` files: for ``llora`` it is exactly the weight change of the
+    trained model, for ``llora-net`` the weight change its linearized model is evaluated at
+    (see docs/finetune.md).
 
     Args:
         tensors: The vector's tensors.
@@ -159,20 +270,22 @@ def materialize_lora(tensors: Mapping[str, Tensor],
         Dense deltas by model state-dict name, in the factors' dtype.
 
     Raises:
-        InvalidInputError: unpaired factors, inconsistent shapes or ranks, missing alpha.
+        InvalidInputError: unpaired factors, inconsistent shapes or ranks, missing alpha, a
+            weight stored both dense and as factors.
     """
     has_factors = any(k.endswith((SUFFIX_A, SUFFIX_B)) for k in tensors)
     if not has_factors:
         return dict(tensors)
     alpha, declared_rank = _alpha_from(metadata)
-    out: StateDict = {}
+    per_target: dict[str, Tensor] = {}
+    passthrough: StateDict = {}
     for key, tensor in tensors.items():
         if key.endswith(SUFFIX_B):
             if key[:-len(SUFFIX_B)] + SUFFIX_A not in tensors:
                 raise InvalidInputError(f"LoRA factor {key!r} has no matching {SUFFIX_A}")
             continue
         if not key.endswith(SUFFIX_A):
-            out[key] = tensor
+            passthrough[key] = tensor
             continue
         target = key[:-len(SUFFIX_A)]
         b_key = target + SUFFIX_B
@@ -186,17 +299,25 @@ def materialize_lora(tensors: Mapping[str, Tensor],
         if declared_rank is not None and rank != declared_rank:
             raise InvalidInputError(f"LoRA factors of {target!r} have rank {rank}, the metadata "
                                     f"says {declared_rank}")
-        if target in tensors:
-            raise InvalidInputError(f"{target!r} is stored both dense and as LoRA factors")
         dense = (b.double() @ a.double()) * (alpha / rank)
-        out[target] = dense.to(a.dtype)
+        per_target[target] = dense.to(a.dtype)
+    out = dict(passthrough)
+    for weight, delta in assemble_deltas(per_target).items():
+        if weight in tensors:
+            raise InvalidInputError(f"{weight!r} is stored both dense and as LoRA factors")
+        out[weight] = delta
     return out
 
 
 class LoraAdapter(Adapter):
-    """Frozen encoder plus trainable LoRA factors; forward uses W0 + (alpha/r)·B·A exactly."""
+    """Frozen encoder plus LoRA factors; forward uses W0 + (alpha/r)·B·A exactly.
+
+    Subclasses with ``train_a = False`` keep A at its initial value A0 (a buffer) and train
+    B only.
+    """
 
     mode = Mode.LORA
+    train_a: ClassVar[bool] = True
 
     def __init__(self, encoder: nn.Module, options: ModeOptions,
                  prefix: str = ENCODER_PREFIX) -> None:
@@ -207,27 +328,40 @@ class LoraAdapter(Adapter):
         self.scaling = options.lora_alpha / options.lora_rank
         freeze(encoder)
         params = dict(encoder.named_parameters())
+        first = params[split_target(self.targets[0])[0]]
         factors = init_lora_factors(target_shapes(encoder, self.targets), options.lora_rank,
-                                    options.seed, params[self.targets[0]].dtype)
-        device = params[self.targets[0]].device
-        self.lora_a = nn.ParameterList([nn.Parameter(factors[t][0].to(device))
+                                    options.seed, first.dtype)
+        if self.train_a:
+            self.lora_a = nn.ParameterList([nn.Parameter(factors[t][0].to(first.device))
+                                            for t in self.targets])
+        else:
+            for index, target in enumerate(self.targets):
+                self.register_buffer(f"lora_a0_{index}", factors[target][0].to(first.device))
+        self.lora_b = nn.ParameterList([nn.Parameter(factors[t][1].to(first.device))
                                         for t in self.targets])
-        self.lora_b = nn.ParameterList([nn.Parameter(factors[t][1].to(device))
-                                        for t in self.targets])
+
+    def lora_a_factor(self, index: int) -> Tensor:
+        """The A factor of target ``index`` (trainable, or the frozen A0)."""
+        if self.train_a:
+            return self.lora_a[index]
+        return getattr(self, f"lora_a0_{index}")  # type: ignore[no-any-return]
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         pairs = []
-        for target, a, b in zip(self.targets, self.lora_a, self.lora_b, strict=True):
-            pairs += [(target + SUFFIX_A, a), (target + SUFFIX_B, b)]
+        for index, (target, b) in enumerate(zip(self.targets, self.lora_b, strict=True)):
+            if self.train_a:
+                pairs.append((target + SUFFIX_A, self.lora_a[index]))
+            pairs.append((target + SUFFIX_B, b))
         return pairs
 
     def factors(self) -> list[tuple[str, Tensor, Tensor]]:
         """``(target, A, B)`` per target (live tensors)."""
-        return list(zip(self.targets, self.lora_a, self.lora_b, strict=True))
+        return [(t, self.lora_a_factor(i), b)
+                for i, (t, b) in enumerate(zip(self.targets, self.lora_b, strict=True))]
 
     def weight_deltas(self) -> dict[str, Tensor]:
-        """(alpha/r)·B·A per target, differentiable in the factors."""
-        return {t: (b @ a) * self.scaling for t, a, b in self.factors()}
+        """(alpha/r)·B·A per adapted weight (q/k/v blocks stacked), differentiable."""
+        return assemble_deltas({t: (b @ a) * self.scaling for t, a, b in self.factors()})
 
     def forward(self, images: Tensor) -> Tensor:
         params = dict(self.encoder.named_parameters())
@@ -249,11 +383,11 @@ class LoraAdapter(Adapter):
 
 
 class LoraMode:
-    """LoRA on the image encoder's attention (and optionally MLP) weights."""
+    """LoRA on the image encoder's attention projections (and optionally MLP) weights."""
 
     name = Mode.LORA
     linearized = False
-    summary = "LoRA factors on attention (and optionally MLP) weights"
+    summary = "LoRA factors on the chosen projections (default q, v)"
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
         return LoraAdapter(encoder, options)

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from tvtool.errors import InvalidInputError, NumericalError, UsageError
 from tvtool.finetune.base import Adapter, ModeOptions
+from tvtool.finetune.lora import parse_lora_targets
 from tvtool.io import check_output, ensure_directory, write_tensors
 from tvtool.io.train_state import read_train_state, write_train_state
 from tvtool.metadata import LINEARIZED_MODES, FileMeta, Kind, Mode, provenance
@@ -55,7 +56,7 @@ class FinetuneConfig:
         base: Model reference of the pre-trained model.
         dataset: Dataset name (see :func:`tvtool.data.list_datasets`).
         output: Task-vector output path, or ``-`` for stdout.
-        mode: ``full``, ``attn``, ``linear``, ``lora`` or ``llora``.
+        mode: ``full``, ``attn``, ``linear``, ``lora``, ``llora`` or ``llora-net``.
         checkpoint_out: Also write the fine-tuned model as a checkpoint (non-linearized modes).
         steps: Optimizer steps (default 2000 unless ``epochs`` is given).
         epochs: Passes over the training split, as an alternative to ``steps``.
@@ -74,9 +75,10 @@ class FinetuneConfig:
         checkpoint_every: Steps between training-state saves (with ``workdir``).
         data_root: Local root of standard datasets.
         workers: Data-loader worker processes (default: 4 on CUDA, 0 on CPU).
-        lora_rank: LoRA rank (lora, llora).
-        lora_alpha: LoRA alpha (lora, llora).
-        lora_targets: LoRA targets: ``attn`` and/or ``mlp``.
+        lora_rank: LoRA rank (lora, llora, llora-net).
+        lora_alpha: LoRA alpha (lora, llora, llora-net).
+        lora_targets: LoRA targets: any of ``q``, ``k``, ``v``, ``o``, ``mlp`` (``attn`` =
+            q, k, v, o); stored in canonical order.
         log_every: Steps between progress reports (and divergence checks).
     """
 
@@ -103,7 +105,7 @@ class FinetuneConfig:
     workers: int | None = None
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("attn",)
+    lora_targets: tuple[str, ...] = ("q", "v")
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -113,7 +115,7 @@ class FinetuneConfig:
             except ValueError:
                 raise UsageError(f"unknown fine-tuning mode {self.mode!r}",
                                  hint=f"use one of {', '.join(m.value for m in Mode)}") from None
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
 
     def validate(self) -> None:
         """Check values and combinations.
@@ -408,6 +410,10 @@ def _run_key(config: FinetuneConfig, fingerprint: str, total: int, warmup: int,
              size: int) -> dict[str, Any]:
     values = config.as_json()
     key = {k: values[k] for k in _RESUME_KEYS}
+    if config.mode is Mode.LLORA:
+        # `llora` trained the network-level linearization before it became the per-adapter
+        # L-LoRA; a state without this key belongs to that other model and must not resume.
+        key["llora"] = "per-adapter"
     key.update(base_fingerprint=fingerprint, total_steps=total, warmup_steps=warmup,
                dataset_size=size)
     return key

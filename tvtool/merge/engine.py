@@ -33,7 +33,7 @@ from tvtool.merge.coefs import Coefficients, VectorId, from_values, load_coeffic
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.registry import get_method
 from tvtool.merge.trim import global_threshold
-from tvtool.metadata import FileMeta, Kind, Mode, provenance
+from tvtool.metadata import LORA_MODES, FileMeta, Kind, Mode, provenance
 from tvtool.types import StateDict
 from tvtool.vectors import open_vector_meta
 
@@ -405,7 +405,7 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
         linearized = flags.pop()
     modes = {m.mode for m in metas}
     mode = modes.pop() if len(modes) == 1 else None
-    if mode in (Mode.LORA, Mode.LLORA):
+    if mode in LORA_MODES:
         # Materialised LoRA factors are dense weight deltas: the result is no LoRA vector.
         mode = None
     return mode, linearized
@@ -444,7 +444,7 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
             source = open_tensors(path)
             owned.append(source)
             meta = open_vector_meta(source, source.label)
-            if meta.mode in (Mode.LORA, Mode.LLORA):
+            if meta.mode in LORA_MODES:
                 source = _materialize_lora(source, meta)
                 owned.append(source)
             sources.append(source)

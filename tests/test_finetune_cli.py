@@ -27,7 +27,7 @@ def test_json_summary_and_vector_metadata(cli, tmp_path):
     from tvtool.metadata import FileMeta, Kind, Mode
 
     out = tmp_path / "tv.safetensors"
-    result = cli([*COMMON, "--mode", "lora", "--lora-rank", "2", "--lora-targets", "attn,mlp",
+    result = cli([*COMMON, "--mode", "lora", "--lora-rank", "2", "--lora-targets", "v,q,mlp",
                   "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -37,7 +37,7 @@ def test_json_summary_and_vector_metadata(cli, tmp_path):
     source.close()
     assert meta.kind is Kind.TASK_VECTOR and meta.mode is Mode.LORA and not meta.linearized
     assert meta.extra["lora_rank"] == "2" and float(meta.extra["lora_alpha"]) == 32.0
-    assert meta.extra["lora_targets"] == "attn,mlp"
+    assert meta.extra["lora_targets"] == "q,v,mlp"
     assert meta.provenance["arguments"]["batch_size"] == 4
 
 
@@ -56,9 +56,53 @@ def test_vector_to_stdout_and_checkpoint_loadable(cli, tmp_path):
     assert load_file(str(checkpoint)).keys() == base.keys()
 
 
+def _dense_qv(vector: dict, scale: float) -> dict:
+    """Independent ΔW of a q,v LoRA vector: in_proj rows [q; 0; v], each s·B·A."""
+    out = {}
+    for key in vector:
+        if key.endswith(".in_proj_weight.q.lora_A"):
+            weight = key[: -len(".q.lora_A")]
+            q = scale * vector[f"{weight}.q.lora_B"].double() @ vector[f"{weight}.q.lora_A"].double()
+            v = scale * vector[f"{weight}.v.lora_B"].double() @ vector[f"{weight}.v.lora_A"].double()
+            out[weight] = torch.cat([q, torch.zeros_like(q), v])
+    return out
+
+
+def test_llora_vector_folds_into_the_weights(cli, tmp_path):
+    """Published L-LoRA is an ordinary model: --checkpoint-out and apply give W0 + s·B·A0."""
+    from tvtool.io import open_tensors
+    from tvtool.metadata import FileMeta, Mode
+    from tvtool.models import load_clip
+
+    out, checkpoint = tmp_path / "ll.safetensors", tmp_path / "ft.safetensors"
+    result = cli([*COMMON, "--mode", "llora", "--lora-rank", "2", "--lora-alpha", "4",
+                  "-o", str(out), "--checkpoint-out", str(checkpoint)])
+    assert result.exit_code == 0, result.stderr
+    source = open_tensors(str(out))
+    meta = FileMeta.from_header(source.metadata, "ll")
+    source.close()
+    assert meta.mode is Mode.LLORA and not meta.linearized
+    assert meta.extra["lora_targets"] == "q,v"
+    vector = load_file(str(out))
+    assert len(vector) == 12
+    dense = _dense_qv(vector, 4.0 / 2)
+    assert len(dense) == 3 and all(d.abs().max() > 0 for d in dense.values())
+    base = load_clip(BASE).model.state_dict()
+    tuned = load_file(str(checkpoint))
+    applied_path = tmp_path / "applied.safetensors"
+    result = cli(["apply", "--base", BASE, str(out), "-o", str(applied_path)])
+    assert result.exit_code == 0, result.stderr
+    applied = load_file(str(applied_path))
+    for name, tensor in base.items():
+        expected = (tensor.double() + dense[name]).float() if name in dense else tensor
+        torch.testing.assert_close(tuned[name], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(applied[name], expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("args", [
     ["--mode", "partial", "-o", "x.safetensors"],
-    ["--mode", "llora", "--checkpoint-out", "ft.safetensors", "-o", "x.safetensors"],
+    ["--mode", "llora-net", "--checkpoint-out", "ft.safetensors", "-o", "x.safetensors"],
+    ["--lora-targets", "q,qkv", "--mode", "lora", "-o", "x.safetensors"],
     ["-o", "-", "--json"],
     ["--resume", "-o", "x.safetensors"],
     ["--lora-targets", ",", "--mode", "lora", "-o", "x.safetensors"],

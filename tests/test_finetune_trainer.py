@@ -103,7 +103,8 @@ def test_run_length_from_steps_epochs_or_default(tmp_path):
     ({"precision": "fp8"}, "precision"),
     ({"resume": True}, "--workdir"),
     ({"mode": "linear", "checkpoint_out": "x.safetensors"}, "checkpoint-out"),
-    ({"mode": "llora", "checkpoint_out": "x.safetensors"}, "checkpoint-out"),
+    ({"mode": "llora-net", "checkpoint_out": "x.safetensors"}, "checkpoint-out"),
+    ({"mode": "lora", "lora_targets": ("q", "qkv")}, "LoRA targets"),
     ({"grad_clip": -1.0}, "grad-clip"),
 ])
 def test_bad_configurations_are_usage_errors(tmp_path, changes, message):
@@ -171,6 +172,20 @@ def test_resume_refuses_a_different_run(tmp_path):
     missing = replace(config, resume=True, workdir=str(tmp_path / "empty"))
     with pytest.raises(InvalidInputError, match="no training state"):
         finetune(missing, dataset=RandomImages(), head=head)
+
+
+def test_llora_state_of_the_network_level_variant_does_not_resume(tmp_path):
+    """Training states written when `llora` was the network-level model lack the marker."""
+    from tvtool.finetune.trainer import _check_run_key, _run_key
+
+    config = _config(tmp_path, "ll", mode="llora")
+    current = _run_key(config, "sha256:x", 6, 0, 32)
+    assert current["llora"] == "per-adapter"
+    old = {k: v for k, v in current.items() if k != "llora"}
+    with pytest.raises(InvalidInputError, match="different run.*llora"):
+        _check_run_key(old, current, "state")
+    _check_run_key(current, current, "state")
+    assert "llora" not in _run_key(_config(tmp_path, "l", mode="lora"), "sha256:x", 6, 0, 32)
 
 
 def test_non_finite_loss_stops_the_run_and_writes_nothing(tmp_path):

@@ -288,8 +288,11 @@ def test_limit_subset_is_seeded_and_sorted():
     assert a.size == 30 and a.total == 1000
 
 
-@pytest.mark.parametrize("mode", [Mode.LORA, Mode.LLORA])
-def test_lora_vectors_are_materialized(files, tmp_path, mode):
+@pytest.mark.parametrize(("mode", "linearized"), [
+    (Mode.LORA, False), (Mode.LLORA, False), (Mode.LLORA_NET, True),
+    (Mode.LLORA, True),  # written by an older tvtool: read as llora-net
+])
+def test_lora_vectors_are_materialized(files, tmp_path, mode, linearized):
     from tvtool.linearize import linearized_forward
     from tvtool.models import load_clip
 
@@ -297,18 +300,17 @@ def test_lora_vectors_are_materialized(files, tmp_path, mode):
     gen = torch.Generator().manual_seed(5)
     a, b = torch.randn(2, 64, generator=gen), 0.05 * torch.randn(64, 2, generator=gen)
     meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=TINY, mode=mode,
-                    linearized=mode is Mode.LLORA,
-                    extra={"lora_alpha": "4.0", "lora_rank": "2"})
+                    linearized=linearized, extra={"lora_alpha": "4.0", "lora_rank": "2"})
     path = tmp_path / "lora.safetensors"
     write_tensors(str(path), {f"{target}.lora_A": a, f"{target}.lora_B": b}, meta.to_header())
     dense = (b.double() @ a.double() * 2.0).float()
     x = _images()
     with open_eval_model(files["base"], [str(path)]) as model:
-        assert model.linearized is (mode is Mode.LLORA)
+        assert model.linearized is linearized
         model.set_coefficients([1.0])
         features = model.image_features(x)
     bundle = load_clip(files["base"])
-    if mode is Mode.LLORA:
+    if linearized:
         local = target[len("visual."):]
         expected = linearized_forward(bundle.model.visual, None, {local: dense}, x)
     else:

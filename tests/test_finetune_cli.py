@@ -62,8 +62,8 @@ def _dense_qv(vector: dict, scale: float) -> dict:
     for key in vector:
         if key.endswith(".in_proj_weight.q.lora_A"):
             weight = key[: -len(".q.lora_A")]
-            q = scale * vector[f"{weight}.q.lora_B"].double() @ vector[f"{weight}.q.lora_A"].double()
-            v = scale * vector[f"{weight}.v.lora_B"].double() @ vector[f"{weight}.v.lora_A"].double()
+            q, v = (scale * vector[f"{weight}.{kind}.lora_B"].double()
+                    @ vector[f"{weight}.{kind}.lora_A"].double() for kind in "qv")
             out[weight] = torch.cat([q, torch.zeros_like(q), v])
     return out
 

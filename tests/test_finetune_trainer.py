@@ -182,7 +182,7 @@ def test_llora_state_of_the_network_level_variant_does_not_resume(tmp_path):
     current = _run_key(config, "sha256:x", 6, 0, 32)
     assert current["llora"] == "per-adapter"
     old = {k: v for k, v in current.items() if k != "llora"}
-    with pytest.raises(InvalidInputError, match="different run.*llora"):
+    with pytest.raises(InvalidInputError, match=r"different run.*llora"):
         _check_run_key(old, current, "state")
     _check_run_key(current, current, "state")
     assert "llora" not in _run_key(_config(tmp_path, "l", mode="lora"), "sha256:x", 6, 0, 32)

@@ -154,7 +154,7 @@ def configs(enc: nn.Module, x: torch.Tensor, y: torch.Tensor, head: torch.Tensor
         "reference_full_fp32": lambda: reference_full(enc, x, y, head, device),
         "reference_linear_jvp_fp32": lambda: reference_linear(enc, x, y, head, device),
     }
-    for mode in ("full", "attn", "linear", "lora", "llora"):
+    for mode in ("full", "attn", "linear", "lora", "llora", "llora-net"):
         made[mode] = (lambda m=mode: tvtool_step(m, enc, x, y, head, device, precision))
     made["linear_all_tokens"] = lambda: without_shortcut(
         tvtool_step("linear", enc, x, y, head, device, precision))
@@ -246,6 +246,7 @@ RATIOS: dict[str, tuple[str, str, str]] = {
                                                    "linear_all_tokens", "ms"),
     "lora_over_full": ("lora", "full", "ms"),
     "llora_over_full": ("llora", "full", "ms"),
+    "llora_net_over_full": ("llora-net", "full", "ms"),
     "linear_bf16_speedup_vs_reference_jvp_fp32": ("reference_linear_jvp_fp32", "linear_bf16",
                                                   "ms"),
     "linear_bf16_over_full_bf16": ("linear_bf16", "full_bf16", "ms"),

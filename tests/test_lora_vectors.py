@@ -173,3 +173,14 @@ def test_mixed_factor_layouts_of_one_weight_are_refused(cli, files, tmp_path, ba
     result = cli(["apply", "--base", files["base"], vector, "-o", str(out)])
     assert result.exit_code == 2 and "both for the whole matrix" in result.stderr
     assert not out.exists()
+
+
+def test_pure_vector_algebra_refuses_lora_factors():
+    from tvtool.errors import InvalidInputError
+    from tvtool.vectors import add, negate, scale
+
+    factors = _factors("blocks")
+    for call in (lambda: scale(factors, 2.0), lambda: negate(factors),
+                 lambda: add([factors, factors])):
+        with pytest.raises(InvalidInputError, match="LoRA vector"):
+            call()

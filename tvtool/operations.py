@@ -169,6 +169,9 @@ class NegateConfig:
 def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
     """Write the negated (and scaled) task vector, streaming.
 
+    LoRA vectors keep their factors with only B scaled by ``-coef``, so the change they
+    apply is ``-coef·ΔW``.
+
     Raises:
         UsageError: a coefficient that is not a positive finite number.
         InvalidInputError: the input is not a task vector, or the output is the input.

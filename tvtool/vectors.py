@@ -123,24 +123,46 @@ def extract(base: StateDict, finetuned: StateDict) -> StateDict:
     return out
 
 
+def _refuse_factors(vectors: Sequence[StateDict], operation: str) -> None:
+    # Elementwise algebra on LoRA factors is wrong: scaling both A and B by c scales ΔW by c².
+    for vector in vectors:
+        factors = [n for n in vector if n.endswith((".lora_A", ".lora_B"))]
+        if factors:
+            raise InvalidInputError(
+                f"{operation} of a LoRA vector (e.g. {factors[0]!r}) would act on each factor",
+                hint="turn it into dense deltas first with tvtool.finetune.materialize_lora")
+
+
 def scale(vector: StateDict, coef: float) -> StateDict:
-    """Multiply every tensor of a task vector by ``coef`` (new tensors, same dtypes)."""
+    """Multiply every tensor of a dense task vector by ``coef`` (new tensors, same dtypes).
+
+    Raises:
+        InvalidInputError: the vector holds LoRA factors (materialise them first).
+    """
+    _refuse_factors([vector], "scale")
     return {name: tensor_combine(None, [t], [coef], t.dtype) for name, t in vector.items()}
 
 
 def negate(vector: StateDict) -> StateDict:
-    """The negated task vector (forgetting direction); exact, so negating twice is identity."""
+    """The negated dense task vector; exact, so negating twice is identity.
+
+    Raises:
+        InvalidInputError: the vector holds LoRA factors (materialise them first).
+    """
+    _refuse_factors([vector], "negate")
     return {name: -t for name, t in vector.items()}
 
 
 def add(vectors: Sequence[StateDict], coefs: Sequence[float] | None = None) -> StateDict:
-    """``Σ coef_i · vector_i`` over vectors with identical key sets, shapes and dtypes.
+    """``Σ coef_i · vector_i`` over dense vectors with identical key sets, shapes and dtypes.
 
     Raises:
-        InvalidInputError: if the vectors do not share keys, shapes and dtypes.
+        InvalidInputError: if the vectors do not share keys, shapes and dtypes, or hold LoRA
+            factors.
     """
     if not vectors:
         raise InvalidInputError("add needs at least one task vector")
+    _refuse_factors(vectors, "add")
     coefs = list(coefs) if coefs is not None else [1.0] * len(vectors)
     if len(coefs) != len(vectors):
         raise InvalidInputError(f"{len(coefs)} coefficients for {len(vectors)} vectors")

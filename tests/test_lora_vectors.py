@@ -184,3 +184,22 @@ def test_pure_vector_algebra_refuses_lora_factors():
                  lambda: add([factors, factors])):
         with pytest.raises(InvalidInputError, match="LoRA vector"):
             call()
+
+
+def test_inspect_reports_norms_and_cosine_of_the_dense_change(tmp_path, base_fp):
+    from tvtool import operations
+
+    first, second = _factors("blocks", seed=5), _factors("blocks", seed=6)
+    # Same A (as two runs with one seed have), different B: the factor cosine would be high.
+    second = {k: (first[k] if k.endswith(".lora_A") else v) for k, v in second.items()}
+    paths = tuple(_write(tmp_path / f"{n}.safetensors", f, Mode.LORA, False, base_fp)
+                  for n, f in (("a", first), ("b", second)))
+    report = operations.inspect(operations.InspectConfig(files=paths))
+    dense = [_dense(first), _dense(second)]
+    flat = [torch.cat([d[k].reshape(-1) for k in sorted(d)]) for d in dense]
+    for entry, vector in zip(report["files"], flat, strict=True):
+        assert entry["norm"] == pytest.approx(float(vector.norm()), rel=1e-6)
+        assert entry["tensors"] == 18  # the stored factors
+    expected = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
+    assert report["cosine"][0][1] == pytest.approx(expected, abs=1e-6)
+    assert abs(expected) < 0.5

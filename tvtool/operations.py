@@ -383,7 +383,8 @@ class InspectConfig:
 def inspect(config: InspectConfig) -> dict[str, Any]:
     """Metadata, norms and (for several vectors) the cosine-similarity matrix.
 
-    Files without tvtool metadata are described too (kind ``null``, no norms).
+    Files without tvtool metadata are described too (kind ``null``, no norms). Norms and
+    cosines of LoRA vectors are those of their dense deltas (alpha/r)·B·A.
 
     Returns:
         A JSON-ready report: ``files`` (one entry per input, in order; task vectors carry
@@ -422,6 +423,10 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
                                   for n in names}),
             }
             if meta is not None and meta.kind is Kind.TASK_VECTOR:
+                if meta.mode in LORA_MODES:
+                    # Norms and cosines of factors say nothing about ΔW (runs with one seed
+                    # share A0, so their factor cosine is high whatever B learned).
+                    source = _materialized_lora(source, open_vector_meta(source, source.label))
                 norms = vector_norms(source)
                 entry["norm"] = math.sqrt(sum(v * v for v in norms.values()))
                 entry["largest"] = [

@@ -18,6 +18,9 @@ Two implementations give the same numbers:
 * **Generic path** (any other module): ``torch.func.jvp`` over ``functional_call`` with
   PyTorch's math attention kernel and the ``nn.MultiheadAttention`` fast path disabled, since
   the fused kernels raise "Trying to use forward AD with ... that does not support it".
+  Normalisation layers with running statistics (BatchNorm in ResNet and MobileCLIP towers)
+  run in eval mode, with their frozen statistics, whatever the module's mode: the linearized
+  model is the network as evaluated, and forward AD cannot update the statistics in place.
 
 The structure test for the fast path is by module type and shape (``nn.MultiheadAttention``,
 ``nn.LayerNorm``, ``nn.Linear``, ``nn.Conv2d``), not by importing open_clip.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -234,10 +238,42 @@ def _forward_ad_safe_attention() -> Iterator[None]:
         mha.set_fastpath_enabled(previous)
 
 
+@contextlib.contextmanager
+def _frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
+    """Run BatchNorm-style layers in eval mode (frozen running statistics), then restore.
+
+    In train mode they would update ``running_mean``/``num_batches_tracked`` in place, which
+    forward-mode AD refuses, and normalise with batch statistics, which evaluation does not.
+    """
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
+             and m.training]
+    for norm in norms:
+        norm.eval()
+    try:
+        yield
+    finally:
+        for norm in norms:
+            norm.train()
+
+
+# The first forward-AD call imports torch._decomp.decompositions_for_jvp, which scripts its
+# decompositions with torch.jit.script and so warns once per process that torch.jit.script is
+# deprecated: torch's own internals, nothing a user can act on.
+_JIT_SCRIPT_DEPRECATED = r"`?torch\.jit\.script`? is deprecated"
+
+
+def _jvp(func: Any, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
+    """``torch.func.jvp`` without torch's internal torch.jit.script deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_JIT_SCRIPT_DEPRECATED, category=FutureWarning)
+        return jvp(func, primals, tangents)
+
+
 def _jvp_parts(module: nn.Module, params: dict[str, Tensor], delta: Mapping[str, Tensor],
                x: Tensor) -> tuple[Tensor, Tensor | None]:
     if not delta:
-        with torch.no_grad():
+        with torch.no_grad(), _frozen_norm_statistics(module):
             return functional_call(module, params, (x,)), None
     moving = {n: params[n] for n in delta}
     fixed = {n: p for n, p in params.items() if n not in delta}
@@ -246,8 +282,8 @@ def _jvp_parts(module: nn.Module, params: dict[str, Tensor], delta: Mapping[str,
     def run(sub: dict[str, Tensor]) -> Tensor:
         return functional_call(module, {**fixed, **sub}, (x,))
 
-    with _forward_ad_safe_attention():
-        result = jvp(run, (moving,), (tangents,))
+    with _forward_ad_safe_attention(), _frozen_norm_statistics(module):
+        result = _jvp(run, (moving,), (tangents,))
     return result[0].detach(), result[1]
 
 
@@ -581,7 +617,7 @@ def _activation(act: nn.Module, h: Tensor, dh: Tangent) -> tuple[Tensor, Tangent
             slope = torch.ops.aten.gelu_backward(ones, h, approximate=act.approximate)
         else:
             # jvp with a unit tangent gives act and act' in one pass for any elementwise act.
-            a, slope = jvp(act, (h,), (torch.ones_like(h),))[:2]
+            a, slope = _jvp(act, (h,), (torch.ones_like(h),))[:2]
     return a, slope * dh
 
 

@@ -5,6 +5,7 @@ Public API:
 * :class:`FinetuneConfig`, :func:`finetune` -- the ``tvtool finetune`` command as a function.
 * :func:`train` -- the optimisation loop over any :class:`Adapter` and dataset.
 * :data:`MODES`, :func:`get_mode` -- the mode registry (name -> mode object).
+* :func:`check_encoder` -- refuse a mode an image encoder's structure does not support.
 * :func:`materialize_lora` -- dense deltas from a LoRA vector's factors.
 * :func:`parse_lora_targets` -- canonical ``--lora-targets`` (q, k, v, o, mlp).
 
@@ -31,6 +32,7 @@ from tvtool.finetune.trainer import (
     FinetuneResult,
     StepLog,
     TrainResult,
+    check_encoder,
     finetune,
     learning_rate,
     train,
@@ -71,6 +73,7 @@ __all__ = [
     "StepLog",
     "TrainResult",
     "attention_parameter_names",
+    "check_encoder",
     "finetune",
     "get_mode",
     "init_lora_factors",

@@ -1,30 +1,31 @@
 """``attn`` mode: only the image encoder's attention modules train (Jin et al., 2407.07089).
 
-The modules are found by type (every ``nn.MultiheadAttention`` in the encoder's blocks), so
-the trained and stored tensors are exactly their in-projection and out-projection weights and
-biases, whatever the blocks are called.
+The modules are found by type and structure (:func:`tvtool.finetune.base.attention_projections`):
+every ``nn.MultiheadAttention`` in the encoder's blocks (open_clip's own ViTs), whose in- and
+out-projection weights and biases train; or, for timm towers (timm ViTs, EVA, MobileCLIP),
+every timm attention module in the blocks, whose ``qkv`` (or ``q_proj``/``k_proj``/``v_proj``)
+and ``proj`` linear layers train. Whatever the blocks are called, the trained and stored tensors
+are exactly these projections.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from tvtool.finetune.base import Adapter, ModeOptions, attention_modules
+from tvtool.finetune.base import Adapter, ModeOptions, attention_projections
 from tvtool.finetune.full import DirectAdapter
 from tvtool.metadata import Mode
 
 
 def attention_parameter_names(encoder: nn.Module) -> list[str]:
-    """Names (relative to ``encoder``) of every parameter inside its attention modules.
+    """Names (relative to ``encoder``) of the attention projections' parameters.
 
     Raises:
-        InvalidInputError: the encoder has no ``nn.MultiheadAttention``.
+        InvalidInputError: the encoder has no attention blocks (``nn.MultiheadAttention`` or
+            timm-style attention), e.g. a ResNet or ConvNeXt.
     """
-    names: list[str] = []
-    for module_name, module in attention_modules(encoder):
-        names.extend(f"{module_name}.{n}" for n, p in module.named_parameters()
-                     if p.requires_grad)
-    return names
+    return [f"{module_name}.{name}" for module_name, names in attention_projections(encoder)
+            for name in names]
 
 
 class AttnAdapter(DirectAdapter):
@@ -38,7 +39,7 @@ class AttnMode:
 
     name = Mode.ATTN
     linearized = False
-    summary = "attention in/out projections of the image encoder's blocks"
+    summary = "attention projections of the image encoder's blocks"
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
         return AttnAdapter(encoder, attention_parameter_names(encoder))

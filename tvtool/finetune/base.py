@@ -4,6 +4,11 @@ A mode decides which tensors train, how the forward pass runs (plain, linearized
 how the trained state becomes a task vector. The trainer only sees the adapter: it optimises
 :meth:`Adapter.trainable`, calls the adapter on images, and at the end asks for
 :meth:`Adapter.task_vector`.
+
+A task vector holds parameters only, so nothing else in the encoder may change while it
+trains: in every mode, normalisation layers with running statistics (BatchNorm, e.g. in
+ResNet and MobileCLIP towers) run in eval mode, normalising with the base model's frozen
+statistics (see :meth:`Adapter.train`).
 """
 
 from __future__ import annotations
@@ -64,6 +69,19 @@ class Adapter(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.prefix = prefix
+
+    def train(self, mode: bool = True) -> Adapter:
+        """Set train mode, except that BatchNorm-style layers keep their statistics frozen.
+
+        In train mode BatchNorm would normalise with batch statistics and update its running
+        mean and variance, buffers a task vector does not carry: the stored vector (and
+        ``--checkpoint-out``, base + deltas) would not be the trained network. With frozen
+        statistics training and evaluation compute the same function, and the running
+        statistics stay exactly the base model's.
+        """
+        super().train(mode)
+        freeze_norm_statistics(self)
+        return self
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
         """Trainable tensors by stable name, in a fixed order (optimizer and checkpoint use it)."""
@@ -133,28 +151,136 @@ def freeze(module: nn.Module) -> None:
         param.requires_grad_(False)
 
 
+def running_statistics_modules(module: nn.Module) -> list[nn.Module]:
+    """Submodules that update running statistics in train mode (BatchNorm, InstanceNorm).
+
+    Found by type: every subclass of torch's normalisation base with running statistics
+    (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, timm's ``BatchNormAct2d``, ...).
+    """
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def freeze_norm_statistics(module: nn.Module) -> None:
+    """Put every layer with running statistics into eval mode (normalise with frozen stats).
+
+    Their affine weights still train; only the running mean/variance stop updating and the
+    batch statistics are not used. Call after ``module.train()``, which resets them.
+    """
+    for norm in running_statistics_modules(module):
+        norm.eval()
+
+
+def _block_names(encoder: nn.Module, containers: tuple[type[nn.Module], ...]) -> set[str]:
+    """Names of the elements of every container module of ``encoder`` (its blocks)."""
+    names: set[str] = set()
+    for name, module in encoder.named_modules():
+        if isinstance(module, containers):
+            names.update(f"{name}.{child}" if name else child
+                         for child, _ in module.named_children())
+    return names
+
+
+def _multihead_attention(encoder: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
+    found = [(name, module) for name, module in encoder.named_modules()
+             if isinstance(module, nn.MultiheadAttention)]
+    block_names = _block_names(encoder, (nn.ModuleList,))
+    in_blocks = [(name, module) for name, module in found
+                 if name.rpartition(".")[0] in block_names]
+    return in_blocks or found
+
+
+def projection_attention_parameters(module: nn.Module) -> list[str] | None:
+    """Parameter names of a timm-style attention module's projections, else ``None``.
+
+    timm's attention modules (ViT ``Attention``, EVA ``EvaAttention``, FastViT ``Attention``
+    in MobileCLIP, Swin ``WindowAttention``) hold their projections as ``nn.Linear`` children:
+    a fused ``qkv`` or separate ``q_proj``/``k_proj``/``v_proj``, and the output ``proj``. The
+    returned names are those layers' parameters plus parameters the module holds directly
+    (EVA's ``q_bias``/``v_bias`` beside a bias-free ``qkv``); normalisation layers inside the
+    module (``q_norm``, ``k_norm``, ``norm``) are not attention projections and are left out.
+    """
+    children = dict(module.named_children())
+    if not isinstance(children.get("proj"), nn.Linear):
+        return None
+    if isinstance(children.get("qkv"), nn.Linear):
+        inputs = ["qkv"]
+    elif all(isinstance(children.get(n), nn.Linear) for n in ("q_proj", "k_proj", "v_proj")):
+        inputs = ["q_proj", "k_proj", "v_proj"]
+    else:
+        return None
+    names = [f"{child}.{n}" for child in (*inputs, "proj")
+             for n, _ in children[child].named_parameters()]
+    return names + [n for n, _ in module.named_parameters(recurse=False)]
+
+
+def attention_projections(encoder: nn.Module) -> list[tuple[str, list[str]]]:
+    """The attention modules of the encoder's blocks and their trainable parameter names.
+
+    Two kinds are recognised by type and structure, never by the encoder's class:
+
+    * ``nn.MultiheadAttention`` (open_clip's own ViTs): all its parameters (in- and
+      out-projection weights and biases). Blocks are the elements of the encoder's
+      ``nn.ModuleList`` s; encoders with such attention but no such list fall back to every
+      ``nn.MultiheadAttention``.
+    * timm-style attention (:func:`projection_attention_parameters`) whose parent is an
+      element of an ``nn.ModuleList`` or ``nn.Sequential`` (timm's ``blocks``/``stages``).
+
+    Attention outside the blocks (an attentional pooler) is not a block's and is left out.
+
+    Returns:
+        ``(module name, parameter names relative to the module)`` in module order; frozen
+        parameters (``requires_grad=False``) are left out.
+
+    Raises:
+        InvalidInputError: the encoder has no attention blocks of either kind (e.g. a ResNet
+            or ConvNeXt tower).
+    """
+    mha = {name for name, _ in _multihead_attention(encoder)}
+    blocks = _block_names(encoder, (nn.ModuleList, nn.Sequential))
+    found: list[tuple[str, list[str]]] = []
+    for name, module in encoder.named_modules():
+        if name in mha:
+            names = [n for n, _ in module.named_parameters()]
+        elif not isinstance(module, nn.MultiheadAttention) and \
+                name.rpartition(".")[0] in blocks:
+            names = projection_attention_parameters(module) or []
+        else:
+            continue
+        params = dict(module.named_parameters())
+        trainable = [n for n in names if params[n].requires_grad]
+        if trainable:
+            found.append((name, trainable))
+    if not found:
+        raise InvalidInputError(
+            f"the image encoder ({type(encoder).__name__}) has no attention blocks: attn mode "
+            "trains nn.MultiheadAttention modules (open_clip ViTs) or timm attention modules "
+            "(qkv or q_proj/k_proj/v_proj, and proj) inside the encoder's blocks",
+            hint="use --mode full or --mode linear for ResNet and ConvNeXt towers")
+    return found
+
+
 def attention_modules(encoder: nn.Module) -> list[tuple[str, nn.MultiheadAttention]]:
-    """The self-attention modules of the encoder's blocks, found by type and structure.
+    """The ``nn.MultiheadAttention`` modules of the encoder's blocks (what LoRA targets).
 
     Blocks are the elements of the encoder's ``nn.ModuleList`` s (``transformer.resblocks`` in
     open_clip); an attention module outside them (an attentional pooler) is not a block's.
     Encoders with attention but no such list fall back to every attention module.
 
     Raises:
-        InvalidInputError: the encoder has no ``nn.MultiheadAttention`` (e.g. a ResNet).
+        InvalidInputError: the encoder has no ``nn.MultiheadAttention``: a ResNet, or a timm
+            tower (whose attention, if any, is timm's own module, which the LoRA modes do not
+            support).
     """
-    found = [(name, module) for name, module in encoder.named_modules()
-             if isinstance(module, nn.MultiheadAttention)]
-    block_names = {f"{name}.{index}" if name else str(index)
-                   for name, module in encoder.named_modules()
-                   if isinstance(module, nn.ModuleList) for index in range(len(module))}
-    in_blocks = [(name, module) for name, module in found
-                 if name.rpartition(".")[0] in block_names]
-    found = in_blocks or found
+    found = _multihead_attention(encoder)
     if not found:
+        timm_style = any(projection_attention_parameters(m) for m in encoder.modules())
         raise InvalidInputError(
-            f"the image encoder ({type(encoder).__name__}) has no nn.MultiheadAttention modules",
-            hint="attention-only and LoRA modes need a ViT image encoder; use --mode full")
+            f"the image encoder ({type(encoder).__name__}) has no nn.MultiheadAttention "
+            "modules: the LoRA modes (lora, llora) support open_clip's own ViT image encoders "
+            "only, not timm or ResNet towers",
+            hint="use --mode attn or --mode full" if timm_style else
+            "use --mode full or --mode linear")
     return found
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from tvtool.errors import InvalidInputError, NumericalError, UsageError
+from tvtool.errors import InvalidInputError, NumericalError, TvtoolError, UsageError
 from tvtool.finetune.base import Adapter, ModeOptions
 from tvtool.finetune.lora import parse_lora_targets
 from tvtool.io import check_output, ensure_directory, write_tensors
@@ -649,7 +649,8 @@ def train(
     state_path = os.path.join(config.workdir, RESUME_FILE) if config.workdir else None
 
     adapter.to(device)
-    adapter.train()
+    adapter.train()  # BatchNorm statistics stay frozen (Adapter.train)
+    buffers = {name: b.detach().clone() for name, b in adapter.encoder.named_buffers()}
     head = head.detach().to(device=device, dtype=torch.float32)
     opt = Optimisation.for_adapter(adapter, config.lr, config.weight_decay, device, precision,
                                    config.grad_clip)
@@ -749,6 +750,7 @@ def train(
         if after_step is not None:
             after_step(done)
     check_finite(total)
+    _check_buffers_unchanged(adapter, buffers)
     seconds = time.perf_counter() - run_start
     ran = total - start
     return TrainResult(start_step=start, steps=total, seconds=seconds,
@@ -763,6 +765,37 @@ def train(
 
 def _quiet(_: str) -> None:
     return None
+
+
+def check_encoder(mode: Mode, encoder: torch.nn.Module, options: ModeOptions) -> None:
+    """Refuse a mode the image encoder's structure does not support (works on meta tensors).
+
+    ``full`` and ``linear`` train any encoder; ``attn`` needs attention blocks
+    (``nn.MultiheadAttention`` or timm attention); ``lora`` and ``llora`` need
+    ``nn.MultiheadAttention`` blocks (open_clip's own ViTs).
+
+    Raises:
+        InvalidInputError: the encoder lacks what the mode trains.
+        UsageError: unknown LoRA targets.
+    """
+    from tvtool.finetune.attn import attention_parameter_names
+    from tvtool.finetune.lora import lora_targets
+
+    if mode is Mode.ATTN:
+        attention_parameter_names(encoder)
+    elif mode in (Mode.LORA, Mode.LLORA):
+        lora_targets(encoder, options.lora_targets)
+
+
+def _check_buffers_unchanged(adapter: Adapter, before: Mapping[str, Tensor]) -> None:
+    """Fail if training changed an encoder buffer: the task vector would silently lose it."""
+    for name, tensor in adapter.encoder.named_buffers():
+        if name in before and not torch.equal(tensor, before[name]):
+            raise TvtoolError(
+                f"the image encoder's buffer {name!r} changed during fine-tuning; the task "
+                "vector holds parameters only, so it would not be the trained network",
+                hint="this encoder updates state in its forward pass, which tvtool cannot "
+                     "fine-tune; please report it")
 
 
 def _init_process_group(info: DistInfo, device_kind: str) -> bool:
@@ -827,7 +860,14 @@ def finetune(
         NumericalError: the run diverged (no output written).
     """
     from tvtool.finetune import get_mode
-    from tvtool.models import base_source, build_zero_shot_head, fingerprint, load_clip
+    from tvtool.models import (
+        base_source,
+        build_zero_shot_head,
+        fingerprint,
+        image_encoder_skeleton,
+        load_clip,
+        resolve_ref,
+    )
     from tvtool.models.refs import RefKind
 
     config.validate()
@@ -836,9 +876,15 @@ def finetune(
     device = resolve_device(config.device, info)
     precision = resolve_precision(config.precision, device)
     mode = get_mode(config.mode)
+    # Refusals that depend only on the architecture come first, from a weightless skeleton of
+    # the image encoder, not after minutes of loading weights and building the head.
+    ref = resolve_ref(config.base)
+    skeleton = image_encoder_skeleton(ref.architecture)
+    if skeleton is not None:
+        check_encoder(config.mode, skeleton, config.mode_options())
     owns_group = _init_process_group(info, device.type)
     try:
-        source, ref = base_source(config.base)
+        source, ref = base_source(ref)
         try:
             base_fp = fingerprint(source)
         finally:
@@ -859,6 +905,9 @@ def finetune(
             dist.barrier()
         torch.manual_seed(config.seed)
         bundle = load_clip(ref, device)
+        if skeleton is None:
+            check_encoder(config.mode, cast(torch.nn.Module, bundle.model.visual),
+                          config.mode_options())
         if dataset is None:
             from tvtool.data import load_split
 

@@ -7,7 +7,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import open_clip
 import torch
@@ -128,6 +128,36 @@ def _create_for(ref: ModelRef) -> tuple[nn.Module, Any, Any]:
             torch.manual_seed(_RANDOM_INIT_SEED)
             return _create(ref.architecture)
     return _create(ref.architecture)
+
+
+def image_encoder_skeleton(architecture: str) -> nn.Module | None:
+    """The image encoder of an architecture, built on the meta device (no memory, no weights).
+
+    Enough to inspect its structure (module types, parameter names and shapes) in about a
+    second, before the model is built and its weights loaded, e.g. to refuse a fine-tuning
+    mode the architecture does not support.
+
+    Args:
+        architecture: open_clip model name.
+
+    Returns:
+        The encoder (its tensors hold no data), or ``None`` where no local config describes
+        it (``hf-hub:`` models) or open_clip cannot build it this way; callers then inspect
+        the real model instead.
+    """
+    if architecture not in open_clip.list_models():
+        return None
+    config = open_clip.get_model_config(architecture)
+    try:
+        from open_clip.model import _build_vision_tower
+
+        with _quiet_open_clip(), torch.device("meta"):
+            return cast(nn.Module, _build_vision_tower(
+                config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False)))
+    except Exception:
+        # A private builder of open_clip: whatever fails here (another open_clip version, an
+        # exotic tower) only defers the structure check to the real model, it never skips it.
+        return None
 
 
 def _random_state(architecture: str) -> StateDict:

@@ -20,12 +20,22 @@ from tvtool.io import (
     TensorSource,
     all_finite,
     check_output,
+    hf_model_files,
     open_tensors,
     read_checkpoint,
     write_tensors,
 )
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
-from tvtool.models import base_source, fingerprint, match_architecture, resolve_ref
+from tvtool.models import (
+    base_source,
+    fingerprint,
+    hf_activation,
+    hf_clip_to_open_clip,
+    is_hf_clip,
+    match_architecture,
+    resolve_ref,
+    uses_quick_gelu,
+)
 from tvtool.models.refs import ModelRef
 from tvtool.vectors import (
     cosine_matrix,
@@ -441,24 +451,64 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     """Convert a pickled (or plain safetensors) checkpoint into a tvtool checkpoint.
 
     Pickles are read by :func:`tvtool.io.read_checkpoint`, which never executes code
-    from the file. Wrapper prefixes (``module.``, ``model.``) are removed, and the open_clip
-    architecture is checked (``architecture``) or inferred from the tensor shapes.
+    from the file. Wrapper prefixes (``module.``, ``model.``) are removed, Hugging Face
+    ``transformers`` CLIP names are mapped to open_clip's (see :mod:`tvtool.models.hf_clip`),
+    and the open_clip architecture is checked (``architecture``) or inferred from the tensor
+    shapes.
 
     Raises:
         InvalidInputError: unreadable input, no or several fitting architectures, tensors
             that do not fit the given architecture, or an output that is the input.
     """
-    check_output(config.output, [config.input])
-    checkpoint = read_checkpoint(config.input)
+    files = hf_model_files(config.input)
+    check_output(config.output, [files.weights])
+    checkpoint = read_checkpoint(files.weights)
     for note in checkpoint.notes:
         log(note)
-    quick_gelu = _activation(checkpoint.classes)
-    match = match_architecture({n: tuple(t.shape) for n, t in checkpoint.tensors.items()},
-                               architecture=config.architecture, quick_gelu=quick_gelu)
     notes = list(checkpoint.notes)
+    tensors = checkpoint.tensors
+    container = checkpoint.container
+    quick_gelu = _activation(checkpoint.classes)
+    hf_config = None
+    optional: frozenset[str] = frozenset()
+    if is_hf_clip(tensors):
+        mapped = hf_clip_to_open_clip(tensors)
+        tensors = mapped.tensors
+        container = f"Hugging Face {mapped.model_class} ({container})"
+        hf_config = files.read_config()
+        quick_gelu = hf_activation(hf_config) if hf_config is not None else None
+        notes.append(f"mapped {len(checkpoint.tensors)} Hugging Face {mapped.model_class} "
+                     f"tensors to {len(tensors)} open_clip tensors")
+        notes.extend(mapped.notes)
+        if mapped.model_class == "CLIPVisionModel":
+            optional = frozenset({"visual.proj"})
+        if hf_config is not None:
+            notes.append(f"activation from {files.config_path}: "
+                         f"{'quick_gelu' if quick_gelu else 'gelu'}"
+                         if quick_gelu is not None else
+                         f"{files.config_path} names no activation")
+    try:
+        match = match_architecture({n: tuple(t.shape) for n, t in tensors.items()},
+                                   architecture=config.architecture, quick_gelu=quick_gelu,
+                                   optional=optional)
+    except InvalidInputError as exc:
+        if hf_config is None and container.startswith("Hugging Face") \
+                and config.architecture is None:
+            exc.hint = ("pass --architecture NAME, or keep the Hugging Face config.json beside "
+                        "the weights: it names the activation (quick_gelu -> NAME-quickgelu)")
+        raise
+    if container.startswith("Hugging Face") and quick_gelu is not None \
+            and uses_quick_gelu(match.architecture) != quick_gelu:
+        # The weights would load, but the MLPs would compute another function.
+        want = "QuickGELU" if quick_gelu else "GELU"
+        raise InvalidInputError(
+            f"the Hugging Face config says the model uses {want}, but {match.architecture} "
+            f"does not", hint="pass --architecture with the "
+            f"{'-quickgelu variant' if quick_gelu else 'variant without -quickgelu'}")
     how = "inferred from the tensor shapes" if match.inferred else "as given"
     if match.inferred and quick_gelu is not None:
-        how += f" and the pickled activation ({'QuickGELU' if quick_gelu else 'GELU'})"
+        how += f" and the {'config' if hf_config is not None else 'pickled'} activation " \
+               f"({'QuickGELU' if quick_gelu else 'GELU'})"
     notes.append(f"architecture {match.architecture} ({how})")
     if match.missing:
         notes.append(f"the checkpoint lacks {len(match.missing)} tensors of "
@@ -466,15 +516,15 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
                      "vector from it with `tvtool extract --allow-missing`")
     for note in notes[len(checkpoint.notes):]:
         log(note)
-    bad = [n for n, t in checkpoint.tensors.items() if not all_finite(t)]
+    bad = [n for n, t in tensors.items() if not all_finite(t)]
     if bad:
         raise InvalidInputError(f"{len(bad)} tensors of the checkpoint contain NaN or Inf, "
                                 f"e.g. {bad[:3]}")
     meta = FileMeta(kind=Kind.CHECKPOINT, architecture=match.architecture,
                     provenance=provenance("convert", _args(config)),
-                    extra={"converted_from": checkpoint.container})
-    write_tensors(config.output, checkpoint.tensors, meta.to_header(), inputs=[config.input])
-    return WriteResult(config.output, len(checkpoint.tensors),
-                       sum(t.numel() for t in checkpoint.tensors.values()), notes,
+                    extra={"converted_from": container})
+    write_tensors(config.output, tensors, meta.to_header(), inputs=[files.weights])
+    return WriteResult(config.output, len(tensors),
+                       sum(t.numel() for t in tensors.values()), notes,
                        details={"architecture": match.architecture,
                                 "missing": len(match.missing)})

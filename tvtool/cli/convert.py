@@ -21,14 +21,19 @@ from tvtool.cli.common import (
 def convert(
     checkpoint: Annotated[str, typer.Argument(
         help="Pickled .pt/.pth/.bin checkpoint (state dict or whole module), a safetensors "
-             "file without tvtool metadata, or -.")],
+             "file without tvtool metadata, a Hugging Face transformers CLIP model (its "
+             "directory, model.safetensors or pytorch_model.bin), or -.")],
     output: OutputOpt,
     architecture: Annotated[str | None, typer.Option(
         "--architecture", help="open_clip model name [default: inferred from the shapes].",
         show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Convert CHECKPOINT into a tvtool checkpoint without executing any pickled code."""
+    """Convert CHECKPOINT into a tvtool checkpoint without executing any pickled code.
+
+    Hugging Face CLIP names are mapped to open_clip's; the config.json beside them picks the
+    activation (quick_gelu -> the -quickgelu architecture).
+    """
     from tvtool import operations
 
     refuse_json_with_stdout(as_json, output)

@@ -11,11 +11,13 @@ Public API:
 * :func:`read_pickled_checkpoint` / :func:`read_checkpoint` / :func:`load_legacy` -- read
   pickled (or plain safetensors) checkpoints without executing pickle code.
 * :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
+* :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export.
 * :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
   tvtool owns (cache, work, scratch) and removal of its own damaged files.
 """
 
 from tvtool.io.atomic import STDIO, atomic_output, check_distinct_paths, check_output_path
+from tvtool.io.hf_dirs import HfModelFiles, hf_model_files
 from tvtool.io.legacy import (
     LegacyCheckpoint,
     load_legacy,
@@ -42,6 +44,7 @@ from tvtool.io.safetensors_io import (
 __all__ = [
     "STDIO",
     "DictSource",
+    "HfModelFiles",
     "LegacyCheckpoint",
     "TensorInfo",
     "TensorSource",
@@ -51,6 +54,7 @@ __all__ = [
     "check_output",
     "check_output_path",
     "ensure_directory",
+    "hf_model_files",
     "input_file",
     "iter_source",
     "load_legacy",

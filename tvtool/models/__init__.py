@@ -1,7 +1,13 @@
 """The only package that imports open_clip: model references, loading, heads, fingerprints."""
 
 from tvtool.models.heads import build_zero_shot_head
-from tvtool.models.infer import ArchitectureMatch, architecture_shapes, match_architecture
+from tvtool.models.hf_clip import HfClipMapping, hf_activation, hf_clip_to_open_clip, is_hf_clip
+from tvtool.models.infer import (
+    ArchitectureMatch,
+    architecture_shapes,
+    match_architecture,
+    uses_quick_gelu,
+)
 from tvtool.models.loading import (
     ClipBundle,
     base_source,
@@ -25,6 +31,7 @@ __all__ = [
     "TINY_MODEL",
     "ArchitectureMatch",
     "ClipBundle",
+    "HfClipMapping",
     "ModelRef",
     "RefKind",
     "architecture_shapes",
@@ -33,6 +40,9 @@ __all__ = [
     "cache_dir",
     "embedded_weights_path",
     "fingerprint",
+    "hf_activation",
+    "hf_clip_to_open_clip",
+    "is_hf_clip",
     "known_architectures",
     "load_clip",
     "load_state_into",
@@ -40,4 +50,5 @@ __all__ = [
     "parse_ref",
     "resolve_ref",
     "state_dict_fingerprint",
+    "uses_quick_gelu",
 ]

@@ -23,6 +23,7 @@ from tvtool.io import (
     hf_model_files,
     open_tensors,
     read_checkpoint,
+    read_pickled_dict,
     write_tensors,
 )
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
@@ -431,11 +432,16 @@ class ConvertConfig:
             metadata), or ``-``.
         output: Output path or ``-``.
         architecture: open_clip model name; inferred from the tensor shapes when None.
+        base: For a tangent_task_arithmetic linearized checkpoint: the model reference it was
+            linearized at; the output is then a ``linear`` task vector.
+        dataset: Dataset name to record in that task vector.
     """
 
     input: str
     output: str
     architecture: str | None = None
+    base: str | None = None
+    dataset: str | None = None
 
 
 def _activation(classes: frozenset[str]) -> bool | None:
@@ -460,9 +466,21 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
         InvalidInputError: unreadable input, no or several fitting architectures, tensors
             that do not fit the given architecture, or an output that is the input.
     """
+    if config.base is not None:
+        return _convert_linearized(config, log)
+    if config.dataset is not None:
+        raise UsageError("--dataset is recorded in task vectors; convert writes a checkpoint "
+                         "unless --base names the base of a linearized checkpoint")
     files = hf_model_files(config.input)
     check_output(config.output, [files.weights])
-    checkpoint = read_checkpoint(files.weights)
+    try:
+        checkpoint = read_checkpoint(files.weights)
+    except InvalidInputError as exc:
+        if "'model.params" in exc.message:
+            exc.hint = ("this looks like a tangent_task_arithmetic linearized checkpoint: pass "
+                        "--base (the pre-trained model it was linearized at) to convert it "
+                        "into a linear task vector")
+        raise
     for note in checkpoint.notes:
         log(note)
     notes = list(checkpoint.notes)
@@ -528,3 +546,46 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
                        sum(t.numel() for t in tensors.values()), notes,
                        details={"architecture": match.architecture,
                                 "missing": len(match.missing)})
+
+
+def _convert_linearized(config: ConvertConfig, log: Logger) -> WriteResult:
+    """A tangent_task_arithmetic ``LinearizedImageEncoder`` save -> ``linear`` task vector."""
+    from tvtool.models.tangent import (
+        is_tangent_linearized,
+        name_tangent_checkpoint,
+        tangent_task_vector,
+    )
+
+    if config.architecture is not None:
+        raise UsageError("--architecture is not used with --base: the base names it")
+    if config.input == STDIO:
+        raise UsageError("a linearized checkpoint is read from a file, not stdin")
+    ref = resolve_ref(config.base or "")
+    check_output(config.output, [config.input, *_file_inputs(ref)])
+    entries = read_pickled_dict(config.input)
+    label = repr(config.input)
+    if not is_tangent_linearized(entries):
+        raise InvalidInputError(
+            f"{label} is not a tangent_task_arithmetic linearized checkpoint (no "
+            "model.params.N / model.params0.N entries)",
+            hint="--base is only for linearized checkpoints; convert others without it")
+    base, ref = base_source(ref)
+    with _opened([base]):
+        named = name_tangent_checkpoint(entries, ref.architecture, label)
+        available = set(base.keys())
+        vector, notes = tangent_task_vector(
+            named, {n: base.get(n) for n in named.params0 if n in available}, label)
+        notes.insert(0, f"read {len(named.params)} linearized parameters of "
+                        f"{named.model_name!r} (params and params0)")
+        for note in notes:
+            log(note)
+        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture,
+                        base_ref=config.base, base_fingerprint=fingerprint(base),
+                        mode=Mode.LINEAR, linearized=True, dataset=config.dataset,
+                        provenance=provenance("convert", _args(config)),
+                        extra={"converted_from": "tangent_task_arithmetic LinearizedImageEncoder "
+                                                 f"({named.model_name})"})
+        write_tensors(config.output, vector, meta.to_header(),
+                      inputs=[config.input, *_file_inputs(ref)])
+    return WriteResult(config.output, len(vector), sum(t.numel() for t in vector.values()),
+                       notes, details={"architecture": ref.architecture, "mode": "linear"})

@@ -9,7 +9,8 @@ Public API:
 * :func:`check_distinct_paths` -- refuse an output that is also an input.
 * :func:`atomic_output` -- context manager giving a temp path renamed into place on success.
 * :func:`read_pickled_checkpoint` / :func:`read_checkpoint` / :func:`load_legacy` -- read
-  pickled (or plain safetensors) checkpoints without executing pickle code.
+  pickled (or plain safetensors) checkpoints without executing pickle code;
+  :func:`read_pickled_dict` -- a pickled dict of tensors and plain values, the same way.
 * :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
 * :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export.
 * :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
@@ -23,6 +24,7 @@ from tvtool.io.legacy import (
     load_legacy,
     read_checkpoint,
     read_pickled_checkpoint,
+    read_pickled_dict,
 )
 from tvtool.io.paths import ensure_directory, remove_file, scratch_directory
 from tvtool.io.safetensors_io import (
@@ -62,6 +64,7 @@ __all__ = [
     "read_checkpoint",
     "read_json",
     "read_pickled_checkpoint",
+    "read_pickled_dict",
     "remove_file",
     "scratch_directory",
     "spooled_stdin",

@@ -14,16 +14,19 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tvtool.cards import CardVector, model_card
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import (
     STDIO,
     TensorSource,
     all_finite,
+    check_new_directory,
     check_output,
     hf_model_files,
     open_tensors,
     read_checkpoint,
     read_pickled_dict,
+    write_open_clip_dir,
     write_tensors,
 )
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
@@ -37,6 +40,7 @@ from tvtool.models import (
     resolve_ref,
     uses_quick_gelu,
 )
+from tvtool.models.hub import open_clip_hf_config
 from tvtool.models.refs import ModelRef
 from tvtool.vectors import (
     cosine_matrix,
@@ -233,6 +237,8 @@ class ApplyConfig:
         allow_base_mismatch: Apply vectors whose base fingerprint differs.
         approximate_linearized: Apply linearized vectors by adding weights (an approximation
             of the linearized model they were trained as).
+        hf_dir: Write an open_clip Hugging Face directory (weights, config, model card) there
+            instead of a single checkpoint file (``output`` is then ignored and may be empty).
     """
 
     base: str
@@ -241,6 +247,7 @@ class ApplyConfig:
     coefs: tuple[float, ...] = (1.0,)
     allow_base_mismatch: bool = False
     approximate_linearized: bool = False
+    hf_dir: str | None = None
 
 
 def _same_architecture(a: str, b: str) -> bool:
@@ -298,14 +305,21 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     check_coefficients(config.coefs)
     coefs = expand_coefs(config.coefs, len(config.vectors))
     ref = resolve_ref(config.base)
-    check_output(config.output, [*config.vectors, *_file_inputs(ref)])
+    if config.hf_dir is not None:
+        check_new_directory(config.hf_dir)
+        hf_config = open_clip_hf_config(ref)
+    else:
+        check_output(config.output, [*config.vectors, *_file_inputs(ref)])
     sources: list[TensorSource] = []
+    card_vectors: list[CardVector] = []
     with _opened(sources):
         metas = []
-        for path in config.vectors:
+        for path, coef in zip(config.vectors, coefs, strict=True):
             source = open_tensors(path)
             sources.append(source)
             meta = open_vector_meta(source, source.label)
+            if config.hf_dir is not None:
+                card_vectors.append(_card_vector(path, coef, source, meta))
             if meta.linearized and not config.approximate_linearized:
                 raise InvalidInputError(
                     f"{source.label} is a linearized ({meta.mode.value if meta.mode else '?'}) "
@@ -335,10 +349,45 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
                         provenance=provenance("apply", _args(config)),
                         extra={"sources": _dumps([m.dataset or label for label, m in metas]),
                                "coefficients": _dumps(coefs)})
+        inputs = [*config.vectors, *_file_inputs(ref)]
+        if config.hf_dir is not None:
+            from tvtool import __version__
+
+            card = model_card(architecture=ref.architecture, base_ref=config.base,
+                              base_fingerprint=base_fp, vectors=card_vectors,
+                              tvtool_version=__version__)
+            files = write_open_clip_dir(config.hf_dir, plan.tensors(), plan.layout,
+                                        meta.to_header(), hf_config, card, inputs=inputs)
+            return WriteResult(config.hf_dir, len(plan.layout), plan.parameters,
+                               details={"coefficients": coefs, "base_fingerprint": base_fp,
+                                        "files": files})
         write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
-                      inputs=[*config.vectors, *_file_inputs(ref)], check_finite=False)
+                      inputs=inputs, check_finite=False)
     return WriteResult(config.output, len(plan.layout), plan.parameters,
                        details={"coefficients": coefs, "base_fingerprint": base_fp})
+
+
+def _card_vector(path: str, coef: float, source: TensorSource, meta: FileMeta) -> CardVector:
+    """What the model card records about one applied vector."""
+    merge: dict[str, Any] = {}
+    if "merge_method" in meta.extra:
+        merge = {"method": meta.extra["merge_method"],
+                 "params": _loads(meta.extra.get("merge_params")),
+                 "sources": _loads(meta.extra.get("sources")),
+                 "coefficients": _loads(meta.extra.get("coefficients"))}
+    return CardVector(file=path.rsplit("/", 1)[-1] if path != STDIO else "stdin",
+                      coefficient=coef, dataset=meta.dataset,
+                      mode=meta.mode.value if meta.mode else None, linearized=meta.linearized,
+                      fingerprint=fingerprint(source), merge=merge)
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _materialized_lora(source: TensorSource, meta: FileMeta) -> TensorSource:

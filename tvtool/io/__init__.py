@@ -12,13 +12,19 @@ Public API:
   pickled (or plain safetensors) checkpoints without executing pickle code;
   :func:`read_pickled_dict` -- a pickled dict of tensors and plain values, the same way.
 * :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
-* :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export.
+* :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export;
+  :func:`write_open_clip_dir` -- an open_clip Hugging Face directory (weights, config, card).
 * :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
   tvtool owns (cache, work, scratch) and removal of its own damaged files.
 """
 
 from tvtool.io.atomic import STDIO, atomic_output, check_distinct_paths, check_output_path
-from tvtool.io.hf_dirs import HfModelFiles, hf_model_files
+from tvtool.io.hf_dirs import (
+    HfModelFiles,
+    check_new_directory,
+    hf_model_files,
+    write_open_clip_dir,
+)
 from tvtool.io.legacy import (
     LegacyCheckpoint,
     load_legacy,
@@ -53,6 +59,7 @@ __all__ = [
     "all_finite",
     "atomic_output",
     "check_distinct_paths",
+    "check_new_directory",
     "check_output",
     "check_output_path",
     "ensure_directory",
@@ -70,5 +77,6 @@ __all__ = [
     "spooled_stdin",
     "write_bytes",
     "write_json",
+    "write_open_clip_dir",
     "write_tensors",
 ]

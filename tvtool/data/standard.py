@@ -331,7 +331,7 @@ class StandardSource:
         self.spec = TaskSpec(name, info.classnames, info.templates)
         self._root_arg = root
         self._download = download
-        self._layout = "torchvision"
+        self._layout: str | None = None  # decided by pools()
 
     def _published_root(self) -> Path | None:
         """The task-vectors folder of this dataset, when it is there."""
@@ -374,6 +374,7 @@ class StandardSource:
             resisc = dict(_resisc45_pools(root / self.info.folder, self.info))
             self._layout = "task_vectors" if "test" in resisc else "single folder"
             return resisc
+        self._layout = "torchvision"
         pools: dict[str, Pool] = {}
         for part in self.info.parts:
             dataset = self._build(root, part)
@@ -401,10 +402,14 @@ class StandardSource:
                               hint="check the network, disk space and permissions") from None
 
     def describe(self) -> dict[str, Any]:
-        """Where the data came from, and whether each split is the published one.
-
-        Call after :meth:`pools` (which decides the layout).
-        """
+        """Where the data came from, and whether each split is the published one."""
+        if self._layout is None:  # pools() not called yet: decide from the folders present
+            try:
+                found = self._published_root() is not None
+            except InvalidInputError:
+                found = False
+            self._layout = "task_vectors" if found else (
+                "torchvision" if self.info.build is not None else "resisc45")
         published = self._layout == "task_vectors" or (
             self._layout == "torchvision" and self.info.name in _TORCHVISION_PUBLISHED)
         folder = (self.info.published.folder if self.info.published is not None

@@ -97,3 +97,17 @@ def test_hf_dir_usage_errors(cli, tmp_path, files, case):
         assert [p.name for p in target.iterdir()] == ["keep.txt"]
     else:
         assert not target.exists()
+
+
+def test_hf_dir_needs_a_complete_base(cli, tmp_path, files, tiny_state):
+    from tvtool.io import write_tensors
+    from tvtool.metadata import FileMeta, Kind
+
+    partial = tmp_path / "image-only.safetensors"
+    write_tensors(str(partial), {n: t for n, t in tiny_state.items() if n.startswith("visual.")},
+                  FileMeta(kind=Kind.CHECKPOINT, architecture="tvtool-tiny").to_header())
+    target = tmp_path / "out"
+    result = cli(["apply", files["tv1"], "-b", str(partial), "--allow-base-mismatch",
+                  "--hf-dir", str(target)])
+    assert result.exit_code == 2 and "complete model" in result.stderr
+    assert not target.exists()

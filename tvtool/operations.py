@@ -31,6 +31,7 @@ from tvtool.io import (
 )
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import (
+    architecture_shapes,
     base_source,
     fingerprint,
     hf_activation,
@@ -353,6 +354,13 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
         if config.hf_dir is not None:
             from tvtool import __version__
 
+            missing = sorted(set(architecture_shapes(ref.architecture))
+                             - {info.name for info in plan.layout})
+            if missing:
+                raise InvalidInputError(
+                    f"the base lacks {len(missing)} tensors of {ref.architecture} (e.g. "
+                    f"{missing[:2]}); an open_clip directory needs the complete model",
+                    hint="use a complete base (a converted image encoder lacks its text tower)")
             card = model_card(architecture=ref.architecture, base_ref=config.base,
                               base_fingerprint=base_fp, vectors=card_vectors,
                               tvtool_version=__version__)

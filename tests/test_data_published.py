@@ -194,3 +194,20 @@ def test_missing_scipy_names_the_extra(tmp_path):
         load_split("SVHN", "test", data_root=tmp_path)
     line = info.value.one_line()
     assert "scipy" in line and "tvtool[datasets]" in line and "\n" not in line
+
+
+def test_gtsrb_torchvision_layout(tmp_path):
+    """gtsrb/GTSRB/Training/<00000..00042>/*.ppm, Final_Test/Images/*.ppm + GT-final_test.csv."""
+    base = tmp_path / "gtsrb"
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for label in range(43):
+        _image(base / "GTSRB" / "Training" / f"{label:05d}" / f"00000_{label:05d}.ppm", label)
+        name = f"{label:05d}.ppm"
+        _image(base / "GTSRB" / "Final_Test" / "Images" / name, 42 - label)
+        rows.append(f"{name};4;4;0;0;3;3;{42 - label}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    test = load_split("gtsrb", "test", data_root=tmp_path)
+    assert len(test) == 43 and all(_label_ok(test, i) for i in range(43))
+    assert sorted(test[i][1] for i in range(43)) == list(range(43))
+    assert len(load_split("GTSRBVal", "test", data_root=tmp_path)) == 4
+    assert split_manifest("GTSRB", data_root=tmp_path)["source"]["published_test_split"]

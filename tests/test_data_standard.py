@@ -14,7 +14,7 @@ from tvtool.errors import InvalidInputError
 
 EXPECTED_CLASSES = {"MNIST": 10, "SVHN": 10, "GTSRB": 43, "EuroSAT": 10, "DTD": 47,
                     "StanfordCars": 196, "SUN397": 397, "RESISC45": 45, "CIFAR10": 10,
-                    "CIFAR100": 100}
+                    "CIFAR100": 100, "ImageNet": 1000}
 
 
 def test_every_standard_dataset_has_clip_classnames_and_templates():
@@ -22,7 +22,8 @@ def test_every_standard_dataset_has_clip_classnames_and_templates():
     for name, count in EXPECTED_CLASSES.items():
         spec = task_spec(name)  # no data root needed for the names
         assert spec.name == name and spec.num_classes == count
-        assert len(set(spec.classnames)) == count
+        # open_clip's ImageNet class-name list repeats two names.
+        assert len(set(spec.classnames)) == count - 2 * (name == "ImageNet")
         assert spec.templates and all(t.count("{}") == 1 for t in spec.templates)
 
 
@@ -118,8 +119,11 @@ def test_resisc45_with_split_lists(tmp_path):
     test = load_split("RESISC45", "test", data_root=tmp_path)
     assert len(test) == 45
     assert sorted(test[i][1] for i in range(45)) == list(range(45))
+    # As the task-vectors code reads them: the train list is the training pool, the val list
+    # tvtool's val split.
     train = load_split("RESISC45", "train", data_root=tmp_path, val_fraction=0.0)
-    assert len(train) == 90
+    assert len(train) == 45
+    assert len(load_split("RESISC45", "val", data_root=tmp_path)) == 45
     image, label = train[0]
     assert abs(int(np.asarray(image)[1, 1, 0]) - label * 5) <= 2
 

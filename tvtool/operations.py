@@ -15,18 +15,34 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tvtool.cards import CardVector, model_card
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import (
     STDIO,
     TensorSource,
     all_finite,
+    check_new_directory,
     check_output,
+    hf_model_files,
     open_tensors,
     read_checkpoint,
+    read_pickled_dict,
+    write_open_clip_dir,
     write_tensors,
 )
 from tvtool.metadata import LORA_MODES, PREFIX, FileMeta, Kind, Mode, provenance
-from tvtool.models import base_source, fingerprint, match_architecture, resolve_ref
+from tvtool.models import (
+    architecture_shapes,
+    base_source,
+    fingerprint,
+    hf_activation,
+    hf_clip_to_open_clip,
+    is_hf_clip,
+    match_architecture,
+    resolve_ref,
+    uses_quick_gelu,
+)
+from tvtool.models.hub import open_clip_hf_config
 from tvtool.models.refs import ModelRef
 from tvtool.vectors import (
     StreamPlan,
@@ -247,6 +263,8 @@ class ApplyConfig:
         allow_base_mismatch: Apply vectors whose base fingerprint differs.
         approximate_linearized: Apply linearized vectors by adding weights (an approximation
             of the linearized model they were trained as).
+        hf_dir: Write an open_clip Hugging Face directory (weights, config, model card) there
+            instead of a single checkpoint file (``output`` is then ignored and may be empty).
     """
 
     base: str
@@ -255,6 +273,7 @@ class ApplyConfig:
     coefs: tuple[float, ...] = (1.0,)
     allow_base_mismatch: bool = False
     approximate_linearized: bool = False
+    hf_dir: str | None = None
 
 
 def _same_architecture(a: str, b: str) -> bool:
@@ -312,14 +331,21 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     check_coefficients(config.coefs)
     coefs = expand_coefs(config.coefs, len(config.vectors))
     ref = resolve_ref(config.base)
-    check_output(config.output, [*config.vectors, *_file_inputs(ref)])
+    if config.hf_dir is not None:
+        check_new_directory(config.hf_dir)
+        hf_config = open_clip_hf_config(ref)
+    else:
+        check_output(config.output, [*config.vectors, *_file_inputs(ref)])
     sources: list[TensorSource] = []
+    card_vectors: list[CardVector] = []
     with _opened(sources):
         metas = []
-        for path in config.vectors:
+        for path, coef in zip(config.vectors, coefs, strict=True):
             source = open_tensors(path)
             sources.append(source)
             meta = open_vector_meta(source, source.label)
+            if config.hf_dir is not None:
+                card_vectors.append(_card_vector(path, coef, source, meta))
             if meta.linearized and not config.approximate_linearized:
                 raise InvalidInputError(
                     f"{source.label} is a linearized ({meta.mode.value if meta.mode else '?'}) "
@@ -349,10 +375,52 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
                         provenance=provenance("apply", _args(config)),
                         extra={"sources": _dumps([m.dataset or label for label, m in metas]),
                                "coefficients": _dumps(coefs)})
+        inputs = [*config.vectors, *_file_inputs(ref)]
+        if config.hf_dir is not None:
+            from tvtool import __version__
+
+            missing = sorted(set(architecture_shapes(ref.architecture))
+                             - {info.name for info in plan.layout})
+            if missing:
+                raise InvalidInputError(
+                    f"the base lacks {len(missing)} tensors of {ref.architecture} (e.g. "
+                    f"{missing[:2]}); an open_clip directory needs the complete model",
+                    hint="use a complete base (a converted image encoder lacks its text tower)")
+            card = model_card(architecture=ref.architecture, base_ref=config.base,
+                              base_fingerprint=base_fp, vectors=card_vectors,
+                              tvtool_version=__version__)
+            files = write_open_clip_dir(config.hf_dir, plan.tensors(), plan.layout,
+                                        meta.to_header(), hf_config, card, inputs=inputs)
+            return WriteResult(config.hf_dir, len(plan.layout), plan.parameters,
+                               details={"coefficients": coefs, "base_fingerprint": base_fp,
+                                        "files": files})
         write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
-                      inputs=[*config.vectors, *_file_inputs(ref)], check_finite=False)
+                      inputs=inputs, check_finite=False)
     return WriteResult(config.output, len(plan.layout), plan.parameters,
                        details={"coefficients": coefs, "base_fingerprint": base_fp})
+
+
+def _card_vector(path: str, coef: float, source: TensorSource, meta: FileMeta) -> CardVector:
+    """What the model card records about one applied vector."""
+    merge: dict[str, Any] = {}
+    if "merge_method" in meta.extra:
+        merge = {"method": meta.extra["merge_method"],
+                 "params": _loads(meta.extra.get("merge_params")),
+                 "sources": _loads(meta.extra.get("sources")),
+                 "coefficients": _loads(meta.extra.get("coefficients"))}
+    return CardVector(file=path.rsplit("/", 1)[-1] if path != STDIO else "stdin",
+                      coefficient=coef, dataset=meta.dataset,
+                      mode=meta.mode.value if meta.mode else None, linearized=meta.linearized,
+                      fingerprint=fingerprint(source), merge=merge)
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def _materialized_lora(source: TensorSource, meta: FileMeta) -> TensorSource:
@@ -451,11 +519,16 @@ class ConvertConfig:
             metadata), or ``-``.
         output: Output path or ``-``.
         architecture: open_clip model name; inferred from the tensor shapes when None.
+        base: For a tangent_task_arithmetic linearized checkpoint: the model reference it was
+            linearized at; the output is then a ``linear`` task vector.
+        dataset: Dataset name to record in that task vector.
     """
 
     input: str
     output: str
     architecture: str | None = None
+    base: str | None = None
+    dataset: str | None = None
 
 
 def _activation(classes: frozenset[str]) -> bool | None:
@@ -471,24 +544,76 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     """Convert a pickled (or plain safetensors) checkpoint into a tvtool checkpoint.
 
     Pickles are read by :func:`tvtool.io.read_checkpoint`, which never executes code
-    from the file. Wrapper prefixes (``module.``, ``model.``) are removed, and the open_clip
-    architecture is checked (``architecture``) or inferred from the tensor shapes.
+    from the file. Wrapper prefixes (``module.``, ``model.``) are removed, Hugging Face
+    ``transformers`` CLIP names are mapped to open_clip's (see :mod:`tvtool.models.hf_clip`),
+    and the open_clip architecture is checked (``architecture``) or inferred from the tensor
+    shapes.
 
     Raises:
         InvalidInputError: unreadable input, no or several fitting architectures, tensors
             that do not fit the given architecture, or an output that is the input.
     """
-    check_output(config.output, [config.input])
-    checkpoint = read_checkpoint(config.input)
+    if config.base is not None:
+        return _convert_linearized(config, log)
+    if config.dataset is not None:
+        raise UsageError("--dataset is recorded in task vectors; convert writes a checkpoint "
+                         "unless --base names the base of a linearized checkpoint")
+    files = hf_model_files(config.input)
+    check_output(config.output, [files.weights])
+    try:
+        checkpoint = read_checkpoint(files.weights)
+    except InvalidInputError as exc:
+        if "'model.params" in exc.message:
+            exc.hint = ("this looks like a tangent_task_arithmetic linearized checkpoint: pass "
+                        "--base (the pre-trained model it was linearized at) to convert it "
+                        "into a linear task vector")
+        raise
     for note in checkpoint.notes:
         log(note)
-    quick_gelu = _activation(checkpoint.classes)
-    match = match_architecture({n: tuple(t.shape) for n, t in checkpoint.tensors.items()},
-                               architecture=config.architecture, quick_gelu=quick_gelu)
     notes = list(checkpoint.notes)
+    tensors = checkpoint.tensors
+    container = checkpoint.container
+    quick_gelu = _activation(checkpoint.classes)
+    hf_config = None
+    optional: frozenset[str] = frozenset()
+    if is_hf_clip(tensors):
+        mapped = hf_clip_to_open_clip(tensors)
+        tensors = mapped.tensors
+        container = f"Hugging Face {mapped.model_class} ({container})"
+        hf_config = files.read_config()
+        quick_gelu = hf_activation(hf_config) if hf_config is not None else None
+        notes.append(f"mapped {len(checkpoint.tensors)} Hugging Face {mapped.model_class} "
+                     f"tensors to {len(tensors)} open_clip tensors")
+        notes.extend(mapped.notes)
+        if mapped.model_class == "CLIPVisionModel":
+            optional = frozenset({"visual.proj"})
+        if hf_config is not None:
+            notes.append(f"activation from {files.config_path}: "
+                         f"{'quick_gelu' if quick_gelu else 'gelu'}"
+                         if quick_gelu is not None else
+                         f"{files.config_path} names no activation")
+    try:
+        match = match_architecture({n: tuple(t.shape) for n, t in tensors.items()},
+                                   architecture=config.architecture, quick_gelu=quick_gelu,
+                                   optional=optional)
+    except InvalidInputError as exc:
+        if hf_config is None and container.startswith("Hugging Face") \
+                and config.architecture is None:
+            exc.hint = ("pass --architecture NAME, or keep the Hugging Face config.json beside "
+                        "the weights: it names the activation (quick_gelu -> NAME-quickgelu)")
+        raise
+    if container.startswith("Hugging Face") and quick_gelu is not None \
+            and uses_quick_gelu(match.architecture) != quick_gelu:
+        # The weights would load, but the MLPs would compute another function.
+        want = "QuickGELU" if quick_gelu else "GELU"
+        raise InvalidInputError(
+            f"the Hugging Face config says the model uses {want}, but {match.architecture} "
+            f"does not", hint="pass --architecture with the "
+            f"{'-quickgelu variant' if quick_gelu else 'variant without -quickgelu'}")
     how = "inferred from the tensor shapes" if match.inferred else "as given"
     if match.inferred and quick_gelu is not None:
-        how += f" and the pickled activation ({'QuickGELU' if quick_gelu else 'GELU'})"
+        how += f" and the {'config' if hf_config is not None else 'pickled'} activation " \
+               f"({'QuickGELU' if quick_gelu else 'GELU'})"
     notes.append(f"architecture {match.architecture} ({how})")
     if match.missing:
         notes.append(f"the checkpoint lacks {len(match.missing)} tensors of "
@@ -496,15 +621,58 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
                      "vector from it with `tvtool extract --allow-missing`")
     for note in notes[len(checkpoint.notes):]:
         log(note)
-    bad = [n for n, t in checkpoint.tensors.items() if not all_finite(t)]
+    bad = [n for n, t in tensors.items() if not all_finite(t)]
     if bad:
         raise InvalidInputError(f"{len(bad)} tensors of the checkpoint contain NaN or Inf, "
                                 f"e.g. {bad[:3]}")
     meta = FileMeta(kind=Kind.CHECKPOINT, architecture=match.architecture,
                     provenance=provenance("convert", _args(config)),
-                    extra={"converted_from": checkpoint.container})
-    write_tensors(config.output, checkpoint.tensors, meta.to_header(), inputs=[config.input])
-    return WriteResult(config.output, len(checkpoint.tensors),
-                       sum(t.numel() for t in checkpoint.tensors.values()), notes,
+                    extra={"converted_from": container})
+    write_tensors(config.output, tensors, meta.to_header(), inputs=[files.weights])
+    return WriteResult(config.output, len(tensors),
+                       sum(t.numel() for t in tensors.values()), notes,
                        details={"architecture": match.architecture,
                                 "missing": len(match.missing)})
+
+
+def _convert_linearized(config: ConvertConfig, log: Logger) -> WriteResult:
+    """A tangent_task_arithmetic ``LinearizedImageEncoder`` save -> ``linear`` task vector."""
+    from tvtool.models.tangent import (
+        is_tangent_linearized,
+        name_tangent_checkpoint,
+        tangent_task_vector,
+    )
+
+    if config.architecture is not None:
+        raise UsageError("--architecture is not used with --base: the base names it")
+    if config.input == STDIO:
+        raise UsageError("a linearized checkpoint is read from a file, not stdin")
+    ref = resolve_ref(config.base or "")
+    check_output(config.output, [config.input, *_file_inputs(ref)])
+    entries = read_pickled_dict(config.input)
+    label = repr(config.input)
+    if not is_tangent_linearized(entries):
+        raise InvalidInputError(
+            f"{label} is not a tangent_task_arithmetic linearized checkpoint (no "
+            "model.params.N / model.params0.N entries)",
+            hint="--base is only for linearized checkpoints; convert others without it")
+    base, ref = base_source(ref)
+    with _opened([base]):
+        named = name_tangent_checkpoint(entries, ref.architecture, label)
+        available = set(base.keys())
+        vector, notes = tangent_task_vector(
+            named, {n: base.get(n) for n in named.params0 if n in available}, label)
+        notes.insert(0, f"read {len(named.params)} linearized parameters of "
+                        f"{named.model_name!r} (params and params0)")
+        for note in notes:
+            log(note)
+        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture,
+                        base_ref=config.base, base_fingerprint=fingerprint(base),
+                        mode=Mode.LINEAR, linearized=True, dataset=config.dataset,
+                        provenance=provenance("convert", _args(config)),
+                        extra={"converted_from": "tangent_task_arithmetic LinearizedImageEncoder "
+                                                 f"({named.model_name})"})
+        write_tensors(config.output, vector, meta.to_header(),
+                      inputs=[config.input, *_file_inputs(ref)])
+    return WriteResult(config.output, len(vector), sum(t.numel() for t in vector.values()),
+                       notes, details={"architecture": ref.architecture, "mode": "linear"})

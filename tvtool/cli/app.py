@@ -26,7 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
+    # `tvtool --install-completion` / `--show-completion`, as typer provides them.
+    add_completion=True,
 )
 
 

@@ -9,7 +9,6 @@ import typer
 from tvtool.cli.common import (
     AllowOtherBaseOpt,
     JsonOpt,
-    OutputOpt,
     emit_json,
     emit_path,
     handles_errors,
@@ -23,7 +22,8 @@ def apply(
     vectors: Annotated[list[str], typer.Argument(help="Task vectors (.safetensors); - = stdin.")],
     base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
                                       help="Model reference of the base.")],
-    output: OutputOpt,
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o", help="Output file, or - for stdout.", show_default=False)] = None,
     coef: Annotated[list[float] | None, typer.Option(
         "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")] = None,
     allow_base_mismatch: AllowOtherBaseOpt = False,
@@ -31,14 +31,27 @@ def apply(
         "--approximate-linearized",
         help="Add linearized vectors to the weights (approximates their linearized model).")
     ] = False,
+    hf_dir: Annotated[str | None, typer.Option(
+        "--hf-dir", help="Write an open_clip Hugging Face directory instead (weights, "
+        "open_clip_config.json, README.md model card with the recipe), ready for "
+        "`huggingface-cli upload`.", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Write BASE + sum(COEF_i x VECTOR_i) as a safetensors checkpoint open_clip can load."""
-    from tvtool import operations
+    """Write BASE + sum(COEF_i x VECTOR_i) as a safetensors checkpoint open_clip can load.
 
-    refuse_json_with_stdout(as_json, output)
+    With --hf-dir DIR, write an open_clip Hugging Face directory that
+    open_clip.create_model_and_transforms('local-dir:DIR') loads.
+    """
+    from tvtool import operations
+    from tvtool.errors import UsageError
+
+    if (output is None) == (hf_dir is None):
+        raise UsageError("give either -o/--output or --hf-dir",
+                         hint="-o writes one checkpoint file, --hf-dir an open_clip directory")
+    refuse_json_with_stdout(as_json, output or "")
     config = operations.ApplyConfig(
-        base=base, vectors=tuple(vectors), output=output, coefs=tuple(coef or [1.0]),
-        allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized)
+        base=base, vectors=tuple(vectors), output=output or "", coefs=tuple(coef or [1.0]),
+        allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
+        hf_dir=hf_dir)
     result = operations.apply(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -145,9 +145,11 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output file, or - for stdout.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout.")]
 DeviceOpt = Annotated[str, typer.Option("--device", envvar="TVTOOL_DEVICE",
+                                        metavar="[auto|cpu|cuda|cuda:N]",
                                         help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED", help="Random seed.")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", envvar="TVTOOL_PRECISION",
+                                           metavar="[auto|fp32|bf16|fp16]",
                                            help="fp32, bf16 or fp16 (autocast on GPU).")]
 AllowOtherBaseOpt = Annotated[bool, typer.Option(
     "--allow-base-mismatch",

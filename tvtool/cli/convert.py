@@ -21,17 +21,31 @@ from tvtool.cli.common import (
 def convert(
     checkpoint: Annotated[str, typer.Argument(
         help="Pickled .pt/.pth/.bin checkpoint (state dict or whole module), a safetensors "
-             "file without tvtool metadata, or -.")],
+             "file without tvtool metadata, a Hugging Face transformers CLIP model (its "
+             "directory, model.safetensors or pytorch_model.bin), or -.")],
     output: OutputOpt,
     architecture: Annotated[str | None, typer.Option(
         "--architecture", help="open_clip model name [default: inferred from the shapes].",
         show_default=False)] = None,
+    base: Annotated[str | None, typer.Option(
+        "--base", "-b", help="For a tangent_task_arithmetic linearized checkpoint: the "
+        "pre-trained model it was linearized at; writes a linear task vector.",
+        show_default=False)] = None,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", "-d", help="Dataset to record in that task vector.",
+        show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Convert CHECKPOINT into a tvtool checkpoint without executing any pickled code."""
+    """Convert CHECKPOINT into a tvtool checkpoint without executing any pickled code.
+
+    Hugging Face CLIP names are mapped to open_clip's; the config.json beside them picks the
+    activation (quick_gelu -> the -quickgelu architecture). With --base, CHECKPOINT is a
+    tangent_task_arithmetic linearized encoder and the output a `linear` task vector.
+    """
     from tvtool import operations
 
     refuse_json_with_stdout(as_json, output)
-    config = operations.ConvertConfig(input=checkpoint, output=output, architecture=architecture)
+    config = operations.ConvertConfig(input=checkpoint, output=output, architecture=architecture,
+                                      base=base, dataset=dataset)
     result = operations.convert(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -69,60 +69,81 @@ def _targets(text: str) -> tuple[str, ...]:
 
 @handles_errors
 def finetune(
-    base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
+    base: Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and data",
+                                      envvar="TVTOOL_BASE",
                                       help="Model reference of the pre-trained base.")],
     dataset: Annotated[str, typer.Option(
-        "--dataset", "-d", help="Training dataset (synthetic:TASK, imagefolder:PATH, or a "
-                                "standard name).")],
+        "--dataset", "-d", rich_help_panel="Model and data",
+        help="Training dataset (synthetic:TASK, imagefolder:PATH, or a "
+             "standard name).")],
     output: OutputOpt,
     mode: Annotated[str, typer.Option(
-        "--mode", help="full, attn, linear, lora, llora (L-LoRA) or llora-net.")] = "full",
+        "--mode", rich_help_panel="Model and data",
+        metavar="[full|attn|linear|lora|llora|llora-net]",
+        help="full, attn, linear, lora, llora (L-LoRA) or llora-net.")] = "full",
     checkpoint_out: Annotated[str | None, typer.Option(
-        "--checkpoint-out", help="Also write the fine-tuned model as a checkpoint "
-                                 "(full, attn, lora, llora).", show_default=False)] = None,
+        "--checkpoint-out", rich_help_panel="Output",
+        help="Also write the fine-tuned model as a checkpoint "
+             "(full, attn, lora, llora).", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
-        "--steps", help="Optimizer steps (default 2000 unless --epochs).",
+        "--steps", rich_help_panel="Optimisation",
+        help="Optimizer steps (default 2000 unless --epochs).",
         show_default=False)] = None,
     epochs: Annotated[float | None, typer.Option(
-        "--epochs", help="Passes over the training split, instead of --steps.",
+        "--epochs", rich_help_panel="Optimisation",
+        help="Passes over the training split, instead of --steps.",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Global batch per optimizer step (all GPUs and micro-steps).")
+        "--batch-size", rich_help_panel="Optimisation",
+        help="Global batch per optimizer step (all GPUs and micro-steps).")
     ] = 128,
     grad_accum: Annotated[int, typer.Option(
-        "--grad-accum", help="Micro-steps per optimizer step.")] = 1,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-5,
+        "--grad-accum", rich_help_panel="Optimisation",
+        help="Micro-steps per optimizer step.")] = 1,
+    lr: Annotated[float, typer.Option("--lr", rich_help_panel="Optimisation",
+                                      help="Peak learning rate (AdamW).")] = 1e-5,
     weight_decay: Annotated[float, typer.Option(
-        "--weight-decay", help="AdamW weight decay on the weights θ.")] = 0.1,
+        "--weight-decay", rich_help_panel="Optimisation",
+        help="AdamW weight decay on the weights θ.")] = 0.1,
     warmup_steps: Annotated[int | None, typer.Option(
-        "--warmup-steps", help="Linear warm-up before cosine decay (default 500, at most a "
-                               "quarter of the run).", show_default=False)] = None,
+        "--warmup-steps", rich_help_panel="Optimisation",
+        help="Linear warm-up before cosine decay (default 500, at most a "
+             "quarter of the run).", show_default=False)] = None,
     grad_clip: Annotated[float, typer.Option(
-        "--grad-clip", help="Gradient-norm clip (0 disables).")] = 1.0,
+        "--grad-clip", rich_help_panel="Optimisation",
+        help="Gradient-norm clip (0 disables).")] = 1.0,
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     workdir: Annotated[str | None, typer.Option(
-        "--workdir", envvar="TVTOOL_WORKDIR", help="Directory for the resumable training "
-                                                   "state.", show_default=False)] = None,
+        "--workdir", rich_help_panel="Resumable runs",
+        envvar="TVTOOL_WORKDIR", help="Directory for the resumable training "
+                                      "state.", show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the run whose state is in --workdir.")] = False,
+        "--resume", rich_help_panel="Resumable runs",
+        help="Continue the run whose state is in --workdir.")] = False,
     checkpoint_every: Annotated[int, typer.Option(
-        "--checkpoint-every", help="Steps between training-state saves (with --workdir).")
+        "--checkpoint-every", rich_help_panel="Resumable runs",
+        help="Steps between training-state saves (with --workdir).")
     ] = 500,
     data_root: Annotated[str | None, typer.Option(
-        "--data-root", envvar="TVTOOL_DATA_ROOT", help="Root directory of the standard "
-                                                       "datasets.", show_default=False)] = None,
+        "--data-root", rich_help_panel="Model and data",
+        envvar="TVTOOL_DATA_ROOT", help="Root directory of the standard "
+                                        "datasets.", show_default=False)] = None,
     download: DownloadOpt = False,
     workers: Annotated[int | None, typer.Option(
-        "--workers", help="DataLoader worker processes (default 4 on CUDA, 0 on CPU).",
+        "--workers", rich_help_panel="Model and data",
+        help="DataLoader worker processes (default 4 on CUDA, 0 on CPU).",
         show_default=False)] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", help="LoRA rank (LoRA modes).")] = 16,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", rich_help_panel="LoRA modes",
+                                           help="LoRA rank (LoRA modes).")] = 16,
     lora_alpha: Annotated[float, typer.Option(
-        "--lora-alpha", help="LoRA alpha; the update is (alpha/rank)·B·A.")] = 32.0,
+        "--lora-alpha", rich_help_panel="LoRA modes",
+        help="LoRA alpha; the update is (alpha/rank)·B·A.")] = 32.0,
     lora_targets: Annotated[str, typer.Option(
-        "--lora-targets", help="LoRA targets, comma-separated: q, k, v (rows of the attention "
-                                "in-projection), o (out-projection), mlp; attn = q,k,v,o.")
+        "--lora-targets", rich_help_panel="LoRA modes", metavar="[q,k,v,o,mlp,attn]",
+        help="LoRA targets, comma-separated: q, k, v (rows of the attention "
+             "in-projection), o (out-projection), mlp; attn = q,k,v,o.")
     ] = "q,v",
     as_json: JsonOpt = False,
 ) -> None:

@@ -28,56 +28,78 @@ from tvtool.errors import UsageError
 def learn_coeffs(
     vectors: Annotated[list[str], typer.Argument(
         help="Task vectors (.safetensors), in the order of the coefficient rows; - = stdin.")],
-    base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
-                                      help="Model reference of the base.")],
+    base: Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and data",
+                                      envvar="TVTOOL_BASE", help="Model reference of the base.")],
     output: OutputOpt,
     dataset: Annotated[list[str], typer.Option(
-        "--dataset", "-d", help="Dataset to learn on (repeatable); for --objective negation, "
-                                "the data to forget.")],
+        "--dataset", "-d", rich_help_panel="Model and data",
+        help="Dataset to learn on (repeatable); for --objective negation, "
+             "the data to forget.")],
     control: Annotated[list[str] | None, typer.Option(
-        "--control", help="Data to keep (repeatable; --objective negation only).")] = None,
+        "--control", rich_help_panel="Model and data",
+        help="Data to keep (repeatable; --objective negation only).")] = None,
     objective: Annotated[str, typer.Option(
-        "--objective", help="ce (k-shot labelled), entropy (unlabelled, test-time "
-                            "adaptation) or negation (forget --dataset, keep --control).")
+        "--objective", rich_help_panel="Objective and blocks", metavar="[ce|entropy|negation]",
+        help="ce (k-shot labelled), entropy (unlabelled, test-time "
+             "adaptation) or negation (forget --dataset, keep --control).")
     ] = "ce",
     granularity: Annotated[str, typer.Option(
-        "--granularity", "-g", help="task, tensor, layer or random:K.")] = "tensor",
+        "--granularity", "-g", rich_help_panel="Objective and blocks",
+        metavar="[task|tensor|layer|random:K]",
+        help="task, tensor, layer or random:K.")] = "tensor",
     shots: Annotated[int | None, typer.Option(
-        "--shots", "-k", help="Examples per class (unlabelled: K x classes at random). "
-                              "Omit with --all-examples.")] = 16,
+        "--shots", "-k", rich_help_panel="Objective and blocks",
+        help="Examples per class (unlabelled: K x classes at random). "
+             "Omit with --all-examples.")] = 16,
     all_examples: Annotated[bool, typer.Option(
-        "--all-examples", help="Use the whole split instead of --shots per class.")] = False,
+        "--all-examples", rich_help_panel="Objective and blocks",
+        help="Use the whole split instead of --shots per class.")] = False,
     split: Annotated[str, typer.Option(
-        "--split", help="Split the examples come from (train; test for test-time "
-                        "adaptation).")] = "train",
+        "--split", rich_help_panel="Model and data", metavar="[train|val|test]",
+        help="Split the examples come from (train; test for test-time "
+             "adaptation).")] = "train",
     val_fraction: Annotated[float, typer.Option(
-        "--val-fraction", help="Fraction of the examples held out for selection and early "
-                               "stopping.")] = 0.2,
-    steps: Annotated[int, typer.Option("--steps", help="Optimisation steps.")] = 100,
-    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate.")] = 0.1,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")
+        "--val-fraction", rich_help_panel="Objective and blocks",
+        help="Fraction of the examples held out for selection and early "
+             "stopping.")] = 0.2,
+    steps: Annotated[int, typer.Option("--steps", rich_help_panel="Optimisation",
+                                       help="Optimisation steps.")] = 100,
+    lr: Annotated[float, typer.Option("--lr", rich_help_panel="Optimisation",
+                                      help="AdamW learning rate.")] = 0.1,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel="Optimisation",
+                                                help="AdamW weight decay.")
                             ] = 0.0,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Examples per step (split across datasets).")] = 32,
+        "--batch-size", rich_help_panel="Optimisation",
+        help="Examples per step (split across datasets).")] = 32,
     eval_every: Annotated[int, typer.Option(
-        "--eval-every", help="Steps between held-out evaluations.")] = 10,
+        "--eval-every", rich_help_panel="Optimisation",
+        help="Steps between held-out evaluations.")] = 10,
     patience: Annotated[int | None, typer.Option(
-        "--patience", help="Stop after N evaluations without held-out improvement.")] = None,
+        "--patience", rich_help_panel="Optimisation",
+        help="Stop after N evaluations without held-out improvement.")] = None,
     negation_weight: Annotated[float, typer.Option(
-        "--negation-weight", help="Weight of the forgetting term (negation).")] = 1.0,
-    init: Annotated[float, typer.Option("--init", help="Initial coefficient value.")] = 0.0,
+        "--negation-weight", rich_help_panel="Objective and blocks",
+        help="Weight of the forgetting term (negation).")] = 1.0,
+    init: Annotated[float, typer.Option("--init", rich_help_panel="Optimisation",
+                                        help="Initial coefficient value.")] = 0.0,
     partition_seed: Annotated[int, typer.Option(
-        "--partition-seed", help="Seed of the random:K split.")] = 0,
+        "--partition-seed", rich_help_panel="Objective and blocks",
+        help="Seed of the random:K split.")] = 0,
     vector_dtype: Annotated[str, typer.Option(
-        "--vector-dtype", help="Storage of the packed vectors: fp32, bf16 or fp16.")] = "fp32",
+        "--vector-dtype", rich_help_panel="Optimisation", metavar="[fp32|bf16|fp16]",
+        help="Storage of the packed vectors: fp32, bf16 or fp16.")] = "fp32",
     merged_out: Annotated[str | None, typer.Option(
-        "--merged-out", help="Also write the composed model (a checkpoint; for linearized "
-                             "vectors, the composed linearized task vector).")] = None,
+        "--merged-out", rich_help_panel="Output",
+        help="Also write the composed model (a checkpoint; for linearized "
+             "vectors, the composed linearized task vector).")] = None,
     data_root: Annotated[str | None, typer.Option(
-        "--data-root", envvar="TVTOOL_DATA_ROOT", help="Root directory of standard datasets.")
+        "--data-root", rich_help_panel="Model and data",
+        envvar="TVTOOL_DATA_ROOT", help="Root directory of standard datasets.")
     ] = None,
     download: DownloadOpt = False,
-    workers: Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")
+    workers: Annotated[int, typer.Option("--workers", rich_help_panel="Model and data",
+                                         help="DataLoader worker processes.")
                        ] = 0,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",

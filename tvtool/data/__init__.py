@@ -8,8 +8,9 @@ Public API:
 * :func:`list_datasets` -- the names tvtool knows (plus ``imagefolder:PATH``).
 
 Dataset names: ``synthetic:<task>``, ``imagefolder:PATH``, or a standard name (``MNIST``,
-``SVHN``, ``GTSRB``, ``EuroSAT``, ``DTD``, ``StanfordCars``, ``SUN397``, ``RESISC45``,
-``CIFAR10``, ``CIFAR100``; case-insensitive). See docs/data.md.
+``SVHN``, ``GTSRB``, ``EuroSAT``, ``DTD``, ``StanfordCars``/``Cars``, ``SUN397``,
+``RESISC45``, ``CIFAR10``, ``CIFAR100``, ``ImageNet``; case-insensitive), or the task-vectors
+validation variant ``<name>Val`` of one (``MNISTVal``). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from tvtool.data.splits import (
     members_hash,
     plan_splits,
 )
-from tvtool.data.standard import DATA_ROOT_ENV, STANDARD, StandardSource, find_standard
+from tvtool.data.standard import (
+    DATA_ROOT_ENV,
+    IMAGENET,
+    STANDARD,
+    StandardSource,
+    parse_standard,
+)
 from tvtool.data.synthetic import PREFIX as SYNTHETIC_PREFIX
 from tvtool.data.synthetic import resolve_synthetic, synthetic_names
 from tvtool.errors import InvalidInputError
@@ -55,9 +62,10 @@ PathLike = str | os.PathLike[str]
 def list_datasets() -> list[str]:
     """Names of the datasets tvtool knows: standard ones, then ``synthetic:<task>``.
 
-    ``imagefolder:PATH`` is accepted too but, being open-ended, is not listed.
+    ``imagefolder:PATH`` is accepted too but, being open-ended, is not listed; nor are the
+    task-vectors validation variants ``<name>Val`` of the standard names.
     """
-    return [d.name for d in STANDARD] + synthetic_names()
+    return [d.name for d in STANDARD] + [IMAGENET] + synthetic_names()
 
 
 def _resolve(name: str, data_root: PathLike | None, download: bool = False) -> Source:
@@ -69,9 +77,9 @@ def _resolve(name: str, data_root: PathLike | None, download: bool = False) -> S
         return resolve_synthetic(text)
     if lowered.startswith(IMAGEFOLDER_PREFIX):
         return resolve_imagefolder(IMAGEFOLDER_PREFIX + text[len(IMAGEFOLDER_PREFIX):])
-    info = find_standard(text)
-    if info is not None:
-        return StandardSource(info, data_root, download)
+    found = parse_standard(text)
+    if found is not None:
+        return StandardSource(found[0], data_root, download, val_variant=found[1])
     close = difflib.get_close_matches(text, list_datasets(), n=3, cutoff=0.5)
     raise InvalidInputError(
         f"unknown dataset {text!r}",

@@ -2,7 +2,13 @@
 
 tvtool never downloads unless asked (``download=True``); the data root is the ``data_root``
 argument or ``$TVTOOL_DATA_ROOT``. Under it each dataset sits where torchvision puts it, so a
-root that torchvision already filled works as it is (layout in docs/data.md).
+root that torchvision already filled works as it is, or in the layout of the task-vectors code
+(mlfoundations/task_vectors: ``EuroSAT_splits/``, ``dtd/train``, ``sun397/train``...), whose
+published splits are then used (layouts in docs/data.md).
+
+Names are case-insensitive; ``<name>Val`` (``MNISTVal``...) is the task-vectors validation
+variant: its ``test`` split is the published held-out validation set and its ``train`` split
+the rest of the training pool.
 """
 
 from __future__ import annotations
@@ -46,12 +52,20 @@ def _cifar100(root: Path, part: str, download: bool) -> Dataset:
     return _tv("CIFAR100")(str(root), train=part == "train", download=download)
 
 
-def _svhn(root: Path, part: str, download: bool) -> Dataset:
+DATASETS_EXTRA = "tvtool[datasets]"
+"""The optional-dependency extra that installs what the standard datasets need."""
+
+
+def _need_scipy(dataset: str) -> None:
     try:
-        import scipy.io  # noqa: F401  (torchvision reads SVHN's .mat files with it)
+        import scipy.io  # noqa: F401  (torchvision reads .mat files with it)
     except ImportError:
-        raise InvalidInputError("reading SVHN needs scipy",
-                                hint="pip install scipy") from None
+        raise InvalidInputError(f"reading {dataset} needs scipy, which is not installed",
+                                hint=f"pip install '{DATASETS_EXTRA}'") from None
+
+
+def _svhn(root: Path, part: str, download: bool) -> Dataset:
+    _need_scipy("SVHN")
     return _tv("SVHN")(str(root / "svhn"), split=part, download=download)
 
 
@@ -60,6 +74,7 @@ def _gtsrb(root: Path, part: str, download: bool) -> Dataset:
 
 
 def _cars(root: Path, part: str, download: bool) -> Dataset:
+    _need_scipy("StanfordCars")
     return _tv("StanfordCars")(str(root), split=part, download=download, loader=read_image)
 
 
@@ -81,6 +96,60 @@ def _sun397(root: Path, part: str, download: bool) -> Dataset:
     return _tv("SUN397")(str(root), download=download, loader=read_image)
 
 
+def _imagenet(root: Path, part: str, download: bool) -> Dataset:
+    if download:
+        raise InvalidInputError("ImageNet cannot be downloaded automatically",
+                                hint="place it under DATA_ROOT/imagenet as docs/data.md shows")
+    # torchvision's ImageNet calls its held-out 50,000 images "val": that is the test pool.
+    return _tv("ImageNet")(str(root / "imagenet"), split="train" if part == "train" else "val",
+                           loader=read_image)
+
+
+EUROSAT_FOLDERS = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",
+                   "Pasture", "PermanentCrop", "Residential", "River", "SeaLake")
+"""EuroSAT's class folders in label order (sorted; the class names follow the same order)."""
+
+
+@dataclass(frozen=True)
+class PublishedLayout:
+    """Where the task-vectors code reads a dataset from (torchvision ``ImageFolder`` folders).
+
+    Attributes:
+        folder: Directory under the data root.
+        train: Sub-folder of the training set.
+        test: Sub-folder the code evaluates on (its ``test_dataset``).
+        val: Sub-folder of the ``<name>Val`` variant's held-out set, where the code has one
+            (EuroSAT); otherwise that variant splits the training set (see :func:`val_split`).
+        class_folders: Class names -> folder names, in label (sorted folder) order.
+    """
+
+    folder: str
+    train: str
+    test: str
+    val: str | None
+    class_folders: Callable[[tuple[str, ...]], list[str]]
+
+
+def _sun397_folders(names: tuple[str, ...]) -> list[str]:
+    # The prepared SUN397 folders are "<first letter>_<name with underscores>"; the
+    # task-vectors code strips the two-character prefix to get the class name.
+    return [f"{n[0]}_{n.replace(' ', '_')}" for n in names]
+
+
+_EUROSAT_LAYOUT = PublishedLayout("EuroSAT_splits", "train", "test", "val",
+                                  lambda _: list(EUROSAT_FOLDERS))
+# The task-vectors code evaluates DTD and SUN397 on their prepared "val" folders.
+_DTD_LAYOUT = PublishedLayout("dtd", "train", "val", None, list)
+_SUN397_LAYOUT = PublishedLayout("sun397", "train", "val", None, _sun397_folders)
+
+VAL_FRACTION = 0.1
+"""Fraction of the training set the task-vectors code holds out for ``<name>Val``."""
+MAX_VAL_SAMPLES = 5000
+"""Cap on that held-out set."""
+VAL_SEED = 0
+"""Seed of ``torch.utils.data.random_split`` in the task-vectors code."""
+
+
 @dataclass(frozen=True)
 class StandardDataset:
     """A standard dataset tvtool knows by name.
@@ -93,6 +162,7 @@ class StandardDataset:
         parts: Official parts read from disk (``("train", "test")`` or ``("train",)``).
         build: Constructor of the torchvision dataset (``None``: tvtool reads the files).
         aliases: Other accepted spellings (matched case-insensitively).
+        published: The task-vectors layout, read instead when its training folder exists.
     """
 
     name: str
@@ -102,6 +172,7 @@ class StandardDataset:
     parts: tuple[str, ...]
     build: Builder | None
     aliases: tuple[str, ...] = ()
+    published: PublishedLayout | None = None
 
 
 STANDARD: tuple[StandardDataset, ...] = (
@@ -112,14 +183,14 @@ STANDARD: tuple[StandardDataset, ...] = (
     StandardDataset("GTSRB", "gtsrb", catalog.GTSRB_CLASSNAMES, catalog.GTSRB_TEMPLATES,
                     ("train", "test"), _gtsrb),
     StandardDataset("EuroSAT", "eurosat", catalog.EUROSAT_CLASSNAMES, catalog.EUROSAT_TEMPLATES,
-                    ("train",), _eurosat),
+                    ("train",), _eurosat, published=_EUROSAT_LAYOUT),
     StandardDataset("DTD", "dtd", catalog.DTD_CLASSNAMES, catalog.DTD_TEMPLATES,
-                    ("train", "test"), _dtd),
+                    ("train", "test"), _dtd, published=_DTD_LAYOUT),
     StandardDataset("StanfordCars", "stanford_cars", catalog.STANFORD_CARS_CLASSNAMES,
                     catalog.STANFORD_CARS_TEMPLATES, ("train", "test"), _cars,
                     aliases=("cars",)),
     StandardDataset("SUN397", "SUN397", catalog.SUN397_CLASSNAMES, catalog.SUN397_TEMPLATES,
-                    ("train",), _sun397),
+                    ("train",), _sun397, published=_SUN397_LAYOUT),
     StandardDataset("RESISC45", "resisc45", catalog.RESISC45_CLASSNAMES,
                     catalog.RESISC45_TEMPLATES, ("train", "test"), None),
     StandardDataset("CIFAR10", "cifar-10-batches-py", catalog.CIFAR10_CLASSNAMES,
@@ -128,11 +199,82 @@ STANDARD: tuple[StandardDataset, ...] = (
                     catalog.CIFAR_TEMPLATES, ("train", "test"), _cifar100),
 )
 _BY_KEY = {key.lower(): d for d in STANDARD for key in (d.name, *d.aliases)}
+IMAGENET = "ImageNet"
+
+
+def _imagenet_info() -> StandardDataset:
+    # Class names and templates are open_clip's zero-shot metadata (read via tvtool.models,
+    # the only package that imports open_clip).
+    from tvtool.models.zero_shot import imagenet_zero_shot
+
+    classnames, templates = imagenet_zero_shot()
+    return StandardDataset(IMAGENET, "imagenet", classnames, templates, ("train", "test"),
+                           _imagenet)
 
 
 def find_standard(name: str) -> StandardDataset | None:
     """Find the standard dataset called ``name`` (case-insensitive, aliases allowed)."""
-    return _BY_KEY.get(name.strip().lower())
+    key = name.strip().lower()
+    if key == IMAGENET.lower():
+        return _imagenet_info()
+    return _BY_KEY.get(key)
+
+
+def parse_standard(name: str) -> tuple[StandardDataset, bool] | None:
+    """A standard name, or its task-vectors validation variant ``<name>Val``.
+
+    Returns:
+        The dataset and whether the ``Val`` variant was named; None for unknown names.
+    """
+    info = find_standard(name)
+    if info is not None:
+        return info, False
+    text = name.strip()
+    if text.lower().endswith("val"):
+        base = find_standard(text[: -len("val")])
+        if base is not None:
+            return base, True
+    return None
+
+
+def val_split(n: int) -> tuple[list[int], list[int]]:
+    """The task-vectors ``<name>Val`` split of a training set of ``n`` examples.
+
+    ``torch.utils.data.random_split(train, [n - v, v], generator=Generator().manual_seed(0))``
+    with ``v = min(int(0.1 n), 5000)``: one ``randperm`` of ``n``, the first ``n - v`` indices
+    for training, the rest held out.
+
+    Returns:
+        (training indices, held-out indices), in the permutation's order.
+
+    Raises:
+        InvalidInputError: a training set too small to split.
+    """
+    import torch
+
+    held = min(int(n * VAL_FRACTION), MAX_VAL_SAMPLES)
+    if held <= 0 or held >= n:
+        raise InvalidInputError(f"a training set of {n} examples is too small for the "
+                                "task-vectors validation split (10%)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(VAL_SEED)).tolist()
+    return order[: n - held], order[n - held:]
+
+
+class SubsetPool:
+    """Some examples of another pool, in a given order."""
+
+    def __init__(self, pool: Pool, indices: Sequence[int]) -> None:
+        self._pool = pool
+        self._indices = list(indices)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return self._pool.load(self._indices[index])
+
+    def member(self, index: int) -> str:
+        return self._pool.member(self._indices[index])
 
 
 def data_root(explicit: str | os.PathLike[str] | None, dataset: str) -> Path:
@@ -179,14 +321,26 @@ class TorchvisionPool:
 
 
 class StandardSource:
-    """A standard dataset under a data root."""
+    """A standard dataset under a data root (or its task-vectors ``Val`` variant)."""
 
     def __init__(self, info: StandardDataset, root: str | os.PathLike[str] | None,
-                 download: bool) -> None:
+                 download: bool, val_variant: bool = False) -> None:
         self.info = info
-        self.spec = TaskSpec(info.name, info.classnames, info.templates)
+        self.val_variant = val_variant
+        name = info.name + ("Val" if val_variant else "")
+        self.spec = TaskSpec(name, info.classnames, info.templates)
         self._root_arg = root
         self._download = download
+        self._layout: str | None = None  # decided by pools()
+
+    def _published_root(self) -> Path | None:
+        """The task-vectors folder of this dataset, when it is there."""
+        layout = self.info.published
+        if layout is None:
+            return None
+        root = data_root(self._root_arg, self.info.name)
+        folder = root / layout.folder
+        return folder if (folder / layout.train).is_dir() else None
 
     def _location(self) -> Path:
         root = data_root(self._root_arg, self.info.name)
@@ -199,9 +353,28 @@ class StandardSource:
         return root
 
     def pools(self) -> Mapping[str, Pool]:
+        pools = self._official_pools()
+        if not self.val_variant:
+            return pools
+        layout = self.info.published
+        if self._layout == "task_vectors" and layout is not None and layout.val is not None:
+            # The code has a prepared folder for it (EuroSATVal evaluates EuroSAT_splits/val).
+            return {"train": pools["train"], "test": pools["val"]}
+        train, held = val_split(len(pools["train"]))
+        return {"train": SubsetPool(pools["train"], train),
+                "test": SubsetPool(pools["train"], held)}
+
+    def _official_pools(self) -> dict[str, Pool]:
+        published = self._published_root()
+        if published is not None and self.info.published is not None:
+            self._layout = "task_vectors"
+            return _published_pools(published, self.info, self.info.published)
         root = self._location()
         if self.info.build is None:
-            return _resisc45_pools(root / self.info.folder, self.info)
+            resisc = dict(_resisc45_pools(root / self.info.folder, self.info))
+            self._layout = "task_vectors" if "test" in resisc else "single folder"
+            return resisc
+        self._layout = "torchvision"
         pools: dict[str, Pool] = {}
         for part in self.info.parts:
             dataset = self._build(root, part)
@@ -229,15 +402,65 @@ class StandardSource:
                               hint="check the network, disk space and permissions") from None
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "standard", "dataset": self.info.name, "folder": self.info.folder,
-                "official_parts": list(self.info.parts)}
+        """Where the data came from, and whether each split is the published one."""
+        if self._layout is None:  # pools() not called yet: decide from the folders present
+            try:
+                found = self._published_root() is not None
+            except InvalidInputError:
+                found = False
+            self._layout = "task_vectors" if found else (
+                "torchvision" if self.info.build is not None else "resisc45")
+        published = self._layout == "task_vectors" or (
+            self._layout == "torchvision" and self.info.name in _TORCHVISION_PUBLISHED)
+        folder = (self.info.published.folder if self.info.published is not None
+                  and self._layout == "task_vectors" else self.info.folder)
+        return {"kind": "standard", "dataset": self.spec.name, "folder": folder,
+                "layout": self._layout, "official_parts": list(self.info.parts),
+                "val_variant": self.val_variant,
+                "published_test_split": published,
+                "published_train_split": published}
+
+
+# Datasets the task-vectors code reads through torchvision (or the same files), so the
+# torchvision layout gives the published train and test sets.
+_TORCHVISION_PUBLISHED = frozenset({"MNIST", "SVHN", "GTSRB", "StanfordCars", "CIFAR10",
+                                    "CIFAR100", IMAGENET})
+
+
+def _published_pools(folder: Path, info: StandardDataset, layout: PublishedLayout
+                     ) -> dict[str, Pool]:
+    """The task-vectors ``ImageFolder`` layout: labels are the sorted class folders."""
+    order = layout.class_folders(info.classnames)
+    if order != sorted(order):
+        raise AssertionError(f"{info.name}: class folders must be listed in sorted order")
+    parts = [("train", layout.train), ("test", layout.test)]
+    if layout.val is not None:
+        parts.append(("val", layout.val))
+    pools: dict[str, Pool] = {}
+    for part, sub in parts:
+        directory = folder / sub
+        if not directory.is_dir():
+            raise InvalidInputError(
+                f"{info.name} in the task-vectors layout needs {str(directory)!r}",
+                hint=f"the task-vectors code reads its {part} set there (docs/data.md)")
+        present = {p.name for p in directory.iterdir() if p.is_dir() and
+                   not p.name.startswith(".")}
+        missing = sorted(set(order) - present)
+        if part == "train" and missing:
+            # ImageFolder numbers the classes it finds: a missing folder shifts every label.
+            raise InvalidInputError(
+                f"{info.name} under {str(directory)!r} lacks class folders {missing[:5]}",
+                hint=f"expected the {len(order)} folders of the prepared dataset (docs/data.md)")
+        _, items = scan_class_folders(directory, folder, order)
+        pools[part] = FilePool(folder, items)
+    return pools
 
 
 def _resisc45_pools(folder: Path, info: StandardDataset) -> Mapping[str, Pool]:
     """RESISC45 from ``resisc45/NWPU-RESISC45/<class>/*.jpg``.
 
     With the split lists of the task-vectors setup (``resisc45-{train,val,test}.txt`` beside
-    the image folder), train+val form the training pool and test the test pool; without them
+    the image folder), each list is a pool, as the task-vectors code reads them; without them
     the whole set is one pool and tvtool carves a test split.
     """
     images = folder / "NWPU-RESISC45"
@@ -255,6 +478,6 @@ def _resisc45_pools(folder: Path, info: StandardDataset) -> Mapping[str, Pool]:
     if not all(p.is_file() for p in lists.values()):
         return {"train": FilePool(folder, items)}
     wanted = {part: set(read_text_lines(path)) for part, path in lists.items()}
-    train = [it for it in items if it[0].name in wanted["train"] | wanted["val"]]
-    test = [it for it in items if it[0].name in wanted["test"]]
-    return {"train": FilePool(folder, train), "test": FilePool(folder, test)}
+    # The code keeps a file when its base name is listed (ImageFolder's is_valid_file).
+    return {part: FilePool(folder, [it for it in items if it[0].name in names])
+            for part, names in wanted.items()}

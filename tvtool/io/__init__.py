@@ -9,18 +9,28 @@ Public API:
 * :func:`check_distinct_paths` -- refuse an output that is also an input.
 * :func:`atomic_output` -- context manager giving a temp path renamed into place on success.
 * :func:`read_pickled_checkpoint` / :func:`read_checkpoint` / :func:`load_legacy` -- read
-  pickled (or plain safetensors) checkpoints without executing pickle code.
+  pickled (or plain safetensors) checkpoints without executing pickle code;
+  :func:`read_pickled_dict` -- a pickled dict of tensors and plain values, the same way.
 * :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
+* :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export;
+  :func:`write_open_clip_dir` -- an open_clip Hugging Face directory (weights, config, card).
 * :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
   tvtool owns (cache, work, scratch) and removal of its own damaged files.
 """
 
 from tvtool.io.atomic import STDIO, atomic_output, check_distinct_paths, check_output_path
+from tvtool.io.hf_dirs import (
+    HfModelFiles,
+    check_new_directory,
+    hf_model_files,
+    write_open_clip_dir,
+)
 from tvtool.io.legacy import (
     LegacyCheckpoint,
     load_legacy,
     read_checkpoint,
     read_pickled_checkpoint,
+    read_pickled_dict,
 )
 from tvtool.io.paths import ensure_directory, remove_file, scratch_directory
 from tvtool.io.safetensors_io import (
@@ -42,15 +52,18 @@ from tvtool.io.safetensors_io import (
 __all__ = [
     "STDIO",
     "DictSource",
+    "HfModelFiles",
     "LegacyCheckpoint",
     "TensorInfo",
     "TensorSource",
     "all_finite",
     "atomic_output",
     "check_distinct_paths",
+    "check_new_directory",
     "check_output",
     "check_output_path",
     "ensure_directory",
+    "hf_model_files",
     "input_file",
     "iter_source",
     "load_legacy",
@@ -58,10 +71,12 @@ __all__ = [
     "read_checkpoint",
     "read_json",
     "read_pickled_checkpoint",
+    "read_pickled_dict",
     "remove_file",
     "scratch_directory",
     "spooled_stdin",
     "write_bytes",
     "write_json",
+    "write_open_clip_dir",
     "write_tensors",
 ]

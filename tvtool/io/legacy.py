@@ -667,3 +667,48 @@ def load_legacy(path: str) -> StateDict:
         InvalidInputError: if the file is missing, corrupt, or holds no recognisable weights.
     """
     return read_pickled_checkpoint(path).tensors
+
+
+def read_pickled_dict(path: str) -> dict[str, Any]:
+    """Read a pickled dict of tensors and plain values (strings, numbers) without running code.
+
+    Some checkpoints store a state dict next to bookkeeping values, e.g. tangent_task_arithmetic's
+    linearized encoders (``model.params.N``, ``model.params0.N`` and ``model_name``), which
+    :func:`read_pickled_checkpoint` refuses as "neither a state dict nor a module". Tensors
+    are returned as independent contiguous tensors, names as stored (no prefix removed).
+
+    Raises:
+        InvalidInputError: unreadable file, or a root that is not such a dict (anything the
+            restricted unpickler left inert is refused too).
+    """
+    from tvtool.io.safetensors_io import input_file
+
+    file = input_file(path)
+    label = repr(path)
+    size = file.stat().st_size
+    if size == 0:
+        raise _bad(f"{label} is empty")
+    try:
+        with open(file, "rb") as handle:
+            root, _ = _read_root(handle, label, size)
+    except InvalidInputError:
+        raise
+    except RecursionError:
+        raise _bad(f"{label}: object graph nested too deeply") from None
+    except Exception as exc:  # only our own code ran, so any error means a malformed file
+        text = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise _bad(f"{label} is not a readable torch checkpoint: {text}") from exc
+    if not isinstance(root, dict):
+        raise _bad(f"{label} holds a {_describe(root)}, not a dict", hint=None)
+    out: dict[str, Any] = {}
+    for key, value in root.items():
+        if not isinstance(key, str):
+            raise _bad(f"{label} holds a dict with a non-string key {key!r:.40}", hint=None)
+        if isinstance(value, torch.Tensor):
+            out[key] = _own_storage(value)
+        elif isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+        else:
+            raise _bad(f"{label}: entry {key!r:.60} is a {_describe(value)}, neither a tensor "
+                       "nor a plain value", hint=None)
+    return out

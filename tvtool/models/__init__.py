@@ -1,7 +1,13 @@
 """The only package that imports open_clip: model references, loading, heads, fingerprints."""
 
 from tvtool.models.heads import build_zero_shot_head
-from tvtool.models.infer import ArchitectureMatch, architecture_shapes, match_architecture
+from tvtool.models.hf_clip import HfClipMapping, hf_activation, hf_clip_to_open_clip, is_hf_clip
+from tvtool.models.infer import (
+    ArchitectureMatch,
+    architecture_shapes,
+    match_architecture,
+    uses_quick_gelu,
+)
 from tvtool.models.loading import (
     ClipBundle,
     base_source,
@@ -26,6 +32,7 @@ __all__ = [
     "TINY_MODEL",
     "ArchitectureMatch",
     "ClipBundle",
+    "HfClipMapping",
     "ModelRef",
     "RefKind",
     "architecture_shapes",
@@ -34,7 +41,10 @@ __all__ = [
     "cache_dir",
     "embedded_weights_path",
     "fingerprint",
+    "hf_activation",
+    "hf_clip_to_open_clip",
     "image_encoder_skeleton",
+    "is_hf_clip",
     "known_architectures",
     "load_clip",
     "load_state_into",
@@ -42,4 +52,5 @@ __all__ = [
     "parse_ref",
     "resolve_ref",
     "state_dict_fingerprint",
+    "uses_quick_gelu",
 ]

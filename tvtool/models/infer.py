@@ -77,6 +77,11 @@ def _quick_gelu(name: str) -> bool:
     return bool(_config(name).get("quick_gelu", False))
 
 
+def uses_quick_gelu(name: str) -> bool:
+    """Whether the open_clip architecture ``name`` builds its MLPs with QuickGELU."""
+    return _quick_gelu(name)
+
+
 def _block_count(shapes: Shapes, pattern: re.Pattern[str]) -> int | None:
     indices = {int(m.group(1)) for key in shapes if (m := pattern.match(key))}
     return max(indices) + 1 if indices else None
@@ -139,7 +144,8 @@ def _fit(shapes: Shapes, expected: Shapes) -> tuple[list[str], list[str], list[s
 
 
 def match_architecture(shapes: Shapes, *, architecture: str | None = None,
-                       quick_gelu: bool | None = None) -> ArchitectureMatch:
+                       quick_gelu: bool | None = None,
+                       optional: frozenset[str] = frozenset()) -> ArchitectureMatch:
     """Find (or check) the open_clip architecture that tensors with these shapes belong to.
 
     A fit means: every tensor is a tensor of the architecture with the same shape, and the
@@ -151,6 +157,8 @@ def match_architecture(shapes: Shapes, *, architecture: str | None = None,
         architecture: The user's choice; it is checked, not searched for.
         quick_gelu: Activation of the saved model when the file revealed it (a pickled module
             names its activation classes); picks between configs that differ only in that.
+        optional: Image-tower names the tensors may lack (a Hugging Face ``CLIPVisionModel``
+            has no ``visual.proj``).
 
     Returns:
         The architecture and the names the tensors lack.
@@ -178,7 +186,8 @@ def match_architecture(shapes: Shapes, *, architecture: str | None = None,
         except InvalidInputError:
             continue
         unexpected, wrong, missing = _fit(shapes, expected)
-        if unexpected or wrong or any(n.startswith("visual.") for n in missing):
+        if unexpected or wrong or any(n.startswith("visual.") and n not in optional
+                                      for n in missing):
             continue
         fits.append(ArchitectureMatch(name, tuple(missing)))
     if quick_gelu is not None and len(fits) > 1:

@@ -1,0 +1,47 @@
+"""CLI conventions: shell completion, option groups in --help, choices shown as choices."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def wide(monkeypatch):
+    # rich wraps and truncates option tables to the terminal; make it wide enough.
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("TERMINAL_WIDTH", "200")
+
+
+def _help(cli, *command: str) -> str:
+    result = cli([*command, "--help"])
+    assert result.exit_code == 0, result.stderr
+    return " ".join(result.stdout.split())
+
+
+def test_shell_completion_is_offered(cli):
+    text = _help(cli)
+    assert "--install-completion" in text and "--show-completion" in text
+    script = cli(["--show-completion", "bash"])
+    assert script.exit_code == 0
+    assert "_tvtool_completion" in script.stdout and "complete" in script.stdout
+
+
+@pytest.mark.parametrize(("command", "panels", "choices"), [
+    (("finetune",), ["Model and data", "Optimisation", "Resumable runs", "LoRA (lora, llora)"],
+     ["[full|attn|linear|lora|llora]", "[auto|fp32|bf16|fp16]", "[attn|mlp|attn,mlp]"]),
+    (("learn-coeffs",), ["Model and data", "Objective and blocks", "Optimisation", "Output"],
+     ["[ce|entropy|negation]", "[task|tensor|layer|random:K]", "[fp32|bf16|fp16]"]),
+])
+def test_long_commands_group_their_options(cli, command, panels, choices):
+    text = _help(cli, *command)
+    for panel in panels:
+        assert f"─ {panel} ─" in text
+    for choice in choices:
+        assert choice in text
+
+
+def test_choices_are_still_checked_by_tvtool(cli, tmp_path):
+    result = cli(["finetune", "-b", "tvtool-tiny", "-d", "synthetic:shape", "--mode", "nope",
+                  "-o", str(tmp_path / "x.safetensors")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "unknown fine-tuning mode" in result.stderr

@@ -27,8 +27,9 @@ def test_shell_completion_is_offered(cli):
 
 
 @pytest.mark.parametrize(("command", "panels", "choices"), [
-    (("finetune",), ["Model and data", "Optimisation", "Resumable runs", "LoRA (lora, llora)"],
-     ["[full|attn|linear|lora|llora]", "[auto|fp32|bf16|fp16]", "[attn|mlp|attn,mlp]"]),
+    (("finetune",), ["Model and data", "Optimisation", "Resumable runs", "LoRA modes"],
+     ["[full|attn|linear|lora|llora|llora-net]", "[auto|fp32|bf16|fp16]",
+      "[q,k,v,o,mlp,attn]"]),
     (("learn-coeffs",), ["Model and data", "Objective and blocks", "Optimisation", "Output"],
      ["[ce|entropy|negation]", "[task|tensor|layer|random:K]", "[fp32|bf16|fp16]"]),
 ])

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from tvtool.data import load_split
-from tvtool.io import write_json
+from tvtool.io import read_json, write_json
 from tvtool.models import build_zero_shot_head, load_clip
 from tvtool.world import TASKS, generate_task
 from tvtool.world.pretrain import images_to_tensor, normalization
@@ -107,6 +107,30 @@ def se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 1e-12) / n)
 
 
+def table(runs: list[dict[str, Any]]) -> str:
+    """The Markdown ablation table of docs/embedded-world.md, one row per run."""
+    lines = ["| run | tasks | recipe | zero-shot | fine-tuned | task addition (α) | "
+             "gain recovered | one vector at α 0.2 keeps | max off-diagonal cosine | "
+             "‖τ‖/‖θ0‖ | negation: target (control) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run in runs:
+        avg, err, neg = run["avg"], run["avg_se"], run["negation"]
+        ratios = list(run["tau_norm_ratio"].values())
+        kept = run.get("single_vector_gain_kept", {}).get("0.2")
+        lines.append(
+            f"| {run['label']} | {len(run['tasks'])} | lr {run['lr']:g}, {run['steps']} steps, "
+            f"batch {run['batch']} | {100 * avg['zero_shot']:.1f} ± {100 * err['zero_shot']:.1f}"
+            f" | {100 * avg['finetuned']:.1f} ± {100 * err['finetuned']:.1f} | "
+            f"{100 * avg['task_addition']:.1f} ± {100 * err['task_addition']:.1f} "
+            f"({run['alpha']:g}) | **{run['gain_recovered']:.2f}** | "
+            f"{'-' if kept is None else f'{kept:.2f}'} | "
+            f"{run['max_abs_offdiag_cosine']:.3f} | {min(ratios):.3f}–{max(ratios):.3f} | "
+            f"{neg['target']} {100 * neg['target_zero_shot']:.1f} → "
+            f"{100 * neg['target_negated']:.1f} ({100 * neg['control_zero_shot']:.1f} → "
+            f"{100 * neg['control_negated']:.1f}) |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     """Run the ablation and print one JSON document."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -123,7 +147,12 @@ def main() -> int:
     parser.add_argument("--control", default=None, help="negation control task (default: 2nd)")
     parser.add_argument("--label", default="")
     parser.add_argument("-o", "--output")
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print the Markdown ablation table of earlier runs and exit")
     args = parser.parse_args()
+    if args.table:
+        print(table([read_json(path) for path in args.table]))
+        return 0
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.perf_counter()
@@ -187,6 +216,15 @@ def main() -> int:
 
     gain_recovered = (avg(added) - avg(zero)) / (avg(tuned) - avg(zero))
 
+    # One vector alone at a fraction of its length: how much of its own gain survives. Task
+    # addition at alpha ~ 1/T can only recover what a single vector keeps at that alpha.
+    single = {t: {str(alpha): accuracy(visual, combine(alpha, {t: 1.0}), heads[t],
+                                       data[t]["test"])
+                  for alpha in (0.2, 0.4, 0.6, 0.8)} for t in tasks}
+    single_kept = {str(alpha): float(np.mean([(single[t][str(alpha)] - zero[t]) / gains[t]
+                                              for t in tasks]))
+                   for alpha in (0.2, 0.4, 0.6, 0.8)}
+
     # Negation of the first task, control = the given one (default the second task).
     target = tasks[0]
     control = args.control or tasks[1]
@@ -227,6 +265,7 @@ def main() -> int:
         "avg_se": {"zero_shot": avg_se(zero), "finetuned": avg_se(tuned),
                    "task_addition": avg_se(added)},
         "gain_recovered": gain_recovered, "gain_recovered_per_task": recovered,
+        "single_vector_accuracy": single, "single_vector_gain_kept": single_kept,
         "cosine": cosine,
         "max_abs_offdiag_cosine": max(abs(cosine[i][j]) for i in range(len(tasks))
                                       for j in range(len(tasks)) if i != j),
@@ -235,7 +274,8 @@ def main() -> int:
         "seconds": time.perf_counter() - started,
     }
     _log(f"avg zero-shot {avg(zero):.3f} fine-tuned {avg(tuned):.3f} TA {avg(added):.3f} "
-         f"(alpha {best_alpha}) gain recovered {gain_recovered:.2f}; negation {target} "
+         f"(alpha {best_alpha}) gain recovered {gain_recovered:.2f}; single vector keeps "
+         f"{single_kept}; negation {target} "
          f"{zero[target]:.3f}->{neg_target:.3f} control {control_zero:.3f}->{neg_control:.3f}")
     text = json.dumps(result, indent=1)
     print(text)

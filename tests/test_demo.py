@@ -93,6 +93,23 @@ def test_markdown_names_every_method_and_claim():
     assert text.count("**held**") + text.count("**did NOT hold**") == len(results["claims"])
 
 
+def test_gain_recovered_is_the_fraction_of_the_finetuning_gain():
+    results = _results(ta=0.55, atlas=0.7)
+    # zero-shot average 0.3, fine-tuned 0.85, task addition 0.55: (0.55-0.3)/(0.85-0.3)
+    fraction = report.gain_recovered(results)["full"]
+    assert math.isclose(fraction, 0.25 / 0.55)
+    claim = _claim(report.check_claims(results), "recovers at least half")
+    assert claim["held"] is False and "0.45" in claim["evidence"]
+    assert _claim(report.check_claims(_results(ta=0.6, atlas=0.7)),
+                  "recovers at least half")["held"] is True
+    results.update(base="b", figures=[], timings={}, config={"quick": True, "seed": 0},
+                   gain_recovered={"full": fraction},
+                   cosine={"labels": ["full:a", "full:b"], "matrix": [[1.0, 0.02], [0.02, 1.0]]})
+    results["claims"] = report.check_claims(results)
+    text = report.markdown(results)
+    assert "| full | 0.45 |" in text and "| full:a | 1.00 | 0.02 |" in text
+
+
 def test_quick_demo_smoke(cli, tmp_path):
     from tvtool.models import embedded_weights_path
 
@@ -122,6 +139,7 @@ def test_quick_demo_smoke(cli, tmp_path):
     assert Path(neg["output"]).is_file()
     assert set(neg["negated"]) == {"target", "control"}
     assert len(doc["cosine"]["matrix"]) == 3 * len(modes)
+    assert set(doc["gain_recovered"]) == set(modes)
     assert doc["claims"] and all(isinstance(c["held"], bool) for c in doc["claims"])
     # fine-tuning must actually have helped on the embedded world; 0.1 is about four
     # standard errors of a difference of two accuracies averaged over 3 x 200 images

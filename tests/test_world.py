@@ -1,4 +1,4 @@
-"""The synthetic world: generator determinism and semantics, captions, pre-training."""
+"""The synthetic world: generator determinism and semantics, domains, captions, pre-training."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ import torch
 
 from tvtool.errors import UsageError
 from tvtool.world import (
+    DOMAINS,
     TASKS,
-    CaptionStyle,
-    captions,
     corpus_batch,
+    domain_captions,
     generate_task,
     render,
     rng_for,
+    sample_domain,
     sample_scenes,
 )
 from tvtool.world import tasks as tasks_module
-from tvtool.world.vocab import COLORS, COUNTS, POSITIONS, SHAPES, SIZES, TEXTURES, plural
+from tvtool.world.vocab import COLORS, COUNTS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 PLAIN = TEXTURES.index("plain")
 SQUARE = SHAPES.index("square")
@@ -136,28 +137,60 @@ def test_digit_scenes_hold_one_digit():
     assert set(scenes.digit.tolist()) <= set(range(10))
 
 
-def test_full_captions_name_every_factor_truthfully():
-    scenes = sample_scenes(rng_for("captions"), 40, kinds=range(len(SHAPES)), single_prob=0.5)
-    style = CaptionStyle(1, 1, 1, 1, 1, 1, noise=0.0)
-    for i, text in enumerate(captions(scenes, rng_for("c"), style)):
-        count = int(scenes.count[i])
-        noun = SHAPES[int(scenes.kind[i])]
-        assert COUNTS[count - 1] in text.split()
-        assert (noun if count == 1 else plural(noun)) in text.split()
-        assert COLORS[int(scenes.color[i])] in text
-        assert SIZES[int(scenes.size[i])] in text
-        assert f"on a {TEXTURES[int(scenes.texture[i])]} background" in text
-        if count == 1:
-            assert f"in the {POSITIONS[int(scenes.position[i])]}" in text
+def test_every_task_has_a_domain_of_its_own():
+    domains = [task.domain for task in TASKS.values()]
+    assert len(set(domains)) == len(domains)
+    assert all(DOMAINS[d].classnames == TASKS[t].classnames
+               for t, d in zip(TASKS, domains, strict=True))
 
 
-def test_noisy_captions_sometimes_lie_and_omit():
-    scenes = sample_scenes(rng_for("noisy"), 400, kinds=range(len(SHAPES)))
-    texts = captions(scenes, rng_for("n"), CaptionStyle(1, 1, 1, 1, 1, 1, noise=0.5))
-    wrong_colour = sum(COLORS[int(c)] not in t for c, t in zip(scenes.color, texts, strict=True))
-    assert 100 < wrong_colour < 300
-    partial = captions(scenes, rng_for("n"), CaptionStyle(0, 0, 0, 0, 0, 0, noise=0.0))
-    assert all(not any(c in t.split() for c in COLORS) for t in partial)
+def test_domains_look_different():
+    # Per-image mean colour and contrast: a nearest-centroid rule fitted on one pool must
+    # tell the tasks' domains apart on another (the images of different tasks are different
+    # kinds of image, as in the CLIP benchmark, not relabellings of one scene distribution).
+    def stats(images: np.ndarray) -> np.ndarray:
+        x = images.astype(np.float32) / 255
+        return np.concatenate([x.mean(axis=(1, 2)), x.std(axis=(1, 2))], axis=1)
+
+    names = list(TASKS)
+    fit = [stats(generate_task(t, "train", n=200)[0]).mean(axis=0) for t in names]
+    correct = 0
+    for index, task in enumerate(names):
+        features = stats(generate_task(task, "test", n=100)[0])
+        dist = ((features[:, None, :] - np.array(fit)[None]) ** 2).sum(-1)
+        correct += int((dist.argmin(axis=1) == index).sum())
+    assert correct / (100 * len(names)) > 0.6  # chance is 1/8
+
+
+def test_digits_are_light_on_black_and_tiles_have_no_objects():
+    images, _ = generate_task("digit", "test", n=20)
+    corner = images[:, :3, :3].reshape(20, -1).max(axis=1).astype(int)
+    assert (corner < 80).all() and (images.max(axis=(1, 2, 3)) > corner + 60).all()
+    for task in ("texture", "land"):
+        spec = TASKS[task]
+        scenes = sample_domain(spec.domain, rng_for("tiles", task),
+                               np.arange(12) % len(spec.classnames))
+        assert np.isnan(scenes.centers).all()
+
+
+@pytest.mark.parametrize("domain", list(DOMAINS))
+def test_captions_name_the_label_unless_omitted_or_noisy(domain):
+    spec = DOMAINS[domain]
+    labels = np.arange(60) % len(spec.classnames)
+    scenes = sample_domain(domain, rng_for("caption-scenes", domain), labels)
+    truthful = domain_captions(domain, scenes, labels, rng_for("c", domain), noise=0.0)
+    # word starts, so that plurals ("crosses") count as naming the class
+    named = [t for t in truthful if any(f" {c}" in f" {t}" for c in spec.classnames)]
+    assert 0.4 < len(named) / len(truthful) < 0.95
+    for label, text in zip(labels, truthful, strict=True):
+        others = [c for i, c in enumerate(spec.classnames) if i != label
+                  and f" {c} " in f" {text} " and c not in spec.classnames[label]]
+        assert not others, text
+        assert len(text.split()) <= 12
+    noisy = domain_captions(domain, scenes, labels, rng_for("c", domain), noise=1.0)
+    lying = [t for label, t in zip(labels, noisy, strict=True)
+             if f" {spec.classnames[label]} " in f" {t} "]
+    assert len(lying) < len(noisy) * 0.2
 
 
 def test_corpus_batch_is_deterministic():

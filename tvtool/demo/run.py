@@ -248,6 +248,7 @@ def run_demo(config: DemoConfig, log: Logger,
 
     write_bytes(str(root / "accuracy.png"), report.accuracy_figure(results))
     results["figures"].insert(0, "accuracy.png")
+    results["gain_recovered"] = report.gain_recovered(results)
     results["claims"] = report.check_claims(results)
     results["timings"] = stages.timings
     write_json(str(root / "report.json"), results)

@@ -6,13 +6,14 @@ the pre-training of the embedded ``tvtool-tiny`` CLIP.
 Public API:
 
 * :data:`TASKS`, :class:`SyntheticTask`, :func:`generate_task` -- downstream tasks.
-* :func:`corpus_batch`, :class:`CaptionStyle` -- the captioned pre-training corpus.
+* :data:`DOMAINS`, :func:`sample_domain`, :func:`domain_captions` -- the image domains.
+* :func:`corpus_batch` -- the captioned pre-training corpus (every domain, mixed).
 * :func:`sample_scenes`, :func:`render`, :class:`Scenes`, :func:`rng_for` -- the generator.
 * :class:`PretrainConfig`, :func:`pretrain_tiny`, :func:`write_pretrained` -- pre-training
   (import from :mod:`tvtool.world.pretrain`; it pulls in the model code).
 """
 
-from tvtool.world.captions import CaptionStyle, captions
+from tvtool.world.domains import DOMAINS, LANDS, Domain, domain_captions, sample_domain
 from tvtool.world.render import render
 from tvtool.world.scenes import Scenes, rng_for, sample_scenes
 from tvtool.world.tasks import (
@@ -25,16 +26,19 @@ from tvtool.world.tasks import (
 )
 
 __all__ = [
+    "DOMAINS",
     "GENERATOR_VERSION",
+    "LANDS",
     "POOL_SIZES",
     "TASKS",
-    "CaptionStyle",
+    "Domain",
     "Scenes",
     "SyntheticTask",
-    "captions",
     "corpus_batch",
+    "domain_captions",
     "generate_task",
     "render",
     "rng_for",
+    "sample_domain",
     "sample_scenes",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +23,6 @@ from tvtool.errors import UsageError
 from tvtool.metadata import FileMeta, Kind, provenance
 from tvtool.models import TINY_MODEL, load_clip
 from tvtool.types import StateDict
-from tvtool.world.captions import CaptionStyle
 from tvtool.world.scenes import rng_for
 from tvtool.world.tasks import GENERATOR_VERSION, corpus_batch
 
@@ -42,21 +41,18 @@ class PretrainConfig:
         warmup: Linear warm-up steps before the cosine decay to zero.
         grad_clip: Maximum global gradient norm.
         seed: Seeds the corpus stream (the initial weights are ``tvtool-tiny:random``).
-        digit_prob: Fraction of corpus scenes that show a digit glyph.
-        single_prob: Fraction of shape scenes with a single object.
-        captions: How captions describe their scenes (see :class:`CaptionStyle`).
+        caption_noise: Probability that a caption names a wrong value
+            (see :func:`tvtool.world.domains.domain_captions`).
     """
 
-    steps: int = 1000
+    steps: int = 1500
     batch: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup: int = 50
     grad_clip: float = 1.0
     seed: int = 0
-    digit_prob: float = 0.3
-    single_prob: float = 0.4
-    captions: CaptionStyle = field(default_factory=CaptionStyle)
+    caption_noise: float = 0.15
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch < 2:
@@ -161,9 +157,7 @@ def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | N
                                   betas=(0.9, 0.98), eps=1e-6)
     rng = rng_for("tvtool-world", GENERATOR_VERSION, "corpus", config.seed)
     for step in range(config.steps):
-        images, texts = corpus_batch(rng, config.batch, config.captions,
-                                     digit_prob=config.digit_prob,
-                                     single_prob=config.single_prob)
+        images, texts = corpus_batch(rng, config.batch, config.caption_noise)
         _, text_ids = np.unique(np.asarray(texts), return_inverse=True)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, config)

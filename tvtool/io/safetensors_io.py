@@ -33,6 +33,7 @@ from tvtool.io.atomic import (
     check_output_path,
     os_error,
 )
+from tvtool.limits import loads_json
 
 _DTYPE_TO_CODE: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -517,11 +518,8 @@ def read_json(path: str) -> Any:
         raise InvalidInputError(f"input file {path!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"cannot read {path!r}: {_short(exc)}") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(
-            f"{path!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+
+    return loads_json(text, repr(path))
 
 
 def iter_source(source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:

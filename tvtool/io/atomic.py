@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,6 +50,19 @@ def check_distinct_paths(output: str, inputs: Sequence[str]) -> None:
             )
 
 
+def stdout_closed() -> bool:
+    """Whether the process was started with stdout closed (``tvtool ... >&-``)."""
+    if sys.stdout is None:  # Python's own marker for a closed descriptor 1 at startup
+        return True
+    try:
+        os.fstat(sys.stdout.fileno())
+    except (AttributeError, io.UnsupportedOperation):  # before OSError: it is one
+        return False  # an in-memory stream (tests, embedding): writable
+    except (OSError, ValueError):
+        return True  # a bad descriptor, or a closed file object
+    return False
+
+
 def check_output_path(output: str) -> None:
     """Refuse an output path that cannot be written before any work is done.
 
@@ -55,9 +70,13 @@ def check_output_path(output: str) -> None:
         output: The output path, or ``-`` for stdout.
 
     Raises:
-        InvalidInputError: the directory is missing, or the path is a directory.
+        InvalidInputError: the directory is missing, the path is a directory, or the path is
+            ``-`` and stdout is closed.
     """
     if output == STDIO:
+        if stdout_closed():
+            raise InvalidInputError("-o - writes to stdout, but stdout is closed",
+                                    hint="redirect stdout to a file or a pipe, or give -o PATH")
         return
     if not output:
         raise InvalidInputError("empty output path", hint="give -o PATH, or -o - for stdout")

@@ -32,6 +32,7 @@ from tvtool.io.atomic import (
     check_distinct_paths,
     check_output_path,
     os_error,
+    stdout_closed,
 )
 from tvtool.limits import loads_json
 
@@ -478,6 +479,9 @@ def write_tensors(
 
 def write_stdout_from(handle: IO[bytes]) -> None:
     """Copy a binary stream to stdout, tolerating a closed pipe."""
+    if stdout_closed():
+        raise InvalidInputError("-o - writes to stdout, but stdout is closed",
+                                hint="redirect stdout to a file or a pipe, or give -o PATH")
     try:
         shutil.copyfileobj(handle, sys.stdout.buffer, length=16 * 1024 * 1024)
         sys.stdout.buffer.flush()

@@ -35,13 +35,12 @@ class _OneLineErrors(TyperGroup):
     itself rejects before a command runs (unknown flags, bad values, missing arguments).
     """
 
-    def main(self, args: Any = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True,
-             **extra: Any) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > 3 or not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)  # a caller handling click's errors itself
+        kwargs["standalone_mode"] = False
         try:
-            result = super().main(args, prog_name, complete_var, False, **extra)
+            result = super().main(*args, **kwargs)
         except typer.Abort:
             report_error("interrupted")
             sys.exit(EXIT_INTERRUPTED)

@@ -483,6 +483,8 @@ def _check_state(path: str, tensors: Mapping[str, Tensor], state: Mapping[str, A
                              f"{tuple(expected.shape)}")
     moments: dict[str, set[str]] = {}
     for key, tensor in tensors.items():
+        if key == "rng/torch_cpu":
+            continue
         if key.startswith("rng/cuda/"):
             if tensor.dtype != torch.uint8 or tensor.dim() != 1:
                 raise _damaged(path, f"malformed CUDA RNG state {key[:80]!r}")

@@ -34,7 +34,7 @@ from tvtool.io.atomic import (
     os_error,
     stdout_closed,
 )
-from tvtool.limits import loads_json
+from tvtool.limits import MAX_DOCUMENT_BYTES, loads_json
 
 _DTYPE_TO_CODE: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -511,18 +511,23 @@ def read_json(path: str) -> Any:
     """Read a JSON document from a file or ``-``.
 
     Raises:
-        InvalidInputError: if the file is missing or not valid JSON.
+        InvalidInputError: if the file is missing, not valid JSON, larger than
+            :data:`~tvtool.limits.MAX_DOCUMENT_BYTES` or nested too deeply.
     """
+    limit = MAX_DOCUMENT_BYTES
     try:
         if path == STDIO:
-            text = sys.stdin.read()
+            text = sys.stdin.read(limit + 1)
         else:
-            text = Path(path).expanduser().read_text(encoding="utf-8")
+            with open(Path(path).expanduser(), encoding="utf-8") as handle:
+                text = handle.read(limit + 1)
     except FileNotFoundError:
         raise InvalidInputError(f"input file {path!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"cannot read {path!r}: {_short(exc)}") from exc
-
+    if len(text) > limit:
+        raise InvalidInputError(f"{path!r} is larger than {limit // (1024 * 1024)} MiB; "
+                                "tvtool reads only small JSON documents")
     return loads_json(text, repr(path))
 
 

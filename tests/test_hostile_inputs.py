@@ -62,10 +62,12 @@ def test_billion_laughs_config_is_refused_at_once(tmp_path, cli):
     config = tmp_path / "laughs.yaml"
     config.write_text(BILLION_LAUGHS)
     assert len(BILLION_LAUGHS) < 600
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: independent of the machine's load
+    with pytest.raises(InvalidInputError, match="aliases"):
+        load_config(str(config))
+    assert time.process_time() - started < 1, "refused while parsing, before expanding"
     line = _one_error_line(cli(["merge", "--config", str(config), "-o",
                                 str(tmp_path / "o.safetensors")]))
-    assert time.perf_counter() - started < 5
     assert "aliases" in line and len(line) < 300
     assert list(tmp_path.iterdir()) == [config]
 
@@ -76,9 +78,9 @@ def test_a_single_alias_is_refused_too():
 
 
 @pytest.mark.parametrize("text", [
-    "vectors: [a]\nparams: {density: " + "[" * 5000 + "]" * 5000 + "}\n",
+    "vectors: [a]\nparams: {density: " + "[" * 1000 + "]" * 1000 + "}\n",
     "vectors: [a]\nparams:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 200)),
-    "[" * 100_000,
+    "[" * 10_000,
 ])
 def test_deeply_nested_yaml_is_invalid_input(tmp_path, text):
     path = tmp_path / "deep.yaml"
@@ -138,7 +140,7 @@ def test_huge_coefficient_in_a_json_coefs_file(tmp_path, files, cli, value):
 
 def test_error_messages_truncate_offending_values(tmp_path):
     config = tmp_path / "c.yaml"
-    config.write_text("vectors: [a]\nmissing: [" + ", ".join(["xxxxxxxxxx"] * 10_000) + "]\n")
+    config.write_text("vectors: [a]\nmissing: [" + ", ".join(["xxxxxxxxxx"] * 2_000) + "]\n")
     with pytest.raises(InvalidInputError) as caught:
         load_config(str(config), output="o")
     assert "'missing' must be one of" in caught.value.message
@@ -485,17 +487,25 @@ def test_output_to_a_closed_stdout_is_invalid_input(monkeypatch, write):
         write()
 
 
+def test_json_to_a_closed_stdout_is_invalid_input(monkeypatch):
+    from tvtool.cli.common import emit_json, emit_path
+
+    monkeypatch.setattr(sys, "stdout", None)
+    emit_path("out.safetensors")  # the file is the result; its path has nowhere to go
+    with pytest.raises(InvalidInputError, match="--json writes to stdout, but stdout is closed"):
+        emit_json({"a": 1})
+
+
 def test_closed_stdout_in_a_real_process_is_one_line_exit_2():
     # ">&-": the process starts with descriptor 1 closed (Python sets sys.stdout to None).
-    # `datasets --json` is the lightest command writing to stdout; `-o -` takes the same check
-    # (test above) after importing the whole library.
-    command = f"exec '{sys.executable}' -m tvtool datasets --json >&-"
+    # --version is the lightest command writing to stdout; -o - and --json take the checks
+    # tested above, after importing the whole library.
+    command = f"exec '{sys.executable}' -m tvtool --version >&-"
     result = subprocess.run(["bash", "-c", command], stderr=subprocess.PIPE, env=_env(),
                             stdin=subprocess.DEVNULL, timeout=120)
     assert result.returncode == 2
     assert result.stderr.decode().splitlines() == [
-        "tvtool: error: --json writes to stdout, but stdout is closed "
-        "(hint: redirect stdout to a file or a pipe)"]
+        "tvtool: error: --version writes to stdout, but stdout is closed"]
 
 
 class _BrokenAt(Dataset):
@@ -520,6 +530,24 @@ def test_dataloader_worker_error_keeps_its_message_and_hint():
     assert caught.value.hint == "check that every file is a readable image"
     assert caught.value.one_line() == ("cannot read image 'zz.png': decoder failed "
                                        "(hint: check that every file is a readable image)")
+
+
+class _PlainFailure(Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        raise ValueError("bad pixel data in 'a.png'")
+
+
+def test_other_worker_errors_are_reduced_to_their_last_line():
+    from tvtool.errors import worker_error_text
+
+    with pytest.raises(ValueError) as caught:
+        list(DataLoader(_PlainFailure(), batch_size=1, num_workers=1))
+    assert "Original Traceback" in str(caught.value)
+    assert worker_error_text(caught.value) == "ValueError: bad pixel data in 'a.png'"
+    assert worker_error_text(ValueError("plain")) == "plain"
 
 
 def test_corrupt_image_with_workers_reports_the_original_error(tmp_path):

@@ -64,6 +64,20 @@ def _from_worker(cls: type, message: str) -> tuple[str, str | None] | None:
     return text, hint
 
 
+def worker_error_text(exc: BaseException) -> str:
+    """One line describing ``exc``, unwrapped if torch re-raised it from a DataLoader worker.
+
+    For exceptions other than TvtoolError the wrapped text is "Caught X in DataLoader worker
+    process N. Original Traceback ..."; its last line (``module.X: message``) is the part
+    that says what went wrong.
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else text
+    return " ".join(text.split())[:200] or type(exc).__name__
+
+
 class InvalidInputError(TvtoolError):
     """An input file, tensor or value is malformed or does not fit the others."""
 

@@ -22,7 +22,7 @@ try:
     from tvtool.cli import merge as merge_cmd
     from tvtool.cli import negate as negate_cmd
     from tvtool.cli import pretrain as pretrain_cmd
-    from tvtool.cli.common import EXIT_INTERRUPTED, report_error
+    from tvtool.cli.common import EXIT_INTERRUPTED, EXIT_INVALID, report_error
 except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing: no traceback
     sys.stderr.write("tvtool: error: interrupted\n")
     raise SystemExit(130) from None
@@ -81,6 +81,9 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
+        if sys.stdout is None:  # started with stdout closed (>&-)
+            report_error("--version writes to stdout, but stdout is closed")
+            raise typer.Exit(EXIT_INVALID)
         sys.stdout.write(f"tvtool {__version__}\n")
         raise typer.Exit()
 

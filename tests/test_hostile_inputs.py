@@ -138,6 +138,16 @@ def test_huge_coefficient_in_a_json_coefs_file(tmp_path, files, cli, value):
     assert len(line) < 300
 
 
+def test_300_digit_coef_in_a_config_is_invalid_input(tmp_path, files, cli):
+    # The reported input: 300 digits fit a float (~1e300) but not the float32 merge.
+    config = tmp_path / "c.yaml"
+    config.write_text(f"vectors: [{files['tv1']}, {files['tv2']}]\ncoef: {'9' * 300}\n")
+    line = _one_error_line(cli(["merge", "--config", str(config), "-o",
+                                str(tmp_path / "o.safetensors")]))
+    assert "outside the float32 range" in line and len(line) < 300
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_error_messages_truncate_offending_values(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("vectors: [a]\nmissing: [" + ", ".join(["xxxxxxxxxx"] * 2_000) + "]\n")

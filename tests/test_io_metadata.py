@@ -43,7 +43,7 @@ def test_foreign_keys_are_ignored():
     ({"tvtool.kind": "model"}, "unknown tvtool.kind"),
     ({"tvtool.mode": "magic"}, "unknown tvtool.mode"),
     ({"tvtool.linearized": "yes"}, "tvtool.linearized"),
-    ({"tvtool.provenance": "{not json"}, "malformed tvtool.provenance"),
+    ({"tvtool.provenance": "{not json"}, "tvtool.provenance is not valid JSON"),
 ])
 def test_malformed_headers(change, message):
     header = FileMeta(kind=Kind.TASK_VECTOR, mode=Mode.FULL,

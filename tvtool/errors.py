@@ -22,9 +22,16 @@ class TvtoolError(Exception):
     exit_code: int = 1
 
     def __init__(self, message: str, hint: str | None = None) -> None:
+        original = _from_worker(type(self), message)
+        if original is not None:
+            message, hint = original
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if hint and hasattr(self, "add_note"):  # Python >= 3.11
+            # The note is part of the formatted traceback, the only thing a DataLoader worker
+            # sends back; it lets the main process recover the hint (see _from_worker).
+            self.add_note(f"{_HINT_NOTE}{hint}")
 
     def one_line(self) -> str:
         """Return the message and hint joined on a single line."""
@@ -32,6 +39,43 @@ class TvtoolError(Exception):
         if self.hint:
             text += f" (hint: {' '.join(self.hint.split())})"
         return text
+
+
+_HINT_NOTE = "hint: "
+
+
+def _from_worker(cls: type, message: str) -> tuple[str, str | None] | None:
+    """The original message and hint of an error raised in a DataLoader worker process.
+
+    torch re-raises a worker's exception in the main process as ``cls(text)``, where ``text``
+    is "Caught X in DataLoader worker process N. Original Traceback ..." followed by the
+    formatted traceback; the error's own message and hint note end it. Recovering them keeps
+    the error one line with its hint, as it would be with ``--workers 0``.
+    """
+    if not message.startswith("Caught ") or "\nOriginal Traceback" not in message:
+        return None
+    marker = f"\n{cls.__module__}.{cls.__qualname__}: "
+    at = message.rfind(marker)
+    if at < 0:
+        return None
+    text, sep, hint = message[at + len(marker):].rstrip("\n").rpartition(f"\n{_HINT_NOTE}")
+    if not sep:
+        return hint, None
+    return text, hint
+
+
+def worker_error_text(exc: BaseException) -> str:
+    """One line describing ``exc``, unwrapped if torch re-raised it from a DataLoader worker.
+
+    For exceptions other than TvtoolError the wrapped text is "Caught X in DataLoader worker
+    process N. Original Traceback ..."; its last line (``module.X: message``) is the part
+    that says what went wrong.
+    """
+    text = str(exc)
+    if text.startswith("Caught ") and "\nOriginal Traceback" in text:
+        lines = [line for line in text.splitlines() if line.strip()]
+        text = lines[-1] if lines else text
+    return " ".join(text.split())[:200] or type(exc).__name__
 
 
 class InvalidInputError(TvtoolError):

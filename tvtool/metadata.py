@@ -15,6 +15,7 @@ from typing import Any
 
 from tvtool import __version__
 from tvtool.errors import InvalidInputError
+from tvtool.limits import loads_json
 
 PREFIX = "tvtool."
 FORMAT_VERSION = "1"
@@ -118,30 +119,30 @@ class FileMeta:
             )
         version = ours.get("format_version", "")
         if version != FORMAT_VERSION:
-            raise InvalidInputError(f"{label} has tvtool format version {version!r}; this "
+            raise InvalidInputError(f"{label} has tvtool format version {version[:20]!r}; this "
                                     f"tvtool reads version {FORMAT_VERSION}",
                                     hint="upgrade tvtool")
         try:
             kind = Kind(ours["kind"])
         except ValueError:
-            raise InvalidInputError(f"{label} has unknown tvtool.kind {ours['kind']!r}") from None
+            raise InvalidInputError(
+                f"{label} has unknown tvtool.kind {ours['kind'][:60]!r}") from None
         mode = None
         if "mode" in ours:
             try:
                 mode = Mode(ours["mode"])
             except ValueError:
                 raise InvalidInputError(
-                    f"{label} has unknown tvtool.mode {ours['mode']!r}") from None
+                    f"{label} has unknown tvtool.mode {ours['mode'][:60]!r}") from None
         linearized_text = ours.get("linearized", "false")
         if linearized_text not in ("true", "false"):
-            raise InvalidInputError(f"{label} has tvtool.linearized={linearized_text!r}, "
+            raise InvalidInputError(f"{label} has tvtool.linearized={linearized_text[:20]!r}, "
                                     "expected 'true' or 'false'")
         provenance = None
         if "provenance" in ours:
-            try:
-                provenance = json.loads(ours["provenance"])
-            except json.JSONDecodeError:
-                raise InvalidInputError(f"{label} has malformed tvtool.provenance JSON") from None
+            provenance = loads_json(ours["provenance"], f"{label}: tvtool.provenance")
+            if not isinstance(provenance, dict):
+                raise InvalidInputError(f"{label}: tvtool.provenance must be a JSON object")
         extra = {k: v for k, v in ours.items() if k not in _KNOWN}
         return cls(kind=kind, architecture=ours.get("architecture"),
                    base_ref=ours.get("base_ref"), base_fingerprint=ours.get("base_fingerprint"),

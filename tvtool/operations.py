@@ -30,6 +30,7 @@ from tvtool.io import (
     write_open_clip_dir,
     write_tensors,
 )
+from tvtool.limits import loads_json
 from tvtool.metadata import LORA_MODES, PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import (
     architecture_shapes,
@@ -233,14 +234,11 @@ def json_list(text: str | None) -> list[Any]:
     """Parse a JSON list stored in metadata (empty when absent).
 
     Raises:
-        InvalidInputError: the text is not valid JSON.
+        InvalidInputError: the text is not valid JSON, or is nested too deeply.
     """
     if not text:
         return []
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise InvalidInputError("malformed JSON in tvtool metadata") from None
+    value = loads_json(text, "tvtool metadata (tvtool.operations)")
     return value if isinstance(value, list) else []
 
 

@@ -32,6 +32,8 @@ stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID = 2
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): the shell convention 128 + 2."""
 
 
 def debug_enabled() -> bool:
@@ -61,7 +63,7 @@ def handles_errors(func: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             report_error("interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except OSError as exc:
             # Files vanishing or permissions changing mid-run: a runtime failure, not a bug.
             if debug_enabled():
@@ -87,7 +89,7 @@ def log(message: str) -> None:
 
 def emit_path(path: str) -> None:
     """Print an output path on stdout (nothing when the data itself went to stdout)."""
-    if path != "-":
+    if path != "-" and sys.stdout is not None:  # stdout closed (>&-): the file is the result
         sys.stdout.write(f"{path}\n")
         sys.stdout.flush()
 
@@ -106,7 +108,16 @@ def refuse_json_with_stdout(as_json: bool, output: str) -> None:
 
 
 def emit_json(document: Any) -> None:
-    """Print one JSON document on stdout."""
+    """Print one JSON document on stdout.
+
+    Raises:
+        InvalidInputError: stdout is closed (``>&-``), so the document would be lost.
+    """
+    if sys.stdout is None:
+        from tvtool.errors import InvalidInputError
+
+        raise InvalidInputError("--json writes to stdout, but stdout is closed",
+                                hint="redirect stdout to a file or a pipe")
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
     sys.stdout.flush()
 

@@ -165,17 +165,15 @@ def merge(
 def _params(density: float | None, trim: str | None, pairs: list[str] | None
             ) -> dict[str, Any]:
     """Method parameters from the shortcuts and ``--param KEY=VALUE`` (values parsed as YAML)."""
-    import yaml
+    from tvtool.io.yaml_io import parse_yaml
 
     params: dict[str, Any] = {}
     for pair in pairs or []:
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
-            raise UsageError(f"--param {pair!r} is not KEY=VALUE")
-        try:
-            params[key.strip()] = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            raise UsageError(f"--param {pair!r}: cannot parse the value") from None
+            raise UsageError(f"--param {pair[:80]!r} is not KEY=VALUE")
+        params[key.strip()] = parse_yaml(text, f"--param {key.strip()[:40]!r}") \
+            if text.strip() else ""
     if density is not None:
         params["density"] = density
     if trim is not None:

@@ -31,6 +31,7 @@ from tvtool.coeffs.blocks import Partition, TensorSpec, build_partition, parse_g
 from tvtool.coeffs.compose import compose_tensor
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, open_tensors, write_tensors
+from tvtool.limits import loads_json
 from tvtool.metadata import FileMeta, Kind
 from tvtool.types import StateDict
 
@@ -238,10 +239,8 @@ def write_coefficients(output: str, coefficients: CoefficientSet, *,
 
 
 def _json_list(text: str, label: str, key: str) -> list[Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        raise InvalidInputError(f"{label}: tvtool.{key} is not valid JSON") from None
+
+    value = loads_json(text, f"{label}: tvtool.{key}")
     if not isinstance(value, list):
         raise InvalidInputError(f"{label}: tvtool.{key} must be a JSON list")
     return value

@@ -33,7 +33,13 @@ from tvtool.coeffs.objectives import (
     needs_labels,
     selection_score,
 )
-from tvtool.errors import InvalidInputError, NumericalError, TvtoolError, UsageError
+from tvtool.errors import (
+    InvalidInputError,
+    NumericalError,
+    TvtoolError,
+    UsageError,
+    worker_error_text,
+)
 
 Logger = Callable[[str], None]
 Advance = Callable[[int], None]
@@ -280,7 +286,7 @@ class _Examples:
             raise
         except (OSError, ValueError, RuntimeError, TypeError) as exc:
             raise InvalidInputError(f"cannot read an example of {self.name}: "
-                                    f"{' '.join(str(exc).split())[:200]}") from exc
+                                    f"{worker_error_text(exc)}") from exc
 
     def endless(self, batch_size: int, generator: torch.Generator
                 ) -> Iterator[tuple[Tensor, Tensor]]:

@@ -84,7 +84,7 @@ def _resolve(name: str, data_root: PathLike | None, download: bool = False) -> S
     raise InvalidInputError(
         f"unknown dataset {text!r}",
         hint=(f"did you mean {', '.join(close)}? " if close else "")
-        + "use a name from `list_datasets()`, synthetic:<task> or imagefolder:PATH",
+        + "`tvtool datasets` lists the names; imagefolder:PATH reads your own images",
     )
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tvtool.errors import InvalidInputError, TvtoolError, UsageError
+from tvtool.errors import InvalidInputError, TvtoolError, UsageError, worker_error_text
 
 SPLITS = ("train", "val", "test")
 
@@ -217,7 +217,7 @@ def _check_labels(labels: Tensor, data: EvalData) -> None:
 
 
 def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+    return worker_error_text(exc)
 
 
 def split_records(datas: Sequence[EvalData]) -> list[dict[str, Any]]:

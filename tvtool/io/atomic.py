@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,6 +50,19 @@ def check_distinct_paths(output: str, inputs: Sequence[str]) -> None:
             )
 
 
+def stdout_closed() -> bool:
+    """Whether the process was started with stdout closed (``tvtool ... >&-``)."""
+    if sys.stdout is None:  # Python's own marker for a closed descriptor 1 at startup
+        return True
+    try:
+        os.fstat(sys.stdout.fileno())
+    except (AttributeError, io.UnsupportedOperation):  # before OSError: it is one
+        return False  # an in-memory stream (tests, embedding): writable
+    except (OSError, ValueError):
+        return True  # a bad descriptor, or a closed file object
+    return False
+
+
 def check_output_path(output: str) -> None:
     """Refuse an output path that cannot be written before any work is done.
 
@@ -55,9 +70,13 @@ def check_output_path(output: str) -> None:
         output: The output path, or ``-`` for stdout.
 
     Raises:
-        InvalidInputError: the directory is missing, or the path is a directory.
+        InvalidInputError: the directory is missing, the path is a directory, or the path is
+            ``-`` and stdout is closed.
     """
     if output == STDIO:
+        if stdout_closed():
+            raise InvalidInputError("-o - writes to stdout, but stdout is closed",
+                                    hint="redirect stdout to a file or a pipe, or give -o PATH")
         return
     if not output:
         raise InvalidInputError("empty output path", hint="give -o PATH, or -o - for stdout")
@@ -89,12 +108,87 @@ def os_error(exc: OSError, action: str) -> TvtoolError:
     return TvtoolError(f"failed while {action}: {exc.strerror or exc}")
 
 
+STALE_AFTER_S = 10 * 60
+"""A temp file of a dead process is removed once it is this old (seconds since written)."""
+
+STALE_UNKNOWN_AFTER_S = 24 * 3600
+"""A temp file without a process id (older tvtool) is removed once it is this old."""
+
+# mkstemp's random part is 8 characters of this alphabet.
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # exists (someone else's), or not a pid: never remove on a guess
+    return True
+
+
+def remove_stale_temp_files(target: Path, now: float | None = None) -> list[Path]:
+    """Remove temp files that an earlier, killed run left beside ``target``.
+
+    :func:`atomic_output` writes ``.NAME.PID.XXXXXXXX.tmp`` in the target's directory and
+    removes it on every exit path except SIGKILL or power loss. Only files of exactly that
+    pattern for this target name are considered, only regular files this user owns, and only
+    when they are stale: the writing process is gone and the file has not been written for
+    :data:`STALE_AFTER_S` (a live writer, possibly on another host of a shared file system,
+    keeps its file fresh), or, for the pid-less pattern of older versions,
+    :data:`STALE_UNKNOWN_AFTER_S`. Failures are ignored: cleaning up is best effort.
+
+    Args:
+        target: The output path about to be written.
+        now: Current time (tests).
+
+    Returns:
+        The paths removed.
+    """
+    import re
+    import stat
+    import time
+
+    now = time.time() if now is None else now
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(?:(\d{{1,10}})\.)?{_RANDOM}\.tmp")
+    removed: list[Path] = []
+    try:
+        entries = os.listdir(target.parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        path = target.parent / entry
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        age = now - info.st_mtime
+        pid = match.group(1)
+        if pid is None:
+            stale = age > STALE_UNKNOWN_AFTER_S
+        else:
+            stale = age > STALE_AFTER_S and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        if stale:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: str) -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto ``path`` on success.
 
     The temp file is fsynced before the rename and removed if the body raises, so the target
-    is either the complete new file or unchanged, and no temp file is left behind.
+    is either the complete new file or unchanged, and no temp file is left behind. A process
+    killed outright (SIGKILL) cannot remove its temp file; the next write of the same target
+    does (see :func:`remove_stale_temp_files`).
 
     Args:
         path: Final destination path.
@@ -109,8 +203,10 @@ def atomic_output(path: str) -> Iterator[Path]:
     check_output_path(path)
     target = Path(path).expanduser()
     directory = target.parent
+    remove_stale_temp_files(target)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp",
+                                        dir=directory)
     except OSError as exc:
         raise os_error(exc, f"creating a file in {str(directory)!r}") from exc
     tmp = Path(tmp_name)

@@ -17,6 +17,11 @@ restricted unpickler reads them instead:
 Both of torch's on-disk formats are read: the zip archive (torch >= 1.6: ``data.pkl`` plus
 one record per storage) and the legacy stream (magic number, protocol, system info, the
 object pickle, the storage keys, then raw storage bytes).
+
+Memory stays bounded by the file's size: storages hold raw bytes that are in the file, so the
+sizes the pickle declares must add up to no more than the file size, and that is checked
+before each storage is allocated. torch writes zip members uncompressed (stored); a
+compressed member could inflate a few hundred bytes into gigabytes, so it is refused.
 """
 
 from __future__ import annotations
@@ -307,11 +312,24 @@ def _text(value: Any) -> str:
 # ---------------------------------------------------------------- the two torch formats
 
 
-def _load_zip(handle: IO[bytes], label: str) -> tuple[Any, set[str]]:
+def _stored(info: zipfile.ZipInfo, label: str, size: int) -> zipfile.ZipInfo:
+    """The member, if it is stored uncompressed and lies within the file."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _bad(f"{label}: archive member {info.filename[:80]!r} is compressed; torch "
+                   "writes uncompressed members, and tvtool does not inflate untrusted data",
+                   hint="re-save the checkpoint with torch.save, or convert it where it was made")
+    if info.file_size > size:
+        raise _bad(f"{label}: archive member {info.filename[:80]!r} declares "
+                   f"{info.file_size} bytes, more than the whole file ({size})")
+    return info
+
+
+def _load_zip(handle: IO[bytes], label: str, size: int) -> tuple[Any, set[str]]:
     try:
         archive = zipfile.ZipFile(handle)
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise _bad(f"{label} is not a readable torch zip archive: {exc}") from exc
+        text = " ".join(str(exc).split())[:160]
+        raise _bad(f"{label} is not a readable torch zip archive: {text}") from exc
     with archive:
         pickles = [i for i in archive.infolist() if i.filename.endswith("data.pkl")
                    and i.filename.count("/") == 1]
@@ -321,34 +339,45 @@ def _load_zip(handle: IO[bytes], label: str) -> tuple[Any, set[str]]:
         prefix = pickles[0].filename[: -len("data.pkl")]
         names = {i.filename: i for i in archive.infolist()}
         order = names.get(prefix + "byteorder")
-        if order is not None and archive.read(order).strip() not in (b"little", b""):
+        if order is not None:
+            with archive.open(_stored(order, label, size)) as member:
+                byteorder = member.read(16).strip()
+        if order is not None and byteorder not in (b"little", b""):
             raise _bad(f"{label} was saved on a big-endian machine; that is not supported",
                        hint=None)
+        _stored(pickles[0], label, size)
         if pickles[0].file_size > _MAX_PICKLE_BYTES:
             raise _bad(f"{label}: data.pkl is implausibly large ({pickles[0].file_size} bytes)")
         storages: dict[str, _Storage] = {}
+        declared = [0]  # bytes of all storages so far; they must fit in the file
 
         def load_storage(fields: tuple[Any, ...]) -> _Storage:
             if len(fields) != 4:
                 raise _bad(f"{label}: malformed storage record")
             storage_type, key, _location, numel = fields
             key = _text(key)
+            if len(key) > 256:
+                raise _bad(f"{label}: malformed storage key {key[:40]!r}...")
             if key in storages:
                 return storages[key]
             dtype = _storage_dtype(storage_type)
             if not isinstance(numel, int) or numel < 0:
                 raise _bad(f"{label}: malformed storage size {numel!r:.40}")
             nbytes = numel * _element_size(dtype)
+            declared[0] += nbytes
+            if declared[0] > size:
+                raise _bad(f"{label}: the storages declare {declared[0]} bytes or more, "
+                           f"more than the whole file ({size} bytes)")
             info = names.get(f"{prefix}data/{key}")
             if info is None:
-                raise _bad(f"{label}: storage {key!r} is missing from the archive")
-            if info.file_size < nbytes:
-                raise _bad(f"{label}: storage {key!r} holds {info.file_size} bytes, "
+                raise _bad(f"{label}: storage {key[:40]!r} is missing from the archive")
+            if _stored(info, label, size).file_size < nbytes:
+                raise _bad(f"{label}: storage {key[:40]!r} holds {info.file_size} bytes, "
                            f"{nbytes} expected (truncated file?)")
             with archive.open(info) as member:
                 raw = bytearray(member.read(nbytes))
             if len(raw) != nbytes:
-                raise _bad(f"{label}: storage {key!r} is truncated")
+                raise _bad(f"{label}: storage {key[:40]!r} is truncated")
             flat = torch.frombuffer(raw, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
             storages[key] = _Storage(flat, key)
             return storages[key]
@@ -363,6 +392,7 @@ def _load_stream(handle: IO[bytes], label: str, size: int) -> tuple[Any, set[str
     """A legacy ``torch.save`` stream, or a plain pickle."""
     pending: dict[str, _Storage] = {}
     views: dict[str, _Storage] = {}
+    declared = [0]  # bytes of all storages so far; their raw bytes follow in the file
 
     def load_storage(fields: tuple[Any, ...]) -> _Storage:
         if len(fields) != 5:
@@ -373,6 +403,10 @@ def _load_stream(handle: IO[bytes], label: str, size: int) -> tuple[Any, set[str
         if not isinstance(numel, int) or numel < 0 or numel * _element_size(dtype) > size:
             raise _bad(f"{label}: storage size {numel!r:.40} does not fit in the file")
         if root_key not in pending:
+            declared[0] += numel * _element_size(dtype)
+            if declared[0] > size:
+                raise _bad(f"{label}: the storages declare {declared[0]} bytes or more, "
+                           f"more than the whole file ({size} bytes)")
             # Filled from the raw section after the object pickle (see below).
             pending[root_key] = _Storage(torch.zeros(numel, dtype=dtype), root_key)
         storage = pending[root_key]
@@ -552,7 +586,7 @@ def _read_root(handle: IO[bytes], label: str, size: int) -> tuple[Any, set[str]]
     head = handle.read(4)
     handle.seek(0)
     if head == b"PK\x03\x04":
-        return _load_zip(handle, label)
+        return _load_zip(handle, label, size)
     if head[:1] != b"\x80":
         raise _bad(f"{label} is neither a torch zip archive nor a pickle (protocol 2+)",
                    hint="convert reads torch.save files (.pt, .pth, .bin) and safetensors")

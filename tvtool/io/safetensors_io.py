@@ -32,7 +32,9 @@ from tvtool.io.atomic import (
     check_distinct_paths,
     check_output_path,
     os_error,
+    stdout_closed,
 )
+from tvtool.limits import MAX_DOCUMENT_BYTES, loads_json
 
 _DTYPE_TO_CODE: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -477,6 +479,9 @@ def write_tensors(
 
 def write_stdout_from(handle: IO[bytes]) -> None:
     """Copy a binary stream to stdout, tolerating a closed pipe."""
+    if stdout_closed():
+        raise InvalidInputError("-o - writes to stdout, but stdout is closed",
+                                hint="redirect stdout to a file or a pipe, or give -o PATH")
     try:
         shutil.copyfileobj(handle, sys.stdout.buffer, length=16 * 1024 * 1024)
         sys.stdout.buffer.flush()
@@ -506,22 +511,24 @@ def read_json(path: str) -> Any:
     """Read a JSON document from a file or ``-``.
 
     Raises:
-        InvalidInputError: if the file is missing or not valid JSON.
+        InvalidInputError: if the file is missing, not valid JSON, larger than
+            :data:`~tvtool.limits.MAX_DOCUMENT_BYTES` or nested too deeply.
     """
+    limit = MAX_DOCUMENT_BYTES
     try:
         if path == STDIO:
-            text = sys.stdin.read()
+            text = sys.stdin.read(limit + 1)
         else:
-            text = Path(path).expanduser().read_text(encoding="utf-8")
+            with open(Path(path).expanduser(), encoding="utf-8") as handle:
+                text = handle.read(limit + 1)
     except FileNotFoundError:
         raise InvalidInputError(f"input file {path!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise InvalidInputError(f"cannot read {path!r}: {_short(exc)}") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidInputError(
-            f"{path!r} is not valid JSON: {exc.msg} at line {exc.lineno}") from exc
+    if len(text) > limit:
+        raise InvalidInputError(f"{path!r} is larger than {limit // (1024 * 1024)} MiB; "
+                                "tvtool reads only small JSON documents")
+    return loads_json(text, repr(path))
 
 
 def iter_source(source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:

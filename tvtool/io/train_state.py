@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from tvtool.errors import InvalidInputError, TvtoolError
+from tvtool.errors import InvalidInputError
 from tvtool.io.safetensors_io import open_tensors, write_tensors
+from tvtool.limits import loads_json
 
 STATE_KEY = "tvtool_resume.state"
 """Header key holding the JSON document (deliberately not a ``tvtool.*`` file kind)."""
@@ -41,6 +42,8 @@ def read_train_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     Returns:
         ``(tensors, state)``.
 
+    The caller checks the contents against its run (see ``tvtool.finetune.trainer``).
+
     Raises:
         InvalidInputError: missing, damaged, or not a tvtool training state.
     """
@@ -50,13 +53,12 @@ def read_train_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         if text is None:
             raise InvalidInputError(f"{path!r} is not a tvtool training state",
                                     hint="point --workdir at the directory of the interrupted run")
-        try:
-            state = json.loads(text)
-        except json.JSONDecodeError:
-            raise InvalidInputError(f"{path!r} has a damaged training-state header") from None
+        state = loads_json(text, f"{path!r}: the training-state header")
         tensors = {name: source.get(name).clone() for name in list(source.keys())}
     finally:
         source.close()
     if not isinstance(state, dict):
-        raise TvtoolError(f"{path!r} holds an unexpected training-state document")
+        raise InvalidInputError(f"{path!r} holds a training-state document that is a "
+                                f"{type(state).__name__}, not a mapping",
+                                hint="start a new --workdir, or drop --resume")
     return tensors, state

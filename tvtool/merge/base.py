@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from tvtool.errors import UsageError
+from tvtool.limits import short_repr
 
 # 256 Ki elements: the N stacked chunks of a TIES step (8 MiB for 8 vectors) stay below the
 # allocator's mmap threshold, so temporaries are reused instead of page-faulted in afresh
@@ -97,12 +98,13 @@ class MergeMethod:
         known = {f.name for f in fields(self.params)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise UsageError(f"method {self.name!r} has no parameter(s) {unknown}",
+            raise UsageError(f"method {self.name!r} has no parameter(s) {short_repr(unknown)}",
                              hint=f"its parameters are {sorted(known) or 'none'}")
         try:
             return self.params(**values)
-        except (TypeError, ValueError) as exc:
-            raise UsageError(f"method {self.name!r}: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            text = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise UsageError(f"method {self.name!r}: {text}") from None
 
 
 def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -193,9 +195,10 @@ def check_density(density: float, what: str = "density") -> None:
 
     """
     if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise ValueError(f"{what} must be a number in [0, 1], got {density!r}")
-    if not 0.0 <= float(density) <= 1.0:
-        raise ValueError(f"{what} must be in [0, 1], got {density}")
+        raise ValueError(f"{what} must be a number in [0, 1], got {short_repr(density)}")
+    # Compare without float(): a 300-digit integer would overflow it.
+    if not 0 <= density <= 1:
+        raise ValueError(f"{what} must be in [0, 1], got {short_repr(density)}")
 
 
 def check_choice(value: object, choices: Sequence[str], what: str) -> None:
@@ -205,5 +208,5 @@ def check_choice(value: object, choices: Sequence[str], what: str) -> None:
         ValueError: turned into a UsageError by :meth:`MergeMethod.make_params`.
 
     """
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {list(choices)}, got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {list(choices)}, got {short_repr(value)}")

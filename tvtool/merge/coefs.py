@@ -22,6 +22,7 @@ from typing import Any
 
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import read_json
+from tvtool.limits import short_repr
 
 WHOLE_TENSOR_GRANULARITIES = ("task", "tensor", "layer")
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -110,13 +111,17 @@ def _finite(values: Sequence[Any], where: str) -> tuple[float, ...]:
     out = []
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidInputError(f"{where}: coefficient {value!r} is not a number")
-        if not math.isfinite(float(value)):
-            raise InvalidInputError(f"{where}: coefficient {value!r} is not finite")
-        if abs(float(value)) > _FLOAT32_MAX:
-            raise InvalidInputError(f"{where}: coefficient {value!r} is outside the float32 "
-                                    "range the merge computes in")
-        out.append(float(value))
+            raise InvalidInputError(f"{where}: coefficient {short_repr(value)} is not a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            raise InvalidInputError(f"{where}: coefficient {short_repr(value)} is not finite")
+        if abs(number) > _FLOAT32_MAX:
+            raise InvalidInputError(f"{where}: coefficient {short_repr(value)} is outside the "
+                                    "float32 range the merge computes in")
+        out.append(number)
     return tuple(out)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import check_nesting, short_repr
 
 CONFIG_VERSION = 1
 MISSING_POLICIES = ("refuse", "zero", "common")
@@ -99,15 +100,19 @@ def _fail(message: str, label: str) -> InvalidInputError:
 
 def _number(value: Any, what: str, label: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(f"{what} must be a number, got {value!r}", label)
-    if not math.isfinite(float(value)):
-        raise _fail(f"{what} must be finite, got {value!r}", label)
-    return float(value)
+        raise _fail(f"{what} must be a number, got {short_repr(value)}", label)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer with hundreds of digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise _fail(f"{what} must be finite, got {short_repr(value)}", label)
+    return number
 
 
 def _string(value: Any, what: str, label: str) -> str:
     if not isinstance(value, str) or not value:
-        raise _fail(f"{what} must be a non-empty string, got {value!r}", label)
+        raise _fail(f"{what} must be a non-empty string, got {short_repr(value)}", label)
     return value
 
 
@@ -134,14 +139,17 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
 
     """
     label = label or "<document>"
+    # Documents from read_yaml are bounded already; this covers documents built elsewhere.
+    check_nesting(document, f"merge config {label}")
     if not isinstance(document, Mapping):
         raise _fail(f"must be a mapping, got {type(document).__name__}", label)
-    unknown = sorted(str(k) for k in document if k not in _KEYS)
+    unknown = sorted(short_repr(k, 40) for k in document if k not in _KEYS)
     if unknown:
-        raise _fail(f"unknown key(s) {unknown}; known keys are {list(_KEYS)}", label)
+        raise _fail(f"unknown key(s) {short_repr(unknown)}; known keys are {list(_KEYS)}",
+                    label)
     version = document.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
-        raise _fail(f"version {version!r} is not supported (this tvtool reads version "
+        raise _fail(f"version {short_repr(version)} is not supported (this tvtool reads version "
                     f"{CONFIG_VERSION})", label)
     raw_vectors = document.get("vectors")
     if not isinstance(raw_vectors, list) or not raw_vectors:
@@ -150,10 +158,10 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
     per_vector: list[float | None] = []
     for index, item in enumerate(raw_vectors):
         if isinstance(item, Mapping):
-            extra = sorted(str(k) for k in item if k not in ("path", "coef"))
+            extra = [k for k in item if k not in ("path", "coef")]
             if extra or "path" not in item:
                 raise _fail(f"vectors[{index}] must be a path or {{path, coef}}, got "
-                            f"{dict(item)!r}", label)
+                            f"{short_repr(dict(item))}", label)
             vectors.append(_resolve(_string(item["path"], f"vectors[{index}].path", label),
                                     base_dir))
             per_vector.append(_number(item["coef"], f"vectors[{index}].coef", label)
@@ -164,7 +172,8 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
     method = _string(document.get("method", "task_arithmetic"), "method", label)
     params = document.get("params") or {}
     if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
-        raise _fail(f"'params' must be a mapping of names to values, got {params!r}", label)
+        raise _fail(f"'params' must be a mapping of names to values, got {short_repr(params)}",
+                    label)
     given = [c for c in per_vector if c is not None]
     sources_of_coefs = sum([bool(given), "coef" in document,
                             document.get("coefs_file") is not None])
@@ -186,18 +195,20 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
     elif document.get("coefs_file") is not None:
         coefs_file = _resolve(_string(document["coefs_file"], "coefs_file", label), base_dir)
     seed = document.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise _fail(f"'seed' must be a non-negative integer, got {seed!r}", label)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise _fail(f"'seed' must be an integer in [0, 2**63), got {short_repr(seed)}", label)
     missing = document.get("missing", "refuse")
     if missing not in MISSING_POLICIES:
-        raise _fail(f"'missing' must be one of {list(MISSING_POLICIES)}, got {missing!r}", label)
+        raise _fail(f"'missing' must be one of {list(MISSING_POLICIES)}, got "
+                    f"{short_repr(missing)}", label)
     allow = document.get("allow_base_mismatch", False)
     if not isinstance(allow, bool):
-        raise _fail(f"'allow_base_mismatch' must be true or false, got {allow!r}", label)
+        raise _fail(f"'allow_base_mismatch' must be true or false, got {short_repr(allow)}",
+                    label)
     mixed = document.get("mixed_modes_as")
     if mixed is not None and mixed not in MIXED_MODES:
         raise _fail(f"'mixed_modes_as' must be null or one of {list(MIXED_MODES)}, got "
-                    f"{mixed!r}", label)
+                    f"{short_repr(mixed)}", label)
     out = output if output is not None else document.get("output")
     if out is None:
         raise _fail("no output: set 'output' or pass -o", label)

@@ -1,0 +1,49 @@
+"""``tvtool datasets``: the dataset names every ``--dataset`` option accepts."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tvtool.cli.common import JsonOpt, emit_json, handles_errors
+
+
+def dataset_listing() -> list[dict[str, Any]]:
+    """One entry per dataset name tvtool knows, then the ``imagefolder:PATH`` syntax."""
+    from tvtool.data.standard import STANDARD
+    from tvtool.world.tasks import TASKS
+
+    entries: list[dict[str, Any]] = []
+    for task in TASKS.values():
+        entries.append({"name": f"synthetic:{task.name}", "kind": "synthetic",
+                        "classes": len(task.classnames), "description": task.description,
+                        "aliases": []})
+    for info in STANDARD:
+        entries.append({"name": info.name, "kind": "standard", "classes": len(info.classnames),
+                        "description": f"read from DATA_ROOT/{info.folder} "
+                                       "(--data-root or TVTOOL_DATA_ROOT; --download fetches it)",
+                        "aliases": list(info.aliases)})
+    entries.append({"name": "imagefolder:PATH", "kind": "imagefolder", "classes": None,
+                    "description": "your own images: PATH/<class>/*.png, or PATH/train/<class>"
+                                   " and PATH/test/<class> (docs/data.md)",
+                    "aliases": []})
+    return entries
+
+
+@handles_errors
+def datasets(as_json: JsonOpt = False) -> None:
+    """List the dataset names --dataset accepts (one per line on stdout).
+
+    Synthetic tasks need no files; standard datasets are read from the data root;
+    imagefolder:PATH reads your own class folders. Names are case-insensitive.
+    """
+    entries = dataset_listing()
+    if as_json:
+        emit_json({"datasets": entries})
+        return
+    width = max(len(e["name"]) for e in entries)
+    for entry in entries:
+        classes = f"{entry['classes']} classes" if entry["classes"] else "-"
+        sys.stdout.write(f"{entry['name']:<{width}}  {entry['kind']:<11}  {classes:<12}  "
+                         f"{entry['description']}\n")
+    sys.stdout.flush()

@@ -1,0 +1,107 @@
+"""Resource bounds for untrusted input, and bounded text for error messages.
+
+Every document tvtool parses from a file (YAML configs, JSON metadata in safetensors headers,
+training-state headers) may come from someone else. These helpers keep parsing and reporting
+bounded: nesting deeper than :data:`MAX_NESTING` is refused before anything recurses over
+it, and values quoted in error messages are cut to a few dozen characters (the repr is
+computed with :mod:`reprlib` limits, so even a huge value costs little to describe).
+docs/cli.md, section "Untrusted input", lists the bounds.
+"""
+
+from __future__ import annotations
+
+import json
+import reprlib
+from typing import Any
+
+from tvtool.errors import InvalidInputError
+
+MAX_NESTING = 64
+"""Deepest nesting of lists/mappings accepted in a parsed document (configs need ~4)."""
+
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+"""Largest YAML/JSON document read from a file or stdin (configs are a few KiB)."""
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 4
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 40
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """A bounded ``repr`` of ``value`` for an error message (at most ``limit`` characters).
+
+    Args:
+        value: Anything, possibly huge or deeply nested.
+        limit: Longest result.
+    """
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # a hostile __repr__ must not turn a clean error into a crash
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def nesting_depth(value: Any, limit: int = MAX_NESTING) -> int:
+    """Depth of nested lists/tuples/dicts in ``value``, counted without recursion.
+
+    Counting stops as soon as ``limit`` is exceeded, so the cost is bounded by the size of
+    the part of the document within the limit.
+
+    Returns:
+        The depth (0 for a scalar), or ``limit + 1`` when it exceeds ``limit``.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            return limit + 1
+        deepest = max(deepest, depth)
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def check_nesting(value: Any, what: str, limit: int = MAX_NESTING) -> Any:
+    """Refuse a parsed document nested deeper than ``limit``; return it unchanged otherwise.
+
+    Raises:
+        InvalidInputError: the document is nested too deeply.
+    """
+    if nesting_depth(value, limit) > limit:
+        raise InvalidInputError(f"{what} is nested more than {limit} levels deep",
+                                hint="this is not a document tvtool writes; was it tampered "
+                                     "with?")
+    return value
+
+
+def loads_json(text: str | bytes, what: str, limit: int = MAX_NESTING) -> Any:
+    """Parse JSON from an untrusted source, with nesting and number limits.
+
+    Args:
+        text: The JSON text.
+        what: How to name the document in errors (e.g. ``"'v.safetensors': tvtool.provenance"``).
+        limit: Deepest nesting accepted.
+
+    Raises:
+        InvalidInputError: malformed JSON, nesting too deep, or an integer too long to parse.
+    """
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise InvalidInputError(f"{what} is nested more than {limit} levels deep") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(f"{what} is not valid JSON: {exc.msg} at line {exc.lineno}"
+                                ) from None
+    except ValueError as exc:  # e.g. an integer longer than Python's digit limit
+        raise InvalidInputError(f"{what} is not valid JSON: "
+                                f"{' '.join(str(exc).split())[:120]}") from None
+    return check_nesting(value, what, limit)

@@ -297,7 +297,8 @@ def test_early_stopping_keeps_the_best(toy):
     task = TaskData("toy", toy.head, _data(toy, 200, 216), _data(toy, 216, 224))
     # A huge learning rate wrecks the model after the first steps; selection keeps step 0.
     result = learn(toy.composed("task"), [task],
-                   LearnerConfig(**PLAIN, steps=50, lr=50.0, batch_size=16, eval_every=1, patience=2))
+                   LearnerConfig(**PLAIN, steps=50, lr=50.0, batch_size=16, eval_every=1,
+                                 patience=2))
     assert result.steps_run < 50
     scores = [h["score"] for h in result.history]
     best_index = max(range(len(scores)), key=lambda i: tuple(scores[i]))

@@ -185,7 +185,7 @@ def test_augmentations():
     assert torch.equal(a, b)
     for _ in range(50):
         top, left, h, w = crop_box(20, 30, (0.5, 1.0), generator)
-        assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 30
+        assert top >= 0 and top + h <= 20 and left >= 0 and left + w <= 30
         assert 0.5 * 600 * 0.9 <= h * w <= 600
 
 

@@ -271,7 +271,10 @@ def test_negation_forgets_target_and_keeps_control(toy):
     best = {r["role"]: r for r in result.best}
     assert initial["target"]["accuracy"] >= 0.7, "the toy model should know the target task"
     assert best["target"]["accuracy"] <= initial["target"]["accuracy"] - 0.25
-    assert best["control"]["accuracy"] >= initial["control"]["accuracy"] - 0.1
+    # The reference's rule: control kept at >= 95 % of the zero-shot model's (here the
+    # initialisation, all coefficients 0).
+    assert result.zero_shot == result.initial
+    assert best["control"]["accuracy"] >= 0.95 * initial["control"]["accuracy"]
     assert float(result.coefficients.mean()) < 0
 
 

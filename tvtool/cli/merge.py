@@ -40,7 +40,7 @@ def merge(
     ] = "task_arithmetic",
     coef: Annotated[list[float] | None, typer.Option(
         "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
-                             "[default: 1].", show_default=False)] = None,
+                             "(default: 1).", show_default=False)] = None,
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,

@@ -381,7 +381,9 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         with progress("learning coefficients", learner.steps) as advance:
             result = learn(encoder, tasks, learner, log=log, advance=advance)
         seconds = time.perf_counter() - start
-        log(f"selected step {result.best_step} of {result.steps_run} ({result.selection})")
+        chosen = ("the zero-shot model (all coefficients 0)" if result.best_step < 0
+                  else f"step {result.best_step}")
+        log(f"selected {chosen} of {result.steps_run} steps ({result.selection})")
 
         vector_records = [{"path": v.path, "dataset": v.meta.dataset,
                            "mode": v.meta.mode.value if v.meta.mode else None,

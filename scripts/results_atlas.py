@@ -9,14 +9,21 @@ compares
   ``tvtool merge --search-coef``),
 * aTLAS, tensor granularity (``tvtool learn-coeffs``): cross-entropy on ``--shots`` labelled
   examples per class from each task's train split (so it sees far fewer labels than the α
-  search's validation splits), and the label-free entropy objective on the test images
-  (test-time adaptation, as in AdaMerging).
+  search's validation splits), and the three label-free objectives on the test images
+  (test-time adaptation): entropy (AdaMerging), information maximisation, and aTLAS'
+  unsupervised FixMatch (``ufm``). Each objective runs with ``learn-coeffs``' defaults (its
+  reference's learning rate, initialisation, weight decay, clipping and steps) unless
+  ``--atlas-steps`` / ``--atlas-lr`` override them, with one deliberate difference: the
+  augmentation is ``--augment train`` (open_clip's mild crop, what the fine-tunes used), as
+  the references' strong crop and horizontal flip change the labels of the world's position,
+  digit, count and size tasks.
 
 Usage::
 
     python scripts/results_atlas.py [--base tvtool-tiny] [--tasks shape,color,size,count]
-        [--shots 16] [--atlas-steps 200] [--atlas-lr 0.05] [--limit N]
-        [--vectors-dir out/results-merge] [--workdir out/results-atlas] [--doc docs/results.md]
+        [--shots 16] [--objectives ce,entropy,infomax,ufm] [--atlas-steps N] [--atlas-lr LR]
+        [--augment train] [--limit N] [--vectors-dir out/results-merge]
+        [--workdir out/results-atlas] [--doc docs/results.md]
 
 The table is printed and written between the ``atlas-results`` markers of ``--doc`` (the rest
 of the file is left alone); the raw numbers go to ``WORKDIR/results_atlas.json``. Progress goes
@@ -66,7 +73,7 @@ def learn(args: argparse.Namespace, vectors: list[str], objective: str,
         datasets=tuple(args.tasks), objective=objective, granularity=args.granularity,
         shots=args.shots, split="train" if labelled else "test", steps=args.atlas_steps,
         lr=args.atlas_lr, batch_size=args.atlas_batch_size, eval_every=10,
-        device=args.device, seed=args.seed), log=log)
+        augment=args.augment, device=args.device, seed=args.seed), log=log)
     log(f"  {time.perf_counter() - started:.0f} s, selected step {result.best_step}")
     return _test_accuracies(args, vectors, str(output)), result.as_json()
 
@@ -98,13 +105,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
          "accuracy": search["test"]["accuracy"]},
     ]
     runs = {}
-    for objective, label in (("ce", f"aTLAS {args.granularity}, {args.shots}-shot "
-                                    "cross-entropy"),
-                             ("entropy", f"aTLAS {args.granularity}, entropy on unlabelled "
-                                         "test images")):
-        log(f"{label}: learning coefficients")
+    names = {"ce": f"{args.shots}-shot cross-entropy",
+             "entropy": "entropy (AdaMerging), unlabelled test images",
+             "infomax": "information maximisation, unlabelled test images",
+             "ufm": "unsupervised FixMatch (aTLAS learn_ufm.py), unlabelled test images"}
+    for objective in args.objectives:
+        log(f"aTLAS {objective}: learning coefficients")
         accuracy, runs[objective] = learn(args, vectors, objective, workdir)
-        rows.append({"method": label, "accuracy": accuracy})
+        used = runs[objective]["settings"]
+        rows.append({"method": f"aTLAS {args.granularity}, {names[objective]} "
+                               f"({used['steps']} steps, lr {used['lr']:g}, "
+                               f"init {used['init']:g})",
+                     "accuracy": accuracy, "objective": objective})
     for row in rows:
         row["normalized"] = normalize(row["accuracy"], finetuned)
     return {"base": args.base, "base_fingerprint": base_fingerprint(args.base),
@@ -112,7 +124,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
             "shots": args.shots, "granularity": args.granularity,
             "atlas_steps": args.atlas_steps, "atlas_lr": args.atlas_lr,
-            "atlas_batch_size": args.atlas_batch_size, "rows": rows,
+            "atlas_batch_size": args.atlas_batch_size, "augment": args.augment, "rows": rows,
             "task_arithmetic": search, "atlas_runs": runs}
 
 
@@ -132,11 +144,14 @@ def markdown(results: dict[str, Any]) -> str:
         f"({results['steps']} steps, lr {results['lr']:g}, batch {results['batch_size']}, "
         f"seed {results['seed']}); accuracy on the test splits"
         + (f" (seeded subsets of {results['limit']} examples)" if results["limit"] else "")
-        + f". aTLAS learns one coefficient per vector per tensor ({results['atlas_steps']} "
-        f"steps, AdamW lr {results['atlas_lr']:g}, coefficients initialised to 0), on "
+        + ". aTLAS learns one coefficient per vector per tensor (AdamW with each objective's "
+        "reference defaults, steps, lr and initial value in the row; augmentation "
+        f"`{results.get('augment', 'train')}`), on "
         f"{results['shots']} labelled examples per class and task (cross-entropy; 20 % of them "
-        "held out to select the step) or on unlabelled test images (entropy; selection by "
-        "held-out entropy). Normalized = accuracy / fine-tuned accuracy on that task.",
+        "held out to select the step by accuracy) or on unlabelled test images (20 % held out "
+        "to select the step label-free: highest H(mean p) − mean H(p), candidates whose "
+        "predicted classes collapse excluded; the zero-shot model is a candidate; "
+        "docs/coeffs.md). Normalized = accuracy / fine-tuned accuracy on that task.",
         "",
         "| method | " + " | ".join(short) + " | avg | avg normalized |",
         "|---|" + "---|" * len(tasks) + "---|---|",
@@ -183,8 +198,15 @@ def main() -> int:
     parser.add_argument("--grid", default="0:1:0.05", help="task-arithmetic α grid")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--granularity", default="tensor")
-    parser.add_argument("--atlas-steps", type=int, default=200)
-    parser.add_argument("--atlas-lr", type=float, default=0.05)
+    parser.add_argument("--objectives", default="ce,entropy,infomax,ufm",
+                        help="comma-separated learn-coeffs objectives")
+    parser.add_argument("--atlas-steps", type=int, default=None,
+                        help="steps (default: each objective's)")
+    parser.add_argument("--atlas-lr", type=float, default=None,
+                        help="learning rate (default: each objective's)")
+    parser.add_argument("--augment", default="train",
+                        help="learn-coeffs --augment (train: the references' strong crop and "
+                             "flip change this world's labels)")
     parser.add_argument("--atlas-batch-size", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None)
@@ -195,6 +217,7 @@ def main() -> int:
     parser.add_argument("--doc", default="docs/results.md")
     args = parser.parse_args()
     args.tasks = [t if ":" in t else f"synthetic:{t}" for t in args.tasks.split(",") if t]
+    args.objectives = [o for o in args.objectives.split(",") if o]
     started = time.perf_counter()
     results = run(args)
     results["seconds"] = time.perf_counter() - started

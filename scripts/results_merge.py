@@ -10,7 +10,7 @@ work directory), then compare on the test splits
 Usage::
 
     python scripts/results_merge.py [--base tvtool-tiny] [--tasks shape,color,size,count]
-        [--steps 500] [--lr 1e-3] [--grid 0:1:0.05] [--limit N] [--workdir out/results-merge]
+        [--steps 500] [--lr 1e-3] [--grid GRID] [--limit N] [--workdir out/results-merge]
         [--doc docs/results.md]
 
 The table is printed and written between the ``merge-results`` markers of ``--doc`` (the rest
@@ -73,14 +73,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune, merge, search and evaluate; return the results document."""
     from tvtool.merge import MergeConfig, merge
     from tvtool.merge.evaluation import EvalSettings, Evaluator, search_merge
-    from tvtool.merge.search import normalize, parse_grid
+    from tvtool.merge.search import default_grid_text, normalize, parse_grid
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     vectors = finetune_vectors(args, workdir)
     settings = EvalSettings(base=args.base, batch_size=args.eval_batch_size, device=args.device,
                             limit=args.limit, seed=args.seed)
-    grid = parse_grid(args.grid)
+    grids: dict[str, list[float]] = {}
     rows: list[dict[str, Any]] = []
     reference: dict[str, Any] | None = None
     for label, method, params, search in METHODS:
@@ -88,9 +88,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              seed=args.seed, output=str(workdir / f"merged-{method}.safetensors"))
         log(f"{label}: {'searching the coefficient' if search else 'merging'}")
         if search:
+            # Each method's default grid (`merge --search-coef`): TIES λ over 0.8-2.5.
+            grid = parse_grid(args.grid or default_grid_text(method, params))
+            grids[label] = list(grid)
             report = search_merge(config, settings, grid, datasets=args.tasks, log=log).as_json()
             reference = reference or report
-            rows.append({"method": label, "coef": report["best_coef"],
+            rows.append({"method": label, "coef": report["best_coef"], "grid": list(grid),
                          "accuracy": report["test"]["accuracy"],
                          "normalized": report["test"]["normalized_accuracy"]})
         else:
@@ -112,7 +115,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {"base": args.base, "base_fingerprint": base_fingerprint(args.base),
             "tasks": args.tasks, "steps": args.steps, "lr": args.lr,
             "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
-            "grid": list(grid), "rows": rows, "negation": negation}
+            "grids": grids, "rows": rows, "negation": negation}
 
 
 def negate(args: argparse.Namespace, vectors: list[str], settings: Any,
@@ -159,10 +162,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"({results['steps']} steps, lr {results['lr']:g}, batch {results['batch_size']}, "
         f"seed {results['seed']}); accuracy on the test splits"
         + (f" (seeded subsets of {results['limit']} examples)" if results["limit"] else "")
-        + ". Coefficients searched on the validation splits over "
-        f"{len(results['grid'])} values in [{results['grid'][0]:g}, {results['grid'][-1]:g}] "
-        "for the best average normalized accuracy (`tvtool merge --search-coef`); the mean "
-        "uses coefficient 1. Normalized = accuracy / fine-tuned accuracy on that task.",
+        + ". Coefficients searched on the validation splits for the best average normalized "
+        "accuracy (`tvtool merge --search-coef`) over each method's grid ("
+        + "; ".join(f"{label}: {len(g)} values in [{g[0]:g}, {g[-1]:g}]"
+                    for label, g in results["grids"].items())
+        + "); the mean uses coefficient 1. Normalized = accuracy / fine-tuned accuracy on "
+        "that task.",
         "",
         "| method | α | " + " | ".join(short) + " | avg | avg normalized |",
         "|---|---|" + "---|" * len(tasks) + "---|---|",
@@ -239,7 +244,9 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--eval-batch-size", type=int, default=256)
-    parser.add_argument("--grid", default="0:1:0.05")
+    parser.add_argument("--grid", default=None,
+                        help="coefficient grid for every method (default: each method's, as "
+                             "merge --search-coef)")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")

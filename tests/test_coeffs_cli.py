@@ -125,6 +125,25 @@ def test_entropy_objective_to_stdout(cli, files, tmp_path):
     assert tensors["coefficients"].shape == (2, 9)
 
 
+@pytest.mark.parametrize("objective", ["ufm", "infomax"])
+def test_unlabelled_objectives_run_with_their_reference_defaults(cli, files, tmp_path,
+                                                                  objective):
+    out = tmp_path / "u.safetensors"
+    result = cli(_args(files, "--objective", objective, "--split", "test", "--shots", "4",
+                       "--granularity", "task", "-o", str(out), "--json"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    settings = report["settings"]
+    assert settings["lr"] == 1e-3 and settings["steps"] == 2
+    assert settings["init"] == (0.0 if objective == "ufm" else 0.3)
+    assert settings["augment"] == ("reference" if objective == "ufm" else "none")
+    assert report["initial"][0]["accuracy"] is None  # labels are never read
+    assert report["selection"].startswith("held-out information")
+    if objective == "ufm":
+        assert "trusted examples" in result.stderr
+    assert read_coefficients(str(out)).meta.extra["objective"] == objective
+
+
 def test_negation_objective_runs_from_the_command_line(cli, files, tmp_path):
     out = tmp_path / "neg.safetensors"
     result = cli(_args(files, "--objective", "negation", "--control", "synthetic:color",
@@ -143,6 +162,10 @@ def test_negation_objective_runs_from_the_command_line(cli, files, tmp_path):
     (["--control", "synthetic:color"], "--control is only used"),
     (["--objective", "negation"], "needs --control"),
     (["--objective", "fancy"], "unknown objective"),
+    (["--augment", "heavy"], "unknown augmentation"),
+    (["--grad-clip", "-1"], "--grad-clip"),
+    (["--objective", "negation", "--control", "synthetic:color", "--negation-loss", "x"],
+     "unknown negation loss"),
     (["--shots", "0"], "--shots must be at least 1"),
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--vector-dtype", "int8"], "--vector-dtype"),

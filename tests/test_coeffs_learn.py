@@ -31,6 +31,10 @@ from tvtool.errors import UsageError
 from tvtool.linearize import linearized_forward
 
 CLASSES = 4
+# The settings these mechanics tests were calibrated with (the objectives' reference defaults
+# add weight decay, clipping and image augmentation, which the noise-pattern toy task does not
+# tolerate: a flipped random pattern is another pattern).
+PLAIN = {"augment": "none", "weight_decay": 0.0, "grad_clip": 0.0}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -127,7 +131,7 @@ def test_one_vector_recovers_finetuned_accuracy(toy):
     task.train = torch.utils.data.Subset(task.train, train)
     task.val = torch.utils.data.Subset(_data(toy, 200, 240), val)
     encoder = toy.composed("tensor")
-    result = learn(encoder, [task], LearnerConfig(steps=30, lr=0.1, batch_size=24,
+    result = learn(encoder, [task], LearnerConfig(**PLAIN, steps=30, lr=0.1, batch_size=24,
                                                   eval_every=5))
     with torch.no_grad():
         logits = F.normalize(encoder(result.coefficients, test_images), dim=-1) @ toy.head.T
@@ -162,18 +166,54 @@ def test_known_scaling_is_recovered(toy):
                                atol=0.02, rtol=0)
 
 
-def test_entropy_objective_lowers_entropy_without_labels(toy):
-    # Labels are all wrong on purpose: the entropy objective must never read them.
+def _test_accuracy(toy: Toy, encoder: ComposedEncoder, coefficients: Tensor) -> float:
+    with torch.no_grad():
+        logits = F.normalize(encoder(coefficients, toy.images[320:]), dim=-1) @ toy.head.T
+    return toy.accuracy(logits, toy.labels[320:])
+
+
+@pytest.mark.parametrize("objective", ["entropy", "infomax", "ufm"])
+def test_unlabelled_objectives_do_not_end_below_zero_shot(toy, objective):
+    # Labels are all wrong on purpose: the unlabelled objectives must never read them.
     fake = torch.zeros_like(toy.labels)
     task = TaskData("toy", toy.head, _data(toy, 200, 280, fake), _data(toy, 280, 320, fake),
                     labelled=False)
-    result = learn(toy.composed("layer"), [task],
-                   LearnerConfig(objective="entropy", steps=15, lr=0.1, batch_size=40,
-                                 eval_every=5))
-    assert result.selection.startswith("held-out entropy")
+    encoder = toy.composed("layer")
+    result = learn(encoder, [task],
+                   LearnerConfig(objective=objective, steps=20, lr=0.05, batch_size=40,
+                                 eval_every=5, augment="none" if objective != "ufm" else "train",
+                                 ufm_threshold=0.5))
+    assert result.selection.startswith("held-out information")
     assert result.initial[0]["accuracy"] is None
-    assert result.best[0]["entropy"] < result.initial[0]["entropy"] - 0.05
-    assert result.best_step > 0
+    zero_shot = _test_accuracy(toy, encoder, torch.zeros_like(result.coefficients))
+    learned = _test_accuracy(toy, encoder, result.coefficients)
+    assert learned >= zero_shot, (objective, zero_shot, learned, result.best_step)
+    if objective != "entropy":
+        assert result.best_step > 0
+        assert learned >= zero_shot + 0.2, (objective, zero_shot, learned)
+
+
+def test_selection_never_prefers_a_collapsed_model(toy):
+    # A model that predicts one class for everything has the lowest entropy of all; plain
+    # entropy selection would take it, the label-free rule must not.
+    fake = torch.zeros_like(toy.labels)
+    task = TaskData("toy", toy.head, _data(toy, 200, 280, fake), _data(toy, 280, 320, fake),
+                    labelled=False)
+    encoder = toy.composed("task")
+    # A huge learning rate drives entropy minimisation into a single-class solution.
+    result = learn(encoder, [task], LearnerConfig(**PLAIN, objective="entropy", steps=20,
+                                                  lr=5.0, init=0.0, batch_size=40,
+                                                  eval_every=2))
+    def class_entropy(coefficients: Tensor) -> float:
+        with torch.no_grad():
+            predicted = (F.normalize(encoder(coefficients, toy.images[280:320]), dim=-1)
+                         @ toy.head.T).argmax(-1)
+        share = torch.bincount(predicted, minlength=CLASSES).double() / len(predicted)
+        return float(-(share[share > 0] * share[share > 0].log()).sum())
+
+    zero_shot = class_entropy(torch.zeros_like(result.last))
+    assert class_entropy(result.last) < 0.6 * zero_shot, "the last step should have collapsed"
+    assert class_entropy(result.coefficients) >= 0.9 * zero_shot, result.history
 
 
 def test_linearized_composition_and_learning(toy):
@@ -195,7 +235,7 @@ def test_linearized_composition_and_learning(toy):
     task = TaskData("toy", toy.head, _data(toy, 200, 240, lin_labels),
                     _data(toy, 240, 260, lin_labels))
     result = learn(toy.composed("task", linearized=True), [task],
-                   LearnerConfig(steps=20, lr=0.1, batch_size=40, eval_every=5))
+                   LearnerConfig(**PLAIN, steps=20, lr=0.1, batch_size=40, eval_every=5))
     assert result.best[0]["accuracy"] >= 0.9
     assert result.coefficients.item() > 0.5
 
@@ -221,7 +261,7 @@ def test_negation_forgets_target_and_keeps_control(toy):
         keep = TaskData("A", toy.head, _data(toy, 200, 240), _data(toy, 240, 280),
                         role="control")
         result = learn(toy.composed("tensor", [tau_b]), [target, keep],
-                       LearnerConfig(objective="negation", steps=25, lr=0.1, batch_size=64,
+                       LearnerConfig(**PLAIN, objective="negation", steps=25, lr=0.1, batch_size=64,
                                      eval_every=5))
     finally:
         with torch.no_grad():
@@ -231,7 +271,10 @@ def test_negation_forgets_target_and_keeps_control(toy):
     best = {r["role"]: r for r in result.best}
     assert initial["target"]["accuracy"] >= 0.7, "the toy model should know the target task"
     assert best["target"]["accuracy"] <= initial["target"]["accuracy"] - 0.25
-    assert best["control"]["accuracy"] >= initial["control"]["accuracy"] - 0.1
+    # The reference's rule: control kept at >= 95 % of the zero-shot model's (here the
+    # initialisation, all coefficients 0).
+    assert result.zero_shot == result.initial
+    assert best["control"]["accuracy"] >= 0.95 * initial["control"]["accuracy"]
     assert float(result.coefficients.mean()) < 0
 
 
@@ -245,7 +288,7 @@ def test_ce_on_several_datasets_weighs_each_task(toy):
     task_a = TaskData("A", toy.head, _data(toy, 200, 240), _data(toy, 240, 280))
     task_b = TaskData("B", head_b, _data(toy, 280, 320, labels_b), _data(toy, 320, 360, labels_b))
     result = learn(toy.composed("task", [toy.tau, noise]), [task_a, task_b],
-                   LearnerConfig(steps=30, lr=0.1, batch_size=40, eval_every=5))
+                   LearnerConfig(**PLAIN, steps=30, lr=0.1, batch_size=40, eval_every=5))
     assert [r["dataset"] for r in result.best] == ["A", "B"]
     for initial, best in zip(result.initial, result.best, strict=True):
         assert best["accuracy"] >= initial["accuracy"] + 0.1, (initial, best)
@@ -257,7 +300,8 @@ def test_early_stopping_keeps_the_best(toy):
     task = TaskData("toy", toy.head, _data(toy, 200, 216), _data(toy, 216, 224))
     # A huge learning rate wrecks the model after the first steps; selection keeps step 0.
     result = learn(toy.composed("task"), [task],
-                   LearnerConfig(steps=50, lr=50.0, batch_size=16, eval_every=1, patience=2))
+                   LearnerConfig(**PLAIN, steps=50, lr=50.0, batch_size=16, eval_every=1,
+                                 patience=2))
     assert result.steps_run < 50
     scores = [h["score"] for h in result.history]
     best_index = max(range(len(scores)), key=lambda i: tuple(scores[i]))

@@ -170,6 +170,43 @@ def test_global_trim_keeps_the_top_of_the_whole_vector():
     torch.testing.assert_close(per_tensor["small"], torch.tensor([0.0, -0.2]))
 
 
+@pytest.mark.parametrize("method", ["magnitude", "ties"])
+def test_global_trim_ranks_the_image_encoder_on_its_own(method):
+    # A whole-CLIP vector: 10 image-encoder entries and 30 text-tower entries that did not
+    # change (the text tower is frozen during fine-tuning). Ranked over all 40 entries,
+    # density 0.2 would keep 8 of the 10 image-encoder entries (0.8, not 0.2).
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(10, generator=gen)
+    vector = {"visual.proj": image, "transformer.w": torch.zeros(30)}
+    merged = merge_state_dicts([vector], method, 1.0, {"density": 0.2, "trim": "global"})
+    # Reference: top-k of the image encoder alone, k = floor(0.2 * 10) = 2.
+    order = sorted(range(10), key=lambda i: -abs(float(image[i])))
+    expected = torch.zeros(10)
+    for i in order[:2]:
+        expected[i] = image[i]
+    torch.testing.assert_close(merged["visual.proj"], expected)
+    assert int((merged["visual.proj"] != 0).sum()) == 2
+    # The other tensors are ranked among themselves, to the same density.
+    text = torch.randn(30, generator=gen)
+    merged = merge_state_dicts([{"visual.proj": 100 * image, "transformer.w": text}], method,
+                               1.0, {"density": 0.2, "trim": "global"})
+    assert int((merged["transformer.w"] != 0).sum()) == 6
+    assert int((merged["visual.proj"] != 0).sum()) == 2
+
+
+def test_default_search_grids_fit_each_method():
+    from tvtool.merge.search import default_grid_text, parse_grid
+
+    ties = parse_grid(default_grid_text("ties"))
+    # The TIES reference searches λ over 0.8, 0.9, ..., 2.5.
+    assert ties == tuple(round(0.8 + 0.1 * i, 10) for i in range(18))
+    assert parse_grid(default_grid_text("dare", {"combine": "ties"})) == ties
+    for method, params in (("task_arithmetic", {}), ("dare", {"combine": "sum"}),
+                           ("magnitude", {}), ("mean", {})):
+        grid = parse_grid(default_grid_text(method, params))
+        assert grid[0] == 0.0 and grid[-1] == 1.0 and len(grid) == 21
+
+
 @pytest.mark.parametrize("method", ["ties", "magnitude", "dare"])
 def test_density_zero_gives_zero(method):
     vectors = [{"w": torch.randn(6)}, {"w": torch.randn(6)}]

@@ -174,6 +174,19 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
                                                          "searched.safetensors"]
 
 
+def test_ties_search_uses_the_ties_reference_grid_by_default(cli, world, tmp_path):
+    out = tmp_path / "ties.safetensors"
+    result = cli(["merge", world["tv1"], world["tv2"], "--method", "ties", "--search-coef",
+                  "--base", world["base"], "--limit", "4", "--batch-size", "8", "--device",
+                  "cpu", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    grid = [p["coef"] for p in json.loads(result.stdout)["val"]["grid"]]
+    assert grid == [round(0.8 + 0.1 * i, 10) for i in range(18)]
+    assert "coefficient grid for ties: 0.8:2.5:0.1" in result.stderr
+    # Rich wraps help text at spaces only, so the grid stays one token.
+    assert "0.8:2.5:0.1" in cli(["merge", "--help"]).stdout
+
+
 def test_merge_search_refusals(cli, world, tmp_path):
     out = tmp_path / "o.safetensors"
     no_base = cli(["merge", world["tv1"], world["tv2"], "--search-coef", "-o", str(out)],)

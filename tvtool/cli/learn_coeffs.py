@@ -39,9 +39,12 @@ def learn_coeffs(
         "--control", rich_help_panel="Model and data",
         help="Data to keep (repeatable; --objective negation only).")] = None,
     objective: Annotated[str, typer.Option(
-        "--objective", rich_help_panel="Objective and blocks", metavar="[ce|entropy|negation]",
-        help="ce (k-shot labelled), entropy (unlabelled, test-time "
-             "adaptation) or negation (forget --dataset, keep --control).")
+        "--objective", rich_help_panel="Objective and blocks",
+        metavar="[ce|entropy|infomax|ufm|negation]",
+        help="ce (k-shot labelled); unlabelled test-time adaptation: "
+             "entropy (AdaMerging), infomax (entropy minus entropy of the mean "
+             "prediction), ufm (aTLAS' unsupervised FixMatch); negation "
+             "(forget --dataset, keep --control). docs/coeffs.md.")
     ] = "ce",
     granularity: Annotated[str, typer.Option(
         "--granularity", "-g", rich_help_panel="Objective and blocks",
@@ -62,13 +65,28 @@ def learn_coeffs(
         "--val-fraction", rich_help_panel="Objective and blocks",
         help="Fraction of the examples held out for selection and early "
              "stopping.")] = 0.2,
-    steps: Annotated[int, typer.Option("--steps", rich_help_panel="Optimisation",
-                                       help="Optimisation steps.")] = 100,
-    lr: Annotated[float, typer.Option("--lr", rich_help_panel="Optimisation",
-                                      help="AdamW learning rate.")] = 0.1,
-    weight_decay: Annotated[float, typer.Option("--weight-decay", rich_help_panel="Optimisation",
-                                                help="AdamW weight decay.")
-                            ] = 0.0,
+    steps: Annotated[int | None, typer.Option(
+        "--steps", rich_help_panel="Optimisation",
+        help="Optimisation steps (default: ce, negation 100; entropy, infomax, "
+             "ufm 500).", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option(
+        "--lr", rich_help_panel="Optimisation",
+        help="AdamW learning rate (default: ce 0.1; entropy, infomax, ufm 1e-3; "
+             "negation 5e-3).", show_default=False)] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", rich_help_panel="Optimisation",
+        help="AdamW weight decay (default: 0.1; entropy, infomax 0).",
+        show_default=False)] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        "--grad-clip", rich_help_panel="Optimisation",
+        help="Maximum gradient norm, 0 = off (default: 1; entropy, infomax "
+             "off).", show_default=False)] = None,
+    augment: Annotated[str | None, typer.Option(
+        "--augment", rich_help_panel="Optimisation", metavar="[none|train|reference]",
+        help="Training-image augmentation: none, train (crop 90-100 % of the "
+             "area) or reference (crop 50-100 % + horizontal flip) (default: ce, "
+             "ufm reference; negation train; entropy, infomax none).",
+        show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", rich_help_panel="Optimisation",
         help="Examples per step (split across datasets).")] = 32,
@@ -81,8 +99,22 @@ def learn_coeffs(
     negation_weight: Annotated[float, typer.Option(
         "--negation-weight", rich_help_panel="Objective and blocks",
         help="Weight of the forgetting term (negation).")] = 1.0,
-    init: Annotated[float, typer.Option("--init", rich_help_panel="Optimisation",
-                                        help="Initial coefficient value.")] = 0.0,
+    negation_loss: Annotated[str, typer.Option(
+        "--negation-loss", rich_help_panel="Objective and blocks",
+        metavar="[unlikelihood|ce]",
+        help="Forgetting term: unlikelihood, or ce (the aTLAS reference's "
+             "-CE on the target).")] = "unlikelihood",
+    control_threshold: Annotated[float, typer.Option(
+        "--control-threshold", rich_help_panel="Objective and blocks",
+        help="Negation selection: keep this fraction of the zero-shot "
+             "control accuracy.")] = 0.95,
+    ufm_threshold: Annotated[float, typer.Option(
+        "--ufm-threshold", rich_help_panel="Objective and blocks",
+        help="ufm: confidence a soft target needs to count.")] = 0.99,
+    init: Annotated[float | None, typer.Option(
+        "--init", rich_help_panel="Optimisation",
+        help="Initial coefficient value (default: 0; entropy, infomax 0.3).",
+        show_default=False)] = None,
     partition_seed: Annotated[int, typer.Option(
         "--partition-seed", rich_help_panel="Objective and blocks",
         help="Seed of the random:K split.")] = 0,
@@ -124,6 +156,8 @@ def learn_coeffs(
         shots=None if all_examples else shots, split=split, val_fraction=val_fraction,
         steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
         eval_every=eval_every, patience=patience, negation_weight=negation_weight, init=init,
+        negation_loss=negation_loss, control_threshold=control_threshold,
+        ufm_threshold=ufm_threshold, grad_clip=grad_clip, augment=augment,
         partition_seed=partition_seed, vector_dtype=vector_dtype, device=device,
         precision=precision, seed=seed, data_root=data_root, merged_out=merged_out,
         allow_base_mismatch=allow_base_mismatch, workers=workers)

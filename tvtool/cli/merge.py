@@ -40,7 +40,7 @@ def merge(
     ] = "task_arithmetic",
     coef: Annotated[list[float] | None, typer.Option(
         "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
-                             "[default: 1].", show_default=False)] = None,
+                             "(default: 1).", show_default=False)] = None,
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,
@@ -81,8 +81,12 @@ def merge(
         "--search-coef",
         help="Choose one coefficient for all vectors on the validation splits (best average "
              "normalized accuracy), then merge with it and report test accuracy.")] = False,
-    coef_grid: Annotated[str, typer.Option(
-        "--coef-grid", help="Search grid: START:STOP:STEP or a,b,c.")] = "0:1:0.05",
+    coef_grid: Annotated[str | None, typer.Option(
+        "--coef-grid", help="Search grid: START:STOP:STEP (inclusive) or a,b,c. Default by "
+                            "method: ties and dare with combine=ties 0.8:2.5:0.1 (the TIES "
+                            "reference's λ range: a disjoint mean needs λ near or above 1); "
+                            "task_arithmetic, magnitude, dare (sum) and mean 0:1:0.05.",
+        show_default=False)] = None,
     base: Annotated[str | None, typer.Option(
         "--base", "-b", envvar="TVTOOL_BASE", help="Search: model reference of the base.",
         show_default=False)] = None,
@@ -214,7 +218,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
     typer.echo("\n".join(lines))
 
 
-def _search(cfg: Any, grid_text: str, base: str | None, datasets: list[str] | None,
+def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[str] | None,
             data_root: str | None, batch_size: int, limit: int | None, device: str,
             precision: str, report_path: str | None, as_json: bool, dry_run: bool,
             save_config: str | None, download: bool = False) -> None:
@@ -227,12 +231,15 @@ def _search(cfg: Any, grid_text: str, base: str | None, datasets: list[str] | No
         search_merge,
         vector_datasets,
     )
-    from tvtool.merge.search import parse_grid
+    from tvtool.merge.search import default_grid_text, parse_grid
 
     if base is None:
         raise UsageError("--search-coef needs --base (the model the vectors were made from)")
     if dry_run:
         raise UsageError("--search-coef evaluates models; it cannot be a --dry-run")
+    if grid_text is None:
+        grid_text = default_grid_text(cfg.method, cfg.params)
+        log(f"coefficient grid for {cfg.method}: {grid_text} (--coef-grid to change)")
     grid = parse_grid(grid_text)
     if report_path is not None:
         if report_path == "-":

@@ -7,7 +7,8 @@ the task vectors frozen. Public API:
   :class:`Packing` (the flat chunked layout);
 * composition -- :class:`VectorStack`, :class:`ComposedEncoder` (the fused composed model),
   and the pure :func:`compose_state`, :func:`composed_vector`, :func:`compose_tensor`;
-* objectives -- ``ce``, ``entropy``, ``negation`` (:mod:`tvtool.coeffs.objectives`);
+* objectives -- ``ce``, ``entropy``, ``infomax``, ``ufm``, ``negation``
+  (:mod:`tvtool.coeffs.objectives`, with each objective's reference defaults);
 * learning -- :func:`learn` (:class:`LearnerConfig`, :class:`TaskData`, :class:`LearnResult`),
   :func:`split_examples`;
 * files -- :class:`CoefficientSet`, :func:`read_coefficients`, :func:`write_coefficients`;

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,12 @@ from tvtool.coeffs.learner import (
     learn,
     split_examples,
 )
-from tvtool.coeffs.objectives import check_objective, needs_labels
+from tvtool.coeffs.objectives import (
+    DEFAULT_CONTROL_THRESHOLD,
+    DEFAULT_UFM_THRESHOLD,
+    check_objective,
+    needs_labels,
+)
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorInfo, TensorSource, check_distinct_paths, write_tensors
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
@@ -74,20 +78,26 @@ class LearnCoeffsConfig:
         output: Coefficient file to write (``-`` for stdout).
         datasets: Datasets to learn on (for ``negation``: the data to forget).
         control: Data to keep (``negation`` only).
-        objective: ``ce``, ``entropy`` or ``negation``.
+        objective: ``ce``, ``entropy``, ``infomax``, ``ufm`` or ``negation``.
         granularity: ``task``, ``tensor``, ``layer`` or ``random:K``.
         shots: Examples per class (labelled), or ``shots × classes`` examples (unlabelled);
             None uses the whole split.
         split: Split the examples come from (``train``; ``test`` for test-time adaptation).
         val_fraction: Fraction of the chosen examples held out for selection / early stopping.
-        steps: Optimisation steps.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
+        steps: Optimisation steps (None: the objective's default).
+        lr: AdamW learning rate (None: the objective's default).
+        weight_decay: AdamW weight decay (None: the objective's default).
         batch_size: Examples per step (split across datasets).
         eval_every: Steps between held-out evaluations.
         patience: Early-stopping patience in evaluations (None: no early stop).
         negation_weight: Weight of the forgetting term of ``negation``.
-        init: Initial coefficient value.
+        negation_loss: ``unlikelihood`` or ``ce`` (the reference's ``−CE(target)``).
+        control_threshold: ``negation`` selection: fraction of zero-shot control accuracy
+            to keep.
+        ufm_threshold: ``ufm``: confidence a soft target needs to count.
+        init: Initial coefficient value (None: the objective's default).
+        grad_clip: Maximum gradient norm (0: off; None: the objective's default).
+        augment: ``none``, ``train`` or ``reference`` (None: the objective's default).
         partition_seed: Seed of the ``random:K`` split.
         vector_dtype: Storage dtype of the packed vectors: ``fp32``, ``bf16`` or ``fp16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -110,14 +120,19 @@ class LearnCoeffsConfig:
     shots: int | None = 16
     split: str = "train"
     val_fraction: float = 0.2
-    steps: int = 100
-    lr: float = 0.1
-    weight_decay: float = 0.0
+    steps: int | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
     batch_size: int = 32
     eval_every: int = 10
     patience: int | None = None
     negation_weight: float = 1.0
-    init: float = 0.0
+    negation_loss: str = "unlikelihood"
+    control_threshold: float = DEFAULT_CONTROL_THRESHOLD
+    ufm_threshold: float = DEFAULT_UFM_THRESHOLD
+    init: float | None = None
+    grad_clip: float | None = None
+    augment: str | None = None
     partition_seed: int = 0
     vector_dtype: str = "fp32"
     device: str = "auto"
@@ -139,8 +154,10 @@ class LearnCoeffsConfig:
             objective=self.objective, steps=self.steps, lr=self.lr,
             weight_decay=self.weight_decay, batch_size=self.batch_size,
             eval_every=self.eval_every, patience=self.patience,
-            negation_weight=self.negation_weight, init=self.init, precision=precision,
-            seed=self.seed, workers=self.workers)
+            negation_weight=self.negation_weight, negation_loss=self.negation_loss,
+            control_threshold=self.control_threshold, ufm_threshold=self.ufm_threshold,
+            init=self.init, grad_clip=self.grad_clip, augment=self.augment,
+            precision=precision, seed=self.seed, workers=self.workers)
 
 
 @dataclass(frozen=True)
@@ -155,11 +172,14 @@ class LearnCoeffsResult:
         granularity: The granularity used.
         objective: The objective used.
         linearized: Whether the composed model is evaluated linearized.
-        best_step: Step of the selected coefficients (0 = initialisation).
+        best_step: Step of the selected coefficients (0 = initialisation, −1 = the
+            zero-shot model).
         steps_run: Steps taken.
         selection: How the coefficients were selected.
         initial: Held-out scores at the initialisation.
         best: Held-out scores of the selected coefficients.
+        zero_shot: Held-out scores of the zero-shot model (all coefficients 0).
+        settings: The hyper-parameters used (objective defaults filled in).
         coefficients: Per vector: mean, min and max of its row.
         seconds: Wall time of the learning loop.
         notes: Remarks (also printed on stderr).
@@ -177,6 +197,8 @@ class LearnCoeffsResult:
     selection: str
     initial: list[dict[str, Any]]
     best: list[dict[str, Any]]
+    zero_shot: list[dict[str, Any]]
+    settings: dict[str, Any]
     coefficients: list[dict[str, Any]]
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -235,8 +257,6 @@ def check_config(config: LearnCoeffsConfig) -> None:
     if config.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UsageError(f"unknown precision {config.precision!r}",
                          hint="use auto, fp32, bf16 or fp16")
-    if not math.isfinite(config.init):
-        raise UsageError(f"--init must be finite, got {config.init}")
     config.learner("fp32").check()
     outputs = [config.output] + ([config.merged_out] if config.merged_out else [])
     if config.merged_out and config.merged_out == config.output and config.output != "-":
@@ -357,10 +377,13 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                 f"examples from the {config.split} split")
 
         start = time.perf_counter()
-        with progress("learning coefficients", config.steps) as advance:
-            result = learn(encoder, tasks, config.learner(precision), log=log, advance=advance)
+        learner = config.learner(precision).resolved()
+        with progress("learning coefficients", learner.steps) as advance:
+            result = learn(encoder, tasks, learner, log=log, advance=advance)
         seconds = time.perf_counter() - start
-        log(f"selected step {result.best_step} of {result.steps_run} ({result.selection})")
+        chosen = ("the zero-shot model (all coefficients 0)" if result.best_step < 0
+                  else f"step {result.best_step}")
+        log(f"selected {chosen} of {result.steps_run} steps ({result.selection})")
 
         vector_records = [{"path": v.path, "dataset": v.meta.dataset,
                            "mode": v.meta.mode.value if v.meta.mode else None,
@@ -373,6 +396,7 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                         dataset=",".join([*config.datasets, *config.control]),
                         provenance=provenance("learn-coeffs", config.arguments(), config.seed),
                         extra={"objective": config.objective,
+                               "settings": json.dumps(result.config, sort_keys=True),
                                "history": json.dumps(result.history)})
         coefs = CoefficientSet(result.coefficients, partition, tuple(vector_records), meta)
         inputs = [*config.vectors, *([model.ref.location] if model.ref.is_file and
@@ -386,6 +410,7 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         blocks=partition.num_blocks, granularity=str(granularity), objective=config.objective,
         linearized=model.linearized, best_step=result.best_step, steps_run=result.steps_run,
         selection=result.selection, initial=result.initial, best=result.best,
+        zero_shot=result.zero_shot, settings=result.config,
         coefficients=_row_stats(result.coefficients), seconds=round(seconds, 3), notes=notes)
 
 

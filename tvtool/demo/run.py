@@ -210,7 +210,9 @@ def run_demo(config: DemoConfig, log: Logger,
                        if m in vector_paths]
         for mode in atlas_modes:
             mode_paths = [vector_paths[mode][t] for t in tasks]
-            for objective, name in (("ce", "atlas_fewshot"), ("entropy", "atlas_unlabelled")):
+            # Unlabelled: aTLAS' own test-time objective (learn_ufm.py), which does not
+            # collapse the way plain entropy minimisation did on this world.
+            for objective, name in (("ce", "atlas_fewshot"), ("ufm", "atlas_unlabelled")):
                 results["methods"][mode][name] = _atlas(cfg, stages, mode, objective, mode_paths,
                                                         tasks, eval_accs, log)
 
@@ -283,9 +285,14 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
     from tvtool.merge.evaluation import EvalSettings, search_merge
 
     # Seven points each. TIES's disjoint merge is a mean of the vectors, not a sum, so its best
-    # α sits near 1 where task arithmetic's sits near 1/#tasks.
-    step = 0.25 if cfg.quick else (0.2 if method == "ties" else 0.1)
-    grid = tuple(round(step * i, 2) for i in range(0, 7))
+    # λ sits near or above 1 where task arithmetic's sum of N vectors wants α ≈ 1/N: TIES
+    # gets seven points spanning its reference range 0.8-2.5 (`merge --search-coef`'s
+    # default for ties, at a coarser step to keep the demo short).
+    if method == "ties":
+        grid: tuple[float, ...] = (0.8, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5)
+    else:
+        step = 0.25 if cfg.quick else 0.1
+        grid = tuple(round(step * i, 2) for i in range(0, 7))
     key = _key("merge", method, [_file_key(p) for p in paths], grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors")
 
@@ -305,14 +312,23 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
     from tvtool.coeffs.run import LearnCoeffsConfig, learn_coeffs
 
     steps = 30 if cfg.quick else 80
-    key = _key("atlas", objective, [_file_key(p) for p in paths], steps, cfg.seed)
+    # The references' other settings (weight decay 0.1, gradient clipping at 1, ufm's
+    # pseudo-labels, trusted subset and 0.99 threshold) are learn-coeffs' defaults. Two
+    # differences, both for this world: augmentation is open_clip's mild training crop
+    # ("train", what the world's fine-tunes used) rather than the references' 50-100 % crop
+    # and horizontal flip, which change the label of the position, digit, count and size
+    # tasks; and ufm runs 80 steps at lr 1e-2 instead of ~500 at 1e-3 (the same bound on how
+    # far Adam can move a coefficient, in the demo's budget).
+    lr = 1e-2 if objective == "ufm" else None
+    key = _key("atlas", objective, [_file_key(p) for p in paths], steps, lr, "train",
+               cfg.seed)
     coefs = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}.safetensors")
     merged = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}-merged.safetensors")
     if not (Path(coefs).is_file() and Path(merged).is_file()):
         learn_coeffs(LearnCoeffsConfig(
             vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
             objective=objective, granularity="tensor", shots=16 if objective == "ce" else 32,
-            split="train" if objective == "ce" else "test", steps=steps, lr=0.05,
+            split="train" if objective == "ce" else "test", steps=steps, lr=lr, augment="train",
             device=cfg.device, seed=cfg.seed, merged_out=merged), log=log,
             progress=stages.progress)
     from tvtool.io import open_tensors

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -32,7 +33,7 @@ from tvtool.merge.base import MergeMethod, TensorContext
 from tvtool.merge.coefs import Coefficients, VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.registry import get_method
-from tvtool.merge.trim import global_threshold
+from tvtool.merge.trim import global_threshold, trim_group
 from tvtool.metadata import LORA_MODES, FileMeta, Kind, Mode, provenance
 from tvtool.types import StateDict
 from tvtool.vectors import open_vector_meta
@@ -90,7 +91,7 @@ class MergePlan:
         self._infos = {info.name: info for info in layout}
         self.reuse_buffers = False
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
-        self._thresholds: tuple[float, ...] | None = None
+        self._thresholds: dict[str, tuple[float, ...]] | None = None
         self._thresholds_done = False
         self._log = log
 
@@ -108,29 +109,47 @@ class MergePlan:
                    for n in list(s.keys()))
         return 1 + (4 if wide else 2)
 
-    def thresholds(self) -> tuple[float, ...] | None:
-        """Per-vector global trim thresholds (computed once, one vector at a time)."""
+    def thresholds(self) -> dict[str, tuple[float, ...]] | None:
+        """Per-vector global trim thresholds of each trim group (computed once).
+
+        A vector holding image-encoder tensors (``visual.*``) *and* others (a whole CLIP
+        checkpoint's text tower, logit scale) gets one threshold per group, each the top
+        ``density`` of that group alone: counted over everything, zeros or small deltas of the
+        text tower would lower the image encoder's threshold, so ``density 0.2`` would keep
+        about 0.3 of the image encoder. Other vectors have one group, the whole vector.
+        Vectors without a tensor of a group get ``inf`` there (they hold nothing to keep).
+        """
         if self._thresholds_done:
             return self._thresholds
         density = self.global_density
         if density is not None:
-            values = []
+            values: dict[str, list[float]] = {}
             for index, source in enumerate(self.sources):
                 names = [n for n in self.names if index in self.present[n]]
-                numel = sum(source.info(n).numel for n in names)
-                wide = any(source.info(n).dtype == torch.float64 for n in names)
-                self._log(f"global trim: top-{density:g} threshold of {source.label}")
+                groups: dict[str, list[str]] = {}
+                for name in names:
+                    groups.setdefault(trim_group(name), []).append(name)
+                if len(groups) > 1:
+                    self._log(f"global trim of {source.label}: the image encoder (visual.*) "
+                              "and the other tensors are trimmed separately, each to its top "
+                              f"{density:g}")
+                for group, members in groups.items():
+                    numel = sum(source.info(n).numel for n in members)
+                    wide = any(source.info(n).dtype == torch.float64 for n in members)
+                    self._log(f"global trim: top-{density:g} threshold of {source.label}"
+                              + (f" ({group})" if len(groups) > 1 else ""))
 
-                # Unchecked: a NaN/Inf reaches the output whatever the threshold, and the
-                # output check then names the input.
-                def stream(source: TensorSource = source, names: list[str] = names
-                           ) -> Iterator[torch.Tensor]:
-                    for name in names:
-                        yield source.get(name)
+                    # Unchecked: a NaN/Inf reaches the output whatever the threshold, and the
+                    # output check then names the input.
+                    def stream(source: TensorSource = source, members: list[str] = members
+                               ) -> Iterator[torch.Tensor]:
+                        for name in members:
+                            yield source.get(name)
 
-                threshold = global_threshold(stream, numel, density, wide=wide)
-                values.append(float("inf") if threshold is None else threshold)
-            self._thresholds = tuple(values)
+                    threshold = global_threshold(stream, numel, density, wide=wide)
+                    row = values.setdefault(group, [math.inf] * len(self.sources))
+                    row[index] = math.inf if threshold is None else threshold
+            self._thresholds = {group: tuple(row) for group, row in values.items()}
         self._thresholds_done = True
         return self._thresholds
 
@@ -141,7 +160,9 @@ class MergePlan:
         method, params = self.spec.method, self.spec.params
         weights = self.spec.coefficients.for_tensor(name)
         wide = any(self.sources[i].info(name).dtype == torch.float64 for i in held)
-        ctx = TensorContext(name=name, thresholds=self.thresholds(), seed=self.spec.seed,
+        groups = self.thresholds()
+        ctx = TensorContext(name=name, thresholds=groups[trim_group(name)] if groups else None,
+                            seed=self.spec.seed,
                             count=len(self.sources),
                             dtype=torch.float64 if wide else torch.float32)
         if method.accumulate is not None and method.separable(params):

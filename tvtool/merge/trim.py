@@ -6,7 +6,9 @@ largest magnitude. Entries tied with ``t`` are all kept, so on data with repeate
 slightly more than k survive; ``peft``'s ``magnitude_based_pruning`` (``torch.topk``) keeps
 exactly k and breaks such ties arbitrarily. On tie-free data both keep the same set (tested).
 
-A global trim (over the whole vector, as in the TIES paper) needs the k-th largest magnitude
+A global trim (over the whole vector, as in the TIES paper; for a vector that also holds
+tensors outside the image encoder, over its image-encoder tensors and over the others
+separately, see :func:`trim_group`) needs the k-th largest magnitude
 of ~10⁸ values spread over hundreds of tensors. :func:`kth_largest_magnitude` finds it
 exactly by radix selection over the IEEE bit patterns of ``|x|`` (monotonic in the value for
 non-negative floats): one streaming pass per 16-bit digit — 2 passes for float32/bfloat16/
@@ -30,6 +32,21 @@ _DIGIT_BITS = 16
 _BINS = 1 << _DIGIT_BITS
 
 TensorStream = Callable[[], Iterable[torch.Tensor]]
+
+
+IMAGE_ENCODER_PREFIX = "visual."
+"""Names of an open_clip CLIP's image-encoder tensors start with this."""
+
+
+def trim_group(name: str) -> str:
+    """The trim group of a tensor: ``image encoder`` (``visual.*``) or ``other``.
+
+    A global trim ranks each group of a vector on its own (see
+    :meth:`tvtool.merge.engine.MergePlan.thresholds`), so that tensors outside the image
+    encoder -- a whole CLIP checkpoint's text tower, often unchanged -- do not change how much
+    of the image encoder is kept.
+    """
+    return "image encoder" if name.startswith(IMAGE_ENCODER_PREFIX) else "other"
 
 
 def keep_count(numel: int, density: float) -> int:

@@ -11,7 +11,6 @@ from tests.conftest import TINY
 from tvtool.errors import UsageError
 from tvtool.evaluate import (
     DisentanglementConfig,
-    clear_memory_cache,
     disentanglement,
     open_eval_data,
     open_eval_model,
@@ -26,15 +25,6 @@ LIMIT = 24
 BATCH = 10  # 24 examples: 3 batches per split, the last one partial
 COEFS = [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0), (-0.5, 0.7, 1.3), (2.0, -1.0, 0.25), (-1.5,),
          (0.0, -2.0, 0.0)]
-
-
-@pytest.fixture(autouse=True)
-def cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.mktemp("cache")
-    monkeypatch.setenv("TVTOOL_CACHE_DIR", str(root))
-    clear_memory_cache()
-    yield root
-    clear_memory_cache()
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +111,8 @@ def _counting(monkeypatch):
 
 
 def _settings(files):
-    return EvalSettings(base=files["base"], batch_size=BATCH, device="cpu", limit=LIMIT,
-                        cache_heads=False)
+    # Heads come from the session's throw-away cache (conftest): built once for all tests.
+    return EvalSettings(base=files["base"], batch_size=BATCH, device="cpu", limit=LIMIT)
 
 
 def test_evaluator_accuracies_equal_per_point(files, linear_vectors):
@@ -182,7 +172,7 @@ def test_linearized_features_refuse_a_plain_model(files):
 def _map(files, vectors, alphas, **kwargs):
     config = DisentanglementConfig(base=files["base"], vectors=(vectors[0], vectors[1]),
                                    datasets=(D1, D2), alphas=alphas, limit=LIMIT,
-                                   batch_size=BATCH, device="cpu", cache_heads=False)
+                                   batch_size=BATCH, device="cpu")
     return disentanglement(config, **kwargs)
 
 

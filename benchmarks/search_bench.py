@@ -17,8 +17,9 @@ they hold). The evaluated images are kept in memory for both ways (the synthetic
 generated once), so the times compare model work. Prints one JSON line per case and way
 (wall and process-CPU seconds, encoder batches), then the ratios.
 
-    OMP_NUM_THREADS=1 python benchmarks/search_bench.py
-    OMP_NUM_THREADS=1 python benchmarks/search_bench.py --limit 64 --grid 5   # quick check
+    OMP_NUM_THREADS=1 python benchmarks/search_bench.py             # 64 examples, batch 64
+    OMP_NUM_THREADS=1 python benchmarks/search_bench.py --limit 256 --batch 128
+    OMP_NUM_THREADS=1 python benchmarks/search_bench.py --limit 16 --grid 3 --dis-grid 3  # check
 """
 
 from __future__ import annotations
@@ -117,8 +118,8 @@ def main() -> int:
     parser.add_argument("--vectors", type=int, default=4)
     parser.add_argument("--grid", type=int, default=21, help="points of the α grid (0 to 1)")
     parser.add_argument("--dis-grid", type=int, default=7, help="points per disentanglement axis")
-    parser.add_argument("--limit", type=int, default=256, help="examples per split")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=64, help="examples per split")
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--scale", type=float, default=1e-3, help="std of the vectors' noise")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tvtool.errors import TvtoolError, UsageError
 from tvtool.io import scratch_directory
@@ -35,6 +35,9 @@ from tvtool.merge.search import (
     search_coef,
     search_negation,
 )
+
+if TYPE_CHECKING:
+    from tvtool.evaluate.linear_cache import LinearizedFeatures
 
 Logger = Callable[[str], None]
 Progress = Any
@@ -76,6 +79,12 @@ class EvalSettings:
 class Evaluator:
     """Accuracy of ``base + Σ coef_i · vector_i`` on fixed datasets, at any coefficients.
 
+    Linearized vectors are evaluated from cached encoder outputs
+    (:class:`tvtool.evaluate.linear_cache.LinearizedFeatures`): their model's features are
+    ``f0 + Σ coef_i · J τ_i``, so each split costs one primal pass plus one JVP per vector
+    with a non-zero coefficient, whatever the number of coefficients evaluated. Ordinary
+    vectors rebuild the weights and run the encoder at every call.
+
     Args:
         settings: Evaluation settings.
         vectors: Task-vector files.
@@ -83,11 +92,14 @@ class Evaluator:
         splits: Splits to open (``val``, ``test``).
         log: Receives notes.
         progress: Progress-bar factory (see :data:`tvtool.evaluate.ProgressFactory`).
+        linear_cache: Use the cached encoder outputs for linearized vectors; ``False``
+            evaluates every call with its own encoder passes (the reference of the tests and
+            the benchmark; same accuracies up to float rounding).
     """
 
     def __init__(self, settings: EvalSettings, vectors: Sequence[str], datasets: Sequence[str],
                  splits: Sequence[str] = ("val", "test"), log: Logger = _quiet,
-                 progress: Progress = None) -> None:
+                 progress: Progress = None, linear_cache: bool = True) -> None:
         from tvtool.evaluate import build_heads, no_progress, open_eval_data, open_eval_model
         from tvtool.evaluate.model import check_precision, resolve_device
 
@@ -112,6 +124,14 @@ class Evaluator:
             self._heads = build_heads(self._model, first, device=device,
                                       cache=settings.cache_heads,
                                       allow_base_mismatch=settings.allow_base_mismatch, log=log)
+            self.linear: LinearizedFeatures | None = None
+            if linear_cache and self._model.linearized:
+                from tvtool.evaluate.linear_cache import LinearizedFeatures
+
+                self.linear = LinearizedFeatures(self._model, batch_size=settings.batch_size,
+                                                 workers=settings.workers,
+                                                 precision=settings.precision,
+                                                 progress=self._progress)
         except BaseException:
             self._model.close()
             raise
@@ -138,11 +158,20 @@ class Evaluator:
         """
         from tvtool.evaluate import count_correct
 
-        self._model.set_coefficients(list(coefs))
+        if self.linear is None:
+            self._model.set_coefficients(list(coefs))
+        else:
+            from tvtool.operations import expand_coefs
+
+            expand_coefs(list(coefs), len(self._model.vectors))  # the same count check
         self.calls += 1
         out = {}
         for data in self._data[split]:
             if datasets is not None and data.name not in datasets:
+                continue
+            if self.linear is not None:
+                correct = self.linear.count_correct(data, self._heads[data.name], coefs)
+                out[data.name] = correct / data.size
                 continue
             correct = count_correct(self._model, data, self._heads[data.name],
                                     self.settings.batch_size, workers=self.settings.workers,

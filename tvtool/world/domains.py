@@ -108,7 +108,7 @@ def sample_domain(domain: str, rng: np.random.Generator, labels: np.ndarray,
                                               "texture": plain, "size": 2,
                                               "position": POSITIONS.index("center")})
         level = rng.uniform(0, 30, size=(n, 1)).astype(np.float32)
-        ink = rng.uniform(190, 255, size=(n, 1)).astype(np.float32)
+        ink: np.ndarray = rng.uniform(190, 255, size=(n, 1)).astype(np.float32)
         tones = np.repeat(np.repeat(level, 3, 1)[:, None], 2, 1)
         if shifted:  # a worn scan: smaller, dimmer strokes on a grainy page
             scenes = _replace(scenes, radius=scenes.radius * 0.9)
@@ -210,12 +210,13 @@ def domain_captions(domain: str, scenes: Scenes, labels: np.ndarray, rng: np.ran
     spec = DOMAINS[domain]
     n = labels.shape[0]
     k = len(spec.classnames)
-    named = rng.random(n) < spec.p_named
-    wrong = rng.random(n) < noise
-    shifted = (labels + 1 + (rng.random(n) * (k - 1)).astype(np.int64)) % k
-    value = np.where(wrong, shifted, labels)
-    opener = rng.integers(0, len(spec.caption_nouns), size=n)
-    extra = rng.random(n) < 0.3
+    named: np.ndarray = np.asarray(rng.random(n) < spec.p_named)
+    wrong: np.ndarray = np.asarray(rng.random(n) < noise)
+    offset = np.asarray(rng.random(n) * (k - 1)).astype(np.int64)
+    shifted = (labels + 1 + offset) % k
+    value: np.ndarray = np.where(wrong, shifted, labels)
+    opener: np.ndarray = np.asarray(rng.integers(0, len(spec.caption_nouns), size=n))
+    extra: np.ndarray = np.asarray(rng.random(n) < 0.3)
     out = []
     for i in range(n):
         head = spec.caption_nouns[opener[i]]
@@ -260,7 +261,7 @@ def _pair(first: np.ndarray, second: np.ndarray) -> np.ndarray:
 
 
 def _replace(scenes: Scenes, **changes: np.ndarray) -> Scenes:
-    cast = {name: np.asarray(value, dtype=np.float32) if name in
+    cast: dict[str, np.ndarray] = {name: np.asarray(value, dtype=np.float32) if name in
             ("tones", "rgb", "cast", "pattern", "centers", "radius") else
             np.asarray(value, dtype=np.int64) for name, value in changes.items()}
     if "rgb" in cast:

@@ -28,7 +28,9 @@ from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, match_architecture, resolve_ref
 from tvtool.models.refs import ModelRef
 from tvtool.vectors import (
+    check_architecture,
     cosine_matrix,
+    metadata_warnings,
     open_vector_meta,
     plan_combine,
     plan_extract,
@@ -232,29 +234,30 @@ class ApplyConfig:
     approximate_linearized: bool = False
 
 
-def _same_architecture(a: str, b: str) -> bool:
-    # "X" and "X-quickgelu" have identical tensors; the fingerprint decides about the weights.
-    return a.removesuffix("-quickgelu") == b.removesuffix("-quickgelu")
-
-
 def check_vectors_fit_base(metas: Sequence[tuple[str, FileMeta]], base_fp: str, *,
-                           allow_mismatch: bool, architecture: str) -> None:
+                           allow_mismatch: bool, architecture: str) -> list[str]:
     """Refuse vectors recorded against another base, unless explicitly allowed.
+
+    Returns:
+        Warnings to show: vectors without provenance metadata, or made for the same tensors
+        with another activation (see :func:`tvtool.vectors.check_architecture`).
 
     Raises:
         InvalidInputError: architecture mismatch (never overridable: the tensors would not
             fit), or fingerprint mismatch without ``allow_mismatch``.
     """
+    warnings: list[str] = []
     for label, meta in metas:
-        if meta.architecture and architecture and \
-                not _same_architecture(meta.architecture, architecture):
-            raise InvalidInputError(f"{label} was made for {meta.architecture}, the base is "
-                                    f"{architecture}")
+        warnings += metadata_warnings(meta, label)
+        note = check_architecture(label, meta.architecture, architecture)
+        if note:
+            warnings.append(note)
         if meta.base_fingerprint and meta.base_fingerprint != base_fp and not allow_mismatch:
             raise InvalidInputError(
                 f"{label} was extracted from another base (fingerprint "
                 f"{meta.base_fingerprint[:19]}… vs {base_fp[:19]}…)",
                 hint="use the base it was made from, or --allow-base-mismatch if you are sure")
+    return warnings
 
 
 def expand_coefs(coefs: Sequence[float], count: int) -> list[float]:
@@ -311,8 +314,10 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
         base, ref = base_source(ref)
         sources.insert(0, base)
         base_fp = fingerprint(base)
-        check_vectors_fit_base(metas, base_fp, allow_mismatch=config.allow_base_mismatch,
-                               architecture=ref.architecture)
+        for warning in check_vectors_fit_base(metas, base_fp,
+                                              allow_mismatch=config.allow_base_mismatch,
+                                              architecture=ref.architecture):
+            log(warning)
         mismatched = [label for label, m in metas
                       if m.base_fingerprint and m.base_fingerprint != base_fp]
         if mismatched:

@@ -125,9 +125,13 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
                                 keep=config.keep)
             for note in plan.notes:
                 log(note)
+            from tvtool.data import recorded_dataset_name
+
+            dataset = (recorded_dataset_name(config.dataset) if config.dataset is not None
+                       else None)
             meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture,
                             base_ref=config.base, base_fingerprint=fingerprint(base),
-                            mode=config.mode, linearized=False, dataset=config.dataset,
+                            mode=config.mode, linearized=False, dataset=dataset,
                             provenance=provenance("extract", _args(config)))
             write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
                           inputs=[config.finetuned, *_file_inputs(ref)], check_finite=False)

@@ -276,6 +276,21 @@ class ImageFolderSource:
                 "classes": list(self.folders)}
 
 
+def recorded_dataset_name(name: str) -> str:
+    """The form of a dataset name to record in a file: ``imagefolder:`` paths made absolute.
+
+    A relative path recorded in a vector would point elsewhere once the vector is used from
+    another directory (``merge --search-coef``, ``negate --search``). Other names are returned
+    unchanged.
+    """
+    if not name.strip().lower().startswith(PREFIX):
+        return name
+    text = name.strip()[len(PREFIX):].strip()
+    if not text:
+        return name
+    return PREFIX + str(Path(text).expanduser().resolve())
+
+
 def resolve_imagefolder(name: str) -> ImageFolderSource:
     """Resolve ``imagefolder:PATH`` to its source.
 

@@ -190,7 +190,7 @@ def test_test_folder_without_train_is_an_error(folders):
 def test_single_class_is_an_error(folders):
     root = folders["base"] / "one-class"
     _fill(root, {"cat": 4})
-    with pytest.raises(InvalidInputError, match="only one class folder .'cat'."):
+    with pytest.raises(InvalidInputError, match=r"only one class folder \('cat'\)"):
         task_spec(f"imagefolder:{root}")
     split_root = folders["base"] / "one-class-split"
     _fill(split_root, {"cat": 4}, "train")
@@ -202,7 +202,7 @@ def test_class_folder_named_like_a_split_is_an_error(folders):
     root = folders["base"] / "nested-split"
     _fill(root, {"cat": 2, "dog": 2}, "train")
     _fill(root / "train", {"cat": 2}, "Test")
-    with pytest.raises(InvalidInputError, match="'Test'.*named like a split"):
+    with pytest.raises(InvalidInputError, match=r"'Test'.*named like a split"):
         task_spec(f"imagefolder:{root}")
 
 

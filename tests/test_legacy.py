@@ -411,8 +411,11 @@ def test_convert_state_dict_ambiguity_and_wrong_architecture(cli, tmp_path, enco
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd.pt"]
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x80\x02garbage"])
-def test_convert_bad_inputs(cli, tmp_path, content):
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "bad.pt' is empty"),
+    (b"not a checkpoint at all", "is neither a torch zip archive nor a pickle"),
+    (b"\x80\x02garbage", "is not a readable torch checkpoint: pickle data was truncated")])
+def test_convert_bad_inputs(cli, tmp_path, content, message):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
     out = tmp_path / "o.safetensors"
@@ -420,6 +423,7 @@ def test_convert_bad_inputs(cli, tmp_path, content):
     assert result.exit_code == 2
     assert result.stderr.startswith("tvtool: error: ")
     assert result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 

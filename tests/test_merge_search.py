@@ -219,6 +219,7 @@ def test_merge_search_refuses_a_bad_output_before_searching(cli, world, tmp_path
     result = cli(["merge", world["tv1"], world["tv2"], "--search-coef", "--base", world["base"],
                   "-o", str(tmp_path / "missing-dir" / "o.safetensors")])
     assert result.exit_code == 2
+    assert "missing-dir' does not exist" in result.stderr, result.stderr
     assert "searching" not in result.stderr
 
 

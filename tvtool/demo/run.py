@@ -50,6 +50,9 @@ class DemoConfig:
         batch_size: Fine-tuning batch size.
         lr: Fine-tuning learning rate.
         eval_limit: Examples per split evaluated (None: the whole split).
+        smoke: Internal, for the test suite: every stage runs end to end on the smallest
+            budgets (short grids, a few aTLAS steps, a 3 x 3 disentanglement map). The
+            numbers mean nothing; the CLI never sets it.
     """
 
     out: str = "tvtool-demo"
@@ -63,6 +66,7 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 1e-3
     eval_limit: int | None = None
+    smoke: bool = False
 
     def resolved(self) -> DemoConfig:
         """Fill the defaults that depend on ``quick``."""
@@ -283,7 +287,7 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
     # Seven points each. TIES's disjoint merge is a mean of the vectors, not a sum, so its best
     # α sits near 1 where task arithmetic's sits near 1/#tasks.
     step = 0.25 if cfg.quick else (0.2 if method == "ties" else 0.1)
-    grid = tuple(round(step * i, 2) for i in range(0, 7))
+    grid = (0.0, 0.5, 1.0) if cfg.smoke else tuple(round(step * i, 2) for i in range(0, 7))
     key = _key("merge", method, [_file_key(p) for p in paths], grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors")
 
@@ -302,14 +306,15 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
            ) -> dict[str, Any]:
     from tvtool.coeffs.run import LearnCoeffsConfig, learn_coeffs
 
-    steps = 30 if cfg.quick else 80
+    steps = 4 if cfg.smoke else 30 if cfg.quick else 80
     key = _key("atlas", objective, [_file_key(p) for p in paths], steps, cfg.seed)
     coefs = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}.safetensors")
     merged = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}-merged.safetensors")
     if not (Path(coefs).is_file() and Path(merged).is_file()):
         learn_coeffs(LearnCoeffsConfig(
             vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
-            objective=objective, granularity="tensor", shots=16 if objective == "ce" else 32,
+            objective=objective, granularity="tensor",
+            shots=(4 if cfg.smoke else 16) if objective == "ce" else (8 if cfg.smoke else 32),
             split="train" if objective == "ce" else "test", steps=steps, lr=0.05,
             device=cfg.device, seed=cfg.seed, merged_out=merged), log=log,
             progress=stages.progress)
@@ -330,7 +335,8 @@ def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: st
     from tvtool.merge.evaluation import EvalSettings, Evaluator
     from tvtool.merge.search import search_negation
 
-    grid = tuple(round(0.05 * i, 2) for i in range(1, 21))  # `negate --search`'s default
+    # `negate --search`'s default grid
+    grid = (0.5, 1.0) if cfg.smoke else tuple(round(0.05 * i, 2) for i in range(1, 21))
     key = _key("negate", _file_key(vector), target, control, grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"negated-{mode}-{key}.safetensors")
 
@@ -360,9 +366,9 @@ def _disentangle(cfg: DemoConfig, stages: _Stages, mode: str, first: str, second
                  task1: str, task2: str) -> dict[str, Any]:
     from tvtool.evaluate import DisentanglementConfig, disentanglement, render_heatmap
 
-    alphas = (-2.0, -1.0, 0.0, 1.0, 2.0) if cfg.quick else (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0,
-                                                            3.0)
-    limit = 100 if cfg.quick else 200
+    alphas = ((-1.0, 0.0, 1.0) if cfg.smoke else (-2.0, -1.0, 0.0, 1.0, 2.0) if cfg.quick
+              else (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0))
+    limit = 32 if cfg.smoke else 100 if cfg.quick else 200
     key = _key("dis", _file_key(first), _file_key(second), alphas, limit, cfg.seed)
 
     def compute() -> dict[str, Any]:

@@ -28,7 +28,7 @@ def test_extract_negate_apply_through_shell_pipes(files, tmp_path):
            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
                                                       os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     # stdout of the last command is the output path only; logs went to stderr.
     assert done.stdout == f"{out}\n"
@@ -49,15 +49,16 @@ def test_a_failing_stage_fails_the_pipe_with_one_error_line(files, tmp_path):
     tv = f"{shlex.quote(sys.executable)} -m tvtool"
     # A checkpoint is not a task vector: negate must refuse what extract never produced.
     script = (f"set -o pipefail\ncat {shlex.quote(files['base'])} | {tv} negate - -o - "
-              f"| {tv} apply - --base {shlex.quote(files['base'])} -o out.safetensors\n")
+              f"| cat > out.safetensors\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(),
                                                       os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
     assert done.returncode == 2, done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("tvtool: error:")]
-    assert any("is a tvtool checkpoint, not a task vector" in line for line in errors), \
-        done.stderr
+    assert len(errors) == 1, done.stderr
+    assert "is a tvtool checkpoint, not a task vector" in errors[0]
     assert "Traceback" not in done.stderr
-    assert list(tmp_path.iterdir()) == []
+    # Nothing reached the pipe: the reader got an empty stream, not half a file.
+    assert (tmp_path / "out.safetensors").read_bytes() == b""

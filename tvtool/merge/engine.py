@@ -381,7 +381,7 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
     known = [(labels[i], m.architecture) for i, m in enumerate(metas) if m.architecture]
     for label, architecture in known[1:]:
         warning = check_architecture(label, architecture, known[0][1],
-                                     f"{known[0][0]}'s architecture")
+                                     f"the first vector {known[0][0]}")
         if warning:
             log(warning)
     prints = {m.base_fingerprint for m in metas if m.base_fingerprint}

@@ -380,10 +380,10 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
     # else is an error.
     known = [(labels[i], m.architecture) for i, m in enumerate(metas) if m.architecture]
     for label, architecture in known[1:]:
-        warning = check_architecture(label, architecture, known[0][1],
-                                     f"the first vector {known[0][0]}")
-        if warning:
-            log(warning)
+        note = check_architecture(label, architecture, known[0][1],
+                                  f"the first vector {known[0][0]}")
+        if note:
+            log(note)
     prints = {m.base_fingerprint for m in metas if m.base_fingerprint}
     if len(prints) > 1 and not config.allow_base_mismatch:
         first = metas[0].base_fingerprint or ""

@@ -28,6 +28,7 @@ def test_python_dash_m_runs_the_same_app():
                          capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.getcwd()})
     assert bad.returncode == 2
+    assert "no-such-command" in bad.stderr, bad.stderr
 
 
 def test_log_lines_are_printed_verbatim(capsys):

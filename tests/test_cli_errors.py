@@ -323,4 +323,5 @@ def test_debug_shows_the_traceback(cli, files, out_dir, monkeypatch):
     result = cli(["negate", files["base"], "-o", str(out_dir / "o.safetensors")])
     assert result.exit_code == 2
     assert "Traceback" in result.stderr
+    assert "is a tvtool checkpoint, not a task vector" in result.stderr
     assert result.stderr.rstrip().splitlines()[-1].startswith("tvtool: error: ")

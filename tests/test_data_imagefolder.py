@@ -45,7 +45,8 @@ def folders(tmp_path_factory):
     single = base / "single"
     _fill(single, {"a_b": 10, "c": 10})
     _png(single / "c" / "nested" / "deep.png", COLOURS["c"], shade=99)
-    (single / "classnames.txt").write_text("alpha beta\n\n# comment\ngamma\n")
+    # A mapping in an order other than the folders': matched by folder name.
+    (single / "classnames.txt").write_text("c\tgamma\n\n# comment\na_b\talpha beta\n")
     (single / "templates.txt").write_text("a sketch of a {}.\na {} drawn small.\n")
     return {"splits": splits, "single": single, "base": base}
 
@@ -141,6 +142,115 @@ def test_classnames_file_must_match_the_folders(folders):
         task_spec(f"imagefolder:{root}")
 
 
+def test_plain_classnames_list_is_matched_by_folder_name(folders):
+    # Listed in reverse order and spelled differently: matched to the folders, not by position.
+    root = _broken(folders["base"], "classnames-by-name")
+    (root / "classnames.txt").write_text("Dog\nCat\n")
+    assert task_spec(f"imagefolder:{root}").classnames == ("Cat", "Dog")
+    train = load_split(f"imagefolder:{root}", "train")
+    _labels_match_colours(train, ["cat", "dog"])
+
+
+def test_plain_classnames_list_of_other_names_is_ambiguous(folders):
+    # The original failure: "dog" listed first would silently label every cat a dog.
+    root = _broken(folders["base"], "classnames-ambiguous")
+    (root / "classnames.txt").write_text("puppy\nkitten\n")
+    with pytest.raises(InvalidInputError, match="order cannot be checked") as info:
+        task_spec(f"imagefolder:{root}")
+    assert "folder<TAB>class name" in info.value.hint
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("cat\tkitten\n", "no name for class folder 'dog'"),
+    ("cat\tkitten\ndog\tpuppy\nbird\tparrot\n", "folder 'bird', which is not a class"),
+    ("cat\tkitten\ncat\tmoggy\ndog\tpuppy\n", "folder 'cat' twice"),
+    ("cat\tkitten\npuppy\n", "is not 'folder<TAB>class name'"),
+])
+def test_classnames_mapping_must_cover_each_folder_once(folders, text, message):
+    root = _broken(folders["base"], f"classnames-map-{abs(hash(text)) % 10**6}")
+    (root / "classnames.txt").write_text(text)
+    with pytest.raises(InvalidInputError, match=message):
+        task_spec(f"imagefolder:{root}")
+
+
+def test_classnames_mapping_gives_names_in_label_order(folders):
+    root = _broken(folders["base"], "classnames-map")
+    (root / "classnames.txt").write_text("dog\tpuppy\ncat\tkitten\n")
+    assert task_spec(f"imagefolder:{root}").classnames == ("kitten", "puppy")
+
+
+def test_test_folder_without_train_is_an_error(folders):
+    # The original failure: read as one class named "test", 100% accuracy, exit 0.
+    root = folders["base"] / "test-only"
+    _fill(root, {"cat": 2, "dog": 2}, "test")
+    with pytest.raises(InvalidInputError, match=r"split folders \('test'\) but no training"):
+        task_spec(f"imagefolder:{root}")
+
+
+def test_single_class_is_an_error(folders):
+    root = folders["base"] / "one-class"
+    _fill(root, {"cat": 4})
+    with pytest.raises(InvalidInputError, match=r"only one class folder \('cat'\)"):
+        task_spec(f"imagefolder:{root}")
+    split_root = folders["base"] / "one-class-split"
+    _fill(split_root, {"cat": 4}, "train")
+    with pytest.raises(InvalidInputError, match="at least two classes"):
+        task_spec(f"imagefolder:{split_root}")
+
+
+def test_class_folder_named_like_a_split_is_an_error(folders):
+    root = folders["base"] / "nested-split"
+    _fill(root, {"cat": 2, "dog": 2}, "train")
+    _fill(root / "train", {"cat": 2}, "Test")
+    with pytest.raises(InvalidInputError, match=r"'Test'.*named like a split"):
+        task_spec(f"imagefolder:{root}")
+
+
+def test_common_split_names_are_recognised_in_any_case(folders):
+    # The original failure: validation/ and Test/ ignored, test carved out of train/.
+    root = folders["base"] / "split-names"
+    _fill(root, {"cat": 6, "dog": 6}, "Training")
+    _fill(root, {"cat": 3, "dog": 2}, "validation")
+    _fill(root, {"cat": 4, "dog": 5}, "Test")
+    name = f"imagefolder:{root}"
+    sizes = {s: len(load_split(name, s)) for s in ("train", "val", "test")}
+    assert sizes == {"train": 12, "val": 5, "test": 9}
+    for split in ("train", "val", "test"):
+        _labels_match_colours(load_split(name, split), ["cat", "dog"])
+    assert split_manifest(name)["source"]["split_folders"] == ["train", "val", "test"]
+
+
+def test_unknown_folder_beside_the_splits_is_an_error(folders):
+    root = folders["base"] / "stray-split"
+    _fill(root, {"cat": 2, "dog": 2}, "train")
+    _fill(root, {"cat": 2, "dog": 2}, "holdout")
+    with pytest.raises(InvalidInputError, match="'holdout' beside its split folders"):
+        task_spec(f"imagefolder:{root}")
+
+
+def test_two_folders_for_one_split_are_an_error(folders):
+    root = folders["base"] / "two-vals"
+    _fill(root, {"cat": 2, "dog": 2}, "train")
+    _fill(root, {"cat": 1, "dog": 1}, "val")
+    _fill(root, {"cat": 1, "dog": 1}, "Validation")
+    with pytest.raises(InvalidInputError, match="two val folders"):
+        task_spec(f"imagefolder:{root}")
+
+
+def test_sixteen_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    # The original failure: convert("RGB") clipped every value above 255 to white.
+    values = np.array([[0, 257, 1000], [32768, 60000, 65535]], dtype=np.uint16)
+    path = tmp_path / "wide.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I")  # PIL really reads it as a 16-bit image
+    image = read_image(path)
+    expected = np.rint(values.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+    assert image.mode == "RGB"
+    for channel in range(3):
+        assert np.array_equal(np.asarray(image)[..., channel], expected)
+
+
 def test_templates_need_a_placeholder(folders):
     root = _broken(folders["base"], "bad-templates")
     (root / "templates.txt").write_text("a photo\n")
@@ -150,8 +260,8 @@ def test_templates_need_a_placeholder(folders):
 
 def test_test_class_missing_from_train_is_an_error(folders):
     root = folders["base"] / "mismatch"
-    _fill(root, {"cat": 2}, "train")
-    _fill(root, {"cat": 1, "dog": 1}, "test")
+    _fill(root, {"cat": 2, "dog": 2}, "train")
+    _fill(root, {"cat": 1, "c": 1}, "test")
     with pytest.raises(InvalidInputError, match="training folder lacks"):
         load_split(f"imagefolder:{root}", "test")
 

@@ -110,6 +110,58 @@ def test_gain_recovered_is_the_fraction_of_the_finetuning_gain():
     assert "| full | 0.45 |" in text and "| full:a | 1.00 | 0.02 |" in text
 
 
+def test_demo_every_stage_end_to_end_on_the_smallest_budgets(tmp_path):
+    """The default-run demo check: every stage, real models and data, tiny budgets.
+
+    ``tvtool demo --quick`` itself is the slow test below.
+    """
+    from tvtool.demo import DemoConfig, run_demo
+    from tvtool.models import embedded_weights_path
+
+    if not embedded_weights_path().is_file():
+        pytest.fail(f"embedded weights missing at {embedded_weights_path()}")
+    tasks, modes = ("synthetic:shape", "synthetic:color"), ("full", "linear")
+    out = tmp_path / "demo"
+    config = DemoConfig(out=str(out), quick=True, device="cpu", tasks=tasks, modes=modes,
+                        steps=8, batch_size=16, eval_limit=32, smoke=True)
+    lines: list[str] = []
+    doc = run_demo(config, lines.append)
+    assert json.loads(json.dumps(doc)) == json.loads((out / "report.json").read_text())
+    assert doc["tasks"] == list(tasks)
+    for mode in modes:
+        for task in tasks:
+            assert 0.0 <= doc["finetuned"][mode][task] <= 1.0
+            assert Path(doc["vectors"][mode][task]).is_file()
+        for method in ("task_arithmetic", "ties"):
+            entry = doc["methods"][mode][method]
+            assert entry["coef"] in (0.0, 0.5, 1.0)
+            assert set(entry["accuracy"]) == set(tasks)
+            assert Path(entry["output"]).is_file()
+        dis = doc["disentanglement"][mode]
+        assert dis["alphas"] == [-1.0, 0.0, 1.0] and len(dis["error"]) == 3
+        assert (out / dis["figure"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    for method in ("atlas_fewshot", "atlas_unlabelled"):
+        assert set(doc["methods"]["full"][method]["accuracy"]) == set(tasks)
+    neg = doc["negation"]
+    assert neg["mode"] == "linear" and neg["coef"] in (0.5, 1.0)
+    assert Path(neg["output"]).is_file()
+    assert len(doc["cosine"]["matrix"]) == len(tasks) * len(modes)
+    assert doc["claims"] and all(isinstance(c["held"], bool) for c in doc["claims"])
+    # Fine-tuning did something: a task vector is not zero and changes the accuracy.
+    assert doc["finetuned"]["full"] != {t: doc["zero_shot"][t] for t in tasks}
+    assert "## Claims of the papers on this run" in (out / "report.md").read_text()
+    assert any("[demo] fine-tuning" in line for line in lines)
+    # A re-run reuses every cached artefact.
+    written = {p: p.stat().st_mtime_ns for p in (out / "vectors").iterdir()}
+    again: list[str] = []
+    redo = run_demo(config, again.append)
+    assert {p: p.stat().st_mtime_ns for p in (out / "vectors").iterdir()} == written
+    assert not any("fine-tuning synthetic" in line for line in again)
+    for key in ("zero_shot", "finetuned", "methods", "negation", "disentanglement", "claims"):
+        assert redo[key] == doc[key], key
+
+
+@pytest.mark.slow
 def test_quick_demo_smoke(cli, tmp_path):
     from tvtool.models import embedded_weights_path
 

@@ -175,6 +175,15 @@ def test_imagefolder_without_classes_is_refused(cli, files, tmp_path):
              tmp_path, "no class folders")
 
 
+def test_imagefolder_with_only_a_test_folder_is_refused(cli, files, tmp_path):
+    # Once read as one class named "test" and reported at 100.00% accuracy with exit 0.
+    write_imagefolder(tmp_path / "only-test" / "test", {"a": (0, 0, 0), "b": (255, 255, 255)},
+                      per_class=3)
+    _refused(cli, ["eval", "--base", files["base"], "-d",
+                   f"imagefolder:{tmp_path / 'only-test'}"], tmp_path,
+             "has split folders ('test') but no training folder")
+
+
 def test_unreadable_image_is_refused(cli, files, tmp_path):
     root = write_imagefolder(tmp_path / "broken", {"a": (0, 0, 0), "b": (255, 255, 255)})
     for path in sorted((root / "a").iterdir()):

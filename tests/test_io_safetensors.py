@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import random
 import stat
 import struct
 import sys
@@ -244,7 +245,8 @@ F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
 @pytest.mark.parametrize(("content", "message"), [
     (b"", "only 0 bytes"),
     (b"abc", "only 3 bytes"),
-    (os.urandom(64), "not a valid safetensors file"),
+    # Fixed bytes (not os.urandom at collection time): stable test ids, reproducible failures.
+    (random.Random(64).randbytes(64), "not a valid safetensors file"),
     (raw_file({"a": F32x2}, b"\0" * 8, header_len=2**40), "header length"),
     (raw_file({"a": F32x2}, b"\0" * 8, header_len=10**6), "header length"),
     (raw_file({"a": F32x2, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},

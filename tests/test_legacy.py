@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import random
 import struct
 import zipfile
 from collections import OrderedDict
@@ -288,7 +289,9 @@ def test_zip_without_data_pkl(tmp_path):
         read_pickled_checkpoint(str(path))
 
 
-@pytest.mark.parametrize("content", [b"", b"hello world", b"\x80\x02", os.urandom(300)])
+# Fixed bytes (not os.urandom at collection time): stable test ids, reproducible failures.
+@pytest.mark.parametrize("content", [b"", b"hello world", b"\x80\x02",
+                                     random.Random(300).randbytes(300)])
 def test_garbage_is_invalid_input(tmp_path, content):
     path = tmp_path / "g.pt"
     path.write_bytes(content)
@@ -411,8 +414,11 @@ def test_convert_state_dict_ambiguity_and_wrong_architecture(cli, tmp_path, enco
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sd.pt"]
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"\x80\x02garbage"])
-def test_convert_bad_inputs(cli, tmp_path, content):
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "bad.pt' is empty"),
+    (b"not a checkpoint at all", "is neither a torch zip archive nor a pickle"),
+    (b"\x80\x02garbage", "is not a readable torch checkpoint: pickle data was truncated")])
+def test_convert_bad_inputs(cli, tmp_path, content, message):
     path = tmp_path / "bad.pt"
     path.write_bytes(content)
     out = tmp_path / "o.safetensors"
@@ -420,6 +426,7 @@ def test_convert_bad_inputs(cli, tmp_path, content):
     assert result.exit_code == 2
     assert result.stderr.startswith("tvtool: error: ")
     assert result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 

@@ -263,6 +263,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(cli, vecs, tmp_path):
 def test_dry_run_still_refuses_bad_inputs(cli, vecs):
     result = cli(["merge", vecs["v1"], vecs["other_base"], "--dry-run"])
     assert result.exit_code == 2
+    assert "were extracted from different bases" in result.stderr, result.stderr
 
 
 # ---------------------------------------------------------------- configs
@@ -445,8 +446,13 @@ def test_tensors_a_coefficients_file_does_not_cover_get_zero(cli, vecs, tmp_path
     torch.testing.assert_close(load(str(out))["a"], load(vecs["v1"])["a"] + load(vecs["v2"])["a"])
 
 
-@pytest.mark.parametrize("case", ["rows", "granularity", "order", "base", "kind"])
-def test_bad_coefficients_files_are_refused(cli, vecs, tmp_path, case):
+@pytest.mark.parametrize(("case", "message"), [
+    ("rows", "the coefficient file has 1 rows (one per task vector) but 2 vectors"),
+    ("granularity", "has granularity random:2: it scales parts of tensors"),
+    ("order", "row 0 was learned for 'd2', but vector 0 is 'd1'"),
+    ("base", "comes from another base than the vector the coefficients were learned for"),
+    ("kind", "is a tvtool task_vector, not a coefficient file")])
+def test_bad_coefficients_files_are_refused(cli, vecs, tmp_path, case, message):
     target = tmp_path / "c.safetensors"
     if case == "rows":
         write_coefficients(target, [[1.0]], "task", datasets=("d1",))
@@ -461,6 +467,7 @@ def test_bad_coefficients_files_are_refused(cli, vecs, tmp_path, case):
     out = tmp_path / "o.safetensors"
     result = cli(["merge", vecs["v1"], vecs["v2"], "--coefs", str(target), "-o", str(out)])
     assert result.exit_code == 2, result.stderr
+    assert message in result.stderr, result.stderr
     assert not out.exists()
 
 

@@ -204,15 +204,15 @@ def test_merge_search_refusals(cli, world, tmp_path):
 
 def test_negate_search_end_to_end(cli, world, tmp_path):
     out = tmp_path / "neg.safetensors"
+    # α = 1e-6 leaves the predictions as the base's, so the grid always has a feasible α and
+    # the test never passes by refusing (it once returned early on exit 1).
     result = cli(["negate", world["tv1"], "--search", "--base", world["base"], "--control",
-                  "synthetic:color", "--threshold", "0.01", "--coef-grid", "0.5,1", *EVAL,
-                  "-o", str(out), "--json"])
-    if result.exit_code == 1:  # no α kept the control task: refused, nothing written
-        assert "nothing written" in result.stderr and not out.exists()
-        return
+                  "synthetic:color", "--threshold", "0.01", "--coef-grid", "0.000001,0.5,1",
+                  *EVAL, "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["target"] == "synthetic:shape" and report["best_coef"] in (0.5, 1.0)
+    assert report["target"] == "synthetic:shape" and report["best_coef"] in (1e-6, 0.5, 1.0)
+    assert [p["coef"] for p in report["val"]["grid"]] == [1e-6, 0.5, 1.0]
     from tests.conftest import load
 
     vector = load(world["tv1"])
@@ -232,4 +232,51 @@ def test_merge_search_refuses_a_bad_output_before_searching(cli, world, tmp_path
     result = cli(["merge", world["tv1"], world["tv2"], "--search-coef", "--base", world["base"],
                   "-o", str(tmp_path / "missing-dir" / "o.safetensors")])
     assert result.exit_code == 2
+    assert "missing-dir' does not exist" in result.stderr, result.stderr
     assert "searching" not in result.stderr
+
+
+def _with_dataset(source: str, target, dataset: str) -> str:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(source, framework="pt") as handle:
+        header = dict(handle.metadata())
+    header["tvtool.dataset"] = dataset
+    save_file(load_file(source), str(target), metadata=header)
+    return str(target)
+
+
+def test_extract_records_an_absolute_imagefolder_path(cli, world, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "tv.safetensors"
+    from tvtool import operations
+
+    operations.extract(operations.ExtractConfig(
+        base=world["base"], finetuned=world["base"].replace("base", "ft1"), output=str(out),
+        dataset="imagefolder:data/cats", keep="changed"))
+    result = cli(["inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.stderr
+    recorded = json.loads(result.stdout)["files"][0]["metadata"]["tvtool.dataset"]
+    assert recorded == f"imagefolder:{tmp_path / 'data' / 'cats'}"
+
+
+def test_search_with_a_recorded_relative_imagefolder_hints_at_dataset(cli, world, tmp_path,
+                                                                      monkeypatch):
+    # Files written before paths were made absolute record them relative to where they ran.
+    one = _with_dataset(world["tv1"], tmp_path / "one.safetensors", "imagefolder:./my-data")
+    two = _with_dataset(world["tv2"], tmp_path / "two.safetensors", "synthetic:color")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    out = tmp_path / "merged.safetensors"
+    merged = cli(["merge", one, two, "--search-coef", "--base", world["base"], *EVAL,
+                  "-o", str(out)])
+    assert merged.exit_code == 2, merged.stderr
+    assert "records dataset 'imagefolder:./my-data', which is not a directory here" \
+        in merged.stderr
+    assert "--dataset" in merged.stderr and not out.exists()
+    negated = cli(["negate", one, "--search", "--base", world["base"], "--control",
+                   "synthetic:color", *EVAL, "-o", str(out)])
+    assert negated.exit_code == 2, negated.stderr
+    assert "not a directory here" in negated.stderr and "--target" in negated.stderr

@@ -47,8 +47,10 @@ from tvtool.models.hub import open_clip_hf_config
 from tvtool.models.refs import ModelRef
 from tvtool.vectors import (
     StreamPlan,
+    check_architecture,
     check_finite,
     cosine_matrix,
+    metadata_warnings,
     open_vector_meta,
     plan_combine,
     plan_extract,
@@ -143,9 +145,13 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
                                 keep=config.keep)
             for note in plan.notes:
                 log(note)
+            from tvtool.data import recorded_dataset_name
+
+            dataset = (recorded_dataset_name(config.dataset) if config.dataset is not None
+                       else None)
             meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture,
                             base_ref=config.base, base_fingerprint=fingerprint(base),
-                            mode=config.mode, linearized=False, dataset=config.dataset,
+                            mode=config.mode, linearized=False, dataset=dataset,
                             provenance=provenance("extract", _args(config)))
             write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
                           inputs=[config.finetuned, *_file_inputs(ref)], check_finite=False)
@@ -274,29 +280,30 @@ class ApplyConfig:
     hf_dir: str | None = None
 
 
-def _same_architecture(a: str, b: str) -> bool:
-    # "X" and "X-quickgelu" have identical tensors; the fingerprint decides about the weights.
-    return a.removesuffix("-quickgelu") == b.removesuffix("-quickgelu")
-
-
 def check_vectors_fit_base(metas: Sequence[tuple[str, FileMeta]], base_fp: str, *,
-                           allow_mismatch: bool, architecture: str) -> None:
+                           allow_mismatch: bool, architecture: str) -> list[str]:
     """Refuse vectors recorded against another base, unless explicitly allowed.
+
+    Returns:
+        Warnings to show: vectors without provenance metadata, or made for the same tensors
+        with another activation (see :func:`tvtool.vectors.check_architecture`).
 
     Raises:
         InvalidInputError: architecture mismatch (never overridable: the tensors would not
             fit), or fingerprint mismatch without ``allow_mismatch``.
     """
+    warnings: list[str] = []
     for label, meta in metas:
-        if meta.architecture and architecture and \
-                not _same_architecture(meta.architecture, architecture):
-            raise InvalidInputError(f"{label} was made for {meta.architecture}, the base is "
-                                    f"{architecture}")
+        warnings += metadata_warnings(meta, label)
+        note = check_architecture(label, meta.architecture, architecture)
+        if note:
+            warnings.append(note)
         if meta.base_fingerprint and meta.base_fingerprint != base_fp and not allow_mismatch:
             raise InvalidInputError(
                 f"{label} was extracted from another base (fingerprint "
                 f"{meta.base_fingerprint[:19]}… vs {base_fp[:19]}…)",
                 hint="use the base it was made from, or --allow-base-mismatch if you are sure")
+    return warnings
 
 
 def expand_coefs(coefs: Sequence[float], count: int) -> list[float]:
@@ -360,8 +367,10 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
         base, ref = base_source(ref)
         sources.insert(0, base)
         base_fp = fingerprint(base)
-        check_vectors_fit_base(metas, base_fp, allow_mismatch=config.allow_base_mismatch,
-                               architecture=ref.architecture)
+        for warning in check_vectors_fit_base(metas, base_fp,
+                                              allow_mismatch=config.allow_base_mismatch,
+                                              architecture=ref.architecture):
+            log(warning)
         mismatched = [label for label, m in metas
                       if m.base_fingerprint and m.base_fingerprint != base_fp]
         if mismatched:

@@ -21,7 +21,7 @@ import torch
 
 from tvtool.errors import InvalidInputError, NumericalError
 from tvtool.io import TensorInfo, TensorSource, all_finite
-from tvtool.metadata import FileMeta, Kind, Mode
+from tvtool.metadata import LINEARIZED_MODES, FileMeta, Kind, Mode
 from tvtool.types import StateDict
 
 _WRAPPER_PREFIXES = ("module.", "model.", "module.model.")
@@ -274,8 +274,12 @@ class VectorInput:
 def open_vector_meta(source: TensorSource, label: str) -> FileMeta:
     """Parse a task vector's metadata and refuse other kinds of tvtool file.
 
+    Also refuses metadata that contradicts itself or the tensors (see
+    :func:`check_vector_consistency`).
+
     Raises:
-        InvalidInputError: no tvtool metadata, or the file is a checkpoint/coefficients/head.
+        InvalidInputError: no tvtool metadata, the file is a checkpoint/coefficients/head, or
+            inconsistent metadata.
     """
     meta = FileMeta.from_header(source.metadata, label)
     if meta.kind is not Kind.TASK_VECTOR:
@@ -289,6 +293,7 @@ def open_vector_meta(source: TensorSource, label: str) -> FileMeta:
         meta = meta.with_changes(mode=Mode.LLORA_NET)
         _note_once(f"note: {label} is a `llora` vector from an older tvtool (whole network "
                    "linearized in the LoRA factors); reading it as mode llora-net")
+    check_vector_consistency(meta, source.keys(), label)
     return meta
 
 
@@ -300,6 +305,80 @@ def _note_once(message: str) -> None:
     if message not in _NOTED:
         _NOTED.add(message)
         sys.stderr.write(message + "\n")
+
+
+_LORA_SUFFIXES = (".lora_A", ".lora_B")  # tvtool.finetune.lora.SUFFIX_A / SUFFIX_B
+
+
+def check_vector_consistency(meta: FileMeta, names: Sequence[str], label: str) -> None:
+    """Refuse task-vector metadata that contradicts itself or the tensors.
+
+    A ``linear`` vector is a change of the linearized model: recorded as not linearized, it
+    would be added to the weights without ``--approximate-linearized`` and evaluated as another
+    model. A ``lora`` vector without LoRA factors would be taken as dense deltas.
+
+    Raises:
+        InvalidInputError: ``mode=linear`` or ``llora-net`` with ``linearized=false``, or
+            ``mode=lora`` without
+            any ``*.lora_A``/``*.lora_B`` tensor.
+    """
+    if meta.mode in LINEARIZED_MODES and not meta.linearized:
+        raise InvalidInputError(
+            f"{label} records tvtool.mode={meta.mode.value} but tvtool.linearized=false: such "
+            "a vector only means something as a change of the linearized model",
+            hint="the metadata was edited or damaged; re-create the file with tvtool")
+    if meta.mode is Mode.LORA and not any(n.endswith(_LORA_SUFFIXES) for n in names):
+        raise InvalidInputError(
+            f"{label} records tvtool.mode=lora but holds no LoRA factors (*.lora_A, *.lora_B)",
+            hint="the metadata was edited or damaged; re-create the file with tvtool")
+
+
+def metadata_warnings(meta: FileMeta, label: str) -> list[str]:
+    """Warnings for a task vector whose provenance cannot be checked.
+
+    Without ``tvtool.base_fingerprint`` nothing can tell whether the vector fits the base it is
+    used with; without ``tvtool.architecture`` nothing can tell whether the model computes what
+    the vector was trained for.
+    """
+    missing = [key for key, value in (("tvtool.base_fingerprint", meta.base_fingerprint),
+                                      ("tvtool.architecture", meta.architecture)) if not value]
+    if not missing:
+        return []
+    return [f"warning: {label} records no {' and no '.join(missing)}; it cannot be checked "
+            "against the base (is it a file from another tool, or was its metadata removed?)"]
+
+
+def _strip_activation(architecture: str) -> str:
+    return architecture.removesuffix("-quickgelu")
+
+
+def _activation(architecture: str) -> str:
+    return "QuickGELU" if architecture.endswith("-quickgelu") else "GELU"
+
+
+def check_architecture(label: str, recorded: str | None, target: str | None,
+                       target_label: str = "the base") -> str | None:
+    """One rule for whether a vector made for ``recorded`` may be used with ``target``.
+
+    ``X`` and ``X-quickgelu`` hold the same tensors but compute with different activations
+    (GELU vs QuickGELU), so a vector trained with one is accepted on the other with a warning;
+    any other difference is an error. A missing architecture is not checked here (see
+    :func:`metadata_warnings`).
+
+    Returns:
+        A warning when only the activation differs, else None.
+
+    Raises:
+        InvalidInputError: different architectures.
+    """
+    if not recorded or not target or recorded == target:
+        return None
+    if _strip_activation(recorded) != _strip_activation(target):
+        raise InvalidInputError(f"{label} was made for {recorded}, {target_label} is {target}",
+                                hint="task vectors only fit the architecture they were made for")
+    return (f"warning: {label} was made for {recorded} ({_activation(recorded)}) and is used with "
+            f"{target_label} {target} ({_activation(target)}): same tensors, different activation, "
+            "so the model does not compute what the vector was trained for")
 
 
 Producer = Callable[[], torch.Tensor]

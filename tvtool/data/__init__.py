@@ -23,7 +23,7 @@ from typing import Any
 from tvtool import __version__
 from tvtool.data.base import Pool, Source, SplitDataset, TaskSpec, Transform
 from tvtool.data.imagefolder import PREFIX as IMAGEFOLDER_PREFIX
-from tvtool.data.imagefolder import resolve_imagefolder
+from tvtool.data.imagefolder import recorded_dataset_name, resolve_imagefolder
 from tvtool.data.splits import (
     MANIFEST_FORMAT,
     SPLITS,
@@ -52,6 +52,7 @@ __all__ = [
     "download",
     "list_datasets",
     "load_split",
+    "recorded_dataset_name",
     "split_manifest",
     "task_spec",
 ]

@@ -2,8 +2,14 @@
 
 Two layouts (see docs/data.md):
 
-* ``PATH/train/<class>/...`` plus optional ``PATH/test/<class>/...`` and ``PATH/val/<class>/...``;
+* ``PATH/train/<class>/...`` plus optional ``PATH/test/<class>/...`` and ``PATH/val/<class>/...``
+  (split folders recognised by their common names, any case: ``training``, ``valid``,
+  ``validation``, ``testing``, ...);
 * ``PATH/<class>/...``: one pool, split deterministically.
+
+A folder named like a split makes the layout a split layout, and then every other folder beside
+it is an error, so a misspelt or missing split can never turn into a class. Fewer than two
+classes is an error too: accuracy over one class means nothing.
 
 Hidden entries (names starting with ``.``) are ignored everywhere. Every other file inside a
 class folder must be an image; an empty class folder is an error, never silently dropped.
@@ -26,6 +32,9 @@ CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 _SPLIT_DIRS = ("train", "val", "test")
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+               "validation": "val", "test": "test", "testing": "test"}
+"""Folder names (lowercase) recognised as split folders, and the split each one holds."""
 
 
 def _visible(path: Path) -> bool:
@@ -61,6 +70,93 @@ def _images_in(class_dir: Path, root: Path) -> list[Path]:
             f"class folder {class_dir.relative_to(root).as_posix()!r} in {str(root)!r} has no "
             "images", hint="add images or remove the empty folder")
     return sorted(found, key=lambda p: p.as_posix())
+
+
+def _split_folders(root: Path) -> dict[str, Path]:
+    """The split folders of ``root`` by split (empty for the single-folder layout).
+
+    Raises:
+        InvalidInputError: two folders for one split, split folders without a training
+            folder, or other folders beside the split folders.
+    """
+    found: dict[str, Path] = {}
+    others: list[str] = []
+    for folder in _class_dirs(root):
+        split = SPLIT_NAMES.get(folder.name.lower())
+        if split is None:
+            others.append(folder.name)
+        elif split in found:
+            raise InvalidInputError(
+                f"image folder {str(root)!r} has two {split} folders: {found[split].name!r} and "
+                f"{folder.name!r}", hint="merge them into one folder")
+        else:
+            found[split] = folder
+    if not found:
+        return {}
+    names = ", ".join(repr(p.name) for p in found.values())
+    if "train" not in found:
+        raise InvalidInputError(
+            f"image folder {str(root)!r} has split folders ({names}) but no training folder",
+            hint="put the training images in PATH/train/<class>/ (a split folder is never a "
+                 "class: docs/data.md)")
+    if others:
+        raise InvalidInputError(
+            f"image folder {str(root)!r} has {others[0]!r} beside its split folders ({names}); "
+            "it is neither a split nor used",
+            hint="split folders are train/training, val/valid/validation and test/testing (any "
+                 "case); move or hide (leading '.') the others")
+    return found
+
+
+def _normalised(name: str) -> str:
+    return " ".join(name.replace("_", " ").replace("-", " ").lower().split())
+
+
+def _read_classnames(listed: Path, folders: list[str]) -> tuple[str, ...]:
+    """Class names from ``classnames.txt``, in the label order of ``folders``.
+
+    Either every line is ``folder<TAB>name`` (a mapping, any order), or every line names a
+    class folder (``_``/``-``/spaces and case aside; matched by name, any order). A plain list
+    of other names is refused: nothing could tell whether it follows the folders' order.
+
+    Raises:
+        InvalidInputError: a malformed, incomplete or ambiguous list.
+    """
+    lines = read_text_lines(listed)
+    hint = "write one 'folder<TAB>class name' line per class folder (docs/data.md)"
+    if any("\t" in line for line in lines):
+        mapping: dict[str, str] = {}
+        for line in lines:
+            folder, tab, name = line.partition("\t")
+            folder, name = folder.strip(), name.strip()
+            if not tab or not folder or not name:
+                raise InvalidInputError(f"{str(listed)!r}: line {line[:80]!r} is not "
+                                        "'folder<TAB>class name'", hint=hint)
+            if folder not in folders:
+                raise InvalidInputError(f"{str(listed)!r} names folder {folder[:80]!r}, which is "
+                                        "not a class folder", hint=hint)
+            if folder in mapping:
+                raise InvalidInputError(f"{str(listed)!r} names folder {folder[:80]!r} twice",
+                                        hint=hint)
+            mapping[folder] = name
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise InvalidInputError(f"{str(listed)!r} gives no name for class folder "
+                                    f"{missing[0]!r} ({len(missing)} missing)", hint=hint)
+        return tuple(mapping[f] for f in folders)
+    if len(lines) != len(folders):
+        raise InvalidInputError(
+            f"{str(listed)!r} lists {len(lines)} class names but there are "
+            f"{len(folders)} class folders", hint=hint)
+    by_key: dict[str, str] = {}
+    for line in lines:
+        by_key.setdefault(_normalised(line), line)
+    keys = [_normalised(f) for f in folders]
+    if len(by_key) == len(lines) and len(set(keys)) == len(keys) and set(keys) == set(by_key):
+        return tuple(by_key[k] for k in keys)
+    raise InvalidInputError(
+        f"{str(listed)!r} lists names that are not the class folders' names, so their order "
+        "cannot be checked (a list in another order would mislabel every class)", hint=hint)
 
 
 class FilePool:
@@ -120,13 +216,25 @@ class ImageFolderSource:
     def __init__(self, name: str, root: Path) -> None:
         self.name = name
         self.root = root
-        self.layout = "splits" if (root / "train").is_dir() else "single"
-        top = root / "train" if self.layout == "splits" else root
-        folders = [d.name for d in _class_dirs(top)] if top.is_dir() else []
+        self.split_dirs = _split_folders(root)
+        self.layout = "splits" if self.split_dirs else "single"
+        top = self.split_dirs["train"] if self.split_dirs else root
+        folders = [d.name for d in _class_dirs(top)]
         if not folders:
             raise InvalidInputError(
                 f"image folder {str(root)!r} has no class folders",
                 hint="use PATH/<class>/<images> or PATH/train/<class>/<images> (docs/data.md)")
+        if len(folders) < 2:
+            raise InvalidInputError(
+                f"image folder {str(top)!r} has only one class folder ({folders[0]!r}); "
+                "classification needs at least two classes",
+                hint="use PATH/<class>/<images> with one folder per class (docs/data.md)")
+        split_named = [f for f in folders if f.lower() in SPLIT_NAMES]
+        if split_named:
+            raise InvalidInputError(
+                f"class folder {split_named[0]!r} in {str(top)!r} is named like a split",
+                hint="splits go directly under PATH (PATH/train/<class>/...), never inside a "
+                     "split folder")
         self.folders = folders
         self.spec = TaskSpec(name, self._classnames(folders), self._templates())
 
@@ -134,13 +242,7 @@ class ImageFolderSource:
         listed = self.root / CLASSNAMES_FILE
         if not listed.is_file():
             return tuple(f.replace("_", " ") for f in folders)
-        names = read_text_lines(listed)
-        if len(names) != len(folders):
-            raise InvalidInputError(
-                f"{str(listed)!r} lists {len(names)} class names but there are "
-                f"{len(folders)} class folders",
-                hint="one name per line, in the sorted order of the class folders")
-        return tuple(names)
+        return _read_classnames(listed, folders)
 
     def _templates(self) -> tuple[str, ...]:
         listed = self.root / TEMPLATES_FILE
@@ -161,17 +263,32 @@ class ImageFolderSource:
             return {"train": FilePool(self.root, items)}
         pools: dict[str, Pool] = {}
         for split in _SPLIT_DIRS:
-            folder = self.root / split
-            if folder.is_dir():
+            folder = self.split_dirs.get(split)
+            if folder is not None:
                 _, items = scan_class_folders(folder, self.root, self.folders)
                 pools[split] = FilePool(self.root, items)
         return pools
 
     def describe(self) -> dict[str, Any]:
-        present = [s for s in _SPLIT_DIRS if (self.root / s).is_dir()]
+        present = [s for s in _SPLIT_DIRS if s in self.split_dirs]
         return {"kind": "imagefolder", "layout": self.layout,
                 "split_folders": present if self.layout == "splits" else [],
                 "classes": list(self.folders)}
+
+
+def recorded_dataset_name(name: str) -> str:
+    """The form of a dataset name to record in a file: ``imagefolder:`` paths made absolute.
+
+    A relative path recorded in a vector would point elsewhere once the vector is used from
+    another directory (``merge --search-coef``, ``negate --search``). Other names are returned
+    unchanged.
+    """
+    if not name.strip().lower().startswith(PREFIX):
+        return name
+    text = name.strip()[len(PREFIX):].strip()
+    if not text:
+        return name
+    return PREFIX + str(Path(text).expanduser().resolve())
 
 
 def resolve_imagefolder(name: str) -> ImageFolderSource:

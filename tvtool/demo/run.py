@@ -50,6 +50,9 @@ class DemoConfig:
         batch_size: Fine-tuning batch size.
         lr: Fine-tuning learning rate.
         eval_limit: Examples per split evaluated (None: the whole split).
+        smoke: Internal, for the test suite: every stage runs end to end on the smallest
+            budgets (short grids, a few aTLAS steps, a 3 x 3 disentanglement map). The
+            numbers mean nothing; the CLI never sets it.
     """
 
     out: str = "tvtool-demo"
@@ -63,6 +66,7 @@ class DemoConfig:
     batch_size: int = 64
     lr: float = 1e-3
     eval_limit: int | None = None
+    smoke: bool = False
 
     def resolved(self) -> DemoConfig:
         """Fill the defaults that depend on ``quick``."""
@@ -288,8 +292,11 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
     # λ sits near or above 1 where task arithmetic's sum of N vectors wants α ≈ 1/N: TIES
     # gets seven points spanning its reference range 0.8-2.5 (`merge --search-coef`'s
     # default for ties, at a coarser step to keep the demo short).
-    if method == "ties":
-        grid: tuple[float, ...] = (0.8, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5)
+    grid: tuple[float, ...]
+    if cfg.smoke:
+        grid = (0.0, 0.5, 1.0)
+    elif method == "ties":
+        grid = (0.8, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5)
     else:
         step = 0.25 if cfg.quick else 0.1
         grid = tuple(round(step * i, 2) for i in range(0, 7))
@@ -311,7 +318,7 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
            ) -> dict[str, Any]:
     from tvtool.coeffs.run import LearnCoeffsConfig, learn_coeffs
 
-    steps = 30 if cfg.quick else 80
+    steps = 4 if cfg.smoke else 30 if cfg.quick else 80
     # The references' other settings (weight decay 0.1, gradient clipping at 1, ufm's
     # pseudo-labels, trusted subset and 0.99 threshold) are learn-coeffs' defaults. Two
     # differences, both for this world: augmentation is open_clip's mild training crop
@@ -327,7 +334,8 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
     if not (Path(coefs).is_file() and Path(merged).is_file()):
         learn_coeffs(LearnCoeffsConfig(
             vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
-            objective=objective, granularity="tensor", shots=16 if objective == "ce" else 32,
+            objective=objective, granularity="tensor",
+            shots=(4 if cfg.smoke else 16) if objective == "ce" else (8 if cfg.smoke else 32),
             split="train" if objective == "ce" else "test", steps=steps, lr=lr, augment="train",
             device=cfg.device, seed=cfg.seed, merged_out=merged), log=log,
             progress=stages.progress)
@@ -348,7 +356,8 @@ def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: st
     from tvtool.merge.evaluation import EvalSettings, Evaluator
     from tvtool.merge.search import search_negation
 
-    grid = tuple(round(0.05 * i, 2) for i in range(1, 21))  # `negate --search`'s default
+    # `negate --search`'s default grid
+    grid = (0.5, 1.0) if cfg.smoke else tuple(round(0.05 * i, 2) for i in range(1, 21))
     key = _key("negate", _file_key(vector), target, control, grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"negated-{mode}-{key}.safetensors")
 
@@ -378,9 +387,9 @@ def _disentangle(cfg: DemoConfig, stages: _Stages, mode: str, first: str, second
                  task1: str, task2: str) -> dict[str, Any]:
     from tvtool.evaluate import DisentanglementConfig, disentanglement, render_heatmap
 
-    alphas = (-2.0, -1.0, 0.0, 1.0, 2.0) if cfg.quick else (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0,
-                                                            3.0)
-    limit = 100 if cfg.quick else 200
+    alphas = ((-1.0, 0.0, 1.0) if cfg.smoke else (-2.0, -1.0, 0.0, 1.0, 2.0) if cfg.quick
+              else (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0))
+    limit = 32 if cfg.smoke else 100 if cfg.quick else 200
     key = _key("dis", _file_key(first), _file_key(second), alphas, limit, cfg.seed)
 
     def compute() -> dict[str, Any]:

@@ -276,9 +276,9 @@ def open_eval_model(
             if opened[-1].meta.mode in LORA_MODES:
                 opened[-1] = _materialized(opened[-1])
         base_fp = fingerprint(source)
-        check_vectors_fit_base([(v.source.label, v.meta) for v in opened], base_fp,
-                               allow_mismatch=allow_base_mismatch, architecture=ref.architecture)
-        notes: list[str] = []
+        notes = check_vectors_fit_base([(v.source.label, v.meta) for v in opened], base_fp,
+                                       allow_mismatch=allow_base_mismatch,
+                                       architecture=ref.architecture)
         linearized = _linearized(opened, approximate_linearized, notes)
         notes += _text_side_notes(opened)
         torch_device = torch.device(device)

@@ -1006,9 +1006,12 @@ def finetune(
         if on_trained is not None:
             on_trained(adapter)
         vector = adapter.task_vector()
+        from tvtool.data import recorded_dataset_name
+
         meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=architecture, base_ref=config.base,
                         base_fingerprint=base_fp, mode=config.mode, linearized=mode.linearized,
-                        dataset=config.dataset,
+                        dataset=(recorded_dataset_name(config.dataset) if config.dataset
+                                 else config.dataset),
                         provenance=provenance("finetune", {**config.as_json(),
                                                            "precision_resolved": precision,
                                                            "world_size": info.world},

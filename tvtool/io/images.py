@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from tvtool.errors import InvalidInputError
@@ -35,7 +36,7 @@ def read_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 image.load()
-                return image.convert("RGB")
+                return _to_rgb(image)
     except FileNotFoundError:
         raise InvalidInputError(f"image file {str(path)!r} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
@@ -45,6 +46,29 @@ def read_image(path: str | Path) -> Image.Image:
             f"cannot read image {str(path)!r}: {reason}",
             hint="remove or replace the file; every file in a class folder must be an image",
         ) from None
+
+
+_WIDE_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert to 8-bit RGB, scaling 16-bit grayscale to 0..255.
+
+    PIL's ``convert("RGB")`` clips integer images to 0..255, which turns a 16-bit grayscale PNG
+    into pure black and white; dividing by 257 maps 0..65535 onto 0..255 exactly.
+
+    Raises:
+        ValueError: an integer image with values outside 0..65535, or a float image.
+    """
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"{image.mode} image with values outside 0..65535")
+        grey = np.rint(values / 257.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point images have no defined brightness range")
+    return image.convert("RGB")
 
 
 def read_text_lines(path: str | Path) -> list[str]:

@@ -36,7 +36,7 @@ from tvtool.merge.registry import get_method
 from tvtool.merge.trim import global_threshold, trim_group
 from tvtool.metadata import LORA_MODES, FileMeta, Kind, Mode, provenance
 from tvtool.types import StateDict
-from tvtool.vectors import open_vector_meta
+from tvtool.vectors import check_architecture, metadata_warnings, open_vector_meta
 
 Logger = Callable[[str], None]
 
@@ -394,10 +394,17 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
         The mode (if shared) and the linearized flag of the output.
 
     """
-    archs = {m.architecture for m in metas if m.architecture}
-    if len(archs) > 1:
-        raise InvalidInputError(f"the vectors were made for different architectures: "
-                                f"{sorted(archs)}")
+    for index, meta in enumerate(metas):
+        for warning in metadata_warnings(meta, labels[index]):
+            log(warning)
+    # The rule apply and eval use: another activation of the same tensors warns, anything
+    # else is an error.
+    known = [(labels[i], m.architecture) for i, m in enumerate(metas) if m.architecture]
+    for label, architecture in known[1:]:
+        note = check_architecture(label, architecture, known[0][1],
+                                  f"the first vector {known[0][0]}")
+        if note:
+            log(note)
     prints = {m.base_fingerprint for m in metas if m.base_fingerprint}
     if len(prints) > 1 and not config.allow_base_mismatch:
         first = metas[0].base_fingerprint or ""
@@ -407,10 +414,6 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
             f"{labels[0]} and {labels[other]} were extracted from different bases (fingerprint "
             f"{first[:19]}… vs {(metas[other].base_fingerprint or '')[:19]}…)",
             hint="merge vectors of one base, or --allow-base-mismatch if you are sure")
-    unknown = [labels[i] for i, m in enumerate(metas) if not m.base_fingerprint]
-    if unknown:
-        log(f"warning: {len(unknown)} vectors record no base fingerprint ({unknown[:2]}); "
-            "their base cannot be checked")
     flags = {m.linearized for m in metas}
     if len(flags) > 1:
         if config.mixed_modes_as is None:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from tvtool.errors import TvtoolError, UsageError
+from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.io import scratch_directory
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.engine import MergeResult, merge, open_merge
@@ -248,6 +248,8 @@ def vector_datasets(config: MergeConfig, datasets: Sequence[str] | None) -> list
                 if not meta.dataset:
                     raise UsageError(f"{path!r} records no dataset",
                                      hint="pass one --dataset per vector, in order")
+                check_recorded_dataset(path, meta.dataset,
+                                       "pass one --dataset per vector, in order")
                 names.append(meta.dataset)
         finally:
             opened.close()
@@ -339,6 +341,30 @@ class NegateSearchReport:
                 "val": self.search.as_json(), "test": self.test}
 
 
+def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
+    """Refuse a recorded ``imagefolder:PATH`` that is no directory here, pointing at the flag.
+
+    Files written by older versions may record a path relative to where they were made, which
+    means nothing from another directory.
+
+    Raises:
+        InvalidInputError: the recorded image folder is not a directory.
+    """
+    from pathlib import Path
+
+    from tvtool.data.imagefolder import PREFIX
+
+    if not name.strip().lower().startswith(PREFIX):
+        return
+    folder = Path(name.strip()[len(PREFIX):].strip()).expanduser()
+    if not folder.is_dir():
+        where = ("" if folder.is_absolute()
+                 else " (a relative path, taken from the current directory)")
+        raise InvalidInputError(
+            f"{vector!r} records dataset {name!r}, which is not a directory here{where}",
+            hint=hint)
+
+
 def recorded_dataset(vector: str) -> str | None:
     """The dataset a task-vector file records (None for stdin or when it records none)."""
     from tvtool.io import open_tensors
@@ -390,6 +416,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
         target = recorded_dataset(vector)
         if not target:
             raise UsageError(f"{vector!r} records no dataset", hint="pass --target DATASET")
+        check_recorded_dataset(vector, target, "pass --target DATASET")
     if target == control:
         raise UsageError("the target and control datasets are the same")
     with Evaluator(settings, [vector], [target, control], log=log,

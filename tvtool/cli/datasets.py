@@ -10,7 +10,7 @@ from tvtool.cli.common import JsonOpt, emit_json, handles_errors
 
 def dataset_listing() -> list[dict[str, Any]]:
     """One entry per dataset name tvtool knows, then the ``imagefolder:PATH`` syntax."""
-    from tvtool.data.standard import STANDARD
+    from tvtool.data.standard import IMAGENET, STANDARD
     from tvtool.world.tasks import TASKS
 
     entries: list[dict[str, Any]] = []
@@ -23,6 +23,10 @@ def dataset_listing() -> list[dict[str, Any]]:
                         "description": f"read from DATA_ROOT/{info.folder} "
                                        "(--data-root or TVTOOL_DATA_ROOT; --download fetches it)",
                         "aliases": list(info.aliases)})
+    # Its class names come from open_clip's zero-shot metadata; listing needs no model import.
+    entries.append({"name": IMAGENET, "kind": "standard", "classes": 1000,
+                    "description": "read from DATA_ROOT/imagenet (torchvision's layout; "
+                                   "no --download)", "aliases": []})
     entries.append({"name": "imagefolder:PATH", "kind": "imagefolder", "classes": None,
                     "description": "your own images: PATH/<class>/*.png, or PATH/train/<class>"
                                    " and PATH/test/<class> (docs/data.md)",

@@ -8,10 +8,8 @@ name.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +17,7 @@ import open_clip
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.models.quiet import quiet_open_clip
 from tvtool.models.refs import known_architectures
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -40,16 +39,6 @@ class ArchitectureMatch:
     inferred: bool = True
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
 
 def architecture_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Names and shapes of an architecture's state dict, computed without allocating weights.
@@ -61,7 +50,7 @@ def architecture_shapes(name: str) -> dict[str, tuple[int, ...]]:
         raise InvalidInputError(f"unknown architecture {name!r}",
                                 hint="use an open_clip model name, e.g. ViT-B-32-quickgelu")
     try:
-        with _quiet(), torch.device("meta"):
+        with quiet_open_clip(), torch.device("meta"):
             model = open_clip.create_model(name, device="meta")
     except Exception as exc:  # open_clip raises many types (HF towers need the network)
         raise InvalidInputError(f"cannot build architecture {name!r} here: "

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -17,6 +15,7 @@ from tvtool.errors import InvalidInputError
 from tvtool.io import DictSource, TensorInfo, TensorSource, load_legacy, open_tensors
 from tvtool.io.legacy import strip_wrapper_prefixes
 from tvtool.metadata import FileMeta, Kind
+from tvtool.models.quiet import quiet_open_clip
 from tvtool.models.refs import TINY_MODEL, ModelRef, RefKind, parse_ref
 from tvtool.types import StateDict
 
@@ -46,17 +45,6 @@ class ClipBundle:
         """open_clip model name."""
         return self.ref.architecture
 
-
-@contextlib.contextmanager
-def _quiet_open_clip() -> Iterator[None]:
-    """open_clip logs a root-level warning for every model built without weights."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
 
 
 class _RenamedSource:
@@ -109,7 +97,7 @@ def resolve_ref(ref: str | ModelRef) -> ModelRef:
 
 
 def _create(architecture: str, pretrained: str | None = None) -> tuple[nn.Module, Any, Any]:
-    with _quiet_open_clip():
+    with quiet_open_clip():
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
             architecture, pretrained=pretrained
         )
@@ -151,7 +139,7 @@ def image_encoder_skeleton(architecture: str) -> nn.Module | None:
     try:
         from open_clip.model import _build_vision_tower
 
-        with _quiet_open_clip(), torch.device("meta"):
+        with quiet_open_clip(), torch.device("meta"):
             return cast(nn.Module, _build_vision_tower(
                 config["embed_dim"], config["vision_cfg"], config.get("quick_gelu", False)))
     except Exception:

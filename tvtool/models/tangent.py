@@ -16,10 +16,8 @@ against the base the user names, and keeps ``params - params0`` of the image enc
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +25,7 @@ import open_clip
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.models.quiet import quiet_open_clip
 from tvtool.types import StateDict
 
 _PARAM = re.compile(r"^model\.(params0?)\.(\d+)$")
@@ -58,16 +57,6 @@ def model_name_architecture(model_name: str) -> str:
     return model_name.split("__pretrained__")[0].split("__init__")[0]
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
 
 def image_encoder_parameter_order(architecture: str) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes of the reference ``ImageEncoder``'s parameters, in functorch's order.
@@ -76,7 +65,7 @@ def image_encoder_parameter_order(architecture: str) -> list[tuple[str, tuple[in
         InvalidInputError: an architecture open_clip cannot build here.
     """
     try:
-        with _quiet(), torch.device("meta"):
+        with quiet_open_clip(), torch.device("meta"):
             model = open_clip.create_model(architecture, device="meta")
     except Exception as exc:  # open_clip raises many types
         raise InvalidInputError(f"cannot build architecture {architecture!r} here: "

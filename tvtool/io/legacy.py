@@ -582,6 +582,20 @@ class LegacyCheckpoint:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+
+def _read_root_file(file: Path, label: str, size: int) -> tuple[Any, set[str]]:
+    """:func:`_read_root` on a file, with every failure as one InvalidInputError."""
+    try:
+        with open(file, "rb") as handle:
+            return _read_root(handle, label, size)
+    except InvalidInputError:
+        raise
+    except RecursionError:
+        raise _bad(f"{label}: object graph nested too deeply") from None
+    except Exception as exc:  # only our own code ran, so any error means a malformed file
+        text = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise _bad(f"{label} is not a readable torch checkpoint: {text}") from exc
+
 def _read_root(handle: IO[bytes], label: str, size: int) -> tuple[Any, set[str]]:
     head = handle.read(4)
     handle.seek(0)
@@ -658,16 +672,7 @@ def _read_file(file: Path, label: str, allow_safetensors: bool) -> LegacyCheckpo
         tensors, container = _read_safetensors(file, label)
         classes: set[str] = set()
     else:
-        try:
-            with open(file, "rb") as handle:
-                root, classes = _read_root(handle, label, size)
-        except InvalidInputError:
-            raise
-        except RecursionError:
-            raise _bad(f"{label}: object graph nested too deeply") from None
-        except Exception as exc:  # only our own code ran, so any error means a malformed file
-            text = " ".join(str(exc).split())[:160] or type(exc).__name__
-            raise _bad(f"{label} is not a readable torch checkpoint: {text}") from exc
+        root, classes = _read_root_file(file, label, size)
         tensors, container = _collect(root, label)
     if not tensors:
         raise _bad(f"{label} holds no tensors", hint=None)
@@ -722,16 +727,7 @@ def read_pickled_dict(path: str) -> dict[str, Any]:
     size = file.stat().st_size
     if size == 0:
         raise _bad(f"{label} is empty")
-    try:
-        with open(file, "rb") as handle:
-            root, _ = _read_root(handle, label, size)
-    except InvalidInputError:
-        raise
-    except RecursionError:
-        raise _bad(f"{label}: object graph nested too deeply") from None
-    except Exception as exc:  # only our own code ran, so any error means a malformed file
-        text = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise _bad(f"{label} is not a readable torch checkpoint: {text}") from exc
+    root, _ = _read_root_file(file, label, size)
     if not isinstance(root, dict):
         raise _bad(f"{label} holds a {_describe(root)}, not a dict", hint=None)
     out: dict[str, Any] = {}

@@ -149,15 +149,14 @@ class LearnCoeffsConfig:
                 for f in dataclasses.fields(self)}
 
     def learner(self, precision: str) -> LearnerConfig:
-        """The learner's part of the configuration."""
-        return LearnerConfig(
-            objective=self.objective, steps=self.steps, lr=self.lr,
-            weight_decay=self.weight_decay, batch_size=self.batch_size,
-            eval_every=self.eval_every, patience=self.patience,
-            negation_weight=self.negation_weight, negation_loss=self.negation_loss,
-            control_threshold=self.control_threshold, ufm_threshold=self.ufm_threshold,
-            init=self.init, grad_clip=self.grad_clip, augment=self.augment,
-            precision=precision, seed=self.seed, workers=self.workers)
+        """The learner's part of the configuration (every LearnerConfig field by name).
+
+        Args:
+            precision: The resolved precision (``auto`` already decided for the device).
+        """
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LearnerConfig)
+                  if f.name != "precision"}
+        return LearnerConfig(**shared, precision=precision)
 
 
 @dataclass(frozen=True)

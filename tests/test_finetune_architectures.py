@@ -18,9 +18,9 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from test_finetune_modes import RandomImages as ModesRandomImages
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import Dataset
 
 import tvtool.models
 from tvtool.errors import InvalidInputError
@@ -92,20 +92,11 @@ def resnet() -> nn.Module:
     return load_clip(f"{TINY_RN}:random").model
 
 
-class RandomImages(Dataset):
-    """Seeded random images, labels tied to the first channel's mean."""
+class RandomImages(ModesRandomImages):
+    """test_finetune_modes' seeded random images, 16 by default (short ResNet runs)."""
 
     def __init__(self, size: int = 16, classes: int = 4, seed: int = 0) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.images = torch.randn(size, 3, 32, 32, generator=gen)
-        self.labels = torch.randint(0, classes, (size,), generator=gen)
-        self.images[:, 0] += self.labels.view(-1, 1, 1).float()
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+        super().__init__(size, classes, seed)
 
 
 def _head() -> torch.Tensor:

@@ -79,7 +79,7 @@ def finetune(bundle: ClipBundle, task: str, steps: int, batch: int, lr: float,
 def main() -> int:
     """Measure every task and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tvtool-tiny")
+    parser.add_argument("--model", default="tvtool-small")
     parser.add_argument("--tasks", default=",".join(TASKS))
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch", type=int, default=128)

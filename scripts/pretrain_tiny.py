@@ -1,8 +1,9 @@
-"""Pre-train the embedded tvtool-tiny CLIP and write tvtool/models/weights/tvtool-tiny.safetensors.
+"""Pre-train an embedded CLIP and write its packaged file, tvtool/models/weights/MODEL.safetensors.
 
 Usage::
 
-    python scripts/pretrain_tiny.py [--steps N] [--batch B] [--seed S] [-o PATH] [--threads T]
+    python scripts/pretrain_tiny.py [--model tvtool-small] [--steps N] [--batch B] [--seed S]
+                                    [-o PATH] [--threads T]
 
 Progress and timing go to stderr; the output path goes to stdout. With ``--eval`` the
 zero-shot accuracy of the result on every synthetic task is printed to stderr as well.
@@ -26,28 +27,33 @@ import torch
 
 from tvtool.world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
 
-DEFAULT_OUTPUT = (Path(__file__).resolve().parents[1]
-                  / "tvtool/models/weights/tvtool-tiny.safetensors")
+WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "tvtool/models/weights"
 
 
 def main() -> int:
     """Run pre-training with the command-line settings."""
-    defaults = PretrainConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-o", "--output", default=str(DEFAULT_OUTPUT))
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch", type=int, default=defaults.batch)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--model", default=PretrainConfig.model,
+                        help="tvtool-tiny (the tests' model) or tvtool-small (the demo's)")
+    parser.add_argument("-o", "--output", default=None,
+                        help="default: the packaged file of --model")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="default: the recipe of --model's packaged weights")
+    parser.add_argument("--batch", type=int, default=PretrainConfig.batch)
+    parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
+    parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval", action="store_true", help="report zero-shot accuracy after")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = str(WEIGHTS_DIR / f"{args.model}.safetensors")
 
     # Fail before the long run, not after it.
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    config = dataclasses.replace(defaults, steps=args.steps, batch=args.batch, lr=args.lr,
-                                 seed=args.seed)
+    defaults = PretrainConfig.recipe(args.model)
+    config = dataclasses.replace(defaults, steps=args.steps or defaults.steps, batch=args.batch,
+                                 lr=args.lr, seed=args.seed)
     start = time.perf_counter()
     cpu_start = time.process_time()
     losses: list[float] = []

@@ -237,7 +237,7 @@ def update_doc(path: Path, section: str) -> None:
 def main() -> int:
     """Run and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", default="tvtool-tiny")
+    parser.add_argument("--base", default="tvtool-small")
     parser.add_argument("--tasks", default="shape,color,size,count",
                         help="comma-separated synthetic tasks (at least 4 for the doc)")
     parser.add_argument("--steps", type=int, default=500)

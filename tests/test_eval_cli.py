@@ -269,3 +269,24 @@ def test_pretrain_bad_steps_writes_nothing(cli, tmp_path):
     result = cli(["pretrain", "-o", str(out), "--steps", "0"])
     assert result.exit_code == 2 and "steps" in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_pretrain_the_demo_model_records_its_architecture_and_recipe(cli, tmp_path):
+    from tvtool.world.pretrain import PretrainConfig
+
+    out = tmp_path / "small.safetensors"
+    result = cli(["pretrain", "--model", "tvtool-small", "-o", str(out), "--steps", "1",
+                  "--batch", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    meta = json.loads(cli(["inspect", str(out), "--json"]).stdout)["files"][0]
+    assert meta["metadata"]["tvtool.architecture"] == "tvtool-small"
+    assert meta["provenance"]["arguments"]["model"] == "tvtool-small"
+    # The packaged weights' recipe: the demo's model pre-trains twice as long as the tiny one.
+    assert PretrainConfig.recipe("tvtool-small").steps == 2 * PretrainConfig.recipe().steps
+
+
+def test_pretrain_refuses_a_model_that_is_not_embedded(cli, tmp_path):
+    out = tmp_path / "x.safetensors"
+    result = cli(["pretrain", "--model", "ViT-B-32", "-o", str(out), "--steps", "1"])
+    assert result.exit_code == 2 and "embedded model" in result.stderr
+    assert list(tmp_path.iterdir()) == []

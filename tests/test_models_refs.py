@@ -38,6 +38,15 @@ def test_embedded_and_random_refs():
     assert not random.is_file
 
 
+def test_both_embedded_models_resolve_to_their_own_packaged_file():
+    small = parse_ref("tvtool-small")
+    assert small.kind is RefKind.EMBEDDED and small.architecture == "tvtool-small"
+    assert small.location is not None and small.location.endswith("tvtool-small.safetensors")
+    assert parse_ref(TINY).location != small.location
+    with pytest.raises(InvalidInputError, match="not an embedded model"):
+        refs_module.embedded_weights_path("ViT-B-32")
+
+
 def test_pretrained_tags_pick_the_matching_activation():
     openai = parse_ref("ViT-B-32:openai")
     assert openai.kind is RefKind.PRETRAINED_TAG
@@ -153,10 +162,11 @@ def test_weights_that_do_not_fit_are_reported(tmp_path, tiny_state):
 
 
 def test_missing_embedded_weights_point_to_pretrain(tmp_path, monkeypatch):
-    monkeypatch.setattr(refs_module, "embedded_weights_path", lambda: tmp_path / "none")
+    monkeypatch.setattr(refs_module, "embedded_weights_path",
+                        lambda name=TINY: tmp_path / "none")
     with pytest.raises(InvalidInputError, match="embedded tvtool-tiny weights") as info:
         base_source(TINY)
-    assert "tvtool pretrain" in info.value.one_line()
+    assert "tvtool pretrain --model tvtool-tiny" in info.value.one_line()
 
 
 def test_random_refs_are_deterministic():

@@ -269,13 +269,15 @@ def test_written_weights_are_a_loadable_tvtool_checkpoint(short_pretrain, tmp_pa
     assert torch.equal(model.state_dict()["visual.conv1.weight"], state["visual.conv1.weight"])
 
 
-def test_embedded_weights_beat_chance_zero_shot():
+@pytest.mark.parametrize("model", ["tvtool-tiny", "tvtool-small"])
+def test_embedded_weights_beat_chance_zero_shot(model):
     from tvtool.models import embedded_weights_path, load_clip
     from tvtool.world.measure import zero_shot_accuracy
 
-    if not embedded_weights_path().is_file():
-        pytest.fail(f"embedded weights missing at {embedded_weights_path()}; run "
-                    "scripts/pretrain_tiny.py")
-    bundle = load_clip("tvtool-tiny")
+    if not embedded_weights_path(model).is_file():
+        pytest.fail(f"embedded weights missing at {embedded_weights_path(model)}; run "
+                    f"scripts/pretrain_tiny.py --model {model}")
+    bundle = load_clip(model)
+    assert bundle.ref.architecture == model
     accuracy = zero_shot_accuracy(bundle, "color", n=300)
     assert accuracy > 3 / len(TASKS["color"].classnames)

@@ -26,7 +26,7 @@ def demo(
                                         "linear, small evaluation subsets (~3 min on 2 cores).")
                      ] = False,
     base: Annotated[str, typer.Option("--base", help="Model reference of the base.")
-                    ] = "tvtool-tiny",
+                    ] = "tvtool-small",
     steps: Annotated[int | None, typer.Option("--steps", help="Fine-tuning steps per task.")
                      ] = None,
     device: DeviceOpt = "auto",

@@ -1,4 +1,4 @@
-"""``tvtool pretrain``: (re)create the embedded ``tvtool-tiny`` base by pre-training it.
+"""``tvtool pretrain``: (re)create an embedded base (``tvtool-tiny``, ``tvtool-small``) by pre-training it.
 
 A thin command over :mod:`tvtool.world.pretrain`: contrastive pre-training on the synthetic
 captioned corpus, on CPU, in minutes.
@@ -34,35 +34,38 @@ def pretrain(
         "--batch", help="Image-caption pairs per step.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED",
                                       help="Seed of the corpus stream.")] = 0,
+    model: Annotated[str, typer.Option(
+        "--model", help="Embedded model to pre-train: tvtool-tiny (the tests' model) or "
+                        "tvtool-small (the demo's).")] = "tvtool-tiny",
     as_json: JsonOpt = False,
 ) -> None:
-    """Pre-train the embedded tvtool-tiny CLIP on the synthetic corpus (CPU, a few minutes)."""
+    """Pre-train an embedded CLIP on the synthetic corpus (CPU; tvtool-tiny in ~10 minutes)."""
     import dataclasses
     import time
 
     from tvtool.io import check_output, ensure_directory
-    from tvtool.models import TINY_MODEL, cache_dir, embedded_weights_path
+    from tvtool.models import cache_dir, embedded_weights_path
     from tvtool.world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
 
     refuse_json_with_stdout(as_json, output or "")
-    defaults = PretrainConfig()
+    defaults = PretrainConfig.recipe(model)
     config = dataclasses.replace(defaults, seed=seed,
                                  steps=defaults.steps if steps is None else steps,
                                  batch=defaults.batch if batch is None else batch)
     target = output
     if target is None:
-        default = cache_dir() / f"{TINY_MODEL}.safetensors"
+        default = cache_dir() / f"{config.model}.safetensors"
         # The default destination is tvtool's own cache directory, which may not exist yet.
         ensure_directory(str(default.parent))
         target = str(default)
-        packaged = embedded_weights_path()
+        packaged = embedded_weights_path(config.model)
         if packaged != default:
             log(f"note: the packaged weights at {packaged} take precedence over {target}; "
                 f"pass -o {packaged} to replace them")
     check_output(target)
     start = time.perf_counter()
     last = [float("nan")]
-    with progress_bar("pre-training tvtool-tiny", config.steps) as advance:
+    with progress_bar(f"pre-training {config.model}", config.steps) as advance:
 
         def report(step: int, loss: float) -> None:
             last[0] = loss

@@ -57,7 +57,7 @@ class DemoConfig:
 
     out: str = "tvtool-demo"
     quick: bool = False
-    base: str = "tvtool-tiny"
+    base: str = "tvtool-small"
     seed: int = 0
     device: str = "auto"
     tasks: tuple[str, ...] | None = None

@@ -19,6 +19,8 @@ from tvtool.models.loading import (
     state_dict_fingerprint,
 )
 from tvtool.models.refs import (
+    EMBEDDED_MODELS,
+    SMALL_MODEL,
     TINY_MODEL,
     ModelRef,
     RefKind,
@@ -29,6 +31,8 @@ from tvtool.models.refs import (
 )
 
 __all__ = [
+    "EMBEDDED_MODELS",
+    "SMALL_MODEL",
     "TINY_MODEL",
     "ArchitectureMatch",
     "ClipBundle",

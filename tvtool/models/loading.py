@@ -16,7 +16,7 @@ from tvtool.io import DictSource, TensorInfo, TensorSource, load_legacy, open_te
 from tvtool.io.legacy import strip_wrapper_prefixes
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models.quiet import quiet_open_clip
-from tvtool.models.refs import TINY_MODEL, ModelRef, RefKind, parse_ref
+from tvtool.models.refs import ModelRef, RefKind, parse_ref
 from tvtool.types import StateDict
 
 _RANDOM_INIT_SEED = 0
@@ -176,8 +176,8 @@ def base_source(ref: str | ModelRef) -> tuple[TensorSource, ModelRef]:
             source: TensorSource = open_tensors(path)
         except InvalidInputError:
             raise InvalidInputError(
-                f"the embedded {TINY_MODEL} weights are missing or damaged at {path}",
-                hint="run `tvtool pretrain` to (re)create them",
+                f"the embedded {resolved.architecture} weights are missing or damaged at {path}",
+                hint=f"run `tvtool pretrain --model {resolved.architecture}` to (re)create them",
             ) from None
         return source, resolved
     if resolved.kind in (RefKind.CHECKPOINT, RefKind.WEIGHTS_FILE):

@@ -1,6 +1,6 @@
 """Model references: one grammar for naming a base model everywhere.
 
-``NAME`` (the embedded ``tvtool-tiny`` only), ``NAME:PRETRAINED`` (an open_clip pretrained tag,
+``NAME`` (the embedded ``tvtool-tiny`` and ``tvtool-small`` only), ``NAME:PRETRAINED`` (an open_clip pretrained tag,
 ``random``, or a local weights file), ``hf-hub:ORG/REPO``, or the path of a tvtool checkpoint.
 """
 
@@ -16,6 +16,10 @@ import open_clip
 from tvtool.errors import InvalidInputError
 
 TINY_MODEL = "tvtool-tiny"
+SMALL_MODEL = "tvtool-small"
+# open_clip configs tvtool registers whose pre-trained weights ship in the package: the tiny
+# model of the unit tests and the larger one of the demo (docs/embedded-world.md).
+EMBEDDED_MODELS = (TINY_MODEL, SMALL_MODEL)
 _CONFIG_DIR = Path(__file__).parent / "configs"
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 open_clip.add_model_config(_CONFIG_DIR)
@@ -62,15 +66,23 @@ def cache_dir() -> Path:
     return Path(base) / "tvtool"
 
 
-def embedded_weights_path() -> Path:
-    """Where the embedded pre-trained ``tvtool-tiny`` weights live.
+def embedded_weights_path(name: str = TINY_MODEL) -> Path:
+    """Where the pre-trained weights of an embedded model live.
 
-    The packaged file wins; otherwise the copy ``tvtool pretrain`` writes to the cache dir.
+    Args:
+        name: One of :data:`EMBEDDED_MODELS`.
+
+    Returns:
+        The packaged file if it exists, else the copy ``tvtool pretrain`` writes to the cache
+        directory.
     """
-    packaged = Path(__file__).parent / "weights" / f"{TINY_MODEL}.safetensors"
+    if name not in EMBEDDED_MODELS:
+        raise InvalidInputError(f"{name!r} is not an embedded model",
+                                hint=f"use one of {', '.join(EMBEDDED_MODELS)}")
+    packaged = Path(__file__).parent / "weights" / f"{name}.safetensors"
     if packaged.is_file():
         return packaged
-    return cache_dir() / f"{TINY_MODEL}.safetensors"
+    return cache_dir() / f"{name}.safetensors"
 
 
 def known_architectures() -> list[str]:
@@ -113,8 +125,8 @@ def parse_ref(text: str) -> ModelRef:
             f"unknown model {name!r} in reference {text!r}",
             hint=f"use an open_clip model name (e.g. ViT-B-32), {TINY_MODEL}, or a checkpoint path",
         )
-    if name == TINY_MODEL:
-        return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path()))
+    if name in EMBEDDED_MODELS:
+        return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path(name)))
     raise InvalidInputError(
         f"model reference {text!r} names no weights",
         hint=f"use {name}:TAG (e.g. {name}:openai), {name}:PATH for a local file, "

@@ -1,4 +1,4 @@
-"""``tvtool pretrain``: (re)create an embedded base (``tvtool-tiny``, ``tvtool-small``) by pre-training it.
+"""``tvtool pretrain``: (re)create an embedded base (tvtool-tiny, tvtool-small) by pre-training.
 
 A thin command over :mod:`tvtool.world.pretrain`: contrastive pre-training on the synthetic
 captioned corpus, on CPU, in minutes.

@@ -145,7 +145,7 @@ def _lr_at(step: int, config: PretrainConfig) -> float:
 
 def pretrain_tiny(config: PretrainConfig | None = None,
                   progress: Callable[[int, float], None] | None = None) -> StateDict:
-    """Pre-train an embedded CLIP (``config.model``) contrastively on the synthetic captioned corpus (CPU).
+    """Pre-train an embedded CLIP (``config.model``) contrastively on the synthetic corpus (CPU).
 
     Args:
         config: Training settings (defaults: the recipe of the embedded weights).

@@ -1,7 +1,8 @@
 """Model references: one grammar for naming a base model everywhere.
 
 ``NAME`` (the embedded ``tvtool-tiny`` and ``tvtool-small`` only), ``NAME:PRETRAINED`` (an
-open_clip pretrained tag, ``random``, or a local weights file), ``hf-hub:ORG/REPO``, or the path of a tvtool checkpoint.
+open_clip pretrained tag, ``random``, or a local weights file), ``hf-hub:ORG/REPO``, or the path
+of a tvtool checkpoint.
 """
 
 from __future__ import annotations

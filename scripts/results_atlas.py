@@ -1,4 +1,4 @@
-"""Produce the aTLAS results of docs/results.md on the embedded world (tvtool-tiny).
+"""Produce the aTLAS results of docs/results.md on the embedded world (tvtool-small).
 
 For every synthetic task a full fine-tune of the image encoder gives a task vector (shared with
 ``scripts/results_merge.py``: same cache directory and file names). On the test splits it then
@@ -20,7 +20,8 @@ compares
 
 Usage::
 
-    python scripts/results_atlas.py [--base tvtool-tiny] [--tasks shape,color,size,count]
+    python scripts/results_atlas.py [--base tvtool-small]
+        [--tasks shape,color,count,position,texture,digit]
         [--shots 16] [--objectives ce,entropy,infomax,ufm] [--atlas-steps N] [--atlas-lr LR]
         [--augment train] [--limit N] [--vectors-dir out/results-merge]
         [--workdir out/results-atlas] [--doc docs/results.md]
@@ -190,11 +191,11 @@ def main() -> int:
     """Run and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="tvtool-small")
-    parser.add_argument("--tasks", default="shape,color,size,count",
+    parser.add_argument("--tasks", default="shape,color,count,position,texture,digit",
                         help="comma-separated synthetic tasks")
-    parser.add_argument("--steps", type=int, default=500, help="fine-tuning steps per task")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps per task")
     parser.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
-    parser.add_argument("--batch-size", type=int, default=128, help="fine-tuning batch")
+    parser.add_argument("--batch-size", type=int, default=64, help="fine-tuning batch")
     parser.add_argument("--grid", default="0:1:0.05", help="task-arithmetic α grid")
     parser.add_argument("--shots", type=int, default=16)
     parser.add_argument("--granularity", default="tensor")

@@ -1,4 +1,4 @@
-"""Produce the merge results of docs/results.md on the embedded world (tvtool-tiny).
+"""Produce the merge results of docs/results.md on the embedded world (tvtool-small).
 
 For every synthetic task: fine-tune the image encoder with ``tvtool.finetune`` (cached in the
 work directory), then compare on the test splits
@@ -9,8 +9,9 @@ work directory), then compare on the test splits
 
 Usage::
 
-    python scripts/results_merge.py [--base tvtool-tiny] [--tasks shape,color,size,count]
-        [--steps 500] [--lr 1e-3] [--grid GRID] [--limit N] [--workdir out/results-merge]
+    python scripts/results_merge.py [--base tvtool-small]
+        [--tasks shape,color,count,position,texture,digit]
+        [--steps 200] [--lr 1e-3] [--grid GRID] [--limit N] [--workdir out/results-merge]
         [--doc docs/results.md]
 
 The table is printed and written between the ``merge-results`` markers of ``--doc`` (the rest
@@ -238,11 +239,11 @@ def main() -> int:
     """Run and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", default="tvtool-small")
-    parser.add_argument("--tasks", default="shape,color,size,count",
+    parser.add_argument("--tasks", default="shape,color,count,position,texture,digit",
                         help="comma-separated synthetic tasks (at least 4 for the doc)")
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--grid", default=None,
                         help="coefficient grid for every method (default: each method's, as "

@@ -444,6 +444,10 @@ def test_export_refuses_a_used_directory_and_the_text_tower(tiny, tmp_path, cli)
     (used / "x").write_text("keep")
     result = cli(["export-peft", vector, "-o", str(used)])
     assert result.exit_code == 2 and "is not an empty directory" in result.stderr
+    result = cli(["export-peft", vector, "-o", "-"])
+    assert result.exit_code == 2 and "writes a directory, not stdout" in result.stderr
+    result = cli(["convert", vector, "-o", str(tmp_path / "c.safetensors"), "--module", "clip"])
+    assert result.exit_code == 2 and "--module is for peft adapter directories" in result.stderr
     factors = {k.replace("visual.", "", 1): v for k, v in _factors(tiny, ("o",)).items()}
     text = _write_vector(tmp_path / "t.safetensors", factors)
     result = cli(["export-peft", text, "-o", str(tmp_path / "a"), "--module", "visual"])

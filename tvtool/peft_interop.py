@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.finetune.lora import _alpha_from, materialize_lora
+from tvtool.finetune.lora import SUFFIX_A, _alpha_from
 from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
 from tvtool.io import (
+    STDIO,
     adapter_weights_path,
     check_new_directory,
     check_output,
@@ -104,6 +105,8 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
     from tvtool.operations import WriteResult
 
     _check_root(config.module, allow_auto=False)
+    if config.output == STDIO:
+        raise UsageError("export-peft writes a directory, not stdout", hint="use -o DIR")
     check_new_directory(config.output)
     source = open_tensors(config.vector)
     try:
@@ -126,8 +129,12 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
         tensors = {name: source.get(name) for name in source.keys()}
     finally:
         source.close()
-    materialize_lora(tensors, meta)  # every check on the factors (pairs, ranks, alpha)
-    alpha, _ = _alpha_from(meta)
+    alpha, declared_rank = _alpha_from(meta)
+    for name, tensor in tensors.items():
+        if name.endswith(SUFFIX_A) and declared_rank is not None and tensor.dim() == 2 \
+                and tensor.shape[0] != declared_rank:
+            raise InvalidInputError(f"{source.label}: LoRA factor {name!r} has rank "
+                                    f"{tensor.shape[0]}, the metadata says {declared_rank}")
     modules = module_table(meta.architecture, config.module)  # type: ignore[arg-type]
     class_name, class_module = root_class(meta.architecture, config.module)  # type: ignore[arg-type]
     adapter = lora_vector_to_peft(tensors, alpha, modules, config.module, label=source.label,
@@ -239,7 +246,7 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
         base, ref = base_source(ref)
         try:
             base_fp = fingerprint(base)
-            have = {name: base.info(name).shape for name in base.keys()}
+            have = set(base.keys())
         finally:
             base.close()
         for target in imported.tensors:

@@ -20,10 +20,10 @@ lora_alpha = s·r for the vector's scale s = alpha/r: the adapter needs neither
 
 peft's wrapper of ``nn.MultiheadAttention`` applies the out-projection's delta **twice**: its
 ``merge()`` adds ΔW to ``out_proj``'s weight and then calls the inner layer's ``merge()``,
-which adds it again; every forward pass merges that way (measured with peft 0.21.2; the open
-fix huggingface/peft PR #3774 describes the same bug). A peft model with out-projection factors (A, B)
-therefore computes W + 2·scaling·B·A. tvtool reproduces what peft computes: export halves
-the out-projection's B, import doubles it (exact: powers of two).
+which adds it again; every forward pass merges that way (measured with peft 0.21.2; the
+open fix huggingface/peft PR #3774 describes the same bug). A peft model with out-projection
+factors (A, B) therefore computes W + 2·scaling·B·A. tvtool reproduces what peft computes:
+export halves the out-projection's B, import doubles it (exact: powers of two).
 :data:`MHA_OUT_PROJ_APPLIED` is that factor.
 
 Nothing here reads files or imports peft or open_clip; module structure comes from

@@ -24,6 +24,7 @@ from tvtool.io import (
     check_new_directory,
     check_output,
     hf_model_files,
+    is_peft_adapter,
     open_tensors,
     read_checkpoint,
     read_pickled_dict,
@@ -529,6 +530,8 @@ class ConvertConfig:
         base: For a tangent_task_arithmetic linearized checkpoint: the model reference it was
             linearized at; the output is then a ``linear`` task vector.
         dataset: Dataset name to record in that task vector.
+        module: For a peft adapter directory: the module it was trained on, ``clip`` (the
+            open_clip model), ``visual`` (its image tower) or ``auto``.
     """
 
     input: str
@@ -536,6 +539,7 @@ class ConvertConfig:
     architecture: str | None = None
     base: str | None = None
     dataset: str | None = None
+    module: str = "auto"
 
 
 def _activation(classes: frozenset[str]) -> bool | None:
@@ -550,6 +554,9 @@ def _activation(classes: frozenset[str]) -> bool | None:
 def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     """Convert a pickled (or plain safetensors) checkpoint into a tvtool checkpoint.
 
+    A peft adapter directory (``adapter_config.json``) becomes a LoRA task vector instead
+    (:func:`tvtool.peft_interop.convert_peft`).
+
     Pickles are read by :func:`tvtool.io.read_checkpoint`, which never executes code
     from the file. Wrapper prefixes (``module.``, ``model.``) are removed, Hugging Face
     ``transformers`` CLIP names are mapped to open_clip's (see :mod:`tvtool.models.hf_clip`),
@@ -560,6 +567,12 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
         InvalidInputError: unreadable input, no or several fitting architectures, tensors
             that do not fit the given architecture, or an output that is the input.
     """
+    if is_peft_adapter(config.input):
+        from tvtool.peft_interop import convert_peft
+
+        return convert_peft(config, log)
+    if config.module != "auto":
+        raise UsageError("--module is for peft adapter directories (adapter_config.json)")
     if config.base is not None:
         return _convert_linearized(config, log)
     if config.dataset is not None:

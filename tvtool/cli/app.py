@@ -15,6 +15,7 @@ try:
     from tvtool.cli import datasets as datasets_cmd
     from tvtool.cli import demo as demo_cmd
     from tvtool.cli import eval as eval_cmd
+    from tvtool.cli import export_peft as export_peft_cmd
     from tvtool.cli import extract as extract_cmd
     from tvtool.cli import finetune as finetune_cmd
     from tvtool.cli import inspect_cmd
@@ -103,6 +104,7 @@ app.command("negate")(negate_cmd.negate)
 app.command("apply")(apply_cmd.apply)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
+app.command("export-peft")(export_peft_cmd.export_peft)
 app.command("merge")(merge_cmd.merge)
 app.command("learn-coeffs")(learn_coeffs_cmd.learn_coeffs)
 app.add_typer(eval_cmd.eval_app, name="eval")

@@ -14,6 +14,9 @@ Public API:
 * :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
 * :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export;
   :func:`write_open_clip_dir` -- an open_clip Hugging Face directory (weights, config, card).
+* :func:`read_peft_adapter` / :func:`write_peft_adapter` / :func:`is_peft_adapter` -- peft
+  adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``; a pickled
+  ``adapter_model.bin`` is refused, never unpickled).
 * :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
   tvtool owns (cache, work, scratch) and removal of its own damaged files.
 """
@@ -33,6 +36,13 @@ from tvtool.io.legacy import (
     read_pickled_dict,
 )
 from tvtool.io.paths import ensure_directory, remove_file, scratch_directory
+from tvtool.io.peft_dirs import (
+    PeftAdapterFiles,
+    adapter_weights_path,
+    is_peft_adapter,
+    read_peft_adapter,
+    write_peft_adapter,
+)
 from tvtool.io.safetensors_io import (
     DictSource,
     TensorInfo,
@@ -54,8 +64,10 @@ __all__ = [
     "DictSource",
     "HfModelFiles",
     "LegacyCheckpoint",
+    "PeftAdapterFiles",
     "TensorInfo",
     "TensorSource",
+    "adapter_weights_path",
     "all_finite",
     "atomic_output",
     "check_distinct_paths",
@@ -65,11 +77,13 @@ __all__ = [
     "ensure_directory",
     "hf_model_files",
     "input_file",
+    "is_peft_adapter",
     "iter_source",
     "load_legacy",
     "open_tensors",
     "read_checkpoint",
     "read_json",
+    "read_peft_adapter",
     "read_pickled_checkpoint",
     "read_pickled_dict",
     "remove_file",
@@ -78,5 +92,6 @@ __all__ = [
     "write_bytes",
     "write_json",
     "write_open_clip_dir",
+    "write_peft_adapter",
     "write_tensors",
 ]

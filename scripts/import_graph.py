@@ -36,12 +36,12 @@ PACKAGE = "tvtool"
 # Declared layers, bottom (0) to top. A unit may import units of its own layer or lower ones.
 # Units not named here are reported as "unplaced".
 LAYERS: list[set[str]] = [
-    {"errors", "types", "cards"},
+    {"errors", "types", "cards", "grid"},
     {"limits", "device"},
     {"io", "metadata"},
     {"models", "linearize", "formats", "vectors", "world"},
     {"data"},
-    {"finetune", "merge", "coeffs"},
+    {"finetune", "merge", "coeffs", "operations"},
     {"evaluate"},
     {"workflows"},
     {"demo"},
@@ -225,13 +225,6 @@ def measure() -> dict[str, object]:
         graph[e.source].add(e.target)
         if e.level != "function":
             static[e.source].add(e.target)
-    # Importing a.b.c runs a/__init__.py and a/b/__init__.py first.
-    for name in list(modules):
-        for target in list(modules[name]):
-            parts = target.split(".")
-            for i in range(2, len(parts)):
-                if ".".join(parts[:i]) != name:
-                    modules[name].add(".".join(parts[:i]))
     for n in nodes:
         graph[n], static[n] = graph[n], static[n]
 
@@ -291,13 +284,17 @@ def measure() -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the report; with ``--check``, the exit status says whether it passes."""
+    global ROOT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
     parser.add_argument("--layers", action="store_true", help="print every unit's floor")
     parser.add_argument("--check", action="store_true",
                         help="exit 1 on a cycle, an upward or dodging import, or too deep a graph")
     parser.add_argument("--max-depth", type=int, default=10)
+    parser.add_argument("--root", type=Path, default=ROOT,
+                        help="checkout to measure (default: the one this script is in)")
     args = parser.parse_args(argv)
+    ROOT = args.root.resolve()
     report = measure()
     if args.json:
         print(json.dumps(report, indent=2))

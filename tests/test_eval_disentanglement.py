@@ -13,17 +13,19 @@ from hypothesis import strategies as st
 
 from tvtool.errors import UsageError
 from tvtool.evaluate import (
+    DEFAULT_GRID,
+    GRID_LIMITS,
     DisentanglementConfig,
     clear_memory_cache,
     disentanglement,
     error_at,
     open_eval_data,
     open_eval_model,
-    parse_grid,
     predictions,
     render_heatmap,
 )
 from tvtool.evaluate.accuracy import build_heads
+from tvtool.grid import parse_grid
 
 D1, D2 = "synthetic:shape", "synthetic:color"
 LIMIT = 24
@@ -61,7 +63,8 @@ def big_vectors(files, tmp_path_factory):
 def report(files, big_vectors):
     clear_memory_cache()
     config = DisentanglementConfig(base=files["base"], vectors=(big_vectors[0], big_vectors[1]),
-                                   datasets=(D1, D2), alphas=parse_grid("-1:1:3"), limit=LIMIT,
+                                   datasets=(D1, D2), alphas=parse_grid("-1:1:1", **GRID_LIMITS),
+                                   limit=LIMIT,
                                    device="cpu", cache_heads=False)
     return disentanglement(config)
 
@@ -113,25 +116,26 @@ def test_heatmap_is_png(report):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
 
 
+# A:B:C is START:STOP:STEP here as in merge searches (it meant START:STOP:NUM before).
 @pytest.mark.parametrize("text, expected", [
-    ("-3:3:13", tuple(-3 + 0.5 * i for i in range(13))),
+    (DEFAULT_GRID, tuple(-3 + 0.5 * i for i in range(13))),
     ("0,0.5,1", (0.0, 0.5, 1.0)),
-    ("-1:1:3", (-1.0, 0.0, 1.0)),
+    ("-1:1:1", (-1.0, 0.0, 1.0)),
 ])
 def test_parse_grid(text, expected):
-    assert parse_grid(text) == pytest.approx(expected)
+    assert parse_grid(text, **GRID_LIMITS) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text", ["", "1:0:3", "0:1:1", "0:1", "a,b", "0,0", "0:1:500",
-                                  "nan,1"])
+@pytest.mark.parametrize("text", ["", "1:0:3", "1:1:1", "0:1", "a,b", "0,0", "0:1:500",
+                                  "-3:3:0.01", "nan,1"])
 def test_parse_grid_refuses(text):
     with pytest.raises(UsageError):
-        parse_grid(text)
+        parse_grid(text, **GRID_LIMITS)
 
 
 @given(st.integers(-5, 5), st.integers(1, 6), st.integers(2, 41))
 def test_parse_grid_endpoints_and_spacing(start, width, num):
-    values = parse_grid(f"{start}:{start + width}:{num}")
+    values = parse_grid(f"{start}:{start + width}:{width / (num - 1)!r}", **GRID_LIMITS)
     assert len(values) == num and values[0] == start and values[-1] == start + width
     steps = [b - a for a, b in itertools.pairwise(values)]
     assert all(math.isclose(s, width / (num - 1), abs_tol=1e-9) for s in steps)
@@ -140,7 +144,7 @@ def test_parse_grid_endpoints_and_spacing(start, width, num):
 def test_cli_writes_json_and_png(cli, files, big_vectors, tmp_path):
     out, png = tmp_path / "map.json", tmp_path / "map.png"
     result = cli(["eval", "disentanglement", "--base", files["base"], *big_vectors,
-                  "--dataset", D1, "--dataset", D2, "--grid", "-1:1:3", "--limit", "12",
+                  "--dataset", D1, "--dataset", D2, "--grid", "-1:1:1", "--limit", "12",
                   "--device", "cpu", "-o", str(out), "--png", str(png)])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out)

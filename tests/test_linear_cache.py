@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY
+from tvtool.device import autocast
 from tvtool.errors import UsageError
 from tvtool.evaluate import (
     DisentanglementConfig,
@@ -17,7 +18,6 @@ from tvtool.evaluate import (
 )
 from tvtool.evaluate.batches import batches
 from tvtool.evaluate.linear_cache import LinearizedFeatures
-from tvtool.evaluate.model import autocast_context
 from tvtool.merge.evaluation import EvalSettings, Evaluator
 
 D1, D2 = "synthetic:shape", "synthetic:color"
@@ -56,7 +56,7 @@ def _per_point_features(model, data, coefs, precision="fp32"):
     out = []
     with torch.no_grad():
         for images, _ in batches(data, BATCH, materialize=True):
-            with autocast_context(model.device, precision):
+            with autocast(model.device, precision):
                 out.append(model.image_features(images))
     return torch.cat(out)
 

@@ -12,7 +12,7 @@ from peft.utils import merge_utils as peft_merge
 
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.merge import METHODS, get_method, merge_state_dicts
-from tvtool.merge import base as merge_base
+from tvtool.merge import method as merge_base
 from tvtool.merge.trim import kth_largest_magnitude, tensor_threshold
 
 FAST = settings(max_examples=25, deadline=None)
@@ -195,7 +195,8 @@ def test_global_trim_ranks_the_image_encoder_on_its_own(method):
 
 
 def test_default_search_grids_fit_each_method():
-    from tvtool.merge.search import default_grid_text, parse_grid
+    from tvtool.grid import parse_grid
+    from tvtool.merge.search import default_grid_text
 
     ties = parse_grid(default_grid_text("ties"))
     # The TIES reference searches λ over 0.8, 0.9, ..., 2.5.
@@ -382,7 +383,7 @@ def test_per_tensor_coefficients():
     ("dare", {"density": 0.4}), ("dare", {"density": 0.4, "combine": "ties"}),
     ("ties", {"density": 0.4, "trim": "tensor"})])
 def test_list_functions_equal_the_streaming_engine(method, params):
-    from tvtool.merge.base import TensorContext
+    from tvtool.merge.method import TensorContext
 
     vectors = _pair(n=500)
     weights = [0.7, -0.2]

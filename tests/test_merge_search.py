@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tvtool.errors import UsageError
-from tvtool.merge.search import parse_grid, search_coef, search_negation
+from tvtool.grid import parse_grid
+from tvtool.merge.search import search_coef, search_negation
 
 # ---------------------------------------------------------------- grids
 

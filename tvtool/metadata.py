@@ -31,21 +31,32 @@ class Kind(str, Enum):
 
 
 class Mode(str, Enum):
-    """How a task vector was fine-tuned."""
+    """How a task vector was fine-tuned, and what that makes of its file.
 
-    FULL = "full"
-    ATTN = "attn"
-    LINEAR = "linear"
-    LORA = "lora"
-    LLORA = "llora"
-    LLORA_NET = "llora-net"
+    Each mode declares, on its one line:
 
+    * ``linearized``: its vectors are changes of the linearized model and are evaluated as
+      one (``tvtool.linearized=true``);
+    * ``factored``: its files store LoRA factors, not dense deltas; every command turns them
+      into dense deltas with :func:`tvtool.formats.dense_source`.
+    """
 
-LINEARIZED_MODES = frozenset({Mode.LINEAR, Mode.LLORA_NET})
-"""Modes whose vectors are evaluated as a linearized model (``tvtool.linearized=true``)."""
+    linearized: bool
+    factored: bool
 
-LORA_MODES = frozenset({Mode.LORA, Mode.LLORA, Mode.LLORA_NET})
-"""Modes whose vectors store LoRA factors instead of dense deltas."""
+    def __new__(cls, value: str, linearized: bool = False, factored: bool = False) -> Mode:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.linearized = linearized
+        member.factored = factored
+        return member
+
+    FULL = ("full",)
+    ATTN = ("attn",)
+    LINEAR = ("linear", True)
+    LORA = ("lora", False, True)
+    LLORA = ("llora", False, True)
+    LLORA_NET = ("llora-net", True, True)
 
 _KNOWN = {"format_version", "kind", "architecture", "base_ref", "base_fingerprint", "mode",
           "linearized", "dataset", "provenance"}

@@ -11,12 +11,14 @@ import contextlib
 import functools
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tvtool.cards import CardVector, model_card
 from tvtool.errors import InvalidInputError, UsageError
+from tvtool.formats import dense_source
+from tvtool.formats.lora import SUFFIX_A
 from tvtool.io import (
     STDIO,
     TensorSource,
@@ -32,7 +34,7 @@ from tvtool.io import (
     write_tensors,
 )
 from tvtool.limits import loads_json
-from tvtool.metadata import LORA_MODES, PREFIX, FileMeta, Kind, Mode, provenance
+from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import (
     architecture_shapes,
     base_source,
@@ -46,23 +48,20 @@ from tvtool.models import (
 )
 from tvtool.models.hub import open_clip_hf_config
 from tvtool.models.refs import ModelRef
+from tvtool.types import Logger
+from tvtool.types import quiet as _quiet
 from tvtool.vectors import (
     StreamPlan,
-    check_architecture,
+    check_coefficients,
     check_finite,
+    check_vectors_fit_base,
     cosine_matrix,
-    metadata_warnings,
+    expand_coefs,
     open_vector_meta,
     plan_combine,
     plan_extract,
     vector_norms,
 )
-
-Logger = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 @contextlib.contextmanager
@@ -167,17 +166,6 @@ def _file_inputs(ref: ModelRef) -> list[str]:
     return [ref.location] if ref.is_file and ref.location else []
 
 
-def check_coefficients(coefs: Sequence[float], flag: str = "--coef") -> None:
-    """Refuse NaN or infinite coefficients.
-
-    Raises:
-        UsageError: naming the flag.
-    """
-    bad = [c for c in coefs if not math.isfinite(c)]
-    if bad:
-        raise UsageError(f"{flag} must be a finite number, got {bad[0]}")
-
-
 # ---------------------------------------------------------------- negate / scale
 
 
@@ -208,7 +196,7 @@ def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
     with _opened([source]):
         meta = open_vector_meta(source, source.label)
         plan = plan_combine(None, [(source, -config.coef)])
-        if meta.mode in LORA_MODES:
+        if meta.mode is not None and meta.mode.factored:
             _keep_lora_a(plan, source)
         history = list(json_list(meta.extra.get("operations")))
         history.append({"op": "negate", "coef": config.coef})
@@ -225,8 +213,6 @@ def _keep_lora_a(plan: StreamPlan, source: TensorSource) -> None:
 
     Scaling both factors would give (−c·B)·(−c·A) = +c²·ΔW (a negation that adds the task).
     """
-    from tvtool.finetune.lora import SUFFIX_A
-
     def unchanged(name: str) -> Any:
         tensor = source.get(name)
         check_finite(tensor, name, source.label)
@@ -281,46 +267,6 @@ class ApplyConfig:
     hf_dir: str | None = None
 
 
-def check_vectors_fit_base(metas: Sequence[tuple[str, FileMeta]], base_fp: str, *,
-                           allow_mismatch: bool, architecture: str) -> list[str]:
-    """Refuse vectors recorded against another base, unless explicitly allowed.
-
-    Returns:
-        Warnings to show: vectors without provenance metadata, or made for the same tensors
-        with another activation (see :func:`tvtool.vectors.check_architecture`).
-
-    Raises:
-        InvalidInputError: architecture mismatch (never overridable: the tensors would not
-            fit), or fingerprint mismatch without ``allow_mismatch``.
-    """
-    warnings: list[str] = []
-    for label, meta in metas:
-        warnings += metadata_warnings(meta, label)
-        note = check_architecture(label, meta.architecture, architecture)
-        if note:
-            warnings.append(note)
-        if meta.base_fingerprint and meta.base_fingerprint != base_fp and not allow_mismatch:
-            raise InvalidInputError(
-                f"{label} was extracted from another base (fingerprint "
-                f"{meta.base_fingerprint[:19]}… vs {base_fp[:19]}…)",
-                hint="use the base it was made from, or --allow-base-mismatch if you are sure")
-    return warnings
-
-
-def expand_coefs(coefs: Sequence[float], count: int) -> list[float]:
-    """One coefficient per vector: a single value is repeated.
-
-    Raises:
-        UsageError: when the counts do not fit.
-    """
-    if len(coefs) == 1:
-        return list(coefs) * count
-    if len(coefs) != count:
-        raise UsageError(f"{len(coefs)} coefficients given for {count} vectors",
-                         hint="give one --coef for all vectors or one per vector")
-    return list(coefs)
-
-
 def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     """Write an open_clip-loadable checkpoint of the edited model, streaming.
 
@@ -361,9 +307,7 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
             if meta.linearized:
                 log(f"warning: {source.label} is linearized; the checkpoint approximates its "
                     "linearized model by adding the vector to the weights")
-            if meta.mode in LORA_MODES:
-                source = _materialized_lora(source, meta)
-                sources[-1] = source
+            source = sources[-1] = dense_source(source, meta)
             metas.append((source.label, meta))
         base, ref = base_source(ref)
         sources.insert(0, base)
@@ -431,16 +375,6 @@ def _loads(text: str | None) -> Any:
         return text
 
 
-def _materialized_lora(source: TensorSource, meta: FileMeta) -> TensorSource:
-    """Dense deltas of a LoRA vector (factors are multiplied out once, in memory)."""
-    from tvtool.finetune.lora_vectors import materialize_lora_source
-
-    return materialize_lora_source(source, meta)
-
-
-# ---------------------------------------------------------------- inspect
-
-
 @dataclass(frozen=True)
 class InspectConfig:
     """Configuration of ``tvtool inspect``.
@@ -499,10 +433,10 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
                                   for n in names}),
             }
             if meta is not None and meta.kind is Kind.TASK_VECTOR:
-                if meta.mode in LORA_MODES:
+                if meta.mode is not None and meta.mode.factored:
                     # Norms and cosines of factors say nothing about ΔW (runs with one seed
                     # share A0, so their factor cosine is high whatever B learned).
-                    source = _materialized_lora(source, open_vector_meta(source, source.label))
+                    source = dense_source(source, open_vector_meta(source, source.label))
                 norms = vector_norms(source)
                 entry["norm"] = math.sqrt(sum(v * v for v in norms.values()))
                 entry["largest"] = [

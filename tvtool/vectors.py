@@ -13,18 +13,66 @@ Both layers share the per-tensor primitives, so they cannot disagree.
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from tvtool.errors import InvalidInputError, NumericalError
+from tvtool.errors import InvalidInputError, NumericalError, TvtoolError, UsageError
+from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
 from tvtool.io import TensorInfo, TensorSource, all_finite
-from tvtool.metadata import LINEARIZED_MODES, FileMeta, Kind, Mode
+from tvtool.io.names import shared_wrapper_prefixes
+from tvtool.limits import short_repr
+from tvtool.metadata import FileMeta, Kind, Mode
 from tvtool.types import StateDict
 
-_WRAPPER_PREFIXES = ("module.", "model.", "module.model.")
+# ---------------------------------------------------------------- coefficients
+
+
+def check_coefficients(values: Sequence[Any], where: str = "--coef",
+                       error: type[TvtoolError] = UsageError) -> tuple[float, ...]:
+    """The one check of scaling coefficients: each must be a finite number.
+
+    Args:
+        values: The coefficients as given (numbers from flags, JSON or YAML).
+        where: Names the flag or file in the message.
+        error: :class:`UsageError` for flags, :class:`InvalidInputError` for file contents.
+
+    Returns:
+        The coefficients as floats.
+
+    Raises:
+        UsageError / InvalidInputError: a value that is no number, or not finite.
+    """
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise error(f"{where}: coefficient {short_repr(value)} is not a number")
+        try:
+            number = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            number = math.inf
+        if not math.isfinite(number):
+            raise error(f"{where}: coefficient {short_repr(value)} is not finite")
+        out.append(number)
+    return tuple(out)
+
+
+def expand_coefs(coefs: Sequence[float], count: int) -> list[float]:
+    """One coefficient per vector: a single value is repeated.
+
+    Raises:
+        UsageError: when the counts do not fit.
+    """
+    if len(coefs) == 1:
+        return list(coefs) * count
+    if len(coefs) != count:
+        raise UsageError(f"{len(coefs)} coefficients given for {count} vectors",
+                         hint="give one --coef for all vectors or one per vector")
+    return list(coefs)
 
 
 # ---------------------------------------------------------------- per-tensor primitives
@@ -126,11 +174,11 @@ def extract(base: StateDict, finetuned: StateDict) -> StateDict:
 def _refuse_factors(vectors: Sequence[StateDict], operation: str) -> None:
     # Elementwise algebra on LoRA factors is wrong: scaling both A and B by c scales ΔW by c².
     for vector in vectors:
-        factors = [n for n in vector if n.endswith((".lora_A", ".lora_B"))]
+        factors = [n for n in vector if n.endswith(_LORA_SUFFIXES)]
         if factors:
             raise InvalidInputError(
                 f"{operation} of a LoRA vector (e.g. {factors[0]!r}) would act on each factor",
-                hint="turn it into dense deltas first with tvtool.finetune.materialize_lora")
+                hint="turn it into dense deltas first with tvtool.formats.materialize_lora")
 
 
 def scale(vector: StateDict, coef: float) -> StateDict:
@@ -239,17 +287,18 @@ def _check_same_keys(a: Sequence[str], b: Sequence[str], label_a: str, label_b: 
 def align_keys(stored: Sequence[str], base: Sequence[str]) -> tuple[dict[str, str], str | None]:
     """Map stored names to base names, removing a wrapper prefix if that makes them match.
 
-    A prefix (``module.`` from DistributedDataParallel, ``model.`` from wrapper modules such
-    as the published ``ImageEncoder``, or both) is removed only if every stored name has it
-    and removing it matches more base names than keeping it.
+    A wrapper prefix every stored name shares (:func:`tvtool.io.names.shared_wrapper_prefixes`:
+    ``module.`` from DistributedDataParallel, ``model.`` from wrapper modules such as the
+    published ``ImageEncoder``, or both) is removed only if that matches more base names than
+    keeping it.
 
     Returns:
         The mapping (stored -> base) and the prefix removed, if any.
     """
     base_set = set(base)
     best: tuple[int, str | None] = (sum(1 for name in stored if name in base_set), None)
-    for candidate in _WRAPPER_PREFIXES:
-        if stored and all(name.startswith(candidate) for name in stored):
+    for candidate in shared_wrapper_prefixes(stored):
+        if stored:
             hits = sum(1 for name in stored if name[len(candidate):] in base_set)
             if hits > best[0]:
                 best = (hits, candidate)
@@ -307,7 +356,7 @@ def _note_once(message: str) -> None:
         sys.stderr.write(message + "\n")
 
 
-_LORA_SUFFIXES = (".lora_A", ".lora_B")  # tvtool.finetune.lora.SUFFIX_A / SUFFIX_B
+_LORA_SUFFIXES = (SUFFIX_A, SUFFIX_B)
 
 
 def check_vector_consistency(meta: FileMeta, names: Sequence[str], label: str) -> None:
@@ -322,7 +371,7 @@ def check_vector_consistency(meta: FileMeta, names: Sequence[str], label: str) -
             ``mode=lora`` without
             any ``*.lora_A``/``*.lora_B`` tensor.
     """
-    if meta.mode in LINEARIZED_MODES and not meta.linearized:
+    if meta.mode is not None and meta.mode.linearized and not meta.linearized:
         raise InvalidInputError(
             f"{label} records tvtool.mode={meta.mode.value} but tvtool.linearized=false: such "
             "a vector only means something as a change of the linearized model",
@@ -379,6 +428,32 @@ def check_architecture(label: str, recorded: str | None, target: str | None,
     return (f"warning: {label} was made for {recorded} ({_activation(recorded)}) and is used with "
             f"{target_label} {target} ({_activation(target)}): same tensors, different activation, "
             "so the model does not compute what the vector was trained for")
+
+
+def check_vectors_fit_base(metas: Sequence[tuple[str, FileMeta]], base_fp: str, *,
+                           allow_mismatch: bool, architecture: str) -> list[str]:
+    """Refuse vectors recorded against another base, unless explicitly allowed.
+
+    Returns:
+        Warnings to show: vectors without provenance metadata, or made for the same tensors
+        with another activation (see :func:`check_architecture`).
+
+    Raises:
+        InvalidInputError: architecture mismatch (never overridable: the tensors would not
+            fit), or fingerprint mismatch without ``allow_mismatch``.
+    """
+    warnings: list[str] = []
+    for label, meta in metas:
+        warnings += metadata_warnings(meta, label)
+        note = check_architecture(label, meta.architecture, architecture)
+        if note:
+            warnings.append(note)
+        if meta.base_fingerprint and meta.base_fingerprint != base_fp and not allow_mismatch:
+            raise InvalidInputError(
+                f"{label} was extracted from another base (fingerprint "
+                f"{meta.base_fingerprint[:19]}… vs {base_fp[:19]}…)",
+                hint="use the base it was made from, or --allow-base-mismatch if you are sure")
+    return warnings
 
 
 Producer = Callable[[], torch.Tensor]

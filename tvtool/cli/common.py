@@ -177,21 +177,3 @@ def download_datasets(names: Iterable[str | None], data_root: str | None) -> Non
 
     for name in dict.fromkeys(n for n in names if n):
         download(name, data_root, log=log)
-
-
-def resolve_device(device: str) -> str:
-    """Turn ``auto`` into ``cuda`` when available, else ``cpu``; validate the rest."""
-    import torch
-
-    from tvtool.errors import UsageError
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} asked for, but no CUDA device is available",
-                             hint="use --device cpu or auto")
-        return device
-    raise UsageError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N")

@@ -233,7 +233,7 @@ def disentanglement_command(
     dataset: Annotated[list[str], typer.Option(
         "--dataset", "-d", help="Dataset of TV1, then dataset of TV2.")],
     grid: Annotated[str, typer.Option(
-        "--grid", help="Coefficients for both axes: START:STOP:NUM or a,b,c.")] = "-3:3:13",
+        "--grid", help="Coefficients for both axes: START:STOP:STEP or a,b,c.")] = "-3:3:0.5",
     output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Write the error map (JSON) here; default: stdout.",
         show_default=False)] = None,
@@ -258,8 +258,14 @@ def disentanglement_command(
     xi(a1, a2) = sum over t of the fraction of D_t whose prediction by
     BASE + a1 TV1 + a2 TV2 differs from that of BASE + a_t TV_t (Ortiz-Jimenez et al. 2023).
     """
-    from tvtool.evaluate import DisentanglementConfig, disentanglement, parse_grid, render_heatmap
+    from tvtool.evaluate import (
+        GRID_LIMITS,
+        DisentanglementConfig,
+        disentanglement,
+        render_heatmap,
+    )
     from tvtool.evaluate.disentanglement import summarize
+    from tvtool.grid import parse_grid
     from tvtool.io import check_output, write_bytes, write_json
 
     if len(vectors) != 2 or len(dataset) != 2:
@@ -268,7 +274,8 @@ def disentanglement_command(
                          hint="TV1 TV2 --dataset D1 --dataset D2")
     config = DisentanglementConfig(
         base=base, vectors=(vectors[0], vectors[1]), datasets=(dataset[0], dataset[1]),
-        alphas=parse_grid(grid), split=split, data_root=data_root, batch_size=batch_size,
+        alphas=parse_grid(grid, **GRID_LIMITS), split=split, data_root=data_root,
+        batch_size=batch_size,
         device=device, precision=precision, limit=limit, seed=seed, workers=workers,
         allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
         cache_heads=not no_head_cache)

@@ -224,6 +224,7 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
             save_config: str | None, download: bool = False) -> None:
     from rich.table import Table
 
+    from tvtool.grid import parse_grid
     from tvtool.io import check_output, write_json
     from tvtool.merge.evaluation import (
         EvalSettings,
@@ -231,7 +232,7 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         search_merge,
         vector_datasets,
     )
-    from tvtool.merge.search import default_grid_text, parse_grid
+    from tvtool.merge.search import default_grid_text
 
     if base is None:
         raise UsageError("--search-coef needs --base (the model the vectors were made from)")
@@ -275,8 +276,8 @@ def negate_search(vector: str, output: str, settings: Any, control: str | None,
     """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
     from rich.table import Table
 
+    from tvtool.grid import parse_grid
     from tvtool.merge.evaluation import recorded_dataset, search_negate
-    from tvtool.merge.search import parse_grid
 
     if not settings.base:
         raise UsageError("--search needs --base (the model the vector was made from)")

@@ -13,7 +13,6 @@ evaluations without improvement.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -42,6 +41,7 @@ from tvtool.coeffs.objectives import (
     needs_labels,
     selection_score,
 )
+from tvtool.device import autocast, check_precision
 from tvtool.errors import (
     InvalidInputError,
     NumericalError,
@@ -49,17 +49,12 @@ from tvtool.errors import (
     UsageError,
     worker_error_text,
 )
-
-Logger = Callable[[str], None]
-Advance = Callable[[int], None]
+from tvtool.types import Advance, Logger
+from tvtool.types import quiet as _quiet
 
 # Preprocessed examples are kept on the device for repeated epochs up to this many bytes per
 # dataset part; larger parts are re-read through a DataLoader.
 MATERIALIZE_BYTES = 1 << 30
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -165,9 +160,7 @@ class LearnerConfig:
             raise UsageError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"--patience must be at least 1, got {self.patience}")
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise UsageError(f"unknown precision {self.precision!r}",
-                             hint="use fp32, bf16 or fp16")
+        check_precision(self.precision, ("fp32", "bf16", "fp16"))
         if self.workers < 0:
             raise UsageError(f"--workers must be >= 0, got {self.workers}")
 
@@ -366,13 +359,6 @@ class _Examples:
 # ---------------------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # Augmentation (on preprocessed batches)
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +528,7 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
     zeros = torch.zeros(shape, device=device)
 
     def logits_of(images: Tensor, head: Tensor, weights: dict[str, Tensor]) -> Tensor:
-        with _autocast(device, config.precision):
+        with autocast(device, config.precision):
             feats = encoder.features(images, weights)
         return F.normalize(feats.float(), dim=-1) @ head.T
 
@@ -612,7 +598,7 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         else:
             parts = [next(stream) for stream in streams]
             images = augment(torch.cat([images for images, _ in parts]), kind, aug_generator)
-            with _autocast(device, config.precision):
+            with autocast(device, config.precision):
                 feats = encoder(coefficients, images)
             outputs = []
             for task, head, (_, labels), chunk in zip(
@@ -713,9 +699,9 @@ def _ufm_outputs(encoder: ComposedEncoder, coefficients: Tensor, ufm: Sequence[_
     plain = torch.cat([images for images, _ in batches])
     with torch.no_grad():
         weights = encoder.weights(coefficients.detach())
-        with _autocast(device, precision):
+        with autocast(device, precision):
             plain_feats = F.normalize(encoder.features(plain, weights).float(), dim=-1)
-    with _autocast(device, precision):
+    with autocast(device, precision):
         strong_feats = encoder(coefficients, augment(plain, kind, generator))
     sizes = [len(images) for images, _ in batches]
     outputs = []

@@ -9,11 +9,10 @@ nothing is written when one fails.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -44,28 +43,15 @@ from tvtool.coeffs.objectives import (
     check_objective,
     needs_labels,
 )
+from tvtool.device import check_precision, resolve_device, resolve_precision
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorInfo, TensorSource, check_distinct_paths, write_tensors
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
-
-Logger = Callable[[str], None]
-Advance = Callable[[int], None]
-ProgressFactory = Callable[[str, "int | None"], contextlib.AbstractContextManager[Advance]]
+from tvtool.types import Logger, ProgressFactory
+from tvtool.types import no_progress as _no_progress
+from tvtool.types import quiet as _quiet
 
 VECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _quiet(_: str) -> None:
-    return None
-
-
-def _no_advance(_n: int = 1) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def _no_progress(_description: str, _total: int | None) -> Iterator[Advance]:
-    yield _no_advance
 
 
 @dataclass(frozen=True)
@@ -101,7 +87,8 @@ class LearnCoeffsConfig:
         partition_seed: Seed of the ``random:K`` split.
         vector_dtype: Storage dtype of the packed vectors: ``fp32``, ``bf16`` or ``fp16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        precision: ``auto`` (bf16 autocast on a CUDA device that supports bf16, fp32
+            elsewhere; see :mod:`tvtool.device`), ``fp32``, ``bf16``, ``fp16``.
         seed: Seed of the example choice and the batch order.
         data_root: Root of the standard datasets.
         merged_out: Also write the composed model: a checkpoint, or (linearized vectors) the
@@ -253,9 +240,7 @@ def check_config(config: LearnCoeffsConfig) -> None:
     if config.vector_dtype not in VECTOR_DTYPES:
         raise UsageError(f"unknown --vector-dtype {config.vector_dtype!r}",
                          hint="use fp32, bf16 or fp16")
-    if config.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsageError(f"unknown precision {config.precision!r}",
-                         hint="use auto, fp32, bf16 or fp16")
+    check_precision(config.precision)
     config.learner("fp32").check()
     outputs = [config.output] + ([config.merged_out] if config.merged_out else [])
     if config.merged_out and config.merged_out == config.output and config.output != "-":
@@ -326,13 +311,10 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         NumericalError: the loss diverged (nothing is written).
     """
     from tvtool.evaluate import head_key, open_eval_data, open_eval_model, zero_shot_head
-    from tvtool.evaluate.model import resolve_device
 
     check_config(config)
     device = resolve_device(config.device)
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(config.precision, device)
     granularity = parse_granularity(config.granularity)
     model = open_eval_model(config.base, config.vectors, device=device,
                             allow_base_mismatch=config.allow_base_mismatch)

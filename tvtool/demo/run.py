@@ -24,8 +24,7 @@ from tvtool.errors import InvalidInputError
 from tvtool.evaluate.accuracy import ProgressFactory, no_progress
 from tvtool.io import ensure_directory as ensure_dir
 from tvtool.io import read_json, remove_file, write_bytes, write_json
-
-Logger = Callable[[str], None]
+from tvtool.types import Logger
 
 QUICK_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count")
 FULL_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count", "synthetic:position",

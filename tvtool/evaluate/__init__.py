@@ -26,11 +26,11 @@ from tvtool.evaluate.accuracy import (
 from tvtool.evaluate.batches import EvalData, open_eval_data
 from tvtool.evaluate.disentanglement import (
     DEFAULT_GRID,
+    GRID_LIMITS,
     DisentanglementConfig,
     DisentanglementReport,
     disentanglement,
     error_at,
-    parse_grid,
     render_heatmap,
     summarize,
 )
@@ -47,6 +47,7 @@ from tvtool.evaluate.reference import ReferenceEntry, load_references, reference
 
 __all__ = [
     "DEFAULT_GRID",
+    "GRID_LIMITS",
     "DatasetResult",
     "DisentanglementConfig",
     "DisentanglementReport",
@@ -71,7 +72,6 @@ __all__ = [
     "no_progress",
     "open_eval_data",
     "open_eval_model",
-    "parse_grid",
     "predictions",
     "read_head_file",
     "references_from_document",

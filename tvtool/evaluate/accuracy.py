@@ -2,50 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from tvtool.device import autocast, check_precision, resolve_device
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.evaluate.batches import EvalData, batches, open_eval_data
 from tvtool.evaluate.heads import head_key, read_head_file, zero_shot_head
 from tvtool.evaluate.model import (
     EvalModel,
     Weights,
-    autocast_context,
-    check_precision,
     open_eval_model,
-    resolve_device,
 )
 from tvtool.evaluate.reference import ReferenceEntry, check_reference, load_references
 from tvtool.metadata import provenance
-
-Logger = Callable[[str], None]
-Advance = Callable[[int], None]
-ProgressFactory = Callable[[str, "int | None"], contextlib.AbstractContextManager[Advance]]
-"""``progress(description, total)`` -> context manager yielding ``advance(n)``; the CLI passes
-a rich progress bar on stderr, the library default does nothing."""
+from tvtool.types import Logger, ProgressFactory, no_progress
+from tvtool.types import quiet as _quiet
 
 REPORT_VERSION = 1
-
-
-def _quiet(_: str) -> None:
-    return None
-
-
-@contextlib.contextmanager
-def no_progress(_description: str, _total: int | None) -> Iterator[Advance]:
-    """A progress factory that shows nothing."""
-
-    def advance(_n: int = 1) -> None:
-        return None
-
-    yield advance
 
 
 @dataclass(frozen=True)
@@ -61,7 +40,8 @@ class EvalConfig:
         data_root: Root of the standard datasets.
         batch_size: Images per forward pass.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 autocast on GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16``.
+        precision: ``auto`` (bf16 autocast on a CUDA device that supports bf16, fp32
+            elsewhere; see :mod:`tvtool.device`), ``fp32``, ``bf16``, ``fp16``.
         limit: Evaluate a seeded random subset of this many examples per dataset.
         seed: Seed of the splits and of the ``limit`` subsets.
         workers: DataLoader worker processes.
@@ -346,7 +326,7 @@ def predictions(model: EvalModel, data: EvalData, head: Tensor, batch_size: int,
     with progress(f"{data.name} ({data.split})", steps) as advance, torch.no_grad():
         for images, targets in batches(data, batch_size, workers=workers, device=model.device,
                                        materialize=materialize):
-            with autocast_context(model.device, precision):
+            with autocast(model.device, precision):
                 features = model.image_features(images)
             logits = features.float() @ head.float().T
             preds.append(logits.argmax(dim=-1).cpu())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,54 +20,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tvtool.device import check_precision, resolve_device
 from tvtool.errors import UsageError
-from tvtool.evaluate.accuracy import (
-    Logger,
-    ProgressFactory,
-    _quiet,
-    build_heads,
-    no_progress,
-    predictions,
-)
+from tvtool.evaluate.accuracy import build_heads, predictions
 from tvtool.evaluate.batches import open_eval_data
 from tvtool.evaluate.linear_cache import LinearizedFeatures
-from tvtool.evaluate.model import check_precision, open_eval_model, resolve_device
+from tvtool.evaluate.model import open_eval_model
+from tvtool.grid import parse_grid
 from tvtool.metadata import provenance
+from tvtool.types import Logger, ProgressFactory, no_progress
+from tvtool.types import quiet as _quiet
 
-DEFAULT_GRID = "-3:3:13"
-_MAX_GRID = 101
-
-
-def parse_grid(text: str) -> tuple[float, ...]:
-    """Parse a coefficient grid: ``START:STOP:NUM`` (inclusive, evenly spaced) or ``a,b,c``.
-
-    Raises:
-        UsageError: malformed grid, fewer than 2 or more than 101 values, repeated values.
-    """
-    text = text.strip()
-    try:
-        if ":" in text:
-            parts = text.split(":")
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, num = float(parts[0]), float(parts[1]), int(parts[2])
-            if num < 2 or not stop > start:
-                raise ValueError
-            values = tuple(start + (stop - start) * i / (num - 1) for i in range(num))
-        else:
-            values = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise UsageError(f"malformed grid {text!r}",
-                         hint="use START:STOP:NUM (e.g. -3:3:13, with STOP > START and NUM >= 2) "
-                              "or a comma-separated list") from None
-    if not all(math.isfinite(v) for v in values):
-        raise UsageError(f"grid {text!r} has non-finite values")
-    if len(values) < 2 or len(values) > _MAX_GRID:
-        raise UsageError(f"grid {text!r} has {len(values)} values; use 2 to {_MAX_GRID}")
-    if len(set(values)) != len(values):
-        raise UsageError(f"grid {text!r} repeats a value")
-    # Snap float noise (0.49999999) so that 0 and 1 are exactly on the grid when intended.
-    return tuple(round(v, 10) + 0.0 for v in values)
+DEFAULT_GRID = "-3:3:0.5"
+"""13 values from -3 to 3 (``START:STOP:STEP``, the grid syntax of :mod:`tvtool.grid`)."""
+GRID_LIMITS: dict[str, Any] = {"min_points": 2, "max_points": 101, "distinct": True}
+"""What a map's grid must satisfy: ``parse_grid(text, **GRID_LIMITS)``."""
 
 
 @dataclass(frozen=True)
@@ -96,7 +62,8 @@ class DisentanglementConfig:
     base: str
     vectors: tuple[str, str]
     datasets: tuple[str, str]
-    alphas: tuple[float, ...] = field(default_factory=lambda: parse_grid(DEFAULT_GRID))
+    alphas: tuple[float, ...] = field(
+        default_factory=lambda: parse_grid(DEFAULT_GRID, **GRID_LIMITS))
     split: str = "test"
     data_root: str | None = None
     batch_size: int = 128

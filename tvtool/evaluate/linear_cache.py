@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tvtool.evaluate.accuracy import ProgressFactory, no_progress
+from tvtool.device import autocast
 from tvtool.evaluate.batches import EvalData, batches
-from tvtool.evaluate.model import VISUAL_PREFIX, EvalModel, autocast_context
-from tvtool.operations import expand_coefs
-from tvtool.vectors import plan_combine
+from tvtool.evaluate.model import VISUAL_PREFIX, EvalModel
+from tvtool.types import ProgressFactory, no_progress
+from tvtool.vectors import expand_coefs, plan_combine
 
 
 @dataclass
@@ -142,7 +142,7 @@ class LinearizedFeatures:
         with self.progress(label, steps) as advance, torch.no_grad():
             for images, targets in batches(data, self.batch_size, workers=self.workers,
                                            device=model.device, materialize=True):
-                with autocast_context(model.device, self.precision):
+                with autocast(model.device, self.precision):
                     primal, tangent = linearized_parts(visual, None, delta, images)
                 if index is None:
                     self.primal_passes += 1

@@ -19,18 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.io import DictSource, TensorInfo, TensorSource, open_tensors
-from tvtool.metadata import LORA_MODES
+from tvtool.formats import dense_source
+from tvtool.io import TensorInfo, TensorSource, open_tensors
 from tvtool.models import ClipBundle, base_source, fingerprint, load_clip, load_state_into
 from tvtool.models.refs import ModelRef
-from tvtool.operations import check_vectors_fit_base, expand_coefs
 from tvtool.types import StateDict
 from tvtool.vectors import (
     StreamPlan,
     VectorInput,
+    check_vectors_fit_base,
+    expand_coefs,
     open_vector_meta,
     plan_combine,
-    state_dict_of,
 )
 
 WeightBuilder = Callable[[TensorSource, Sequence[VectorInput]], StateDict]
@@ -271,10 +271,8 @@ def open_eval_model(
     try:
         for path in vectors:
             vec_source = open_tensors(path)
-            opened.append(VectorInput(path, vec_source, open_vector_meta(vec_source,
-                                                                         vec_source.label)))
-            if opened[-1].meta.mode in LORA_MODES:
-                opened[-1] = _materialized(opened[-1])
+            meta = open_vector_meta(vec_source, vec_source.label)
+            opened.append(VectorInput(path, dense_source(vec_source, meta), meta))
         base_fp = fingerprint(source)
         notes = check_vectors_fit_base([(v.source.label, v.meta) for v in opened], base_fp,
                                        allow_mismatch=allow_base_mismatch,
@@ -290,34 +288,6 @@ def open_eval_model(
         raise
     return EvalModel(bundle, bundle.ref, source, base_fp, opened, linearized, torch_device,
                      notes)
-
-
-def _materialized(vector: VectorInput) -> VectorInput:
-    """Dense deltas ``(alpha/r)·B·A`` of a LoRA vector (its factors multiplied out).
-
-    For ``llora`` (A frozen at its initial value, B trained from zero) this is exactly the
-    weight change of the trained model; for ``llora-net`` it is the first-order weight change
-    its linearized model is evaluated at, so evaluating it linearized reproduces that model.
-    """
-    try:
-        from tvtool.finetune.lora_vectors import materialize_lora_source
-    except ImportError:
-        pass  # older layout: fall back to the dict-level helper below
-    else:
-        return VectorInput(vector.path, materialize_lora_source(vector.source, vector.meta),
-                           vector.meta)
-    try:
-        from tvtool.finetune.lora import materialize_lora
-    except ImportError:
-        raise InvalidInputError(
-            f"{vector.source.label} is a {vector.meta.mode.value if vector.meta.mode else ''} "
-            "vector, and this tvtool cannot materialise LoRA factors") from None
-    # LoRA factors are small: multiplying them out in memory costs one dense delta per target.
-    source = vector.source
-    dense = materialize_lora(state_dict_of(source), vector.meta)
-    materialized = DictSource(dense, source.metadata, source.label)
-    source.close()
-    return VectorInput(vector.path, materialized, vector.meta)
 
 
 def _linearized(vectors: Sequence[VectorInput], approximate: bool, notes: list[str]) -> bool:
@@ -352,51 +322,3 @@ def _text_side_notes(vectors: Sequence[VectorInput]) -> list[str]:
                          f"{changed[0]!r}); heads come from the base text encoder, so those "
                          "changes do not affect accuracy")
     return notes
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; validate the rest.
-
-    Raises:
-        UsageError: unknown device, or CUDA asked for without one.
-    """
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device} asked for, but no CUDA device is available",
-                             hint="use --device cpu or auto")
-        try:
-            return torch.device(device)
-        except RuntimeError:
-            raise UsageError(f"unknown device {device!r}") from None
-    raise UsageError(f"unknown device {device!r}", hint="use auto, cpu, cuda or cuda:N")
-
-
-def autocast_context(device: torch.device,
-                     precision: str) -> contextlib.AbstractContextManager[Any]:
-    """Autocast for ``precision`` (``auto`` is bf16 on CUDA and fp32 on CPU).
-
-    Raises:
-        UsageError: unknown precision.
-    """
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise UsageError(f"unknown precision {precision!r}", hint="use auto, fp32, bf16 or fp16")
-    return torch.autocast(device_type=device.type, dtype=dtypes[precision])
-
-
-def check_precision(precision: str) -> None:
-    """Validate a precision name early (before any work).
-
-    Raises:
-        UsageError: unknown precision.
-    """
-    if precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UsageError(f"unknown precision {precision!r}", hint="use auto, fp32, bf16 or fp16")

@@ -14,54 +14,22 @@ See docs/finetune.md.
 
 from __future__ import annotations
 
-from tvtool.errors import UsageError
-from tvtool.finetune.attn import AttnMode, attention_parameter_names
+from tvtool.finetune.attn import attention_parameter_names
 from tvtool.finetune.base import Adapter, FinetuneMode, ModeOptions
-from tvtool.finetune.full import FullMode
-from tvtool.finetune.linear import LinearMode
-from tvtool.finetune.llora import LloraMode, LloraNetMode
+from tvtool.finetune.config import FinetuneConfig, FinetuneResult, StepLog, TrainResult
 from tvtool.finetune.lora import (
-    LoraMode,
     init_lora_factors,
     lora_targets,
-    materialize_lora,
     parse_lora_targets,
 )
+from tvtool.finetune.registry import MODES, get_mode
 from tvtool.finetune.trainer import (
-    FinetuneConfig,
-    FinetuneResult,
-    StepLog,
-    TrainResult,
     check_encoder,
     finetune,
     learning_rate,
     train,
 )
-from tvtool.metadata import Mode
-
-MODES: dict[Mode, FinetuneMode] = {
-    Mode.FULL: FullMode(),
-    Mode.ATTN: AttnMode(),
-    Mode.LINEAR: LinearMode(),
-    Mode.LORA: LoraMode(),
-    Mode.LLORA: LloraMode(),
-    Mode.LLORA_NET: LloraNetMode(),
-}
-"""The fine-tuning modes by name."""
-
-
-def get_mode(name: str | Mode) -> FinetuneMode:
-    """Look up a fine-tuning mode.
-
-    Raises:
-        UsageError: unknown name.
-    """
-    try:
-        return MODES[Mode(name)]
-    except ValueError:
-        raise UsageError(f"unknown fine-tuning mode {name!r}",
-                         hint=f"use one of {', '.join(m.value for m in MODES)}") from None
-
+from tvtool.formats.lora import materialize_lora
 
 __all__ = [
     "MODES",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tvtool.finetune.base import Adapter, ModeOptions, attention_projections
+from tvtool.finetune.base import Adapter, ModeBase, ModeOptions, attention_projections
 from tvtool.finetune.full import DirectAdapter
 from tvtool.metadata import Mode
 
@@ -34,11 +34,10 @@ class AttnAdapter(DirectAdapter):
     mode = Mode.ATTN
 
 
-class AttnMode:
+class AttnMode(ModeBase):
     """Attention-only fine-tuning of the image encoder."""
 
     name = Mode.ATTN
-    linearized = False
     summary = "attention projections of the image encoder's blocks"
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:

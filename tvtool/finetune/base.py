@@ -54,7 +54,7 @@ class ModeOptions:
 class Adapter(nn.Module):
     """A frozen image encoder plus the tensors one fine-tuning mode trains.
 
-    Subclasses set :attr:`mode` and :attr:`linearized`, register their trainable tensors as
+    Subclasses set :attr:`mode` (which declares ``linearized``), register their trainable tensors as
     parameters that require grad, and implement the abstract methods.
 
     Attributes:
@@ -63,7 +63,11 @@ class Adapter(nn.Module):
     """
 
     mode: ClassVar[Mode]
-    linearized: ClassVar[bool] = False
+
+    @property
+    def linearized(self) -> bool:
+        """Whether the trained vector is a change of the linearized model (the mode says)."""
+        return self.mode.linearized
 
     def __init__(self, encoder: nn.Module, prefix: str = ENCODER_PREFIX) -> None:
         super().__init__()
@@ -137,12 +141,27 @@ class FinetuneMode(Protocol):
     """A fine-tuning mode: a name, whether it is linearized, and how to build its adapter."""
 
     name: Mode
-    linearized: bool
     summary: str
+
+    @property
+    def linearized(self) -> bool:
+        """Whether its vectors are linearized (declared on :class:`~tvtool.metadata.Mode`)."""
+        ...
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
         """Wrap ``encoder`` (frozen where the mode says so) for training."""
         ...
+
+
+class ModeBase:
+    """Base of the mode objects: ``linearized`` comes from the :class:`Mode` they name."""
+
+    name: Mode
+
+    @property
+    def linearized(self) -> bool:
+        """Whether its vectors are linearized (declared on :class:`~tvtool.metadata.Mode`)."""
+        return self.name.linearized
 
 
 def freeze(module: nn.Module) -> None:

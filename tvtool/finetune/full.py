@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeOptions, freeze
+from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeBase, ModeOptions, freeze
 from tvtool.metadata import Mode
 from tvtool.types import StateDict
 
@@ -47,11 +47,10 @@ class DirectAdapter(Adapter):
                     for n in self.names}
 
 
-class FullMode:
+class FullMode(ModeBase):
     """All image-encoder parameters train (text tower and head stay frozen)."""
 
     name = Mode.FULL
-    linearized = False
     summary = "all image-encoder weights"
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeOptions
+from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeBase, ModeOptions
 from tvtool.linearize import LinearizedModule
 from tvtool.metadata import Mode
 from tvtool.types import StateDict
@@ -19,7 +19,6 @@ class LinearAdapter(Adapter):
     """The encoder linearized at its current weights, with a trainable δ per parameter."""
 
     mode = Mode.LINEAR
-    linearized = True
 
     def __init__(self, encoder: nn.Module, prefix: str = ENCODER_PREFIX) -> None:
         super().__init__(encoder, prefix)
@@ -40,11 +39,10 @@ class LinearAdapter(Adapter):
         return {self.prefix + n: d.detach().to("cpu", copy=True) for n, d in self.trainable()}
 
 
-class LinearMode:
+class LinearMode(ModeBase):
     """Linearized (tangent-space) fine-tuning of all image-encoder weights."""
 
     name = Mode.LINEAR
-    linearized = True
     summary = "linearized model f(x;θ0) + J·(θ − θ0), all image-encoder weights"
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:

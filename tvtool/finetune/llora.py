@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tvtool.finetune.base import Adapter, ModeOptions
+from tvtool.finetune.base import Adapter, ModeBase, ModeOptions
 from tvtool.finetune.lora import LoraAdapter
 from tvtool.linearize import linearized_forward
 from tvtool.metadata import Mode
@@ -37,7 +37,6 @@ class LloraAdapter(LoraAdapter):
     """L-LoRA: frozen encoder, frozen A0, trainable B; runs at W0 + (alpha/r)·B·A0."""
 
     mode = Mode.LLORA
-    linearized = False
     train_a = False
 
 
@@ -45,28 +44,25 @@ class LloraNetAdapter(LloraAdapter):
     """The network linearized in the LoRA factors: f(x; θ0) + J_W f(x; θ0)·((alpha/r)·B·A0)."""
 
     mode = Mode.LLORA_NET
-    linearized = True
 
     def forward(self, images: Tensor) -> Tensor:
         return linearized_forward(self.encoder, None, self.weight_deltas(), images)
 
 
-class LloraMode:
+class LloraMode(ModeBase):
     """L-LoRA (per-adapter linearization): LoRA with A frozen at its initial value."""
 
     name = Mode.LLORA
-    linearized = False
     summary = "L-LoRA: each LoRA layer linearized in its factors (A frozen at init, B trained)"
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
         return LloraAdapter(encoder, options)
 
 
-class LloraNetMode:
+class LloraNetMode(ModeBase):
     """The whole network linearized in the LoRA factors (needs a JVP at inference)."""
 
     name = Mode.LLORA_NET
-    linearized = True
     summary = "network linearized in the LoRA factors (A frozen at init, B trained)"
 
     def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:

@@ -1,4 +1,7 @@
-"""The fine-tuning command: configuration, training loop, checkpoint/resume, DDP, outputs.
+"""The fine-tuning command: training loop, checkpoint/resume, DDP, outputs.
+
+Configuration and results: :mod:`tvtool.finetune.config`; processes and the deterministic
+example stream: :mod:`tvtool.finetune.sampling`.
 
 The loop is mode-agnostic: a mode's :class:`~tvtool.finetune.base.Adapter` provides the
 trainable tensors, the forward pass and the task vector. Everything that decides *which*
@@ -17,225 +20,46 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from tvtool.device import autocast, resolve_device, resolve_precision
 from tvtool.errors import InvalidInputError, NumericalError, TvtoolError, UsageError
+from tvtool.finetune.attn import attention_parameter_names
 from tvtool.finetune.base import Adapter, ModeOptions
-from tvtool.finetune.lora import parse_lora_targets
+from tvtool.finetune.config import (
+    _RESUME_KEYS,
+    DEFAULT_STEPS,
+    REFERENCE_WARMUP,
+    RESUME_FILE,
+    STATE_FORMAT,
+    FinetuneConfig,
+    FinetuneResult,
+    StepLog,
+    TrainResult,
+)
+from tvtool.finetune.lora import lora_targets
+from tvtool.finetune.registry import get_mode
+from tvtool.finetune.sampling import (
+    SINGLE_PROCESS,
+    DistInfo,
+    MicroBatches,
+    SampleStream,
+    SeededSamples,
+    dist_from_env,
+)
 from tvtool.io import check_output, ensure_directory, write_tensors
 from tvtool.io.train_state import read_train_state, write_train_state
 from tvtool.limits import short_repr
-from tvtool.metadata import LINEARIZED_MODES, FileMeta, Kind, Mode, provenance
+from tvtool.metadata import FileMeta, Kind, Mode, provenance
 from tvtool.types import StateDict
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEFAULT_STEPS = 2000
-REFERENCE_WARMUP = 500
-RESUME_FILE = "resume.safetensors"
-STATE_FORMAT = 1
-
-# Config fields a resumed run must share with the run that wrote the checkpoint.
-_RESUME_KEYS = ("base", "dataset", "mode", "batch_size", "grad_accum", "lr", "weight_decay",
-                "grad_clip", "precision", "seed", "lora_rank", "lora_alpha", "lora_targets",
-                "data_root")
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Configuration of ``tvtool finetune`` (defaults: the reference recipe).
-
-    Attributes:
-        base: Model reference of the pre-trained model.
-        dataset: Dataset name (see :func:`tvtool.data.list_datasets`).
-        output: Task-vector output path, or ``-`` for stdout.
-        mode: ``full``, ``attn``, ``linear``, ``lora``, ``llora`` or ``llora-net``.
-        checkpoint_out: Also write the fine-tuned model as a checkpoint (non-linearized modes).
-        steps: Optimizer steps (default 2000 unless ``epochs`` is given).
-        epochs: Passes over the training split, as an alternative to ``steps``.
-        batch_size: Global batch per optimizer step (all processes and micro-steps together).
-        grad_accum: Micro-steps per optimizer step.
-        lr: Peak learning rate (AdamW).
-        weight_decay: AdamW decoupled weight decay, applied to the weights θ.
-        warmup_steps: Linear warm-up steps before the cosine decay (default: 500, at most a
-            quarter of the run).
-        grad_clip: Gradient-norm clip; 0 disables.
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 elsewhere), ``fp32``, ``bf16``, ``fp16``.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun: the local rank's GPU).
-        seed: Seed of the data order, augmentations and LoRA initialisation.
-        workdir: Directory for the resumable training state; none if unset.
-        resume: Continue from ``workdir``'s training state.
-        checkpoint_every: Steps between training-state saves (with ``workdir``).
-        data_root: Local root of standard datasets.
-        workers: Data-loader worker processes (default: 4 on CUDA, 0 on CPU).
-        lora_rank: LoRA rank (lora, llora, llora-net).
-        lora_alpha: LoRA alpha (lora, llora, llora-net).
-        lora_targets: LoRA targets: any of ``q``, ``k``, ``v``, ``o``, ``mlp`` (``attn`` =
-            q, k, v, o); stored in canonical order.
-        log_every: Steps between progress reports (and divergence checks).
-    """
-
-    base: str
-    dataset: str
-    output: str
-    mode: Mode = Mode.FULL
-    checkpoint_out: str | None = None
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.1
-    warmup_steps: int | None = None
-    grad_clip: float = 1.0
-    precision: str = "auto"
-    device: str = "auto"
-    seed: int = 0
-    workdir: str | None = None
-    resume: bool = False
-    checkpoint_every: int = 500
-    data_root: str | None = None
-    workers: int | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("q", "v")
-    log_every: int = 10
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.mode, Mode):
-            try:
-                object.__setattr__(self, "mode", Mode(str(self.mode)))
-            except ValueError:
-                raise UsageError(f"unknown fine-tuning mode {self.mode!r}",
-                                 hint=f"use one of {', '.join(m.value for m in Mode)}") from None
-        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
-
-    def validate(self) -> None:
-        """Check values and combinations.
-
-        Raises:
-            UsageError: a bad value or flag combination.
-        """
-        if self.steps is not None and self.epochs is not None:
-            raise UsageError("--steps and --epochs both given", hint="give one of them")
-        if self.steps is not None and self.steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {self.steps}")
-        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
-            raise UsageError(f"--epochs must be positive, got {self.epochs}")
-        for name in ("batch_size", "grad_accum", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, "
-                                 f"got {getattr(self, name)}")
-        if self.batch_size % self.grad_accum:
-            raise UsageError(f"--batch-size {self.batch_size} is not divisible by "
-                             f"--grad-accum {self.grad_accum}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise UsageError(f"--weight-decay must be non-negative, got {self.weight_decay}")
-        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
-            raise UsageError(f"--grad-clip must be non-negative (0 disables), got {self.grad_clip}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise UsageError(f"--warmup-steps must be non-negative, got {self.warmup_steps}")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}",
-                             hint=f"use one of {', '.join(PRECISIONS)}")
-        if self.workers is not None and self.workers < 0:
-            raise UsageError(f"--workers must be non-negative, got {self.workers}")
-        if self.resume and not self.workdir:
-            raise UsageError("--resume needs --workdir", hint="point it at the interrupted run's "
-                                                              "work directory")
-        if self.checkpoint_out is not None and self.mode in LINEARIZED_MODES:
-            raise UsageError(
-                f"--checkpoint-out is not available for --mode {self.mode.value}",
-                hint="a linearized model is not an open_clip model; keep the task vector and "
-                     "evaluate it linearized (tvtool eval)")
-        if self.checkpoint_out is not None and self.checkpoint_out == self.output \
-                and self.output != "-":
-            raise UsageError("--checkpoint-out and -o name the same file")
-        if self.checkpoint_out == "-" and self.output == "-":
-            raise UsageError("-o - and --checkpoint-out - would both write to stdout")
-
-    def mode_options(self) -> ModeOptions:
-        """The mode-specific options."""
-        return ModeOptions(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                           lora_targets=self.lora_targets, seed=self.seed)
-
-    def as_json(self) -> dict[str, Any]:
-        """JSON-ready field values."""
-        out = asdict(self)
-        out["mode"] = self.mode.value
-        out["lora_targets"] = list(self.lora_targets)
-        return out
-
-
-@dataclass(frozen=True)
-class StepLog:
-    """One progress report.
-
-    Attributes:
-        step: Optimizer steps completed.
-        total: Steps of the whole run.
-        loss: Mean training loss since the previous report.
-        accuracy: Training accuracy since the previous report.
-        lr: Learning rate of the last step.
-        images_per_s: Throughput since the previous report (all processes).
-    """
-
-    step: int
-    total: int
-    loss: float
-    accuracy: float
-    lr: float
-    images_per_s: float
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """What the training loop did."""
-
-    start_step: int
-    steps: int
-    seconds: float
-    images_per_s: float
-    final_loss: float
-    train_accuracy: float
-
-
-@dataclass(frozen=True)
-class FinetuneResult:
-    """Summary of a fine-tuning run (the ``--json`` document)."""
-
-    output: str
-    checkpoint_out: str | None
-    mode: str
-    linearized: bool
-    dataset: str
-    steps: int
-    resumed_from: int
-    seconds: float
-    images_per_s: float
-    final_loss: float
-    train_accuracy: float
-    tensors: int
-    parameters: int
-    device: str
-    precision: str
-    world_size: int
-    notes: list[str] = field(default_factory=list)
-
-    def as_json(self) -> dict[str, Any]:
-        """JSON-ready summary."""
-        return asdict(self)
-
 
 # --------------------------------------------------------------------------------------------
 # Schedule, devices, processes
@@ -260,146 +84,6 @@ def learning_rate(step: int, total: int, warmup: int, base_lr: float) -> float:
 def default_warmup(total: int) -> int:
     """500 steps as in the reference recipe (2000 steps), at most a quarter of shorter runs."""
     return min(REFERENCE_WARMUP, total // 4)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """This process's place in a torchrun job (world 1 when run directly)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this process writes outputs and reports progress."""
-        return self.rank == 0
-
-
-def dist_from_env() -> DistInfo:
-    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` as set by torchrun."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-    except ValueError:
-        raise UsageError("malformed RANK/WORLD_SIZE/LOCAL_RANK environment") from None
-    return DistInfo(rank, world, local)
-
-
-def resolve_device(name: str, info: DistInfo) -> torch.device:
-    """Resolve ``auto``/``cpu``/``cuda[:N]``; under torchrun CUDA means the local rank's GPU.
-
-    Raises:
-        UsageError: CUDA asked for but unavailable, or an unknown device.
-    """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name} asked for, but no CUDA device is available",
-                             hint="use --device cpu or auto")
-        if info.world > 1:
-            return torch.device("cuda", info.local_rank)
-        return torch.device(name)
-    raise UsageError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """``auto`` becomes bf16 on CUDA devices that support it, fp32 elsewhere."""
-    if name != "auto":
-        return name
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# Deterministic data stream
-# --------------------------------------------------------------------------------------------
-
-
-class SampleStream:
-    """Position -> dataset index: one seeded permutation of the dataset per epoch."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        if size < 1:
-            raise InvalidInputError("the training split is empty")
-        self.size = size
-        self.seed = seed
-        self._epoch = -1
-        self._perm = np.empty(0, dtype=np.int64)
-
-    def index(self, position: int) -> int:
-        """Dataset index at a stream position."""
-        epoch, offset = divmod(position, self.size)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.size)
-            self._epoch = epoch
-        return int(self._perm[offset])
-
-
-class MicroBatches(Sampler[list[tuple[int, int]]]):
-    """This process's micro-batches from ``start_step`` on, as ``(index, position)`` lists."""
-
-    def __init__(self, stream: SampleStream, batch_size: int, grad_accum: int, info: DistInfo,
-                 start_step: int, total_steps: int) -> None:
-        self.stream = stream
-        self.batch_size = batch_size
-        self.grad_accum = grad_accum
-        self.info = info
-        self.start_step = start_step
-        self.total_steps = total_steps
-        self.micro = batch_size // (grad_accum * info.world)
-
-    def __len__(self) -> int:
-        return (self.total_steps - self.start_step) * self.grad_accum
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for step in range(self.start_step, self.total_steps):
-            for k in range(self.grad_accum):
-                first = step * self.batch_size + (k * self.info.world + self.info.rank) * self.micro
-                yield [(self.stream.index(p), p) for p in range(first, first + self.micro)]
-
-
-def _sample_seed(seed: int, position: int) -> int:
-    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
-
-
-class SeededSamples(Dataset):
-    """Wraps a dataset so ``dataset[(index, position)]`` draws its augmentation from a seed.
-
-    The seed depends on the run seed and the stream position only, so augmentations do not
-    depend on worker count, process count or resumption.
-    """
-
-    def __init__(self, dataset: Dataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, position = item
-        sample_seed = _sample_seed(self.seed, position)
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
-            random.seed(sample_seed)
-            try:
-                return self.dataset[index]
-            finally:
-                random.setstate(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +259,7 @@ def classification_loss(model: torch.nn.Module, images: Tensor, labels: Tensor, 
     Returns:
         ``(loss, logits)``; the loss is float32 whatever the autocast precision.
     """
-    with _autocast(device, precision):
+    with autocast(device, precision):
         features = model(images)
     logits = F.normalize(features.float(), dim=-1) @ head.T
     return F.cross_entropy(logits, labels), logits
@@ -683,7 +367,7 @@ def train(
     *,
     device: torch.device,
     precision: str,
-    info: DistInfo = DistInfo(),
+    info: DistInfo = SINGLE_PROCESS,
     fingerprint: str = "",
     progress: Callable[[StepLog], None] | None = None,
     after_step: Callable[[int], None] | None = None,
@@ -852,9 +536,6 @@ def check_encoder(mode: Mode, encoder: torch.nn.Module, options: ModeOptions) ->
         InvalidInputError: the encoder lacks what the mode trains.
         UsageError: unknown LoRA targets.
     """
-    from tvtool.finetune.attn import attention_parameter_names
-    from tvtool.finetune.lora import lora_targets
-
     if mode is Mode.ATTN:
         attention_parameter_names(encoder)
     elif mode in (Mode.LORA, Mode.LLORA):
@@ -933,7 +614,6 @@ def finetune(
         UsageError, InvalidInputError: bad configuration, inputs or resume state.
         NumericalError: the run diverged (no output written).
     """
-    from tvtool.finetune import get_mode
     from tvtool.models import (
         base_source,
         build_zero_shot_head,
@@ -947,7 +627,7 @@ def finetune(
     config.validate()
     info = dist_from_env()
     say = log if log is not None and info.is_main else _quiet
-    device = resolve_device(config.device, info)
+    device = resolve_device(config.device, info.local_rank if info.world > 1 else None)
     precision = resolve_precision(config.precision, device)
     mode = get_mode(config.mode)
     # Refusals that depend only on the architecture come first, from a weightless skeleton of

@@ -41,11 +41,12 @@ import torch
 
 from tvtool.errors import InvalidInputError
 from tvtool.io.atomic import STDIO
+from tvtool.io.names import strip_wrapper_prefixes
+from tvtool.io.safetensors_io import input_file, open_tensors, spooled_stdin
 from tvtool.types import StateDict
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE_BYTES = 256 * 1024 * 1024
-_WRAPPER_PREFIXES = ("module.", "model.")
 # Keys under which training scripts commonly nest the weights of a checkpoint dict.
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "image_encoder", "net")
 
@@ -540,25 +541,6 @@ def _collect(root: Any, label: str) -> tuple[StateDict, str]:
                hint=None)
 
 
-def strip_wrapper_prefixes(names: list[str]) -> tuple[dict[str, str], str]:
-    """Remove ``module.``/``model.`` prefixes that every name shares (repeatedly).
-
-    Returns:
-        The mapping stored name -> normalised name, and the removed prefix (``""`` if none).
-    """
-    removed = ""
-    current = list(names)
-    changed = True
-    while changed and current:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(n.startswith(prefix) and len(n) > len(prefix) for n in current):
-                current = [n[len(prefix):] for n in current]
-                removed += prefix
-                changed = True
-    return dict(zip(names, current, strict=True)), removed
-
-
 # ---------------------------------------------------------------- public API
 
 
@@ -636,8 +618,6 @@ def read_checkpoint(path: str) -> LegacyCheckpoint:
 
 
 def _read_any(path: str, *, allow_safetensors: bool) -> LegacyCheckpoint:
-    from tvtool.io.safetensors_io import input_file, spooled_stdin
-
     if path == STDIO:
         with spooled_stdin(".pt") as tmp:
             return _read_file(tmp, "stdin", allow_safetensors)
@@ -649,8 +629,6 @@ def _looks_like_safetensors(head: bytes) -> bool:
 
 
 def _read_safetensors(file: Path, label: str) -> tuple[StateDict, str]:
-    from tvtool.io.safetensors_io import open_tensors
-
     source = open_tensors(str(file))
     try:
         kind = source.metadata.get("tvtool.kind")
@@ -720,8 +698,6 @@ def read_pickled_dict(path: str) -> dict[str, Any]:
         InvalidInputError: unreadable file, or a root that is not such a dict (anything the
             restricted unpickler left inert is refused too).
     """
-    from tvtool.io.safetensors_io import input_file
-
     file = input_file(path)
     label = repr(path)
     size = file.stat().st_size

@@ -14,7 +14,6 @@ Entry points: :func:`merge` (files, one :class:`MergeConfig`), :func:`merge_stat
 and the coefficient searches in :mod:`tvtool.merge.search`.
 """
 
-from tvtool.merge.base import MergeMethod, TensorContext
 from tvtool.merge.coefs import Coefficients, load_coefficients
 from tvtool.merge.config import MergeConfig, config_from_document, load_config
 from tvtool.merge.engine import (
@@ -28,6 +27,7 @@ from tvtool.merge.engine import (
     open_merge,
     plan_sources,
 )
+from tvtool.merge.method import MergeMethod, TensorContext
 from tvtool.merge.registry import METHODS, get_method
 
 __all__ = [

@@ -14,15 +14,15 @@ Sources:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvtool.errors import InvalidInputError, UsageError
+from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.io import read_json
 from tvtool.limits import short_repr
+from tvtool.vectors import check_coefficients, expand_coefs
 
 WHOLE_TENSOR_GRANULARITIES = ("task", "tensor", "layer")
 _FLOAT32_MAX = 3.4028234663852886e38
@@ -107,22 +107,15 @@ class Coefficients:
                 f"{lacking[:3]}", hint="was it learned for these vectors?")
 
 
-def _finite(values: Sequence[Any], where: str) -> tuple[float, ...]:
-    out = []
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidInputError(f"{where}: coefficient {short_repr(value)} is not a number")
-        try:
-            number = float(value)
-        except OverflowError:  # an integer with hundreds of digits
-            number = math.inf
-        if not math.isfinite(number):
-            raise InvalidInputError(f"{where}: coefficient {short_repr(value)} is not finite")
+def _finite(values: Sequence[Any], where: str, error: type[TvtoolError] = InvalidInputError
+            ) -> tuple[float, ...]:
+    """:func:`tvtool.vectors.check_coefficients`, plus the float32 range the merge computes in."""
+    numbers = check_coefficients(values, where, error)
+    for value, number in zip(values, numbers, strict=True):
         if abs(number) > _FLOAT32_MAX:
-            raise InvalidInputError(f"{where}: coefficient {short_repr(value)} is outside the "
-                                    "float32 range the merge computes in")
-        out.append(number)
-    return tuple(out)
+            raise error(f"{where}: coefficient {short_repr(value)} is outside the "
+                        "float32 range the merge computes in")
+    return numbers
 
 
 def from_values(values: Sequence[float], count: int) -> Coefficients:
@@ -132,13 +125,7 @@ def from_values(values: Sequence[float], count: int) -> Coefficients:
         UsageError: when the number of values fits neither.
 
     """
-    values = _finite(values, "--coef")
-    if len(values) == 1:
-        return Coefficients(values * count)
-    if len(values) != count:
-        raise UsageError(f"{len(values)} coefficients given for {count} vectors",
-                         hint="give one --coef for all vectors or one per vector")
-    return Coefficients(values)
+    return Coefficients(tuple(expand_coefs(_finite(values, "--coef", UsageError), count)))
 
 
 def from_json(document: Any, vectors: Sequence[VectorId], origin: str) -> Coefficients:

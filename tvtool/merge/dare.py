@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tvtool.merge.base import (
+from tvtool.merge.method import (
     MergeMethod,
     TensorContext,
     check_choice,

@@ -13,13 +13,14 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 
 from tvtool.errors import InvalidInputError, NumericalError, UsageError
+from tvtool.formats import dense_source
 from tvtool.io import (
     DictSource,
     TensorInfo,
@@ -29,20 +30,15 @@ from tvtool.io import (
     open_tensors,
     write_tensors,
 )
-from tvtool.merge.base import MergeMethod, TensorContext
 from tvtool.merge.coefs import Coefficients, VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
+from tvtool.merge.method import MergeMethod, TensorContext
 from tvtool.merge.registry import get_method
 from tvtool.merge.trim import global_threshold, trim_group
-from tvtool.metadata import LORA_MODES, FileMeta, Kind, Mode, provenance
-from tvtool.types import StateDict
+from tvtool.metadata import FileMeta, Kind, Mode, provenance
+from tvtool.types import Logger, StateDict
+from tvtool.types import quiet as _quiet
 from tvtool.vectors import check_architecture, metadata_warnings, open_vector_meta
-
-Logger = Callable[[str], None]
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -429,18 +425,10 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
         linearized = flags.pop()
     modes = {m.mode for m in metas}
     mode = modes.pop() if len(modes) == 1 else None
-    if mode in LORA_MODES:
+    if mode is not None and mode.factored:
         # Materialised LoRA factors are dense weight deltas: the result is no LoRA vector.
         mode = None
     return mode, linearized
-
-
-def _materialize_lora(source: TensorSource, meta: FileMeta) -> TensorSource:
-    """Dense deltas ``(alpha/r)·B·A`` of a LoRA vector (its factors are small: held in memory)."""
-    from tvtool.finetune import materialize_lora
-
-    tensors = {name: source.get(name) for name in list(source.keys())}
-    return DictSource(materialize_lora(tensors, meta), source.metadata, label=source.label)
 
 
 def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
@@ -468,9 +456,8 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
             source = open_tensors(path)
             owned.append(source)
             meta = open_vector_meta(source, source.label)
-            if meta.mode in LORA_MODES:
-                source = _materialize_lora(source, meta)
-                owned.append(source)
+            # Factored (LoRA) vectors are merged as their dense deltas.
+            source = owned[-1] = dense_source(source, meta)
             sources.append(source)
             metas.append(meta)
         labels = [s.label for s in sources]

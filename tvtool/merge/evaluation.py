@@ -19,7 +19,7 @@ tvtool.evaluate (and so open_clip) is imported only when an evaluator is built.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,16 +35,13 @@ from tvtool.merge.search import (
     search_coef,
     search_negation,
 )
+from tvtool.types import Logger
+from tvtool.types import quiet as _quiet
 
 if TYPE_CHECKING:
     from tvtool.evaluate.linear_cache import LinearizedFeatures
 
-Logger = Callable[[str], None]
 Progress = Any
-
-
-def _quiet(_: str) -> None:
-    return None
 
 
 @dataclass(frozen=True)
@@ -100,8 +97,8 @@ class Evaluator:
     def __init__(self, settings: EvalSettings, vectors: Sequence[str], datasets: Sequence[str],
                  splits: Sequence[str] = ("val", "test"), log: Logger = _quiet,
                  progress: Progress = None, linear_cache: bool = True) -> None:
+        from tvtool.device import check_precision, resolve_device
         from tvtool.evaluate import build_heads, no_progress, open_eval_data, open_eval_model
-        from tvtool.evaluate.model import check_precision, resolve_device
 
         check_precision(settings.precision)
         if settings.batch_size < 1:
@@ -161,7 +158,7 @@ class Evaluator:
         if self.linear is None:
             self._model.set_coefficients(list(coefs))
         else:
-            from tvtool.operations import expand_coefs
+            from tvtool.vectors import expand_coefs
 
             expand_coefs(list(coefs), len(self._model.vectors))  # the same count check
         self.calls += 1

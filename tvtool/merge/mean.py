@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tvtool.merge.base import MergeMethod, TensorContext, sum_of_terms
+from tvtool.merge.method import MergeMethod, TensorContext, sum_of_terms
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""The merge-method registry: name -> :class:`~tvtool.merge.base.MergeMethod`."""
+"""The merge-method registry: name -> :class:`~tvtool.merge.method.MergeMethod`."""
 
 from __future__ import annotations
 
 from tvtool.errors import UsageError
 from tvtool.merge import dare, magnitude, mean, task_arithmetic, ties
-from tvtool.merge.base import MergeMethod
+from tvtool.merge.method import MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in (task_arithmetic.METHOD, mean.METHOD, ties.METHOD, dare.METHOD,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tvtool.errors import UsageError
+from tvtool.grid import parse_grid as parse_grid  # re-exported: scripts/results_*.py use it
 
 Accuracies = Mapping[str, float]
 Evaluate = Callable[[float], Accuracies]
@@ -48,36 +49,6 @@ def default_grid_text(method: str, params: Mapping[str, Any] | None = None) -> s
     if method == "ties" or (method == "dare" and combine == "ties"):
         return TIES_GRID_TEXT
     return DEFAULT_GRID_TEXT
-
-
-def parse_grid(text: str) -> tuple[float, ...]:
-    """Parse a coefficient grid: ``START:STOP:STEP`` (both ends included) or ``a,b,c``.
-
-    Raises:
-        UsageError: malformed text, a non-positive step, an empty or non-finite grid.
-    """
-    text = text.strip()
-    try:
-        if ":" in text:
-            parts = [float(p) for p in text.split(":")]
-            if len(parts) != 3:
-                raise ValueError
-            start, stop, step = parts
-            if step <= 0 or stop < start:
-                raise UsageError(f"coefficient grid {text!r}: need STEP > 0 and STOP >= START")
-            count = math.floor((stop - start) / step + 1e-9) + 1
-            # Round so that 0.05 * 3 prints (and is stored) as 0.15, not 0.15000000000000002.
-            values = [round(start + i * step, 10) for i in range(count)]
-        else:
-            values = [float(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"cannot parse coefficient grid {text!r}",
-                         hint="use START:STOP:STEP (e.g. 0:1:0.05) or a,b,c") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise UsageError(f"coefficient grid {text!r} is empty or not finite")
-    if len(values) > 10_000:
-        raise UsageError(f"coefficient grid {text!r} has {len(values)} points (max 10000)")
-    return tuple(values)
 
 
 @dataclass(frozen=True)

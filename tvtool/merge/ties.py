@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tvtool.merge.base import (
+from tvtool.merge.method import (
     TRIM_SCOPES,
     MergeMethod,
     TensorContext,

@@ -13,7 +13,7 @@ from torch import nn
 
 from tvtool.errors import InvalidInputError
 from tvtool.io import DictSource, TensorInfo, TensorSource, load_legacy, open_tensors
-from tvtool.io.legacy import strip_wrapper_prefixes
+from tvtool.io.names import strip_wrapper_prefixes
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.models.refs import ModelRef, RefKind, parse_ref

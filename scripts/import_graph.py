@@ -42,6 +42,7 @@ LAYERS: list[set[str]] = [
     {"models", "linearize", "formats", "vectors", "world"},
     {"data"},
     {"finetune", "merge", "coeffs", "operations"},
+    {"peft_interop"},
     {"evaluate"},
     {"workflows"},
     {"demo"},

@@ -502,9 +502,9 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
             that do not fit the given architecture, or an output that is the input.
     """
     if is_peft_adapter(config.input):
-        from tvtool.peft_interop import convert_peft
-
-        return convert_peft(config, log)
+        raise UsageError(f"{config.input} is a peft adapter directory",
+                         hint="convert it with tvtool.peft_interop.convert_peft (the CLI's "
+                              "`tvtool convert` does)")
     if config.module != "auto":
         raise UsageError("--module is for peft adapter directories (adapter_config.json)")
     if config.base is not None:

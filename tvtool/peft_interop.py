@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.finetune.lora import SUFFIX_A, _alpha_from
 from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
+from tvtool.formats.lora import SUFFIX_A, _alpha_from
 from tvtool.io import (
     STDIO,
     adapter_weights_path,
@@ -25,13 +25,11 @@ from tvtool.io import (
     write_peft_adapter,
     write_tensors,
 )
-from tvtool.metadata import LORA_MODES, PREFIX, FileMeta, Kind, Mode, provenance
+from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.models.modules import module_table, root_class
+from tvtool.operations import ConvertConfig, WriteResult, _args
 from tvtool.vectors import open_vector_meta
-
-if TYPE_CHECKING:
-    from tvtool.operations import ConvertConfig, WriteResult
 
 Logger = Callable[[str], None]
 MODULE_ROOTS = ("clip", "visual")
@@ -102,7 +100,6 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
             directory that exists with content.
     """
     from tvtool import __version__
-    from tvtool.operations import WriteResult
 
     _check_root(config.module, allow_auto=False)
     if config.output == STDIO:
@@ -111,13 +108,14 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
     source = open_tensors(config.vector)
     try:
         meta = open_vector_meta(source, source.label)
-        if meta.mode is Mode.LLORA_NET or (meta.linearized and meta.mode in LORA_MODES):
+        if meta.mode is Mode.LLORA_NET or (
+                meta.linearized and meta.mode is not None and meta.mode.factored):
             raise InvalidInputError(
                 f"{source.label} is an llora-net vector (the whole network linearized in the "
                 "LoRA factors), which a peft adapter cannot express",
                 hint="peft adds (alpha/r)·B·A to the weights; vectors of mode lora or llora "
                      "export")
-        if meta.mode not in LORA_MODES:
+        if meta.mode is None or not meta.mode.factored:
             what = f"a {meta.mode.value}" if meta.mode else "a dense"
             raise InvalidInputError(
                 f"{source.label} is {what} vector; a peft LoRA adapter holds low-rank factors",
@@ -210,7 +208,6 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
             lacks; an output that is an input.
     """
     from tvtool.data import recorded_dataset_name
-    from tvtool.operations import WriteResult, _args
 
     _check_root(config.module, allow_auto=True)
     weights_path = adapter_weights_path(config.input)

@@ -56,5 +56,12 @@ def convert(
     refuse_json_with_stdout(as_json, output)
     config = operations.ConvertConfig(input=checkpoint, output=output, architecture=architecture,
                                       base=base, dataset=dataset, module=module)
-    result = operations.convert(config, log=log)
+    from tvtool.io import is_peft_adapter
+
+    if is_peft_adapter(checkpoint):
+        from tvtool.peft_interop import convert_peft
+
+        result = convert_peft(config, log=log)
+    else:
+        result = operations.convert(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

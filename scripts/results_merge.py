@@ -170,15 +170,26 @@ def markdown(results: dict[str, Any]) -> str:
         + "); the mean uses coefficient 1. Normalized = accuracy / fine-tuned accuracy on "
         "that task.",
         "",
-        "| method | α | " + " | ".join(short) + " | avg | avg normalized |",
-        "|---|---|" + "---|" * len(tasks) + "---|---|",
+        "| method | α | " + " | ".join(short) + " | avg ± s.e. | avg normalized | gain "
+        "recovered |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|---|",
     ]
+    n_test = results["limit"] or test_split_size(tasks)
+    zero_avg, tuned_avg = (_average(results["rows"][i], tasks) for i in (0, 1))
     for row in results["rows"]:
         accs = [row["accuracy"][t] for t in tasks]
         norms = [row["normalized"][t] for t in tasks]
         coef = "" if row["coef"] is None else f"{row['coef']:g}"
+        avg = _average(row, tasks)
+        # Binomial standard error of an average over tasks with independent test sets.
+        se = math.sqrt(sum(a * (1 - a) / n_test for a in accs)) / len(accs)
+        gain = (avg - zero_avg) / (tuned_avg - zero_avg) if tuned_avg > zero_avg else math.nan
         lines.append(f"| {row['method']} | {coef} | " + " | ".join(_pct(a) for a in accs)
-                     + f" | {_pct(sum(accs) / len(accs))} | {_pct(sum(norms) / len(norms))} |")
+                     + f" | {_pct(avg)} ± {_pct(se)} | {_pct(sum(norms) / len(norms))} | "
+                     f"{gain:.2f} |")
+    lines += ["", "Gain recovered = (avg − zero-shot avg) / (fine-tuned avg − zero-shot avg), "
+              "the fraction of the fine-tuning gain a merged model keeps (issue 11's measure; "
+              "about 0.5 for task arithmetic on CLIP ViT-B/32 and the eight published tasks)."]
     if results.get("note"):
         lines += ["", results["note"]]
     if results.get("negation"):
@@ -195,12 +206,28 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _average(row: dict[str, Any], tasks: list[str]) -> float:
+    return sum(row["accuracy"][t] for t in tasks) / len(tasks)
+
+
+def test_split_size(tasks: list[str]) -> int:
+    """Test examples per task when no ``--limit`` is set (the synthetic tasks' test pool)."""
+    from tvtool.world.tasks import POOL_SIZES
+
+    if not all(t.startswith("synthetic:") for t in tasks):
+        raise SystemExit("standard errors need --limit for non-synthetic tasks")
+    return POOL_SIZES["test"]
+
+
 def negation_markdown(report: dict[str, Any]) -> list[str]:
     """The negation table: base and negated test accuracy of target and control."""
     target, control = report["target"], report["control"]
     base, negated = report["test"]["base"], report["test"]["negated"]
     threshold = report["val"]["threshold"]
     kept = negated[control] / base[control] if base[control] > 0 else float("nan")
+    chance = _chance(target)
+    fraction = ((base[target] - negated[target]) / (base[target] - chance)
+                if chance and base[target] > chance else float("nan"))
     return [
         "### Negation",
         "",
@@ -216,9 +243,19 @@ def negation_markdown(report: dict[str, Any]) -> list[str]:
         f"| negated | −{report['best_coef']:g} | {_pct(negated[target])} | "
         f"{_pct(negated[control])} |",
         "",
-        f"Target accuracy {_pct(base[target])} → {_pct(negated[target])}; control kept at "
-        f"{_pct(kept)} % of zero-shot (test split).",
+        f"Target accuracy {_pct(base[target])} → {_pct(negated[target])}"
+        + (f", {fraction:.2f} of its distance to chance ({_pct(chance)})" if chance else "")
+        + f"; control kept at {_pct(kept)} % of zero-shot on the test split (the α was chosen "
+        f"to keep ≥ {threshold:.0%} on the validation split).",
     ]
+
+
+def _chance(task: str) -> float | None:
+    if not task.startswith("synthetic:"):
+        return None
+    from tvtool.world import TASKS
+
+    return 1 / len(TASKS[task.split(":", 1)[1]].classnames)
 
 
 def update_doc(path: Path, section: str) -> None:
@@ -253,7 +290,7 @@ def main() -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--negate-target", default="synthetic:shape",
                         help="task whose vector is negated (one of --tasks)")
-    parser.add_argument("--negate-control", default="synthetic:count",
+    parser.add_argument("--negate-control", default="synthetic:color",
                         help="task whose accuracy the negation must keep")
     parser.add_argument("--negate-grid", default="0.05:1:0.05")
     parser.add_argument("--negate-threshold", type=float, default=0.95)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,36 @@ def check_new_directory(directory: str) -> Path:
     return target
 
 
+
+def write_directory(directory: str, fill: Callable[[Path], None], *,
+                    inputs: Sequence[str] = (), prefix: str = ".tvtool-dir-") -> None:
+    """Create ``directory`` all or nothing: ``fill`` writes into a private staging directory.
+
+    The staging directory sits beside ``directory`` and is renamed into place once ``fill``
+    returns, so readers find either the complete directory or nothing.
+
+    Raises:
+        InvalidInputError: ``directory`` exists with content, or an input lies inside it.
+        TvtoolError: a write failed (nothing is left behind).
+    """
+    target = check_new_directory(directory)
+    for item in inputs:
+        if item and item != STDIO and target.resolve() in Path(item).expanduser().resolve(
+                ).parents:
+            raise InvalidInputError(f"input {item!r} lies inside the output directory")
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=str(target.parent)))
+    try:
+        fill(staging)
+        if target.exists():
+            target.rmdir()  # checked empty above
+        os.replace(staging, target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise os_error(exc, f"writing {directory!r}") from exc
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
 def write_open_clip_dir(
     directory: str,
     tensors: Iterable[tuple[str, torch.Tensor]],
@@ -129,24 +159,11 @@ def write_open_clip_dir(
         InvalidInputError: ``directory`` exists with content, or an input lies inside it.
         TvtoolError: a write failed (nothing is left behind).
     """
-    target = check_new_directory(directory)
-    for item in inputs:
-        if item and item != STDIO and target.resolve() in Path(item).expanduser().resolve(
-                ).parents:
-            raise InvalidInputError(f"input {item!r} lies inside the output directory")
-    staging = Path(tempfile.mkdtemp(prefix=".tvtool-hf-", dir=str(target.parent)))
-    try:
+    def fill(staging: Path) -> None:
         write_tensors(str(staging / OPEN_CLIP_WEIGHTS), tensors, metadata, layout=layout,
                       inputs=inputs, check_finite=False)
         write_json(str(staging / OPEN_CLIP_CONFIG), dict(config))
         write_bytes(str(staging / MODEL_CARD), readme.encode("utf-8"))
-        if target.exists():
-            target.rmdir()  # checked empty above
-        os.replace(staging, target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise os_error(exc, f"writing {directory!r}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_directory(directory, fill, inputs=inputs, prefix=".tvtool-hf-")
     return [OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG, MODEL_CARD]

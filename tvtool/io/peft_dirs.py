@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +10,8 @@ from typing import Any
 import torch
 
 from tvtool.errors import InvalidInputError
-from tvtool.io.atomic import STDIO, os_error
-from tvtool.io.hf_dirs import check_new_directory
+from tvtool.io.atomic import STDIO
+from tvtool.io.hf_dirs import write_directory
 from tvtool.io.safetensors_io import open_tensors, read_json, write_bytes, write_json, write_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -124,23 +121,10 @@ def write_peft_adapter(directory: str, config: Mapping[str, Any],
         InvalidInputError: ``directory`` exists with content, or an input lies inside it.
         TvtoolError: a write failed (nothing is left behind).
     """
-    target = check_new_directory(directory)
-    for item in inputs:
-        if item and item != STDIO and target.resolve() in Path(item).expanduser().resolve(
-                ).parents:
-            raise InvalidInputError(f"input {item!r} lies inside the output directory")
-    staging = Path(tempfile.mkdtemp(prefix=".tvtool-peft-", dir=str(target.parent)))
-    try:
+    def fill(staging: Path) -> None:
         write_tensors(str(staging / ADAPTER_WEIGHTS), dict(tensors), metadata, inputs=inputs)
         write_json(str(staging / ADAPTER_CONFIG), dict(config))
         write_bytes(str(staging / ADAPTER_CARD), readme.encode("utf-8"))
-        if target.exists():
-            target.rmdir()  # checked empty above
-        os.replace(staging, target)
-    except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise os_error(exc, f"writing {directory!r}") from exc
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    write_directory(directory, fill, inputs=inputs, prefix=".tvtool-peft-")
     return [ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_CARD]

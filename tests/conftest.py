@@ -91,3 +91,23 @@ def load(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def reference_lora_dense(factors: dict[str, torch.Tensor], alpha: float,
+                         width: int) -> dict[str, torch.Tensor]:
+    """Reference ΔW in float64, written independently of tvtool: (alpha/r)·B·A per target,
+    q/k/v row blocks of a fused ``in_proj_weight`` stacked with zeros."""
+    out: dict[str, torch.Tensor] = {}
+    for key, a in factors.items():
+        if not key.endswith(".lora_A"):
+            continue
+        stem = key[: -len(".lora_A")]
+        delta = (alpha / a.shape[0]) * factors[stem + ".lora_B"].double() @ a.double()
+        weight, _, last = stem.rpartition(".")
+        if last in ("q", "k", "v") and weight.endswith("in_proj_weight"):
+            full = out.setdefault(weight, torch.zeros(3 * width, width, dtype=torch.float64))
+            index = "qkv".index(last)
+            full[index * width:(index + 1) * width] += delta
+        else:
+            out[stem] = delta
+    return out

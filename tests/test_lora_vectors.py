@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import TINY, load
+from tests.conftest import TINY, load, reference_lora_dense
 from tvtool.io import open_tensors, write_tensors
 from tvtool.metadata import FileMeta, Kind, Mode
 
@@ -41,22 +41,7 @@ def _factors(layout: str, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _dense(factors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Reference ΔW in float64: s·B·A per target, q/k/v blocks stacked with zeros."""
-    out: dict[str, torch.Tensor] = {}
-    for key, a in factors.items():
-        if not key.endswith(".lora_A"):
-            continue
-        stem = key[: -len(".lora_A")]
-        delta = SCALE * factors[stem + ".lora_B"].double() @ a.double()
-        weight, _, last = stem.rpartition(".")
-        if last in ("q", "k", "v") and weight.endswith("in_proj_weight"):
-            full = out.setdefault(weight, torch.zeros(3 * WIDTH, WIDTH, dtype=torch.float64))
-            index = "qkv".index(last)
-            full[index * WIDTH:(index + 1) * WIDTH] += delta
-        else:
-            out[stem] = delta
-    return out
-
+    return reference_lora_dense(factors, ALPHA, WIDTH)
 
 def _write(path, tensors, mode: Mode, linearized: bool, fingerprint: str | None) -> str:
     meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=TINY, base_fingerprint=fingerprint,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from tests.conftest import TINY
+from tests.conftest import TINY, reference_lora_dense
 from tvtool.io import open_tensors, write_tensors
 from tvtool.metadata import FileMeta, Kind, Mode
 
@@ -65,22 +65,7 @@ def _factors(tiny, targets: tuple[str, ...], seed: int = 0, rank: int = RANK
 
 
 def _reference_dense(factors: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """s·B·A per weight in float64, q/k/v row blocks stacked with zeros (written here)."""
-    out: dict[str, torch.Tensor] = {}
-    for key, a in factors.items():
-        if not key.endswith(".lora_A"):
-            continue
-        stem = key[: -len(".lora_A")]
-        delta = (alpha / a.shape[0]) * factors[stem + ".lora_B"].double() @ a.double()
-        weight, _, last = stem.rpartition(".")
-        if last in ("q", "k", "v") and weight.endswith("in_proj_weight"):
-            full = out.setdefault(weight, torch.zeros(3 * WIDTH, WIDTH, dtype=torch.float64))
-            index = "qkv".index(last)
-            full[index * WIDTH:(index + 1) * WIDTH] += delta
-        else:
-            out[stem] = delta
-    return out
-
+    return reference_lora_dense(factors, alpha, WIDTH)
 
 def _write_vector(path: Path, factors, mode=Mode.LORA, fingerprint=None, linearized=False,
                   alpha: float = ALPHA, targets: str = "q,v") -> str:

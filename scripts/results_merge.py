@@ -312,6 +312,8 @@ def main() -> int:
     if args.from_json:
         results = read_json(args.from_json)
     else:
+        if args.limit is None:
+            test_split_size(args.tasks)  # fail now, not after the run, if s.e. is undefined
         started = time.perf_counter()
         results = run(args)
         results["seconds"] = time.perf_counter() - started

@@ -67,6 +67,7 @@ def _factors(tiny, targets: tuple[str, ...], seed: int = 0, rank: int = RANK
 def _reference_dense(factors: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     return reference_lora_dense(factors, alpha, WIDTH)
 
+
 def _write_vector(path: Path, factors, mode=Mode.LORA, fingerprint=None, linearized=False,
                   alpha: float = ALPHA, targets: str = "q,v") -> str:
     meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=TINY, base_ref=TINY,

@@ -117,7 +117,11 @@ class SeededSamples(Dataset):
         sample_seed = _sample_seed(self.seed, position)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            # Seeds the CPU generator only (the one CPU-side augmentations draw from), as
+            # torch.manual_seed does for the CPU; torch.manual_seed would also queue a lazy
+            # seed for every accelerator backend, recording a stack trace per sample, which
+            # cost more than rendering the sample.
+            torch.default_generator.manual_seed(sample_seed)
             random.seed(sample_seed)
             try:
                 return self.dataset[index]

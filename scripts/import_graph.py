@@ -41,7 +41,7 @@ LAYERS: list[set[str]] = [
     {"io", "metadata"},
     {"models", "linearize", "formats", "vectors", "world"},
     {"data"},
-    {"finetune", "merge", "coeffs", "operations"},
+    {"finetune", "merge", "coeffs", "commands"},
     {"peft_interop"},
     {"evaluate"},
     {"workflows"},

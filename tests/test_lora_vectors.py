@@ -172,14 +172,15 @@ def test_pure_vector_algebra_refuses_lora_factors():
 
 
 def test_inspect_reports_norms_and_cosine_of_the_dense_change(tmp_path, base_fp):
-    from tvtool import operations
+    from tvtool.commands.inspect import InspectConfig
+    from tvtool.commands.inspect import inspect as run_inspect
 
     first, second = _factors("blocks", seed=5), _factors("blocks", seed=6)
     # Same A (as two runs with one seed have), different B: the factor cosine would be high.
     second = {k: (first[k] if k.endswith(".lora_A") else v) for k, v in second.items()}
     paths = tuple(_write(tmp_path / f"{n}.safetensors", f, Mode.LORA, False, base_fp)
                   for n, f in (("a", first), ("b", second)))
-    report = operations.inspect(operations.InspectConfig(files=paths))
+    report = run_inspect(InspectConfig(files=paths))
     dense = [_dense(first), _dense(second)]
     flat = [torch.cat([d[k].reshape(-1) for k in sorted(d)]) for d in dense]
     for entry, vector in zip(report["files"], flat, strict=True):

@@ -28,12 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from tvtool.device import autocast
 from tvtool.errors import InvalidInputError, NumericalError, TvtoolError, UsageError
 from tvtool.finetune.base import Adapter
-from tvtool.finetune.config import (
-    RESUME_FILE,
-    FinetuneConfig,
-    StepLog,
-    TrainResult,
-)
+from tvtool.finetune.config import RESUME_FILE, FinetuneConfig, StepLog, TrainResult
 from tvtool.finetune.resume import _load_state, _run_key, _save_state
 from tvtool.finetune.sampling import (
     SINGLE_PROCESS,

@@ -16,11 +16,7 @@ from torch import Tensor
 
 from tvtool.errors import InvalidInputError
 from tvtool.finetune.base import Adapter
-from tvtool.finetune.config import (
-    _RESUME_KEYS,
-    STATE_FORMAT,
-    FinetuneConfig,
-)
+from tvtool.finetune.config import _RESUME_KEYS, STATE_FORMAT, FinetuneConfig
 from tvtool.io.train_state import read_train_state, write_train_state
 from tvtool.limits import short_repr
 from tvtool.metadata import Mode

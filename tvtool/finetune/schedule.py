@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import math
 
-from tvtool.finetune.config import (
-    DEFAULT_STEPS,
-    REFERENCE_WARMUP,
-    FinetuneConfig,
-)
+from tvtool.finetune.config import DEFAULT_STEPS, REFERENCE_WARMUP, FinetuneConfig
 
 
 def learning_rate(step: int, total: int, warmup: int, base_lr: float) -> float:

@@ -21,12 +21,7 @@ from tvtool.device import resolve_device, resolve_precision
 from tvtool.errors import InvalidInputError
 from tvtool.finetune.attn import attention_parameter_names
 from tvtool.finetune.base import Adapter, ModeOptions
-from tvtool.finetune.config import (
-    RESUME_FILE,
-    FinetuneConfig,
-    FinetuneResult,
-    StepLog,
-)
+from tvtool.finetune.config import RESUME_FILE, FinetuneConfig, FinetuneResult, StepLog
 from tvtool.finetune.distributed import init_process_group
 from tvtool.finetune.loop import train
 from tvtool.finetune.lora import lora_targets

@@ -45,13 +45,7 @@ from tvtool.vectors.rules import (
     open_vector_meta,
 )
 from tvtool.vectors.similarity import cosine_matrix, vector_norms
-from tvtool.vectors.streaming import (
-    Producer,
-    StreamPlan,
-    align_keys,
-    plan_extract,
-    state_dict_of,
-)
+from tvtool.vectors.streaming import Producer, StreamPlan, align_keys, plan_extract, state_dict_of
 
 __all__ = [
     "MISSING_POLICIES",

@@ -14,12 +14,7 @@ import torch
 
 from tvtool.errors import InvalidInputError
 from tvtool.types import StateDict
-from tvtool.vectors.rules import (
-    LORA_SUFFIXES,
-    check_same_dtype,
-    check_same_keys,
-    check_same_shape,
-)
+from tvtool.vectors.rules import LORA_SUFFIXES, check_same_dtype, check_same_keys, check_same_shape
 
 _CHUNK = 1 << 22  # elements per float64 slice: bounds the temporary memory to ~100 MB
 

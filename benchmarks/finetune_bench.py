@@ -116,14 +116,14 @@ def tvtool_step(mode: str, enc: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def without_shortcut(step: Step) -> Step:
     """Run ``step`` with the last block computed for every token (no class-token shortcut)."""
-    import tvtool.linearize as linearize
+    import tvtool.linearize.vit as linearize_vit
 
     def wrapped() -> None:
-        linearize.CLASS_TOKEN_SHORTCUT = False
+        linearize_vit.CLASS_TOKEN_SHORTCUT = False
         try:
             step()
         finally:
-            linearize.CLASS_TOKEN_SHORTCUT = True
+            linearize_vit.CLASS_TOKEN_SHORTCUT = True
 
     return wrapped
 

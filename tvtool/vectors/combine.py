@@ -85,15 +85,15 @@ def align_vectors(vectors: Sequence[TensorSource], base: TensorSource | None = N
     if base is not None:
         names = base.keys()
         base_set = set(names)
-        for source, keys in zip(vectors, key_sets, strict=True):
-            extra = sorted(keys - base_set)
+        for source, key_set in zip(vectors, key_sets, strict=True):
+            extra = sorted(key_set - base_set)
             if extra:
                 raise InvalidInputError(
                     f"{source.label} has {len(extra)} tensors that are not in the base, e.g. "
                     f"{extra[:3]}", hint="was it extracted from another architecture?")
     elif missing == "refuse":
-        for source, keys in zip(vectors[1:], key_lists[1:], strict=True):
-            check_same_keys(key_lists[0], keys, vectors[0].label, source.label,
+        for source, key_list in zip(vectors[1:], key_lists[1:], strict=True):
+            check_same_keys(key_lists[0], key_list, vectors[0].label, source.label,
                             hint=refuse_hint)
         names = list(key_lists[0])
     elif missing == "common":
@@ -102,15 +102,15 @@ def align_vectors(vectors: Sequence[TensorSource], base: TensorSource | None = N
         dropped = len(set.union(*key_sets)) - len(names)
     else:
         names, seen = [], set()
-        for keys in key_lists:
-            for name in keys:
+        for key_list in key_lists:
+            for name in key_list:
                 if name not in seen:
                     names.append(name)
                     seen.add(name)
     layout: list[TensorInfo] = []
     present: dict[str, tuple[int, ...]] = {}
     for name in names:
-        held = tuple(i for i, keys in enumerate(key_sets) if name in keys)
+        held = tuple(i for i, key_set in enumerate(key_sets) if name in key_set)
         if base is not None:
             expected, expected_label = base.info(name), base.label
         else:

@@ -16,13 +16,11 @@ from tvtool.commands.common import (
     opened,
 )
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.formats import dense_source
 from tvtool.io import (
     STDIO,
     TensorSource,
     check_new_directory,
     check_output,
-    open_tensors,
     write_open_clip_dir,
     write_tensors,
 )
@@ -35,7 +33,7 @@ from tvtool.vectors import (
     check_coefficients,
     check_vectors_fit_base,
     expand_coefs,
-    open_vector_meta,
+    open_vector,
     plan_combine,
 )
 
@@ -90,11 +88,12 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     with opened(sources):
         metas = []
         for path, coef in zip(config.vectors, coefs, strict=True):
-            source = open_tensors(path)
-            sources.append(source)
-            meta = open_vector_meta(source, source.label)
+            vector = open_vector(path)
+            sources.append(vector.source)
+            source, meta = vector.source, vector.meta
             if config.hf_dir is not None:
-                card_vectors.append(_card_vector(path, coef, source, meta))
+                # The card records the file's own fingerprint (LoRA factors, not ΔW).
+                card_vectors.append(_card_vector(path, coef, vector.stored or source, meta))
             if meta.linearized and not config.approximate_linearized:
                 raise InvalidInputError(
                     f"{source.label} is a linearized ({meta.mode.value if meta.mode else '?'}) "
@@ -104,7 +103,6 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
             if meta.linearized:
                 log(f"warning: {source.label} is linearized; the checkpoint approximates its "
                     "linearized model by adding the vector to the weights")
-            source = sources[-1] = dense_source(source, meta)
             metas.append((source.label, meta))
         base, ref = base_source(ref)
         sources.insert(0, base)

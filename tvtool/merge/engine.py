@@ -1,7 +1,7 @@
 """The file-level ``merge`` command: open, check, plan, write.
 
 :func:`merge` opens task-vector files (LoRA vectors as their dense deltas, through
-:func:`tvtool.formats.dense_source`), refuses vectors that do not belong together, resolves
+:func:`tvtool.vectors.open_vector`), refuses vectors that do not belong together, resolves
 coefficients, plans the merge (:mod:`tvtool.merge.plan`) and writes a task vector whose
 metadata records how it was made.
 """
@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.formats import dense_source
-from tvtool.io import TensorSource, check_output, open_tensors, write_tensors
+from tvtool.io import TensorSource, check_output, write_tensors
 from tvtool.merge.coefs import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
@@ -25,7 +24,7 @@ from tvtool.merge.threads import intra_op_threads
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
 from tvtool.types import Logger
 from tvtool.types import quiet as _quiet
-from tvtool.vectors import check_architecture, metadata_warnings, open_vector_meta
+from tvtool.vectors import check_architecture, metadata_warnings, open_vector
 
 
 @dataclass(frozen=True)
@@ -132,13 +131,11 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
     try:
         metas: list[FileMeta] = []
         for path in config.vectors:
-            source = open_tensors(path)
-            owned.append(source)
-            meta = open_vector_meta(source, source.label)
             # Factored (LoRA) vectors are merged as their dense deltas.
-            source = owned[-1] = dense_source(source, meta)
-            sources.append(source)
-            metas.append(meta)
+            vector = open_vector(path)
+            owned.append(vector.source)
+            sources.append(vector.source)
+            metas.append(vector.meta)
         labels = [s.label for s in sources]
         mode, linearized = _check_compatible(config, labels, metas, log)
         ids = [VectorId(p, m.dataset) for p, m in zip(config.vectors, metas, strict=True)]

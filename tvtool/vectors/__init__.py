@@ -42,6 +42,7 @@ from tvtool.vectors.rules import (
     check_vectors_fit_base,
     expand_coefs,
     metadata_warnings,
+    open_vector,
     open_vector_meta,
 )
 from tvtool.vectors.similarity import cosine_matrix, vector_norms
@@ -70,6 +71,7 @@ __all__ = [
     "extract",
     "metadata_warnings",
     "negate",
+    "open_vector",
     "open_vector_meta",
     "plan_combine",
     "plan_extract",

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from tvtool.errors import InvalidInputError, TvtoolError, UsageError
+from tvtool.formats import dense_source
 from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
-from tvtool.io import TensorSource, all_finite
+from tvtool.io import TensorSource, all_finite, open_tensors
 from tvtool.limits import short_repr
 from tvtool.metadata import FileMeta, Kind, Mode
 
@@ -80,14 +81,45 @@ def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
                                 hint="the file is damaged or came from a diverged run")
 
 
+# ---------------------------------------------------------------- opening vectors
+
 
 @dataclass
 class VectorInput:
-    """A task vector opened for streaming, with its parsed metadata."""
+    """A task vector opened for streaming, with its parsed metadata.
+
+    Attributes:
+        path: The path it was opened from (``-`` for stdin).
+        source: Its tensors as dense deltas (LoRA factors are multiplied out when read).
+        meta: Its parsed and checked metadata.
+        stored: The tensors as the file stores them, when they differ from ``source`` (LoRA
+            factors); closing ``source`` closes it.
+    """
 
     path: str
     source: TensorSource
     meta: FileMeta
+    stored: TensorSource | None = None
+
+
+def open_vector(path: str) -> VectorInput:
+    """Open a task-vector file as every combination reads it: checked, as dense deltas.
+
+    The one place a command turns a vector file into dense deltas
+    (:func:`tvtool.formats.dense_source`), so merge, apply and eval never name a mode.
+
+    Raises:
+        InvalidInputError: unreadable file, not a task vector, inconsistent metadata (see
+            :func:`open_vector_meta`); nothing stays open then.
+    """
+    source = open_tensors(path)
+    try:
+        meta = open_vector_meta(source, source.label)
+    except BaseException:
+        source.close()
+        raise
+    dense = dense_source(source, meta)
+    return VectorInput(path, dense, meta, source if dense is not source else None)
 
 
 def open_vector_meta(source: TensorSource, label: str) -> FileMeta:

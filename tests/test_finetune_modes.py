@@ -404,7 +404,7 @@ def test_llora_net_is_the_lora_model_linearized_in_its_factors(base_model, head)
 
     zeros_b = [torch.zeros_like(t) for t in b]
     random_da = [torch.randn_like(t) for t in a0]
-    from tvtool.linearize.jvp import forward_ad_safe_attention
+    from tvtool.linearize.generic import forward_ad_safe_attention
 
     with forward_ad_safe_attention():
         f0, first_order = jvp(lora_model, (a0, zeros_b), (random_da, b))
@@ -423,7 +423,7 @@ def test_llora_net_is_the_lora_model_linearized_in_its_factors(base_model, head)
 
 def test_llora_net_gradient_to_a_is_zero_at_peft_init(base_model):
     """The reason A is frozen: with B0 = 0, the linearized output has zero gradient in ΔA."""
-    from tvtool.linearize.jvp import forward_ad_safe_attention
+    from tvtool.linearize.generic import forward_ad_safe_attention
 
     adapter = get_mode("llora-net").build(copy.deepcopy(base_model.visual),
                                           ModeOptions(lora_rank=2, lora_alpha=4.0,

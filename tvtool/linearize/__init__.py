@@ -21,7 +21,7 @@ Two implementations give the same numbers:
   Normalisation layers with running statistics (BatchNorm in ResNet and MobileCLIP towers)
   run in eval mode, with their frozen statistics, whatever the module's mode: the linearized
   model is the network as evaluated, and forward AD cannot update the statistics in place.
-  In :mod:`tvtool.linearize.jvp`.
+  In :mod:`tvtool.linearize.generic`.
 
 The structure test for the fast path is by module type and shape (``nn.MultiheadAttention``,
 ``nn.LayerNorm``, ``nn.Linear``, ``nn.Conv2d``), not by importing open_clip.
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from tvtool.errors import InvalidInputError
-from tvtool.linearize.jvp import jvp_parts
+from tvtool.linearize.generic import jvp_parts
 from tvtool.linearize.vit import vit_dual_forward, vit_plan
 from tvtool.types import StateDict
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tvtool.linearize.jvp import quiet_jvp
+from tvtool.linearize.generic import quiet_jvp
 
 Tangent = Tensor | None
 """A tangent that may be ``None``, meaning exactly zero (so no work is done for it)."""

@@ -3,8 +3,8 @@
 Reference-style steps mimic the public code bases (see /work/shared/bench/anchor_gpu.py): a
 plain fp32 AdamW step for ordinary fine-tuning, and ``torch.func.jvp`` over ``functional_call``
 with PyTorch's math attention kernel for the linearized model. tvtool's steps are the
-trainer's own (:func:`tvtool.finetune.trainer.classification_loss` and
-:class:`~tvtool.finetune.trainer.Optimisation`), with each mode's adapter.
+trainer's own (:func:`tvtool.finetune.loop.classification_loss` and
+:class:`~tvtool.finetune.loop.Optimisation`), with each mode's adapter.
 
 Targets (issue 4): linear/full <= 1.8 (theory 1.67); linear at least 2x faster than the
 reference jvp step.
@@ -43,7 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
 from tvtool.finetune import ModeOptions, get_mode
-from tvtool.finetune.trainer import Optimisation, classification_loss
+from tvtool.finetune.loop import Optimisation, classification_loss
 from tvtool.models import load_clip
 
 Step = Callable[[], None]
@@ -116,14 +116,14 @@ def tvtool_step(mode: str, enc: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def without_shortcut(step: Step) -> Step:
     """Run ``step`` with the last block computed for every token (no class-token shortcut)."""
-    import tvtool.linearize as linearize
+    import tvtool.linearize.vit as linearize_vit
 
     def wrapped() -> None:
-        linearize.CLASS_TOKEN_SHORTCUT = False
+        linearize_vit.CLASS_TOKEN_SHORTCUT = False
         try:
             step()
         finally:
-            linearize.CLASS_TOKEN_SHORTCUT = True
+            linearize_vit.CLASS_TOKEN_SHORTCUT = True
 
     return wrapped
 

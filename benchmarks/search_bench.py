@@ -78,8 +78,8 @@ class _Counter:
 
         self.calls = 0
         self._module = linearize
-        self._dual = linearize._vit_dual_forward
-        self._jvp = linearize._jvp_parts
+        self._dual = linearize.vit_dual_forward
+        self._jvp = linearize.jvp_parts
 
         def dual(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
@@ -89,8 +89,8 @@ class _Counter:
             self.calls += 1
             return self._jvp(*args, **kwargs)
 
-        linearize._vit_dual_forward = dual  # type: ignore[assignment]
-        linearize._jvp_parts = jvp  # type: ignore[assignment]
+        linearize.vit_dual_forward = dual  # type: ignore[assignment]
+        linearize.jvp_parts = jvp  # type: ignore[assignment]
 
 
 def _timed(run: Callable[[], Any], counter: _Counter) -> tuple[Any, dict[str, float]]:

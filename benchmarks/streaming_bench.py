@@ -45,7 +45,7 @@ for vec in vectors:
 save_file(out, sys.argv[2])
 """
 
-_FLOOR = "import torch, open_clip, safetensors, tvtool.operations, tvtool.models"
+_FLOOR = "import torch, open_clip, safetensors, tvtool.commands.apply, tvtool.models"
 
 
 def make_inputs(root: Path, count: int, full: bool) -> dict[str, object]:

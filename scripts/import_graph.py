@@ -1,7 +1,7 @@
 """Measure tvtool's import graph between its packages (python scripts/import_graph.py).
 
 A *unit* is a sub-package of ``tvtool`` (``tvtool/merge/``) or a top-level module
-(``tvtool/vectors.py``); ``tvtool/__init__.py`` and ``__main__.py`` are left out. Every
+(``tvtool/grid.py``); ``tvtool/__init__.py`` and ``__main__.py`` are left out. Every
 ``import`` / ``from ... import`` of another unit is an edge, wherever it stands: at module level,
 under ``if TYPE_CHECKING:``, or inside a function. The script prints:
 
@@ -41,7 +41,7 @@ LAYERS: list[set[str]] = [
     {"io", "metadata"},
     {"models", "linearize", "formats", "vectors", "world"},
     {"data"},
-    {"finetune", "merge", "coeffs", "operations"},
+    {"finetune", "merge", "coeffs", "commands"},
     {"peft_interop"},
     {"evaluate"},
     {"workflows"},

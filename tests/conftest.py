@@ -67,7 +67,8 @@ def perturbed(state: dict[str, torch.Tensor], seed: int, prefix: str = "visual."
 @pytest.fixture(scope="session")
 def files(tmp_path_factory, tiny_state):
     """A base checkpoint, two fine-tuned checkpoints and their task vectors on disk."""
-    from tvtool import operations
+    from tvtool.commands.extract import ExtractConfig
+    from tvtool.commands.extract import extract as run_extract
     from tvtool.io import write_tensors
     from tvtool.metadata import FileMeta, Kind
 
@@ -79,7 +80,7 @@ def files(tmp_path_factory, tiny_state):
         ft = root / f"ft{index}.safetensors"
         write_tensors(str(ft), perturbed(tiny_state, index), header)
         tv = root / f"tv{index}.safetensors"
-        operations.extract(operations.ExtractConfig(base=str(paths["base"]), finetuned=str(ft),
+        run_extract(ExtractConfig(base=str(paths["base"]), finetuned=str(ft),
                                                     output=str(tv), dataset=f"task{index}",
                                                     keep="changed"))
         paths[f"ft{index}"], paths[f"tv{index}"] = ft, tv

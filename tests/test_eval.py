@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import TINY, load
-from tvtool import operations
+from tvtool.commands.apply import ApplyConfig
+from tvtool.commands.apply import apply as run_apply
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.evaluate import (
     EvalConfig,
@@ -76,7 +77,7 @@ def test_base_accuracy_on_synthetic_task(files):
 
 def test_vector_evaluation_matches_applied_checkpoint(files, tmp_path):
     applied = tmp_path / "applied.safetensors"
-    operations.apply(operations.ApplyConfig(base=files["base"], vectors=(files["tv1"],),
+    run_apply(ApplyConfig(base=files["base"], vectors=(files["tv1"],),
                                             output=str(applied), coefs=(0.7,)))
     x = _images()
     with open_eval_model(files["base"], [files["tv1"]]) as model:
@@ -95,7 +96,7 @@ def test_vector_evaluation_matches_applied_checkpoint(files, tmp_path):
 
 def test_eval_report_of_vectors_equals_report_of_checkpoint(files, tmp_path):
     applied = tmp_path / "applied.safetensors"
-    operations.apply(operations.ApplyConfig(base=files["base"], vectors=(files["tv1"],
+    run_apply(ApplyConfig(base=files["base"], vectors=(files["tv1"],
                                             files["tv2"]), output=str(applied), coefs=(0.5,)))
     common = {"datasets": (DATASET, "synthetic:color"), "limit": 40, "device": "cpu"}
     via_vectors = evaluate(EvalConfig(base=files["base"], vectors=(files["tv1"], files["tv2"]),

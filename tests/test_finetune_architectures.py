@@ -275,9 +275,9 @@ def test_linearized_jvp_path_prints_no_torch_jit_warning():
 def test_only_the_torch_jit_warning_is_silenced(monkeypatch):
     import warnings
 
-    import tvtool.linearize as linearize
+    import tvtool.linearize.generic as generic
 
-    real_jvp = linearize.jvp
+    real_jvp = generic.jvp
 
     def noisy_jvp(*args, **kwargs):
         warnings.warn("`torch.jit.script` is deprecated. Please switch to `torch.compile`.",
@@ -285,7 +285,7 @@ def test_only_the_torch_jit_warning_is_silenced(monkeypatch):
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=2)
         return real_jvp(*args, **kwargs)
 
-    monkeypatch.setattr(linearize, "jvp", noisy_jvp)
+    monkeypatch.setattr(generic, "jvp", noisy_jvp)
     net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2))
     delta = {n: torch.ones_like(p) for n, p in net.named_parameters()}
     with warnings.catch_warnings(record=True) as caught:

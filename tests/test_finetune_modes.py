@@ -404,9 +404,9 @@ def test_llora_net_is_the_lora_model_linearized_in_its_factors(base_model, head)
 
     zeros_b = [torch.zeros_like(t) for t in b]
     random_da = [torch.randn_like(t) for t in a0]
-    from tvtool.linearize import _forward_ad_safe_attention
+    from tvtool.linearize.generic import forward_ad_safe_attention
 
-    with _forward_ad_safe_attention():
+    with forward_ad_safe_attention():
         f0, first_order = jvp(lora_model, (a0, zeros_b), (random_da, b))
         _, from_a_only = jvp(lora_model, (a0, zeros_b), (random_da, zeros_b))
     # A moves nothing at first order when B0 = 0, which is why tvtool freezes A.
@@ -423,7 +423,7 @@ def test_llora_net_is_the_lora_model_linearized_in_its_factors(base_model, head)
 
 def test_llora_net_gradient_to_a_is_zero_at_peft_init(base_model):
     """The reason A is frozen: with B0 = 0, the linearized output has zero gradient in ΔA."""
-    from tvtool.linearize import _forward_ad_safe_attention
+    from tvtool.linearize.generic import forward_ad_safe_attention
 
     adapter = get_mode("llora-net").build(copy.deepcopy(base_model.visual),
                                           ModeOptions(lora_rank=2, lora_alpha=4.0,
@@ -442,7 +442,7 @@ def test_llora_net_gradient_to_a_is_zero_at_peft_init(base_model):
 
     da = [torch.zeros_like(a).requires_grad_() for a in a0]
     db = [torch.randn_like(b).requires_grad_() for b in b0]
-    with _forward_ad_safe_attention():
+    with forward_ad_safe_attention():
         _, tangent = jvp(lora_model, (a0, b0), (da, db))
     tangent.square().sum().backward()
     assert all(t.grad is not None and t.grad.abs().max() == 0 for t in da)

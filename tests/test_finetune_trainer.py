@@ -18,14 +18,9 @@ from torch.utils.data import Dataset
 
 from tvtool.errors import InvalidInputError, NumericalError, UsageError
 from tvtool.finetune import FinetuneConfig, finetune, learning_rate
-from tvtool.finetune.trainer import (
-    RESUME_FILE,
-    DistInfo,
-    MicroBatches,
-    SampleStream,
-    default_warmup,
-    total_steps,
-)
+from tvtool.finetune.config import RESUME_FILE
+from tvtool.finetune.sampling import DistInfo, MicroBatches, SampleStream
+from tvtool.finetune.schedule import default_warmup, total_steps
 
 BASE = "tvtool-tiny:random"
 
@@ -176,7 +171,7 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def test_llora_state_of_the_network_level_variant_does_not_resume(tmp_path):
     """Training states written when `llora` was the network-level model lack the marker."""
-    from tvtool.finetune.trainer import _check_run_key, _run_key
+    from tvtool.finetune.resume import _check_run_key, _run_key
 
     config = _config(tmp_path, "ll", mode="llora")
     current = _run_key(config, "sha256:x", 6, 0, 32)

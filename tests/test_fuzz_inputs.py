@@ -23,13 +23,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tvtool.commands.negate import json_list
 from tvtool.errors import TvtoolError
 from tvtool.io import open_tensors, read_pickled_checkpoint
 from tvtool.io.yaml_io import parse_yaml
 from tvtool.merge.config import config_from_document
 from tvtool.merge.registry import get_method
 from tvtool.metadata import FileMeta
-from tvtool.operations import json_list
 
 FUZZ = settings(max_examples=60, deadline=timedelta(seconds=10), derandomize=True,
                 database=None, suppress_health_check=[HealthCheck.too_slow])

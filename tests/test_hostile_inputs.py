@@ -376,7 +376,7 @@ def _del(mapping: dict, key: str) -> None:
     (lambda t, s: s.update(scaler=[1]), "gradient-scaler"),
 ])
 def test_damaged_resume_state_is_invalid_input(damage, message):
-    from tvtool.finetune.trainer import _check_state
+    from tvtool.finetune.resume import _check_state
 
     tensors, state, params = _run_state()
     _check_state("s", tensors, state, params, total=6)  # the intact state passes
@@ -412,7 +412,8 @@ def test_finetune_resume_with_a_damaged_state_exits_2(tmp_path):
     from safetensors import safe_open
 
     from tests.test_finetune_trainer import RandomImages, _config, _head
-    from tvtool.finetune.trainer import RESUME_FILE, finetune
+    from tvtool.finetune.config import RESUME_FILE
+    from tvtool.finetune.trainer import finetune
     from tvtool.io.train_state import STATE_KEY
 
     config = _config(tmp_path, "a", workdir=str(tmp_path / "w"), checkpoint_every=1, steps=3)

@@ -16,7 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tvtool import operations
+from tvtool.commands.inspect import InspectConfig
+from tvtool.commands.inspect import inspect as run_inspect
+from tvtool.commands.negate import NegateConfig
+from tvtool.commands.negate import negate as run_negate
 from tvtool.errors import InvalidInputError, NumericalError, TvtoolError
 from tvtool.io import (
     TensorInfo,
@@ -327,8 +330,8 @@ def test_mutated_files_load_or_fail_cleanly(tmp_path, content):
     out = tmp_path / "out.safetensors"
     out.unlink(missing_ok=True)
     try:
-        operations.negate(operations.NegateConfig(vector=str(path), output=str(out)))
-        report = operations.inspect(operations.InspectConfig(files=(str(out),)))
+        run_negate(NegateConfig(vector=str(path), output=str(out)))
+        report = run_inspect(InspectConfig(files=(str(out),)))
         assert report["files"][0]["kind"] == "task_vector"
     except InvalidInputError as exc:
         assert "\n" not in exc.one_line()

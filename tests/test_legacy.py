@@ -21,7 +21,8 @@ import tvtool.models  # noqa: F401 - registers the tvtool-tiny open_clip config
 from tests.conftest import TINY, load
 from tvtool.errors import InvalidInputError
 from tvtool.io import load_legacy, read_checkpoint, read_pickled_checkpoint
-from tvtool.io.legacy import Stub, strip_wrapper_prefixes
+from tvtool.io.names import strip_wrapper_prefixes
+from tvtool.io.unpickle import Stub
 
 SENTINEL_ENV = "TVTOOL_TEST_SENTINEL"
 

@@ -100,13 +100,13 @@ def _counting(monkeypatch):
     import tvtool.linearize as linearize
 
     calls = {"n": 0}
-    dual = linearize._vit_dual_forward
+    dual = linearize.vit_dual_forward
 
     def counted(*args, **kwargs):
         calls["n"] += 1
         return dual(*args, **kwargs)
 
-    monkeypatch.setattr(linearize, "_vit_dual_forward", counted)
+    monkeypatch.setattr(linearize, "vit_dual_forward", counted)
     return calls
 
 

@@ -172,14 +172,15 @@ def test_pure_vector_algebra_refuses_lora_factors():
 
 
 def test_inspect_reports_norms_and_cosine_of_the_dense_change(tmp_path, base_fp):
-    from tvtool import operations
+    from tvtool.commands.inspect import InspectConfig
+    from tvtool.commands.inspect import inspect as run_inspect
 
     first, second = _factors("blocks", seed=5), _factors("blocks", seed=6)
     # Same A (as two runs with one seed have), different B: the factor cosine would be high.
     second = {k: (first[k] if k.endswith(".lora_A") else v) for k, v in second.items()}
     paths = tuple(_write(tmp_path / f"{n}.safetensors", f, Mode.LORA, False, base_fp)
                   for n, f in (("a", first), ("b", second)))
-    report = operations.inspect(operations.InspectConfig(files=paths))
+    report = run_inspect(InspectConfig(files=paths))
     dense = [_dense(first), _dense(second)]
     flat = [torch.cat([d[k].reshape(-1) for k in sorted(d)]) for d in dense]
     for entry, vector in zip(report["files"], flat, strict=True):
@@ -188,3 +189,32 @@ def test_inspect_reports_norms_and_cosine_of_the_dense_change(tmp_path, base_fp)
     expected = float(flat[0] @ flat[1] / (flat[0].norm() * flat[1].norm()))
     assert report["cosine"][0][1] == pytest.approx(expected, abs=1e-6)
     assert abs(expected) < 0.5
+
+
+def test_open_vector_reads_lora_factors_as_dense_deltas(tmp_path):
+    # The one opener merge, apply and eval share: dense deltas, checked metadata, the stored
+    # factors kept for what must describe the file itself (the model card's fingerprint).
+    from tvtool.errors import InvalidInputError
+    from tvtool.vectors import open_vector
+
+    factors = _factors("blocks")
+    path = _write(tmp_path / "lora.safetensors", factors, Mode.LORA, False, None)
+    vector = open_vector(path)
+    try:
+        assert vector.meta.mode is Mode.LORA and vector.stored is not None
+        assert sorted(vector.stored.keys()) == sorted(factors)
+        expected = _dense(factors)
+        assert sorted(vector.source.keys()) == sorted(expected)
+        for name, delta in expected.items():
+            torch.testing.assert_close(vector.source.get(name), delta.float())
+    finally:
+        vector.source.close()
+    dense = {"visual.proj": torch.ones(2)}
+    plain = _write(tmp_path / "dense.safetensors", dense, Mode.FULL, False, None)
+    opened = open_vector(plain)
+    assert opened.stored is None and opened.source.keys() == ["visual.proj"]
+    opened.source.close()
+    checkpoint = tmp_path / "ckpt.safetensors"
+    write_tensors(str(checkpoint), dense, FileMeta(kind=Kind.CHECKPOINT).to_header())
+    with pytest.raises(InvalidInputError, match="not a task vector"):
+        open_vector(str(checkpoint))

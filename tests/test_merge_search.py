@@ -125,7 +125,8 @@ def test_negation_refuses_bad_threshold():
 def world(tmp_path_factory, tiny_state):
     """A random tiny base and two vectors recorded for two synthetic datasets."""
     from tests.conftest import perturbed
-    from tvtool import operations
+    from tvtool.commands.extract import ExtractConfig
+    from tvtool.commands.extract import extract as run_extract
     from tvtool.io import write_tensors
     from tvtool.metadata import FileMeta, Kind
 
@@ -138,7 +139,7 @@ def world(tmp_path_factory, tiny_state):
         ft = root / f"ft{index}.safetensors"
         write_tensors(str(ft), perturbed(tiny_state, index, scale=0.05), header)
         tv = root / f"tv{index}.safetensors"
-        operations.extract(operations.ExtractConfig(base=str(base), finetuned=str(ft),
+        run_extract(ExtractConfig(base=str(base), finetuned=str(ft),
                                                     output=str(tv), dataset=dataset,
                                                     keep="changed"))
         paths[f"tv{index}"] = str(tv)
@@ -251,9 +252,10 @@ def _with_dataset(source: str, target, dataset: str) -> str:
 def test_extract_records_an_absolute_imagefolder_path(cli, world, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "tv.safetensors"
-    from tvtool import operations
+    from tvtool.commands.extract import ExtractConfig
+    from tvtool.commands.extract import extract as run_extract
 
-    operations.extract(operations.ExtractConfig(
+    run_extract(ExtractConfig(
         base=world["base"], finetuned=world["base"].replace("base", "ft1"), output=str(out),
         dataset="imagefolder:data/cats", keep="changed"))
     result = cli(["inspect", str(out), "--json"])

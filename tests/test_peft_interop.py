@@ -92,11 +92,12 @@ def _applied_encoding(tiny, dense: dict[str, torch.Tensor], images) -> torch.Ten
 
 def _tvtool_applied(tiny, vector: str, tmp_path: Path, images) -> torch.Tensor:
     """encode_image of the checkpoint `tvtool apply` writes."""
-    from tvtool import operations
+    from tvtool.commands.apply import ApplyConfig
+    from tvtool.commands.apply import apply as run_apply
     from tvtool.models import load_clip
 
     ckpt = tmp_path / "applied.safetensors"
-    operations.apply(operations.ApplyConfig(base=TINY, vectors=(vector,), output=str(ckpt)))
+    run_apply(ApplyConfig(base=TINY, vectors=(vector,), output=str(ckpt)))
     model = load_clip(str(ckpt)).model.eval()
     with torch.no_grad():
         return model.encode_image(images)

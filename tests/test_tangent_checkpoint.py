@@ -118,11 +118,12 @@ def test_convert_gives_the_linear_vector(cli, tmp_path, files, linearized):
 
 def test_converted_vector_evaluates_as_the_reference_linearized_model(tmp_path, files,
                                                                       linearized):
-    from tvtool import operations
+    from tvtool.commands.convert import ConvertConfig
+    from tvtool.commands.convert import convert as run_convert
     from tvtool.evaluate import clear_memory_cache, open_eval_model
 
     out = tmp_path / "tv.safetensors"
-    operations.convert(operations.ConvertConfig(input=linearized["path"], output=str(out),
+    run_convert(ConvertConfig(input=linearized["path"], output=str(out),
                                                 base=files["base"]))
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     encoder = linearized["init"].eval()

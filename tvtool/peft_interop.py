@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from tvtool.commands.common import WriteResult, config_args
+from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
 from tvtool.formats.lora import SUFFIX_A, _alpha_from
@@ -28,7 +30,6 @@ from tvtool.io import (
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.models.modules import module_table, root_class
-from tvtool.operations import ConvertConfig, WriteResult, _args
 from tvtool.vectors import open_vector_meta
 
 Logger = Callable[[str], None]
@@ -264,7 +265,7 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
                     base_ref=config.base if config.base is not None else recorded.get("base_ref"),
                     base_fingerprint=base_fp, mode=mode, linearized=False,
                     dataset=recorded_dataset_name(dataset) if dataset is not None else None,
-                    provenance=provenance("convert", _args(config)),
+                    provenance=provenance("convert", config_args(config)),
                     extra={**(imported.lora or {}),
                            "converted_from": f"peft LoRA adapter ({root} module names)"})
     write_tensors(config.output, imported.tensors, meta.to_header(), inputs=[weights_path])

@@ -42,16 +42,17 @@ def apply(
     With --hf-dir DIR, write an open_clip Hugging Face directory that
     open_clip.create_model_and_transforms('local-dir:DIR') loads.
     """
-    from tvtool import operations
+    from tvtool.commands.apply import ApplyConfig
+    from tvtool.commands.apply import apply as run_apply
     from tvtool.errors import UsageError
 
     if (output is None) == (hf_dir is None):
         raise UsageError("give either -o/--output or --hf-dir",
                          hint="-o writes one checkpoint file, --hf-dir an open_clip directory")
     refuse_json_with_stdout(as_json, output or "")
-    config = operations.ApplyConfig(
+    config = ApplyConfig(
         base=base, vectors=tuple(vectors), output=output or "", coefs=tuple(coef or [1.0]),
         allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
         hf_dir=hf_dir)
-    result = operations.apply(config, log=log)
+    result = run_apply(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

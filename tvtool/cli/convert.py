@@ -51,10 +51,11 @@ def convert(
     LoRA adapter directory becomes a `lora` task vector (needs --base or --architecture unless
     tvtool exported it); see docs/interop.md.
     """
-    from tvtool import operations
+    from tvtool.commands.convert import ConvertConfig
+    from tvtool.commands.convert import convert as run_convert
 
     refuse_json_with_stdout(as_json, output)
-    config = operations.ConvertConfig(input=checkpoint, output=output, architecture=architecture,
+    config = ConvertConfig(input=checkpoint, output=output, architecture=architecture,
                                       base=base, dataset=dataset, module=module)
     from tvtool.io import is_peft_adapter
 
@@ -63,5 +64,5 @@ def convert(
 
         result = convert_peft(config, log=log)
     else:
-        result = operations.convert(config, log=log)
+        result = run_convert(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -33,7 +33,8 @@ def extract(
     as_json: JsonOpt = False,
 ) -> None:
     """Write the task vector FINETUNED - BASE (streamed tensor by tensor)."""
-    from tvtool import operations
+    from tvtool.commands.extract import ExtractConfig
+    from tvtool.commands.extract import extract as run_extract
     from tvtool.errors import UsageError
     from tvtool.metadata import Mode
 
@@ -42,8 +43,8 @@ def extract(
     except ValueError:
         raise UsageError(f"unknown mode {mode!r}", hint="extract records full or attn") from None
     refuse_json_with_stdout(as_json, output)
-    config = operations.ExtractConfig(base=base, finetuned=finetuned, output=output,
+    config = ExtractConfig(base=base, finetuned=finetuned, output=output,
                                       mode=mode_value, dataset=dataset,
                                       allow_missing=allow_missing, keep=keep)
-    result = operations.extract(config, log=log)
+    result = run_extract(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -22,9 +22,10 @@ def inspect(
 
     Tables go to stderr like every human-readable report; --json prints the report on stdout.
     """
-    from tvtool import operations
+    from tvtool.commands.inspect import InspectConfig
+    from tvtool.commands.inspect import inspect as run_inspect
 
-    report = operations.inspect(operations.InspectConfig(files=tuple(files), top=top,
+    report = run_inspect(InspectConfig(files=tuple(files), top=top,
                                                          cosine=not no_cosine))
     if as_json:
         emit_json(report)

@@ -69,9 +69,10 @@ def negate(
         negate_search(vector, output, settings, control, target, threshold, coef_grid, as_json,
                       download=download)
         return
-    from tvtool import operations
+    from tvtool.commands.negate import NegateConfig
+    from tvtool.commands.negate import negate as run_negate
 
     refuse_json_with_stdout(as_json, output)
-    result = operations.negate(operations.NegateConfig(vector=vector, output=output, coef=coef),
+    result = run_negate(NegateConfig(vector=vector, output=output, coef=coef),
                                log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -237,14 +237,15 @@ def run_demo(config: DemoConfig, log: Logger,
             results["disentanglement"][mode] = entry
             results["figures"].append(figure)
     with stages.timed("cosine similarity"):
-        from tvtool import operations
+        from tvtool.commands.inspect import InspectConfig
+        from tvtool.commands.inspect import inspect as run_inspect
 
         labels, paths_all = [], []
         for mode in cfg.modes:
             for task in tasks:
                 labels.append(f"{mode}:{task.split(':')[-1]}")
                 paths_all.append(vector_paths[mode][task])
-        inspect = operations.inspect(operations.InspectConfig(files=tuple(paths_all), top=0))
+        inspect = run_inspect(InspectConfig(files=tuple(paths_all), top=0))
         results["cosine"] = {"labels": labels, "matrix": inspect["cosine"]}
         write_bytes(str(root / "cosine.png"),
                     report.cosine_figure(labels, inspect["cosine"], "Cosine similarity of "
@@ -351,7 +352,8 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
 
 def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: str,
             control: str, log: Logger) -> dict[str, Any]:
-    from tvtool import operations
+    from tvtool.commands.negate import NegateConfig
+    from tvtool.commands.negate import negate as run_negate
     from tvtool.merge.evaluation import EvalSettings, Evaluator
     from tvtool.merge.search import search_negation
 
@@ -372,7 +374,7 @@ def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: st
             coef = search.best if search.best is not None else min(grid)
             base_test = evaluator.accuracies([0.0], "test")
             negated_test = evaluator.accuracies([-coef], "test")
-        operations.negate(operations.NegateConfig(vector=vector, output=output, coef=coef))
+        run_negate(NegateConfig(vector=vector, output=output, coef=coef))
         return {"mode": mode, "target": target, "control": control, "coef": coef,
                 "feasible": search.best is not None, "threshold": search.threshold,
                 "base": {"target": base_test[target], "control": base_test[control]},

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.formats import dense_source
-from tvtool.io import TensorInfo, TensorSource, open_tensors
+from tvtool.io import TensorInfo, TensorSource
 from tvtool.models import ClipBundle, base_source, fingerprint, load_clip, load_state_into
 from tvtool.models.refs import ModelRef
 from tvtool.types import StateDict
@@ -29,7 +28,7 @@ from tvtool.vectors import (
     VectorInput,
     check_vectors_fit_base,
     expand_coefs,
-    open_vector_meta,
+    open_vector,
     plan_combine,
 )
 
@@ -270,9 +269,7 @@ def open_eval_model(
     opened: list[VectorInput] = []
     try:
         for path in vectors:
-            vec_source = open_tensors(path)
-            meta = open_vector_meta(vec_source, vec_source.label)
-            opened.append(VectorInput(path, dense_source(vec_source, meta), meta))
+            opened.append(open_vector(path))
         base_fp = fingerprint(source)
         notes = check_vectors_fit_base([(v.source.label, v.meta) for v in opened], base_fp,
                                        allow_mismatch=allow_base_mismatch,

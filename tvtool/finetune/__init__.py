@@ -17,18 +17,15 @@ from __future__ import annotations
 from tvtool.finetune.attn import attention_parameter_names
 from tvtool.finetune.base import Adapter, FinetuneMode, ModeOptions
 from tvtool.finetune.config import FinetuneConfig, FinetuneResult, StepLog, TrainResult
+from tvtool.finetune.loop import train
 from tvtool.finetune.lora import (
     init_lora_factors,
     lora_targets,
     parse_lora_targets,
 )
 from tvtool.finetune.registry import MODES, get_mode
-from tvtool.finetune.trainer import (
-    check_encoder,
-    finetune,
-    learning_rate,
-    train,
-)
+from tvtool.finetune.schedule import learning_rate
+from tvtool.finetune.trainer import check_encoder, finetune
 from tvtool.formats.lora import materialize_lora
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 Everything here is a pure function of (seed, position), so a resumed run, a run with a
 different number of processes or data-loader workers, and an uninterrupted run see the same
-batches (see :mod:`tvtool.finetune.trainer`).
+batches (see :mod:`tvtool.finetune.loop`).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ def read_train_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     Returns:
         ``(tensors, state)``.
 
-    The caller checks the contents against its run (see ``tvtool.finetune.trainer``).
+    The caller checks the contents against its run (see ``tvtool.finetune.resume``).
 
     Raises:
         InvalidInputError: missing, damaged, or not a tvtool training state.

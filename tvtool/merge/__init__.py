@@ -16,18 +16,9 @@ and the coefficient searches in :mod:`tvtool.merge.search`.
 
 from tvtool.merge.coefs import Coefficients, load_coefficients
 from tvtool.merge.config import MergeConfig, config_from_document, load_config
-from tvtool.merge.engine import (
-    MergePlan,
-    MergeResult,
-    MergeSpec,
-    describe_plan,
-    make_spec,
-    merge,
-    merge_state_dicts,
-    open_merge,
-    plan_sources,
-)
+from tvtool.merge.engine import MergeResult, describe_plan, merge, open_merge
 from tvtool.merge.method import MergeMethod, TensorContext
+from tvtool.merge.plan import MergePlan, MergeSpec, make_spec, merge_state_dicts, plan_sources
 from tvtool.merge.registry import METHODS, get_method
 
 __all__ = [

@@ -400,7 +400,8 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
         UsageError: stdin input, no target dataset, target equal to control, bad grid.
         TvtoolError: no α of the grid keeps the control accuracy (nothing is written).
     """
-    from tvtool import operations
+    from tvtool.commands.negate import NegateConfig
+    from tvtool.commands.negate import negate as run_negate
     from tvtool.io import check_output
 
     if vector == "-":
@@ -430,7 +431,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
         test = {"base": evaluator.accuracies([0.0], "test"),
                 "negated": evaluator.accuracies([-search.best], "test")}
     log(f"best α = {search.best:g}; writing the negated vector")
-    operations.negate(operations.NegateConfig(vector=vector, output=output, coef=search.best))
+    run_negate(NegateConfig(vector=vector, output=output, coef=search.best))
     return NegateSearchReport(search, target, control, test, output)
 
 

@@ -42,7 +42,7 @@ def trim_group(name: str) -> str:
     """The trim group of a tensor: ``image encoder`` (``visual.*``) or ``other``.
 
     A global trim ranks each group of a vector on its own (see
-    :meth:`tvtool.merge.engine.MergePlan.thresholds`), so that tensors outside the image
+    :meth:`tvtool.merge.plan.MergePlan.thresholds`), so that tensors outside the image
     encoder -- a whole CLIP checkpoint's text tower, often unchanged -- do not change how much
     of the image encoder is kept.
     """

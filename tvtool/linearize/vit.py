@@ -1,57 +1,24 @@
-"""The linearized (tangent-space) model: f_lin(x; θ) = f(x; θ0) + J_θ f(x; θ0)·(θ − θ0).
+"""The fast linearized path: a hand-written (primal, tangent) forward of an open_clip-style ViT.
 
-Ortiz-Jimenez et al. (arXiv 2305.12827) train and evaluate the first-order Taylor expansion of
-a network around its pre-trained weights θ0. Fine-tuning (``tvtool finetune --mode linear``),
-evaluation of linearized task vectors and aTLAS all need "run the image encoder linearized at
-θ0 with a weight delta τ"; this module provides that as :func:`linearized_forward` and as the
-trainable wrapper :class:`LinearizedModule`.
-
-Two implementations give the same numbers:
-
-* **Fast dual path** (used automatically for open_clip-style ViT image encoders): a hand-written
-  forward that carries a (primal, tangent) pair through every layer. The primal pass runs under
-  ``torch.no_grad`` (it does not depend on τ), so autograd records only the tangent pass, which
-  is linear in τ; attention is written in plain matmuls, so there is no dependence on fused
-  attention kernels (which have no forward-mode AD). Cost of a training step: about 5 forward
-  passes of work against 3 for ordinary fine-tuning, less the last block's non-class tokens
-  (see :data:`CLASS_TOKEN_SHORTCUT`).
-* **Generic path** (any other module): ``torch.func.jvp`` over ``functional_call`` with
-  PyTorch's math attention kernel and the ``nn.MultiheadAttention`` fast path disabled, since
-  the fused kernels raise "Trying to use forward AD with ... that does not support it".
-  Normalisation layers with running statistics (BatchNorm in ResNet and MobileCLIP towers)
-  run in eval mode, with their frozen statistics, whatever the module's mode: the linearized
-  model is the network as evaluated, and forward AD cannot update the statistics in place.
-
-The structure test for the fast path is by module type and shape (``nn.MultiheadAttention``,
-``nn.LayerNorm``, ``nn.Linear``, ``nn.Conv2d``), not by importing open_clip.
+The primal pass runs under ``torch.no_grad`` (it does not depend on the delta), so autograd
+records only the tangent pass, which is linear in the delta; attention is written in plain
+matmuls, so no fused attention kernel (without forward-mode AD) is involved. The structure test
+(:func:`vit_plan`) is by module type and shape, not by importing open_clip.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tvtool.errors import InvalidInputError
-from tvtool.types import StateDict
-
-__all__ = [
-    "LinearizedModule",
-    "jvp_reference",
-    "linearized_forward",
-    "linearized_parts",
-    "supports_fast_path",
-]
+from tvtool.linearize.generic import quiet_jvp
 
 Tangent = Tensor | None
 """A tangent that may be ``None``, meaning exactly zero (so no work is done for it)."""
@@ -60,236 +27,6 @@ CLASS_TOKEN_SHORTCUT = True
 """In a class-token-pooled ViT, compute only the class token's path through the last block
 (the other tokens' outputs are never read). Exact; ``False`` computes every token, which the
 benchmark uses to separate this saving from the rest."""
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
-
-
-def linearized_forward(
-    module: nn.Module,
-    params0: Mapping[str, Tensor] | None,
-    delta: Mapping[str, Tensor],
-    x: Tensor,
-    *,
-    method: str = "auto",
-) -> Tensor:
-    """Evaluate ``module`` linearized at ``params0`` and moved by ``delta``.
-
-    Computes ``f(x; θ0) + J_θ f(x; θ0)·δ``. Gradients flow to ``delta`` (and to whatever it was
-    computed from, e.g. aTLAS coefficients or LoRA factors), never to ``params0``.
-
-    Args:
-        module: The network, e.g. an open_clip image encoder (``model.visual``).
-        params0: Expansion point θ0 by parameter name relative to ``module``; ``None`` uses the
-            module's own parameters.
-        delta: Weight offsets δ by the same names; names left out have δ = 0.
-        x: Input batch.
-        method: ``"auto"`` (fast dual path where the module's structure allows, otherwise
-            ``torch.func.jvp``), ``"dual"`` (fast path, error if unsupported) or ``"jvp"``.
-
-    Returns:
-        The linearized output, shaped like ``module(x)``.
-
-    Raises:
-        InvalidInputError: a ``delta`` name is not a parameter of ``module`` or has the wrong
-            shape, or ``method="dual"`` for an unsupported module.
-
-    """
-    out, tangent = linearized_parts(module, params0, delta, x, method=method)
-    return out if tangent is None else out + tangent
-
-
-def linearized_parts(
-    module: nn.Module,
-    params0: Mapping[str, Tensor] | None,
-    delta: Mapping[str, Tensor],
-    x: Tensor,
-    *,
-    method: str = "auto",
-) -> tuple[Tensor, Tensor | None]:
-    """Return ``(f(x; θ0), J·δ)`` separately (``None`` when δ is empty).
-
-    The first part carries no autograd history, so callers that evaluate many deltas on one
-    batch may cache it. Arguments and errors as in :func:`linearized_forward`.
-    """
-    params = _resolve_params(module, params0)
-    _check_delta(params, delta)
-    if method not in ("auto", "dual", "jvp"):
-        raise ValueError(f"unknown linearization method {method!r}")
-    plan = _vit_plan(module) if method != "jvp" else None
-    if plan is None and method == "dual":
-        raise InvalidInputError(
-            f"{type(module).__name__} does not have the ViT structure the fast linearized "
-            "forward supports", hint="use method='jvp' or 'auto'")
-    if plan is not None:
-        return _vit_dual_forward(plan, params, delta, x)
-    return _jvp_parts(module, params, delta, x)
-
-
-def jvp_reference(
-    module: nn.Module, params0: Mapping[str, Tensor] | None, delta: Mapping[str, Tensor],
-    x: Tensor,
-) -> Tensor:
-    """Linearized output computed with ``torch.func.jvp`` and the math attention kernel.
-
-    This is how the public reference code bases evaluate a linearized model; tvtool keeps it as
-    the fallback for arbitrary modules and as the yardstick in tests and benchmarks.
-    """
-    out, tangent = linearized_parts(module, params0, delta, x, method="jvp")
-    return out if tangent is None else out + tangent
-
-
-def supports_fast_path(module: nn.Module) -> bool:
-    """Whether :func:`linearized_forward` can use the fast dual path for ``module``."""
-    return _vit_plan(module) is not None
-
-
-class LinearizedModule(nn.Module):
-    """A frozen network plus a trainable weight delta, evaluated linearized.
-
-    ``forward(x) = f(x; θ0) + J f(x; θ0)·δ`` where θ0 are the wrapped module's (frozen)
-    parameters and δ the trainable offsets, initialised to zero.
-
-    Args:
-        module: The network to linearize; its parameters are frozen in place and used as θ0.
-        trainable: Names (relative to ``module``) that get a delta; default all parameters
-            that required grad.
-        method: Passed to :func:`linearized_forward`.
-
-    """
-
-    def __init__(self, module: nn.Module, trainable: Iterable[str] | None = None,
-                 method: str = "auto") -> None:
-        super().__init__()
-        params = dict(module.named_parameters())
-        if trainable is None:
-            names = [n for n, p in params.items() if p.requires_grad]
-        else:
-            names = list(trainable)
-            unknown = [n for n in names if n not in params]
-            if unknown:
-                raise InvalidInputError(f"not parameters of the module: {unknown[:3]}")
-        for p in module.parameters():
-            p.requires_grad_(False)
-        self.module = module
-        self.method = method
-        self.delta_names: list[str] = names
-        self.deltas = nn.ParameterList(
-            [nn.Parameter(torch.zeros_like(params[n])) for n in names])
-
-    def named_deltas(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Yield ``(parameter name, delta)`` pairs."""
-        yield from zip(self.delta_names, self.deltas, strict=True)
-
-    def delta_state(self) -> StateDict:
-        """Detached copy of δ by parameter name."""
-        return {n: d.detach().clone() for n, d in self.named_deltas()}
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linearized_forward(self.module, None, dict(self.named_deltas()), x,
-                                  method=self.method)
-
-
-# --------------------------------------------------------------------------------------------
-# Argument checks
-# --------------------------------------------------------------------------------------------
-
-
-def _resolve_params(module: nn.Module, params0: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
-    own = dict(module.named_parameters())
-    if params0 is None:
-        return {n: p.detach() for n, p in own.items()}
-    missing = [n for n in own if n not in params0]
-    if missing:
-        raise InvalidInputError(f"params0 lacks {len(missing)} parameters of the module, e.g. "
-                                f"{missing[:3]}")
-    return {n: params0[n].detach() for n in own}
-
-
-def _check_delta(params: Mapping[str, Tensor], delta: Mapping[str, Tensor]) -> None:
-    for name, tensor in delta.items():
-        if name not in params:
-            raise InvalidInputError(
-                f"delta tensor {name!r} is not a parameter of the linearized module",
-                hint="names are relative to the module (e.g. drop a 'visual.' prefix)")
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise InvalidInputError(
-                f"delta tensor {name!r} has shape {tuple(tensor.shape)}, the parameter has "
-                f"{tuple(params[name].shape)}")
-
-
-# --------------------------------------------------------------------------------------------
-# Generic path: torch.func.jvp
-# --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _forward_ad_safe_attention() -> Iterator[None]:
-    """Route attention through kernels that have forward-mode AD formulas."""
-    mha = torch.backends.mha
-    previous = mha.get_fastpath_enabled()
-    mha.set_fastpath_enabled(False)
-    try:
-        with sdpa_kernel([SDPBackend.MATH]):
-            yield
-    finally:
-        mha.set_fastpath_enabled(previous)
-
-
-@contextlib.contextmanager
-def _frozen_norm_statistics(module: nn.Module) -> Iterator[None]:
-    """Run BatchNorm-style layers in eval mode (frozen running statistics), then restore.
-
-    In train mode they would update ``running_mean``/``num_batches_tracked`` in place, which
-    forward-mode AD refuses, and normalise with batch statistics, which evaluation does not.
-    """
-    norms = [m for m in module.modules()
-             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats
-             and m.training]
-    for norm in norms:
-        norm.eval()
-    try:
-        yield
-    finally:
-        for norm in norms:
-            norm.train()
-
-
-# The first forward-AD call imports torch._decomp.decompositions_for_jvp, which scripts its
-# decompositions with torch.jit.script and so warns once per process that torch.jit.script is
-# deprecated: torch's own internals, nothing a user can act on.
-_JIT_SCRIPT_DEPRECATED = r"`?torch\.jit\.script`? is deprecated"
-
-
-def _jvp(func: Any, primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
-    """``torch.func.jvp`` without torch's internal torch.jit.script deprecation warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_JIT_SCRIPT_DEPRECATED, category=FutureWarning)
-        return jvp(func, primals, tangents)
-
-
-def _jvp_parts(module: nn.Module, params: dict[str, Tensor], delta: Mapping[str, Tensor],
-               x: Tensor) -> tuple[Tensor, Tensor | None]:
-    if not delta:
-        with torch.no_grad(), _frozen_norm_statistics(module):
-            return functional_call(module, params, (x,)), None
-    moving = {n: params[n] for n in delta}
-    fixed = {n: p for n, p in params.items() if n not in delta}
-    tangents = {n: delta[n].to(params[n].dtype) for n in delta}
-
-    def run(sub: dict[str, Tensor]) -> Tensor:
-        return functional_call(module, {**fixed, **sub}, (x,))
-
-    with _forward_ad_safe_attention(), _frozen_norm_statistics(module):
-        result = _jvp(run, (moving,), (tangents,))
-    return result[0].detach(), result[1]
-
-
-# --------------------------------------------------------------------------------------------
-# Fast path: hand-written (primal, tangent) forward of an open_clip-style ViT
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -304,7 +41,9 @@ class _BlockPlan:
 
 
 @dataclass(frozen=True)
-class _VitPlan:
+class VitPlan:
+    """The layers of a ViT image encoder the dual forward walks through (see :func:`vit_plan`)."""
+
     blocks: tuple[_BlockPlan, ...]
     ln_pre: nn.LayerNorm | None
     ln_post: nn.LayerNorm
@@ -313,10 +52,10 @@ class _VitPlan:
     conv_stride: tuple[int, int]
 
 
-_PLANS: weakref.WeakKeyDictionary[nn.Module, _VitPlan | None] = weakref.WeakKeyDictionary()
+_PLANS: weakref.WeakKeyDictionary[nn.Module, VitPlan | None] = weakref.WeakKeyDictionary()
 
 
-def _vit_plan(module: nn.Module) -> _VitPlan | None:
+def vit_plan(module: nn.Module) -> VitPlan | None:
     """Describe ``module`` if it is a ViT the dual forward implements exactly, else ``None``."""
     if module in _PLANS:
         return _PLANS[module]
@@ -338,7 +77,7 @@ def _layer_scale(module: nn.Module, name: str) -> str | None:
     raise ValueError("unsupported layer scale")
 
 
-def _build_plan(vit: nn.Module) -> _VitPlan | None:
+def _build_plan(vit: nn.Module) -> VitPlan | None:
     conv = vit.conv1
     if not isinstance(conv, nn.Conv2d) or conv.bias is not None or conv.padding != (0, 0) \
             or conv.kernel_size != conv.stride or conv.groups != 1:
@@ -399,7 +138,7 @@ def _build_plan(vit: nn.Module) -> _VitPlan | None:
     if top != expected_top or not blocks:
         return None
     stride = (int(conv.stride[0]), int(conv.stride[1]))
-    return _VitPlan(tuple(blocks), ln_pre if isinstance(ln_pre, nn.LayerNorm) else None,
+    return VitPlan(tuple(blocks), ln_pre if isinstance(ln_pre, nn.LayerNorm) else None,
                     vit.ln_post, str(vit.pool_type), has_proj, stride)
 
 
@@ -617,7 +356,7 @@ def _activation(act: nn.Module, h: Tensor, dh: Tangent) -> tuple[Tensor, Tangent
             slope = torch.ops.aten.gelu_backward(ones, h, approximate=act.approximate)
         else:
             # jvp with a unit tangent gives act and act' in one pass for any elementwise act.
-            a, slope = _jvp(act, (h,), (torch.ones_like(h),))[:2]
+            a, slope = quiet_jvp(act, (h,), (torch.ones_like(h),))[:2]
     return a, slope * dh
 
 
@@ -633,8 +372,12 @@ def _scale(x: Tensor, dx: Tangent, name: str | None, p: Mapping[str, Tensor],
                    x * dgamma if dgamma is not None else None)
 
 
-def _vit_dual_forward(plan: _VitPlan, p: Mapping[str, Tensor], d: Mapping[str, Tensor],
+def vit_dual_forward(plan: VitPlan, p: Mapping[str, Tensor], d: Mapping[str, Tensor],
                       images: Tensor) -> tuple[Tensor, Tangent]:
+    """``(f(x; θ0), J·δ)`` of a planned ViT: parameters ``p`` (θ0), deltas ``d`` (δ).
+
+    The primal carries no autograd history; the tangent is ``None`` when ``d`` is empty.
+    """
     # Patch embedding: the images carry no tangent, so only dW contributes.
     w_conv = p["conv1.weight"]
     with torch.no_grad():

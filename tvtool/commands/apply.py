@@ -1,0 +1,170 @@
+"""``tvtool apply``: ``base + Σ coef_i · vector_i`` as a checkpoint or an open_clip directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from tvtool.cards import CardVector, model_card
+from tvtool.commands.common import (
+    WriteResult,
+    check_stdin_once,
+    config_args,
+    dumps_sorted,
+    file_inputs,
+    opened,
+)
+from tvtool.errors import InvalidInputError, UsageError
+from tvtool.io import (
+    STDIO,
+    TensorSource,
+    check_new_directory,
+    check_output,
+    write_open_clip_dir,
+    write_tensors,
+)
+from tvtool.metadata import FileMeta, Kind, provenance
+from tvtool.models import architecture_shapes, base_source, fingerprint, resolve_ref
+from tvtool.models.hub import open_clip_hf_config
+from tvtool.types import Logger
+from tvtool.types import quiet as _quiet
+from tvtool.vectors import (
+    check_coefficients,
+    check_vectors_fit_base,
+    expand_coefs,
+    open_vector,
+    plan_combine,
+)
+
+
+@dataclass(frozen=True)
+class ApplyConfig:
+    """Configuration of ``tvtool apply``: ``base + Σ coef_i · vector_i`` as a checkpoint.
+
+    Attributes:
+        base: Model reference of the base.
+        vectors: Task-vector files (``-`` for stdin allowed once).
+        coefs: One coefficient per vector (or one for all).
+        output: Output path or ``-``.
+        allow_base_mismatch: Apply vectors whose base fingerprint differs.
+        approximate_linearized: Apply linearized vectors by adding weights (an approximation
+            of the linearized model they were trained as).
+        hf_dir: Write an open_clip Hugging Face directory (weights, config, model card) there
+            instead of a single checkpoint file (``output`` is then ignored and may be empty).
+    """
+
+    base: str
+    vectors: tuple[str, ...]
+    output: str
+    coefs: tuple[float, ...] = (1.0,)
+    allow_base_mismatch: bool = False
+    approximate_linearized: bool = False
+    hf_dir: str | None = None
+
+
+def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
+    """Write an open_clip-loadable checkpoint of the edited model, streaming.
+
+    Raises:
+        UsageError: no vectors, stdin twice, coefficient count or value wrong.
+        InvalidInputError: vectors from another base, linearized vectors without
+            ``approximate_linearized``, key, shape or dtype mismatches, an output that is an
+            input.
+    """
+    if not config.vectors:
+        raise UsageError("apply needs at least one task vector")
+    check_stdin_once(config.vectors)
+    check_coefficients(config.coefs)
+    coefs = expand_coefs(config.coefs, len(config.vectors))
+    ref = resolve_ref(config.base)
+    if config.hf_dir is not None:
+        check_new_directory(config.hf_dir)
+        hf_config = open_clip_hf_config(ref)
+    else:
+        check_output(config.output, [*config.vectors, *file_inputs(ref)])
+    sources: list[TensorSource] = []
+    card_vectors: list[CardVector] = []
+    with opened(sources):
+        metas = []
+        for path, coef in zip(config.vectors, coefs, strict=True):
+            vector = open_vector(path)
+            sources.append(vector.source)
+            source, meta = vector.source, vector.meta
+            if config.hf_dir is not None:
+                # The card records the file's own fingerprint (LoRA factors, not ΔW).
+                card_vectors.append(_card_vector(path, coef, vector.stored or source, meta))
+            if meta.linearized and not config.approximate_linearized:
+                raise InvalidInputError(
+                    f"{source.label} is a linearized ({meta.mode.value if meta.mode else '?'}) "
+                    "vector: adding it to the weights only approximates the model it was "
+                    "trained as", hint="evaluate it with `tvtool eval`, or pass "
+                    "--approximate-linearized to write the weight-space approximation")
+            if meta.linearized:
+                log(f"warning: {source.label} is linearized; the checkpoint approximates its "
+                    "linearized model by adding the vector to the weights")
+            metas.append((source.label, meta))
+        base, ref = base_source(ref)
+        sources.insert(0, base)
+        base_fp = fingerprint(base)
+        for warning in check_vectors_fit_base(metas, base_fp,
+                                              allow_mismatch=config.allow_base_mismatch,
+                                              architecture=ref.architecture):
+            log(warning)
+        mismatched = [label for label, m in metas
+                      if m.base_fingerprint and m.base_fingerprint != base_fp]
+        if mismatched:
+            log(f"warning: {len(mismatched)} vectors were extracted from another base "
+                f"({', '.join(mismatched[:3])}); applying them anyway (--allow-base-mismatch)")
+        plan = plan_combine(base, list(zip(sources[1:], coefs, strict=True)))
+        meta = FileMeta(kind=Kind.CHECKPOINT, architecture=ref.architecture,
+                        base_ref=config.base, base_fingerprint=base_fp,
+                        provenance=provenance("apply", config_args(config)),
+                        extra={"sources": dumps_sorted([m.dataset or label for label, m in metas]),
+                               "coefficients": dumps_sorted(coefs)})
+        inputs = [*config.vectors, *file_inputs(ref)]
+        if config.hf_dir is not None:
+            from tvtool import __version__
+
+            missing = sorted(set(architecture_shapes(ref.architecture))
+                             - {info.name for info in plan.layout})
+            if missing:
+                raise InvalidInputError(
+                    f"the base lacks {len(missing)} tensors of {ref.architecture} (e.g. "
+                    f"{missing[:2]}); an open_clip directory needs the complete model",
+                    hint="use a complete base (a converted image encoder lacks its text tower)")
+            card = model_card(architecture=ref.architecture, base_ref=config.base,
+                              base_fingerprint=base_fp, vectors=card_vectors,
+                              tvtool_version=__version__)
+            files = write_open_clip_dir(config.hf_dir, plan.tensors(), plan.layout,
+                                        meta.to_header(), hf_config, card, inputs=inputs)
+            return WriteResult(config.hf_dir, len(plan.layout), plan.parameters,
+                               details={"coefficients": coefs, "base_fingerprint": base_fp,
+                                        "files": files})
+        write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
+                      inputs=inputs, check_finite=False)
+    return WriteResult(config.output, len(plan.layout), plan.parameters,
+                       details={"coefficients": coefs, "base_fingerprint": base_fp})
+
+
+def _card_vector(path: str, coef: float, source: TensorSource, meta: FileMeta) -> CardVector:
+    """What the model card records about one applied vector."""
+    merge: dict[str, Any] = {}
+    if "merge_method" in meta.extra:
+        merge = {"method": meta.extra["merge_method"],
+                 "params": _loads(meta.extra.get("merge_params")),
+                 "sources": _loads(meta.extra.get("sources")),
+                 "coefficients": _loads(meta.extra.get("coefficients"))}
+    return CardVector(file=path.rsplit("/", 1)[-1] if path != STDIO else "stdin",
+                      coefficient=coef, dataset=meta.dataset,
+                      mode=meta.mode.value if meta.mode else None, linearized=meta.linearized,
+                      fingerprint=fingerprint(source), merge=merge)
+
+
+def _loads(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -9,7 +9,8 @@ import torch
 
 from tvtool.errors import UsageError
 from tvtool.grid import parse_grid
-from tvtool.merge.search import search_coef, search_negation
+from tvtool.workflows.merge_search import search_coef
+from tvtool.workflows.negation import search_negation
 
 # ---------------------------------------------------------------- grids
 

@@ -58,6 +58,14 @@ def test_methods_import_no_evaluation(graph):
     assert layer["merge"] < layer["evaluate"] < layer["workflows"] < layer["demo"]
 
 
+def test_negate_command_does_not_reach_into_the_merge_command(graph):
+    # Shared CLI helpers live in cli/common.py; the negation search in workflows/negation.py.
+    imported = {edge.target_module for edge in graph.all_edges()
+                if edge.module == "tvtool.cli.negate"}
+    assert "tvtool.cli.merge" not in imported
+    assert "tvtool.workflows.negation" in imported
+
+
 def test_check_mode_passes(graph, capsys):
     assert graph.main(["--check", "--max-depth", str(MAX_DEPTH)]) == 0
     assert "upward imports: 0" in capsys.readouterr().out

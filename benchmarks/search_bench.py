@@ -126,7 +126,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     from tvtool.evaluate import DisentanglementConfig, disentanglement
-    from tvtool.merge.evaluation import EvalSettings, Evaluator
+    from tvtool.workflows.evaluator import EvalSettings, Evaluator
 
     counter = _Counter()
     grid = [i / (args.grid - 1) for i in range(args.grid)]

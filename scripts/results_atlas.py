@@ -64,26 +64,29 @@ def _test_accuracies(args: argparse.Namespace, vectors: list[str], coefs_path: s
 def learn(args: argparse.Namespace, vectors: list[str], objective: str,
           workdir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """Learn tensor-granularity coefficients and return their test accuracies."""
-    from tvtool.coeffs import LearnCoeffsConfig, learn_coeffs
+    from tvtool.coeffs.learner import LearnerConfig
+    from tvtool.workflows.learn_coeffs import LearnCoeffsConfig, learn_coeffs
 
     output = workdir / f"atlas-{objective}.safetensors"
     labelled = objective == "ce"
     started = time.perf_counter()
+    learner = LearnerConfig(objective=objective, steps=args.atlas_steps, lr=args.atlas_lr,
+                            batch_size=args.atlas_batch_size, eval_every=10,
+                            augment=args.augment, seed=args.seed)
     result = learn_coeffs(LearnCoeffsConfig(
         vectors=tuple(vectors), base=args.base, output=str(output),
-        datasets=tuple(args.tasks), objective=objective, granularity=args.granularity,
-        shots=args.shots, split="train" if labelled else "test", steps=args.atlas_steps,
-        lr=args.atlas_lr, batch_size=args.atlas_batch_size, eval_every=10,
-        augment=args.augment, device=args.device, seed=args.seed), log=log)
+        datasets=tuple(args.tasks), learner=learner, granularity=args.granularity,
+        shots=args.shots, split="train" if labelled else "test", device=args.device), log=log)
     log(f"  {time.perf_counter() - started:.0f} s, selected step {result.best_step}")
     return _test_accuracies(args, vectors, str(output)), result.as_json()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune (or reuse), search α, learn coefficients, evaluate; the results document."""
+    from tvtool.grid import parse_grid
     from tvtool.merge import MergeConfig
-    from tvtool.merge.evaluation import EvalSettings, search_merge
-    from tvtool.merge.search import normalize, parse_grid
+    from tvtool.workflows.evaluator import EvalSettings
+    from tvtool.workflows.merge_search import normalize, search_merge
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

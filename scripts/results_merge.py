@@ -72,9 +72,10 @@ def finetune_vectors(args: argparse.Namespace, workdir: Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune, merge, search and evaluate; return the results document."""
+    from tvtool.grid import parse_grid
     from tvtool.merge import MergeConfig, merge
-    from tvtool.merge.evaluation import EvalSettings, Evaluator, search_merge
-    from tvtool.merge.search import default_grid_text, normalize, parse_grid
+    from tvtool.workflows.evaluator import EvalSettings, Evaluator
+    from tvtool.workflows.merge_search import default_grid_text, normalize, search_merge
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -122,8 +123,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def negate(args: argparse.Namespace, vectors: list[str], settings: Any,
            workdir: Path) -> dict[str, Any]:
     """``tvtool negate --search`` on the target task's vector against the control task."""
-    from tvtool.merge.evaluation import search_negate
-    from tvtool.merge.search import parse_grid
+    from tvtool.grid import parse_grid
+    from tvtool.workflows.negation import search_negate
 
     target = args.tasks[args.tasks.index(args.negate_target)]
     log(f"negation: forgetting {target}, keeping {args.negate_control}")

@@ -46,3 +46,12 @@ def test_choices_are_still_checked_by_tvtool(cli, tmp_path):
                   "-o", str(tmp_path / "x.safetensors")])
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "unknown fine-tuning mode" in result.stderr
+
+
+def test_tables_print_undefined_accuracies_as_a_dash():
+    # One formatter for every table (eval, merge --search-coef, negate --search): None and NaN
+    # (a normalized accuracy whose reference is 0) are undefined, not "nan".
+    from tvtool.cli.common import percent
+
+    assert percent(0.123456) == "12.35"
+    assert percent(None) == "–" and percent(float("nan")) == "–"

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load as load_bytes
 
 from tests.conftest import load
-from tvtool.coeffs import compose_state, composed_vector, read_coefficients
+from tvtool.coeffs import LearnerConfig, compose_state, composed_vector, read_coefficients
 from tvtool.evaluate import EvalConfig, evaluate
+from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,6 +65,9 @@ def test_end_to_end_writes_a_valid_coefficient_file_and_merged_model(cli, files,
     assert header["tvtool.base_fingerprint"] == coefs.sources[0]["base_fingerprint"]
     assert header["tvtool.dataset"] == "synthetic:shape"
     assert coefs.meta.provenance["command"] == "learn-coeffs"
+    arguments = coefs.meta.provenance["arguments"]
+    assert arguments["objective"] == "ce" and arguments["steps"] == 2
+    assert arguments["precision"] == "auto" and arguments["shots"] == 2
 
     base, edited = load(files["base"]), load(str(merged))
     expected = compose_state(base, [load(files["tv1"]), load(files["tv2"])],
@@ -192,3 +196,23 @@ def test_refuses_overwriting_an_input_and_non_vectors(cli, files, tmp_path):
     result = cli(_args(files, "-o", str(tmp_path / "missing" / "c.safetensors")))
     assert result.exit_code == 2 and "does not exist" in result.stderr
     assert not out.exists()
+
+
+def test_config_arguments_are_one_flat_mapping_of_every_setting():
+    # The learner's settings are declared once (LearnerConfig) and held by the command's
+    # config; provenance still records every setting under its flag's name, as before.
+    config = LearnCoeffsConfig(vectors=("a", "b"), base="tvtool-tiny", output="c",
+                               datasets=("synthetic:shape",),
+                               learner=LearnerConfig(objective="entropy", steps=5, seed=3))
+    arguments = config.arguments()
+    assert arguments == {
+        "vectors": ["a", "b"], "base": "tvtool-tiny", "output": "c",
+        "datasets": ["synthetic:shape"], "control": [], "granularity": "tensor", "shots": 16,
+        "split": "train", "val_fraction": 0.2, "partition_seed": 0, "vector_dtype": "fp32",
+        "device": "auto", "data_root": None, "merged_out": None,
+        "allow_base_mismatch": False, "objective": "entropy", "steps": 5, "lr": None,
+        "weight_decay": None, "batch_size": 32, "eval_every": 10, "patience": None,
+        "negation_weight": 1.0, "negation_loss": "unlikelihood", "control_threshold": 0.95,
+        "ufm_threshold": 0.99, "init": None, "grad_clip": None, "augment": None,
+        "precision": "auto", "seed": 3, "workers": 0}
+    assert json.loads(json.dumps(arguments)) == arguments

@@ -347,6 +347,8 @@ def test_without_held_out_data_the_last_step_is_kept(toy):
                    log=notes.append)
     assert result.selection.startswith("last step")
     assert result.best_step == result.steps_run == 3
+    # precision defaults to auto, as every command's --precision; the record holds what ran.
+    assert LearnerConfig().precision == "auto" and result.config["precision"] == "fp32"
     assert torch.equal(result.coefficients, result.last)
     assert any("no held-out examples" in n for n in notes)
     json.dumps(result.history, allow_nan=False)  # stored in the file's metadata

@@ -18,7 +18,7 @@ from tvtool.evaluate import (
 )
 from tvtool.evaluate.batches import batches
 from tvtool.evaluate.linear_cache import LinearizedFeatures
-from tvtool.merge.evaluation import EvalSettings, Evaluator
+from tvtool.workflows.evaluator import EvalSettings, Evaluator
 
 D1, D2 = "synthetic:shape", "synthetic:color"
 LIMIT = 24

@@ -196,7 +196,7 @@ def test_global_trim_ranks_the_image_encoder_on_its_own(method):
 
 def test_default_search_grids_fit_each_method():
     from tvtool.grid import parse_grid
-    from tvtool.merge.search import default_grid_text
+    from tvtool.workflows.merge_search import default_grid_text
 
     ties = parse_grid(default_grid_text("ties"))
     # The TIES reference searches λ over 0.8, 0.9, ..., 2.5.

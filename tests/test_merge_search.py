@@ -9,7 +9,8 @@ import torch
 
 from tvtool.errors import UsageError
 from tvtool.grid import parse_grid
-from tvtool.merge.search import search_coef, search_negation
+from tvtool.workflows.merge_search import search_coef
+from tvtool.workflows.negation import DEFAULT_NEGATION_GRID_TEXT, DEFAULT_THRESHOLD, search_negation
 
 # ---------------------------------------------------------------- grids
 
@@ -228,6 +229,42 @@ def test_negate_search_needs_control(cli, world, tmp_path):
     result = cli(["negate", world["tv1"], "--search", "--base", world["base"], "-o", str(out)])
     assert result.exit_code == 2 and "--control" in result.stderr
     assert not out.exists()
+
+
+def test_negate_cli_defaults_are_the_library_defaults():
+    # The CLI module may not import the library at import time (fast --help), so its
+    # defaults are literals; they must stay the negation workflow's.
+    import inspect
+
+    from tvtool.cli.negate import negate
+
+    params = inspect.signature(negate).parameters
+    assert params["coef_grid"].default == DEFAULT_NEGATION_GRID_TEXT
+    assert params["threshold"].default == DEFAULT_THRESHOLD
+
+
+def test_measure_negation_falls_back_or_refuses_when_no_alpha_is_feasible(world, monkeypatch):
+    import dataclasses
+
+    from tvtool.errors import TvtoolError
+    from tvtool.workflows import negation
+    from tvtool.workflows.evaluator import EvalSettings
+
+    real = negation.search_negation
+
+    def infeasible(*args, **kwargs):
+        return dataclasses.replace(real(*args, **kwargs), best=None)
+
+    monkeypatch.setattr(negation, "search_negation", infeasible)
+    settings = EvalSettings(base=world["base"], batch_size=8, device="cpu", limit=8)
+    kwargs = {"target": "synthetic:shape", "control": "synthetic:color"}
+    measured = negation.measure_negation(settings, world["tv1"], [0.5, 1.0], fallback=0.5,
+                                         **kwargs)
+    assert measured.search.best is None and measured.coef == 0.5
+    assert set(measured.test) == {"base", "negated"}
+    assert set(measured.test["negated"]) == {"synthetic:shape", "synthetic:color"}
+    with pytest.raises(TvtoolError, match="no coefficient of the grid"):
+        negation.measure_negation(settings, world["tv1"], [0.5, 1.0], **kwargs)
 
 
 def test_merge_search_refuses_a_bad_output_before_searching(cli, world, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 import traceback
@@ -105,6 +106,14 @@ def refuse_json_with_stdout(as_json: bool, output: str) -> None:
 
         raise UsageError("--json and -o - both write to stdout",
                          hint="write the file with -o PATH, or drop --json")
+
+
+def percent(value: float | None) -> str:
+    """An accuracy as a percentage with two decimals for tables; ``–`` when it is undefined.
+
+    Undefined covers None and NaN (a normalized accuracy whose reference accuracy is 0).
+    """
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
 def emit_json(document: Any) -> None:

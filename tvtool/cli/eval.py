@@ -25,6 +25,7 @@ from tvtool.cli.common import (
     emit_path,
     handles_errors,
     log,
+    percent,
     progress_bar,
     refuse_json_with_stdout,
     stderr,
@@ -186,10 +187,6 @@ def _check_out(out: str, config: Any) -> None:
     check_output(out, _inputs(config))
 
 
-def _percent(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f}"
-
-
 def _table(document: dict[str, Any]) -> Any:
     from rich.table import Table
 
@@ -210,15 +207,15 @@ def _table(document: dict[str, Any]) -> Any:
         table.add_column("fine-tuned %", justify="right")
         table.add_column("normalized %", justify="right")
     for row in document["results"]:
-        cells = [row["dataset"], row["split"], str(row["total"]), _percent(row["accuracy"])]
+        cells = [row["dataset"], row["split"], str(row["total"]), percent(row["accuracy"])]
         if has_ref:
-            cells += [_percent(row["reference_accuracy"]), _percent(row["normalized_accuracy"])]
+            cells += [percent(row["reference_accuracy"]), percent(row["normalized_accuracy"])]
         table.add_row(*cells)
     if len(document["results"]) > 1:
         average = document["average"]
-        cells = ["average", "", "", _percent(average["accuracy"])]
+        cells = ["average", "", "", percent(average["accuracy"])]
         if has_ref:
-            cells += ["", _percent(average["normalized_accuracy"])]
+            cells += ["", percent(average["normalized_accuracy"])]
         table.add_row(*cells, style="bold")
     return table
 

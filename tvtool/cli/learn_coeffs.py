@@ -143,24 +143,26 @@ def learn_coeffs(
 
     The file can be given to `merge --coefs` and `eval`.
     """
-    from tvtool.coeffs.run import LearnCoeffsConfig
-    from tvtool.coeffs.run import learn_coeffs as run
+    from tvtool.coeffs.learner import LearnerConfig
+    from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
+    from tvtool.workflows.learn_coeffs import learn_coeffs as run
 
     to_stdout = "-" in (output, merged_out)
     if as_json and to_stdout:
         raise UsageError("--json prints a document on stdout, which already carries the "
                          "safetensors bytes of an output '-'", hint="write to files with --json")
+    learner = LearnerConfig(
+        objective=objective, steps=steps, lr=lr, weight_decay=weight_decay,
+        batch_size=batch_size, eval_every=eval_every, patience=patience,
+        negation_weight=negation_weight, negation_loss=negation_loss,
+        control_threshold=control_threshold, ufm_threshold=ufm_threshold, init=init,
+        grad_clip=grad_clip, augment=augment, precision=precision, seed=seed, workers=workers)
     config = LearnCoeffsConfig(
         vectors=tuple(vectors), base=base, output=output, datasets=tuple(dataset),
-        control=tuple(control or ()), objective=objective, granularity=granularity,
+        control=tuple(control or ()), learner=learner, granularity=granularity,
         shots=None if all_examples else shots, split=split, val_fraction=val_fraction,
-        steps=steps, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-        eval_every=eval_every, patience=patience, negation_weight=negation_weight, init=init,
-        negation_loss=negation_loss, control_threshold=control_threshold,
-        ufm_threshold=ufm_threshold, grad_clip=grad_clip, augment=augment,
         partition_seed=partition_seed, vector_dtype=vector_dtype, device=device,
-        precision=precision, seed=seed, data_root=data_root, merged_out=merged_out,
-        allow_base_mismatch=allow_base_mismatch, workers=workers)
+        data_root=data_root, merged_out=merged_out, allow_base_mismatch=allow_base_mismatch)
     if download:
         download_datasets([*config.datasets, *config.control], data_root)
     result = run(config, log=log, progress=progress_bar)

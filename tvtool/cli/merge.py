@@ -16,6 +16,7 @@ from tvtool.cli.common import (
     emit_path,
     handles_errors,
     log,
+    percent,
     progress_bar,
     refuse_json_with_stdout,
     stderr,
@@ -226,13 +227,8 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
 
     from tvtool.grid import parse_grid
     from tvtool.io import check_output, write_json
-    from tvtool.merge.evaluation import (
-        EvalSettings,
-        accuracy_table_rows,
-        search_merge,
-        vector_datasets,
-    )
-    from tvtool.merge.search import default_grid_text
+    from tvtool.workflows.evaluator import EvalSettings
+    from tvtool.workflows.merge_search import default_grid_text, search_merge, vector_datasets
 
     if base is None:
         raise UsageError("--search-coef needs --base (the model the vectors were made from)")
@@ -258,7 +254,7 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
                         f"(chosen on val, {document['criterion']} accuracy); test split")
     for column in ("dataset", "zero-shot %", "fine-tuned %", "merged %", "normalized %"):
         table.add_column(column, justify="left" if column == "dataset" else "right")
-    for row in accuracy_table_rows(document):
+    for row in _accuracy_rows(document):
         table.add_row(*row)
     stderr.print(table)
     if report_path is not None:
@@ -270,40 +266,17 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
     emit_json(document) if as_json else emit_path(cfg.output)
 
 
-def negate_search(vector: str, output: str, settings: Any, control: str | None,
-                  target: str | None, threshold: float, grid_text: str, as_json: bool, *,
-                  download: bool = False) -> None:
-    """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
-    from rich.table import Table
+def _accuracy_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Rows (dataset, zero-shot, fine-tuned, merged, normalized) of a merge-search report."""
+    from tvtool.workflows.merge_search import average
 
-    from tvtool.grid import parse_grid
-    from tvtool.merge.evaluation import recorded_dataset, search_negate
-
-    if not settings.base:
-        raise UsageError("--search needs --base (the model the vector was made from)")
-    if control is None:
-        raise UsageError("--search needs --control DATASET (the task whose accuracy to keep)")
-    refuse_json_with_stdout(as_json, output)
-    grid = parse_grid(grid_text)
-    if download:
-        download_datasets([control, target or recorded_dataset(vector)], settings.data_root)
-    report = search_negate(vector, output, settings, grid, control=control, target=target,
-                           threshold=threshold, log=log, progress=progress_bar)
-    document = report.as_json()
-    table = Table(title=f"negation: α = {document['best_coef']:g} (chosen on val: lowest "
-                        f"target accuracy with control >= {threshold:.0%} of the base's)")
-    for column in ("model", "split", f"target {report.target} %", f"control {report.control} %"):
-        table.add_column(column, justify="left" if column in ("model", "split") else "right")
-    search = report.search
-    table.add_row("base", "val", _pct(search.base_target), _pct(search.base_control))
-    best = next(p for p in search.points if p.coef == search.best)
-    table.add_row(f"-{best.coef:g} x vector", "val", _pct(best.target), _pct(best.control))
-    for name, accs in report.test.items():
-        label = "base" if name == "base" else f"-{best.coef:g} x vector"
-        table.add_row(label, "test", _pct(accs[report.target]), _pct(accs[report.control]))
-    stderr.print(table)
-    emit_json(document) if as_json else emit_path(output)
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}"
+    rows = []
+    test = report["test"]
+    for name in report["datasets"]:
+        rows.append([name, percent(report["zero_shot"]["test"][name]),
+                     percent(report["finetuned"]["test"][name]), percent(test["accuracy"][name]),
+                     percent(test["normalized_accuracy"][name])])
+    rows.append(["average", percent(average(report["zero_shot"]["test"].values())),
+                 percent(average(report["finetuned"]["test"].values())),
+                 percent(test["average_accuracy"]), percent(test["average_normalized_accuracy"])])
+    return rows

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -13,13 +13,20 @@ from tvtool.cli.common import (
     OutputOpt,
     PrecisionOpt,
     SeedOpt,
+    download_datasets,
     emit_json,
     emit_path,
     handles_errors,
     log,
+    percent,
+    progress_bar,
     refuse_json_with_stdout,
+    stderr,
 )
 from tvtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from tvtool.workflows.evaluator import EvalSettings
 
 
 @handles_errors
@@ -61,13 +68,12 @@ def negate(
     if download and not search:
         raise UsageError("--download goes with --search (only the search reads datasets)")
     if search:
-        from tvtool.cli.merge import negate_search
-        from tvtool.merge.evaluation import EvalSettings
+        from tvtool.workflows.evaluator import EvalSettings
 
         settings = EvalSettings(base=base or "", data_root=data_root, batch_size=batch_size,
                                 device=device, precision=precision, limit=limit, seed=seed)
-        negate_search(vector, output, settings, control, target, threshold, coef_grid, as_json,
-                      download=download)
+        _search(vector, output, settings, control, target, threshold, coef_grid, as_json,
+                download=download)
         return
     from tvtool.commands.negate import NegateConfig
     from tvtool.commands.negate import negate as run_negate
@@ -76,3 +82,39 @@ def negate(
     result = run_negate(NegateConfig(vector=vector, output=output, coef=coef),
                                log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)
+
+
+def _search(vector: str, output: str, settings: EvalSettings, control: str | None,
+            target: str | None, threshold: float, grid_text: str, as_json: bool, *,
+            download: bool = False) -> None:
+    """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
+    from rich.table import Table
+
+    from tvtool.grid import parse_grid
+    from tvtool.workflows.evaluator import recorded_dataset
+    from tvtool.workflows.negation import search_negate
+
+    if not settings.base:
+        raise UsageError("--search needs --base (the model the vector was made from)")
+    if control is None:
+        raise UsageError("--search needs --control DATASET (the task whose accuracy to keep)")
+    refuse_json_with_stdout(as_json, output)
+    grid = parse_grid(grid_text)
+    if download:
+        download_datasets([control, target or recorded_dataset(vector)], settings.data_root)
+    report = search_negate(vector, output, settings, grid, control=control, target=target,
+                           threshold=threshold, log=log, progress=progress_bar)
+    document = report.as_json()
+    table = Table(title=f"negation: α = {document['best_coef']:g} (chosen on val: lowest "
+                        f"target accuracy with control >= {threshold:.0%} of the base's)")
+    for column in ("model", "split", f"target {report.target} %", f"control {report.control} %"):
+        table.add_column(column, justify="left" if column in ("model", "split") else "right")
+    search = report.search
+    table.add_row("base", "val", percent(search.base_target), percent(search.base_control))
+    best = next(p for p in search.points if p.coef == search.best)
+    table.add_row(f"-{best.coef:g} x vector", "val", percent(best.target), percent(best.control))
+    for name, accs in report.test.items():
+        label = "base" if name == "base" else f"-{best.coef:g} x vector"
+        table.add_row(label, "test", percent(accs[report.target]), percent(accs[report.control]))
+    stderr.print(table)
+    emit_json(document) if as_json else emit_path(output)

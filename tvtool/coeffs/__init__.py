@@ -11,9 +11,10 @@ the task vectors frozen. Public API:
   (:mod:`tvtool.coeffs.objectives`, with each objective's reference defaults);
 * learning -- :func:`learn` (:class:`LearnerConfig`, :class:`TaskData`, :class:`LearnResult`),
   :func:`split_examples`;
-* files -- :class:`CoefficientSet`, :func:`read_coefficients`, :func:`write_coefficients`;
-* the command -- :func:`learn_coeffs` (:class:`LearnCoeffsConfig` ->
-  :class:`LearnCoeffsResult`).
+* files -- :class:`CoefficientSet`, :func:`read_coefficients`, :func:`write_coefficients`.
+
+The command's workflow (files and datasets in, coefficient file out) is
+:func:`tvtool.workflows.learn_coeffs.learn_coeffs`.
 
 See docs/coeffs.md.
 """
@@ -43,7 +44,6 @@ from tvtool.coeffs.files import (
 )
 from tvtool.coeffs.learner import LearnerConfig, LearnResult, TaskData, learn, split_examples
 from tvtool.coeffs.objectives import OBJECTIVES
-from tvtool.coeffs.run import LearnCoeffsConfig, LearnCoeffsResult, learn_coeffs
 
 __all__ = [
     "COEFFICIENTS_TENSOR",
@@ -51,8 +51,6 @@ __all__ = [
     "CoefficientSet",
     "ComposedEncoder",
     "Granularity",
-    "LearnCoeffsConfig",
-    "LearnCoeffsResult",
     "LearnResult",
     "LearnerConfig",
     "Packing",
@@ -67,7 +65,6 @@ __all__ = [
     "composed_vector",
     "layer_of",
     "learn",
-    "learn_coeffs",
     "parse_granularity",
     "read_coefficients",
     "split_examples",

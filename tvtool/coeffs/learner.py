@@ -41,7 +41,7 @@ from tvtool.coeffs.objectives import (
     needs_labels,
     selection_score,
 )
-from tvtool.device import autocast, check_precision
+from tvtool.device import autocast, check_precision, resolve_precision
 from tvtool.errors import (
     InvalidInputError,
     NumericalError,
@@ -84,7 +84,9 @@ class LearnerConfig:
         augment: ``none``, ``train`` or ``reference`` (see
             :class:`~tvtool.coeffs.objectives.ObjectiveDefaults`); for ``ufm`` the strong
             view's augmentation.
-        precision: ``fp32``, ``bf16`` or ``fp16`` autocast for the encoder's forward pass.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast for the encoder's forward
+            pass; :func:`learn` resolves ``auto`` for the encoder's device
+            (:func:`tvtool.device.resolve_precision`) and records the resolved name.
         seed: Seed of the batch order and the augmentations.
         workers: DataLoader worker processes for data that is not kept in memory.
     """
@@ -103,7 +105,7 @@ class LearnerConfig:
     init: float | None = None
     grad_clip: float | None = None
     augment: str | None = None
-    precision: str = "fp32"
+    precision: str = "auto"
     seed: int = 0
     workers: int = 0
 
@@ -160,7 +162,7 @@ class LearnerConfig:
             raise UsageError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.patience is not None and self.patience < 1:
             raise UsageError(f"--patience must be at least 1, got {self.patience}")
-        check_precision(self.precision, ("fp32", "bf16", "fp16"))
+        check_precision(self.precision)
         if self.workers < 0:
             raise UsageError(f"--workers must be >= 0, got {self.workers}")
 
@@ -502,12 +504,13 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         NumericalError: the loss became NaN or Inf.
     """
     config.check()
-    config = config.resolved()
+    device = encoder.stack.data.device
+    config = dataclasses.replace(config.resolved(),
+                                 precision=resolve_precision(config.precision, device))
     steps, init = cast(int, config.steps), cast(float, config.init)
     kind = cast(str, config.augment)
     objective = config.objective
     _check_tasks(tasks, objective)
-    device = encoder.stack.data.device
     generator = torch.Generator().manual_seed(config.seed)
     aug_generator = torch.Generator().manual_seed(config.seed + 1)
     per_task = max(1, config.batch_size // len(tasks))

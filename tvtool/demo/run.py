@@ -286,7 +286,8 @@ def _file_key(path: str) -> str:
 def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
                     paths: list[str], tasks: list[str], log: Logger) -> dict[str, Any]:
     from tvtool.merge import MergeConfig
-    from tvtool.merge.evaluation import EvalSettings, search_merge
+    from tvtool.workflows.evaluator import EvalSettings
+    from tvtool.workflows.merge_search import search_merge
 
     # Seven points each. TIES's disjoint merge is a mean of the vectors, not a sum, so its best
     # λ sits near or above 1 where task arithmetic's sum of N vectors wants α ≈ 1/N: TIES
@@ -316,7 +317,8 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
 def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: list[str],
            tasks: list[str], eval_accs: Callable[..., dict[str, float]], log: Logger
            ) -> dict[str, Any]:
-    from tvtool.coeffs.run import LearnCoeffsConfig, learn_coeffs
+    from tvtool.coeffs.learner import LearnerConfig
+    from tvtool.workflows.learn_coeffs import LearnCoeffsConfig, learn_coeffs
 
     steps = 4 if cfg.smoke else 30 if cfg.quick else 80
     # The references' other settings (weight decay 0.1, gradient clipping at 1, ufm's
@@ -332,13 +334,14 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
     coefs = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}.safetensors")
     merged = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}-merged.safetensors")
     if not (Path(coefs).is_file() and Path(merged).is_file()):
+        learner = LearnerConfig(objective=objective, steps=steps, lr=lr, augment="train",
+                                seed=cfg.seed)
         learn_coeffs(LearnCoeffsConfig(
             vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
-            objective=objective, granularity="tensor",
+            learner=learner, granularity="tensor",
             shots=(4 if cfg.smoke else 16) if objective == "ce" else (8 if cfg.smoke else 32),
-            split="train" if objective == "ce" else "test", steps=steps, lr=lr, augment="train",
-            device=cfg.device, seed=cfg.seed, merged_out=merged), log=log,
-            progress=stages.progress)
+            split="train" if objective == "ce" else "test", device=cfg.device,
+            merged_out=merged), log=log, progress=stages.progress)
     from tvtool.io import open_tensors
 
     source = open_tensors(merged)
@@ -352,10 +355,9 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
 
 def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: str,
             control: str, log: Logger) -> dict[str, Any]:
-    from tvtool.commands.negate import NegateConfig
-    from tvtool.commands.negate import negate as run_negate
-    from tvtool.merge.evaluation import EvalSettings, Evaluator
-    from tvtool.merge.search import search_negation
+    from tvtool.commands.negate import NegateConfig, negate
+    from tvtool.workflows.evaluator import EvalSettings
+    from tvtool.workflows.negation import measure_negation
 
     # `negate --search`'s default grid
     grid = (0.5, 1.0) if cfg.smoke else tuple(round(0.05 * i, 2) for i in range(1, 21))
@@ -365,16 +367,12 @@ def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: st
     def compute() -> dict[str, Any]:
         settings = EvalSettings(base=cfg.base, device=cfg.device, limit=cfg.eval_limit,
                                 seed=cfg.seed)
-        with Evaluator(settings, [vector], [target, control], log=log,
-                       progress=stages.progress) as evaluator:
-            base_val = evaluator.accuracies([0.0], "val")
-            search = search_negation(lambda a: evaluator.accuracies([-a], "val"), grid,
-                                     target=target, control=control, base=base_val)
-            # An infeasible grid is a result too: report the smallest α rather than fail.
-            coef = search.best if search.best is not None else min(grid)
-            base_test = evaluator.accuracies([0.0], "test")
-            negated_test = evaluator.accuracies([-coef], "test")
-        run_negate(NegateConfig(vector=vector, output=output, coef=coef))
+        # An infeasible grid is a result too: report the smallest α rather than fail.
+        measured = measure_negation(settings, vector, grid, target=target, control=control,
+                                    fallback=min(grid), log=log, progress=stages.progress)
+        search, coef = measured.search, measured.coef
+        base_test, negated_test = measured.test["base"], measured.test["negated"]
+        negate(NegateConfig(vector=vector, output=output, coef=coef))
         return {"mode": mode, "target": target, "control": control, "coef": coef,
                 "feasible": search.best is not None, "threshold": search.threshold,
                 "base": {"target": base_test[target], "control": base_test[control]},

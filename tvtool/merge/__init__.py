@@ -1,4 +1,4 @@
-"""Merging task vectors: one module per method, a registry, a streaming engine, search.
+"""Merging task vectors: one module per method, a registry, a streaming engine.
 
 Registry (``METHODS``: name -> :class:`MergeMethod` with its paper, whether it streams, its
 per-tensor function and its params class):
@@ -10,8 +10,9 @@ per-tensor function and its params class):
 * ``magnitude`` -- magnitude pruning, then sum (TIES paper's trim-only ablation)
 
 Entry points: :func:`merge` (files, one :class:`MergeConfig`), :func:`merge_state_dicts`
-(in memory), :func:`plan_sources` (streaming over any TensorSource), :func:`load_config`,
-and the coefficient searches in :mod:`tvtool.merge.search`.
+(in memory), :func:`plan_sources` (streaming over any TensorSource), :func:`load_config`.
+The coefficient search that evaluates merges (``merge --search-coef``) is a workflow:
+:mod:`tvtool.workflows.merge_search`.
 """
 
 from tvtool.merge.coefs import Coefficients, load_coefficients

@@ -38,12 +38,10 @@ from tvtool.coeffs.learner import (
     split_examples,
 )
 from tvtool.coeffs.objectives import (
-    DEFAULT_CONTROL_THRESHOLD,
-    DEFAULT_UFM_THRESHOLD,
     check_objective,
     needs_labels,
 )
-from tvtool.device import check_precision, resolve_device, resolve_precision
+from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorInfo, TensorSource, check_distinct_paths, write_tensors
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
@@ -56,7 +54,13 @@ VECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 @dataclass(frozen=True)
 class LearnCoeffsConfig:
-    """Configuration of ``tvtool learn-coeffs``.
+    """Configuration of ``tvtool learn-coeffs``: the files and data, plus the learner's settings.
+
+    The hyper-parameters of learning (objective, steps, learning rate, batch size, selection
+    thresholds, precision, seed, workers) are declared once, in
+    :class:`~tvtool.coeffs.learner.LearnerConfig`, and held here as ``learner``; its
+    ``precision`` may be ``auto`` (resolved for the device when learning starts) and its
+    ``seed`` also seeds the choice of examples.
 
     Attributes:
         vectors: Task-vector files, in the order of the coefficient rows.
@@ -64,37 +68,19 @@ class LearnCoeffsConfig:
         output: Coefficient file to write (``-`` for stdout).
         datasets: Datasets to learn on (for ``negation``: the data to forget).
         control: Data to keep (``negation`` only).
-        objective: ``ce``, ``entropy``, ``infomax``, ``ufm`` or ``negation``.
+        learner: How to learn (None fields take the objective's defaults).
         granularity: ``task``, ``tensor``, ``layer`` or ``random:K``.
         shots: Examples per class (labelled), or ``shots × classes`` examples (unlabelled);
             None uses the whole split.
         split: Split the examples come from (``train``; ``test`` for test-time adaptation).
         val_fraction: Fraction of the chosen examples held out for selection / early stopping.
-        steps: Optimisation steps (None: the objective's default).
-        lr: AdamW learning rate (None: the objective's default).
-        weight_decay: AdamW weight decay (None: the objective's default).
-        batch_size: Examples per step (split across datasets).
-        eval_every: Steps between held-out evaluations.
-        patience: Early-stopping patience in evaluations (None: no early stop).
-        negation_weight: Weight of the forgetting term of ``negation``.
-        negation_loss: ``unlikelihood`` or ``ce`` (the reference's ``−CE(target)``).
-        control_threshold: ``negation`` selection: fraction of zero-shot control accuracy
-            to keep.
-        ufm_threshold: ``ufm``: confidence a soft target needs to count.
-        init: Initial coefficient value (None: the objective's default).
-        grad_clip: Maximum gradient norm (0: off; None: the objective's default).
-        augment: ``none``, ``train`` or ``reference`` (None: the objective's default).
         partition_seed: Seed of the ``random:K`` split.
         vector_dtype: Storage dtype of the packed vectors: ``fp32``, ``bf16`` or ``fp16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 autocast on a CUDA device that supports bf16, fp32
-            elsewhere; see :mod:`tvtool.device`), ``fp32``, ``bf16``, ``fp16``.
-        seed: Seed of the example choice and the batch order.
         data_root: Root of the standard datasets.
         merged_out: Also write the composed model: a checkpoint, or (linearized vectors) the
             composed linearized task vector.
         allow_base_mismatch: Accept vectors recorded against another base.
-        workers: DataLoader workers for data too large to keep in memory.
     """
 
     vectors: tuple[str, ...]
@@ -102,48 +88,25 @@ class LearnCoeffsConfig:
     output: str
     datasets: tuple[str, ...]
     control: tuple[str, ...] = ()
-    objective: str = "ce"
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     granularity: str = "tensor"
     shots: int | None = 16
     split: str = "train"
     val_fraction: float = 0.2
-    steps: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    batch_size: int = 32
-    eval_every: int = 10
-    patience: int | None = None
-    negation_weight: float = 1.0
-    negation_loss: str = "unlikelihood"
-    control_threshold: float = DEFAULT_CONTROL_THRESHOLD
-    ufm_threshold: float = DEFAULT_UFM_THRESHOLD
-    init: float | None = None
-    grad_clip: float | None = None
-    augment: str | None = None
     partition_seed: int = 0
     vector_dtype: str = "fp32"
     device: str = "auto"
-    precision: str = "auto"
-    seed: int = 0
     data_root: str | None = None
     merged_out: str | None = None
     allow_base_mismatch: bool = False
-    workers: int = 0
 
     def arguments(self) -> dict[str, Any]:
-        """The settings as a JSON-ready mapping."""
-        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
-                for f in dataclasses.fields(self)}
-
-    def learner(self, precision: str) -> LearnerConfig:
-        """The learner's part of the configuration (every LearnerConfig field by name).
-
-        Args:
-            precision: The resolved precision (``auto`` already decided for the device).
-        """
-        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(LearnerConfig)
-                  if f.name != "precision"}
-        return LearnerConfig(**shared, precision=precision)
+        """The settings as one flat JSON-ready mapping (the learner's fields among them)."""
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "learner"}
+        merged = {**own, **dataclasses.asdict(self.learner)}
+        return {name: (list(value) if isinstance(value, tuple) else value)
+                for name, value in merged.items()}
 
 
 @dataclass(frozen=True)
@@ -221,7 +184,8 @@ def check_config(config: LearnCoeffsConfig) -> None:
         UsageError: bad flag values or combinations.
         InvalidInputError: an output that is also an input, or in a missing directory.
     """
-    check_objective(config.objective)
+    objective = config.learner.objective
+    check_objective(objective)
     parse_granularity(config.granularity)
     if not config.vectors:
         raise UsageError("learn-coeffs needs at least one task vector")
@@ -229,9 +193,9 @@ def check_config(config: LearnCoeffsConfig) -> None:
         raise UsageError("stdin ('-') can be given only once")
     if not config.datasets:
         raise UsageError("learn-coeffs needs at least one --dataset")
-    if config.objective == "negation" and not config.control:
+    if objective == "negation" and not config.control:
         raise UsageError("the negation objective needs --control datasets (the data to keep)")
-    if config.objective != "negation" and config.control:
+    if objective != "negation" and config.control:
         raise UsageError("--control is only used with --objective negation")
     if config.shots is not None and config.shots < 1:
         raise UsageError(f"--shots must be at least 1, got {config.shots}")
@@ -240,8 +204,7 @@ def check_config(config: LearnCoeffsConfig) -> None:
     if config.vector_dtype not in VECTOR_DTYPES:
         raise UsageError(f"unknown --vector-dtype {config.vector_dtype!r}",
                          hint="use fp32, bf16 or fp16")
-    check_precision(config.precision)
-    config.learner("fp32").check()
+    config.learner.check()
     outputs = [config.output] + ([config.merged_out] if config.merged_out else [])
     if config.merged_out and config.merged_out == config.output and config.output != "-":
         raise UsageError("--merged-out and -o name the same file")
@@ -313,8 +276,8 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
     from tvtool.evaluate import head_key, open_eval_data, open_eval_model, zero_shot_head
 
     check_config(config)
+    objective = config.learner.objective
     device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
     granularity = parse_granularity(config.granularity)
     model = open_eval_model(config.base, config.vectors, device=device,
                             allow_base_mismatch=config.allow_base_mismatch)
@@ -338,27 +301,27 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
             log(note)
 
         tasks = []
-        roles = [("target" if config.objective == "negation" else "train", name)
+        roles = [("target" if objective == "negation" else "train", name)
                  for name in config.datasets] + [("control", name) for name in config.control]
-        labelled = needs_labels(config.objective)
+        labelled = needs_labels(objective)
         for role, name in roles:
             data = open_eval_data(name, config.split, model.bundle.preprocess_eval,
-                                  data_root=config.data_root, seed=config.seed)
+                                  data_root=config.data_root, seed=config.learner.seed)
             labels = dataset_labels(data.dataset) if labelled else None
             train_idx, val_idx = split_examples(
                 labels, data.total, shots=config.shots, val_fraction=config.val_fraction,
-                seed=config.seed, num_classes=data.num_classes)
+                seed=config.learner.seed, num_classes=data.num_classes)
             key = head_key(model.base_fingerprint, data.name, data.classnames, data.templates)
             head = zero_shot_head(model.bundle, key, data.templates, device=device, log=log)
             tasks.append(TaskData(data.name, head, Subset(data.dataset, train_idx),
                                   Subset(data.dataset, val_idx) if val_idx else None,
                                   role, labelled))
-            what = f" ({role})" if config.objective == "negation" else ""
+            what = f" ({role})" if objective == "negation" else ""
             log(f"{data.name}{what}: {len(train_idx)} training and {len(val_idx)} held-out "
                 f"examples from the {config.split} split")
 
         start = time.perf_counter()
-        learner = config.learner(precision).resolved()
+        learner = config.learner.resolved()
         with progress("learning coefficients", learner.steps) as advance:
             result = learn(encoder, tasks, learner, log=log, advance=advance)
         seconds = time.perf_counter() - start
@@ -375,8 +338,9 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                         base_ref=config.base, base_fingerprint=model.base_fingerprint,
                         linearized=model.linearized,
                         dataset=",".join([*config.datasets, *config.control]),
-                        provenance=provenance("learn-coeffs", config.arguments(), config.seed),
-                        extra={"objective": config.objective,
+                        provenance=provenance("learn-coeffs", config.arguments(),
+                                              config.learner.seed),
+                        extra={"objective": objective,
                                "settings": json.dumps(result.config, sort_keys=True),
                                "history": json.dumps(result.history)})
         coefs = CoefficientSet(result.coefficients, partition, tuple(vector_records), meta)
@@ -388,7 +352,7 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                           [v.meta for v in model.vectors], inputs=[*inputs, config.output])
     return LearnCoeffsResult(
         output=config.output, merged_output=config.merged_out, vectors=len(sources),
-        blocks=partition.num_blocks, granularity=str(granularity), objective=config.objective,
+        blocks=partition.num_blocks, granularity=str(granularity), objective=objective,
         linearized=model.linearized, best_step=result.best_step, steps_run=result.steps_run,
         selection=result.selection, initial=result.initial, best=result.best,
         zero_shot=result.zero_shot, settings=result.config,

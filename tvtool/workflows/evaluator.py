@@ -1,0 +1,201 @@
+"""The evaluator behind the searches: a base model plus task vectors, at any coefficients.
+
+:class:`Evaluator` wraps :mod:`tvtool.evaluate` into the ``evaluate(coef) -> {dataset: acc}``
+callables the searches of :mod:`tvtool.workflows.merge_search` and
+:mod:`tvtool.workflows.negation` are written against: the base model, the vectors, the splits
+and the zero-shot heads are opened once, and each call only rebuilds the weights at new
+coefficients. :func:`recorded_dataset` and :func:`check_recorded_dataset` read which dataset a
+vector says it was fine-tuned on, which both searches evaluate it on by default.
+
+tvtool.evaluate (and so open_clip) is imported only when an evaluator is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tvtool.errors import InvalidInputError, UsageError
+from tvtool.types import Logger
+from tvtool.types import quiet as _quiet
+
+if TYPE_CHECKING:
+    from tvtool.evaluate.linear_cache import LinearizedFeatures
+
+Progress = Any
+Accuracies = Mapping[str, float]
+"""Accuracy per dataset name."""
+Evaluate = Callable[[float], Accuracies]
+"""``evaluate(α)`` -> accuracy per dataset of the model at coefficient α (what a search calls)."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the searches evaluate models (the ``tvtool eval`` settings they share).
+
+    Attributes:
+        base: Model reference of the pre-trained base.
+        data_root: Root of the standard datasets.
+        batch_size: Images per forward pass.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        limit: Evaluate a seeded random subset of this many examples per split.
+        seed: Seed of the splits and subsets.
+        workers: DataLoader worker processes.
+        allow_base_mismatch: Accept vectors recorded against another base.
+        cache_heads: Use the on-disk zero-shot head cache.
+    """
+
+    base: str
+    data_root: str | None = None
+    batch_size: int = 128
+    device: str = "auto"
+    precision: str = "auto"
+    limit: int | None = None
+    seed: int = 0
+    workers: int = 0
+    allow_base_mismatch: bool = False
+    cache_heads: bool = True
+
+
+class Evaluator:
+    """Accuracy of ``base + Σ coef_i · vector_i`` on fixed datasets, at any coefficients.
+
+    Linearized vectors are evaluated from cached encoder outputs
+    (:class:`tvtool.evaluate.linear_cache.LinearizedFeatures`): their model's features are
+    ``f0 + Σ coef_i · J τ_i``, so each split costs one primal pass plus one JVP per vector
+    with a non-zero coefficient, whatever the number of coefficients evaluated. Ordinary
+    vectors rebuild the weights and run the encoder at every call.
+
+    Args:
+        settings: Evaluation settings.
+        vectors: Task-vector files.
+        datasets: Dataset names.
+        splits: Splits to open (``val``, ``test``).
+        log: Receives notes.
+        progress: Progress-bar factory (see :data:`tvtool.evaluate.ProgressFactory`).
+        linear_cache: Use the cached encoder outputs for linearized vectors; ``False``
+            evaluates every call with its own encoder passes (the reference of the tests and
+            the benchmark; same accuracies up to float rounding).
+    """
+
+    def __init__(self, settings: EvalSettings, vectors: Sequence[str], datasets: Sequence[str],
+                 splits: Sequence[str] = ("val", "test"), log: Logger = _quiet,
+                 progress: Progress = None, linear_cache: bool = True) -> None:
+        from tvtool.device import check_precision, resolve_device
+        from tvtool.evaluate import build_heads, no_progress, open_eval_data, open_eval_model
+
+        check_precision(settings.precision)
+        if settings.batch_size < 1:
+            raise UsageError(f"--batch-size must be positive, got {settings.batch_size}")
+        self.settings = settings
+        self.datasets = list(datasets)
+        self._progress = progress or no_progress
+        device = resolve_device(settings.device)
+        self._model = open_eval_model(settings.base, vectors, device=device,
+                                      allow_base_mismatch=settings.allow_base_mismatch)
+        try:
+            for note in self._model.notes:
+                log(note)
+            self._data = {split: [open_eval_data(name, split,
+                                                 self._model.bundle.preprocess_eval,
+                                                 data_root=settings.data_root,
+                                                 seed=settings.seed, limit=settings.limit)
+                                  for name in self.datasets] for split in splits}
+            first = self._data[splits[0]]
+            self._heads = build_heads(self._model, first, device=device,
+                                      cache=settings.cache_heads,
+                                      allow_base_mismatch=settings.allow_base_mismatch, log=log)
+            self.linear: LinearizedFeatures | None = None
+            if linear_cache and self._model.linearized:
+                from tvtool.evaluate.linear_cache import LinearizedFeatures
+
+                self.linear = LinearizedFeatures(self._model, batch_size=settings.batch_size,
+                                                 workers=settings.workers,
+                                                 precision=settings.precision,
+                                                 progress=self._progress)
+        except BaseException:
+            self._model.close()
+            raise
+        self.calls = 0
+
+    def __enter__(self) -> Evaluator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the model and files."""
+        self._model.close()
+
+    def accuracies(self, coefs: Sequence[float], split: str = "val",
+                   datasets: Sequence[str] | None = None) -> dict[str, float]:
+        """Top-1 accuracy per dataset of the model at ``coefs`` (one per vector).
+
+        Args:
+            coefs: One coefficient per vector.
+            split: Which opened split.
+            datasets: A subset of the datasets (default: all).
+        """
+        from tvtool.evaluate import count_correct
+
+        if self.linear is None:
+            self._model.set_coefficients(list(coefs))
+        else:
+            from tvtool.vectors import expand_coefs
+
+            expand_coefs(list(coefs), len(self._model.vectors))  # the same count check
+        self.calls += 1
+        out = {}
+        for data in self._data[split]:
+            if datasets is not None and data.name not in datasets:
+                continue
+            if self.linear is not None:
+                correct = self.linear.count_correct(data, self._heads[data.name], coefs)
+                out[data.name] = correct / data.size
+                continue
+            correct = count_correct(self._model, data, self._heads[data.name],
+                                    self.settings.batch_size, workers=self.settings.workers,
+                                    precision=self.settings.precision, progress=self._progress)
+            out[data.name] = correct / data.size
+        return out
+
+
+def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
+    """Refuse a recorded ``imagefolder:PATH`` that is no directory here, pointing at the flag.
+
+    Files written by older versions may record a path relative to where they were made, which
+    means nothing from another directory.
+
+    Raises:
+        InvalidInputError: the recorded image folder is not a directory.
+    """
+    from pathlib import Path
+
+    from tvtool.data.imagefolder import PREFIX
+
+    if not name.strip().lower().startswith(PREFIX):
+        return
+    folder = Path(name.strip()[len(PREFIX):].strip()).expanduser()
+    if not folder.is_dir():
+        where = ("" if folder.is_absolute()
+                 else " (a relative path, taken from the current directory)")
+        raise InvalidInputError(
+            f"{vector!r} records dataset {name!r}, which is not a directory here{where}",
+            hint=hint)
+
+
+def recorded_dataset(vector: str) -> str | None:
+    """The dataset a task-vector file records (None for stdin or when it records none)."""
+    from tvtool.io import open_tensors
+    from tvtool.vectors import open_vector_meta
+
+    if vector == "-":
+        return None
+    source = open_tensors(vector)
+    try:
+        return open_vector_meta(source, source.label).dataset or None
+    finally:
+        source.close()

@@ -1,0 +1,272 @@
+"""Coefficient search for ``tvtool merge --search-coef`` (task addition, Ilharco et al. 2023, §4).
+
+* :func:`search_coef` -- pure, written against an ``evaluate(α) -> {dataset: accuracy}``
+  callable (so tested with fake evaluators): evaluate the merged vector at each α of a grid on
+  the validation splits of the vectors' datasets and keep the α with the best *average
+  normalized accuracy* (accuracy of the merged model / accuracy of the model fine-tuned on that
+  dataset); without fine-tuned references, the best average accuracy. Ties in the score go to
+  the earliest grid point (the smallest α for an increasing grid), so a search is deterministic.
+* :func:`search_merge` -- the command's workflow: one :class:`~tvtool.workflows.evaluator.
+  Evaluator` over the N input vectors plus the merge at α = 1 (every method here is linear in a
+  coefficient shared by all vectors, so ``merge(α) = α · merge(1)``); fine-tuned and zero-shot
+  accuracies come from the same model at one-hot and zero coefficients; the chosen α is then
+  used for an ordinary merge, so the output equals ``tvtool merge --coef α`` byte for byte.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from tvtool.errors import UsageError
+from tvtool.io import check_output, scratch_directory
+from tvtool.merge.config import MergeConfig
+from tvtool.merge.engine import MergeResult, merge, open_merge
+from tvtool.types import Logger
+from tvtool.types import quiet as _quiet
+from tvtool.workflows.evaluator import (
+    Accuracies,
+    EvalSettings,
+    Evaluate,
+    Evaluator,
+    Progress,
+    check_recorded_dataset,
+)
+
+DEFAULT_GRID_TEXT = "0:1:0.05"
+# TIES' reference search (prateeky2806/ties-merging README, ``linear+0.8+2.51+0.1``; paper
+# appendix): its disjoint merge *averages* the agreeing entries, so the merged vector has the
+# size of one task vector and the best λ lies near or above 1, where task arithmetic's sum of
+# N vectors wants α ≈ 1/N.
+TIES_GRID_TEXT = "0.8:2.5:0.1"
+
+
+def default_grid_text(method: str, params: Mapping[str, Any] | None = None) -> str:
+    """The coefficient grid ``merge --search-coef`` searches when ``--coef-grid`` is not given.
+
+    ``ties`` and ``dare`` with ``combine=ties`` (a disjoint mean): :data:`TIES_GRID_TEXT`,
+    the TIES reference's λ ∈ 0.8..2.5; every other method (sums of vectors: task arithmetic,
+    magnitude, DARE with ``combine=sum``; the mean): :data:`DEFAULT_GRID_TEXT`, 0..1 in steps
+    of 0.05, which covers task arithmetic's reference grid (0.05..1, Ilharco et al. 2023).
+    """
+    combine = (params or {}).get("combine", "sum")
+    if method == "ties" or (method == "dare" and combine == "ties"):
+        return TIES_GRID_TEXT
+    return DEFAULT_GRID_TEXT
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One evaluated coefficient of a merge search.
+
+    Attributes:
+        coef: The coefficient α.
+        accuracies: Validation accuracy per dataset.
+        normalized: Accuracy / fine-tuned accuracy per dataset (None without references).
+        score: The selection criterion: average normalized accuracy, or average accuracy.
+    """
+
+    coef: float
+    accuracies: dict[str, float]
+    normalized: dict[str, float] | None
+    score: float
+
+
+@dataclass(frozen=True)
+class CoefSearch:
+    """Result of :func:`search_coef`.
+
+    Attributes:
+        best: The chosen α.
+        criterion: ``normalized`` or ``absolute`` (what ``score`` averages).
+        points: Every grid point, in grid order.
+    """
+
+    best: float
+    criterion: str
+    points: tuple[GridPoint, ...]
+
+    @property
+    def best_point(self) -> GridPoint:
+        """The grid point of the chosen α."""
+        return next(p for p in self.points if p.coef == self.best)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready record."""
+        return {"best_coef": self.best, "criterion": self.criterion,
+                "grid": [asdict(p) for p in self.points]}
+
+
+def normalize(accuracies: Accuracies, references: Accuracies) -> dict[str, float]:
+    """``accuracy / reference`` per dataset (a zero reference gives ``nan``)."""
+    return {name: (acc / references[name] if references[name] > 0 else math.nan)
+            for name, acc in accuracies.items()}
+
+
+def average(values: Iterable[float]) -> float:
+    """The mean of ``values`` (``nan`` when there are none)."""
+    listed = list(values)
+    return sum(listed) / len(listed) if listed else math.nan
+
+
+def search_coef(evaluate: Evaluate, grid: Sequence[float], *,
+                references: Accuracies | None = None) -> CoefSearch:
+    """Pick the α that maximizes average normalized (or absolute) validation accuracy.
+
+    Args:
+        evaluate: ``evaluate(α)`` -> validation accuracy per dataset of the model
+            ``base + α · merged``.
+        grid: Coefficients to try (evaluated in order).
+        references: Fine-tuned validation accuracy per dataset; every evaluated dataset
+            needs one. None selects on the average accuracy.
+
+    Returns:
+        The search record.
+
+    Raises:
+        UsageError: an empty grid, or a dataset without a reference.
+    """
+    if not grid:
+        raise UsageError("the coefficient grid is empty")
+    points: list[GridPoint] = []
+    for coef in grid:
+        accuracies = dict(evaluate(float(coef)))
+        if references is not None:
+            lacking = sorted(set(accuracies) - set(references))
+            if lacking:
+                raise UsageError(f"no fine-tuned reference accuracy for {lacking}")
+            normalized: dict[str, float] | None = normalize(accuracies, references)
+            score = average(normalized.values())  # type: ignore[union-attr]
+        else:
+            normalized = None
+            score = average(accuracies.values())
+        points.append(GridPoint(float(coef), accuracies, normalized, score))
+    best = max(points, key=lambda p: (-math.inf if math.isnan(p.score) else p.score))
+    # max() keeps the first of equal scores: the earliest grid point wins ties.
+    return CoefSearch(best.coef, "normalized" if references is not None else "absolute",
+                      tuple(points))
+
+
+@dataclass(frozen=True)
+class MergeSearchReport:
+    """What ``tvtool merge --search-coef`` measured and chose.
+
+    Attributes:
+        search: The validation search.
+        datasets: Dataset of each input vector.
+        zero_shot: Base accuracy per split and dataset.
+        finetuned: Accuracy of base + τ_t on dataset t, per split.
+        test: Test accuracy of the merged model at the chosen α.
+        result: The merge written with the chosen α.
+    """
+
+    search: CoefSearch
+    datasets: tuple[str, ...]
+    zero_shot: dict[str, dict[str, float]]
+    finetuned: dict[str, dict[str, float]]
+    test: dict[str, float]
+    result: MergeResult
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready report (``--json`` / ``--search-report``)."""
+        test_norm = normalize(self.test, self.finetuned["test"])
+        return {
+            "report": "merge-search",
+            "output": self.result.output,
+            "method": self.result.details.get("method"),
+            "best_coef": self.search.best,
+            "criterion": self.search.criterion,
+            "datasets": list(self.datasets),
+            "zero_shot": self.zero_shot,
+            "finetuned": self.finetuned,
+            "val": {"grid": self.search.as_json()["grid"]},
+            "test": {"accuracy": self.test, "normalized_accuracy": test_norm,
+                     "average_accuracy": average(self.test.values()),
+                     "average_normalized_accuracy": average(test_norm.values())},
+            "merge": self.result.as_json(),
+        }
+
+
+def vector_datasets(config: MergeConfig, datasets: Sequence[str] | None) -> list[str]:
+    """The dataset of each input vector: given explicitly, or read from their metadata.
+
+    Raises:
+        UsageError: a vector without a recorded dataset, counts that do not fit, or two
+            vectors of one dataset (its fine-tuned reference would be ambiguous).
+    """
+    if datasets:
+        if len(datasets) != len(config.vectors):
+            raise UsageError(f"{len(datasets)} --dataset for {len(config.vectors)} vectors",
+                             hint="give one --dataset per vector, in order")
+        names = list(datasets)
+    else:
+        opened = open_merge(replace(config, output="-"))
+        try:
+            names = []
+            for path, meta in zip(config.vectors, opened.metas, strict=True):
+                if not meta.dataset:
+                    raise UsageError(f"{path!r} records no dataset",
+                                     hint="pass one --dataset per vector, in order")
+                check_recorded_dataset(path, meta.dataset,
+                                       "pass one --dataset per vector, in order")
+                names.append(meta.dataset)
+        finally:
+            opened.close()
+    if len(set(names)) != len(names):
+        raise UsageError(f"two vectors share a dataset ({names}); the search needs one vector "
+                         "per dataset")
+    return names
+
+
+def search_merge(config: MergeConfig, settings: EvalSettings, grid: Sequence[float], *,
+                 datasets: Sequence[str] | None = None, log: Logger = _quiet,
+                 progress: Progress = None) -> MergeSearchReport:
+    """Search the merge coefficient on validation splits, merge with it, report test accuracy.
+
+    Args:
+        config: The merge (its ``coefs`` are ignored: α is searched; ``coefs_file`` refused).
+        settings: How to evaluate.
+        grid: Coefficients to try.
+        datasets: Dataset of each vector (default: from their metadata).
+        log: Receives progress notes.
+        progress: Progress-bar factory for the evaluations.
+
+    Returns:
+        The report; the merged vector at the chosen α is written to ``config.output``.
+
+    Raises:
+        UsageError: ``coefs_file`` or stdin inputs, missing datasets, bad settings.
+        InvalidInputError: as :func:`tvtool.merge.merge` and :func:`tvtool.evaluate.evaluate`.
+    """
+    if config.coefs_file is not None:
+        raise UsageError("--search-coef searches one coefficient for all vectors; it cannot "
+                         "be combined with --coefs")
+    if "-" in config.vectors:
+        raise UsageError("--search-coef reads the vectors several times; stdin ('-') cannot "
+                         "be an input")
+    # Refuse a bad -o now, not after the (long) search.
+    check_output(config.output, list(config.vectors))
+    names = vector_datasets(config, datasets)
+    count = len(config.vectors)
+    with scratch_directory(config.output, prefix=".tvtool-search-") as scratch:
+        unit_path = str(scratch / "merged-at-1.safetensors")
+        log(f"merging at coefficient 1 ({config.method}) for the search")
+        merge(replace(config, coefs=(1.0,), output=unit_path), log)
+        with Evaluator(settings, [*config.vectors, unit_path], names, log=log,
+                       progress=progress) as evaluator:
+            zero = [0.0] * (count + 1)
+            zero_shot = {split: evaluator.accuracies(zero, split) for split in ("val", "test")}
+            finetuned: dict[str, dict[str, float]] = {"val": {}, "test": {}}
+            for index, name in enumerate(names):
+                onehot = [1.0 if i == index else 0.0 for i in range(count)] + [0.0]
+                for split in ("val", "test"):
+                    finetuned[split][name] = evaluator.accuracies(onehot, split, [name])[name]
+            log(f"searching α over {len(grid)} values on the validation splits")
+            search = search_coef(lambda a: evaluator.accuracies([0.0] * count + [a], "val"),
+                                 grid, references=finetuned["val"])
+            test = evaluator.accuracies([0.0] * count + [search.best], "test")
+    log(f"best α = {search.best:g}; writing the merge at that coefficient")
+    result = merge(replace(config, coefs=(search.best,)), log)
+    return MergeSearchReport(search, tuple(names), zero_shot, finetuned, test, result)

@@ -73,7 +73,7 @@ def _config(tmp_path: Path, name: str, **changes) -> FinetuneConfig:
                   mode="full", steps=6, batch_size=8, lr=1e-3, workers=0, log_every=1,
                   lora_rank=2, lora_alpha=4.0)
     values.update(changes)
-    return FinetuneConfig(**values)
+    return FinetuneConfig.from_values(values)
 
 
 def test_learning_rate_schedule_follows_the_reference():
@@ -109,7 +109,7 @@ def test_run_length_from_steps_epochs_or_default(tmp_path):
 ])
 def test_bad_configurations_are_usage_errors(tmp_path, changes, message):
     with pytest.raises(UsageError, match=message):
-        _config(tmp_path, "bad", **changes).validate()
+        _config(tmp_path, "bad", **changes)
     with pytest.raises(UsageError, match="mode"):
         _config(tmp_path, "bad", mode="partial")
 

@@ -98,7 +98,7 @@ def _root(
     """Edit CLIP models with task vectors."""
 
 
-app.command("finetune")(finetune_cmd.finetune)
+app.command("finetune", cls=finetune_cmd.FinetuneCommand)(finetune_cmd.finetune)
 app.command("extract")(extract_cmd.extract)
 app.command("negate")(negate_cmd.negate)
 app.command("apply")(apply_cmd.apply)

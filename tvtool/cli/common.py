@@ -11,16 +11,19 @@ the library (torch, open_clip, safetensors) is imported inside the command funct
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand
 
 from tvtool.errors import TvtoolError
 
@@ -177,3 +180,78 @@ def download_datasets(names: Iterable[str | None], data_root: str | None) -> Non
 
     for name in dict.fromkeys(n for n in names if n):
         download(name, data_root, log=log)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags declared by the library (a fine-tuning mode's options)
+# --------------------------------------------------------------------------------------------
+
+DECLARED_OPTIONS = "tvtool.declared_options"
+"""Key of ``ctx.meta`` under which a :class:`DeclaredOptionsCommand` leaves its values."""
+
+
+@dataclass(frozen=True)
+class DeclaredOption:
+    """One flag whose name, type, default and help come from a library declaration.
+
+    Attributes:
+        name: Parameter name the value is passed under.
+        type: ``int``, ``float``, ``str`` or ``bool``.
+        default: Default value (in the flag's type).
+        flag: The flag, e.g. ``--lora-rank``.
+        help: Help text.
+        metavar: Shown instead of the type; None = the type.
+        panel: Group in ``--help``.
+    """
+
+    name: str
+    type: type
+    default: Any
+    flag: str
+    help: str
+    metavar: str | None = None
+    panel: str | None = None
+
+
+def _click_parameters(options: Sequence[DeclaredOption]) -> list[Any]:
+    """Typer's own click parameters for ``options`` (so they parse and show like the rest)."""
+
+    def values(**kwargs: Any) -> None:
+        return None
+
+    parameters = [inspect.Parameter(
+        o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+        annotation=Annotated[o.type, typer.Option(o.flag, help=o.help, metavar=o.metavar,
+                                                  rich_help_panel=o.panel)])
+        for o in options]
+    values.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    values.__annotations__ = {p.name: p.annotation for p in parameters}
+    holder = typer.Typer(add_completion=False)
+    holder.command()(values)
+    return list(typer.main.get_command(holder).params)
+
+
+class DeclaredOptionsCommand(TyperCommand):
+    """A command with extra flags declared by the library, added when the command is used.
+
+    Subclasses set :attr:`declare` to a function returning the flags. It is called only when
+    this command parses or shows its help, so the library it imports (torch) stays out of
+    ``tvtool --help`` and of the other commands. The values reach the command function in
+    ``ctx.meta[DECLARED_OPTIONS]`` (a dict by :attr:`DeclaredOption.name`).
+    """
+
+    declare: ClassVar[Callable[[], Sequence[DeclaredOption]]]
+    _declared: list[str] | None = None
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        if self._declared is None:
+            extra = _click_parameters(type(self).declare())
+            self._declared = [p.name for p in extra]
+            self.params.extend(extra)
+        return super().get_params(ctx)  # type: ignore[no-any-return]
+
+    def invoke(self, ctx: Any) -> Any:
+        self.get_params(ctx)
+        ctx.meta[DECLARED_OPTIONS] = {name: ctx.params.pop(name)
+                                      for name in self._declared or () if name in ctx.params}
+        return super().invoke(ctx)

@@ -131,24 +131,20 @@ def merge(
         if config == "-" and "-" in cfg.vectors:
             raise UsageError("the config came from stdin, so no vector can be '-'")
     else:
-        if not vectors:
-            raise UsageError("no task vectors given", hint="tvtool merge TV1 TV2 ... -o OUT")
         if missing_as_zero and common_only:
             raise UsageError("--missing-as-zero and --common-only exclude each other")
         if coef and coefs:
             raise UsageError("give --coef or --coefs, not both")
-        if output is None and not dry_run:
-            raise UsageError("missing option -o/--output", hint="-o merged.safetensors, or "
-                                                              "-o - for stdout")
+        # The flags build the same MergeConfig a config file does (it validates itself).
         cfg = MergeConfig(
-            vectors=tuple(vectors), output=output if output is not None else "-",
+            vectors=tuple(vectors or ()), output=output if output is not None else "-",
             method=method, params=_params(density, trim, param),
             coefs=tuple(coef or [1.0]), coefs_file=coefs, seed=seed,
             missing="zero" if missing_as_zero else "common" if common_only else "refuse",
             allow_base_mismatch=allow_base_mismatch, mixed_modes_as=mixed_modes_as)
-    if cfg.mixed_modes_as not in (None, "linearized", "nonlinear"):
-        raise UsageError(f"--mixed-modes-as must be linearized or nonlinear, got "
-                         f"{cfg.mixed_modes_as!r}")
+        if output is None and not dry_run:
+            raise UsageError("missing option -o/--output", hint="-o merged.safetensors, or "
+                                                              "-o - for stdout")
     if not dry_run:
         refuse_json_with_stdout(as_json, cfg.output)
     if download and not search_coef:

@@ -231,16 +231,27 @@ def _click_parameters(options: Sequence[DeclaredOption]) -> list[Any]:
     return list(typer.main.get_command(holder).params)
 
 
-class DeclaredOptionsCommand(TyperCommand):
-    """A command with extra flags declared by the library, added when the command is used.
+def _nothing_declared() -> list[DeclaredOption]:
+    return []
 
-    Subclasses set :attr:`declare` to a function returning the flags. It is called only when
-    this command parses or shows its help, so the library it imports (torch) stays out of
-    ``tvtool --help`` and of the other commands. The values reach the command function in
-    ``ctx.meta[DECLARED_OPTIONS]`` (a dict by :attr:`DeclaredOption.name`).
+
+def _no_descriptions() -> dict[str, str]:
+    return {}
+
+
+class DeclaredOptionsCommand(TyperCommand):
+    """A command whose flags or help texts are partly declared by the library.
+
+    Subclasses set :attr:`declare` (extra flags) and/or :attr:`describe` (help texts of
+    existing parameters, by parameter name, e.g. ``--method`` listing the registered
+    methods). Both are called only when this command parses or shows its help, so the
+    library they import (torch) stays out of ``tvtool --help`` and of the other commands. The
+    values of declared flags reach the command function in ``ctx.meta[DECLARED_OPTIONS]``
+    (a dict by :attr:`DeclaredOption.name`).
     """
 
-    declare: ClassVar[Callable[[], Sequence[DeclaredOption]]]
+    declare: ClassVar[Callable[[], Sequence[DeclaredOption]]] = _nothing_declared
+    describe: ClassVar[Callable[[], dict[str, str]]] = _no_descriptions
     _declared: list[str] | None = None
 
     def get_params(self, ctx: Any) -> list[Any]:
@@ -248,6 +259,10 @@ class DeclaredOptionsCommand(TyperCommand):
             extra = _click_parameters(type(self).declare())
             self._declared = [p.name for p in extra]
             self.params.extend(extra)
+            helps = type(self).describe()
+            for param in self.params:
+                if param.name in helps:
+                    param.help = helps[param.name]
         return super().get_params(ctx)  # type: ignore[no-any-return]
 
     def invoke(self, ctx: Any) -> Any:

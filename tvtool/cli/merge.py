@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated, Any
 
 import typer
 
 from tvtool.cli.common import (
+    DeclaredOptionsCommand,
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
@@ -22,6 +24,32 @@ from tvtool.cli.common import (
 )
 from tvtool.errors import UsageError
 
+
+def _method_help() -> dict[str, str]:
+    """Help of ``--method``, ``--density`` and ``--trim``, from the method registry.
+
+    The names are the registry's, and the shortcut flags name the methods whose params
+    dataclass has that field, so a new method shows up without editing this module.
+    """
+    from tvtool.merge.registry import METHODS
+
+    names = list(METHODS)
+
+    def having(name: str) -> str:
+        return "/".join(m.name for m in METHODS.values()
+                        if name in {f.name for f in fields(m.params)})
+
+    return {"method": f"{', '.join(names[:-1])} or {names[-1]} (docs/merge.md).",
+            "density": f"{having('density')}: fraction of entries kept.",
+            "trim": f"{having('trim')}: global (whole vector) or tensor (per tensor)."}
+
+
+class MergeCommand(DeclaredOptionsCommand):
+    """``tvtool merge`` with the help of its method flags taken from the method registry."""
+
+    describe = _method_help
+
+
 # Parameters that define the merge itself: with --config they must come from the file.
 _DEFINING = ("vectors", "method", "coef", "coefs", "density", "trim", "param", "seed",
              "missing_as_zero", "common_only", "allow_base_mismatch", "mixed_modes_as")
@@ -35,8 +63,7 @@ def merge(
     output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Output file, or - for stdout.", show_default=False)] = None,
     method: Annotated[str, typer.Option(
-        "--method", "-m",
-        help="task_arithmetic, mean, ties, dare or magnitude (docs/merge.md).")
+        "--method", "-m", help="(from the method registry, see MergeCommand)")
     ] = "task_arithmetic",
     coef: Annotated[list[float] | None, typer.Option(
         "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
@@ -45,10 +72,10 @@ def merge(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,
     density: Annotated[float | None, typer.Option(
-        "--density", help="ties/dare/magnitude: fraction of entries kept.",
+        "--density", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     trim: Annotated[str | None, typer.Option(
-        "--trim", help="ties/magnitude: global (whole vector) or tensor (per tensor).",
+        "--trim", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help="Method parameter KEY=VALUE (repeatable), e.g. sign=frequency.",

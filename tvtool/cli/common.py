@@ -23,7 +23,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 import typer
 from rich.console import Console
-from typer.core import TyperCommand
+from typer.core import TyperCommand, TyperOption
 
 from tvtool.errors import TvtoolError
 
@@ -261,7 +261,7 @@ class DeclaredOptionsCommand(TyperCommand):
             self.params.extend(extra)
             helps = type(self).describe()
             for param in self.params:
-                if param.name in helps:
+                if isinstance(param, TyperOption) and param.name in helps:
                     param.help = helps[param.name]
         return super().get_params(ctx)  # type: ignore[no-any-return]
 

@@ -159,8 +159,8 @@ class FinetuneMode(Protocol):
 
     name: Mode
     summary: str
-    options: type
-    cli_options: tuple[CliOption, ...]
+    options: ClassVar[type]
+    cli_options: ClassVar[tuple[CliOption, ...]]
 
     @property
     def linearized(self) -> bool:

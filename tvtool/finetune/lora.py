@@ -282,8 +282,8 @@ class LoraMode(ModeBase):
 
     name = Mode.LORA
     summary = "LoRA factors on the chosen projections (default q, v)"
-    options = LoraOptions
-    cli_options = LORA_CLI_OPTIONS
+    options: ClassVar[type] = LoraOptions
+    cli_options: ClassVar[tuple[CliOption, ...]] = LORA_CLI_OPTIONS
 
     def check_encoder(self, encoder: nn.Module, options: LoraOptions) -> None:
         lora_targets(encoder, options.lora_targets)

@@ -165,6 +165,13 @@ SeedOpt = Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED", help="Rand
 PrecisionOpt = Annotated[str, typer.Option("--precision", envvar="TVTOOL_PRECISION",
                                            metavar="[auto|fp32|bf16|fp16]",
                                            help="fp32, bf16 or fp16 (autocast on GPU).")]
+# The model-and-data options of the long commands (finetune, learn-coeffs), in their panel.
+BaseOpt = Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and data",
+                                      envvar="TVTOOL_BASE",
+                                      help="Model reference of the pre-trained base.")]
+DataRootOpt = Annotated[str | None, typer.Option(
+    "--data-root", rich_help_panel="Model and data", envvar="TVTOOL_DATA_ROOT",
+    help="Root directory of the standard datasets.", show_default=False)]
 AllowOtherBaseOpt = Annotated[bool, typer.Option(
     "--allow-base-mismatch",
     help="Use vectors whose recorded base fingerprint differs from the base (unsafe).")]

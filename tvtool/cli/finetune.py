@@ -24,6 +24,8 @@ from rich.progress import (
 
 from tvtool.cli.common import (
     DECLARED_OPTIONS,
+    BaseOpt,
+    DataRootOpt,
     DeclaredOption,
     DeclaredOptionsCommand,
     DeviceOpt,
@@ -95,9 +97,7 @@ class FinetuneCommand(DeclaredOptionsCommand):
 @handles_errors
 def finetune(
     ctx: typer.Context,
-    base: Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and data",
-                                      envvar="TVTOOL_BASE",
-                                      help="Model reference of the pre-trained base.")],
+    base: BaseOpt,
     dataset: Annotated[str, typer.Option(
         "--dataset", "-d", rich_help_panel="Model and data",
         help="Training dataset (synthetic:TASK, imagefolder:PATH, or a "
@@ -152,10 +152,7 @@ def finetune(
         "--checkpoint-every", rich_help_panel="Resumable runs",
         help="Steps between training-state saves (with --workdir).")
     ] = 500,
-    data_root: Annotated[str | None, typer.Option(
-        "--data-root", rich_help_panel="Model and data",
-        envvar="TVTOOL_DATA_ROOT", help="Root directory of the standard "
-                                        "datasets.", show_default=False)] = None,
+    data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     workers: Annotated[int | None, typer.Option(
         "--workers", rich_help_panel="Model and data",

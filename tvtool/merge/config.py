@@ -106,9 +106,7 @@ class MergeConfig:
         coefs = tuple(self.coefs) if isinstance(self.coefs, (list, tuple)) else (self.coefs,)
         if not coefs:
             raise UsageError("'coef' must not be an empty list")
-        object.__setattr__(self, "coefs", tuple(
-            _number(c, "coef" if len(coefs) == 1 else f"coef[{i}]")
-            for i, c in enumerate(coefs)))
+        object.__setattr__(self, "coefs", tuple(_number(c, "coef") for c in coefs))
         if self.coefs_file is not None:
             _string(self.coefs_file, "coefs_file")
         seed = self.seed

@@ -42,7 +42,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # The profiler's C++ side logs start/stop lines on stderr; the JSON lines are the output.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 
-from tvtool.finetune import ModeOptions, get_mode
+from tvtool.finetune import get_mode
 from tvtool.finetune.loop import Optimisation, classification_loss
 from tvtool.models import load_clip
 
@@ -101,8 +101,9 @@ def reference_linear(enc: nn.Module, x: torch.Tensor, y: torch.Tensor, head: tor
 def tvtool_step(mode: str, enc: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 head: torch.Tensor, device: torch.device, precision: str) -> Step:
     """One optimizer step exactly as tvtool's trainer runs it, for ``mode``."""
-    adapter = get_mode(mode).build(copy.deepcopy(enc), ModeOptions(lora_rank=16,
-                                                                   lora_alpha=32.0))
+    spec = get_mode(mode)
+    adapter = spec.build(copy.deepcopy(enc),
+                         spec.make_options({"lora_rank": 16, "lora_alpha": 32.0}))
     adapter.to(device).train()
     opt = Optimisation.for_adapter(adapter, 1e-5, 0.1, device, precision, grad_clip=1.0)
 

@@ -108,7 +108,7 @@ def _config(mode: str, base: str = f"{TINY_RN}:random", **changes) -> FinetuneCo
     values = dict(base=base, dataset="random", output="unused", mode=mode, steps=2,
                   batch_size=8, lr=1e-2, workers=0, lora_rank=2, lora_alpha=4.0)
     values.update(changes)
-    return FinetuneConfig(**values)
+    return FinetuneConfig.from_values(values)
 
 
 def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -127,7 +127,7 @@ def test_batchnorm_statistics_stay_frozen_while_fine_tuning(resnet, mode):
     before = _buffers(encoder)
     params_before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
     config = _config(mode)
-    adapter = get_mode(mode).build(encoder, config.mode_options())
+    adapter = get_mode(mode).build(encoder, config.options, seed=config.seed)
     train(adapter, _head(), RandomImages(), config, device=torch.device("cpu"),
           precision="fp32")
     after = _buffers(adapter.encoder)
@@ -147,7 +147,7 @@ def test_batchnorm_statistics_stay_frozen_while_fine_tuning(resnet, mode):
 
 def test_train_mode_forward_is_the_evaluated_network(resnet):
     encoder = copy.deepcopy(resnet.visual)
-    adapter = get_mode("full").build(encoder, _config("full").mode_options())
+    adapter = get_mode("full").build(encoder, _config("full").options)
     images = RandomImages().images[:4]
     reference = copy.deepcopy(resnet.visual).eval()
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_a_changed_buffer_is_an_error_not_a_lost_tensor():
             self.calls += 1
             return self.proj(x.flatten(1))
 
-    adapter = get_mode("full").build(Counting(), _config("full").mode_options())
+    adapter = get_mode("full").build(Counting(), _config("full").options)
     with pytest.raises(Exception, match="buffer 'calls' changed during fine-tuning"):
         train(adapter, _head()[:, :4].contiguous(), RandomImages(), _config("full"),
               device=torch.device("cpu"), precision="fp32")
@@ -308,7 +308,7 @@ def test_attn_mode_trains_timm_qkv_and_proj(timm_vit):
     assert attention_parameter_names(visual) == expected
     before = {n: p.detach().clone() for n, p in visual.named_parameters()}
     config = _config("attn", base=f"{timm_vit}:random")
-    adapter = get_mode("attn").build(visual, config.mode_options())
+    adapter = get_mode("attn").build(visual, config.options)
     train(adapter, _head(), RandomImages(), config, device=torch.device("cpu"),
           precision="fp32")
     changed = {n for n, p in visual.named_parameters() if not torch.equal(p, before[n])}
@@ -362,7 +362,7 @@ def test_lora_modes_refuse_timm_towers_exactly(timm_vit, mode):
     visual = load_clip(f"{timm_vit}:random").model.visual
     with pytest.raises(InvalidInputError, match=r"LoRA modes \(lora, llora\) support open_clip's "
                                                 r"own ViT image encoders only") as info:
-        get_mode(mode).build(visual, _config(mode).mode_options())
+        get_mode(mode).build(visual, _config(mode).options)
     assert info.value.hint == "use --mode attn or --mode full"
 
 
@@ -406,5 +406,5 @@ def test_skeleton_check_matches_the_real_encoder(resnet, timm_vit):
     assert image_encoder_skeleton("hf-hub:someone/some-model") is None
     # full and linear train any encoder; attn needs attention (the timm ViT has it).
     for mode in (Mode.FULL, Mode.LINEAR):
-        check_encoder(mode, image_encoder_skeleton(TINY_RN), _config("full").mode_options())
-    check_encoder(Mode.ATTN, image_encoder_skeleton(timm_vit), _config("attn").mode_options())
+        check_encoder(mode, image_encoder_skeleton(TINY_RN), _config("full").options)
+    check_encoder(Mode.ATTN, image_encoder_skeleton(timm_vit), _config("attn").options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -14,7 +15,8 @@ from tvtool.errors import InvalidInputError, UsageError
 from tvtool.finetune import (
     MODES,
     FinetuneConfig,
-    ModeOptions,
+    LoraOptions,
+    NoOptions,
     attention_parameter_names,
     finetune,
     get_mode,
@@ -69,13 +71,13 @@ def _config(mode: str, **changes) -> FinetuneConfig:
     values = dict(base=BASE, dataset="random", output="unused", mode=mode, steps=3,
                   batch_size=8, lr=1e-3, workers=0, lora_rank=4, lora_alpha=8.0)
     values.update(changes)
-    return FinetuneConfig(**values)
+    return FinetuneConfig.from_values(values)
 
 
 def _trained(mode: str, base_model: nn.Module, head: torch.Tensor, **changes):
     config = _config(mode, **changes)
     encoder = copy.deepcopy(base_model.visual)
-    adapter = get_mode(mode).build(encoder, config.mode_options())
+    adapter = get_mode(mode).build(encoder, config.options, seed=config.seed)
     train(adapter, head, RandomImages(), config, device=torch.device("cpu"), precision="fp32")
     return adapter
 
@@ -194,7 +196,7 @@ def test_linear_mode_vector_is_the_delta_and_marked_linearized(base_model, head,
 
 def test_linear_mode_refuses_checkpoint_out():
     with pytest.raises(UsageError, match="checkpoint-out"):
-        _config("linear", checkpoint_out="ft.safetensors").validate()
+        _config("linear", checkpoint_out="ft.safetensors")
 
 
 @pytest.mark.parametrize(("targets", "expected"), [
@@ -215,16 +217,16 @@ def test_lora_targets_are_found_by_structure(base_model, targets, expected):
 
 
 def test_default_lora_targets_are_the_papers_q_and_v():
-    assert ModeOptions().lora_targets == ("q", "v")
-    assert _config("lora").lora_targets == ("q", "v")
-    assert _config("lora", lora_targets=("mlp", "attn")).lora_targets == \
+    assert LoraOptions().lora_targets == ("q", "v")
+    assert _config("lora").options.lora_targets == ("q", "v")
+    assert _config("lora", lora_targets=("mlp", "attn")).options.lora_targets == \
         ("q", "k", "v", "o", "mlp")
     with pytest.raises(UsageError, match="unknown LoRA targets"):
         _config("lora", lora_targets=("in_proj",))
 
 
 def test_lora_starts_at_base_and_never_writes_the_base(base_model, head):
-    options = ModeOptions(lora_rank=4, lora_alpha=8.0, lora_targets=("attn", "mlp"))
+    options = LoraOptions(lora_rank=4, lora_alpha=8.0, lora_targets=("attn", "mlp"))
     fresh = get_mode("lora").build(copy.deepcopy(base_model.visual), options)
     x = RandomImages(4, seed=6).images
     with torch.no_grad():
@@ -343,8 +345,9 @@ def _per_layer_llora_reference(visual, factors, scale):
 @pytest.mark.parametrize("targets", [("q", "v"), ("k", "o", "mlp")])
 def test_llora_is_each_lora_layer_linearized_around_its_initial_factors(base_model, targets):
     """Published L-LoRA: a Taylor expansion per adapted layer, the network stays nonlinear."""
-    options = ModeOptions(lora_rank=2, lora_alpha=6.0, lora_targets=targets, seed=3)
-    adapter = get_mode("llora").build(copy.deepcopy(base_model.visual).double(), options)
+    options = LoraOptions(lora_rank=2, lora_alpha=6.0, lora_targets=targets)
+    adapter = get_mode("llora").build(copy.deepcopy(base_model.visual).double(), options,
+                                      seed=3)
     assert not adapter.linearized and adapter.mode is Mode.LLORA
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -426,7 +429,7 @@ def test_llora_net_gradient_to_a_is_zero_at_peft_init(base_model):
     from tvtool.linearize.generic import forward_ad_safe_attention
 
     adapter = get_mode("llora-net").build(copy.deepcopy(base_model.visual),
-                                          ModeOptions(lora_rank=2, lora_alpha=4.0,
+                                          LoraOptions(lora_rank=2, lora_alpha=4.0,
                                                       lora_targets=("o", "mlp")))
     vis, scale, targets = adapter.encoder, adapter.scaling, adapter.targets
     theta0 = {n: p.detach() for n, p in vis.named_parameters()}
@@ -471,8 +474,46 @@ def test_materialize_lora_validates_its_input():
                          {"tvtool.lora_alpha": "1"})
 
 
-def test_lora_options_are_checked(base_model):
-    with pytest.raises(UsageError, match="rank"):
-        get_mode("lora").build(copy.deepcopy(base_model.visual), ModeOptions(lora_rank=0))
-    with pytest.raises(UsageError, match="alpha"):
-        get_mode("llora").build(copy.deepcopy(base_model.visual), ModeOptions(lora_alpha=-1))
+@pytest.mark.parametrize(("values", "message"), [
+    ({"lora_rank": 0}, "--lora-rank"),
+    ({"lora_rank": 2.5}, "--lora-rank"),
+    ({"lora_alpha": -1}, "--lora-alpha"),
+    ({"lora_alpha": float("nan")}, "--lora-alpha"),
+    ({"lora_targets": ","}, "--lora-targets is empty"),
+    ({"lora_targets": "q,qkv"}, "unknown LoRA targets"),
+])
+def test_lora_options_are_checked_on_construction(values, message):
+    with pytest.raises(UsageError, match=message):
+        LoraOptions(**values)
+    for mode in ("lora", "llora", "llora-net"):  # the config builds them the same way
+        with pytest.raises(UsageError, match=message):
+            _config(mode, **values)
+
+
+def test_mode_options_belong_to_their_mode():
+    # The flag form (a comma-separated string) and a tuple give the same options.
+    assert LoraOptions(lora_targets="v, q").lora_targets == ("q", "v")
+    # Another mode's options are ignored by the flat builder (as --lora-rank with full) ...
+    assert _config("full", lora_rank=0).options == NoOptions()
+    # ... but a config holding the wrong mode's options object, or unknown keys, is refused.
+    with pytest.raises(UsageError, match="takes LoraOptions"):
+        FinetuneConfig(base=BASE, dataset="random", output="x", mode="lora",
+                       options=NoOptions())
+    with pytest.raises(UsageError, match="no option"):
+        FinetuneConfig(base=BASE, dataset="random", output="x", mode="full",
+                       options={"lora_rank": 4})
+    with pytest.raises(UsageError, match="unknown fine-tuning setting"):
+        _config("full", lora_rnak=4)
+    config = FinetuneConfig(base=BASE, dataset="random", output="x", mode="llora",
+                            options={"lora_rank": 4, "lora_targets": ["mlp"]})
+    assert config.options == LoraOptions(lora_rank=4, lora_targets=("mlp",))
+    assert config.as_json()["lora_targets"] == ["mlp"] and "options" not in config.as_json()
+
+
+def test_every_mode_declares_its_options_and_flags():
+    for mode in MODES.values():
+        assert dataclasses.is_dataclass(mode.options)
+        defaults = mode.options()  # every field has a default, and the defaults are valid
+        names = {f.name for f in dataclasses.fields(defaults)}
+        assert {option.field for option in mode.cli_options} == names, mode.name
+        assert all(option.flag.startswith("--") and option.help for option in mode.cli_options)

@@ -68,7 +68,7 @@ def _config(tmp_path: Path, name: str, **changes) -> FinetuneConfig:
                   mode="full", steps=6, batch_size=8, lr=1e-3, workers=0, log_every=1,
                   lora_rank=2, lora_alpha=4.0)
     values.update(changes)
-    return FinetuneConfig(**values)
+    return FinetuneConfig.from_values(values)
 
 
 def test_learning_rate_schedule_follows_the_reference():
@@ -104,7 +104,7 @@ def test_run_length_from_steps_epochs_or_default(tmp_path):
 ])
 def test_bad_configurations_are_usage_errors(tmp_path, changes, message):
     with pytest.raises(UsageError, match=message):
-        _config(tmp_path, "bad", **changes).validate()
+        _config(tmp_path, "bad", **changes)
     with pytest.raises(UsageError, match="mode"):
         _config(tmp_path, "bad", mode="partial")
 
@@ -181,6 +181,22 @@ def test_llora_state_of_the_network_level_variant_does_not_resume(tmp_path):
         _check_run_key(old, current, "state")
     _check_run_key(current, current, "state")
     assert "llora" not in _run_key(_config(tmp_path, "l", mode="lora"), "sha256:x", 6, 0, 32)
+
+
+def test_run_key_takes_the_modes_option_fields_and_old_states_still_resume(tmp_path):
+    """The LoRA modes' options keep the resume keys states have always stored."""
+    from tvtool.finetune.trainer import _check_run_key, _run_key
+
+    lora = _run_key(_config(tmp_path, "l", mode="lora"), "sha256:x", 6, 0, 32)
+    assert (lora["lora_rank"], lora["lora_alpha"], lora["lora_targets"]) == (2, 4.0, ["q", "v"])
+    with pytest.raises(InvalidInputError, match=r"different run.*lora_rank"):
+        _check_run_key({**lora, "lora_rank": 3}, lora, "state")
+    # A full-mode key no longer holds the LoRA settings, which never affected that run; a
+    # state saved when every key held them still resumes.
+    full = _run_key(_config(tmp_path, "f", mode="full"), "sha256:x", 6, 0, 32)
+    assert not any(k.startswith("lora_") for k in full)
+    _check_run_key({**full, "lora_rank": 16, "lora_alpha": 32.0, "lora_targets": ["q", "v"]},
+                   full, "state")
 
 
 def test_non_finite_loss_stops_the_run_and_writes_nothing(tmp_path):

@@ -98,14 +98,14 @@ def _root(
     """Edit CLIP models with task vectors."""
 
 
-app.command("finetune")(finetune_cmd.finetune)
+app.command("finetune", cls=finetune_cmd.FinetuneCommand)(finetune_cmd.finetune)
 app.command("extract")(extract_cmd.extract)
 app.command("negate")(negate_cmd.negate)
 app.command("apply")(apply_cmd.apply)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
 app.command("export-peft")(export_peft_cmd.export_peft)
-app.command("merge")(merge_cmd.merge)
+app.command("merge", cls=merge_cmd.MergeCommand)(merge_cmd.merge)
 app.command("learn-coeffs")(learn_coeffs_cmd.learn_coeffs)
 app.add_typer(eval_cmd.eval_app, name="eval")
 app.command("pretrain")(pretrain_cmd.pretrain)

@@ -11,17 +11,20 @@ the library (torch, open_clip, safetensors) is imported inside the command funct
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any, TypeVar
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, TypeVar
 
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperOption
 
 from tvtool.errors import TvtoolError
 
@@ -171,6 +174,13 @@ SeedOpt = Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED", help="Rand
 PrecisionOpt = Annotated[str, typer.Option("--precision", envvar="TVTOOL_PRECISION",
                                            metavar="[auto|fp32|bf16|fp16]",
                                            help="fp32, bf16 or fp16 (autocast on GPU).")]
+# The model-and-data options of the long commands (finetune, learn-coeffs), in their panel.
+BaseOpt = Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and data",
+                                      envvar="TVTOOL_BASE",
+                                      help="Model reference of the pre-trained base.")]
+DataRootOpt = Annotated[str | None, typer.Option(
+    "--data-root", rich_help_panel="Model and data", envvar="TVTOOL_DATA_ROOT",
+    help="Root directory of the standard datasets.", show_default=False)]
 AllowOtherBaseOpt = Annotated[bool, typer.Option(
     "--allow-base-mismatch",
     help="Use vectors whose recorded base fingerprint differs from the base (unsafe).")]
@@ -186,3 +196,93 @@ def download_datasets(names: Iterable[str | None], data_root: str | None) -> Non
 
     for name in dict.fromkeys(n for n in names if n):
         download(name, data_root, log=log)
+
+
+# --------------------------------------------------------------------------------------------
+# Flags declared by the library (a fine-tuning mode's options)
+# --------------------------------------------------------------------------------------------
+
+DECLARED_OPTIONS = "tvtool.declared_options"
+"""Key of ``ctx.meta`` under which a :class:`DeclaredOptionsCommand` leaves its values."""
+
+
+@dataclass(frozen=True)
+class DeclaredOption:
+    """One flag whose name, type, default and help come from a library declaration.
+
+    Attributes:
+        name: Parameter name the value is passed under.
+        type: ``int``, ``float``, ``str`` or ``bool``.
+        default: Default value (in the flag's type).
+        flag: The flag, e.g. ``--lora-rank``.
+        help: Help text.
+        metavar: Shown instead of the type; None = the type.
+        panel: Group in ``--help``.
+    """
+
+    name: str
+    type: type
+    default: Any
+    flag: str
+    help: str
+    metavar: str | None = None
+    panel: str | None = None
+
+
+def _click_parameters(options: Sequence[DeclaredOption]) -> list[Any]:
+    """Typer's own click parameters for ``options`` (so they parse and show like the rest)."""
+
+    def values(**kwargs: Any) -> None:
+        return None
+
+    parameters = [inspect.Parameter(
+        o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default,
+        annotation=Annotated[o.type, typer.Option(o.flag, help=o.help, metavar=o.metavar,
+                                                  rich_help_panel=o.panel)])
+        for o in options]
+    values.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    values.__annotations__ = {p.name: p.annotation for p in parameters}
+    holder = typer.Typer(add_completion=False)
+    holder.command()(values)
+    return list(typer.main.get_command(holder).params)
+
+
+def _nothing_declared() -> list[DeclaredOption]:
+    return []
+
+
+def _no_descriptions() -> dict[str, str]:
+    return {}
+
+
+class DeclaredOptionsCommand(TyperCommand):
+    """A command whose flags or help texts are partly declared by the library.
+
+    Subclasses set :attr:`declare` (extra flags) and/or :attr:`describe` (help texts of
+    existing parameters, by parameter name, e.g. ``--method`` listing the registered
+    methods). Both are called only when this command parses or shows its help, so the
+    library they import (torch) stays out of ``tvtool --help`` and of the other commands. The
+    values of declared flags reach the command function in ``ctx.meta[DECLARED_OPTIONS]``
+    (a dict by :attr:`DeclaredOption.name`).
+    """
+
+    declare: ClassVar[Callable[[], Sequence[DeclaredOption]]] = _nothing_declared
+    describe: ClassVar[Callable[[], dict[str, str]]] = _no_descriptions
+    _declared: list[str] | None = None
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        if self._declared is None:
+            extra = _click_parameters(type(self).declare())
+            self._declared = [p.name for p in extra]
+            self.params.extend(extra)
+            helps = type(self).describe()
+            for param in self.params:
+                if isinstance(param, TyperOption) and param.name in helps:
+                    param.help = helps[param.name]
+        return super().get_params(ctx)  # type: ignore[no-any-return]
+
+    def invoke(self, ctx: Any) -> Any:
+        self.get_params(ctx)
+        ctx.meta[DECLARED_OPTIONS] = {name: ctx.params.pop(name)
+                                      for name in self._declared or () if name in ctx.params}
+        return super().invoke(ctx)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Annotated, Any
 
 import typer
@@ -22,6 +23,11 @@ from rich.progress import (
 )
 
 from tvtool.cli.common import (
+    DECLARED_OPTIONS,
+    BaseOpt,
+    DataRootOpt,
+    DeclaredOption,
+    DeclaredOptionsCommand,
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
@@ -60,18 +66,38 @@ def _training_progress(total: int | None) -> Iterator[Callable[[Any], None]]:
         yield update
 
 
-def _targets(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not parts:
-        raise UsageError("--lora-targets is empty", hint="use any of q,k,v,o,mlp, e.g. q,v")
-    return parts
+def _mode_options() -> list[DeclaredOption]:
+    """The flags every fine-tuning mode declares (``cli_options`` of its mode object).
+
+    Type and default come from the field of the mode's options dataclass; a tuple default
+    is written as the comma-separated string the flag takes. Modes sharing options (the
+    LoRA modes) share the flags.
+    """
+    from tvtool.finetune import MODES
+
+    declared: dict[str, DeclaredOption] = {}
+    for mode in MODES.values():
+        defaults = {f.name: f.default for f in fields(mode.options)}
+        for option in mode.cli_options:
+            default = defaults[option.field]
+            if isinstance(default, tuple):
+                default = ",".join(default)
+            declared.setdefault(option.flag, DeclaredOption(
+                name=option.field, type=type(default), default=default, flag=option.flag,
+                help=option.help, metavar=option.metavar, panel=option.panel))
+    return list(declared.values())
+
+
+class FinetuneCommand(DeclaredOptionsCommand):
+    """``tvtool finetune`` with the flags of the fine-tuning modes' options."""
+
+    declare = _mode_options
 
 
 @handles_errors
 def finetune(
-    base: Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and data",
-                                      envvar="TVTOOL_BASE",
-                                      help="Model reference of the pre-trained base.")],
+    ctx: typer.Context,
+    base: BaseOpt,
     dataset: Annotated[str, typer.Option(
         "--dataset", "-d", rich_help_panel="Model and data",
         help="Training dataset (synthetic:TASK, imagefolder:PATH, or a "
@@ -126,25 +152,12 @@ def finetune(
         "--checkpoint-every", rich_help_panel="Resumable runs",
         help="Steps between training-state saves (with --workdir).")
     ] = 500,
-    data_root: Annotated[str | None, typer.Option(
-        "--data-root", rich_help_panel="Model and data",
-        envvar="TVTOOL_DATA_ROOT", help="Root directory of the standard "
-                                        "datasets.", show_default=False)] = None,
+    data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     workers: Annotated[int | None, typer.Option(
         "--workers", rich_help_panel="Model and data",
         help="DataLoader worker processes (default 4 on CUDA, 0 on CPU).",
         show_default=False)] = None,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", rich_help_panel="LoRA modes",
-                                           help="LoRA rank (LoRA modes).")] = 16,
-    lora_alpha: Annotated[float, typer.Option(
-        "--lora-alpha", rich_help_panel="LoRA modes",
-        help="LoRA alpha; the update is (alpha/rank)·B·A.")] = 32.0,
-    lora_targets: Annotated[str, typer.Option(
-        "--lora-targets", rich_help_panel="LoRA modes", metavar="[q,k,v,o,mlp,attn]",
-        help="LoRA targets, comma-separated: q, k, v (rows of the attention "
-             "in-projection), o (out-projection), mlp; attn = q,k,v,o.")
-    ] = "q,v",
     as_json: JsonOpt = False,
 ) -> None:
     """Fine-tune the image encoder of BASE on DATASET and write the task vector.
@@ -154,20 +167,21 @@ def finetune(
 
     Several GPUs or nodes: torchrun --nproc_per_node N -m tvtool finetune ...
     """
+    # The modes' own flags (--lora-*) are declared by the modes (FinetuneCommand) and
+    # arrive in ctx.meta.
     from tvtool.finetune import FinetuneConfig, get_mode
     from tvtool.finetune import finetune as run
 
     if as_json and (output == "-" or checkpoint_out == "-"):
         raise UsageError("--json and an output to stdout (-) would both write to stdout")
-    config = FinetuneConfig(
+    config = FinetuneConfig.from_values(dict(
         base=base, dataset=dataset, output=output, mode=get_mode(mode).name,
         checkpoint_out=checkpoint_out,
         steps=steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         weight_decay=weight_decay, warmup_steps=warmup_steps, grad_clip=grad_clip,
         precision=precision, device=device, seed=seed, workdir=workdir, resume=resume,
         checkpoint_every=checkpoint_every, data_root=data_root, workers=workers,
-        lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=_targets(lora_targets))
-    config.validate()
+        **ctx.meta.get(DECLARED_OPTIONS, {})))
     if download:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UsageError("--download under torchrun would race between processes",

@@ -8,6 +8,8 @@ import typer
 
 from tvtool.cli.common import (
     AllowOtherBaseOpt,
+    BaseOpt,
+    DataRootOpt,
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
@@ -28,8 +30,7 @@ from tvtool.errors import UsageError
 def learn_coeffs(
     vectors: Annotated[list[str], typer.Argument(
         help="Task vectors (.safetensors), in the order of the coefficient rows; - = stdin.")],
-    base: Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and data",
-                                      envvar="TVTOOL_BASE", help="Model reference of the base.")],
+    base: BaseOpt,
     output: OutputOpt,
     dataset: Annotated[list[str], typer.Option(
         "--dataset", "-d", rich_help_panel="Model and data",
@@ -125,10 +126,7 @@ def learn_coeffs(
         "--merged-out", rich_help_panel="Output",
         help="Also write the composed model (a checkpoint; for linearized "
              "vectors, the composed linearized task vector).")] = None,
-    data_root: Annotated[str | None, typer.Option(
-        "--data-root", rich_help_panel="Model and data",
-        envvar="TVTOOL_DATA_ROOT", help="Root directory of standard datasets.")
-    ] = None,
+    data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     workers: Annotated[int, typer.Option("--workers", rich_help_panel="Model and data",
                                          help="DataLoader worker processes.")

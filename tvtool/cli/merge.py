@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Annotated, Any
 
 import typer
 
 from tvtool.cli.common import (
+    DeclaredOptionsCommand,
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
@@ -23,6 +25,32 @@ from tvtool.cli.common import (
 )
 from tvtool.errors import UsageError
 
+
+def _method_help() -> dict[str, str]:
+    """Help of ``--method``, ``--density`` and ``--trim``, from the method registry.
+
+    The names are the registry's, and the shortcut flags name the methods whose params
+    dataclass has that field, so a new method shows up without editing this module.
+    """
+    from tvtool.merge.registry import METHODS
+
+    names = list(METHODS)
+
+    def having(name: str) -> str:
+        return "/".join(m.name for m in METHODS.values()
+                        if name in {f.name for f in fields(m.params)})
+
+    return {"method": f"{', '.join(names[:-1])} or {names[-1]} (docs/merge.md).",
+            "density": f"{having('density')}: fraction of entries kept.",
+            "trim": f"{having('trim')}: global (whole vector) or tensor (per tensor)."}
+
+
+class MergeCommand(DeclaredOptionsCommand):
+    """``tvtool merge`` with the help of its method flags taken from the method registry."""
+
+    describe = _method_help
+
+
 # Parameters that define the merge itself: with --config they must come from the file.
 _DEFINING = ("vectors", "method", "coef", "coefs", "density", "trim", "param", "seed",
              "missing_as_zero", "common_only", "allow_base_mismatch", "mixed_modes_as")
@@ -36,8 +64,7 @@ def merge(
     output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Output file, or - for stdout.", show_default=False)] = None,
     method: Annotated[str, typer.Option(
-        "--method", "-m",
-        help="task_arithmetic, mean, ties, dare or magnitude (docs/merge.md).")
+        "--method", "-m", help="(from the method registry, see MergeCommand)")
     ] = "task_arithmetic",
     coef: Annotated[list[float] | None, typer.Option(
         "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
@@ -46,10 +73,10 @@ def merge(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,
     density: Annotated[float | None, typer.Option(
-        "--density", help="ties/dare/magnitude: fraction of entries kept.",
+        "--density", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     trim: Annotated[str | None, typer.Option(
-        "--trim", help="ties/magnitude: global (whole vector) or tensor (per tensor).",
+        "--trim", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help="Method parameter KEY=VALUE (repeatable), e.g. sign=frequency.",
@@ -132,24 +159,20 @@ def merge(
         if config == "-" and "-" in cfg.vectors:
             raise UsageError("the config came from stdin, so no vector can be '-'")
     else:
-        if not vectors:
-            raise UsageError("no task vectors given", hint="tvtool merge TV1 TV2 ... -o OUT")
         if missing_as_zero and common_only:
             raise UsageError("--missing-as-zero and --common-only exclude each other")
         if coef and coefs:
             raise UsageError("give --coef or --coefs, not both")
-        if output is None and not dry_run:
-            raise UsageError("missing option -o/--output", hint="-o merged.safetensors, or "
-                                                              "-o - for stdout")
+        # The flags build the same MergeConfig a config file does (it validates itself).
         cfg = MergeConfig(
-            vectors=tuple(vectors), output=output if output is not None else "-",
+            vectors=tuple(vectors or ()), output=output if output is not None else "-",
             method=method, params=_params(density, trim, param),
             coefs=tuple(coef or [1.0]), coefs_file=coefs, seed=seed,
             missing="zero" if missing_as_zero else "common" if common_only else "refuse",
             allow_base_mismatch=allow_base_mismatch, mixed_modes_as=mixed_modes_as)
-    if cfg.mixed_modes_as not in (None, "linearized", "nonlinear"):
-        raise UsageError(f"--mixed-modes-as must be linearized or nonlinear, got "
-                         f"{cfg.mixed_modes_as!r}")
+        if output is None and not dry_run:
+            raise UsageError("missing option -o/--output", hint="-o merged.safetensors, or "
+                                                              "-o - for stdout")
     if not dry_run:
         refuse_json_with_stdout(as_json, cfg.output)
     if download and not search_coef:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from tvtool.finetune.base import Adapter, ModeBase, ModeOptions, attention_projections
+from tvtool.finetune.base import Adapter, ModeBase, NoOptions, attention_projections
 from tvtool.finetune.full import DirectAdapter
 from tvtool.metadata import Mode
 
@@ -40,5 +40,8 @@ class AttnMode(ModeBase):
     name = Mode.ATTN
     summary = "attention projections of the image encoder's blocks"
 
-    def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
+    def check_encoder(self, encoder: nn.Module, options: NoOptions) -> None:
+        attention_parameter_names(encoder)
+
+    def build(self, encoder: nn.Module, options: NoOptions, *, seed: int = 0) -> Adapter:
         return AttnAdapter(encoder, attention_parameter_names(encoder))

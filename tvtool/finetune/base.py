@@ -14,8 +14,8 @@ statistics (see :meth:`Adapter.train`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -32,23 +32,31 @@ LORA_TARGET_KINDS = ("q", "k", "v", "o", "mlp")
 
 
 @dataclass(frozen=True)
-class ModeOptions:
-    """Mode-specific settings (only the LoRA modes read them).
+class NoOptions:
+    """The options of a mode that has none (full, attn, linear)."""
+
+
+@dataclass(frozen=True)
+class CliOption:
+    """A command-line flag that fills one field of a mode's options dataclass.
+
+    The CLI builds the flag from this and the field: its type and default are the field's
+    default value's (a tuple default becomes a comma-separated string), so each is written
+    once, on the options dataclass.
 
     Attributes:
-        lora_rank: LoRA rank r.
-        lora_alpha: LoRA alpha; the update is (alpha / r)·B·A.
-        lora_targets: Which projections get LoRA factors: any of ``q``, ``k``, ``v``
-            (rows of the attention in-projection, one factor pair each), ``o`` (attention
-            out-projection), ``mlp`` (the MLP linear layers); default ``q, v`` as in the
-            LoRA paper.
-        seed: Seed of the LoRA factor initialisation.
+        field: Field of the options dataclass the flag sets (also its resume-key name).
+        flag: The flag, e.g. ``--lora-rank``.
+        help: Help text of the flag.
+        metavar: Shown in ``--help`` instead of the type (the choices); None = the type.
+        panel: Group of the flag in ``--help``.
     """
 
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("q", "v")
-    seed: int = 0
+    field: str
+    flag: str
+    help: str
+    metavar: str | None = None
+    panel: str | None = None
 
 
 class Adapter(nn.Module):
@@ -138,30 +146,81 @@ class Adapter(nn.Module):
 
 
 class FinetuneMode(Protocol):
-    """A fine-tuning mode: a name, whether it is linearized, and how to build its adapter."""
+    """A fine-tuning mode: a name, its options, and how to build its adapter.
+
+    Attributes:
+        name: The :class:`~tvtool.metadata.Mode` it trains (which declares ``linearized``
+            and ``factored``).
+        summary: One line for logs.
+        options: Frozen dataclass of the mode's own settings (every field has a default;
+            ``__post_init__`` validates, raising UsageError); :class:`NoOptions` if none.
+        cli_options: The flags that fill ``options`` fields (``tvtool finetune`` adds them).
+    """
 
     name: Mode
     summary: str
+    options: ClassVar[type]
+    cli_options: ClassVar[tuple[CliOption, ...]]
 
     @property
     def linearized(self) -> bool:
         """Whether its vectors are linearized (declared on :class:`~tvtool.metadata.Mode`)."""
         ...
 
-    def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
-        """Wrap ``encoder`` (frozen where the mode says so) for training."""
+    def make_options(self, values: Mapping[str, Any]) -> Any:
+        """Build (and so validate) this mode's options from values by field name."""
+        ...
+
+    def check_encoder(self, encoder: nn.Module, options: Any) -> None:
+        """Refuse an encoder whose structure this mode cannot train (works on meta tensors)."""
+        ...
+
+    def build(self, encoder: nn.Module, options: Any, *, seed: int = 0) -> Adapter:
+        """Wrap ``encoder`` (frozen where the mode says so) for training.
+
+        Args:
+            encoder: The image encoder.
+            options: An instance of :attr:`options`.
+            seed: Seed of any random initialisation (LoRA factors).
+        """
         ...
 
 
 class ModeBase:
-    """Base of the mode objects: ``linearized`` comes from the :class:`Mode` they name."""
+    """Base of the mode objects: ``linearized`` comes from the :class:`Mode` they name.
+
+    Modes without options of their own keep the defaults :class:`NoOptions` and no flags.
+    """
 
     name: Mode
+    options: ClassVar[type] = NoOptions
+    cli_options: ClassVar[tuple[CliOption, ...]] = ()
 
     @property
     def linearized(self) -> bool:
         """Whether its vectors are linearized (declared on :class:`~tvtool.metadata.Mode`)."""
         return self.name.linearized
+
+    def make_options(self, values: Mapping[str, Any]) -> Any:
+        """Build this mode's options from ``values`` by field name.
+
+        Values for fields the mode does not have are ignored: ``tvtool finetune`` passes
+        every mode's flags, and a flag of another mode has no effect (as LoRA flags never had
+        on ``--mode full``).
+
+        Raises:
+            UsageError: a value the options dataclass refuses.
+        """
+        own = {f.name for f in fields(self.options)}
+        return self.options(**{k: v for k, v in values.items() if k in own})
+
+    def check_encoder(self, encoder: nn.Module, options: Any) -> None:
+        """Refuse an encoder whose structure this mode cannot train; any encoder by default.
+
+        Raises:
+            InvalidInputError: the encoder lacks what the mode trains.
+        """
+        return None
 
 
 def freeze(module: nn.Module) -> None:

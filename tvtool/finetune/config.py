@@ -1,19 +1,21 @@
 """Configuration and results of ``tvtool finetune`` (the reference recipe as defaults).
 
-Constructing a :class:`FinetuneConfig` normalises the mode and LoRA targets;
-:meth:`FinetuneConfig.validate` checks values and flag combinations (the command calls it).
+Constructing a :class:`FinetuneConfig` normalises and validates it (values, flag
+combinations, and the mode's own options, which the mode declares in its file); an invalid
+config cannot exist. :meth:`FinetuneConfig.from_values` builds one from flat values (the
+command's flags), routing the mode's option fields into its options object.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from tvtool.device import check_precision
 from tvtool.errors import UsageError
-from tvtool.finetune.base import ModeOptions
-from tvtool.finetune.lora import parse_lora_targets
+from tvtool.finetune.registry import MODES, get_mode
 from tvtool.metadata import Mode
 
 DEFAULT_STEPS = 2000
@@ -21,10 +23,10 @@ REFERENCE_WARMUP = 500
 RESUME_FILE = "resume.safetensors"
 STATE_FORMAT = 1
 
-# Config fields a resumed run must share with the run that wrote the checkpoint.
+# Config fields a resumed run must share with the run that wrote the checkpoint; the fields
+# of the mode's options are added (see FinetuneConfig.resume_fields).
 _RESUME_KEYS = ("base", "dataset", "mode", "batch_size", "grad_accum", "lr", "weight_decay",
-                "grad_clip", "precision", "seed", "lora_rank", "lora_alpha", "lora_targets",
-                "data_root")
+                "grad_clip", "precision", "seed", "data_root")
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,13 @@ class FinetuneConfig:
         checkpoint_every: Steps between training-state saves (with ``workdir``).
         data_root: Local root of standard datasets.
         workers: Data-loader worker processes (default: 4 on CUDA, 0 on CPU).
-        lora_rank: LoRA rank (lora, llora, llora-net).
-        lora_alpha: LoRA alpha (lora, llora, llora-net).
-        lora_targets: LoRA targets: any of ``q``, ``k``, ``v``, ``o``, ``mlp`` (``attn`` =
-            q, k, v, o); stored in canonical order.
+        options: The mode's own options (an instance of its ``options`` dataclass, e.g.
+            :class:`~tvtool.finetune.lora.LoraOptions`); None = its defaults; a mapping is
+            built into it by field name.
         log_every: Steps between progress reports (and divergence checks).
+
+    Raises:
+        UsageError: on construction, for a bad value or flag combination.
     """
 
     base: str
@@ -83,9 +87,7 @@ class FinetuneConfig:
     checkpoint_every: int = 500
     data_root: str | None = None
     workers: int | None = None
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] = ("q", "v")
+    options: Any = None
     log_every: int = 10
 
     def __post_init__(self) -> None:
@@ -95,10 +97,40 @@ class FinetuneConfig:
             except ValueError:
                 raise UsageError(f"unknown fine-tuning mode {self.mode!r}",
                                  hint=f"use one of {', '.join(m.value for m in Mode)}") from None
-        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
+        mode = get_mode(self.mode)
+        if self.options is None or isinstance(self.options, Mapping):
+            own = {f.name for f in fields(mode.options)}
+            unknown = sorted(set(self.options or {}) - own)
+            if unknown:
+                raise UsageError(f"--mode {self.mode.value} has no option(s) {unknown}",
+                                 hint=f"its options are {sorted(own) or 'none'}")
+            object.__setattr__(self, "options", mode.make_options(self.options or {}))
+        elif not isinstance(self.options, mode.options):
+            raise UsageError(f"--mode {self.mode.value} takes {mode.options.__name__}, "
+                             f"got {type(self.options).__name__}")
+        self._check()
 
-    def validate(self) -> None:
-        """Check values and combinations.
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> FinetuneConfig:
+        """Build a config from flat values by name: the command's flags, or a document.
+
+        Values of the mode's option fields go into its options object; values of other
+        modes' options are ignored (``--lora-rank`` does nothing with ``--mode full``).
+
+        Raises:
+            UsageError: an unknown name, a bad value or flag combination.
+        """
+        own = {f.name for f in fields(cls)} - {"options"}
+        mode_fields = {f.name for m in MODES.values() for f in fields(m.options)}
+        unknown = sorted(set(values) - own - mode_fields)
+        if unknown:
+            raise UsageError(f"unknown fine-tuning setting(s) {unknown}")
+        mode = get_mode(values.get("mode", Mode.FULL))
+        options = mode.make_options({k: v for k, v in values.items() if k in mode_fields})
+        return cls(**{k: v for k, v in values.items() if k in own}, options=options)
+
+    def _check(self) -> None:
+        """Check values and combinations (the mode's options checked themselves).
 
         Raises:
             UsageError: a bad value or flag combination.
@@ -141,17 +173,27 @@ class FinetuneConfig:
         if self.checkpoint_out == "-" and self.output == "-":
             raise UsageError("-o - and --checkpoint-out - would both write to stdout")
 
-    def mode_options(self) -> ModeOptions:
-        """The mode-specific options."""
-        return ModeOptions(lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                           lora_targets=self.lora_targets, seed=self.seed)
+    def options_json(self) -> dict[str, Any]:
+        """The mode's options as JSON-ready values (tuples become lists)."""
+        return {f.name: list(v) if isinstance(v := getattr(self.options, f.name), tuple) else v
+                for f in fields(self.options)}
 
     def as_json(self) -> dict[str, Any]:
-        """JSON-ready field values."""
-        out = asdict(self)
+        """JSON-ready field values; the mode's options appear flat, under their field names."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "options"}
         out["mode"] = self.mode.value
-        out["lora_targets"] = list(self.lora_targets)
+        out.update(self.options_json())
         return out
+
+    def resume_fields(self) -> dict[str, Any]:
+        """The values a resumed run must share with the run that wrote the training state.
+
+        The mode's option fields are part of it under their own names, which for the LoRA
+        modes are the keys states have always stored (``lora_rank``, ``lora_alpha``,
+        ``lora_targets``), so earlier states still resume.
+        """
+        values = self.as_json()
+        return {**{k: values[k] for k in _RESUME_KEYS}, **self.options_json()}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeBase, ModeOptions, freeze
+from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeBase, NoOptions, freeze
 from tvtool.metadata import Mode
 from tvtool.types import StateDict
 
@@ -53,6 +53,6 @@ class FullMode(ModeBase):
     name = Mode.FULL
     summary = "all image-encoder weights"
 
-    def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
+    def build(self, encoder: nn.Module, options: NoOptions, *, seed: int = 0) -> Adapter:
         names = [n for n, p in encoder.named_parameters() if p.requires_grad]
         return DirectAdapter(encoder, names)

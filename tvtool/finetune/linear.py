@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeBase, ModeOptions
+from tvtool.finetune.base import ENCODER_PREFIX, Adapter, ModeBase, NoOptions
 from tvtool.linearize import LinearizedModule
 from tvtool.metadata import Mode
 from tvtool.types import StateDict
@@ -45,5 +45,5 @@ class LinearMode(ModeBase):
     name = Mode.LINEAR
     summary = "linearized model f(x;θ0) + J·(θ − θ0), all image-encoder weights"
 
-    def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
+    def build(self, encoder: nn.Module, options: NoOptions, *, seed: int = 0) -> Adapter:
         return LinearAdapter(encoder)

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from tvtool.finetune.base import Adapter, ModeBase, ModeOptions
-from tvtool.finetune.lora import LoraAdapter
+from tvtool.finetune.base import Adapter
+from tvtool.finetune.lora import LoraAdapter, LoraMode, LoraOptions
 from tvtool.linearize import linearized_forward
 from tvtool.metadata import Mode
 
@@ -49,21 +49,21 @@ class LloraNetAdapter(LloraAdapter):
         return linearized_forward(self.encoder, None, self.weight_deltas(), images)
 
 
-class LloraMode(ModeBase):
+class LloraMode(LoraMode):
     """L-LoRA (per-adapter linearization): LoRA with A frozen at its initial value."""
 
     name = Mode.LLORA
     summary = "L-LoRA: each LoRA layer linearized in its factors (A frozen at init, B trained)"
 
-    def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
-        return LloraAdapter(encoder, options)
+    def build(self, encoder: nn.Module, options: LoraOptions, *, seed: int = 0) -> Adapter:
+        return LloraAdapter(encoder, options, seed=seed)
 
 
-class LloraNetMode(ModeBase):
+class LloraNetMode(LoraMode):
     """The whole network linearized in the LoRA factors (needs a JVP at inference)."""
 
     name = Mode.LLORA_NET
     summary = "network linearized in the LoRA factors (A frozen at init, B trained)"
 
-    def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
-        return LloraNetAdapter(encoder, options)
+    def build(self, encoder: nn.Module, options: LoraOptions, *, seed: int = 0) -> Adapter:
+        return LloraNetAdapter(encoder, options, seed=seed)

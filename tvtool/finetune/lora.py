@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -40,8 +41,8 @@ from tvtool.finetune.base import (
     ENCODER_PREFIX,
     LORA_TARGET_KINDS,
     Adapter,
+    CliOption,
     ModeBase,
-    ModeOptions,
     attention_modules,
     freeze,
     residual_blocks,
@@ -152,22 +153,56 @@ def target_shapes(encoder: nn.Module, targets: list[str]) -> dict[str, tuple[int
     return shapes
 
 
-def check_lora_options(options: ModeOptions) -> None:
-    """Refuse a non-positive rank or alpha.
+@dataclass(frozen=True)
+class LoraOptions:
+    """The options of the LoRA modes (lora, llora, llora-net); validated on construction.
 
-    Raises:
-        UsageError: bad rank or alpha.
+    Attributes:
+        lora_rank: LoRA rank r.
+        lora_alpha: LoRA alpha; the update is (alpha / r)·B·A.
+        lora_targets: Which projections get LoRA factors: any of ``q``, ``k``, ``v``
+            (rows of the attention in-projection, one factor pair each), ``o`` (attention
+            out-projection), ``mlp`` (the MLP linear layers); ``attn`` = q, k, v, o. A
+            comma-separated string (the flag's form) is accepted. Stored canonical (aliases
+            expanded, canonical order); default ``q, v`` as in the LoRA paper.
     """
-    if options.lora_rank < 1:
-        raise UsageError(f"--lora-rank must be at least 1, got {options.lora_rank}")
-    if not math.isfinite(options.lora_alpha) or options.lora_alpha <= 0:
-        raise UsageError(f"--lora-alpha must be positive, got {options.lora_alpha}")
+
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_targets: tuple[str, ...] = ("q", "v")
+
+    def __post_init__(self) -> None:
+        targets: Iterable[str] = self.lora_targets
+        if isinstance(targets, str):
+            targets = [p for p in targets.split(",") if p.strip()]
+            if not targets:
+                raise UsageError("--lora-targets is empty",
+                                 hint="use any of q,k,v,o,mlp, e.g. q,v")
+        object.__setattr__(self, "lora_targets", parse_lora_targets(targets))
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) \
+                or self.lora_rank < 1:
+            raise UsageError(f"--lora-rank must be at least 1, got {self.lora_rank!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise UsageError(f"--lora-alpha must be positive, got {self.lora_alpha!r}")
 
 
-def lora_metadata(options: ModeOptions) -> dict[str, str]:
+LORA_CLI_OPTIONS = (
+    CliOption("lora_rank", "--lora-rank", "LoRA rank (LoRA modes).", panel="LoRA modes"),
+    CliOption("lora_alpha", "--lora-alpha", "LoRA alpha; the update is (alpha/rank)·B·A.",
+              panel="LoRA modes"),
+    CliOption("lora_targets", "--lora-targets",
+              "LoRA targets, comma-separated: q, k, v (rows of the attention in-projection), "
+              "o (out-projection), mlp; attn = q,k,v,o.",
+              metavar="[q,k,v,o,mlp,attn]", panel="LoRA modes"),
+)
+"""The flags of :class:`LoraOptions` (shared by the three LoRA modes)."""
+
+
+def lora_metadata(options: LoraOptions) -> dict[str, str]:
     """The ``tvtool.lora_*`` metadata keys (without prefix) of a LoRA vector."""
     return {"lora_rank": str(options.lora_rank), "lora_alpha": repr(float(options.lora_alpha)),
-            "lora_targets": ",".join(parse_lora_targets(options.lora_targets))}
+            "lora_targets": ",".join(options.lora_targets)}
 
 
 class LoraAdapter(Adapter):
@@ -180,10 +215,9 @@ class LoraAdapter(Adapter):
     mode = Mode.LORA
     train_a: ClassVar[bool] = True
 
-    def __init__(self, encoder: nn.Module, options: ModeOptions,
+    def __init__(self, encoder: nn.Module, options: LoraOptions, *, seed: int = 0,
                  prefix: str = ENCODER_PREFIX) -> None:
         super().__init__(encoder, prefix)
-        check_lora_options(options)
         self.options = options
         self.targets = lora_targets(encoder, options.lora_targets)
         self.scaling = options.lora_alpha / options.lora_rank
@@ -191,7 +225,7 @@ class LoraAdapter(Adapter):
         params = dict(encoder.named_parameters())
         first = params[split_target(self.targets[0])[0]]
         factors = init_lora_factors(target_shapes(encoder, self.targets), options.lora_rank,
-                                    options.seed, first.dtype)
+                                    seed, first.dtype)
         if self.train_a:
             self.lora_a = nn.ParameterList([nn.Parameter(factors[t][0].to(first.device))
                                             for t in self.targets])
@@ -248,6 +282,11 @@ class LoraMode(ModeBase):
 
     name = Mode.LORA
     summary = "LoRA factors on the chosen projections (default q, v)"
+    options: ClassVar[type] = LoraOptions
+    cli_options: ClassVar[tuple[CliOption, ...]] = LORA_CLI_OPTIONS
 
-    def build(self, encoder: nn.Module, options: ModeOptions) -> Adapter:
-        return LoraAdapter(encoder, options)
+    def check_encoder(self, encoder: nn.Module, options: LoraOptions) -> None:
+        lora_targets(encoder, options.lora_targets)
+
+    def build(self, encoder: nn.Module, options: LoraOptions, *, seed: int = 0) -> Adapter:
+        return LoraAdapter(encoder, options, seed=seed)

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tvtool.errors import InvalidInputError
 from tvtool.finetune.base import Adapter
-from tvtool.finetune.config import _RESUME_KEYS, STATE_FORMAT, FinetuneConfig
+from tvtool.finetune.config import STATE_FORMAT, FinetuneConfig
 from tvtool.io.train_state import read_train_state, write_train_state
 from tvtool.limits import short_repr
 from tvtool.metadata import Mode
@@ -25,8 +25,7 @@ from tvtool.types import StateDict
 
 def _run_key(config: FinetuneConfig, fingerprint: str, total: int, warmup: int,
              size: int) -> dict[str, Any]:
-    values = config.as_json()
-    key = {k: values[k] for k in _RESUME_KEYS}
+    key = config.resume_fields()
     if config.mode is Mode.LLORA:
         # `llora` trained the network-level linearization before it became the per-adapter
         # L-LoRA; a state without this key belongs to that other model and must not resume.

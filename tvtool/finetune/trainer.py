@@ -19,12 +19,10 @@ from torch.utils.data import Dataset
 
 from tvtool.device import resolve_device, resolve_precision
 from tvtool.errors import InvalidInputError
-from tvtool.finetune.attn import attention_parameter_names
-from tvtool.finetune.base import Adapter, ModeOptions
+from tvtool.finetune.base import Adapter
 from tvtool.finetune.config import RESUME_FILE, FinetuneConfig, FinetuneResult, StepLog
 from tvtool.finetune.distributed import init_process_group
 from tvtool.finetune.loop import train
-from tvtool.finetune.lora import lora_targets
 from tvtool.finetune.registry import get_mode
 from tvtool.finetune.sampling import dist_from_env
 from tvtool.io import check_output, ensure_directory, write_tensors
@@ -35,21 +33,18 @@ def _quiet(_: str) -> None:
     return None
 
 
-def check_encoder(mode: Mode, encoder: torch.nn.Module, options: ModeOptions) -> None:
+def check_encoder(mode: Mode, encoder: torch.nn.Module, options: Any) -> None:
     """Refuse a mode the image encoder's structure does not support (works on meta tensors).
 
-    ``full`` and ``linear`` train any encoder; ``attn`` needs attention blocks
-    (``nn.MultiheadAttention`` or timm attention); ``lora`` and ``llora`` need
-    ``nn.MultiheadAttention`` blocks (open_clip's own ViTs).
+    Each mode says what it needs (``check_encoder`` of its mode object): ``full`` and
+    ``linear`` train any encoder; ``attn`` needs attention blocks (``nn.MultiheadAttention``
+    or timm attention); the LoRA modes need ``nn.MultiheadAttention`` blocks (open_clip's
+    own ViTs).
 
     Raises:
         InvalidInputError: the encoder lacks what the mode trains.
-        UsageError: unknown LoRA targets.
     """
-    if mode is Mode.ATTN:
-        attention_parameter_names(encoder)
-    elif mode in (Mode.LORA, Mode.LLORA):
-        lora_targets(encoder, options.lora_targets)
+    get_mode(mode).check_encoder(encoder, options)
 
 
 def _write_checkpoint(path: str, ref: Any, dense: Mapping[str, Tensor],
@@ -116,7 +111,6 @@ def finetune(
     )
     from tvtool.models.refs import RefKind
 
-    config.validate()
     info = dist_from_env()
     say = log if log is not None and info.is_main else _quiet
     device = resolve_device(config.device, info.local_rank if info.world > 1 else None)
@@ -127,7 +121,7 @@ def finetune(
     ref = resolve_ref(config.base)
     skeleton = image_encoder_skeleton(ref.architecture)
     if skeleton is not None:
-        check_encoder(config.mode, skeleton, config.mode_options())
+        check_encoder(config.mode, skeleton, config.options)
     owns_group = init_process_group(info, device.type)
     try:
         source, ref = base_source(ref)
@@ -153,7 +147,7 @@ def finetune(
         bundle = load_clip(ref, device)
         if skeleton is None:
             check_encoder(config.mode, cast(torch.nn.Module, bundle.model.visual),
-                          config.mode_options())
+                          config.options)
         if dataset is None:
             from tvtool.data import load_split
 
@@ -168,7 +162,7 @@ def finetune(
         encoder = cast(torch.nn.Module, bundle.model.visual)
         architecture = bundle.architecture
         del bundle  # drop the text tower: only the image encoder trains
-        adapter = mode.build(encoder, config.mode_options())
+        adapter = mode.build(encoder, config.options, seed=config.seed)
         say(f"fine-tuning {architecture} ({mode.name.value}: {mode.summary}) on "
             f"{config.dataset}, {len(dataset)} examples, {device}, {precision}"  # type: ignore[arg-type]
             + (f", {info.world} processes" if info.world > 1 else ""))

@@ -21,6 +21,11 @@ Schema (docs/merge.md has an example)::
     output: merged.safetensors      # optional; -o on the command line wins
 
 Relative paths in a config file are relative to the file's directory.
+
+Constructing a :class:`MergeConfig` validates every value (the method and its parameters
+included), whether the values come from the command's flags or from a document; a document
+adds only its own structure checks (keys, version, vector entries, paths relative to it), and
+its errors name the document.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tvtool.errors import InvalidInputError
+from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.limits import check_nesting, short_repr
+from tvtool.merge.registry import get_method
 
 CONFIG_VERSION = 1
 MISSING_POLICIES = ("refuse", "zero", "common")
@@ -62,6 +68,10 @@ class MergeConfig:
         mixed_modes_as: Merge linearized with non-linearized vectors and record the result
             as ``linearized`` or ``nonlinear``; None refuses such a mix.
 
+    Raises:
+        UsageError: on construction, for any invalid value (named by its config key); the
+            method's parameters are checked by its params dataclass.
+
     """
 
     vectors: tuple[str, ...]
@@ -74,6 +84,43 @@ class MergeConfig:
     missing: str = "refuse"
     allow_base_mismatch: bool = False
     mixed_modes_as: str | None = None
+
+    def __post_init__(self) -> None:
+        vectors = tuple(self.vectors) if isinstance(self.vectors, (list, tuple)) else None
+        if not vectors:
+            raise UsageError("no task vectors given",
+                             hint="tvtool merge TV1 TV2 ... -o OUT, or 'vectors:' in a config")
+        for index, path in enumerate(vectors):
+            _string(path, f"vectors[{index}]")
+        if vectors.count("-") > 1:
+            raise UsageError("stdin ('-') can be given only once")
+        object.__setattr__(self, "vectors", vectors)
+        _string(self.output, "output")
+        method = get_method(_string(self.method, "method"))
+        if not isinstance(self.params, Mapping) or \
+                not all(isinstance(k, str) for k in self.params):
+            raise UsageError(f"'params' must be a mapping of names to values, got "
+                             f"{short_repr(self.params)}")
+        object.__setattr__(self, "params", dict(self.params))
+        method.make_params(self.params)  # the method's params dataclass is the one check
+        coefs = tuple(self.coefs) if isinstance(self.coefs, (list, tuple)) else (self.coefs,)
+        if not coefs:
+            raise UsageError("'coef' must not be an empty list")
+        object.__setattr__(self, "coefs", tuple(_number(c, "coef") for c in coefs))
+        if self.coefs_file is not None:
+            _string(self.coefs_file, "coefs_file")
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UsageError(f"'seed' must be an integer in [0, 2**63), got {short_repr(seed)}")
+        if self.missing not in MISSING_POLICIES:
+            raise UsageError(f"'missing' must be one of {list(MISSING_POLICIES)}, got "
+                             f"{short_repr(self.missing)}")
+        if not isinstance(self.allow_base_mismatch, bool):
+            raise UsageError(f"'allow_base_mismatch' must be true or false, got "
+                             f"{short_repr(self.allow_base_mismatch)}")
+        if self.mixed_modes_as is not None and self.mixed_modes_as not in MIXED_MODES:
+            raise UsageError(f"'mixed_modes_as' (--mixed-modes-as) must be null or one of "
+                             f"{list(MIXED_MODES)}, got {short_repr(self.mixed_modes_as)}")
 
     def to_document(self) -> dict[str, Any]:
         """Return the config as a plain document (what a config file holds)."""
@@ -93,31 +140,33 @@ class MergeConfig:
         return json.dumps(self.to_document(), sort_keys=True, separators=(",", ":"))
 
 
-def _fail(message: str, label: str) -> InvalidInputError:
+def _fail(message: str, label: str, hint: str | None = None) -> InvalidInputError:
     return InvalidInputError(f"merge config {label}: {message}",
-                             hint="see docs/merge.md, section 'Config files'")
+                             hint=hint or "see docs/merge.md, section 'Config files'")
 
 
-def _number(value: Any, what: str, label: str) -> float:
+def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(f"{what} must be a number, got {short_repr(value)}", label)
+        raise UsageError(f"{what} must be a number, got {short_repr(value)}")
     try:
         number = float(value)
     except OverflowError:  # an integer with hundreds of digits
         number = math.inf
     if not math.isfinite(number):
-        raise _fail(f"{what} must be finite, got {short_repr(value)}", label)
+        raise UsageError(f"{what} must be finite, got {short_repr(value)}")
     return number
 
 
-def _string(value: Any, what: str, label: str) -> str:
+def _string(value: Any, what: str) -> str:
     if not isinstance(value, str) or not value:
-        raise _fail(f"{what} must be a non-empty string, got {short_repr(value)}", label)
+        raise UsageError(f"{what} must be a non-empty string, got {short_repr(value)}")
     return value
 
 
-def _resolve(path: str, base_dir: Path | None) -> str:
-    if path == "-" or base_dir is None or Path(path).expanduser().is_absolute():
+def _resolve(path: Any, base_dir: Path | None) -> Any:
+    # Anything but a path string is left for MergeConfig to refuse.
+    if not isinstance(path, str) or not path or path == "-" or base_dir is None \
+            or Path(path).expanduser().is_absolute():
         return path
     return str(base_dir / path)
 
@@ -134,8 +183,9 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
         output: Output path that overrides the document's ``output``.
 
     Raises:
-        InvalidInputError: unknown keys, missing ``vectors``, wrong types or values. Method
-            parameters are checked later, against the method (UsageError).
+        InvalidInputError: unknown keys, missing ``vectors``, wrong types or values, an
+            unknown method or invalid method parameters (the checks of :class:`MergeConfig`,
+            named by the document's label).
 
     """
     label = label or "<document>"
@@ -154,26 +204,19 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
     raw_vectors = document.get("vectors")
     if not isinstance(raw_vectors, list) or not raw_vectors:
         raise _fail("'vectors' must be a non-empty list of paths", label)
-    vectors: list[str] = []
-    per_vector: list[float | None] = []
+    vectors: list[Any] = []
+    per_vector: list[Any] = []
     for index, item in enumerate(raw_vectors):
         if isinstance(item, Mapping):
             extra = [k for k in item if k not in ("path", "coef")]
             if extra or "path" not in item:
                 raise _fail(f"vectors[{index}] must be a path or {{path, coef}}, got "
                             f"{short_repr(dict(item))}", label)
-            vectors.append(_resolve(_string(item["path"], f"vectors[{index}].path", label),
-                                    base_dir))
-            per_vector.append(_number(item["coef"], f"vectors[{index}].coef", label)
-                              if "coef" in item else None)
+            vectors.append(_resolve(item["path"], base_dir))
+            per_vector.append(item.get("coef"))
         else:
-            vectors.append(_resolve(_string(item, f"vectors[{index}]", label), base_dir))
+            vectors.append(_resolve(item, base_dir))
             per_vector.append(None)
-    method = _string(document.get("method", "task_arithmetic"), "method", label)
-    params = document.get("params") or {}
-    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
-        raise _fail(f"'params' must be a mapping of names to values, got {short_repr(params)}",
-                    label)
     given = [c for c in per_vector if c is not None]
     sources_of_coefs = sum([bool(given), "coef" in document,
                             document.get("coefs_file") is not None])
@@ -182,42 +225,30 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
                     "or 'coefs_file'", label)
     if given and len(given) != len(per_vector):
         raise _fail("either every vector entry has a 'coef' or none has", label)
-    coefs: tuple[float, ...] = (1.0,)
+    coefs: Any = (1.0,)
     coefs_file = None
     if given:
-        coefs = tuple(float(c) for c in given)  # type: ignore[arg-type]
+        coefs = tuple(given)
     elif "coef" in document:
-        raw = document["coef"]
-        values = raw if isinstance(raw, list) else [raw]
-        if not values:
-            raise _fail("'coef' must not be an empty list", label)
-        coefs = tuple(_number(v, "coef", label) for v in values)
+        coefs = document["coef"]
     elif document.get("coefs_file") is not None:
-        coefs_file = _resolve(_string(document["coefs_file"], "coefs_file", label), base_dir)
-    seed = document.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise _fail(f"'seed' must be an integer in [0, 2**63), got {short_repr(seed)}", label)
-    missing = document.get("missing", "refuse")
-    if missing not in MISSING_POLICIES:
-        raise _fail(f"'missing' must be one of {list(MISSING_POLICIES)}, got "
-                    f"{short_repr(missing)}", label)
-    allow = document.get("allow_base_mismatch", False)
-    if not isinstance(allow, bool):
-        raise _fail(f"'allow_base_mismatch' must be true or false, got {short_repr(allow)}",
-                    label)
-    mixed = document.get("mixed_modes_as")
-    if mixed is not None and mixed not in MIXED_MODES:
-        raise _fail(f"'mixed_modes_as' must be null or one of {list(MIXED_MODES)}, got "
-                    f"{short_repr(mixed)}", label)
+        coefs_file = _resolve(document["coefs_file"], base_dir)
     out = output if output is not None else document.get("output")
     if out is None:
         raise _fail("no output: set 'output' or pass -o", label)
-    out = _string(out, "output", label)
     if output is None:
         out = _resolve(out, base_dir)
-    return MergeConfig(vectors=tuple(vectors), output=out, method=method, params=dict(params),
-                       coefs=coefs, coefs_file=coefs_file, seed=seed, missing=missing,
-                       allow_base_mismatch=allow, mixed_modes_as=mixed)
+    try:
+        return MergeConfig(vectors=tuple(vectors), output=out,
+                           method=document.get("method", "task_arithmetic"),
+                           params=document.get("params") or {}, coefs=coefs,
+                           coefs_file=coefs_file, seed=document.get("seed", 0),
+                           missing=document.get("missing", "refuse"),
+                           allow_base_mismatch=document.get("allow_base_mismatch", False),
+                           mixed_modes_as=document.get("mixed_modes_as"))
+    except TvtoolError as exc:
+        # The same checks as for flags; the message says which document failed them.
+        raise _fail(exc.message, label, exc.hint) from None
 
 
 def load_config(path: str, *, output: str | None = None) -> MergeConfig:

@@ -185,7 +185,7 @@ def test_llora_state_of_the_network_level_variant_does_not_resume(tmp_path):
 
 def test_run_key_takes_the_modes_option_fields_and_old_states_still_resume(tmp_path):
     """The LoRA modes' options keep the resume keys states have always stored."""
-    from tvtool.finetune.trainer import _check_run_key, _run_key
+    from tvtool.finetune.resume import _check_run_key, _run_key
 
     lora = _run_key(_config(tmp_path, "l", mode="lora"), "sha256:x", 6, 0, 32)
     assert (lora["lora_rank"], lora["lora_alpha"], lora["lora_targets"]) == (2, 4.0, ["q", "v"])

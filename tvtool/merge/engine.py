@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from tvtool.errors import InvalidInputError, UsageError
+from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, check_output, write_tensors
 from tvtool.merge.coefs import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
@@ -113,15 +113,11 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
     """Open and check the inputs of a merge and plan it (nothing is written).
 
     Raises:
-        UsageError: no vectors, stdin twice, unknown method or bad params, bad coefficients.
+        UsageError: bad coefficients (the config itself is checked when it is built).
         InvalidInputError: non-vector inputs, different architectures/bases/linearization or
             key sets, shape mismatches, output equal to an input, bad coefficient files.
 
     """
-    if not config.vectors:
-        raise UsageError("merge needs at least one task vector")
-    if list(config.vectors).count("-") > 1:
-        raise UsageError("stdin ('-') can be given only once")
     method = get_method(config.method)
     params = method.make_params(config.params)
     inputs = [*config.vectors, *([config.coefs_file] if config.coefs_file else [])]

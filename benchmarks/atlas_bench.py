@@ -5,7 +5,7 @@ Times, in one process and on the same batch:
 * ``full_finetune`` -- one full fine-tuning step of the image encoder (AdamW, cross-entropy on a
   frozen head; bf16 autocast on GPU), the yardstick of the issue;
 * ``atlas_fused`` -- one ``learn-coeffs`` step with T task vectors: tvtool's
-  :class:`~tvtool.coeffs.ComposedEncoder` (vectors packed into one ``[T, chunks, chunk]``
+  :class:`~tvtool.atlas.ComposedEncoder` (vectors packed into one ``[T, chunks, chunk]``
   tensor, composition as one batched matmul), entropy objective, AdamW on the coefficients;
 * ``atlas_naive`` -- the same step as the reference code bases write it (and as
   /work/shared/bench/anchor_gpu.py times it): ``w = w + λ[t, j] · τ_t[j]`` in a Python loop over
@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from tvtool.coeffs import ComposedEncoder, Packing, TensorSpec, VectorStack, build_partition
-from tvtool.coeffs.objectives import mean_entropy
+from tvtool.atlas import ComposedEncoder, Packing, TensorSpec, VectorStack, build_partition
+from tvtool.atlas.objectives import mean_entropy
 from tvtool.models import load_clip
 
 VECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from tvtool.data import load_split
 from tvtool.io import write_json
 from tvtool.models import ClipBundle, build_zero_shot_head, load_clip
-from tvtool.world import TASKS, generate_task
-from tvtool.world.measure import zero_shot_accuracy
-from tvtool.world.pretrain import images_to_tensor, normalization
+from tvtool.synthetic_world import TASKS, generate_task
+from tvtool.synthetic_world.measure import zero_shot_accuracy
+from tvtool.synthetic_world.pretrain import images_to_tensor, normalization
 
 
 @torch.no_grad()

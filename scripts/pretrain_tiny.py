@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from tvtool.world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
+from tvtool.synthetic_world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "tvtool/models/weights"
 
@@ -74,8 +74,8 @@ def main() -> int:
           file=sys.stderr)
     if args.eval:
         from tvtool.models import load_clip
-        from tvtool.world import TASKS
-        from tvtool.world.measure import zero_shot_accuracy
+        from tvtool.synthetic_world import TASKS
+        from tvtool.synthetic_world.measure import zero_shot_accuracy
 
         bundle = load_clip(args.output)
         for task in TASKS:

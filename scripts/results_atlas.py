@@ -50,7 +50,7 @@ END = "<!-- atlas-results:end -->"
 def _test_accuracies(args: argparse.Namespace, vectors: list[str], coefs_path: str
                      ) -> dict[str, float]:
     """Test accuracy of the base edited with a coefficient file, per task."""
-    from tvtool.coeffs import read_coefficients
+    from tvtool.atlas import read_coefficients
     from tvtool.evaluate import EvalConfig, evaluate
 
     builder = read_coefficients(coefs_path).weight_builder()
@@ -64,7 +64,7 @@ def _test_accuracies(args: argparse.Namespace, vectors: list[str], coefs_path: s
 def learn(args: argparse.Namespace, vectors: list[str], objective: str,
           workdir: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """Learn tensor-granularity coefficients and return their test accuracies."""
-    from tvtool.coeffs.learner import LearnerConfig
+    from tvtool.atlas.learner import LearnerConfig
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig, learn_coeffs
 
     output = workdir / f"atlas-{objective}.safetensors"

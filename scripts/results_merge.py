@@ -213,7 +213,7 @@ def _average(row: dict[str, Any], tasks: list[str]) -> float:
 
 def test_split_size(tasks: list[str]) -> int:
     """Test examples per task when no ``--limit`` is set (the synthetic tasks' test pool)."""
-    from tvtool.world.tasks import POOL_SIZES
+    from tvtool.synthetic_world.tasks import POOL_SIZES
 
     if not all(t.startswith("synthetic:") for t in tasks):
         raise SystemExit("standard errors need --limit for non-synthetic tasks")
@@ -254,7 +254,7 @@ def negation_markdown(report: dict[str, Any]) -> list[str]:
 def _chance(task: str) -> float | None:
     if not task.startswith("synthetic:"):
         return None
-    from tvtool.world import TASKS
+    from tvtool.synthetic_world import TASKS
 
     return 1 / len(TASKS[task.split(":", 1)[1]].classnames)
 

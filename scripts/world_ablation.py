@@ -40,8 +40,8 @@ from torch.func import functional_call
 from tvtool.data import load_split
 from tvtool.io import read_json, write_json
 from tvtool.models import build_zero_shot_head, load_clip
-from tvtool.world import TASKS, generate_task
-from tvtool.world.pretrain import images_to_tensor, normalization
+from tvtool.synthetic_world import TASKS, generate_task
+from tvtool.synthetic_world.pretrain import images_to_tensor, normalization
 
 
 def _log(*parts: object) -> None:

@@ -1,4 +1,4 @@
-"""aTLAS blocks, the packed layout and the fused composition (tvtool.coeffs.blocks/compose)."""
+"""aTLAS blocks, the packed layout and the fused composition (tvtool.atlas.blocks/compose)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from tvtool.coeffs import (
+from tvtool.atlas import (
     ComposedEncoder,
     Packing,
     TensorSpec,

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load as load_bytes
 
 from tests.conftest import load
-from tvtool.coeffs import LearnerConfig, compose_state, composed_vector, read_coefficients
+from tvtool.atlas import LearnerConfig, compose_state, composed_vector, read_coefficients
 from tvtool.evaluate import EvalConfig, evaluate
 from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
 

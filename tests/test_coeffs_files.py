@@ -1,4 +1,4 @@
-"""Coefficient files: layout, validation, and applying them (tvtool.coeffs.files)."""
+"""Coefficient files: layout, validation, and applying them (tvtool.atlas.files)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tvtool.coeffs import (
+from tvtool.atlas import (
     CoefficientSet,
     TensorSpec,
     build_partition,

@@ -1,4 +1,4 @@
-"""Learning aTLAS coefficients on a tiny open_clip image encoder (tvtool.coeffs.learner).
+"""Learning aTLAS coefficients on a tiny open_clip image encoder (tvtool.atlas.learner).
 
 The toy world: a random-init tvtool-tiny image encoder whose matrices are scaled up (so that
 images get distinct features), a 4-class task of noisy class patterns, a fixed random head, and
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
-from tvtool.coeffs import (
+from tvtool.atlas import (
     ComposedEncoder,
     LearnerConfig,
     Packing,

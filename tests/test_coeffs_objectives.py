@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from tvtool.coeffs.learner import LearnerConfig, augment, crop_box, trusted_subset
-from tvtool.coeffs.objectives import (
+from tvtool.atlas.learner import LearnerConfig, augment, crop_box, trusted_subset
+from tvtool.atlas.objectives import (
     DEFAULTS,
     TaskOutput,
     TaskScore,

@@ -10,7 +10,7 @@ import torch
 
 from tvtool.data import SPLITS, list_datasets, load_split, split_manifest, task_spec
 from tvtool.errors import InvalidInputError
-from tvtool.world import GENERATOR_VERSION, TASKS
+from tvtool.synthetic_world import GENERATOR_VERSION, TASKS
 
 SYNTHETIC = [f"synthetic:{t}" for t in TASKS]
 

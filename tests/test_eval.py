@@ -180,7 +180,7 @@ def test_vector_from_another_base_is_refused(files, tiny_state, tmp_path):
 
 
 def test_zero_shot_head_cache_memory_and_disk(files, cache):
-    from tvtool.evaluate.heads import heads_dir
+    from tvtool.evaluate.head_cache import heads_dir
 
     with open_eval_model(files["base"]) as model:
         key = head_key(model.base_fingerprint, "demo", ["circle", "square"], ["a {}."])

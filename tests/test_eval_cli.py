@@ -272,7 +272,7 @@ def test_pretrain_bad_steps_writes_nothing(cli, tmp_path):
 
 
 def test_pretrain_the_demo_model_records_its_architecture_and_recipe(cli, tmp_path):
-    from tvtool.world.pretrain import PretrainConfig
+    from tvtool.synthetic_world.pretrain import PretrainConfig
 
     out = tmp_path / "small.safetensors"
     result = cli(["pretrain", "--model", "tvtool-small", "-o", str(out), "--steps", "1",

@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import torch
 
-from tvtool.coeffs.blocks import TensorSpec, build_partition, random_groups
+from tvtool.atlas.blocks import TensorSpec, build_partition, random_groups
 from tvtool.models.loading import state_dict_fingerprint
 
 # One tensor of each kind the formula distinguishes: float32 (with -0.0), a 0-d tensor,

@@ -53,7 +53,7 @@ def test_methods_import_no_evaluation(graph):
     for edge in graph.all_edges():
         targets.setdefault(edge.source, set()).add(edge.target)
     assert not targets["merge"] & {"evaluate", "workflows"}
-    assert not targets["coeffs"] & {"evaluate", "workflows", "merge"}
+    assert not targets["atlas"] & {"evaluate", "workflows", "merge"}
     layer = {unit: i for i, units in enumerate(graph.LAYERS) for unit in units}
     assert layer["merge"] < layer["evaluate"] < layer["workflows"] < layer["demo"]
 

@@ -400,8 +400,8 @@ def test_json_coefficient_files(cli, vecs, tmp_path):
 
 def write_coefficients(path: Path, table, granularity, *, datasets=("d1", "d2"),
                        fingerprint="sha256:base", keys=("a", "b")) -> str:
-    """A coefficients file as learn-coeffs writes it (tvtool.coeffs)."""
-    from tvtool.coeffs import CoefficientSet, TensorSpec, build_partition, write_coefficients
+    """A coefficients file as learn-coeffs writes it (tvtool.atlas)."""
+    from tvtool.atlas import CoefficientSet, TensorSpec, build_partition, write_coefficients
 
     partition = build_partition([TensorSpec(k, (6, 5)) for k in keys], granularity, seed=1,
                                 prefix="")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tvtool.errors import UsageError
-from tvtool.world import (
+from tvtool.synthetic_world import (
     DOMAINS,
     TASKS,
     corpus_batch,
@@ -20,8 +20,8 @@ from tvtool.world import (
     sample_domain,
     sample_scenes,
 )
-from tvtool.world import tasks as tasks_module
-from tvtool.world.vocab import COLORS, COUNTS, POSITIONS, SHAPES, SIZES, TEXTURES
+from tvtool.synthetic_world import tasks as tasks_module
+from tvtool.synthetic_world.vocab import COLORS, COUNTS, POSITIONS, SHAPES, SIZES, TEXTURES
 
 PLAIN = TEXTURES.index("plain")
 SQUARE = SHAPES.index("square")
@@ -115,7 +115,7 @@ def test_sizes_are_ordered_by_area():
 
 
 def test_object_colour_is_nearest_to_its_name():
-    from tvtool.world.vocab import COLOR_RGB
+    from tvtool.synthetic_world.vocab import COLOR_RGB
 
     for color in range(len(COLORS)):
         scenes = sample_scenes(rng_for("color", color), 6,
@@ -207,7 +207,7 @@ def test_every_task_has_distinct_classes_and_templates():
 
 
 def test_clip_loss_treats_identical_captions_as_positives():
-    from tvtool.world.pretrain import clip_loss
+    from tvtool.synthetic_world.pretrain import clip_loss
 
     gen = torch.Generator().manual_seed(0)
     images = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
@@ -222,7 +222,7 @@ def test_clip_loss_treats_identical_captions_as_positives():
 
 
 def test_pretrain_config_rejects_nonsense():
-    from tvtool.world.pretrain import PretrainConfig
+    from tvtool.synthetic_world.pretrain import PretrainConfig
 
     with pytest.raises(UsageError):
         PretrainConfig(steps=0)
@@ -232,7 +232,7 @@ def test_pretrain_config_rejects_nonsense():
 
 @pytest.fixture(scope="session")
 def short_pretrain():
-    from tvtool.world.pretrain import PretrainConfig, pretrain_tiny
+    from tvtool.synthetic_world.pretrain import PretrainConfig, pretrain_tiny
 
     config = PretrainConfig(steps=3, batch=8, warmup=1, seed=5)
     losses: list[float] = []
@@ -241,7 +241,7 @@ def short_pretrain():
 
 
 def test_pretraining_is_seeded_and_changes_the_weights(short_pretrain, tiny_state):
-    from tvtool.world.pretrain import pretrain_tiny
+    from tvtool.synthetic_world.pretrain import pretrain_tiny
 
     config, state, losses = short_pretrain
     assert len(losses) == 3 and all(np.isfinite(losses))
@@ -255,7 +255,7 @@ def test_written_weights_are_a_loadable_tvtool_checkpoint(short_pretrain, tmp_pa
     from tvtool.io import open_tensors
     from tvtool.metadata import FileMeta, Kind
     from tvtool.models import load_clip
-    from tvtool.world.pretrain import write_pretrained
+    from tvtool.synthetic_world.pretrain import write_pretrained
 
     config, state, _ = short_pretrain
     out = tmp_path / "tiny.safetensors"
@@ -272,7 +272,7 @@ def test_written_weights_are_a_loadable_tvtool_checkpoint(short_pretrain, tmp_pa
 @pytest.mark.parametrize("model", ["tvtool-tiny", "tvtool-small"])
 def test_embedded_weights_beat_chance_zero_shot(model):
     from tvtool.models import embedded_weights_path, load_clip
-    from tvtool.world.measure import zero_shot_accuracy
+    from tvtool.synthetic_world.measure import zero_shot_accuracy
 
     if not embedded_weights_path(model).is_file():
         pytest.fail(f"embedded weights missing at {embedded_weights_path(model)}; run "

@@ -11,7 +11,7 @@ from tvtool.cli.common import JsonOpt, emit_json, handles_errors
 def dataset_listing() -> list[dict[str, Any]]:
     """One entry per dataset name tvtool knows, then the ``imagefolder:PATH`` syntax."""
     from tvtool.data.standard import IMAGENET, STANDARD
-    from tvtool.world.tasks import TASKS
+    from tvtool.synthetic_world.tasks import TASKS
 
     entries: list[dict[str, Any]] = []
     for task in TASKS.values():

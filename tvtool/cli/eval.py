@@ -145,7 +145,7 @@ def eval_command(
         raise UsageError("missing option --base", hint="e.g. --base tvtool-tiny")
     weights = None
     if coefs is not None:
-        from tvtool.coeffs import read_coefficients
+        from tvtool.atlas import read_coefficients
 
         if coef:
             raise UsageError("--coef and --coefs are exclusive")

@@ -141,7 +141,7 @@ def learn_coeffs(
 
     The file can be given to `merge --coefs` and `eval`.
     """
-    from tvtool.coeffs.learner import LearnerConfig
+    from tvtool.atlas.learner import LearnerConfig
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
     from tvtool.workflows.learn_coeffs import learn_coeffs as run
 

@@ -1,7 +1,7 @@
 """``tvtool pretrain``: (re)create an embedded base (tvtool-tiny, tvtool-small) by pre-training.
 
-A thin command over :mod:`tvtool.world.pretrain`: contrastive pre-training on the synthetic
-captioned corpus, on CPU, in minutes.
+A thin command over :mod:`tvtool.synthetic_world.pretrain`: contrastive pre-training on the
+synthetic captioned corpus, on CPU, in minutes.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def pretrain(
 
     from tvtool.io import check_output, ensure_directory
     from tvtool.models import cache_dir, embedded_weights_path
-    from tvtool.world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
+    from tvtool.synthetic_world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
 
     refuse_json_with_stdout(as_json, output or "")
     defaults = PretrainConfig.recipe(model)

@@ -10,7 +10,7 @@ from typing import Literal
 import numpy as np
 
 from tvtool.errors import InvalidInputError
-from tvtool.world.scenes import rng_for
+from tvtool.synthetic_world.scenes import rng_for
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tvtool.data.base import Pool, TaskSpec
 from tvtool.errors import InvalidInputError
-from tvtool.world.tasks import GENERATOR_VERSION, POOL_SIZES, TASKS, generate_task
+from tvtool.synthetic_world.tasks import GENERATOR_VERSION, POOL_SIZES, TASKS, generate_task
 
 PREFIX = "synthetic:"
 

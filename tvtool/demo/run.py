@@ -317,7 +317,7 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
 def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: list[str],
            tasks: list[str], eval_accs: Callable[..., dict[str, float]], log: Logger
            ) -> dict[str, Any]:
-    from tvtool.coeffs.learner import LearnerConfig
+    from tvtool.atlas.learner import LearnerConfig
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig, learn_coeffs
 
     steps = 4 if cfg.smoke else 30 if cfg.quick else 80

@@ -34,7 +34,7 @@ from tvtool.evaluate.disentanglement import (
     render_heatmap,
     summarize,
 )
-from tvtool.evaluate.heads import (
+from tvtool.evaluate.head_cache import (
     HeadKey,
     clear_memory_cache,
     head_key,

@@ -13,7 +13,7 @@ from torch import Tensor
 from tvtool.device import autocast, check_precision, resolve_device
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.evaluate.batches import EvalData, batches, open_eval_data
-from tvtool.evaluate.heads import head_key, read_head_file, zero_shot_head
+from tvtool.evaluate.head_cache import head_key, read_head_file, zero_shot_head
 from tvtool.evaluate.model import (
     EvalModel,
     Weights,

@@ -15,7 +15,7 @@ The coefficient search that evaluates merges (``merge --search-coef``) is a work
 :mod:`tvtool.workflows.merge_search`.
 """
 
-from tvtool.merge.coefs import Coefficients, load_coefficients
+from tvtool.merge.coefficients import Coefficients, load_coefficients
 from tvtool.merge.config import MergeConfig, config_from_document, load_config
 from tvtool.merge.engine import MergeResult, describe_plan, merge, open_merge
 from tvtool.merge.method import MergeMethod, TensorContext

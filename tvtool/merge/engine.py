@@ -16,7 +16,7 @@ from typing import Any
 
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, check_output, write_tensors
-from tvtool.merge.coefs import VectorId, from_values, load_coefficients
+from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
 from tvtool.merge.registry import get_method

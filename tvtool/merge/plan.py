@@ -20,7 +20,7 @@ import torch
 
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import DictSource, TensorInfo, TensorSource
-from tvtool.merge.coefs import Coefficients, from_values
+from tvtool.merge.coefficients import Coefficients, from_values
 from tvtool.merge.method import MergeMethod, TensorContext
 from tvtool.merge.registry import get_method
 from tvtool.merge.trim import global_threshold, trim_group

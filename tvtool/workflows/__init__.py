@@ -12,6 +12,6 @@
 * :mod:`tvtool.workflows.learn_coeffs` -- ``learn-coeffs``: aTLAS coefficients learned on
   datasets (:func:`~tvtool.workflows.learn_coeffs.learn_coeffs`).
 
-The methods themselves (``tvtool.merge``, ``tvtool.coeffs``, ``tvtool.commands``) import
+The methods themselves (``tvtool.merge``, ``tvtool.atlas``, ``tvtool.commands``) import
 no evaluation; callers import these modules directly.
 """

@@ -21,23 +21,23 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
-from tvtool.coeffs.blocks import (
+from tvtool.atlas.blocks import (
     Packing,
     Partition,
     TensorSpec,
     build_partition,
     parse_granularity,
 )
-from tvtool.coeffs.compose import VISUAL_PREFIX, ComposedEncoder, VectorStack, compose_tensor
-from tvtool.coeffs.files import CoefficientSet, write_coefficients
-from tvtool.coeffs.learner import (
+from tvtool.atlas.compose import VISUAL_PREFIX, ComposedEncoder, VectorStack, compose_tensor
+from tvtool.atlas.files import CoefficientSet, write_coefficients
+from tvtool.atlas.learner import (
     LearnerConfig,
     TaskData,
     dataset_labels,
     learn,
     split_examples,
 )
-from tvtool.coeffs.objectives import (
+from tvtool.atlas.objectives import (
     check_objective,
     needs_labels,
 )
@@ -58,7 +58,7 @@ class LearnCoeffsConfig:
 
     The hyper-parameters of learning (objective, steps, learning rate, batch size, selection
     thresholds, precision, seed, workers) are declared once, in
-    :class:`~tvtool.coeffs.learner.LearnerConfig`, and held here as ``learner``; its
+    :class:`~tvtool.atlas.learner.LearnerConfig`, and held here as ``learner``; its
     ``precision`` may be ``auto`` (resolved for the device when learning starts) and its
     ``seed`` also seeds the choice of examples.
 

@@ -1,7 +1,7 @@
 """The composed model θ0 + Σ_t Σ_b λ_{t,b} τ_{t,b}, built with a few large fused operations.
 
 The T task vectors are packed once into one ``[T, num_chunks, chunk]`` tensor (see
-:class:`~tvtool.coeffs.blocks.Packing`; bf16 allowed). Each chunk lies in one block, so the
+:class:`~tvtool.atlas.blocks.Packing`; bf16 allowed). Each chunk lies in one block, so the
 composed offset of every element is one batched matrix product over chunks,
 ``Σ_t λ[t, block(c)] · V[t, c, :]`` — no Python loop over tensors × vectors, no ``[T, P]``
 temporary, and autograd's backward of that product is the segment reduction
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from tvtool.coeffs.blocks import Packing, Partition
+from tvtool.atlas.blocks import Packing, Partition
 from tvtool.errors import InvalidInputError
 from tvtool.types import StateDict
 

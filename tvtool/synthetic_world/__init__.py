@@ -10,13 +10,13 @@ Public API:
 * :func:`corpus_batch` -- the captioned pre-training corpus (every domain, mixed).
 * :func:`sample_scenes`, :func:`render`, :class:`Scenes`, :func:`rng_for` -- the generator.
 * :class:`PretrainConfig`, :func:`pretrain_tiny`, :func:`write_pretrained` -- pre-training
-  (import from :mod:`tvtool.world.pretrain`; it pulls in the model code).
+  (import from :mod:`tvtool.synthetic_world.pretrain`; it pulls in the model code).
 """
 
-from tvtool.world.domains import DOMAINS, LANDS, Domain, domain_captions, sample_domain
-from tvtool.world.render import render
-from tvtool.world.scenes import Scenes, rng_for, sample_scenes
-from tvtool.world.tasks import (
+from tvtool.synthetic_world.domains import DOMAINS, LANDS, Domain, domain_captions, sample_domain
+from tvtool.synthetic_world.render import render
+from tvtool.synthetic_world.scenes import Scenes, rng_for, sample_scenes
+from tvtool.synthetic_world.tasks import (
     GENERATOR_VERSION,
     POOL_SIZES,
     TASKS,

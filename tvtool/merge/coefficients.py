@@ -6,7 +6,7 @@ Sources:
 * a JSON file: a list (one per vector) or a dict keyed by each vector's dataset, path as
   given, file name or file stem;
 * a tvtool coefficients file (``tvtool.kind=coefficients``, written by ``learn-coeffs`` and
-  read with :func:`tvtool.coeffs.read_coefficients`; layout in docs/format.md, "Coefficient
+  read with :func:`tvtool.atlas.read_coefficients`; layout in docs/format.md, "Coefficient
   files"): a float tensor ``coefficients`` of shape ``[num_vectors, num_blocks]`` with
   ``tvtool.granularity``, ``tvtool.block_names``, ``tvtool.tensors`` and ``tvtool.sources``.
   Merge reads the whole-tensor granularities ``task``, ``tensor`` and ``layer``.
@@ -166,7 +166,7 @@ def from_json(document: Any, vectors: Sequence[VectorId], origin: str) -> Coeffi
 def from_coefficients_file(path: str, vectors: Sequence[VectorId],
                            shapes: Sequence[Mapping[str, tuple[int, ...]]], metas: Sequence[Any],
                            *, allow_base_mismatch: bool = False) -> Coefficients:
-    """Coefficients from a tvtool coefficients file (``tvtool.coeffs.read_coefficients``).
+    """Coefficients from a tvtool coefficients file (``tvtool.atlas.read_coefficients``).
 
     Granularities ``task``, ``tensor`` and ``layer`` give one coefficient per vector per
     tensor; tensors the file does not cover get 0 (the file format's rule). ``random:K``
@@ -184,7 +184,7 @@ def from_coefficients_file(path: str, vectors: Sequence[VectorId],
             match the vectors (count, dataset order, base, shapes).
 
     """
-    from tvtool.coeffs import read_coefficients
+    from tvtool.atlas import read_coefficients
 
     coefficient_set = read_coefficients(path)
     label = repr(path)

@@ -8,7 +8,7 @@ the task vectors frozen. Public API:
 * composition -- :class:`VectorStack`, :class:`ComposedEncoder` (the fused composed model),
   and the pure :func:`compose_state`, :func:`composed_vector`, :func:`compose_tensor`;
 * objectives -- ``ce``, ``entropy``, ``infomax``, ``ufm``, ``negation``
-  (:mod:`tvtool.coeffs.objectives`, with each objective's reference defaults);
+  (:mod:`tvtool.atlas.objectives`, with each objective's reference defaults);
 * learning -- :func:`learn` (:class:`LearnerConfig`, :class:`TaskData`, :class:`LearnResult`),
   :func:`split_examples`;
 * files -- :class:`CoefficientSet`, :func:`read_coefficients`, :func:`write_coefficients`.
@@ -19,7 +19,7 @@ The command's workflow (files and datasets in, coefficient file out) is
 See docs/coeffs.md.
 """
 
-from tvtool.coeffs.blocks import (
+from tvtool.atlas.blocks import (
     Granularity,
     Packing,
     Partition,
@@ -28,22 +28,22 @@ from tvtool.coeffs.blocks import (
     layer_of,
     parse_granularity,
 )
-from tvtool.coeffs.compose import (
+from tvtool.atlas.compose import (
     ComposedEncoder,
     VectorStack,
     compose_state,
     compose_tensor,
     composed_vector,
 )
-from tvtool.coeffs.files import (
+from tvtool.atlas.files import (
     COEFFICIENTS_TENSOR,
     CoefficientSet,
     coefficient_set_from_source,
     read_coefficients,
     write_coefficients,
 )
-from tvtool.coeffs.learner import LearnerConfig, LearnResult, TaskData, learn, split_examples
-from tvtool.coeffs.objectives import OBJECTIVES
+from tvtool.atlas.learner import LearnerConfig, LearnResult, TaskData, learn, split_examples
+from tvtool.atlas.objectives import OBJECTIVES
 
 __all__ = [
     "COEFFICIENTS_TENSOR",

@@ -22,9 +22,9 @@ from torch import nn
 from tvtool.errors import UsageError
 from tvtool.metadata import FileMeta, Kind, provenance
 from tvtool.models import EMBEDDED_MODELS, TINY_MODEL, load_clip
+from tvtool.synthetic_world.scenes import rng_for
+from tvtool.synthetic_world.tasks import GENERATOR_VERSION, corpus_batch
 from tvtool.types import StateDict
-from tvtool.world.scenes import rng_for
-from tvtool.world.tasks import GENERATOR_VERSION, corpus_batch
 
 _MAX_LOGIT_SCALE = math.log(100.0)
 # Steps of each embedded model's packaged weights where they differ from the default; the
@@ -46,7 +46,7 @@ class PretrainConfig:
         grad_clip: Maximum global gradient norm.
         seed: Seeds the corpus stream (the initial weights are ``<model>:random``).
         caption_noise: Probability that a caption names a wrong value
-            (see :func:`tvtool.world.domains.domain_captions`).
+            (see :func:`tvtool.synthetic_world.domains.domain_captions`).
         model: Which embedded open_clip config to pre-train (``tvtool-tiny``, the unit
             tests' model, or ``tvtool-small``, the demo's).
     """

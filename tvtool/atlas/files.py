@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tvtool.coeffs.blocks import Partition, TensorSpec, build_partition, parse_granularity
-from tvtool.coeffs.compose import compose_tensor
+from tvtool.atlas.blocks import Partition, TensorSpec, build_partition, parse_granularity
+from tvtool.atlas.compose import compose_tensor
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, open_tensors, write_tensors
 from tvtool.limits import loads_json

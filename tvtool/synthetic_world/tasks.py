@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvtool.world.domains import DOMAINS, LANDS, domain_captions, sample_domain
-from tvtool.world.render import render
-from tvtool.world.scenes import rng_for
-from tvtool.world.vocab import (
+from tvtool.synthetic_world.domains import DOMAINS, LANDS, domain_captions, sample_domain
+from tvtool.synthetic_world.render import render
+from tvtool.synthetic_world.scenes import rng_for
+from tvtool.synthetic_world.vocab import (
     COLORS,
     COUNTS,
     DIGITS,
@@ -43,7 +43,7 @@ class SyntheticTask:
         classnames: Class names in label order.
         templates: Zero-shot prompt templates (``{}`` is the class name).
         domain: The image domain the task's images come from (a key of
-            :data:`tvtool.world.domains.DOMAINS`); every task has a domain of its own.
+            :data:`tvtool.synthetic_world.domains.DOMAINS`); every task has a domain of its own.
         description: One line for listings and docs.
     """
 
@@ -138,7 +138,7 @@ def corpus_batch(rng: np.random.Generator, n: int, noise: float = 0.15,
     """Generate a batch of the captioned pre-training corpus: every domain, mixed.
 
     Each scene comes from a domain drawn uniformly, with a label drawn uniformly and a
-    partial, noisy caption (:func:`tvtool.world.domains.domain_captions`).
+    partial, noisy caption (:func:`tvtool.synthetic_world.domains.domain_captions`).
 
     Args:
         rng: Source of randomness (domains, scenes and caption choices).

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvtool.world.scenes import Scenes, sample_scenes
-from tvtool.world.vocab import (
+from tvtool.synthetic_world.scenes import Scenes, sample_scenes
+from tvtool.synthetic_world.vocab import (
     COLOR_RGB,
     COLORS,
     COUNTS,
@@ -98,7 +98,7 @@ def sample_domain(domain: str, rng: np.random.Generator, labels: np.ndarray,
             it zero-shot transfer would leave next to nothing for fine-tuning to learn.
 
     Returns:
-        Scenes ready for :func:`tvtool.world.render.render`.
+        Scenes ready for :func:`tvtool.synthetic_world.render.render`.
     """
     n = labels.shape[0]
     plain = TEXTURES.index("plain")

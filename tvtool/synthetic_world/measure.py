@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from tvtool.models import ClipBundle, build_zero_shot_head
-from tvtool.world.pretrain import images_to_tensor, normalization
-from tvtool.world.tasks import TASKS, generate_task
+from tvtool.synthetic_world.pretrain import images_to_tensor, normalization
+from tvtool.synthetic_world.tasks import TASKS, generate_task
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ POSITION_ANCHORS = np.array([(9, 9), (23, 9), (9, 23), (23, 23), (16, 16)], dtyp
 TEXTURES: tuple[str, ...] = ("plain", "striped", "checkered", "dotted", "noisy", "gradient")
 
 FACTORS: tuple[str, ...] = ("kind", "digit", "color", "size", "count", "position", "texture")
-"""Names of the per-scene factor arrays of :class:`tvtool.world.scenes.Scenes`."""
+"""Names of the per-scene factor arrays of :class:`tvtool.synthetic_world.scenes.Scenes`."""
 
 _FONT_ROWS = {
     "0": (".###.", "#...#", "#..##", "#.#.#", "##..#", "#...#", ".###."),

@@ -1,13 +1,13 @@
 """Gradient descent on aTLAS coefficients, with the task vectors frozen.
 
-The learner sees a :class:`~tvtool.coeffs.compose.ComposedEncoder` and one or more datasets,
+The learner sees a :class:`~tvtool.atlas.compose.ComposedEncoder` and one or more datasets,
 each with a frozen zero-shot head. Every step draws a batch from every dataset, runs one forward
 pass over their concatenation, and updates only the ``[T, num_blocks]`` coefficient matrix
 (AdamW, cosine schedule, gradient-norm clipping). Coefficients are scored on held-out data
 every ``eval_every`` steps, and before the first step at the initialisation and at the
 zero-shot model (all coefficients 0, as the aTLAS reference starts its selection from the
 zero-shot accuracy); the best scoring candidate is returned (see
-:func:`~tvtool.coeffs.objectives.selection_score`), and training stops after ``patience``
+:func:`~tvtool.atlas.objectives.selection_score`), and training stops after ``patience``
 evaluations without improvement.
 """
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tvtool.coeffs.compose import ComposedEncoder
-from tvtool.coeffs.objectives import (
+from tvtool.atlas.compose import ComposedEncoder
+from tvtool.atlas.objectives import (
     AUGMENTATIONS,
     DEFAULT_CONTROL_THRESHOLD,
     DEFAULT_UFM_THRESHOLD,
@@ -62,12 +62,12 @@ class LearnerConfig:
     """Hyper-parameters of coefficient learning.
 
     Fields left at None take the objective's default
-    (:data:`tvtool.coeffs.objectives.DEFAULTS`, each from the objective's reference code);
+    (:data:`tvtool.atlas.objectives.DEFAULTS`, each from the objective's reference code);
     :meth:`resolved` fills them in.
 
     Attributes:
         objective: ``ce``, ``entropy``, ``infomax``, ``ufm`` or ``negation`` (see
-            :mod:`tvtool.coeffs.objectives`).
+            :mod:`tvtool.atlas.objectives`).
         steps: Optimisation steps.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay (pulls coefficients towards 0).
@@ -82,7 +82,7 @@ class LearnerConfig:
         init: Initial value of every coefficient.
         grad_clip: Maximum gradient norm of the coefficients (0: no clipping).
         augment: ``none``, ``train`` or ``reference`` (see
-            :class:`~tvtool.coeffs.objectives.ObjectiveDefaults`); for ``ufm`` the strong
+            :class:`~tvtool.atlas.objectives.ObjectiveDefaults`); for ``ufm`` the strong
             view's augmentation.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast for the encoder's forward
             pass; :func:`learn` resolves ``auto`` for the encoder's device

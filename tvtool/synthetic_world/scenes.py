@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tvtool.world.vocab import (
+from tvtool.synthetic_world.vocab import (
     COLOR_RGB,
     COLORS,
     DIGIT_EXTRA_RADIUS,
@@ -66,7 +66,8 @@ class Shift:
 class Scenes:
     """A batch of ``n`` scenes.
 
-    Factor arrays (int64, shape ``[n]``) index into the tuples of :mod:`tvtool.world.vocab`.
+    Factor arrays (int64, shape ``[n]``) index into the tuples of
+    :mod:`tvtool.synthetic_world.vocab`.
 
     Attributes:
         kind: Object kind: an index into ``SHAPES``, or ``DIGIT_KIND`` for a digit glyph.

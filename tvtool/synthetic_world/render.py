@@ -1,11 +1,11 @@
-"""Vectorised rendering of :class:`~tvtool.world.scenes.Scenes` to 32x32 RGB images."""
+"""Vectorised rendering of :class:`~tvtool.synthetic_world.scenes.Scenes` to 32x32 RGB images."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from tvtool.world.scenes import Scenes
-from tvtool.world.vocab import (
+from tvtool.synthetic_world.scenes import Scenes
+from tvtool.synthetic_world.vocab import (
     DIGIT_KIND,
     FONT,
     FONT_COLS,

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tvtool.commands.common import WriteResult, config_args
+from tvtool.commands.common import config_args
 from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
@@ -30,6 +30,7 @@ from tvtool.io import (
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.models.modules import module_table, root_class
+from tvtool.types import WriteResult
 from tvtool.vectors import open_vector_meta
 
 Logger = Callable[[str], None]

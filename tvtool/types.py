@@ -1,9 +1,15 @@
-"""Shared type aliases, and the do-nothing logger and progress factory the library defaults to."""
+"""Shared types: aliases, the do-nothing logger and progress, the writing commands' result.
+
+The library defaults to the do-nothing logger and progress factory; :class:`WriteResult` is what
+every command that writes a tensor file (extract, negate, apply, convert, merge) reports.
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -35,3 +41,26 @@ def no_advance(_n: int = 1) -> None:
 def no_progress(_description: str, _total: int | None) -> Iterator[Advance]:
     """A progress factory that shows nothing."""
     yield no_advance
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What a command that writes a tensor file produced (or, for a dry run, would produce).
+
+    Attributes:
+        output: The path written, or ``-`` for stdout.
+        tensors: Number of tensors in the output.
+        parameters: Number of scalars in the output.
+        notes: Warnings and remarks for the user (stderr in the CLI).
+        details: Command-specific facts for the JSON report.
+    """
+
+    output: str
+    tensors: int
+    parameters: int
+    notes: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready summary."""
+        return asdict(self)

@@ -8,7 +8,6 @@ from typing import Any
 
 from tvtool.cards import CardVector, model_card
 from tvtool.commands.common import (
-    WriteResult,
     check_stdin_once,
     config_args,
     dumps_sorted,
@@ -27,7 +26,7 @@ from tvtool.io import (
 from tvtool.metadata import FileMeta, Kind, provenance
 from tvtool.models import architecture_shapes, base_source, fingerprint, resolve_ref
 from tvtool.models.hub import open_clip_hf_config
-from tvtool.types import Logger
+from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import (
     check_coefficients,

@@ -1,4 +1,6 @@
-"""What the file-level commands share: their result record, input checks, provenance.
+"""What the file-level commands share: input checks and provenance.
+
+Their result record, :class:`tvtool.types.WriteResult`, is shared with ``merge``.
 
 One module per command (:mod:`~tvtool.commands.extract`, :mod:`~tvtool.commands.negate`,
 :mod:`~tvtool.commands.apply`, :mod:`~tvtool.commands.inspect`,
@@ -12,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 from tvtool.errors import UsageError
@@ -28,21 +30,6 @@ def opened(sources: list[TensorSource]) -> Iterator[list[TensorSource]]:
     finally:
         for source in sources:
             source.close()
-
-
-@dataclass(frozen=True)
-class WriteResult:
-    """What a writing command produced."""
-
-    output: str
-    tensors: int
-    parameters: int
-    notes: list[str] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        """JSON-ready summary."""
-        return asdict(self)
 
 
 def check_stdin_once(paths: Sequence[str]) -> None:

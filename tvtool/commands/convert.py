@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvtool.commands.common import WriteResult, config_args, file_inputs, opened
+from tvtool.commands.common import config_args, file_inputs, opened
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import (
     STDIO,
@@ -27,7 +27,7 @@ from tvtool.models import (
     resolve_ref,
     uses_quick_gelu,
 )
-from tvtool.types import Logger
+from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 
 

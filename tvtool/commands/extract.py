@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvtool.commands.common import WriteResult, config_args, file_inputs, opened
+from tvtool.commands.common import config_args, file_inputs, opened
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorSource, check_output, open_tensors, write_tensors
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
-from tvtool.types import Logger
+from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import plan_extract
 

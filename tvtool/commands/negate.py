@@ -6,13 +6,13 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from tvtool.commands.common import WriteResult, config_args, dumps_sorted, opened
+from tvtool.commands.common import config_args, dumps_sorted, opened
 from tvtool.errors import UsageError
 from tvtool.formats.lora import SUFFIX_A
 from tvtool.io import TensorSource, check_output, open_tensors, write_tensors
 from tvtool.limits import loads_json
 from tvtool.metadata import provenance
-from tvtool.types import Logger
+from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import (
     StreamPlan,

@@ -22,24 +22,13 @@ from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
 from tvtool.merge.registry import get_method
 from tvtool.merge.threads import intra_op_threads
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
-from tvtool.types import Logger
+from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import check_architecture, metadata_warnings, open_vector
 
 
-@dataclass(frozen=True)
-class MergeResult:
-    """What ``merge`` wrote (or, for a dry run, would write)."""
-
-    output: str
-    tensors: int
-    parameters: int
-    notes: list[str] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        """JSON-ready summary."""
-        return asdict(self)
+class MergeResult(WriteResult):
+    """What ``merge`` wrote (or, for a dry run, would write): a :class:`WriteResult`."""
 
 
 @dataclass

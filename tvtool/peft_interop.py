@@ -8,7 +8,6 @@ The tensor mapping is in :mod:`tvtool.finetune.peft_adapters`, the files in
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,17 +29,14 @@ from tvtool.io import (
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.models.modules import module_table, root_class
-from tvtool.types import WriteResult
+from tvtool.types import Logger, WriteResult
+from tvtool.types import quiet as _quiet
 from tvtool.vectors import open_vector_meta
 
-Logger = Callable[[str], None]
 MODULE_ROOTS = ("clip", "visual")
 """``--module`` values: the whole open_clip model, or its image tower ``model.visual``."""
 _PEFT_MODULE_KEY = PREFIX + "peft_module"
 
-
-def _quiet(_: str) -> None:
-    return None
 
 
 def _check_root(module: str, allow_auto: bool) -> None:

@@ -27,10 +27,7 @@ from tvtool.finetune.registry import get_mode
 from tvtool.finetune.sampling import dist_from_env
 from tvtool.io import check_output, ensure_directory, write_tensors
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
-
-
-def _quiet(_: str) -> None:
-    return None
+from tvtool.types import quiet as _quiet
 
 
 def check_encoder(mode: Mode, encoder: torch.nn.Module, options: Any) -> None:

@@ -55,7 +55,9 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
         InvalidInputError: bad inputs (see :func:`tvtool.vectors.plan_extract`), or an output
             that is an input.
     """
-    if config.mode not in (Mode.FULL, Mode.ATTN):
+    # A checkpoint difference is a dense delta of the ordinary model: a mode whose vectors are
+    # linearized or factored records something a difference cannot give.
+    if config.mode.linearized or config.mode.factored:
         raise UsageError(f"extract cannot record mode {config.mode.value}: those vectors come "
                          "from `tvtool finetune`, which stores what they need")
     ref = resolve_ref(config.base)

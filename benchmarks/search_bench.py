@@ -125,8 +125,8 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tvtool.evaluate import DisentanglementConfig, disentanglement
-    from tvtool.workflows.evaluator import EvalSettings, Evaluator
+    from tvtool.evaluate import DisentanglementConfig, EvalSettings, disentanglement
+    from tvtool.workflows.evaluator import Evaluator
 
     counter = _Counter()
     grid = [i / (args.grid - 1) for i in range(args.grid)]
@@ -167,10 +167,8 @@ def main() -> int:
 
         alphas = tuple(round(-3.0 + 6.0 * i / (args.dis_grid - 1), 10)
                        for i in range(args.dis_grid))
-        config = DisentanglementConfig(base=args.base, vectors=(vectors[0], vectors[1]),
-                                       datasets=(datasets[0], datasets[1]), alphas=alphas,
-                                       limit=args.limit, batch_size=args.batch, device="cpu",
-                                       precision="fp32", cache_heads=False)
+        config = DisentanglementConfig(settings, vectors=(vectors[0], vectors[1]),
+                                       datasets=(datasets[0], datasets[1]), alphas=alphas)
         # Generate the two datasets once (kept in memory by the synthetic source) outside the
         # timings.
         disentanglement(dataclasses.replace(config, alphas=(0.0, 1.0)))

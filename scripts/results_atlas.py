@@ -51,13 +51,13 @@ def _test_accuracies(args: argparse.Namespace, vectors: list[str], coefs_path: s
                      ) -> dict[str, float]:
     """Test accuracy of the base edited with a coefficient file, per task."""
     from tvtool.atlas import read_coefficients
-    from tvtool.evaluate import EvalConfig, evaluate
+    from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
 
     builder = read_coefficients(coefs_path).weight_builder()
-    report = evaluate(EvalConfig(base=args.base, datasets=tuple(args.tasks),
-                                 vectors=tuple(vectors), split="test", limit=args.limit,
-                                 batch_size=args.eval_batch_size, device=args.device,
-                                 seed=args.seed, weights=builder), log=log)
+    settings = EvalSettings(base=args.base, batch_size=args.eval_batch_size,
+                            device=args.device, limit=args.limit, seed=args.seed)
+    report = evaluate(EvalConfig(settings, datasets=tuple(args.tasks), vectors=tuple(vectors),
+                                 split="test", weights=builder), log=log)
     return {r.dataset: r.accuracy for r in report.results}
 
 
@@ -83,9 +83,9 @@ def learn(args: argparse.Namespace, vectors: list[str], objective: str,
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune (or reuse), search α, learn coefficients, evaluate; the results document."""
+    from tvtool.evaluate import EvalSettings
     from tvtool.grid import parse_grid
     from tvtool.merge import MergeConfig
-    from tvtool.workflows.evaluator import EvalSettings
     from tvtool.workflows.merge_search import normalize, search_merge
 
     workdir = Path(args.workdir)

@@ -72,9 +72,10 @@ def finetune_vectors(args: argparse.Namespace, workdir: Path) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Fine-tune, merge, search and evaluate; return the results document."""
+    from tvtool.evaluate import EvalSettings
     from tvtool.grid import parse_grid
     from tvtool.merge import MergeConfig, merge
-    from tvtool.workflows.evaluator import EvalSettings, Evaluator
+    from tvtool.workflows.evaluator import Evaluator
     from tvtool.workflows.merge_search import default_grid_text, normalize, search_merge
 
     workdir = Path(args.workdir)

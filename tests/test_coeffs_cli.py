@@ -11,7 +11,7 @@ from safetensors.torch import load as load_bytes
 
 from tests.conftest import load
 from tvtool.atlas import LearnerConfig, compose_state, composed_vector, read_coefficients
-from tvtool.evaluate import EvalConfig, evaluate
+from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
 from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
 
 
@@ -88,11 +88,12 @@ def test_end_to_end_writes_a_valid_coefficient_file_and_merged_model(cli, files,
     merged_tensors = load(str(merged_vector))
     for name, tensor in composed.items():
         torch.testing.assert_close(merged_tensors[name].float(), tensor, rtol=0, atol=1e-6)
-    settings = {"datasets": ("synthetic:shape",), "split": "test", "limit": 24,
-                "device": "cpu"}
-    with_builder = evaluate(EvalConfig(base=files["base"], vectors=(files["tv1"], files["tv2"]),
-                                       weights=coefs.weight_builder(), **settings))
-    with_checkpoint = evaluate(EvalConfig(base=str(merged), **settings))
+    common = {"datasets": ("synthetic:shape",), "split": "test"}
+    with_builder = evaluate(EvalConfig(EvalSettings(base=files["base"], limit=24, device="cpu"),
+                                       vectors=(files["tv1"], files["tv2"]),
+                                       weights=coefs.weight_builder(), **common))
+    with_checkpoint = evaluate(EvalConfig(EvalSettings(base=str(merged), limit=24,
+                                                       device="cpu"), **common))
     assert with_builder.results[0].correct == with_checkpoint.results[0].correct
     # ... and what `tvtool eval --coefs` evaluates.
     result = cli(["eval", files["tv1"], files["tv2"], "--coefs", str(out), "--base",

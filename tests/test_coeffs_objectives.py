@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from tvtool.atlas.learner import LearnerConfig, augment, crop_box, trusted_subset
+from tvtool.atlas.augment import augment, crop_box
+from tvtool.atlas.learner import LearnerConfig
 from tvtool.atlas.objectives import (
     DEFAULTS,
     TaskOutput,
@@ -22,6 +23,7 @@ from tvtool.atlas.objectives import (
     selection_score,
     ufm_loss,
 )
+from tvtool.atlas.ufm import trusted_subset
 from tvtool.errors import UsageError
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0],

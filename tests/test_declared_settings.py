@@ -82,6 +82,28 @@ def test_finetune_help_has_every_flag_the_modes_declare(cli):
             assert option.flag in text and option.help in text
 
 
+def test_finetune_help_lists_the_registered_modes(cli):
+    result = cli(["finetune", "--help"])
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "[full|attn|linear|lora|llora|llora-net]" in text
+    assert "full, attn, linear, lora, llora (L-LoRA) or llora-net." in text
+    assert "Also write the fine-tuned model as a checkpoint (full, attn, lora, llora)." in text
+
+
+def test_finetune_mode_help_follows_the_registry(monkeypatch):
+    # What a mode added to the registry (or removed from it) changes: nothing in cli/.
+    from tvtool.cli import finetune as finetune_cli
+    from tvtool.metadata import Mode
+
+    kept = {mode: MODES[mode] for mode in (Mode.FULL, Mode.LINEAR, Mode.LLORA)}
+    monkeypatch.setattr("tvtool.finetune.MODES", kept)
+    assert finetune_cli._mode_metavar() == {"mode": "[full|linear|llora]"}
+    assert finetune_cli._mode_help() == {
+        "mode": "full, linear or llora (L-LoRA).",
+        "checkpoint_out": "Also write the fine-tuned model as a checkpoint (full, llora)."}
+
+
 def test_mode_flags_reach_the_mode_options(cli, tmp_path):
     # An invalid value of a mode's flag is refused by the mode's options dataclass.
     result = cli(["finetune", "-b", "tvtool-tiny:random", "-d", "synthetic:shape",

@@ -14,6 +14,7 @@ from tvtool.commands.apply import apply as run_apply
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.evaluate import (
     EvalConfig,
+    EvalSettings,
     clear_memory_cache,
     evaluate,
     head_key,
@@ -60,8 +61,8 @@ def _images(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 
 def test_base_accuracy_on_synthetic_task(files):
-    report = evaluate(EvalConfig(base=files["base"], datasets=(DATASET,), limit=48,
-                                 device="cpu"))
+    report = evaluate(EvalConfig(EvalSettings(base=files["base"], limit=48, device="cpu"),
+                                 datasets=(DATASET,)))
     (result,) = report.results
     assert result.dataset == DATASET and result.split == "test"
     assert result.total == 48 and result.num_classes == 6
@@ -98,10 +99,12 @@ def test_eval_report_of_vectors_equals_report_of_checkpoint(files, tmp_path):
     applied = tmp_path / "applied.safetensors"
     run_apply(ApplyConfig(base=files["base"], vectors=(files["tv1"],
                                             files["tv2"]), output=str(applied), coefs=(0.5,)))
-    common = {"datasets": (DATASET, "synthetic:color"), "limit": 40, "device": "cpu"}
-    via_vectors = evaluate(EvalConfig(base=files["base"], vectors=(files["tv1"], files["tv2"]),
-                                      coefs=(0.5,), **common))
-    via_checkpoint = evaluate(EvalConfig(base=str(applied), **common))
+    common = {"datasets": (DATASET, "synthetic:color")}
+    via_vectors = evaluate(EvalConfig(EvalSettings(base=files["base"], limit=40, device="cpu"),
+                                      vectors=(files["tv1"], files["tv2"]), coefs=(0.5,),
+                                      **common))
+    via_checkpoint = evaluate(EvalConfig(EvalSettings(base=str(applied), limit=40,
+                                                      device="cpu"), **common))
     assert [r.correct for r in via_vectors.results] == [r.correct for r in via_checkpoint.results]
     assert [v["coef"] for v in via_vectors.model["vectors"]] == [0.5, 0.5]
 
@@ -212,14 +215,14 @@ def test_head_file_with_wrong_class_count_is_refused(files, tmp_path):
     path = tmp_path / "head.safetensors"
     write_tensors(str(path), {"head": head}, head_metadata(key))
     with pytest.raises(InvalidInputError, match="scores 3 classes, the dataset has 6"):
-        evaluate(EvalConfig(base=files["base"], datasets=(DATASET,), heads=(str(path),),
-                            limit=8, device="cpu"))
+        evaluate(EvalConfig(EvalSettings(base=files["base"], limit=8, device="cpu"),
+                            datasets=(DATASET,), heads=(str(path),)))
 
 
 def test_references_and_normalized_accuracy(files, tmp_path):
-    finetuned = evaluate(EvalConfig(base=files["base"], vectors=(files["tv1"],),
-                                    datasets=(DATASET, "synthetic:color"), limit=40,
-                                    device="cpu"))
+    finetuned = evaluate(EvalConfig(EvalSettings(base=files["base"], limit=40, device="cpu"),
+                                    vectors=(files["tv1"],),
+                                    datasets=(DATASET, "synthetic:color")))
     doc = finetuned.as_json()
     # A single-vector report whose vector records no matching dataset: every entry is taken.
     refs = references_from_document(doc, "ft")
@@ -230,8 +233,9 @@ def test_references_and_normalized_accuracy(files, tmp_path):
     path = tmp_path / "ref.json"
     write_json(str(path), {DATASET: 0.5, "synthetic:color": {"accuracy": 0.25,
                                                                "num_classes": 8}})
-    report = evaluate(EvalConfig(base=files["base"], datasets=(DATASET, "synthetic:color"),
-                                 references=(str(path),), limit=40, device="cpu"))
+    report = evaluate(EvalConfig(EvalSettings(base=files["base"], limit=40, device="cpu"),
+                                 datasets=(DATASET, "synthetic:color"),
+                                 references=(str(path),)))
     for result, ref in zip(report.results, (0.5, 0.25), strict=True):
         assert result.reference_accuracy == ref
         assert result.normalized_accuracy == pytest.approx(result.accuracy / ref)
@@ -257,25 +261,51 @@ def test_reference_class_count_mismatch_is_refused(files, tmp_path):
     write_json(str(path), {DATASET: {"accuracy": 0.9, "num_classes": 10}})
     assert load_references([str(path)])[DATASET].num_classes == 10
     with pytest.raises(InvalidInputError, match="10 classes, the dataset has 6"):
-        evaluate(EvalConfig(base=files["base"], datasets=(DATASET,), references=(str(path),),
-                            limit=8, device="cpu"))
+        evaluate(EvalConfig(EvalSettings(base=files["base"], limit=8, device="cpu"),
+                            datasets=(DATASET,), references=(str(path),)))
 
 
-@pytest.mark.parametrize("changes, error", [
-    ({"datasets": ()}, UsageError),
-    ({"batch_size": 0}, UsageError),
-    ({"limit": 0}, UsageError),
-    ({"split": "holdout"}, UsageError),
-    ({"precision": "fp8"}, UsageError),
-    ({"device": "tpu"}, UsageError),
-    ({"coefs": (1.0, 2.0, 3.0), "vectors": ("a", "b")}, UsageError),
-    ({"datasets": ("synthetic:nope",)}, InvalidInputError),
+@pytest.mark.parametrize("settings, changes, error", [
+    ({}, {"datasets": ()}, UsageError),
+    ({"batch_size": 0}, {}, UsageError),
+    ({"workers": -1}, {}, UsageError),
+    ({"limit": 0}, {}, UsageError),
+    ({}, {"split": "holdout"}, UsageError),
+    ({"precision": "fp8"}, {}, UsageError),
+    ({"device": "tpu"}, {}, UsageError),
+    ({}, {"coefs": (1.0, 2.0, 3.0), "vectors": ("a", "b")}, UsageError),
+    ({}, {"heads": ("a", "b")}, UsageError),
+    ({}, {"datasets": ("synthetic:nope",)}, InvalidInputError),
 ])
-def test_bad_settings(files, changes, error):
-    config = EvalConfig(**{"base": files["base"], "datasets": (DATASET,), "device": "cpu",
-                           "limit": 8, **changes})
+def test_bad_settings(files, settings, changes, error):
     with pytest.raises(error):
-        evaluate(config)
+        evaluate(EvalConfig(EvalSettings(**{"base": files["base"], "device": "cpu",
+                                            "limit": 8, **settings}),
+                            **{"datasets": (DATASET,), **changes}))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"batch_size": 0}, "--batch-size must be positive"),
+    ({"workers": -1}, "--workers must be >= 0"),
+    ({"precision": "fp8"}, "fp8"),
+])
+def test_settings_are_checked_on_construction(changes, message):
+    # Every evaluating command (eval, disentanglement, the searches) holds these settings, so
+    # a bad value is refused before any model or dataset is opened.
+    with pytest.raises(UsageError, match=message):
+        EvalSettings(base="unused", **changes)
+
+
+def test_report_settings_keep_their_order():
+    config = EvalConfig(EvalSettings(base="b", limit=4), datasets=("d",), vectors=("v",),
+                        weights={})
+    assert list(config.arguments()) == [
+        "base", "datasets", "vectors", "coefs", "split", "data_root", "batch_size", "device",
+        "precision", "limit", "seed", "workers", "references", "heads", "allow_base_mismatch",
+        "approximate_linearized", "cache_heads", "weights"]
+    assert config.arguments()["datasets"] == ["d"]
+    assert config.arguments()["limit"] == 4
+    assert config.arguments()["weights"] == "state dict"
 
 
 def test_limit_subset_is_seeded_and_sorted():

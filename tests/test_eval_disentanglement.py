@@ -16,6 +16,7 @@ from tvtool.evaluate import (
     DEFAULT_GRID,
     GRID_LIMITS,
     DisentanglementConfig,
+    EvalSettings,
     clear_memory_cache,
     disentanglement,
     error_at,
@@ -62,10 +63,9 @@ def big_vectors(files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def report(files, big_vectors):
     clear_memory_cache()
-    config = DisentanglementConfig(base=files["base"], vectors=(big_vectors[0], big_vectors[1]),
-                                   datasets=(D1, D2), alphas=parse_grid("-1:1:1", **GRID_LIMITS),
-                                   limit=LIMIT,
-                                   device="cpu", cache_heads=False)
+    settings = EvalSettings(base=files["base"], limit=LIMIT, device="cpu", cache_heads=False)
+    config = DisentanglementConfig(settings, vectors=(big_vectors[0], big_vectors[1]),
+                                   datasets=(D1, D2), alphas=parse_grid("-1:1:1", **GRID_LIMITS))
     return disentanglement(config)
 
 
@@ -172,3 +172,26 @@ def test_cli_bad_input_writes_nothing(cli, files, big_vectors, tmp_path, extra, 
     result = cli(args)
     assert result.exit_code == 2 and message in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"datasets": (D1, D1)}, "must differ"),
+    ({"vectors": ("a",)}, "exactly two"),
+    ({"alphas": (1.0,)}, "two distinct"),
+    ({"alphas": (1.0, 1.0)}, "two distinct"),
+])
+def test_config_is_checked_on_construction(changes, message):
+    with pytest.raises(UsageError, match=message):
+        DisentanglementConfig(**{"settings": EvalSettings(base="unused"), "vectors": ("a", "b"),
+                                 "datasets": (D1, D2), **changes})
+
+
+def test_report_settings_keep_their_order():
+    config = DisentanglementConfig(EvalSettings(base="b", workers=2), vectors=("a", "b"),
+                                   datasets=(D1, D2), alphas=(0.0, 1.0))
+    assert list(config.arguments()) == [
+        "base", "vectors", "datasets", "alphas", "split", "data_root", "batch_size", "device",
+        "precision", "limit", "seed", "workers", "allow_base_mismatch",
+        "approximate_linearized", "cache_heads"]
+    assert config.arguments()["alphas"] == [0.0, 1.0]
+    assert config.arguments()["workers"] == 2

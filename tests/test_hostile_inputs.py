@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tvtool.errors import InvalidInputError, TvtoolError
 from tvtool.io import read_pickled_checkpoint, write_tensors
 from tvtool.io.atomic import STALE_AFTER_S, STALE_UNKNOWN_AFTER_S, remove_stale_temp_files
-from tvtool.io.safetensors_io import write_bytes
+from tvtool.io.documents import write_bytes
 from tvtool.io.yaml_io import parse_yaml, read_yaml
 from tvtool.limits import MAX_NESTING, loads_json, short_repr
 from tvtool.merge.config import load_config

@@ -12,13 +12,14 @@ from tvtool.device import autocast
 from tvtool.errors import UsageError
 from tvtool.evaluate import (
     DisentanglementConfig,
+    EvalSettings,
     disentanglement,
     open_eval_data,
     open_eval_model,
 )
 from tvtool.evaluate.batches import batches
 from tvtool.evaluate.linear_cache import LinearizedFeatures
-from tvtool.workflows.evaluator import EvalSettings, Evaluator
+from tvtool.workflows.evaluator import Evaluator
 
 D1, D2 = "synthetic:shape", "synthetic:color"
 LIMIT = 24
@@ -170,9 +171,8 @@ def test_linearized_features_refuse_a_plain_model(files):
 
 
 def _map(files, vectors, alphas, **kwargs):
-    config = DisentanglementConfig(base=files["base"], vectors=(vectors[0], vectors[1]),
-                                   datasets=(D1, D2), alphas=alphas, limit=LIMIT,
-                                   batch_size=BATCH, device="cpu")
+    config = DisentanglementConfig(_settings(files), vectors=(vectors[0], vectors[1]),
+                                   datasets=(D1, D2), alphas=alphas)
     return disentanglement(config, **kwargs)
 
 

@@ -247,8 +247,8 @@ def test_measure_negation_falls_back_or_refuses_when_no_alpha_is_feasible(world,
     import dataclasses
 
     from tvtool.errors import TvtoolError
+    from tvtool.evaluate import EvalSettings
     from tvtool.workflows import negation
-    from tvtool.workflows.evaluator import EvalSettings
 
     real = negation.search_negation
 

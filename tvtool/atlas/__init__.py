@@ -9,8 +9,10 @@ the task vectors frozen. Public API:
   and the pure :func:`compose_state`, :func:`composed_vector`, :func:`compose_tensor`;
 * objectives -- ``ce``, ``entropy``, ``infomax``, ``ufm``, ``negation``
   (:mod:`tvtool.atlas.objectives`, with each objective's reference defaults);
-* learning -- :func:`learn` (:class:`LearnerConfig`, :class:`TaskData`, :class:`LearnResult`),
-  :func:`split_examples`;
+* learning -- :func:`learn` (:class:`LearnerConfig`, :class:`TaskData`, :class:`LearnResult`;
+  :mod:`tvtool.atlas.learner`), the examples it learns on (:func:`split_examples`,
+  :mod:`tvtool.atlas.examples`), image augmentation (:mod:`tvtool.atlas.augment`) and the UFM
+  objective's pseudo-labels (:mod:`tvtool.atlas.ufm`);
 * files -- :class:`CoefficientSet`, :func:`read_coefficients`, :func:`write_coefficients`.
 
 The command's workflow (files and datasets in, coefficient file out) is
@@ -35,6 +37,7 @@ from tvtool.atlas.compose import (
     compose_tensor,
     composed_vector,
 )
+from tvtool.atlas.examples import split_examples
 from tvtool.atlas.files import (
     COEFFICIENTS_TENSOR,
     CoefficientSet,
@@ -42,7 +45,7 @@ from tvtool.atlas.files import (
     read_coefficients,
     write_coefficients,
 )
-from tvtool.atlas.learner import LearnerConfig, LearnResult, TaskData, learn, split_examples
+from tvtool.atlas.learner import LearnerConfig, LearnResult, TaskData, learn
 from tvtool.atlas.objectives import OBJECTIVES
 
 __all__ = [

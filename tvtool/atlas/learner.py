@@ -9,22 +9,29 @@ zero-shot model (all coefficients 0, as the aTLAS reference starts its selection
 zero-shot accuracy); the best scoring candidate is returned (see
 :func:`~tvtool.atlas.objectives.selection_score`), and training stops after ``patience``
 evaluations without improvement.
+
+What it learns on lives next to it: the choice of examples and their batches in
+:mod:`tvtool.atlas.examples`, image augmentation in :mod:`tvtool.atlas.augment`, the UFM
+objective's pseudo-labels and step in :mod:`tvtool.atlas.ufm`, the objectives themselves in
+:mod:`tvtool.atlas.objectives`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
+from tvtool.atlas.augment import augment
 from tvtool.atlas.compose import ComposedEncoder
+from tvtool.atlas.examples import Examples
 from tvtool.atlas.objectives import (
     AUGMENTATIONS,
     DEFAULT_CONTROL_THRESHOLD,
@@ -41,20 +48,11 @@ from tvtool.atlas.objectives import (
     needs_labels,
     selection_score,
 )
+from tvtool.atlas.ufm import UfmTask, ufm_outputs, ufm_task
 from tvtool.device import autocast, check_precision, resolve_precision
-from tvtool.errors import (
-    InvalidInputError,
-    NumericalError,
-    TvtoolError,
-    UsageError,
-    worker_error_text,
-)
+from tvtool.errors import NumericalError, UsageError
 from tvtool.types import Advance, Logger
 from tvtool.types import quiet as _quiet
-
-# Preprocessed examples are kept on the device for repeated epochs up to this many bytes per
-# dataset part; larger parts are re-read through a DataLoader.
-MATERIALIZE_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -218,247 +216,6 @@ class LearnResult:
     config: dict[str, Any] = field(default_factory=dict)
 
 
-# ---------------------------------------------------------------------------------------------
-# Example selection
-# ---------------------------------------------------------------------------------------------
-
-
-def dataset_labels(dataset: Dataset[Any]) -> Tensor:
-    """Labels of every example, read from ``labels``/``targets`` when the dataset has them.
-
-    Falls back to reading every example (slow for large image datasets).
-
-    Raises:
-        InvalidInputError: an example that is not an ``(image, label)`` pair.
-    """
-    for attribute in ("labels", "targets"):
-        values = getattr(dataset, attribute, None)
-        if values is not None:
-            labels = torch.as_tensor(values).long().reshape(-1)
-            if labels.numel() == len(dataset):  # type: ignore[arg-type]
-                return labels
-    return torch.tensor([int(_read(dataset, i, "dataset")[1])
-                         for i in range(len(dataset))],  # type: ignore[arg-type]
-                        dtype=torch.int64)
-
-
-def split_examples(labels: Tensor | None, size: int, *, shots: int | None, val_fraction: float,
-                   seed: int, num_classes: int | None = None) -> tuple[list[int], list[int]]:
-    """Choose training and held-out example indices.
-
-    With labels: ``shots`` examples per class (all when None), seeded; from each class,
-    ``round(val_fraction × n_c)`` are held out (at least one when the class has two or more).
-    Without labels: ``shots × num_classes`` examples at random (label-free), the same fraction
-    held out.
-
-    Args:
-        labels: Labels of all examples, or None for unlabelled selection.
-        size: Number of examples in the dataset.
-        shots: Examples per class (None: all).
-        val_fraction: Fraction held out, in ``[0, 1)``.
-        seed: Seed of the choice.
-        num_classes: Class count (sizes the unlabelled sample).
-
-    Returns:
-        ``(train_indices, val_indices)``, sorted.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    train: list[int] = []
-    val: list[int] = []
-
-    def take(pool: Tensor) -> None:
-        count = len(pool)
-        held = 0
-        if val_fraction > 0 and count >= 2:
-            held = min(count - 1, max(1, round(val_fraction * count)))
-        val.extend(pool[:held].tolist())
-        train.extend(pool[held:].tolist())
-
-    if labels is None:
-        order = torch.randperm(size, generator=generator)
-        if shots is not None:
-            order = order[:shots * (num_classes or 1)]
-        take(order)
-    else:
-        for label in torch.unique(labels).tolist():
-            members = torch.nonzero(labels == label).reshape(-1)
-            members = members[torch.randperm(len(members), generator=generator)]
-            take(members[:shots] if shots is not None else members)
-    return sorted(train), sorted(val)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------
-
-
-def _read(dataset: Dataset[Any], index: int, name: str) -> tuple[Tensor, int]:
-    try:
-        item = dataset[index]
-    except TvtoolError:
-        raise
-    except (OSError, ValueError, RuntimeError, TypeError, IndexError) as exc:
-        raise InvalidInputError(f"cannot read example {index} of {name}: "
-                                f"{' '.join(str(exc).split())[:200]}") from exc
-    if not isinstance(item, (tuple, list)) or len(item) < 2 or not isinstance(item[0], Tensor):
-        raise InvalidInputError(f"{name} does not yield (image tensor, label) pairs")
-    return item[0], int(item[1])
-
-
-class _Examples:
-    """A dataset part, kept on the device when it fits, iterated in (shuffled) batches."""
-
-    def __init__(self, dataset: Dataset[Any], name: str, device: torch.device,
-                 workers: int) -> None:
-        self.dataset = dataset
-        self.name = name
-        self.device = device
-        self.workers = workers
-        self.size = len(dataset)  # type: ignore[arg-type]
-        self.images: Tensor | None = None
-        self.labels: Tensor | None = None
-        if self.size == 0:
-            raise InvalidInputError(f"{name} has no examples",
-                                    hint="use more --shots or a smaller --val-fraction")
-        first, _ = _read(dataset, 0, name)
-        if first.nelement() * first.element_size() * self.size <= MATERIALIZE_BYTES:
-            items = [_read(dataset, i, name) for i in range(self.size)]
-            self.images = torch.stack([image for image, _ in items]).to(device)
-            self.labels = torch.tensor([label for _, label in items], device=device)
-
-    def batches(self, batch_size: int, generator: torch.Generator | None
-                ) -> Iterator[tuple[Tensor, Tensor]]:
-        """One pass in batches; shuffled when a generator is given."""
-        if self.images is not None and self.labels is not None:
-            order = (torch.randperm(self.size, generator=generator) if generator is not None
-                     else torch.arange(self.size)).to(self.device)
-            for start in range(0, self.size, batch_size):
-                index = order[start:start + batch_size]
-                yield self.images[index], self.labels[index]
-            return
-        loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=generator is not None,
-                            generator=generator, num_workers=self.workers,
-                            pin_memory=self.device.type == "cuda")
-        try:
-            for images, labels in loader:
-                yield images.to(self.device, non_blocking=True), \
-                    torch.as_tensor(labels).long().to(self.device, non_blocking=True)
-        except TvtoolError:
-            raise
-        except (OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise InvalidInputError(f"cannot read an example of {self.name}: "
-                                    f"{worker_error_text(exc)}") from exc
-
-    def endless(self, batch_size: int, generator: torch.Generator
-                ) -> Iterator[tuple[Tensor, Tensor]]:
-        """Shuffled batches forever (a new order every epoch)."""
-        while True:
-            yield from self.batches(batch_size, generator)
-
-
-# ---------------------------------------------------------------------------------------------
-# The learner
-# ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
-# Augmentation (on preprocessed batches)
-# ---------------------------------------------------------------------------------------------
-
-# Area range of the random resized crop: aTLAS' few-shot / UFM transform and open_clip's
-# training transform; both use aspect ratios 3/4..4/3 and bicubic resampling.
-_CROP_SCALE = {"reference": (0.5, 1.0), "train": (0.9, 1.0)}
-_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-
-
-def crop_box(height: int, width: int, scale: tuple[float, float],
-             generator: torch.Generator) -> tuple[int, int, int, int]:
-    """``(top, left, h, w)`` of a random resized crop (area fraction in ``scale``).
-
-    Up to ten draws of an area fraction and a log-uniform aspect ratio in 3/4..4/3; when no
-    draw fits, the largest centred crop of the nearest allowed aspect ratio.
-    """
-    area = height * width
-    low, high = math.log(_RATIO[0]), math.log(_RATIO[1])
-    for _ in range(10):
-        u = torch.rand(2, generator=generator).tolist()
-        target = area * (scale[0] + (scale[1] - scale[0]) * u[0])
-        aspect = math.exp(low + (high - low) * u[1])
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
-            return top, left, h, w
-    aspect = min(max(width / height, _RATIO[0]), _RATIO[1])
-    w, h = (width, round(width / aspect)) if width / height < aspect else \
-        (round(height * aspect), height)
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def augment(images: Tensor, kind: str, generator: torch.Generator) -> Tensor:
-    """Randomly augmented copies of a ``[n, C, H, W]`` batch of preprocessed images.
-
-    ``train``: a random resized crop of 90-100 % of the area (open_clip's training transform);
-    ``reference``: a crop of 50-100 % and a horizontal flip with probability 1/2 (aTLAS'
-    ``learn_few_shots.py`` and ``learn_ufm.py``); ``none``: the batch itself. Crops are
-    resampled bicubically to the input size. They act on the normalised tensors, which equals
-    cropping before the normalisation (a per-channel affine map commutes with resampling)
-    except that PIL clamps bicubic overshoot to the pixel range.
-    """
-    if kind == "none":
-        return images
-    height, width = int(images.shape[-2]), int(images.shape[-1])
-    out = []
-    for image in images:
-        top, left, h, w = crop_box(height, width, _CROP_SCALE[kind], generator)
-        crop = image[None, :, top:top + h, left:left + w].float()
-        resized = F.interpolate(crop, size=(height, width), mode="bicubic",
-                                align_corners=False)[0].to(images.dtype)
-        if kind == "reference" and bool(torch.rand(1, generator=generator) < 0.5):
-            resized = resized.flip(-1)
-        out.append(resized)
-    return torch.stack(out)
-
-
-class _Indexed(Dataset[Any]):
-    """``(image, index)`` pairs of a dataset: the label is replaced by the example's index."""
-
-    def __init__(self, dataset: Dataset[Any], name: str) -> None:
-        self.dataset = dataset
-        self.name = name
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return _read(self.dataset, index, self.name)[0], index
-
-
-def trusted_subset(probabilities: Tensor) -> Tensor:
-    """Indices of the class-balanced trusted subset of ``learn_ufm.py``.
-
-    For every class, the ``k = min(⌊N / C / 10⌋, 100)`` examples (at least 1) with the highest
-    zero-shot probability of that class; sorted, without repeats.
-
-    Args:
-        probabilities: ``[N, C]`` zero-shot softmax probabilities.
-    """
-    count, classes = int(probabilities.shape[0]), int(probabilities.shape[1])
-    k = min(max(1, min(count // (classes * 10), 100)), count)
-    chosen = torch.cat([probabilities[:, c].topk(k).indices for c in range(classes)])
-    return torch.unique(chosen)
-
-
-@dataclass
-class _UfmTask:
-    """One dataset's UFM state: fixed pseudo-labels, trusted mask and the two example pools."""
-
-    pseudo: Tensor
-    trusted: Tensor
-    streams: list[Iterator[tuple[Tensor, Tensor]]]
-
-
 def _check_tasks(tasks: Sequence[TaskData], objective: str) -> None:
     if not tasks:
         raise UsageError("at least one dataset is needed")
@@ -514,7 +271,7 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
     generator = torch.Generator().manual_seed(config.seed)
     aug_generator = torch.Generator().manual_seed(config.seed + 1)
     per_task = max(1, config.batch_size // len(tasks))
-    val_sets = [_Examples(t.val, f"{t.name} (held-out part)", device, config.workers)
+    val_sets = [Examples(t.val, f"{t.name} (held-out part)", device, config.workers)
                 if t.val is not None and len(t.val) > 0 else None  # type: ignore[arg-type]
                 for t in tasks]
     heads = [t.head.to(device, torch.float32) for t in tasks]
@@ -535,16 +292,17 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
             feats = encoder.features(images, weights)
         return F.normalize(feats.float(), dim=-1) @ head.T
 
-    ufm: list[_UfmTask] = []
+    ufm: list[UfmTask] = []
     streams: list[Iterator[tuple[Tensor, Tensor]]] = []
     if objective == "ufm":
         with torch.no_grad():
             zero_weights = encoder.weights(zeros)
             for task, head in zip(tasks, heads, strict=True):
-                ufm.append(_ufm_task(task, head, zero_weights, logits_of, per_task, generator,
-                                     device, config.workers, config.batch_size, log))
+                ufm.append(ufm_task(task.name, task.train, head, zero_weights, logits_of,
+                                    per_task, generator, device, config.workers,
+                                    config.batch_size, log))
     else:
-        streams = [_Examples(t.train, f"{t.name} (training part)", device, config.workers)
+        streams = [Examples(t.train, f"{t.name} (training part)", device, config.workers)
                    .endless(per_task, generator) for t in tasks]
 
     def evaluate(matrix: Tensor) -> list[TaskScore]:
@@ -596,8 +354,8 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
     running = 0.0
     for step in range(1, steps + 1):
         if objective == "ufm":
-            outputs = _ufm_outputs(encoder, coefficients, ufm, heads, kind, aug_generator,
-                                   logits_of, device, config.precision)
+            outputs = ufm_outputs(encoder, coefficients, ufm, heads, kind, aug_generator,
+                                  device, config.precision)
         else:
             parts = [next(stream) for stream in streams]
             images = augment(torch.cat([images for images, _ in parts]), kind, aug_generator)
@@ -660,68 +418,12 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         config=dataclasses.asdict(config))
 
 
-def _ufm_task(task: TaskData, head: Tensor, zero_weights: dict[str, Tensor],
-              logits_of: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], per_task: int,
-              generator: torch.Generator, device: torch.device, workers: int,
-              batch_size: int, log: Logger) -> _UfmTask:
-    """Zero-shot pseudo-labels, the trusted subset, and the two example streams of one task.
-
-    As ``learn_ufm.py``'s batch sampler: a quarter of each batch comes from the trusted subset
-    (repeated as needed), the rest from the other examples.
-    """
-    indexed = _Indexed(task.train, f"{task.name} (training part)")
-    everything = _Examples(indexed, f"{task.name} (training part)", device, workers)
-    probabilities = torch.zeros(everything.size, head.shape[0])
-    for images, index in everything.batches(batch_size, None):
-        probabilities[index.cpu()] = logits_of(images, head, zero_weights).softmax(-1).cpu()
-    trusted_index = trusted_subset(probabilities)
-    mask = torch.zeros(everything.size, dtype=torch.bool)
-    mask[trusted_index] = True
-    rest = torch.nonzero(~mask).reshape(-1)
-    log(f"{task.name}: {len(trusted_index)} trusted examples "
-        f"({len(trusted_index) // max(1, head.shape[0])}+ per class), {len(rest)} others")
-    del everything
-    trusted_part = max(1, per_task // 4) if len(rest) else per_task
-    streams = [_Examples(Subset(indexed, trusted_index.tolist()), f"{task.name} (trusted)",
-                         device, workers).endless(trusted_part, generator)]
-    if len(rest) and per_task > trusted_part:
-        streams.append(_Examples(Subset(indexed, rest.tolist()), f"{task.name} (others)",
-                                 device, workers).endless(per_task - trusted_part, generator))
-    return _UfmTask(probabilities.argmax(-1).to(device), mask.to(device), streams)
-
-
-def _ufm_outputs(encoder: ComposedEncoder, coefficients: Tensor, ufm: Sequence[_UfmTask],
-                 heads: Sequence[Tensor], kind: str, generator: torch.Generator,
-                 logits_of: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor],
-                 device: torch.device, precision: str) -> list[TaskOutput]:
-    """One UFM step's outputs: plain-view logits (no gradient), strong-view logits."""
-    batches = []
-    for task in ufm:
-        parts = [next(stream) for stream in task.streams]
-        batches.append((torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
-    plain = torch.cat([images for images, _ in batches])
-    with torch.no_grad():
-        weights = encoder.weights(coefficients.detach())
-        with autocast(device, precision):
-            plain_feats = F.normalize(encoder.features(plain, weights).float(), dim=-1)
-    with autocast(device, precision):
-        strong_feats = encoder(coefficients, augment(plain, kind, generator))
-    sizes = [len(images) for images, _ in batches]
-    outputs = []
-    for task, head, (_, index), p, s in zip(ufm, heads, batches, plain_feats.split(sizes),
-                                            strong_feats.split(sizes), strict=True):
-        outputs.append(TaskOutput(F.normalize(s.float(), dim=-1) @ head.T, None, "train",
-                                  plain_logits=p @ head.T, pseudo_labels=task.pseudo[index],
-                                  trusted=task.trusted[index]))
-    return outputs
-
-
 def _since(step: int, config: LearnerConfig) -> int:
     """Steps since the previous evaluation (the averaging window of the training loss)."""
     return step - ((step - 1) // config.eval_every) * config.eval_every
 
 
-def _with_val(tasks: Sequence[TaskData], val_sets: Sequence[_Examples | None]) -> list[TaskData]:
+def _with_val(tasks: Sequence[TaskData], val_sets: Sequence[Examples | None]) -> list[TaskData]:
     return [t for t, v in zip(tasks, val_sets, strict=True) if v is not None]
 
 

@@ -258,16 +258,19 @@ def _no_descriptions() -> dict[str, str]:
 class DeclaredOptionsCommand(TyperCommand):
     """A command whose flags or help texts are partly declared by the library.
 
-    Subclasses set :attr:`declare` (extra flags) and/or :attr:`describe` (help texts of
-    existing parameters, by parameter name, e.g. ``--method`` listing the registered
-    methods). Both are called only when this command parses or shows its help, so the
-    library they import (torch) stays out of ``tvtool --help`` and of the other commands. The
+    Subclasses set :attr:`declare` (extra flags), :attr:`describe` (help texts of existing
+    parameters, by parameter name, e.g. ``--method`` listing the registered methods) and/or
+    :attr:`metavars` (metavars of existing parameters, by parameter name, e.g. ``--mode``
+    showing the registered modes). They are called only when this command parses or shows its
+    help, so the library they import (torch) stays out of ``tvtool --help`` and of the other
+    commands. The
     values of declared flags reach the command function in ``ctx.meta[DECLARED_OPTIONS]``
     (a dict by :attr:`DeclaredOption.name`).
     """
 
     declare: ClassVar[Callable[[], Sequence[DeclaredOption]]] = _nothing_declared
     describe: ClassVar[Callable[[], dict[str, str]]] = _no_descriptions
+    metavars: ClassVar[Callable[[], dict[str, str]]] = _no_descriptions
     _declared: list[str] | None = None
 
     def get_params(self, ctx: Any) -> list[Any]:
@@ -276,9 +279,12 @@ class DeclaredOptionsCommand(TyperCommand):
             self._declared = [p.name for p in extra]
             self.params.extend(extra)
             helps = type(self).describe()
+            metavars = type(self).metavars()
             for param in self.params:
                 if isinstance(param, TyperOption) and param.name in helps:
                     param.help = helps[param.name]
+                if isinstance(param, TyperOption) and param.name in metavars:
+                    param.metavar = metavars[param.name]
         return super().get_params(ctx)  # type: ignore[no-any-return]
 
     def invoke(self, ctx: Any) -> Any:

@@ -138,7 +138,7 @@ def eval_command(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from tvtool.evaluate import EvalConfig, evaluate
+    from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
     from tvtool.io import write_json
 
     if base is None:
@@ -150,13 +150,15 @@ def eval_command(
         if coef:
             raise UsageError("--coef and --coefs are exclusive")
         weights = read_coefficients(coefs).weight_builder()
+    settings = EvalSettings(
+        base=base, data_root=data_root, batch_size=batch_size, device=device,
+        precision=precision, limit=limit, seed=seed, workers=workers,
+        allow_base_mismatch=allow_base_mismatch, cache_heads=not no_head_cache)
     config = EvalConfig(
-        base=base, datasets=tuple(dataset or ()), vectors=tuple(vectors or ()),
-        coefs=tuple(coef or [1.0]), split=split, data_root=data_root, batch_size=batch_size,
-        device=device, precision=precision, limit=limit, seed=seed, workers=workers,
-        references=tuple(reference or ()), heads=tuple(head or ()),
-        allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
-        cache_heads=not no_head_cache, weights=weights)
+        settings, datasets=tuple(dataset or ()), vectors=tuple(vectors or ()),
+        coefs=tuple(coef or [1.0]), split=split, references=tuple(reference or ()),
+        heads=tuple(head or ()), approximate_linearized=approximate_linearized,
+        weights=weights)
     if out is not None:
         _check_out(out, config)
     if download:
@@ -258,6 +260,7 @@ def disentanglement_command(
     from tvtool.evaluate import (
         GRID_LIMITS,
         DisentanglementConfig,
+        EvalSettings,
         disentanglement,
         render_heatmap,
     )
@@ -269,13 +272,14 @@ def disentanglement_command(
         raise UsageError(f"got {len(vectors)} vectors and {len(dataset)} datasets; "
                          "disentanglement takes exactly two of each",
                          hint="TV1 TV2 --dataset D1 --dataset D2")
+    settings = EvalSettings(
+        base=base, data_root=data_root, batch_size=batch_size, device=device,
+        precision=precision, limit=limit, seed=seed, workers=workers,
+        allow_base_mismatch=allow_base_mismatch, cache_heads=not no_head_cache)
     config = DisentanglementConfig(
-        base=base, vectors=(vectors[0], vectors[1]), datasets=(dataset[0], dataset[1]),
-        alphas=parse_grid(grid, **GRID_LIMITS), split=split, data_root=data_root,
-        batch_size=batch_size,
-        device=device, precision=precision, limit=limit, seed=seed, workers=workers,
-        allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
-        cache_heads=not no_head_cache)
+        settings, vectors=(vectors[0], vectors[1]), datasets=(dataset[0], dataset[1]),
+        alphas=parse_grid(grid, **GRID_LIMITS), split=split,
+        approximate_linearized=approximate_linearized)
     for path in (output, png):
         if path is not None:
             check_output(path, list(vectors))

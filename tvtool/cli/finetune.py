@@ -88,10 +88,41 @@ def _mode_options() -> list[DeclaredOption]:
     return list(declared.values())
 
 
+def _names(names: list[str]) -> str:
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+
+
+def _mode_help() -> dict[str, str]:
+    """Help of ``--mode`` and ``--checkpoint-out``, from the mode registry.
+
+    A new mode (its file plus its line in ``tvtool/finetune/registry.py``) shows up here
+    without editing this module.
+    """
+    from tvtool.finetune import MODES
+
+    listed = [f"{m.name.value} ({m.label})" if m.label else m.name.value
+              for m in MODES.values()]
+    # config.FinetuneConfig refuses --checkpoint-out for linearized modes: their fine-tuned
+    # model is not a set of weights.
+    weights = [m.name.value for m in MODES.values() if not m.linearized]
+    return {"mode": f"{_names(listed)}.",
+            "checkpoint_out": "Also write the fine-tuned model as a checkpoint "
+                              f"({', '.join(weights)})."}
+
+
+def _mode_metavar() -> dict[str, str]:
+    """Metavar of ``--mode``: the registered names, ``[full|attn|...]``."""
+    from tvtool.finetune import MODES
+
+    return {"mode": "[" + "|".join(m.value for m in MODES) + "]"}
+
+
 class FinetuneCommand(DeclaredOptionsCommand):
-    """``tvtool finetune`` with the flags of the fine-tuning modes' options."""
+    """``tvtool finetune`` with the flags and ``--mode`` help of the fine-tuning modes."""
 
     declare = _mode_options
+    describe = _mode_help
+    metavars = _mode_metavar
 
 
 @handles_errors
@@ -103,14 +134,15 @@ def finetune(
         help="Training dataset (synthetic:TASK, imagefolder:PATH, or a "
              "standard name).")],
     output: OutputOpt,
+    # The help and metavar of --mode and the help of --checkpoint-out list the registered
+    # modes (FinetuneCommand fills them in when the command parses or shows its help).
     mode: Annotated[str, typer.Option(
-        "--mode", rich_help_panel="Model and data",
-        metavar="[full|attn|linear|lora|llora|llora-net]",
-        help="full, attn, linear, lora, llora (L-LoRA) or llora-net.")] = "full",
+        "--mode", rich_help_panel="Model and data", metavar="MODE",
+        help="Fine-tuning mode.")] = "full",
     checkpoint_out: Annotated[str | None, typer.Option(
         "--checkpoint-out", rich_help_panel="Output",
-        help="Also write the fine-tuned model as a checkpoint "
-             "(full, attn, lora, llora).", show_default=False)] = None,
+        help="Also write the fine-tuned model as a checkpoint.",
+        show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", rich_help_panel="Optimisation",
         help="Optimizer steps (default 2000 unless --epochs).",

@@ -248,9 +248,9 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
             save_config: str | None, download: bool = False) -> None:
     from rich.table import Table
 
+    from tvtool.evaluate import EvalSettings
     from tvtool.grid import parse_grid
     from tvtool.io import check_output, write_json
-    from tvtool.workflows.evaluator import EvalSettings
     from tvtool.workflows.merge_search import default_grid_text, search_merge, vector_datasets
 
     if base is None:

@@ -26,7 +26,7 @@ from tvtool.cli.common import (
 from tvtool.errors import UsageError
 
 if TYPE_CHECKING:
-    from tvtool.workflows.evaluator import EvalSettings
+    from tvtool.evaluate import EvalSettings
 
 
 @handles_errors
@@ -68,7 +68,7 @@ def negate(
     if download and not search:
         raise UsageError("--download goes with --search (only the search reads datasets)")
     if search:
-        from tvtool.workflows.evaluator import EvalSettings
+        from tvtool.evaluate import EvalSettings
 
         settings = EvalSettings(base=base or "", data_root=data_root, batch_size=batch_size,
                                 device=device, precision=precision, limit=limit, seed=seed)

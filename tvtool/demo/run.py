@@ -131,7 +131,7 @@ def run_demo(config: DemoConfig, log: Logger,
     Returns:
         The results document (also written as ``report.json``).
     """
-    from tvtool.evaluate import EvalConfig, evaluate
+    from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
     from tvtool.finetune import FinetuneConfig, finetune
     from tvtool.metadata import Mode
     from tvtool.models import base_source, fingerprint
@@ -157,9 +157,9 @@ def run_demo(config: DemoConfig, log: Logger,
                    split, limit, cfg.seed)
 
         def compute() -> dict[str, float]:
-            rep = evaluate(EvalConfig(base=base, datasets=datasets, vectors=vectors,
-                                      coefs=coefs, split=split, device=cfg.device,
-                                      limit=limit, seed=cfg.seed), progress=progress)
+            settings = EvalSettings(base=base, device=cfg.device, limit=limit, seed=cfg.seed)
+            rep = evaluate(EvalConfig(settings, datasets=datasets, vectors=vectors,
+                                      coefs=coefs, split=split), progress=progress)
             return {r.dataset: r.accuracy for r in rep.results}
 
         return stages.cached_json("eval", key, compute)  # type: ignore[no-any-return]
@@ -285,8 +285,8 @@ def _file_key(path: str) -> str:
 
 def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
                     paths: list[str], tasks: list[str], log: Logger) -> dict[str, Any]:
+    from tvtool.evaluate import EvalSettings
     from tvtool.merge import MergeConfig
-    from tvtool.workflows.evaluator import EvalSettings
     from tvtool.workflows.merge_search import search_merge
 
     # Seven points each. TIES's disjoint merge is a mean of the vectors, not a sum, so its best
@@ -356,7 +356,7 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
 def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: str,
             control: str, log: Logger) -> dict[str, Any]:
     from tvtool.commands.negate import NegateConfig, negate
-    from tvtool.workflows.evaluator import EvalSettings
+    from tvtool.evaluate import EvalSettings
     from tvtool.workflows.negation import measure_negation
 
     # `negate --search`'s default grid
@@ -384,7 +384,12 @@ def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: st
 
 def _disentangle(cfg: DemoConfig, stages: _Stages, mode: str, first: str, second: str,
                  task1: str, task2: str) -> dict[str, Any]:
-    from tvtool.evaluate import DisentanglementConfig, disentanglement, render_heatmap
+    from tvtool.evaluate import (
+        DisentanglementConfig,
+        EvalSettings,
+        disentanglement,
+        render_heatmap,
+    )
 
     alphas = ((-1.0, 0.0, 1.0) if cfg.smoke else (-2.0, -1.0, 0.0, 1.0, 2.0) if cfg.quick
               else (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0))
@@ -392,9 +397,10 @@ def _disentangle(cfg: DemoConfig, stages: _Stages, mode: str, first: str, second
     key = _key("dis", _file_key(first), _file_key(second), alphas, limit, cfg.seed)
 
     def compute() -> dict[str, Any]:
+        settings = EvalSettings(base=cfg.base, device=cfg.device, limit=limit, seed=cfg.seed)
         rep = disentanglement(DisentanglementConfig(
-            base=cfg.base, vectors=(first, second), datasets=(task1, task2), alphas=alphas,
-            device=cfg.device, limit=limit, seed=cfg.seed), progress=stages.progress)
+            settings, vectors=(first, second), datasets=(task1, task2), alphas=alphas),
+            progress=stages.progress)
         flat = [v for row in rep.error for v in row]
         png = render_heatmap(rep, title=f"disentanglement error ({mode})")
         return {"alphas": rep.alphas, "error": rep.error, "mean_error": sum(flat) / len(flat),

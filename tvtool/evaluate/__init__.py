@@ -2,6 +2,9 @@
 
 Public API:
 
+* :class:`EvalSettings` -- the evaluation settings (base, data, batch size, device, precision,
+  subset, seed, workers, head cache) every evaluating command shares; the configurations
+  below and :class:`tvtool.workflows.evaluator.Evaluator` hold one.
 * :func:`evaluate` (:class:`EvalConfig` -> :class:`EvalReport`) -- top-1 accuracy of a base
   plus task vectors (linearized vectors as their linearized model), per dataset, with
   normalized accuracy against fine-tuned references.
@@ -44,6 +47,7 @@ from tvtool.evaluate.head_cache import (
 )
 from tvtool.evaluate.model import EvalModel, WeightBuilder, Weights, open_eval_model
 from tvtool.evaluate.reference import ReferenceEntry, load_references, references_from_document
+from tvtool.evaluate.settings import EvalSettings
 
 __all__ = [
     "DEFAULT_GRID",
@@ -55,6 +59,7 @@ __all__ = [
     "EvalData",
     "EvalModel",
     "EvalReport",
+    "EvalSettings",
     "HeadKey",
     "ProgressFactory",
     "ReferenceEntry",

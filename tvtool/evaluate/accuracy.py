@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tvtool.device import autocast, check_precision, resolve_device
+from tvtool.device import autocast, resolve_device
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.evaluate.batches import EvalData, batches, open_eval_data
 from tvtool.evaluate.head_cache import head_key, read_head_file, zero_shot_head
@@ -20,6 +20,7 @@ from tvtool.evaluate.model import (
     open_eval_model,
 )
 from tvtool.evaluate.reference import ReferenceEntry, check_reference, load_references
+from tvtool.evaluate.settings import EvalSettings, report_arguments
 from tvtool.metadata import provenance
 from tvtool.types import Logger, ProgressFactory, no_progress
 from tvtool.types import quiet as _quiet
@@ -27,62 +28,66 @@ from tvtool.types import quiet as _quiet
 REPORT_VERSION = 1
 
 
+_ARGUMENT_ORDER = ("base", "datasets", "vectors", "coefs", "split", "data_root", "batch_size",
+                   "device", "precision", "limit", "seed", "workers", "references", "heads",
+                   "allow_base_mismatch", "approximate_linearized", "cache_heads", "weights")
+"""Key order of the report's ``settings`` (fixed by report version 1)."""
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Configuration of ``tvtool eval``.
+    """Configuration of ``tvtool eval``, validated on construction.
 
     Attributes:
-        base: Model reference of the pre-trained base.
+        settings: How to evaluate (base, data, batch size, device, precision, ...).
         datasets: Datasets to evaluate on (``synthetic:shape``, ``imagefolder:PATH``, ...).
         vectors: Task-vector files added to the base (empty: the base itself).
         coefs: One coefficient per vector, or one for all.
         split: ``val`` or ``test``.
-        data_root: Root of the standard datasets.
-        batch_size: Images per forward pass.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 autocast on a CUDA device that supports bf16, fp32
-            elsewhere; see :mod:`tvtool.device`), ``fp32``, ``bf16``, ``fp16``.
-        limit: Evaluate a seeded random subset of this many examples per dataset.
-        seed: Seed of the splits and of the ``limit`` subsets.
-        workers: DataLoader worker processes.
         references: JSON files with fine-tuned accuracies (adds normalized accuracy).
         heads: Head files (kind ``head``), one per dataset in order, replacing the zero-shot
             heads built from the text encoder.
-        allow_base_mismatch: Accept vectors recorded against another base.
         approximate_linearized: Add linearized vectors to the weights instead of evaluating
             their linearized model.
-        cache_heads: Read and write zero-shot heads in the on-disk cache.
         weights: Extension point for library callers (aTLAS, custom merges): the edited
             weights, or a builder ``(base, vectors) -> weights``; replaces ``coefs``.
+
+    Raises:
+        UsageError: no dataset, a dataset twice, a head count or coefficient count that does
+            not fit.
     """
 
-    base: str
+    settings: EvalSettings
     datasets: tuple[str, ...]
     vectors: tuple[str, ...] = ()
     coefs: tuple[float, ...] = (1.0,)
     split: str = "test"
-    data_root: str | None = None
-    batch_size: int = 128
-    device: str = "auto"
-    precision: str = "auto"
-    limit: int | None = None
-    seed: int = 0
-    workers: int = 0
     references: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
-    allow_base_mismatch: bool = False
     approximate_linearized: bool = False
-    cache_heads: bool = True
     weights: Weights | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.datasets:
+            raise UsageError("no dataset to evaluate on", hint="pass --dataset NAME")
+        if len(set(self.datasets)) != len(self.datasets):
+            raise UsageError("a dataset is given twice")
+        if self.heads and len(self.heads) != len(self.datasets):
+            raise UsageError(f"{len(self.heads)} head files for {len(self.datasets)} datasets",
+                             hint="give one --head per --dataset, in the same order")
+        if self.weights is None and self.vectors and len(self.coefs) not in (
+                1, len(self.vectors)):
+            raise UsageError(f"{len(self.coefs)} coefficients given for "
+                             f"{len(self.vectors)} vectors",
+                             hint="give one --coef for all vectors or one per vector")
 
     def arguments(self) -> dict[str, Any]:
         """The settings as a JSON-ready mapping (``weights`` summarised)."""
-        args = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name != "weights"}
-        args = {k: list(v) if isinstance(v, tuple) else v for k, v in args.items()}
+        own: dict[str, Any] = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                               if f.name not in ("settings", "weights")}
         if self.weights is not None:
-            args["weights"] = "callable" if callable(self.weights) else "state dict"
-        return args
+            own["weights"] = "callable" if callable(self.weights) else "state dict"
+        return report_arguments(self.settings, own, _ARGUMENT_ORDER)
 
 
 @dataclass(frozen=True)
@@ -180,19 +185,21 @@ def evaluate(config: EvalConfig, *, log: Logger = _quiet,
         The report.
 
     Raises:
-        UsageError: bad settings (no dataset, coefficient count, device, precision).
+        UsageError: an unknown split, a non-positive limit, a device that is not there
+            (the settings themselves are checked when the configuration is built).
         InvalidInputError: bad base, vectors, data, references or heads; class-count mismatch.
     """
-    _check_config(config)
-    device = resolve_device(config.device)
+    settings = config.settings
+    device = resolve_device(settings.device)
     references = load_references(config.references) if config.references else {}
     notes: list[str] = []
-    with open_eval_model(config.base, config.vectors, device=device,
-                         allow_base_mismatch=config.allow_base_mismatch,
+    with open_eval_model(settings.base, config.vectors, device=device,
+                         allow_base_mismatch=settings.allow_base_mismatch,
                          approximate_linearized=config.approximate_linearized) as model:
         notes += model.notes
         datas = [open_eval_data(name, config.split, model.bundle.preprocess_eval,
-                                data_root=config.data_root, seed=config.seed, limit=config.limit)
+                                data_root=settings.data_root, seed=settings.seed,
+                                limit=settings.limit)
                  for name in config.datasets]
         for data in datas:
             if data.name in references:
@@ -202,8 +209,8 @@ def evaluate(config: EvalConfig, *, log: Logger = _quiet,
                 notes.append(f"no reference accuracy for {data.name!r}: normalized accuracy "
                              "left out")
         heads = build_heads(model, datas, device=device, head_files=config.heads,
-                            cache=config.cache_heads,
-                            allow_base_mismatch=config.allow_base_mismatch, log=log)
+                            cache=settings.cache_heads,
+                            allow_base_mismatch=settings.allow_base_mismatch, log=log)
         if config.weights is not None:
             model.set_weights(config.weights)
         else:
@@ -212,12 +219,12 @@ def evaluate(config: EvalConfig, *, log: Logger = _quiet,
             log(note)
         results = []
         for data in datas:
-            correct = count_correct(model, data, heads[data.name], config.batch_size,
-                                    workers=config.workers, precision=config.precision,
+            correct = count_correct(model, data, heads[data.name], settings.batch_size,
+                                    workers=settings.workers, precision=settings.precision,
                                     progress=progress)
             results.append(_result(data, correct, references.get(data.name)))
         model_record = {
-            "base": config.base,
+            "base": settings.base,
             "architecture": model.ref.architecture,
             "base_fingerprint": model.base_fingerprint,
             "vectors": model.describe_vectors(None if config.weights is not None
@@ -228,27 +235,7 @@ def evaluate(config: EvalConfig, *, log: Logger = _quiet,
         }
         splits = [d.describe() for d in datas]
     return EvalReport(model_record, results, splits, config.arguments(), notes,
-                      provenance("eval", config.arguments(), seed=config.seed))
-
-
-def _check_config(config: EvalConfig) -> None:
-    if not config.datasets:
-        raise UsageError("no dataset to evaluate on", hint="pass --dataset NAME")
-    if len(set(config.datasets)) != len(config.datasets):
-        raise UsageError("a dataset is given twice")
-    if config.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {config.batch_size}")
-    if config.workers < 0:
-        raise UsageError(f"--workers must be >= 0, got {config.workers}")
-    if config.heads and len(config.heads) != len(config.datasets):
-        raise UsageError(f"{len(config.heads)} head files for {len(config.datasets)} datasets",
-                         hint="give one --head per --dataset, in the same order")
-    if config.weights is None and config.vectors and len(config.coefs) not in (
-            1, len(config.vectors)):
-        raise UsageError(f"{len(config.coefs)} coefficients given for "
-                         f"{len(config.vectors)} vectors",
-                         hint="give one --coef for all vectors or one per vector")
-    check_precision(config.precision)
+                      provenance("eval", config.arguments(), seed=settings.seed))
 
 
 def build_heads(model: EvalModel, datas: Sequence[EvalData], *, device: torch.device,

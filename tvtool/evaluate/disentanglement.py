@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tvtool.device import check_precision, resolve_device
+from tvtool.device import resolve_device
 from tvtool.errors import UsageError
 from tvtool.evaluate.accuracy import build_heads, predictions
 from tvtool.evaluate.batches import open_eval_data
 from tvtool.evaluate.linear_cache import LinearizedFeatures
 from tvtool.evaluate.model import open_eval_model
+from tvtool.evaluate.settings import EvalSettings, report_arguments
 from tvtool.grid import parse_grid
 from tvtool.metadata import provenance
 from tvtool.types import Logger, ProgressFactory, no_progress
@@ -37,49 +38,52 @@ GRID_LIMITS: dict[str, Any] = {"min_points": 2, "max_points": 101, "distinct": T
 """What a map's grid must satisfy: ``parse_grid(text, **GRID_LIMITS)``."""
 
 
+_ARGUMENT_ORDER = ("base", "vectors", "datasets", "alphas", "split", "data_root", "batch_size",
+                   "device", "precision", "limit", "seed", "workers", "allow_base_mismatch",
+                   "approximate_linearized", "cache_heads")
+"""Key order of the report's ``settings`` (fixed by report version 1)."""
+
+
 @dataclass(frozen=True)
 class DisentanglementConfig:
-    """Configuration of ``tvtool eval disentanglement``.
+    """Configuration of ``tvtool eval disentanglement``, validated on construction.
 
     Attributes:
-        base: Model reference of the base.
+        settings: How to evaluate (base, data, batch size, device, precision, ...).
         vectors: The two task vectors τ1, τ2.
         datasets: Their datasets D1, D2, in the same order.
         alphas: Coefficient grid, used for both axes.
         split: ``val`` or ``test``.
-        data_root: Root of the standard datasets.
-        batch_size: Images per forward pass.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: Autocast precision (see :class:`~tvtool.evaluate.EvalConfig`).
-        limit: Seeded random subset size per dataset.
-        seed: Seed of the splits and subsets.
-        workers: DataLoader workers.
-        allow_base_mismatch: Accept vectors of another base.
         approximate_linearized: Add linearized vectors to the weights.
-        cache_heads: Use the on-disk head cache.
+
+    Raises:
+        UsageError: not two vectors and two different datasets, a grid without two distinct
+            values.
     """
 
-    base: str
+    settings: EvalSettings
     vectors: tuple[str, str]
     datasets: tuple[str, str]
     alphas: tuple[float, ...] = field(
         default_factory=lambda: parse_grid(DEFAULT_GRID, **GRID_LIMITS))
     split: str = "test"
-    data_root: str | None = None
-    batch_size: int = 128
-    device: str = "auto"
-    precision: str = "auto"
-    limit: int | None = None
-    seed: int = 0
-    workers: int = 0
-    allow_base_mismatch: bool = False
     approximate_linearized: bool = False
-    cache_heads: bool = True
+
+    def __post_init__(self) -> None:
+        if len(self.vectors) != 2 or len(self.datasets) != 2:
+            raise UsageError("disentanglement needs exactly two task vectors and two datasets",
+                             hint="pass TV1 TV2 --dataset D1 --dataset D2 (same order)")
+        if self.datasets[0] == self.datasets[1]:
+            raise UsageError("the two datasets must differ")
+        alphas = tuple(self.alphas)
+        if len(alphas) < 2 or len(set(alphas)) != len(alphas):
+            raise UsageError("the grid needs at least two distinct values")
 
     def arguments(self) -> dict[str, Any]:
         """The settings as a JSON-ready mapping."""
-        return {k: list(v) if isinstance(v, tuple) else v
-                for k, v in dataclasses.asdict(self).items()}
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name != "settings"}
+        return report_arguments(self.settings, own, _ARGUMENT_ORDER)
 
 
 @dataclass(frozen=True)
@@ -136,32 +140,25 @@ def disentanglement(config: DisentanglementConfig, *, log: Logger = _quiet,
             evaluation per grid point, the reference of the tests and the benchmark).
 
     Raises:
-        UsageError: not two vectors and two datasets, bad settings.
+        UsageError: an unknown split, a non-positive limit, a device that is not there (the
+            settings themselves are checked when the configuration is built).
         InvalidInputError: bad base, vectors or data.
     """
-    if len(config.vectors) != 2 or len(config.datasets) != 2:
-        raise UsageError("disentanglement needs exactly two task vectors and two datasets",
-                         hint="pass TV1 TV2 --dataset D1 --dataset D2 (same order)")
-    if config.datasets[0] == config.datasets[1]:
-        raise UsageError("the two datasets must differ")
-    if config.batch_size < 1:
-        raise UsageError(f"--batch-size must be positive, got {config.batch_size}")
-    check_precision(config.precision)
+    settings = config.settings
     alphas = tuple(config.alphas)
-    if len(alphas) < 2 or len(set(alphas)) != len(alphas):
-        raise UsageError("the grid needs at least two distinct values")
-    device = resolve_device(config.device)
-    with open_eval_model(config.base, config.vectors, device=device,
-                         allow_base_mismatch=config.allow_base_mismatch,
+    device = resolve_device(settings.device)
+    with open_eval_model(settings.base, config.vectors, device=device,
+                         allow_base_mismatch=settings.allow_base_mismatch,
                          approximate_linearized=config.approximate_linearized) as model:
         for note in model.notes:
             log(note)
         datas = [open_eval_data(name, config.split, model.bundle.preprocess_eval,
-                                data_root=config.data_root, seed=config.seed, limit=config.limit)
+                                data_root=settings.data_root, seed=settings.seed,
+                                limit=settings.limit)
                  for name in config.datasets]
-        heads = build_heads(model, datas, device=device, cache=config.cache_heads, log=log)
-        cached = LinearizedFeatures(model, batch_size=config.batch_size,
-                                    workers=config.workers, precision=config.precision) \
+        heads = build_heads(model, datas, device=device, cache=settings.cache_heads, log=log)
+        cached = LinearizedFeatures(model, batch_size=settings.batch_size,
+                                    workers=settings.workers, precision=settings.precision) \
             if linear_cache and model.linearized else None
         loaded: list[tuple[float, float] | None] = [None]
 
@@ -172,8 +169,8 @@ def disentanglement(config: DisentanglementConfig, *, log: Logger = _quiet,
             if loaded[0] != coefs:
                 model.set_coefficients(list(coefs))
                 loaded[0] = coefs
-            predicted, _ = predictions(model, data, heads[data.name], config.batch_size,
-                                       workers=config.workers, precision=config.precision,
+            predicted, _ = predictions(model, data, heads[data.name], settings.batch_size,
+                                       workers=settings.workers, precision=settings.precision,
                                        materialize=True)
             return predicted
 
@@ -200,7 +197,7 @@ def disentanglement(config: DisentanglementConfig, *, log: Logger = _quiet,
                         terms[task][i, j] = torch.ne(predicted, reference).double().mean()
                     advance(1)
         error = (terms[0] + terms[1]).tolist()
-        model_record = {"base": config.base, "architecture": model.ref.architecture,
+        model_record = {"base": settings.base, "architecture": model.ref.architecture,
                         "base_fingerprint": model.base_fingerprint,
                         "vectors": model.describe_vectors(None),
                         "evaluated_as": "linearized" if model.linearized else "weights",
@@ -210,7 +207,7 @@ def disentanglement(config: DisentanglementConfig, *, log: Logger = _quiet,
     return DisentanglementReport(
         list(alphas), error, {datas[0].name: terms[0].tolist(), datas[1].name: terms[1].tolist()},
         list(config.datasets), model_record, splits, config.arguments(), notes,
-        provenance("eval disentanglement", config.arguments(), seed=config.seed))
+        provenance("eval disentanglement", config.arguments(), seed=settings.seed))
 
 
 def render_heatmap(report: DisentanglementReport, *, title: str | None = None,

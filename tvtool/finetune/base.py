@@ -152,6 +152,8 @@ class FinetuneMode(Protocol):
         name: The :class:`~tvtool.metadata.Mode` it trains (which declares ``linearized``
             and ``factored``).
         summary: One line for logs.
+        label: Another name of the mode, shown after its own in the ``--mode`` help
+            (``llora (L-LoRA)``); empty for none.
         options: Frozen dataclass of the mode's own settings (every field has a default;
             ``__post_init__`` validates, raising UsageError); :class:`NoOptions` if none.
         cli_options: The flags that fill ``options`` fields (``tvtool finetune`` adds them).
@@ -159,6 +161,7 @@ class FinetuneMode(Protocol):
 
     name: Mode
     summary: str
+    label: ClassVar[str]
     options: ClassVar[type]
     cli_options: ClassVar[tuple[CliOption, ...]]
 
@@ -193,6 +196,7 @@ class ModeBase:
     """
 
     name: Mode
+    label: ClassVar[str] = ""
     options: ClassVar[type] = NoOptions
     cli_options: ClassVar[tuple[CliOption, ...]] = ()
 

@@ -53,6 +53,7 @@ class LloraMode(LoraMode):
     """L-LoRA (per-adapter linearization): LoRA with A frozen at its initial value."""
 
     name = Mode.LLORA
+    label = "L-LoRA"
     summary = "L-LoRA: each LoRA layer linearized in its factors (A frozen at init, B trained)"
 
     def build(self, encoder: nn.Module, options: LoraOptions, *, seed: int = 0) -> Adapter:

@@ -11,7 +11,9 @@ Public API:
 * :func:`read_pickled_checkpoint` / :func:`read_checkpoint` / :func:`load_legacy` -- read
   pickled (or plain safetensors) checkpoints without executing pickle code;
   :func:`read_pickled_dict` -- a pickled dict of tensors and plain values, the same way.
-* :func:`spooled_stdin`, :func:`input_file`, :func:`all_finite` -- helpers for the above.
+* :func:`read_json`, :func:`write_json`, :func:`write_bytes` -- small documents (atomic;
+  ``-`` for stdin/stdout); :func:`spooled_stdin`, :func:`input_file` -- plain inputs
+  (:mod:`tvtool.io.documents`); :func:`all_finite` -- the writer's NaN/Inf check.
 * :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export;
   :func:`write_open_clip_dir` -- an open_clip Hugging Face directory (weights, config, card).
 * :func:`read_peft_adapter` / :func:`write_peft_adapter` / :func:`is_peft_adapter` -- peft
@@ -21,7 +23,14 @@ Public API:
   tvtool owns (cache, work, scratch) and removal of its own damaged files.
 """
 
-from tvtool.io.atomic import STDIO, atomic_output, check_distinct_paths, check_output_path
+from tvtool.io.atomic import (
+    STDIO,
+    atomic_output,
+    check_distinct_paths,
+    check_output,
+    check_output_path,
+)
+from tvtool.io.documents import input_file, read_json, spooled_stdin, write_bytes, write_json
 from tvtool.io.hf_dirs import (
     HfModelFiles,
     check_new_directory,
@@ -48,14 +57,8 @@ from tvtool.io.safetensors_io import (
     TensorInfo,
     TensorSource,
     all_finite,
-    check_output,
-    input_file,
     iter_source,
     open_tensors,
-    read_json,
-    spooled_stdin,
-    write_bytes,
-    write_json,
     write_tensors,
 )
 

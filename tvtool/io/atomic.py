@@ -1,4 +1,4 @@
-"""Atomic file replacement and output-path safety checks."""
+"""Atomic file replacement and output-path safety checks (:func:`check_output`)."""
 
 from __future__ import annotations
 
@@ -86,6 +86,23 @@ def check_output_path(output: str) -> None:
     if not target.parent.is_dir():
         raise InvalidInputError(f"output directory {str(target.parent)!r} does not exist",
                                 hint="create it first")
+
+
+def check_output(output: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse an unusable output path before any work is done.
+
+    Commands call this first so that a wrong ``-o`` fails in milliseconds, not after reading
+    gigabytes; :func:`write_tensors` repeats the checks.
+
+    Args:
+        output: Destination path, or ``-`` for stdout.
+        inputs: Paths the command reads.
+
+    Raises:
+        InvalidInputError: the output is an input, a directory, or in a missing directory.
+    """
+    check_output_path(output)
+    check_distinct_paths(output, inputs)
 
 
 def _umask() -> int:

@@ -14,7 +14,8 @@ import torch
 
 from tvtool.errors import InvalidInputError
 from tvtool.io.atomic import STDIO, os_error
-from tvtool.io.safetensors_io import TensorInfo, read_json, write_bytes, write_json, write_tensors
+from tvtool.io.documents import read_json, write_bytes, write_json
+from tvtool.io.safetensors_io import TensorInfo, write_tensors
 
 # The single-file weight names ``save_pretrained`` writes, preferred first.
 _HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")

@@ -19,8 +19,9 @@ import torch
 
 from tvtool.errors import InvalidInputError
 from tvtool.io.atomic import STDIO
+from tvtool.io.documents import input_file, spooled_stdin
 from tvtool.io.names import strip_wrapper_prefixes
-from tvtool.io.safetensors_io import input_file, open_tensors, spooled_stdin
+from tvtool.io.safetensors_io import open_tensors
 from tvtool.io.unpickle import Stub, bad, read_root_file
 from tvtool.types import StateDict
 

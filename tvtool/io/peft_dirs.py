@@ -11,8 +11,9 @@ import torch
 
 from tvtool.errors import InvalidInputError
 from tvtool.io.atomic import STDIO
+from tvtool.io.documents import read_json, write_bytes, write_json
 from tvtool.io.hf_dirs import write_directory
-from tvtool.io.safetensors_io import open_tensors, read_json, write_bytes, write_json, write_tensors
+from tvtool.io.safetensors_io import open_tensors, write_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

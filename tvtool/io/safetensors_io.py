@@ -3,19 +3,17 @@
 Readers never unpickle anything: safetensors is a JSON header plus raw bytes, validated by
 the safetensors library (offsets, sizes, dtypes) before any tensor is touched. Writers emit
 the header first and then one tensor at a time, so a result of N input files is produced
-with about one tensor of extra memory.
+with about one tensor of extra memory. Plain files (input checks, stdin, stdout, JSON and
+bytes) are :mod:`tvtool.io.documents`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
-import shutil
 import struct
-import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,15 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tvtool.errors import InvalidInputError, NumericalError, TvtoolError
-from tvtool.io.atomic import (
-    STDIO,
-    atomic_output,
-    check_distinct_paths,
-    check_output_path,
-    os_error,
-    stdout_closed,
-)
-from tvtool.limits import MAX_DOCUMENT_BYTES, loads_json
+from tvtool.io.atomic import STDIO, atomic_output, check_output, os_error
+from tvtool.io.documents import input_file, short_text, spooled_stdin, write_stdout_from
 
 _DTYPE_TO_CODE: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -140,7 +131,7 @@ class _SafetensorsFileSource:
             if fd is not None:
                 os.close(fd)
             raise InvalidInputError(
-                f"{label} is not a valid safetensors file: {_short(exc)}",
+                f"{label} is not a valid safetensors file: {short_text(exc)}",
                 hint=_format_hint(path),
             ) from exc
         try:
@@ -163,7 +154,7 @@ class _SafetensorsFileSource:
             if fd is not None:
                 os.close(fd)
             raise InvalidInputError(
-                f"{label} is not a valid safetensors file: {_short(exc)}") from exc
+                f"{label} is not a valid safetensors file: {short_text(exc)}") from exc
         except BaseException:
             if fd is not None and self._fd == -1:
                 os.close(fd)
@@ -215,10 +206,6 @@ def _data_spans(path: Path, names: list[str]) -> tuple[list[str], dict[str, tupl
     spans = {n: (base + header[n]["data_offsets"][0], base + header[n]["data_offsets"][1])
              for n in names}
     return sorted(names, key=lambda n: (spans[n][0], n)), spans
-
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def _format_hint(path: Path) -> str | None:
@@ -285,57 +272,6 @@ def open_tensors(path: str) -> TensorSource:
     return _SafetensorsFileSource(file, repr(path))
 
 
-def input_file(path: str) -> Path:
-    """Check that an input path names a readable regular file.
-
-    Raises:
-        InvalidInputError: missing, not a regular file, or unreadable.
-    """
-    file = Path(path).expanduser()
-    if not file.exists():
-        raise InvalidInputError(f"input file {path!r} does not exist")
-    if not file.is_file():
-        raise InvalidInputError(f"input {path!r} is not a regular file")
-    if not os.access(file, os.R_OK):
-        raise InvalidInputError(f"input file {path!r} is not readable (permission denied)")
-    return file
-
-
-@contextlib.contextmanager
-def spooled_stdin(suffix: str = "") -> Iterator[Path]:
-    """Copy stdin to a temporary file that is removed when the context exits.
-
-    Readers that need random access (safetensors, zip archives) read the copy, so ``-``
-    behaves exactly like a file.
-
-    Yields:
-        The temporary file's path.
-
-    Raises:
-        InvalidInputError: stdin is a terminal or empty.
-        TvtoolError: the temp directory is full.
-    """
-    if sys.stdin is None or sys.stdin.isatty():
-        raise InvalidInputError("input '-' means stdin, but stdin is a terminal",
-                                hint="pipe bytes in, e.g. `tvtool extract ... -o - | tvtool ...`")
-    try:
-        fd, name = tempfile.mkstemp(prefix="tvtool-stdin-", suffix=suffix)
-    except OSError as exc:
-        raise os_error(exc, "creating a temp file for stdin") from exc
-    tmp = Path(name)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                shutil.copyfileobj(sys.stdin.buffer, handle, length=16 * 1024 * 1024)
-        except OSError as exc:
-            raise os_error(exc, "copying stdin to a temp file") from exc
-        if tmp.stat().st_size == 0:
-            raise InvalidInputError("stdin was empty", hint="did the previous command fail?")
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _open_stdin() -> TensorSource:
     with spooled_stdin(".safetensors") as tmp_path:
         _check_header(tmp_path, "stdin")
@@ -381,7 +317,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
 
 
 def _write(handle: IO[bytes], data: bytes | memoryview) -> None:
-    # The single place bytes reach a file: tests replace it to simulate a full disk.
+    # The single place safetensors bytes reach a file: tests replace it to simulate a full
+    # disk.
     handle.write(data)
 
 
@@ -408,23 +345,6 @@ def _stream_to(handle: IO[bytes], layout: Sequence[TensorInfo], metadata: Mappin
     leftover = next(produced, None)
     if leftover is not None:
         raise TvtoolError(f"internal error: writer got unexpected tensor {leftover[0]!r}")
-
-
-def check_output(output: str, inputs: Sequence[str] = ()) -> None:
-    """Refuse an unusable output path before any work is done.
-
-    Commands call this first so that a wrong ``-o`` fails in milliseconds, not after reading
-    gigabytes; :func:`write_tensors` repeats the checks.
-
-    Args:
-        output: Destination path, or ``-`` for stdout.
-        inputs: Paths the command reads.
-
-    Raises:
-        InvalidInputError: the output is an input, a directory, or in a missing directory.
-    """
-    check_output_path(output)
-    check_distinct_paths(output, inputs)
 
 
 def write_tensors(
@@ -475,60 +395,6 @@ def write_tensors(
         return
     with atomic_output(output) as tmp, open(tmp, "wb") as handle:
         _stream_to(handle, layout, meta, items, check_finite)
-
-
-def write_stdout_from(handle: IO[bytes]) -> None:
-    """Copy a binary stream to stdout, tolerating a closed pipe."""
-    if stdout_closed():
-        raise InvalidInputError("-o - writes to stdout, but stdout is closed",
-                                hint="redirect stdout to a file or a pipe, or give -o PATH")
-    try:
-        shutil.copyfileobj(handle, sys.stdout.buffer, length=16 * 1024 * 1024)
-        sys.stdout.buffer.flush()
-    except BrokenPipeError:
-        # The reader went away; silence the interpreter's own flush error at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-
-
-def write_bytes(output: str, data: bytes, *, inputs: Sequence[str] = ()) -> None:
-    """Write raw bytes atomically (PNG figures, reports); ``-`` means stdout."""
-    check_output(output, inputs)
-    if output == STDIO:
-        write_stdout_from(io.BytesIO(data))
-        return
-    with atomic_output(output) as tmp, open(tmp, "wb") as handle:
-        _write(handle, data)
-
-
-def write_json(output: str, document: Any, *, inputs: Sequence[str] = ()) -> None:
-    """Write a JSON document atomically (``-`` means stdout)."""
-    text = json.dumps(document, indent=2, sort_keys=False, default=str) + "\n"
-    write_bytes(output, text.encode("utf-8"), inputs=inputs)
-
-
-def read_json(path: str) -> Any:
-    """Read a JSON document from a file or ``-``.
-
-    Raises:
-        InvalidInputError: if the file is missing, not valid JSON, larger than
-            :data:`~tvtool.limits.MAX_DOCUMENT_BYTES` or nested too deeply.
-    """
-    limit = MAX_DOCUMENT_BYTES
-    try:
-        if path == STDIO:
-            text = sys.stdin.read(limit + 1)
-        else:
-            with open(Path(path).expanduser(), encoding="utf-8") as handle:
-                text = handle.read(limit + 1)
-    except FileNotFoundError:
-        raise InvalidInputError(f"input file {path!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"cannot read {path!r}: {_short(exc)}") from exc
-    if len(text) > limit:
-        raise InvalidInputError(f"{path!r} is larger than {limit // (1024 * 1024)} MiB; "
-                                "tvtool reads only small JSON documents")
-    return loads_json(text, repr(path))
 
 
 def iter_source(source: TensorSource) -> Iterator[tuple[str, torch.Tensor]]:

@@ -18,7 +18,7 @@ import yaml
 
 from tvtool.errors import InvalidInputError
 from tvtool.io.atomic import STDIO
-from tvtool.io.safetensors_io import write_bytes
+from tvtool.io.documents import write_bytes
 from tvtool.limits import MAX_DOCUMENT_BYTES, MAX_NESTING
 
 

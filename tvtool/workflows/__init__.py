@@ -1,8 +1,8 @@
 """Workflows: commands that combine a method with evaluation (the layer above ``evaluate``).
 
 * :mod:`tvtool.workflows.evaluator` -- :class:`~tvtool.workflows.evaluator.Evaluator`
-  (accuracy of a base model plus task vectors at any coefficients) and
-  :class:`~tvtool.workflows.evaluator.EvalSettings`, shared by the searches;
+  (accuracy of a base model plus task vectors at any coefficients, evaluated as
+  :class:`tvtool.evaluate.EvalSettings` say), shared by the searches;
 * :mod:`tvtool.workflows.merge_search` -- ``merge --search-coef``: the coefficient search
   (:func:`~tvtool.workflows.merge_search.search_coef`) and its workflow
   (:func:`~tvtool.workflows.merge_search.search_merge`);

@@ -5,58 +5,38 @@ callables the searches of :mod:`tvtool.workflows.merge_search` and
 :mod:`tvtool.workflows.negation` are written against: the base model, the vectors, the splits
 and the zero-shot heads are opened once, and each call only rebuilds the weights at new
 coefficients. :func:`recorded_dataset` and :func:`check_recorded_dataset` read which dataset a
-vector says it was fine-tuned on, which both searches evaluate it on by default.
-
-tvtool.evaluate (and so open_clip) is imported only when an evaluator is built.
+vector says it was fine-tuned on, which both searches evaluate it on by default. The
+evaluation settings are :class:`tvtool.evaluate.EvalSettings`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
-from tvtool.errors import InvalidInputError, UsageError
+from tvtool.data.imagefolder import PREFIX
+from tvtool.device import resolve_device
+from tvtool.errors import InvalidInputError
+from tvtool.evaluate import (
+    EvalSettings,
+    build_heads,
+    count_correct,
+    no_progress,
+    open_eval_data,
+    open_eval_model,
+)
+from tvtool.evaluate.linear_cache import LinearizedFeatures
+from tvtool.io import open_tensors
 from tvtool.types import Logger
 from tvtool.types import quiet as _quiet
-
-if TYPE_CHECKING:
-    from tvtool.evaluate.linear_cache import LinearizedFeatures
+from tvtool.vectors import expand_coefs, open_vector_meta
 
 Progress = Any
 Accuracies = Mapping[str, float]
 """Accuracy per dataset name."""
 Evaluate = Callable[[float], Accuracies]
 """``evaluate(α)`` -> accuracy per dataset of the model at coefficient α (what a search calls)."""
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How the searches evaluate models (the ``tvtool eval`` settings they share).
-
-    Attributes:
-        base: Model reference of the pre-trained base.
-        data_root: Root of the standard datasets.
-        batch_size: Images per forward pass.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-        limit: Evaluate a seeded random subset of this many examples per split.
-        seed: Seed of the splits and subsets.
-        workers: DataLoader worker processes.
-        allow_base_mismatch: Accept vectors recorded against another base.
-        cache_heads: Use the on-disk zero-shot head cache.
-    """
-
-    base: str
-    data_root: str | None = None
-    batch_size: int = 128
-    device: str = "auto"
-    precision: str = "auto"
-    limit: int | None = None
-    seed: int = 0
-    workers: int = 0
-    allow_base_mismatch: bool = False
-    cache_heads: bool = True
 
 
 class Evaluator:
@@ -69,7 +49,7 @@ class Evaluator:
     vectors rebuild the weights and run the encoder at every call.
 
     Args:
-        settings: Evaluation settings.
+        settings: Evaluation settings (validated when they were built).
         vectors: Task-vector files.
         datasets: Dataset names.
         splits: Splits to open (``val``, ``test``).
@@ -83,12 +63,6 @@ class Evaluator:
     def __init__(self, settings: EvalSettings, vectors: Sequence[str], datasets: Sequence[str],
                  splits: Sequence[str] = ("val", "test"), log: Logger = _quiet,
                  progress: Progress = None, linear_cache: bool = True) -> None:
-        from tvtool.device import check_precision, resolve_device
-        from tvtool.evaluate import build_heads, no_progress, open_eval_data, open_eval_model
-
-        check_precision(settings.precision)
-        if settings.batch_size < 1:
-            raise UsageError(f"--batch-size must be positive, got {settings.batch_size}")
         self.settings = settings
         self.datasets = list(datasets)
         self._progress = progress or no_progress
@@ -109,8 +83,6 @@ class Evaluator:
                                       allow_base_mismatch=settings.allow_base_mismatch, log=log)
             self.linear: LinearizedFeatures | None = None
             if linear_cache and self._model.linearized:
-                from tvtool.evaluate.linear_cache import LinearizedFeatures
-
                 self.linear = LinearizedFeatures(self._model, batch_size=settings.batch_size,
                                                  workers=settings.workers,
                                                  precision=settings.precision,
@@ -139,13 +111,9 @@ class Evaluator:
             split: Which opened split.
             datasets: A subset of the datasets (default: all).
         """
-        from tvtool.evaluate import count_correct
-
         if self.linear is None:
             self._model.set_coefficients(list(coefs))
         else:
-            from tvtool.vectors import expand_coefs
-
             expand_coefs(list(coefs), len(self._model.vectors))  # the same count check
         self.calls += 1
         out = {}
@@ -172,10 +140,6 @@ def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
     Raises:
         InvalidInputError: the recorded image folder is not a directory.
     """
-    from pathlib import Path
-
-    from tvtool.data.imagefolder import PREFIX
-
     if not name.strip().lower().startswith(PREFIX):
         return
     folder = Path(name.strip()[len(PREFIX):].strip()).expanduser()
@@ -189,9 +153,6 @@ def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
 
 def recorded_dataset(vector: str) -> str | None:
     """The dataset a task-vector file records (None for stdin or when it records none)."""
-    from tvtool.io import open_tensors
-    from tvtool.vectors import open_vector_meta
-
     if vector == "-":
         return None
     source = open_tensors(vector)

@@ -29,14 +29,9 @@ from tvtool.atlas.blocks import (
     parse_granularity,
 )
 from tvtool.atlas.compose import VISUAL_PREFIX, ComposedEncoder, VectorStack, compose_tensor
+from tvtool.atlas.examples import dataset_labels, split_examples
 from tvtool.atlas.files import CoefficientSet, write_coefficients
-from tvtool.atlas.learner import (
-    LearnerConfig,
-    TaskData,
-    dataset_labels,
-    learn,
-    split_examples,
-)
+from tvtool.atlas.learner import LearnerConfig, TaskData, learn
 from tvtool.atlas.objectives import (
     check_objective,
     needs_labels,

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from tvtool.errors import UsageError
+from tvtool.evaluate import EvalSettings
 from tvtool.io import check_output, scratch_directory
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.engine import MergeResult, merge, open_merge
@@ -28,7 +29,6 @@ from tvtool.types import Logger
 from tvtool.types import quiet as _quiet
 from tvtool.workflows.evaluator import (
     Accuracies,
-    EvalSettings,
     Evaluate,
     Evaluator,
     Progress,

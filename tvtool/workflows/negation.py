@@ -22,12 +22,12 @@ from typing import Any
 
 from tvtool.commands.negate import NegateConfig, negate
 from tvtool.errors import TvtoolError, UsageError
+from tvtool.evaluate import EvalSettings
 from tvtool.io import check_output
 from tvtool.types import Logger
 from tvtool.types import quiet as _quiet
 from tvtool.workflows.evaluator import (
     Accuracies,
-    EvalSettings,
     Evaluate,
     Evaluator,
     Progress,

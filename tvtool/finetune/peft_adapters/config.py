@@ -1,0 +1,224 @@
+"""``adapter_config.json``: which peft options tvtool honours or refuses, and target selection.
+
+:func:`check_peft_config` reads the settings that decide the adapted model (rank, alpha and
+their per-module patterns, rsLoRA, target and excluded modules) and refuses options that change
+what the model computes in ways a task vector cannot hold; :func:`check_targets` applies peft's
+rule of which modules the config selects to the weights an adapter holds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tvtool.errors import InvalidInputError
+from tvtool.models.modules import ModuleSpec
+
+# adapter_config.json keys tvtool understands or that cannot change the adapted model.
+_HARMLESS = frozenset({
+    "peft_type", "task_type", "r", "lora_alpha", "lora_dropout", "target_modules",
+    "exclude_modules", "bias", "fan_in_fan_out", "init_lora_weights", "inference_mode",
+    "base_model_name_or_path", "revision", "auto_mapping", "peft_version", "rank_pattern",
+    "alpha_pattern", "use_rslora", "layers_to_transform", "layers_pattern", "eva_config",
+    "corda_config", "loftq_config", "lora_ga_config", "megatron_core", "qalora_group_size",
+    "ensure_weight_tying", "modules_to_save",
+})
+# Options that change what the adapted model computes, refused when set (truthy).
+_REFUSED = {
+    "use_dora": "DoRA (use_dora)",
+    "lora_bias": "a bias on lora_B (lora_bias)",
+    "use_qalora": "QALoRA (use_qalora)",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
+    "use_alora": "aLoRA (use_alora)",
+    "target_parameters": "LoRA on nn.Parameter (target_parameters)",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer replication (layer_replication)",
+    "megatron_config": "Megatron layers (megatron_config)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "kasa_config": "KaSA (kasa_config)",
+    "velora_config": "VeLoRA (velora_config)",
+    "monteclora_config": "MonteCLoRA (monteclora_config)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+}
+# Initialisations that rewrite the base weights: the adapter is relative to another base.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass(frozen=True)
+class PeftSettings:
+    """The settings of an ``adapter_config.json`` that decide the adapted model."""
+
+    rank: int
+    alpha: float
+    rslora: bool
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    target_modules: list[str] | str | None
+    exclude_modules: list[str] | str | None
+    layer_filter: bool
+
+    def rank_of(self, module: str) -> int:
+        key = _pattern_key(self.rank_pattern, module)
+        return self.rank_pattern[key] if key is not None else self.rank
+
+    def alpha_of(self, module: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    def scale_of(self, module: str) -> float:
+        rank, alpha = self.rank_of(module), self.alpha_of(module)
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
+def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+    r"""Peft's rule: the first pattern ``P`` with ``re.match(r"(.*\.)?(P)$", module)``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def _names(value: Any, field_name: str, label: str) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise InvalidInputError(f"{label}: {field_name} {value[:60]!r} is not a valid "
+                                        f"regular expression ({exc})") from None
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise InvalidInputError(f"{label}: {field_name} must be a list of module names or a "
+                            "regular expression")
+
+
+def check_peft_config(config: Mapping[str, Any], label: str) -> PeftSettings:
+    """Validate an ``adapter_config.json`` and return what tvtool needs from it.
+
+    Raises:
+        InvalidInputError: not a LoRA adapter, a peft feature that changes the model in a
+            way tvtool does not reproduce (DoRA, LoRA bias, ...), an initialisation that
+            rewrote the base weights, trained biases or extra modules, malformed values.
+    """
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise InvalidInputError(f"{label} is a peft {str(peft_type)[:30]} adapter; tvtool reads "
+                                "LoRA adapters (peft_type LORA)")
+    for key, what in _REFUSED.items():
+        if config.get(key):
+            raise InvalidInputError(f"{label} uses {what}, which tvtool does not support",
+                                    hint="only plain LoRA adapters (W0 + scaling·B·A) become "
+                                         "task vectors")
+    unknown = sorted(k for k, v in config.items() if k not in _HARMLESS and k not in _REFUSED
+                     and v not in (None, False, {}, [], ""))
+    if unknown:
+        raise InvalidInputError(f"{label} sets the peft option {unknown[0]!r}, unknown to "
+                                "tvtool; it cannot tell whether it changes the model")
+    if config.get("modules_to_save"):
+        raise InvalidInputError(f"{label} also saves whole modules (modules_to_save "
+                                f"{list(config['modules_to_save'])[:3]}); tvtool reads LoRA "
+                                "factors only")
+    if config.get("bias", "none") != "none":
+        raise InvalidInputError(f"{label} trains biases (bias={str(config['bias'])[:20]!r}); "
+                                "tvtool reads adapters with bias 'none'")
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        raise InvalidInputError(
+            f"{label} was initialised with {init[:30]!r}, which rewrites the base weights; "
+            "its factors are relative to that modified base",
+            hint="convert it to a plain LoRA first (peft's save_pretrained with "
+                 "path_initial_model_for_weight_conversion)")
+    if config.get("loftq_config"):
+        raise InvalidInputError(f"{label} has a LoftQ config (a quantised base)")
+    rank, alpha = config.get("r"), config.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InvalidInputError(f"{label}: r must be a positive integer, got {str(rank)[:20]}")
+    if not _is_number(alpha):
+        raise InvalidInputError(f"{label}: lora_alpha must be a finite number, "
+                                f"got {str(alpha)[:20]}")
+    patterns: dict[str, dict[str, Any]] = {}
+    for name in ("rank_pattern", "alpha_pattern"):
+        value = config.get(name) or {}
+        if not isinstance(value, dict):
+            raise InvalidInputError(f"{label}: {name} must be a JSON object")
+        for key, item in value.items():
+            good = (isinstance(item, int) and not isinstance(item, bool) and item >= 1) \
+                if name == "rank_pattern" else _is_number(item)
+            if not good:
+                raise InvalidInputError(f"{label}: {name}[{key[:60]!r}] is {str(item)[:20]}")
+            try:
+                re.compile(key)
+            except re.error as exc:
+                raise InvalidInputError(f"{label}: {name} key {key[:60]!r} is not a valid "
+                                        f"regular expression ({exc})") from None
+        patterns[name] = value
+    use_rslora = config.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise InvalidInputError(f"{label}: use_rslora must be true or false")
+    return PeftSettings(
+        rank=rank, alpha=float(alpha), rslora=use_rslora,  # type: ignore[arg-type]
+        rank_pattern=patterns["rank_pattern"], alpha_pattern=patterns["alpha_pattern"],
+        target_modules=_names(config.get("target_modules"), "target_modules", label),
+        exclude_modules=_names(config.get("exclude_modules"), "exclude_modules", label),
+        layer_filter=config.get("layers_to_transform") is not None)
+
+
+def _matches(names: list[str] | str, module: str) -> bool:
+    """Peft's target rule: a regex matches the whole name, a list entry ends it after a dot."""
+    if isinstance(names, str):
+        return re.fullmatch(names, module) is not None
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def adaptable(spec: ModuleSpec) -> bool:
+    """Whether peft can adapt the module: an attention, or a Linear outside an attention."""
+    return spec.kind == "mha" or (spec.kind == "linear" and not spec.inside_attention)
+
+
+def check_targets(settings: PeftSettings, adapted: list[str], modules: Mapping[str, ModuleSpec],
+                   label: str, notes: list[str]) -> None:
+    """Module names in the config must exist; the weights must be the targeted modules."""
+    targets = settings.target_modules
+    if targets is None:
+        raise InvalidInputError(f"{label}: adapter_config.json names no target_modules")
+    if targets == "all-linear":
+        raise InvalidInputError(f"{label}: target_modules 'all-linear' is resolved by peft for "
+                                "transformers models only")
+    if isinstance(targets, list):
+        unknown = [t for t in targets if not any(_matches([t], m) for m in modules)]
+        if unknown:
+            raise InvalidInputError(f"{label}: target_modules names modules the model does not "
+                                    f"have: {unknown[:3]}",
+                                    hint="is the adapter for another model, or for the image "
+                                         "tower alone (--module visual) or the whole model "
+                                         "(--module clip)?")
+    elif not any(_matches(targets, m) for m in modules):
+        raise InvalidInputError(f"{label}: target_modules {targets[:60]!r} matches no module of "
+                                "the model", hint="is it for --module visual or --module clip?")
+    excluded = settings.exclude_modules
+
+    def selected(module: str) -> bool:
+        return _matches(targets, module) and not (excluded and _matches(excluded, module))
+
+    stray = [m for m in adapted if not selected(m)]
+    if stray:
+        raise InvalidInputError(f"{label}: the weights adapt {stray[0]!r}, which "
+                                "adapter_config.json's target_modules does not select")
+    if settings.layer_filter:
+        notes.append("layers_to_transform is set: not checking that every targeted module "
+                     "has weights")
+        return
+    wanted = [m for m, spec in modules.items() if adaptable(spec) and selected(m)]
+    missing = [m for m in wanted if m not in adapted]
+    if missing:
+        raise InvalidInputError(f"{label}: adapter_model.safetensors lacks the LoRA weights of "
+                                f"{len(missing)} targeted modules (e.g. {missing[0]!r})")

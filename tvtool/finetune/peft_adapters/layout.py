@@ -1,0 +1,74 @@
+"""How peft names and scales the LoRA adapters of open_clip modules (shared by both directions).
+
+The key layout of a saved peft adapter, the factor applied twice to an attention's
+out-projection (:data:`MHA_OUT_PROJ_APPLIED`, see :mod:`tvtool.finetune.peft_adapters`), the
+in-memory forms of both directions (:class:`PeftAdapter`, :class:`ImportedVector`), and the
+rank padding both use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tvtool.finetune.lora import FUSED_IN_PROJ
+from tvtool.models.modules import ModuleSpec
+
+PEFT_PREFIX = "base_model.model."
+"""The prefix peft gives every key of a saved adapter."""
+PEFT_A = ".lora_A.weight"
+PEFT_B = ".lora_B.weight"
+MHA_OUT = ".base_layer.out_proj"
+"""Where peft's wrapper of an ``nn.MultiheadAttention`` keeps the adapted out-projection."""
+MHA_OUT_PROJ_APPLIED = 2.0
+"""How many times peft applies an attention's out-projection delta (see the module docs)."""
+OUT_WEIGHT = ".out_proj.weight"
+"""Suffix of an attention's out-projection weight (tvtool names)."""
+IN_WEIGHT = "." + FUSED_IN_PROJ
+"""Suffix of an attention's fused in-projection weight (tvtool names)."""
+NO_MODULE = ModuleSpec("other", "")
+"""What a name that is no module of the model looks like (``modules.get(name, NO_MODULE)``)."""
+
+
+@dataclass(frozen=True)
+class PeftAdapter:
+    """A peft adapter in memory: ``adapter_config.json`` and the saved state dict."""
+
+    config: dict[str, Any]
+    tensors: dict[str, Tensor]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImportedVector:
+    """A peft adapter as tvtool task-vector tensors.
+
+    Attributes:
+        tensors: LoRA factors (``T.lora_A``/``T.lora_B``) or, when the adapter's scales cannot
+            be written as one tvtool alpha, dense deltas; full open_clip state-dict names.
+        lora: The ``lora_alpha``/``lora_rank``/``lora_targets`` metadata of a factor vector,
+            None for a dense one.
+        notes: What was read and decided, for stderr.
+    """
+
+    tensors: dict[str, Tensor]
+    lora: dict[str, str] | None
+    notes: list[str] = field(default_factory=list)
+
+
+def pad_rank(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Zero rows of A and zero columns of B up to ``rank`` (B·A unchanged).
+
+    Args:
+        a: ``[r, in]`` factor.
+        b: ``[out, r]`` factor.
+        rank: The rank to reach (at least ``r``).
+    """
+    extra = rank - a.shape[0]
+    if extra == 0:
+        return a, b
+    return (torch.cat([a, a.new_zeros(extra, a.shape[1])], dim=0),
+            torch.cat([b, b.new_zeros(b.shape[0], extra)], dim=1))

@@ -332,7 +332,8 @@ def test_save_config_writes_a_reproducible_config(cli, vecs, tmp_path):
 CONFIG_ERRORS = {
     "unknown key": ({"vectors": ["v1.safetensors"], "methd": "ties"}, "unknown key"),
     "no vectors": ({"method": "ties"}, "'vectors'"),
-    "bad coef": ({"vectors": ["v1.safetensors"], "coef": "high"}, "must be a number"),
+    "bad coef": ({"vectors": ["v1.safetensors"], "coef": "high"},
+                 "coef: coefficient 'high' is not a number"),
     "two coef sources": ({"vectors": ["v1.safetensors"], "coef": 1, "coefs_file": "c.json"},
                          "one way only"),
     "bad missing": ({"vectors": ["v1.safetensors"], "missing": "maybe"}, "'missing'"),

@@ -31,7 +31,6 @@ its errors name the document.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import Any
 from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.limits import check_nesting, short_repr
 from tvtool.merge.registry import get_method
+from tvtool.vectors import check_coefficients
 
 CONFIG_VERSION = 1
 MISSING_POLICIES = ("refuse", "zero", "common")
@@ -106,7 +106,7 @@ class MergeConfig:
         coefs = tuple(self.coefs) if isinstance(self.coefs, (list, tuple)) else (self.coefs,)
         if not coefs:
             raise UsageError("'coef' must not be an empty list")
-        object.__setattr__(self, "coefs", tuple(_number(c, "coef") for c in coefs))
+        object.__setattr__(self, "coefs", check_coefficients(coefs, "coef"))
         if self.coefs_file is not None:
             _string(self.coefs_file, "coefs_file")
         seed = self.seed
@@ -143,18 +143,6 @@ class MergeConfig:
 def _fail(message: str, label: str, hint: str | None = None) -> InvalidInputError:
     return InvalidInputError(f"merge config {label}: {message}",
                              hint=hint or "see docs/merge.md, section 'Config files'")
-
-
-def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UsageError(f"{what} must be a number, got {short_repr(value)}")
-    try:
-        number = float(value)
-    except OverflowError:  # an integer with hundreds of digits
-        number = math.inf
-    if not math.isfinite(number):
-        raise UsageError(f"{what} must be finite, got {short_repr(value)}")
-    return number
 
 
 def _string(value: Any, what: str) -> str:

@@ -38,7 +38,8 @@ def test_no_cycles_and_no_function_level_import_dodging_one(report):
 
 def test_the_graph_gets_no_deeper(report):
     # 13 before issue 12, 11 with the workflows inside merge/ and coeffs/, 10 since:
-    # cli -> demo -> workflows -> evaluate -> data -> world -> models -> io -> limits -> errors.
+    # cli -> demo -> workflows -> commands -> data -> synthetic_world -> models -> io -> limits
+    # -> errors.
     assert report["depth"] <= MAX_DEPTH, report["longest_chain"]
 
 

@@ -15,6 +15,11 @@ from tvtool.cli.common import (
     log,
     refuse_json_with_stdout,
 )
+from tvtool.metadata import Mode
+
+# A checkpoint difference is a dense delta of the ordinary model: the modes whose vectors are
+# neither linearized nor factored (the rule of tvtool.commands.extract).
+_MODES = " or ".join(m.value for m in Mode if not m.linearized and not m.factored)
 
 
 @handles_errors
@@ -23,7 +28,7 @@ def extract(
     base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
                                       help="Model reference of the pre-trained base.")],
     output: OutputOpt,
-    mode: Annotated[str, typer.Option("--mode", help="Mode to record: full or attn.")] = "full",
+    mode: Annotated[str, typer.Option("--mode", help=f"Mode to record: {_MODES}.")] = "full",
     dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to record.")] = None,
     allow_missing: Annotated[bool, typer.Option(
         "--allow-missing", help="Take base tensors absent from the checkpoint as unchanged.")
@@ -36,12 +41,11 @@ def extract(
     from tvtool.commands.extract import ExtractConfig
     from tvtool.commands.extract import extract as run_extract
     from tvtool.errors import UsageError
-    from tvtool.metadata import Mode
 
     try:
         mode_value = Mode(mode)
     except ValueError:
-        raise UsageError(f"unknown mode {mode!r}", hint="extract records full or attn") from None
+        raise UsageError(f"unknown mode {mode!r}", hint=f"extract records {_MODES}") from None
     refuse_json_with_stdout(as_json, output)
     config = ExtractConfig(base=base, finetuned=finetuned, output=output,
                                       mode=mode_value, dataset=dataset,

@@ -27,7 +27,7 @@ from tvtool.errors import UsageError
 
 
 def _method_help() -> dict[str, str]:
-    """Help of ``--method``, ``--density`` and ``--trim``, from the method registry.
+    """Help of ``--method``, ``--density``, ``--trim`` and ``--coef-grid``, from the registry.
 
     The names are the registry's, and the shortcut flags name the methods whose params
     dataclass has that field, so a new method shows up without editing this module.
@@ -40,7 +40,11 @@ def _method_help() -> dict[str, str]:
         return "/".join(m.name for m in METHODS.values()
                         if name in {f.name for f in fields(m.params)})
 
+    grids = ", ".join(f"{m.name} {m.search_grid(m.make_params())}" for m in METHODS.values())
     return {"method": f"{', '.join(names[:-1])} or {names[-1]} (docs/merge.md).",
+            "coef_grid": "Search grid: START:STOP:STEP (inclusive) or a,b,c. Default: the "
+                         f"method's own, for its default parameters: {grids} (a parameter "
+                         "may change it: docs/merge.md).",
             "density": f"{having('density')}: fraction of entries kept.",
             "trim": f"{having('trim')}: global (whole vector) or tensor (per tensor)."}
 
@@ -110,10 +114,7 @@ def merge(
         help="Choose one coefficient for all vectors on the validation splits (best average "
              "normalized accuracy), then merge with it and report test accuracy.")] = False,
     coef_grid: Annotated[str | None, typer.Option(
-        "--coef-grid", help="Search grid: START:STOP:STEP (inclusive) or a,b,c. Default by "
-                            "method: ties and dare with combine=ties 0.8:2.5:0.1 (the TIES "
-                            "reference's λ range: a disjoint mean needs λ near or above 1); "
-                            "task_arithmetic, magnitude, dare (sum) and mean 0:1:0.05.",
+        "--coef-grid", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     base: Annotated[str | None, typer.Option(
         "--base", "-b", envvar="TVTOOL_BASE", help="Search: model reference of the base.",

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from tvtool.merge.method import (
+    DISJOINT_MEAN_GRID,
+    SUM_GRID,
     MergeMethod,
     TensorContext,
     check_choice,
@@ -157,4 +159,6 @@ METHOD = MergeMethod(
     fn=merge,
     accumulate=accumulate,
     separable=lambda params: params.combine == "sum",
+    # combine=ties is TIES' disjoint mean of the rescaled vectors
+    search_grid=lambda params: DISJOINT_MEAN_GRID if params.combine == "ties" else SUM_GRID,
 )

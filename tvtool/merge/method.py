@@ -18,6 +18,15 @@ import torch
 from tvtool.errors import UsageError
 from tvtool.limits import short_repr
 
+SUM_GRID = "0:1:0.05"
+"""``merge --search-coef``'s grid for a sum of N vectors, whose best α lies near 1/N: 0..1 in
+steps of 0.05, which covers task arithmetic's reference grid (0.05..1, Ilharco et al. 2023)."""
+
+DISJOINT_MEAN_GRID = "0.8:2.5:0.1"
+"""The grid for a merge that *averages* the agreeing entries (TIES' disjoint mean): the merged
+vector has the size of one task vector and the best λ lies near or above 1 (TIES reference,
+prateeky2806/ties-merging README, ``linear+0.8+2.51+0.1``; paper appendix)."""
+
 # 256 Ki elements: the N stacked chunks of a TIES step (8 MiB for 8 vectors) stay below the
 # allocator's mmap threshold, so temporaries are reused instead of page-faulted in afresh
 # (measured 2.3x faster than 4 Mi-element chunks); per-chunk overhead is still negligible.
@@ -74,6 +83,8 @@ class MergeMethod:
             term; the engine then loads one input at a time (see :func:`sum_of_terms`).
         separable: For a given params object, whether ``accumulate`` applies (DARE is a sum
             of terms only with ``combine="sum"``).
+        search_grid: For a given params object, the coefficient grid ``merge --search-coef``
+            searches when none is given (:data:`SUM_GRID` unless the method averages).
 
     """
 
@@ -86,6 +97,7 @@ class MergeMethod:
     global_density: Callable[[Any], float | None] = lambda _params: None
     accumulate: AccumulateFn | None = None
     separable: Callable[[Any], bool] = lambda _params: True
+    search_grid: Callable[[Any], str] = lambda _params: SUM_GRID
 
     def make_params(self, values: dict[str, Any] | None = None) -> Any:
         """Build and validate this method's params from plain values.

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from tvtool.merge.method import (
+    DISJOINT_MEAN_GRID,
     TRIM_SCOPES,
     MergeMethod,
     TensorContext,
@@ -134,4 +135,5 @@ METHOD = MergeMethod(
     params=TiesParams,
     fn=merge,
     global_density=_global_density,
+    search_grid=lambda _params: DISJOINT_MEAN_GRID,
 )

@@ -25,6 +25,7 @@ from tvtool.evaluate import EvalSettings
 from tvtool.io import check_output, scratch_directory
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.engine import MergeResult, merge, open_merge
+from tvtool.merge.registry import get_method
 from tvtool.types import Logger
 from tvtool.types import quiet as _quiet
 from tvtool.workflows.evaluator import (
@@ -35,26 +36,17 @@ from tvtool.workflows.evaluator import (
     check_recorded_dataset,
 )
 
-DEFAULT_GRID_TEXT = "0:1:0.05"
-# TIES' reference search (prateeky2806/ties-merging README, ``linear+0.8+2.51+0.1``; paper
-# appendix): its disjoint merge *averages* the agreeing entries, so the merged vector has the
-# size of one task vector and the best λ lies near or above 1, where task arithmetic's sum of
-# N vectors wants α ≈ 1/N.
-TIES_GRID_TEXT = "0.8:2.5:0.1"
-
 
 def default_grid_text(method: str, params: Mapping[str, Any] | None = None) -> str:
     """The coefficient grid ``merge --search-coef`` searches when ``--coef-grid`` is not given.
 
-    ``ties`` and ``dare`` with ``combine=ties`` (a disjoint mean): :data:`TIES_GRID_TEXT`,
-    the TIES reference's λ ∈ 0.8..2.5; every other method (sums of vectors: task arithmetic,
-    magnitude, DARE with ``combine=sum``; the mean): :data:`DEFAULT_GRID_TEXT`, 0..1 in steps
-    of 0.05, which covers task arithmetic's reference grid (0.05..1, Ilharco et al. 2023).
+    Each method declares it (``search_grid`` of its registry entry, for its parameters): a sum
+    of vectors (task arithmetic, magnitude, DARE with ``combine=sum``, the mean) searches
+    :data:`tvtool.merge.method.SUM_GRID`; a disjoint mean (TIES, DARE with ``combine=ties``)
+    :data:`tvtool.merge.method.DISJOINT_MEAN_GRID`.
     """
-    combine = (params or {}).get("combine", "sum")
-    if method == "ties" or (method == "dare" and combine == "ties"):
-        return TIES_GRID_TEXT
-    return DEFAULT_GRID_TEXT
+    entry = get_method(method)
+    return entry.search_grid(entry.make_params(dict(params or {})))
 
 
 @dataclass(frozen=True)

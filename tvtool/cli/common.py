@@ -164,6 +164,11 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int]
         yield advance
 
 
+def listed_or(names: Sequence[str]) -> str:
+    """``a, b or c``: names listed in a help text (``a`` alone for one name)."""
+    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+
+
 # Options shared by several commands (typer Annotated aliases).
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output file, or - for stdout.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout.")]

@@ -56,7 +56,7 @@ def convert(
 
     refuse_json_with_stdout(as_json, output)
     config = ConvertConfig(input=checkpoint, output=output, architecture=architecture,
-                                      base=base, dataset=dataset, module=module)
+                           base=base, dataset=dataset, module=module)
     from tvtool.io import is_peft_adapter
 
     if is_peft_adapter(checkpoint):

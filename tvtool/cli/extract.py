@@ -12,6 +12,7 @@ from tvtool.cli.common import (
     emit_json,
     emit_path,
     handles_errors,
+    listed_or,
     log,
     refuse_json_with_stdout,
 )
@@ -19,7 +20,7 @@ from tvtool.metadata import Mode
 
 # A checkpoint difference is a dense delta of the ordinary model: the modes whose vectors are
 # neither linearized nor factored (the rule of tvtool.commands.extract).
-_MODES = " or ".join(m.value for m in Mode if not m.linearized and not m.factored)
+_MODES = listed_or([m.value for m in Mode if not m.linearized and not m.factored])
 
 
 @handles_errors
@@ -47,8 +48,7 @@ def extract(
     except ValueError:
         raise UsageError(f"unknown mode {mode!r}", hint=f"extract records {_MODES}") from None
     refuse_json_with_stdout(as_json, output)
-    config = ExtractConfig(base=base, finetuned=finetuned, output=output,
-                                      mode=mode_value, dataset=dataset,
-                                      allow_missing=allow_missing, keep=keep)
+    config = ExtractConfig(base=base, finetuned=finetuned, output=output, mode=mode_value,
+                           dataset=dataset, allow_missing=allow_missing, keep=keep)
     result = run_extract(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

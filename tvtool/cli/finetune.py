@@ -38,6 +38,7 @@ from tvtool.cli.common import (
     emit_json,
     emit_path,
     handles_errors,
+    listed_or,
     log,
     stderr,
 )
@@ -88,10 +89,6 @@ def _mode_options() -> list[DeclaredOption]:
     return list(declared.values())
 
 
-def _names(names: list[str]) -> str:
-    return f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
-
-
 def _mode_help() -> dict[str, str]:
     """Help of ``--mode`` and ``--checkpoint-out``, from the mode registry.
 
@@ -105,7 +102,7 @@ def _mode_help() -> dict[str, str]:
     # config.FinetuneConfig refuses --checkpoint-out for linearized modes: their fine-tuned
     # model is not a set of weights.
     weights = [m.name.value for m in MODES.values() if not m.linearized]
-    return {"mode": f"{_names(listed)}.",
+    return {"mode": f"{listed_or(listed)}.",
             "checkpoint_out": "Also write the fine-tuned model as a checkpoint "
                               f"({', '.join(weights)})."}
 

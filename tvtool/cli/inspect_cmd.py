@@ -25,8 +25,7 @@ def inspect(
     from tvtool.commands.inspect import InspectConfig
     from tvtool.commands.inspect import inspect as run_inspect
 
-    report = run_inspect(InspectConfig(files=tuple(files), top=top,
-                                                         cosine=not no_cosine))
+    report = run_inspect(InspectConfig(files=tuple(files), top=top, cosine=not no_cosine))
     if as_json:
         emit_json(report)
     else:

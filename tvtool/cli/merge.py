@@ -17,6 +17,7 @@ from tvtool.cli.common import (
     emit_json,
     emit_path,
     handles_errors,
+    listed_or,
     log,
     percent,
     progress_bar,
@@ -41,7 +42,7 @@ def _method_help() -> dict[str, str]:
                         if name in {f.name for f in fields(m.params)})
 
     grids = ", ".join(f"{m.name} {m.search_grid(m.make_params())}" for m in METHODS.values())
-    return {"method": f"{', '.join(names[:-1])} or {names[-1]} (docs/merge.md).",
+    return {"method": f"{listed_or(names)} (docs/merge.md).",
             "coef_grid": "Search grid: START:STOP:STEP (inclusive) or a,b,c. Default: the "
                          f"method's own, for its default parameters: {grids} (a parameter "
                          "may change it: docs/merge.md).",

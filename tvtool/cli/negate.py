@@ -79,8 +79,7 @@ def negate(
     from tvtool.commands.negate import negate as run_negate
 
     refuse_json_with_stdout(as_json, output)
-    result = run_negate(NegateConfig(vector=vector, output=output, coef=coef),
-                               log=log)
+    result = run_negate(NegateConfig(vector=vector, output=output, coef=coef), log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)
 
 

@@ -157,6 +157,8 @@ class FinetuneMode(Protocol):
         options: Frozen dataclass of the mode's own settings (every field has a default;
             ``__post_init__`` validates, raising UsageError); :class:`NoOptions` if none.
         cli_options: The flags that fill ``options`` fields (``tvtool finetune`` adds them).
+        run_marks: Entries its training states record beyond the settings, so that a state
+            of another model that once went by the same mode name does not resume.
     """
 
     name: Mode
@@ -164,6 +166,7 @@ class FinetuneMode(Protocol):
     label: ClassVar[str]
     options: ClassVar[type]
     cli_options: ClassVar[tuple[CliOption, ...]]
+    run_marks: ClassVar[Mapping[str, str]]
 
     @property
     def linearized(self) -> bool:
@@ -199,6 +202,7 @@ class ModeBase:
     label: ClassVar[str] = ""
     options: ClassVar[type] = NoOptions
     cli_options: ClassVar[tuple[CliOption, ...]] = ()
+    run_marks: ClassVar[Mapping[str, str]] = {}
 
     @property
     def linearized(self) -> bool:

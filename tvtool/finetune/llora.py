@@ -25,6 +25,9 @@ Both store A0 and the trained B in the LoRA format of :mod:`tvtool.finetune.lora
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 from torch import Tensor, nn
 
 from tvtool.finetune.base import Adapter
@@ -55,6 +58,9 @@ class LloraMode(LoraMode):
     name = Mode.LLORA
     label = "L-LoRA"
     summary = "L-LoRA: each LoRA layer linearized in its factors (A frozen at init, B trained)"
+    # `llora` trained the network-level linearization before it became the per-adapter
+    # L-LoRA; a state without this mark belongs to that other model and must not resume.
+    run_marks: ClassVar[Mapping[str, str]] = {"llora": "per-adapter"}
 
     def build(self, encoder: nn.Module, options: LoraOptions, *, seed: int = 0) -> Adapter:
         return LloraAdapter(encoder, options, seed=seed)

@@ -17,19 +17,15 @@ from torch import Tensor
 from tvtool.errors import InvalidInputError
 from tvtool.finetune.base import Adapter
 from tvtool.finetune.config import STATE_FORMAT, FinetuneConfig
+from tvtool.finetune.registry import get_mode
 from tvtool.io.train_state import read_train_state, write_train_state
 from tvtool.limits import short_repr
-from tvtool.metadata import Mode
 from tvtool.types import StateDict
 
 
 def _run_key(config: FinetuneConfig, fingerprint: str, total: int, warmup: int,
              size: int) -> dict[str, Any]:
-    key = config.resume_fields()
-    if config.mode is Mode.LLORA:
-        # `llora` trained the network-level linearization before it became the per-adapter
-        # L-LoRA; a state without this key belongs to that other model and must not resume.
-        key["llora"] = "per-adapter"
+    key = {**config.resume_fields(), **get_mode(config.mode).run_marks}
     key.update(base_fingerprint=fingerprint, total_steps=total, warmup_steps=warmup,
                dataset_size=size)
     return key

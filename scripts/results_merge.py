@@ -50,11 +50,12 @@ def finetune_vectors(args: argparse.Namespace, workdir: Path) -> list[str]:
     import json
 
     from tvtool.finetune import FinetuneConfig, finetune
+    from tvtool.synthetic_world import GENERATOR_VERSION
 
-    # The recipe and the base's fingerprint name the cached file, so a changed base or recipe
-    # fine-tunes afresh instead of reusing a vector of another base.
+    # The recipe, the base's fingerprint and the generator version name the cached file, so
+    # a changed base, recipe or task data fine-tunes afresh instead of reusing a stale vector.
     recipe = json.dumps([base_fingerprint(args.base), args.steps, args.lr, args.batch_size,
-                         args.seed])
+                         args.seed, GENERATOR_VERSION])
     key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
     paths = []
     for task in args.tasks:

@@ -23,7 +23,7 @@ from tvtool.errors import UsageError
 from tvtool.metadata import FileMeta, Kind, provenance
 from tvtool.models import EMBEDDED_MODELS, TINY_MODEL, load_clip
 from tvtool.synthetic_world.scenes import rng_for
-from tvtool.synthetic_world.tasks import GENERATOR_VERSION, corpus_batch
+from tvtool.synthetic_world.tasks import GENERATOR_VERSION, STREAM_VERSION, corpus_batch
 from tvtool.types import StateDict
 
 _MAX_LOGIT_SCALE = math.log(100.0)
@@ -170,7 +170,7 @@ def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | N
     mean, std = normalization(bundle.preprocess_eval)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6)
-    rng = rng_for("tvtool-world", GENERATOR_VERSION, "corpus", config.seed)
+    rng = rng_for("tvtool-world", STREAM_VERSION, "corpus", config.seed)
     for step in range(config.steps):
         images, texts = corpus_batch(rng, config.batch, config.caption_noise)
         _, text_ids = np.unique(np.asarray(texts), return_inverse=True)

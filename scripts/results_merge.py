@@ -49,16 +49,17 @@ def finetune_vectors(args: argparse.Namespace, workdir: Path) -> list[str]:
     import hashlib
     import json
 
+    from tvtool.data import data_source
     from tvtool.finetune import FinetuneConfig, finetune
-    from tvtool.synthetic_world import GENERATOR_VERSION
 
-    # The recipe, the base's fingerprint and the generator version name the cached file, so
-    # a changed base, recipe or task data fine-tunes afresh instead of reusing a stale vector.
-    recipe = json.dumps([base_fingerprint(args.base), args.steps, args.lr, args.batch_size,
-                         args.seed, GENERATOR_VERSION])
-    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    # The recipe, the base's fingerprint and the task's data source (for synthetic tasks, the
+    # generator version) name the cached file, so a changed base, recipe or task data
+    # fine-tunes afresh instead of reusing a stale vector.
+    recipe = [base_fingerprint(args.base), args.steps, args.lr, args.batch_size, args.seed]
     paths = []
     for task in args.tasks:
+        named = json.dumps([*recipe, data_source(task)], sort_keys=True)
+        key = hashlib.sha256(named.encode()).hexdigest()[:12]
         path = workdir / f"{task.replace(':', '_')}.full.{key}.safetensors"
         if not path.exists():
             log(f"fine-tuning {task} ({args.steps} steps)")

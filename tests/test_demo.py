@@ -110,7 +110,7 @@ def test_gain_recovered_is_the_fraction_of_the_finetuning_gain():
     assert "| full | 0.45 |" in text and "| full:a | 1.00 | 0.02 |" in text
 
 
-def test_demo_every_stage_end_to_end_on_the_smallest_budgets(tmp_path):
+def test_demo_every_stage_end_to_end_on_the_smallest_budgets(tmp_path, monkeypatch):
     """The default-run demo check: every stage, real models and data, tiny budgets.
 
     ``tvtool demo --quick`` itself is the slow test below.
@@ -159,6 +159,18 @@ def test_demo_every_stage_end_to_end_on_the_smallest_budgets(tmp_path):
     assert not any("fine-tuning synthetic" in line for line in again)
     for key in ("zero_shot", "finetuned", "methods", "negation", "disentanglement", "claims"):
         assert redo[key] == doc[key], key
+    # Another generator version is other data: nothing cached from the old one is reused.
+    # (Poison the cached accuracies, so that a reused one would show.)
+    for cached in (out / "cache").glob("eval-*.json"):
+        cached.write_text(json.dumps({task: 0.123 for task in tasks}))
+    monkeypatch.setattr("tvtool.data.synthetic.GENERATOR_VERSION", "another")
+    changed: list[str] = []
+    fresh = run_demo(config, changed.append)
+    assert sum("fine-tuning synthetic" in line for line in changed) == len(tasks) * len(modes)
+    for mode in modes:
+        for task in tasks:
+            assert fresh["vectors"][mode][task] != doc["vectors"][mode][task]
+    assert fresh["zero_shot"] == doc["zero_shot"]  # recomputed: the images themselves are the same
 
 
 @pytest.mark.slow

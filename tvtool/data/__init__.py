@@ -49,6 +49,7 @@ __all__ = [
     "Split",
     "SplitDataset",
     "TaskSpec",
+    "data_source",
     "download",
     "list_datasets",
     "load_split",
@@ -185,6 +186,23 @@ def download(name: str, data_root: PathLike | None = None,
         log(f"{source.info.name}: downloading what is missing under the data root")
     source.pools()
     return True
+
+
+def data_source(name: str, data_root: PathLike | None = None) -> dict[str, Any]:
+    """Where a dataset's examples come from, without reading them.
+
+    The ``source`` record of :func:`split_manifest` (for ``synthetic:`` tasks it holds the
+    generator version). Whatever caches a result computed from a dataset keys on it, so that
+    a changed generator or source is never answered from a result of the old data.
+
+    Args:
+        name: Dataset name.
+        data_root: Local data root for standard datasets.
+
+    Raises:
+        InvalidInputError: unknown dataset.
+    """
+    return _resolve(name, data_root).describe()
 
 
 def split_manifest(

@@ -131,6 +131,7 @@ def run_demo(config: DemoConfig, log: Logger,
     Returns:
         The results document (also written as ``report.json``).
     """
+    from tvtool.data import data_source
     from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
     from tvtool.finetune import FinetuneConfig, finetune
     from tvtool.metadata import Mode
@@ -148,13 +149,16 @@ def run_demo(config: DemoConfig, log: Logger,
     finally:
         source.close()
     tasks = list(cfg.tasks)
+    # Cached vectors and accuracies are keyed by their data too, so that a run into an old
+    # --out after the world's generator changed does not reuse results of the old images.
+    sources = {task: data_source(task) for task in tasks}
     limit = cfg.eval_limit
 
     def eval_accs(vectors: tuple[str, ...] = (), coefs: tuple[float, ...] = (1.0,),
                   base: str = cfg.base, datasets: tuple[str, ...] = tuple(tasks),
                   split: str = "test") -> dict[str, float]:
         key = _key("eval", base, base_fp, [_file_key(v) for v in vectors], coefs, datasets,
-                   split, limit, cfg.seed)
+                   [sources[d] for d in datasets], split, limit, cfg.seed)
 
         def compute() -> dict[str, float]:
             settings = EvalSettings(base=base, device=cfg.device, limit=limit, seed=cfg.seed)
@@ -171,8 +175,9 @@ def run_demo(config: DemoConfig, log: Logger,
             vector_paths[mode] = {}
             for task in tasks:
                 # LoRA vectors cached before the q,v targets and per-adapter L-LoRA differ.
-                key = _key("ft", base_fp, mode, task, cfg.steps, cfg.batch_size, cfg.lr,
-                           cfg.seed, *(("lora-qv",) if "lora" in mode else ()))
+                key = _key("ft", base_fp, mode, task, sources[task], cfg.steps,
+                           cfg.batch_size, cfg.lr, cfg.seed,
+                           *(("lora-qv",) if "lora" in mode else ()))
                 path = vectors_dir / f"{mode}-{task.split(':')[-1]}-{key}.safetensors"
                 if not path.is_file():
                     log(f"[demo] fine-tuning {task} ({mode}, {cfg.steps} steps)")

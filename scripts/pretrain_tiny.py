@@ -1,4 +1,4 @@
-"""Pre-train an embedded CLIP and write its packaged file, tvtool/models/weights/MODEL.safetensors.
+"""Pre-train an embedded CLIP and write its weights (packaged ones: tvtool/models/weights/).
 
 Usage::
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from tvtool.models import PACKAGED_MODELS, embedded_weights_path
 from tvtool.synthetic_world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[1] / "tvtool/models/weights"
@@ -34,26 +35,32 @@ def main() -> int:
     """Run pre-training with the command-line settings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=PretrainConfig.model,
-                        help="tvtool-tiny (the tests' model) or tvtool-small (the demo's)")
+                        help="tvtool-tiny (the tests' model), tvtool-small (the demo's) or "
+                             "tvtool-base (docs/results.md's)")
     parser.add_argument("-o", "--output", default=None,
-                        help="default: the packaged file of --model")
+                        help="default: the packaged file of --model (tvtool-base: its cache "
+                             "copy)")
     parser.add_argument("--steps", type=int, default=None,
                         help="default: the recipe of --model's packaged weights")
     parser.add_argument("--batch", type=int, default=PretrainConfig.batch)
-    parser.add_argument("--lr", type=float, default=PretrainConfig.lr)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default: the recipe of --model's embedded weights")
     parser.add_argument("--seed", type=int, default=PretrainConfig.seed)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--eval", action="store_true", help="report zero-shot accuracy after")
     args = parser.parse_args()
     if args.output is None:
-        args.output = str(WEIGHTS_DIR / f"{args.model}.safetensors")
+        # Packaged weights are rewritten in place; the others' home is tvtool's cache copy.
+        packaged = args.model in PACKAGED_MODELS
+        args.output = str(WEIGHTS_DIR / f"{args.model}.safetensors" if packaged
+                          else embedded_weights_path(args.model))
 
     # Fail before the long run, not after it.
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     defaults = PretrainConfig.recipe(args.model)
     config = dataclasses.replace(defaults, steps=args.steps or defaults.steps, batch=args.batch,
-                                 lr=args.lr, seed=args.seed)
+                                 lr=args.lr or defaults.lr, seed=args.seed)
     start = time.perf_counter()
     cpu_start = time.process_time()
     losses: list[float] = []

@@ -28,8 +28,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-BEGIN = "<!-- merge-results:begin (scripts/results_merge.py) -->"
-END = "<!-- merge-results:end -->"
+
+def markers(section: str | None) -> tuple[str, str]:
+    """The doc markers of ``merge-results``, or of ``merge-results-NAME`` (``--section``)."""
+    name = "merge-results" if not section else f"merge-results-{section}"
+    return f"<!-- {name}:begin (scripts/results_merge.py) -->", f"<!-- {name}:end -->"
+
 
 METHODS: list[tuple[str, str, dict[str, Any], bool]] = [
     ("task arithmetic", "task_arithmetic", {}, True),
@@ -262,15 +266,16 @@ def _chance(task: str) -> float | None:
     return 1 / len(TASKS[task.split(":", 1)[1]].classnames)
 
 
-def update_doc(path: Path, section: str) -> None:
-    """Replace the text between the markers (or append it), atomically."""
+def update_doc(path: Path, section: str, name: str | None = None) -> None:
+    """Replace the text between the markers of section ``name`` (or append it), atomically."""
     from tvtool.io import write_bytes
 
     text = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    begin, end = markers(name)
+    block = f"{begin}\n{section}\n{end}"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     write_bytes(str(path), text.encode("utf-8"))
@@ -301,6 +306,9 @@ def main() -> int:
     parser.add_argument("--workdir", default="out/results-merge")
     parser.add_argument("--doc", default="docs/results.md")
     parser.add_argument("--note", default=None, help="a sentence added under the table")
+    parser.add_argument("--section", default=None,
+                        help="write between the merge-results-SECTION markers of --doc, so one "
+                             "doc can hold runs of several bases (default: merge-results)")
     parser.add_argument("--base-label", default=None,
                         help="how to name the base in the doc (default: --base)")
     parser.add_argument("--from-json", default=None,
@@ -328,7 +336,7 @@ def main() -> int:
         results["base"] = args.base_label
     section = markdown(results)
     print(section)
-    update_doc(Path(args.doc), section)
+    update_doc(Path(args.doc), section, args.section)
     return 0
 
 

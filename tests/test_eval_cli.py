@@ -290,3 +290,24 @@ def test_pretrain_refuses_a_model_that_is_not_embedded(cli, tmp_path):
     result = cli(["pretrain", "--model", "ViT-B-32", "-o", str(out), "--steps", "1"])
     assert result.exit_code == 2 and "embedded model" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_unpackaged_base_is_created_in_the_cache_and_then_resolves(cli, cache):
+    from tvtool.synthetic_world.pretrain import PretrainConfig
+
+    # tvtool-base's weights do not ship: by name it is an error that says how to create them.
+    missing = cli(["eval", "--base", "tvtool-base", "-d", DATASET, "--limit", "8"])
+    assert missing.exit_code != 0
+    assert "tvtool pretrain --model tvtool-base" in missing.stderr
+    result = cli(["pretrain", "--model", "tvtool-base", "--steps", "1", "--batch", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert Path(result.stdout.strip()) == cache / "tvtool-base.safetensors"
+    evaluated = cli(["eval", "--base", "tvtool-base", "-d", DATASET, "--limit", "8",
+                     "--device", "cpu", "--json"])
+    assert evaluated.exit_code == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["model"]["architecture"] == "tvtool-base"
+    meta = json.loads(cli(["inspect", str(cache / "tvtool-base.safetensors"), "--json"]).stdout)
+    # The recipe of the results' base: as long as tvtool-small, at half the peak rate.
+    assert meta["files"][0]["provenance"]["arguments"]["lr"] == 1e-3
+    assert PretrainConfig.recipe("tvtool-base").steps == PretrainConfig.recipe("tvtool-small").steps
+    assert PretrainConfig.recipe("tvtool-base").lr == PretrainConfig.recipe("tvtool-small").lr / 2

@@ -47,6 +47,20 @@ def test_both_embedded_models_resolve_to_their_own_packaged_file():
         refs_module.embedded_weights_path("ViT-B-32")
 
 
+def test_the_base_model_is_embedded_but_not_packaged(tmp_path, monkeypatch):
+    from tvtool.models import BASE_MODEL, PACKAGED_MODELS, architecture_shapes
+
+    monkeypatch.setenv("TVTOOL_CACHE_DIR", str(tmp_path))
+    assert BASE_MODEL not in PACKAGED_MODELS
+    base = parse_ref(BASE_MODEL)
+    assert base.kind is RefKind.EMBEDDED
+    assert base.location == str(tmp_path / "tvtool-base.safetensors")
+    # width 256: twice tvtool-small's image encoder, the same text tower
+    shapes, small = architecture_shapes(BASE_MODEL), architecture_shapes("tvtool-small")
+    assert shapes["visual.conv1.weight"][0] == 2 * small["visual.conv1.weight"][0] == 256
+    assert shapes["token_embedding.weight"] == small["token_embedding.weight"]
+
+
 def test_pretrained_tags_pick_the_matching_activation():
     openai = parse_ref("ViT-B-32:openai")
     assert openai.kind is RefKind.PRETRAINED_TAG

@@ -19,7 +19,9 @@ from tvtool.models.loading import (
     state_dict_fingerprint,
 )
 from tvtool.models.refs import (
+    BASE_MODEL,
     EMBEDDED_MODELS,
+    PACKAGED_MODELS,
     SMALL_MODEL,
     TINY_MODEL,
     ModelRef,
@@ -31,7 +33,9 @@ from tvtool.models.refs import (
 )
 
 __all__ = [
+    "BASE_MODEL",
     "EMBEDDED_MODELS",
+    "PACKAGED_MODELS",
     "SMALL_MODEL",
     "TINY_MODEL",
     "ArchitectureMatch",

@@ -1,0 +1,89 @@
+"""scripts/results_seeds.py: the seed-averaged gain of docs/results.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_seeds.py"
+TASKS = ["synthetic:a", "synthetic:b"]
+
+
+@pytest.fixture(scope="module")
+def seeds() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("_tvtool_results_seeds", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    return module
+
+
+def _run(seed: int, merged: tuple[float, float], changes: dict[str, Any] | None = None
+         ) -> dict[str, Any]:
+    def row(method: str, a: float, b: float, coef: float | None = None) -> dict[str, Any]:
+        return {"method": method, "coef": coef, "accuracy": dict(zip(TASKS, (a, b), strict=True))}
+    run = {"base": "tvtool-small", "base_fingerprint": "sha256:x", "tasks": TASKS, "steps": 200,
+           "lr": 1e-3, "batch_size": 64, "limit": None, "seed": seed,
+           "rows": [row("zero-shot", 0.4, 0.6), row("fine-tuned (one vector per task)", 0.9, 1.0),
+                    row("task arithmetic", *merged, coef=0.25)]}
+    run.update(changes or {})
+    return run
+
+
+def _write(tmp_path: Path, runs: list[dict[str, Any]]) -> list[Path]:
+    paths = []
+    for index, run in enumerate(runs):
+        path = tmp_path / f"run{index}.json"
+        path.write_text(json.dumps(run))
+        paths.append(path)
+    return paths
+
+
+def test_mean_and_standard_error_of_the_gain_over_seeds(seeds, tmp_path):
+    # zero-shot average 0.5, fine-tuned 0.95: a merged average of 0.7 recovers 0.2/0.45.
+    paths = _write(tmp_path, [_run(1, (0.8, 0.7)), _run(0, (0.6, 0.8))])
+    result = seeds.summarise(seeds.load_runs(paths))
+    assert result["seeds"] == [0, 1]
+    ta = result["summary"]["task arithmetic"]
+    per_seed = [s["methods"]["task arithmetic"]["gain"] for s in result["per_seed"]]
+    assert per_seed == pytest.approx([0.2 / 0.45, 0.25 / 0.45])
+    assert ta["gain_mean"] == pytest.approx(0.225 / 0.45)
+    # sample sd of two values is |a − b| / √2; its standard error divides by √2 again
+    assert ta["gain_se"] == pytest.approx((0.05 / 0.45) / 2)
+    assert result["summary"]["fine-tuned (one vector per task)"]["gain_mean"] == pytest.approx(1)
+    table = seeds.markdown(result)
+    assert "| 0 | 50.0 | 95.0 | 0.44 (0.25) |" in table
+    assert "**0.50 ± 0.06**" in table
+
+
+def test_one_seed_has_no_standard_error(seeds, tmp_path):
+    result = seeds.summarise(seeds.load_runs(_write(tmp_path, [_run(0, (0.6, 0.8))])))
+    assert math.isnan(result["summary"]["task arithmetic"]["gain_se"])
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"lr": 3e-4}, "differs from"),
+    ({"seed": 0}, "a seed appears twice"),
+])
+def test_runs_must_differ_only_in_the_seed(seeds, tmp_path, changes, message):
+    paths = _write(tmp_path, [_run(0, (0.6, 0.8)), _run(1, (0.6, 0.8), changes)])
+    with pytest.raises(SystemExit, match=message):
+        seeds.load_runs(paths)
+
+
+def test_a_file_that_is_not_a_run_is_refused(seeds, tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match=r"not a scripts/results_merge\.py output"):
+        seeds.load_runs([path])

@@ -157,12 +157,12 @@ def _pct(value: float) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.1f}"
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """The results section (between the markers)."""
+def markdown(results: dict[str, Any], section: str | None = None) -> str:
+    """The results section (between the markers of ``section``)."""
     tasks = results["tasks"]
     short = [t.split(":", 1)[-1] for t in tasks]
     lines = [
-        "## Merging on the embedded world",
+        f"## Merging on the embedded world: `{results['base']}`",
         "",
         f"Base `{results['base']}`"
         + (f" (fingerprint `{results['base_fingerprint'][:19]}…`)"
@@ -208,8 +208,10 @@ def markdown(results: dict[str, Any]) -> str:
         "published 8-task ViT-B/32 averages: zero-shot 48.2, fine-tuned 90.5, task arithmetic "
         "69–70, TIES 72.4 (absolute accuracy).",
         "",
-        "Regenerate with `python scripts/results_merge.py` (fine-tuned vectors are cached in "
-        "its work directory).",
+        "Regenerate with `python scripts/results_merge.py"
+        + ("" if results["base"] == "tvtool-small" else f" --base {results['base']}")
+        + (f" --section {section}" if section else "")
+        + "` (fine-tuned vectors are cached in its work directory).",
     ]
     return "\n".join(lines)
 
@@ -334,7 +336,7 @@ def main() -> int:
         results["note"] = args.note
     if args.base_label:
         results["base"] = args.base_label
-    section = markdown(results)
+    section = markdown(results, args.section)
     print(section)
     update_doc(Path(args.doc), section, args.section)
     return 0

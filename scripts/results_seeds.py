@@ -5,7 +5,9 @@ coefficient on the validation splits; the fraction of the fine-tuning gain a mer
 (merged − zero-shot) / (fine-tuned − zero-shot) on average test accuracies, moves between
 seeds by more than the test sample's standard error (docs/results.md). This prints one row
 per seed and the mean over seeds with its standard error (sample standard deviation / √n),
-the figure that says on which side of a threshold the world lies.
+the figure that says on which side of a threshold the world lies; and, where the runs
+negated a task, how far negation took the target's test accuracy towards chance, with the
+share of the control's accuracy it kept.
 
 Usage::
 
@@ -76,28 +78,63 @@ def gains(run: dict[str, Any]) -> dict[str, dict[str, float]]:
     return out
 
 
+def negation(run: dict[str, Any]) -> dict[str, float] | None:
+    """How far negation took the target towards chance, and the control's kept share (test).
+
+    ``None`` for a run without a negation, or whose target has no known chance level.
+    """
+    report = run.get("negation")
+    if not report or not str(report["target"]).startswith("synthetic:"):
+        return None
+    from tvtool.synthetic_world import TASKS
+
+    target, control = report["target"], report["control"]
+    base, negated = report["test"]["base"], report["test"]["negated"]
+    chance = 1 / len(TASKS[target.split(":", 1)[1]].classnames)
+    return {"fraction_to_chance": (base[target] - negated[target]) / (base[target] - chance),
+            "control_kept": negated[control] / base[control], "coef": report["best_coef"]}
+
+
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+    return statistics.fmean(values), se
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-seed figures and, per method, the mean gain over seeds ± its standard error."""
-    per_seed = [{"seed": run["seed"], "methods": gains(run)} for run in runs]
+    per_seed = [{"seed": run["seed"], "methods": gains(run), "negation": negation(run)}
+                for run in runs]
     methods = list(per_seed[0]["methods"])
     summary = {}
     for method in methods:
-        values = [seed["methods"][method]["gain"] for seed in per_seed]
+        mean, se = _mean_se([seed["methods"][method]["gain"] for seed in per_seed])
         accuracies = [seed["methods"][method]["accuracy"] for seed in per_seed]
-        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-        summary[method] = {"gain_mean": statistics.fmean(values), "gain_se": se,
+        summary[method] = {"gain_mean": mean, "gain_se": se,
                            "accuracy_mean": statistics.fmean(accuracies)}
+    negations = [seed["negation"] for seed in per_seed]
+    if all(negations):
+        mean, se = _mean_se([n["fraction_to_chance"] for n in negations if n])
+        kept = statistics.fmean(n["control_kept"] for n in negations if n)
+        summary["negation"] = {"fraction_mean": mean, "fraction_se": se, "control_kept_mean": kept}
     return {"base": runs[0]["base"], "tasks": runs[0]["tasks"], "seeds": [r["seed"] for r in runs],
             "per_seed": per_seed, "summary": summary}
+
+
+def _se_text(se: float) -> str:
+    # Two decimals hide a standard error under 0.005 as "0.00".
+    return f"{se:.2f}" if se >= 0.01 or math.isnan(se) else f"{se:.3f}"
 
 
 def markdown(result: dict[str, Any]) -> str:
     """The table of docs/results.md: gain recovered per method (columns) and seed (rows)."""
     zero, tuned = "zero-shot", "fine-tuned (one vector per task)"
-    methods = [m for m in result["summary"] if m not in (zero, tuned)]
+    methods = [m for m in result["summary"] if m not in (zero, tuned, "negation")]
+    with_negation = "negation" in result["summary"]
     # "TIES (density 0.2, global trim)" -> "TIES": the recipes are in results_merge.py's table.
     head = ["seed", "zero-shot avg", "fine-tuned avg",
             *(f"{m.split(' (')[0]}: gain (α)" for m in methods)]
+    if with_negation:
+        head.append("negation: target's fall to chance (control kept)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for seed in result["per_seed"]:
         row = seed["methods"]
@@ -107,12 +144,20 @@ def markdown(result: dict[str, Any]) -> str:
             coef = row[method]["coef"]
             coef_text = f" ({coef:g})" if isinstance(coef, (int, float)) else ""
             cells.append(f"{row[method]['gain']:.2f}{coef_text}")
+        if with_negation:
+            neg = seed["negation"]
+            cells.append(f"{neg['fraction_to_chance']:.2f} ({100 * neg['control_kept']:.1f} %)")
         lines.append("| " + " | ".join(cells) + " |")
     summary = result["summary"]
     cells = [f"mean of {len(result['seeds'])} ± s.e.",
              f"{100 * summary[zero]['accuracy_mean']:.1f}",
              f"{100 * summary[tuned]['accuracy_mean']:.1f}"]
-    cells += [f"**{summary[m]['gain_mean']:.2f} ± {summary[m]['gain_se']:.2f}**" for m in methods]
+    cells += [f"**{summary[m]['gain_mean']:.2f} ± {_se_text(summary[m]['gain_se'])}**"
+              for m in methods]
+    if with_negation:
+        neg = summary["negation"]
+        cells.append(f"**{neg['fraction_mean']:.2f} ± {_se_text(neg['fraction_se'])}** "
+                     f"({100 * neg['control_kept_mean']:.1f} %)")
     lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

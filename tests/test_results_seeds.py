@@ -87,3 +87,25 @@ def test_a_file_that_is_not_a_run_is_refused(seeds, tmp_path):
     path.write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match=r"not a scripts/results_merge\.py output"):
         seeds.load_runs([path])
+
+
+def test_negation_is_summarised_as_the_fall_towards_chance(seeds, tmp_path):
+    # synthetic:shape has 6 classes: chance 1/6. 0.8 → 0.5 is 0.3 of a distance of 0.8 − 1/6.
+    def negated(target_after: float, control_after: float) -> dict[str, Any]:
+        return {"negation": {"target": "synthetic:shape", "control": "synthetic:color",
+                             "best_coef": 0.5,
+                             "test": {"base": {"synthetic:shape": 0.8, "synthetic:color": 0.8},
+                                      "negated": {"synthetic:shape": target_after,
+                                                  "synthetic:color": control_after}}}}
+    runs = [_run(0, (0.6, 0.8), negated(0.5, 0.76)), _run(1, (0.6, 0.8), negated(0.3, 0.78))]
+    result = seeds.summarise(seeds.load_runs(_write(tmp_path, runs)))
+    distance = 0.8 - 1 / 6
+    fractions = [s["negation"]["fraction_to_chance"] for s in result["per_seed"]]
+    assert fractions == pytest.approx([0.3 / distance, 0.5 / distance])
+    summary = result["summary"]["negation"]
+    assert summary["fraction_mean"] == pytest.approx(0.4 / distance)
+    assert summary["control_kept_mean"] == pytest.approx((0.95 + 0.975) / 2)
+    table = seeds.markdown(result)
+    assert f"| {0.3 / distance:.2f} (95.0 %) |" in table
+    # A standard error under 0.005 is not rounded away to 0.00.
+    assert seeds._se_text(0.004) == "0.004" and seeds._se_text(0.04) == "0.04"

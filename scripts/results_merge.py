@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+DEFAULT_BASE = "tvtool-small"
+
 
 def markers(section: str | None) -> tuple[str, str]:
     """The doc markers of ``merge-results``, or of ``merge-results-NAME`` (``--section``)."""
@@ -183,15 +185,15 @@ def markdown(results: dict[str, Any], section: str | None = None) -> str:
         "|---|---|" + "---|" * len(tasks) + "---|---|---|",
     ]
     n_test = results["limit"] or test_split_size(tasks)
-    zero_avg, tuned_avg = (_average(results["rows"][i], tasks) for i in (0, 1))
+    zero_avg, tuned_avg = (average_accuracy(results["rows"][i], tasks) for i in (0, 1))
     for row in results["rows"]:
         accs = [row["accuracy"][t] for t in tasks]
         norms = [row["normalized"][t] for t in tasks]
         coef = "" if row["coef"] is None else f"{row['coef']:g}"
-        avg = _average(row, tasks)
+        avg = average_accuracy(row, tasks)
         # Binomial standard error of an average over tasks with independent test sets.
         se = math.sqrt(sum(a * (1 - a) / n_test for a in accs)) / len(accs)
-        gain = (avg - zero_avg) / (tuned_avg - zero_avg) if tuned_avg > zero_avg else math.nan
+        gain = gain_recovered(avg, zero_avg, tuned_avg)
         lines.append(f"| {row['method']} | {coef} | " + " | ".join(_pct(a) for a in accs)
                      + f" | {_pct(avg)} ± {_pct(se)} | {_pct(sum(norms) / len(norms))} | "
                      f"{gain:.2f} |")
@@ -209,14 +211,20 @@ def markdown(results: dict[str, Any], section: str | None = None) -> str:
         "69–70, TIES 72.4 (absolute accuracy).",
         "",
         "Regenerate with `python scripts/results_merge.py"
-        + ("" if results["base"] == "tvtool-small" else f" --base {results['base']}")
+        + ("" if results["base"] == DEFAULT_BASE else f" --base {results['base']}")
         + (f" --section {section}" if section else "")
         + "` (fine-tuned vectors are cached in its work directory).",
     ]
     return "\n".join(lines)
 
 
-def _average(row: dict[str, Any], tasks: list[str]) -> float:
+def gain_recovered(average: float, zero_shot: float, fine_tuned: float) -> float:
+    """(average − zero-shot) / (fine-tuned − zero-shot): issue 11's measure; NaN without a gain."""
+    return (average - zero_shot) / (fine_tuned - zero_shot) if fine_tuned > zero_shot else math.nan
+
+
+def average_accuracy(row: dict[str, Any], tasks: list[str]) -> float:
+    """A results row's accuracy averaged over ``tasks``."""
     return sum(row["accuracy"][t] for t in tasks) / len(tasks)
 
 
@@ -229,15 +237,27 @@ def test_split_size(tasks: list[str]) -> int:
     return POOL_SIZES["test"]
 
 
+def negation_figures(report: dict[str, Any]) -> tuple[float, float, float | None]:
+    """A negation's test figures: the target's fall towards chance, control kept, chance.
+
+    The fall is the fraction of the target's distance to chance it lost; the chance level is
+    ``None`` (and the fall NaN) where it is not known.
+    """
+    target, control = report["target"], report["control"]
+    base, negated = report["test"]["base"], report["test"]["negated"]
+    kept = negated[control] / base[control] if base[control] > 0 else float("nan")
+    chance = _chance(target)
+    fraction = ((base[target] - negated[target]) / (base[target] - chance)
+                if chance and base[target] > chance else float("nan"))
+    return fraction, kept, chance
+
+
 def negation_markdown(report: dict[str, Any]) -> list[str]:
     """The negation table: base and negated test accuracy of target and control."""
     target, control = report["target"], report["control"]
     base, negated = report["test"]["base"], report["test"]["negated"]
     threshold = report["val"]["threshold"]
-    kept = negated[control] / base[control] if base[control] > 0 else float("nan")
-    chance = _chance(target)
-    fraction = ((base[target] - negated[target]) / (base[target] - chance)
-                if chance and base[target] > chance else float("nan"))
+    fraction, kept, chance = negation_figures(report)
     return [
         "### Negation",
         "",
@@ -286,7 +306,7 @@ def update_doc(path: Path, section: str, name: str | None = None) -> None:
 def main() -> int:
     """Run and write the results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", default="tvtool-small")
+    parser.add_argument("--base", default=DEFAULT_BASE)
     parser.add_argument("--tasks", default="shape,color,count,position,texture,digit",
                         help="comma-separated synthetic tasks (at least 4 for the doc)")
     parser.add_argument("--steps", type=int, default=200)

@@ -28,6 +28,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# The gain and negation figures are results_merge.py's own (this directory is on sys.path
+# when a script here runs).
+from results_merge import average_accuracy, gain_recovered, negation_figures
+
 RECIPE_KEYS = ("base", "base_fingerprint", "tasks", "steps", "lr", "batch_size", "limit")
 
 
@@ -60,21 +64,17 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     return sorted(runs, key=lambda run: run["seed"])
 
 
-def _average(row: dict[str, Any], tasks: list[str]) -> float:
-    return sum(row["accuracy"][task] for task in tasks) / len(tasks)
-
-
 def gains(run: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per method of one run: average test accuracy, coefficient and gain recovered."""
     tasks = run["tasks"]
     rows = {row["method"]: row for row in run["rows"]}
-    zero = _average(rows["zero-shot"], tasks)
-    tuned = _average(rows["fine-tuned (one vector per task)"], tasks)
+    zero = average_accuracy(rows["zero-shot"], tasks)
+    tuned = average_accuracy(rows["fine-tuned (one vector per task)"], tasks)
     out = {}
     for method, row in rows.items():
-        average = _average(row, tasks)
-        gain = (average - zero) / (tuned - zero) if tuned > zero else math.nan
-        out[method] = {"accuracy": average, "coef": row.get("coef"), "gain": gain}
+        average = average_accuracy(row, tasks)
+        out[method] = {"accuracy": average, "coef": row.get("coef"),
+                       "gain": gain_recovered(average, zero, tuned)}
     return out
 
 
@@ -84,15 +84,12 @@ def negation(run: dict[str, Any]) -> dict[str, float] | None:
     ``None`` for a run without a negation, or whose target has no known chance level.
     """
     report = run.get("negation")
-    if not report or not str(report["target"]).startswith("synthetic:"):
+    if not report:
         return None
-    from tvtool.synthetic_world import TASKS
-
-    target, control = report["target"], report["control"]
-    base, negated = report["test"]["base"], report["test"]["negated"]
-    chance = 1 / len(TASKS[target.split(":", 1)[1]].classnames)
-    return {"fraction_to_chance": (base[target] - negated[target]) / (base[target] - chance),
-            "control_kept": negated[control] / base[control], "coef": report["best_coef"]}
+    fraction, kept, chance = negation_figures(report)
+    if chance is None:
+        return None
+    return {"fraction_to_chance": fraction, "control_kept": kept, "coef": report["best_coef"]}
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -19,6 +23,26 @@ atexit.register(shutil.rmtree, os.environ["TVTOOL_CACHE_DIR"], ignore_errors=Tru
 torch.set_num_threads(1)
 
 TINY = "tvtool-tiny"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/NAME.py`` as a module, as ``python scripts/NAME.py`` would see it.
+
+    The scripts directory is on ``sys.path`` while it loads, so a script's imports of its
+    sibling scripts resolve as they do when the script runs.
+    """
+    spec = importlib.util.spec_from_file_location(f"_tvtool_{name}", SCRIPTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(SCRIPTS))
+        sys.modules.pop(spec.name, None)
+    return module
 
 
 @dataclass

@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "import_graph.py"
+from tests.conftest import load_script
+
 MAX_DEPTH = 10
 
 
 @pytest.fixture(scope="module")
 def graph() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_tvtool_import_graph", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
+    return load_script("import_graph")
 
 
 @pytest.fixture(scope="module")

@@ -2,31 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_seeds.py"
+from tests.conftest import load_script
+
 TASKS = ["synthetic:a", "synthetic:b"]
 
 
 @pytest.fixture(scope="module")
 def seeds() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_tvtool_results_seeds", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(spec.name, None)
-    return module
+    return load_script("results_seeds")
 
 
 def _run(seed: int, merged: tuple[float, float], changes: dict[str, Any] | None = None

@@ -59,8 +59,11 @@ def main() -> int:
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     defaults = PretrainConfig.recipe(args.model)
-    config = dataclasses.replace(defaults, steps=args.steps or defaults.steps, batch=args.batch,
-                                 lr=args.lr or defaults.lr, seed=args.seed)
+    # `is None`, not `or`: an explicit 0 must reach PretrainConfig's refusal, not the recipe.
+    config = dataclasses.replace(
+        defaults, batch=args.batch, seed=args.seed,
+        steps=defaults.steps if args.steps is None else args.steps,
+        lr=defaults.lr if args.lr is None else args.lr)
     start = time.perf_counter()
     cpu_start = time.process_time()
     losses: list[float] = []

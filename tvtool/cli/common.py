@@ -193,6 +193,10 @@ AllowOtherBaseOpt = Annotated[bool, typer.Option(
 
 DownloadOpt = Annotated[bool, typer.Option(
     "--download", help="Download missing standard datasets into --data-root first (network).")]
+SuiteOpt = Annotated[str | None, typer.Option(
+    "--suite", metavar="[8|14|20]", show_default=False,
+    help="The 8-, 14- or 20-task benchmark's datasets, added after any --dataset "
+         "(docs/data.md).")]
 
 
 def download_datasets(names: Iterable[str | None], data_root: str | None) -> None:

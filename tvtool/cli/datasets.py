@@ -31,6 +31,10 @@ def dataset_listing() -> list[dict[str, Any]]:
                     "description": "your own images: PATH/<class>/*.png, or PATH/train/<class>"
                                    " and PATH/test/<class> (docs/data.md)",
                     "aliases": []})
+    entries.append({"name": "hf:PATH", "kind": "hf", "classes": None,
+                    "description": "a Hugging Face dataset on disk: a save_to_disk directory or "
+                                   "parquet files; no hub access (needs tvtool[hf])",
+                    "aliases": []})
     return entries
 
 
@@ -39,11 +43,14 @@ def datasets(as_json: JsonOpt = False) -> None:
     """List the dataset names --dataset accepts (one per line on stdout).
 
     Synthetic tasks need no files; standard datasets are read from the data root;
-    imagefolder:PATH reads your own class folders. Names are case-insensitive.
+    imagefolder:PATH reads your own class folders, hf:PATH a Hugging Face dataset saved on
+    disk. Names are case-insensitive. --json also gives the --suite lists.
     """
+    from tvtool.data.suites import SUITES
+
     entries = dataset_listing()
     if as_json:
-        emit_json({"datasets": entries})
+        emit_json({"datasets": entries, "suites": {k: list(v) for k, v in SUITES.items()}})
         return
     width = max(len(e["name"]) for e in entries)
     for entry in entries:

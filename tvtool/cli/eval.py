@@ -20,6 +20,7 @@ from tvtool.cli.common import (
     JsonOpt,
     PrecisionOpt,
     SeedOpt,
+    SuiteOpt,
     download_datasets,
     emit_json,
     emit_path,
@@ -106,6 +107,7 @@ def eval_command(
                         "of the VECTORs, in its row order; replaces --coef.",
         show_default=False)] = None,
     dataset: DatasetOpt = None,
+    suite: SuiteOpt = None,
     split: SplitOpt = "test",
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -138,6 +140,7 @@ def eval_command(
     """
     if ctx.invoked_subcommand is not None:
         return
+    from tvtool.data import with_suite
     from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
     from tvtool.io import write_json
 
@@ -155,7 +158,7 @@ def eval_command(
         precision=precision, limit=limit, seed=seed, workers=workers,
         allow_base_mismatch=allow_base_mismatch, cache_heads=not no_head_cache)
     config = EvalConfig(
-        settings, datasets=tuple(dataset or ()), vectors=tuple(vectors or ()),
+        settings, datasets=tuple(with_suite(dataset or (), suite)), vectors=tuple(vectors or ()),
         coefs=tuple(coef or [1.0]), split=split, references=tuple(reference or ()),
         heads=tuple(head or ()), approximate_linearized=approximate_linearized,
         weights=weights)

@@ -28,6 +28,8 @@ from tvtool.errors import InvalidInputError
 from tvtool.io.images import IMAGE_SUFFIXES, read_image, read_text_lines
 
 PREFIX = "imagefolder:"
+PATH_PREFIXES = (PREFIX, "hf:")
+"""Dataset-name prefixes followed by a local path (``hf:`` is :mod:`tvtool.data.hf`'s)."""
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -159,6 +161,25 @@ def _read_classnames(listed: Path, folders: list[str]) -> tuple[str, ...]:
         "cannot be checked (a list in another order would mislabel every class)", hint=hint)
 
 
+def read_templates(root: Path) -> tuple[str, ...]:
+    """Prompt templates from ``root/templates.txt``, or :data:`DEFAULT_TEMPLATES` without one.
+
+    Raises:
+        InvalidInputError: an empty file, or a line without exactly one ``{}``.
+    """
+    listed = root / TEMPLATES_FILE
+    if not listed.is_file():
+        return DEFAULT_TEMPLATES
+    templates = read_text_lines(listed)
+    bad = [t for t in templates if t.count("{}") != 1]
+    if not templates or bad:
+        raise InvalidInputError(
+            f"{str(listed)!r} must hold templates with exactly one '{{}}' each"
+            + (f"; bad line: {bad[0]!r}" if bad else "; it is empty"),
+            hint="e.g. 'a photo of a {}.'")
+    return tuple(templates)
+
+
 class FilePool:
     """A pool over ``(path, label)`` pairs; images are read when an example is loaded."""
 
@@ -245,17 +266,7 @@ class ImageFolderSource:
         return _read_classnames(listed, folders)
 
     def _templates(self) -> tuple[str, ...]:
-        listed = self.root / TEMPLATES_FILE
-        if not listed.is_file():
-            return DEFAULT_TEMPLATES
-        templates = read_text_lines(listed)
-        bad = [t for t in templates if t.count("{}") != 1]
-        if not templates or bad:
-            raise InvalidInputError(
-                f"{str(listed)!r} must hold templates with exactly one '{{}}' each"
-                + (f"; bad line: {bad[0]!r}" if bad else "; it is empty"),
-                hint="e.g. 'a photo of a {}.'")
-        return tuple(templates)
+        return read_templates(self.root)
 
     def pools(self) -> Mapping[str, Pool]:
         if self.layout == "single":
@@ -277,18 +288,20 @@ class ImageFolderSource:
 
 
 def recorded_dataset_name(name: str) -> str:
-    """The form of a dataset name to record in a file: ``imagefolder:`` paths made absolute.
+    """The form of a dataset name to record in a file: ``imagefolder:``/``hf:`` paths absolute.
 
     A relative path recorded in a vector would point elsewhere once the vector is used from
     another directory (``merge --search-coef``, ``negate --search``). Other names are returned
     unchanged.
     """
-    if not name.strip().lower().startswith(PREFIX):
+    lowered = name.strip().lower()
+    prefix = next((p for p in PATH_PREFIXES if lowered.startswith(p)), None)
+    if prefix is None:
         return name
-    text = name.strip()[len(PREFIX):].strip()
+    text = name.strip()[len(prefix):].strip()
     if not text:
         return name
-    return PREFIX + str(Path(text).expanduser().resolve())
+    return prefix + str(Path(text).expanduser().resolve())
 
 
 def resolve_imagefolder(name: str) -> ImageFolderSource:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -15,14 +16,15 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
 """File name endings (lowercase) that image-folder datasets treat as images."""
 
 
-def read_image(path: str | Path) -> Image.Image:
+def read_image(path: str | Path | IO[bytes], *, name: str | None = None) -> Image.Image:
     """Read an image file completely and return it in RGB mode.
 
     The file is decoded eagerly and closed, so a truncated or corrupt file fails here and
     not later inside a data loader worker.
 
     Args:
-        path: Image file.
+        path: Image file, or an open binary stream (an image stored inside another file).
+        name: How to name the image in errors (default: the path).
 
     Returns:
         A loaded RGB ``PIL.Image``.
@@ -38,12 +40,12 @@ def read_image(path: str | Path) -> Image.Image:
                 image.load()
                 return _to_rgb(image)
     except FileNotFoundError:
-        raise InvalidInputError(f"image file {str(path)!r} does not exist") from None
+        raise InvalidInputError(f"image file {name or str(path)!r} does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
             Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise InvalidInputError(
-            f"cannot read image {str(path)!r}: {reason}",
+            f"cannot read image {name or str(path)!r}: {reason}",
             hint="remove or replace the file; every file in a class folder must be an image",
         ) from None
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tvtool.data.imagefolder import PREFIX
+from tvtool.data.imagefolder import PATH_PREFIXES
 from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError
 from tvtool.evaluate import (
@@ -132,7 +132,7 @@ class Evaluator:
 
 
 def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
-    """Refuse a recorded ``imagefolder:PATH`` that is no directory here, pointing at the flag.
+    """Refuse a recorded ``imagefolder:PATH``/``hf:PATH`` that is no directory here.
 
     Files written by older versions may record a path relative to where they were made, which
     means nothing from another directory.
@@ -140,9 +140,10 @@ def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
     Raises:
         InvalidInputError: the recorded image folder is not a directory.
     """
-    if not name.strip().lower().startswith(PREFIX):
+    prefix = next((p for p in PATH_PREFIXES if name.strip().lower().startswith(p)), None)
+    if prefix is None:
         return
-    folder = Path(name.strip()[len(PREFIX):].strip()).expanduser()
+    folder = Path(name.strip()[len(prefix):].strip()).expanduser()
     if not folder.is_dir():
         where = ("" if folder.is_absolute()
                  else " (a relative path, taken from the current directory)")

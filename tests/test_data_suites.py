@@ -574,3 +574,70 @@ def test_pools_read_with_torch_data_loader_workers(parquet_dir):
     loader = torch.utils.data.DataLoader(dataset, batch_size=7, num_workers=1)
     labels = torch.cat([batch[1] for batch in loader]).tolist()
     assert labels == [i % 3 for i in range(14)]
+
+
+# ---------------------------------------------------------------- merge --search-coef --suite
+
+
+@pytest.fixture(scope="module")
+def suite_vectors(files, tmp_path_factory):
+    """Eight copies of a vector, each recording one of suite 8's datasets (shuffled, one Val)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("suite-vectors")
+    with safe_open(files["tv1"], framework="pt") as handle:
+        header = dict(handle.metadata())
+    tensors = load_file(files["tv1"])
+    names = [SUITES["8"][i] for i in (3, 0, 7, 5, 1, 6, 2, 4)]
+    names[2] += "Val"
+    paths = []
+    for index, name in enumerate(names):
+        path = root / f"v{index}.safetensors"
+        save_file(tensors, str(path), metadata={**header, "tvtool.dataset": name})
+        paths.append(str(path))
+    return paths, names
+
+
+def test_merge_search_suite_matches_vectors_by_their_datasets(suite_vectors, files, cli,
+                                                              tmp_path):
+    from tvtool.merge import MergeConfig
+    from tvtool.workflows.merge_search import vector_datasets
+
+    paths, names = suite_vectors
+    config = MergeConfig(vectors=tuple(paths), output="-")
+    assert vector_datasets(config, None, "8") == names
+    with pytest.raises(UsageError, match="none for"):
+        vector_datasets(MergeConfig(vectors=tuple(paths[:7]), output="-"), None, "8")
+    with pytest.raises(UsageError, match="none for STL10"):
+        vector_datasets(config, None, "14")
+    with pytest.raises(UsageError, match="--suite or --dataset"):
+        vector_datasets(config, list(SUITES["8"]), "8")
+    out = tmp_path / "m.safetensors"
+    base = ["merge", *paths, "-o", str(out)]
+    no_search = cli([*base, "--suite", "8"])
+    assert no_search.exit_code == 2 and "--search-coef" in no_search.stderr
+    # With the search, the suite's datasets are what it evaluates: here, the first one
+    # missing under an empty data root is named (exit 2, nothing written).
+    empty = tmp_path / "root"
+    empty.mkdir()
+    search = cli([*base, "--search-coef", "--suite", "8", "--base", files["base"],
+                  "--data-root", str(empty), "--limit", "2"])
+    assert search.exit_code == 2 and "not found" in search.stderr and not out.exists()
+    other = cli(["merge", files["tv1"], files["tv2"], "-o", str(out), "--search-coef",
+                 "--suite", "8", "--base", files["base"]])
+    assert other.exit_code == 2 and "records dataset 'task1', which is not in suite 8" in \
+        other.stderr
+
+
+def test_learn_coeffs_suite_adds_the_datasets(cli, files, tmp_path):
+    args = ["learn-coeffs", files["tv1"], "-b", files["base"], "-o", str(tmp_path / "c.json")]
+    none = cli(args)
+    assert none.exit_code == 2 and "at least one --dataset" in none.stderr
+    twice = cli([*args, "--suite", "8", "-d", "mnist"])
+    assert twice.exit_code == 2 and "named twice" in twice.stderr
+    empty = tmp_path / "root"
+    empty.mkdir()
+    missing = cli([*args, "--suite", "14", "--data-root", str(empty)])
+    assert missing.exit_code == 2 and "not found" in missing.stderr
+    assert not (tmp_path / "c.json").exists()

@@ -32,10 +32,14 @@ def learn_coeffs(
         help="Task vectors (.safetensors), in the order of the coefficient rows; - = stdin.")],
     base: BaseOpt,
     output: OutputOpt,
-    dataset: Annotated[list[str], typer.Option(
-        "--dataset", "-d", rich_help_panel="Model and data",
+    dataset: Annotated[list[str] | None, typer.Option(
+        "--dataset", "-d", rich_help_panel="Model and data", show_default=False,
         help="Dataset to learn on (repeatable); for --objective negation, "
-             "the data to forget.")],
+             "the data to forget.")] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", rich_help_panel="Model and data", metavar="[8|14|20]", show_default=False,
+        help="The 8-, 14- or 20-task benchmark's datasets, added after any --dataset "
+             "(docs/data.md).")] = None,
     control: Annotated[list[str] | None, typer.Option(
         "--control", rich_help_panel="Model and data",
         help="Data to keep (repeatable; --objective negation only).")] = None,
@@ -142,6 +146,7 @@ def learn_coeffs(
     The file can be given to `merge --coefs` and `eval`.
     """
     from tvtool.atlas.learner import LearnerConfig
+    from tvtool.data import with_suite
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
     from tvtool.workflows.learn_coeffs import learn_coeffs as run
 
@@ -156,7 +161,8 @@ def learn_coeffs(
         control_threshold=control_threshold, ufm_threshold=ufm_threshold, init=init,
         grad_clip=grad_clip, augment=augment, precision=precision, seed=seed, workers=workers)
     config = LearnCoeffsConfig(
-        vectors=tuple(vectors), base=base, output=output, datasets=tuple(dataset),
+        vectors=tuple(vectors), base=base, output=output,
+        datasets=tuple(with_suite(dataset or (), suite)),
         control=tuple(control or ()), learner=learner, granularity=granularity,
         shots=None if all_examples else shots, split=split, val_fraction=val_fraction,
         partition_seed=partition_seed, vector_dtype=vector_dtype, device=device,

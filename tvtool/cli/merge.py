@@ -43,9 +43,10 @@ def _method_help() -> dict[str, str]:
 
     grids = ", ".join(f"{m.name} {m.search_grid(m.make_params())}" for m in METHODS.values())
     return {"method": f"{listed_or(names)} (docs/merge.md).",
-            "coef_grid": "Search grid: START:STOP:STEP (inclusive) or a,b,c. Default: the "
-                         f"method's own, for its default parameters: {grids} (a parameter "
-                         "may change it: docs/merge.md).",
+            "coef_grid": "Search grid: START:STOP:STEP (inclusive), a,b,c, or auto (the "
+                         "default grid, extended past an end where the best coefficient sits). "
+                         f"Default: the method's own, for its default parameters: {grids} (a "
+                         "parameter may change it: docs/merge.md).",
             "density": f"{having('density')}: fraction of entries kept.",
             "trim": f"{having('trim')}: global (whole vector) or tensor (per tensor)."}
 
@@ -123,6 +124,10 @@ def merge(
     dataset: Annotated[list[str] | None, typer.Option(
         "--dataset", "-d", help="Search: dataset of each vector, in order (default: from "
                                 "their metadata).", show_default=False)] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", metavar="[8|14|20]", show_default=False,
+        help="Search: the vectors are the 8-, 14- or 20-task benchmark's, one per dataset, "
+             "matched by the datasets they record (docs/data.md).")] = None,
     data_root: Annotated[str | None, typer.Option(
         "--data-root", envvar="TVTOOL_DATA_ROOT", help="Search: root of standard datasets.",
         show_default=False)] = None,
@@ -179,9 +184,11 @@ def merge(
         refuse_json_with_stdout(as_json, cfg.output)
     if download and not search_coef:
         raise UsageError("--download goes with --search-coef (only the search reads datasets)")
+    if suite is not None and not search_coef:
+        raise UsageError("--suite goes with --search-coef (only the search reads datasets)")
     if search_coef:
         _search(cfg, coef_grid, base, dataset, data_root, batch_size, limit, device, precision,
-                search_report, as_json, dry_run, save_config, download)
+                search_report, as_json, dry_run, save_config, download, suite)
         return
     result = run_merge(cfg, log=log, dry_run=dry_run, threads=threads)
     if save_config is not None:
@@ -247,11 +254,11 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[str] | None,
             data_root: str | None, batch_size: int, limit: int | None, device: str,
             precision: str, report_path: str | None, as_json: bool, dry_run: bool,
-            save_config: str | None, download: bool = False) -> None:
+            save_config: str | None, download: bool = False, suite: str | None = None) -> None:
     from rich.table import Table
 
     from tvtool.evaluate import EvalSettings
-    from tvtool.grid import parse_grid
+    from tvtool.grid import AUTO, MAX_EXTENSIONS, AutoGrid, parse_grid
     from tvtool.io import check_output, write_json
     from tvtool.workflows.merge_search import default_grid_text, search_merge, vector_datasets
 
@@ -259,10 +266,17 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         raise UsageError("--search-coef needs --base (the model the vectors were made from)")
     if dry_run:
         raise UsageError("--search-coef evaluates models; it cannot be a --dry-run")
-    if grid_text is None:
-        grid_text = default_grid_text(cfg.method, cfg.params)
-        log(f"coefficient grid for {cfg.method}: {grid_text} (--coef-grid to change)")
-    grid = parse_grid(grid_text)
+    grid: Any
+    if grid_text is not None and grid_text.strip().lower() == AUTO:
+        start = default_grid_text(cfg.method, cfg.params)
+        log(f"coefficient grid for {cfg.method}: auto ({start}, extended past an end where the "
+            f"best α sits, at most {MAX_EXTENSIONS} times by its width; never below 0)")
+        grid = AutoGrid(parse_grid(start), floor=0.0)
+    else:
+        if grid_text is None:
+            grid_text = default_grid_text(cfg.method, cfg.params)
+            log(f"coefficient grid for {cfg.method}: {grid_text} (--coef-grid to change)")
+        grid = parse_grid(grid_text)
     if report_path is not None:
         if report_path == "-":
             raise UsageError("--search-report - would mix with stdout; use --json")
@@ -271,8 +285,8 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
                             device=device, precision=precision, limit=limit, seed=cfg.seed,
                             allow_base_mismatch=cfg.allow_base_mismatch)
     if download:
-        download_datasets(vector_datasets(cfg, datasets), data_root)
-    report = search_merge(cfg, settings, grid, datasets=datasets, log=log,
+        download_datasets(vector_datasets(cfg, datasets, suite), data_root)
+    report = search_merge(cfg, settings, grid, datasets=datasets, suite=suite, log=log,
                           progress=progress_bar)
     document = report.as_json()
     table = Table(title=f"{document['method']} at α = {document['best_coef']:g} "

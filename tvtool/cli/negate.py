@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -50,8 +50,9 @@ def negate(
         show_default=False)] = None,
     threshold: Annotated[float, typer.Option(
         "--threshold", help="Search: fraction of the base's control accuracy to keep.")] = 0.95,
-    coef_grid: Annotated[str, typer.Option("--coef-grid", help="Search: START:STOP:STEP or "
-                                                               "a,b,c.")] = "0.05:1:0.05",
+    coef_grid: Annotated[str, typer.Option(
+        "--coef-grid", help="Search: START:STOP:STEP, a,b,c, or auto (the default grid, "
+                            "extended past an end where the best α sits).")] = "0.05:1:0.05",
     data_root: Annotated[str | None, typer.Option(
         "--data-root", envvar="TVTOOL_DATA_ROOT", help="Search: root of standard datasets.",
         show_default=False)] = None,
@@ -89,16 +90,17 @@ def _search(vector: str, output: str, settings: EvalSettings, control: str | Non
     """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
     from rich.table import Table
 
-    from tvtool.grid import parse_grid
+    from tvtool.grid import AUTO, AutoGrid, parse_grid
     from tvtool.workflows.evaluator import recorded_dataset
-    from tvtool.workflows.negation import search_negate
+    from tvtool.workflows.negation import DEFAULT_NEGATION_GRID_TEXT, search_negate
 
     if not settings.base:
         raise UsageError("--search needs --base (the model the vector was made from)")
     if control is None:
         raise UsageError("--search needs --control DATASET (the task whose accuracy to keep)")
     refuse_json_with_stdout(as_json, output)
-    grid = parse_grid(grid_text)
+    grid: Any = parse_grid(grid_text) if grid_text.strip().lower() != AUTO else \
+        AutoGrid(parse_grid(DEFAULT_NEGATION_GRID_TEXT), floor=0.0, strict_floor=True)
     if download:
         download_datasets([control, target or recorded_dataset(vector)], settings.data_root)
     report = search_negate(vector, output, settings, grid, control=control, target=target,

@@ -19,6 +19,7 @@ from tvtool.data.imagefolder import PATH_PREFIXES
 from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError
 from tvtool.evaluate import (
+    EvalData,
     EvalSettings,
     build_heads,
     count_correct,
@@ -101,6 +102,10 @@ class Evaluator:
     def close(self) -> None:
         """Release the model and files."""
         self._model.close()
+
+    def opened(self, split: str = "val") -> dict[str, EvalData]:
+        """The data opened for a split, by dataset name (classes, examples evaluated)."""
+        return {data.name: data for data in self._data[split]}
 
     def accuracies(self, coefs: Sequence[float], split: str = "val",
                    datasets: Sequence[str] | None = None) -> dict[str, float]:

@@ -3,7 +3,9 @@
 * :func:`search_negation` -- pure, written against an ``evaluate(α) -> {dataset: accuracy}``
   callable of the model ``base - α · τ``: among the α whose control accuracy stays at or above
   ``threshold`` × the base model's, the one with the lowest target accuracy (ties: the largest
-  such α).
+  such α). It flags a target the base already classifies at chance (``target_at_chance``:
+  nothing to forget, the choice is among noise) and a chosen α at an end of the grid
+  (``at_grid_edge``; ``--coef-grid auto`` extends the grid instead, see :mod:`tvtool.grid`).
 * :func:`measure_negation` -- that search on a real
   :class:`~tvtool.workflows.evaluator.Evaluator` over the target and control datasets, plus
   the test accuracies at the chosen α (the demo uses it directly).
@@ -17,12 +19,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from tvtool.commands.negate import NegateConfig, negate
 from tvtool.errors import TvtoolError, UsageError
 from tvtool.evaluate import EvalSettings
+from tvtool.grid import AutoGrid, edge_warning, extend_search, grid_edge
 from tvtool.io import check_output
 from tvtool.types import Logger
 from tvtool.types import quiet as _quiet
@@ -75,27 +78,54 @@ class NegationSearch:
     base_target: float
     base_control: float
     points: tuple[NegationPoint, ...]
+    extensions: int = 0
+    chance: float | None = None
+    chance_margin: float = 0.0
+
+    @property
+    def grid_edge(self) -> str | None:
+        """``low``/``high`` when the chosen α is an end of the grid searched, else None."""
+        return grid_edge(self.best, [p.coef for p in self.points])
+
+    @property
+    def target_at_chance(self) -> bool:
+        """Whether the base's target accuracy is already within chance (nothing to forget).
+
+        Within chance: at most ``chance + chance_margin``, the margin being two binomial
+        standard errors of a chance-level classifier on the examples evaluated.
+        """
+        return self.chance is not None and self.base_target <= self.chance + self.chance_margin
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready record."""
         return {"best_coef": self.best, "threshold": self.threshold,
+                "at_grid_edge": self.grid_edge is not None, "grid_edge": self.grid_edge,
+                "grid_extensions": self.extensions,
                 "base": {"target": self.base_target, "control": self.base_control},
+                "chance": self.chance, "chance_margin": self.chance_margin,
+                "target_at_chance": self.target_at_chance,
                 "grid": [asdict(p) for p in self.points]}
 
 
-def search_negation(evaluate: Evaluate, grid: Sequence[float], *, target: str, control: str,
-                    threshold: float = DEFAULT_THRESHOLD,
-                    base: Accuracies | None = None) -> NegationSearch:
+def search_negation(evaluate: Evaluate, grid: Sequence[float] | AutoGrid, *, target: str,
+                    control: str, threshold: float = DEFAULT_THRESHOLD,
+                    base: Accuracies | None = None, chance: float | None = None,
+                    examples: int | None = None) -> NegationSearch:
     """Pick the α of ``base - α·τ`` that forgets the target while keeping the control task.
 
     Args:
         evaluate: ``evaluate(α)`` -> accuracies (``target`` and ``control`` keys) of the
             model ``base - α · τ``.
-        grid: Coefficients to try (α > 0 forgets; α = 0 is the base).
+        grid: Coefficients to try (α > 0 forgets; α = 0 is the base), each evaluated once, or
+            an :class:`~tvtool.grid.AutoGrid` (``--coef-grid auto``).
         target: Dataset name of the task to forget.
         control: Dataset name of the task to keep.
         threshold: Keep ``control >= threshold × base control`` (paper: 0.95).
         base: Accuracies of the base model; evaluated at α = 0 when None.
+        chance: Chance accuracy on the target (1 / classes), to flag a target the base does
+            not classify better than chance (``target_at_chance``); None: not checked.
+        examples: Target examples evaluated; sets the margin of that check to two binomial
+            standard errors of a chance-level classifier (None: no margin).
 
     Returns:
         The search record (``best`` is None when no α is feasible).
@@ -103,7 +133,7 @@ def search_negation(evaluate: Evaluate, grid: Sequence[float], *, target: str, c
     Raises:
         UsageError: empty grid, threshold outside (0, 1], evaluator without the datasets.
     """
-    if not grid:
+    if not isinstance(grid, AutoGrid) and not grid:
         raise UsageError("the coefficient grid is empty")
     if not 0.0 < threshold <= 1.0:
         raise UsageError(f"--threshold must be in (0, 1], got {threshold}")
@@ -111,6 +141,24 @@ def search_negation(evaluate: Evaluate, grid: Sequence[float], *, target: str, c
     for name in (target, control):
         if name not in base:
             raise UsageError(f"the evaluator returned no accuracy for {name!r}")
+    measured: dict[float, Accuracies] = {}
+
+    def measure(coef: float) -> Accuracies:
+        if coef not in measured:
+            measured[coef] = evaluate(coef)
+        return measured[coef]
+
+    found, extensions = extend_search(
+        grid, lambda values: _search_once(measure, values, target, control, threshold, base),
+        lambda r: r.best)
+    margin = 0.0
+    if chance is not None and examples:
+        margin = 2.0 * math.sqrt(chance * (1.0 - chance) / examples)
+    return replace(found, extensions=extensions, chance=chance, chance_margin=margin)
+
+
+def _search_once(evaluate: Evaluate, grid: Sequence[float], target: str, control: str,
+                 threshold: float, base: Accuracies) -> NegationSearch:
     base_control = base[control]
     points = []
     for coef in grid:
@@ -148,6 +196,8 @@ class NegateSearchReport:
         """JSON-ready report."""
         return {"report": "negate-search", "output": self.output, "target": self.target,
                 "control": self.control, "best_coef": self.search.best,
+                "at_grid_edge": self.search.grid_edge is not None,
+                "target_at_chance": self.search.target_at_chance,
                 "val": self.search.as_json(), "test": self.test}
 
 
@@ -167,7 +217,7 @@ class NegationMeasurement:
     test: dict[str, dict[str, float]]
 
 
-def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float], *,
+def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float] | AutoGrid, *,
                      target: str, control: str, threshold: float = DEFAULT_THRESHOLD,
                      fallback: float | None = None, log: Logger = _quiet,
                      progress: Progress = None) -> NegationMeasurement:
@@ -176,7 +226,7 @@ def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float],
     Args:
         settings: How to evaluate.
         vector: Task-vector file of the task to forget (read several times: no stdin).
-        grid: Coefficients α > 0 to try.
+        grid: Coefficients α > 0 to try, or an :class:`~tvtool.grid.AutoGrid`.
         target: Dataset to forget.
         control: Dataset whose accuracy must stay >= ``threshold`` × the base's.
         threshold: Fraction of the base's control accuracy to keep.
@@ -193,10 +243,16 @@ def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float],
     with Evaluator(settings, [vector], [target, control], log=log,
                    progress=progress) as evaluator:
         base_val = evaluator.accuracies([0.0], "val")
-        log(f"searching α over {len(grid)} values on the validation splits")
+        values = grid.start if isinstance(grid, AutoGrid) else grid
+        log(f"searching α over {len(values)} values on the validation splits"
+            + (" (extended past an end where the best α sits)"
+               if isinstance(grid, AutoGrid) else ""))
+        opened = evaluator.opened("val")[target]
         search = search_negation(lambda a: evaluator.accuracies([-a], "val"), grid,
                                  target=target, control=control, threshold=threshold,
-                                 base=base_val)
+                                 base=base_val, chance=1.0 / opened.num_classes,
+                                 examples=opened.size)
+        _warn(search, target, grid, log)
         coef = search.best if search.best is not None else fallback
         if coef is None:
             raise TvtoolError(
@@ -207,7 +263,24 @@ def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float],
     return NegationMeasurement(search, coef, test)
 
 
-def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequence[float], *,
+def _warn(search: NegationSearch, target: str, grid: Sequence[float] | AutoGrid,
+          log: Logger) -> None:
+    """Say on the log when the search chose among noise or at an end of its grid."""
+    if search.target_at_chance:
+        assert search.chance is not None
+        log(f"warning: the base model is already at chance on {target} (validation accuracy "
+            f"{search.base_target:.1%}; chance {search.chance:.1%}, within "
+            f"{search.chance_margin:.1%}): there is nothing to forget, and the chosen α is "
+            "picked among differences of noise")
+    edge = search.grid_edge
+    if edge is not None and search.best is not None:
+        log(edge_warning("α", search.best, edge, [p.coef for p in search.points],
+                         extensions=search.extensions,
+                         auto=grid if isinstance(grid, AutoGrid) else None))
+
+
+def search_negate(vector: str, output: str, settings: EvalSettings,
+                  grid: Sequence[float] | AutoGrid, *,
                   control: str, target: str | None = None,
                   threshold: float = DEFAULT_THRESHOLD, log: Logger = _quiet,
                   progress: Progress = None) -> NegateSearchReport:
@@ -217,7 +290,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
         vector: Task-vector file of the task to forget.
         output: Output path (or ``-``).
         settings: How to evaluate.
-        grid: Coefficients α > 0 to try.
+        grid: Coefficients α > 0 to try, or an :class:`~tvtool.grid.AutoGrid`.
         control: Dataset whose accuracy must stay >= ``threshold`` × the base's.
         target: Dataset to forget (default: the vector's recorded dataset).
         threshold: Fraction of the base's control accuracy to keep.
@@ -234,7 +307,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
     if vector == "-":
         raise UsageError("--search reads the vector several times; stdin ('-') cannot be the "
                          "input")
-    if any(a <= 0 for a in grid):
+    if any(a <= 0 for a in (grid.start if isinstance(grid, AutoGrid) else grid)):
         raise UsageError("negation coefficients must be positive", hint="e.g. 0.05:1:0.05")
     check_output(output, [vector])
     if target is None:

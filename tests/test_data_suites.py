@@ -398,6 +398,19 @@ def test_fer2013_from_a_saved_copy_of_the_references_hub_dataset(tmp_path):
     test = load_split("FER2013", "test", data_root=tmp_path)
     assert len(test) == 7 and [test[i][1] for i in range(7)] == list(range(7))
     assert all(_label_ok(test, i) for i in range(7))  # grey images come back as RGB
+    # The reference opens each image with convert("L"): a colour image is read grey too.
+    colour = np.zeros((6, 6, 3), np.uint8)
+    colour[..., 0] = 200
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(colour).save(buffer, "PNG")
+    datasets.DatasetDict({"train": parts["train"], "test": datasets.Dataset.from_dict(
+        {"img_bytes": [buffer.getvalue()], "labels": [0]})}).save_to_disk(
+        str(tmp_path / "colour" / "FER2013"))
+    image, _ = load_split("FER2013", "test", data_root=tmp_path / "colour")[0]
+    expected = np.asarray(Image.fromarray(colour).convert("L").convert("RGB"))
+    assert np.array_equal(np.asarray(image), expected)
     assert len(load_split("FER2013Val", "test", data_root=tmp_path)) == 2
     source = split_manifest("FER2013", data_root=tmp_path)["source"]
     assert source["layout"] == "save_to_disk" and source["published_test_split"] is True

@@ -101,10 +101,12 @@ def label_column(split: HFSplit) -> str:
 class HFPool:
     """The rows of one stored split: ``(decoded RGB image, label)``."""
 
-    def __init__(self, split: HFSplit, image: str, labels: np.ndarray) -> None:
+    def __init__(self, split: HFSplit, image: str, labels: np.ndarray,
+                 grey: bool = False) -> None:
         self._split = split
         self._image = image
         self._labels = labels
+        self._grey = grey
 
     def __len__(self) -> int:
         return int(self._labels.shape[0])
@@ -119,7 +121,10 @@ class HFPool:
             raise InvalidInputError(f"{name} stores no image bytes{where}",
                                     hint="save the dataset with its images embedded (datasets "
                                          "embeds them in save_to_disk and parquet files)")
-        return read_image(io.BytesIO(data), name=name), int(self._labels[index])
+        image = read_image(io.BytesIO(data), name=name)
+        if self._grey:
+            image = image.convert("L").convert("RGB")
+        return image, int(self._labels[index])
 
     def member(self, index: int) -> str:
         return str(index)
@@ -161,9 +166,16 @@ def open_hf_splits(root: Path, label: str) -> tuple[str, dict[str, HFSplit]]:
     return layout, splits
 
 
-def hf_pools(root: Path, label: str, classes: int) -> tuple[str, dict[str, Pool],
-                                                          dict[str, Any]]:
+def hf_pools(root: Path, label: str, classes: int, grey: bool = False
+             ) -> tuple[str, dict[str, Pool], dict[str, Any]]:
     """Pools of a Hugging Face dataset directory whose classes are known (``classes`` of them).
+
+    Args:
+        root: The directory.
+        label: How to name the dataset in errors.
+        classes: Number of classes; every label must be below it.
+        grey: Convert every image to greyscale (then RGB), as a reference that reads them
+            with ``convert("L")`` does.
 
     Returns:
         The layout, the pools by split, and the columns read (for the manifest).
@@ -175,7 +187,7 @@ def hf_pools(root: Path, label: str, classes: int) -> tuple[str, dict[str, Pool]
     for name, split in splits.items():
         if image not in split.columns or target not in split.columns:
             raise InvalidInputError(f"{split.label} lacks column {image!r} or {target!r}")
-        pools[name] = HFPool(split, image, _labels(split, target, classes))
+        pools[name] = HFPool(split, image, _labels(split, target, classes), grey)
     return layout, pools, {"image": image, "label": target}
 
 

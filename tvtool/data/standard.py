@@ -169,7 +169,8 @@ def _fer2013_pools(folder: Path, info: StandardDataset) -> tuple[str, dict[str, 
 
     Here it is a local copy under ``FER2013/`` (``save_to_disk``, or its parquet files).
     """
-    return hf_pools(folder, info.name, len(info.classnames))
+    # The reference opens each image with convert("L").
+    return hf_pools(folder, info.name, len(info.classnames), grey=True)
 
 
 def _imagenet(root: Path, part: str, download: bool) -> Dataset:

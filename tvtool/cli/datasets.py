@@ -19,9 +19,10 @@ def dataset_listing() -> list[dict[str, Any]]:
                         "classes": len(task.classnames), "description": task.description,
                         "aliases": []})
     for info in STANDARD:
+        fetch = "--download fetches it" if info.build is not None else "no --download"
         entries.append({"name": info.name, "kind": "standard", "classes": len(info.classnames),
                         "description": f"read from DATA_ROOT/{info.folder} "
-                                       "(--data-root or TVTOOL_DATA_ROOT; --download fetches it)",
+                                       f"(--data-root or TVTOOL_DATA_ROOT; {fetch})",
                         "aliases": list(info.aliases)})
     # Its class names come from open_clip's zero-shot metadata; listing needs no model import.
     entries.append({"name": IMAGENET, "kind": "standard", "classes": 1000,

@@ -210,7 +210,7 @@ def test_negate_search_end_to_end(cli, world, tmp_path):
     # α = 1e-6 leaves the predictions as the base's, so the grid always has a feasible α and
     # the test never passes by refusing (it once returned early on exit 1).
     result = cli(["negate", world["tv1"], "--search", "--base", world["base"], "--control",
-                  "synthetic:color", "--threshold", "0.01", "--coef-grid", "0.000001,0.5,1",
+                  "synthetic:color", "--control-threshold", "0.01", "--coef-grid", "0.000001,0.5,1",
                   *EVAL, "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -240,7 +240,7 @@ def test_negate_cli_defaults_are_the_library_defaults():
 
     params = inspect.signature(negate).parameters
     assert params["coef_grid"].default == DEFAULT_NEGATION_GRID_TEXT
-    assert params["threshold"].default == DEFAULT_THRESHOLD
+    assert params["control_threshold"].default == DEFAULT_THRESHOLD
 
 
 def test_measure_negation_falls_back_or_refuses_when_no_alpha_is_feasible(world, monkeypatch):

@@ -13,6 +13,7 @@ from tvtool.cli.common import (
     DownloadOpt,
     JsonOpt,
     PrecisionOpt,
+    WorkersOpt,
     download_datasets,
     emit_json,
     emit_path,
@@ -50,10 +51,18 @@ def _method_help() -> dict[str, str]:
             "trim": f"{having('trim')}: global (whole vector) or tensor (per tensor)."}
 
 
+def _method_metavar() -> dict[str, str]:
+    """Metavar of ``--method``: the registered names, ``[task_arithmetic|mean|...]``."""
+    from tvtool.merge.registry import METHODS
+
+    return {"method": "[" + "|".join(METHODS) + "]"}
+
+
 class MergeCommand(DeclaredOptionsCommand):
     """``tvtool merge`` with the help of its method flags taken from the method registry."""
 
     describe = _method_help
+    metavars = _method_metavar
 
 
 # Parameters that define the merge itself: with --config they must come from the file.
@@ -72,8 +81,8 @@ def merge(
         "--method", "-m", help="(from the method registry, see MergeCommand)")
     ] = "task_arithmetic",
     coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
-                             "(default: 1).", show_default=False)] = None,
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.",
+        show_default="1")] = None,
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,
@@ -81,7 +90,7 @@ def merge(
         "--density", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     trim: Annotated[str | None, typer.Option(
-        "--trim", help="(from the method registry, see MergeCommand)",
+        "--trim", metavar="[global|tensor]", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help="Method parameter KEY=VALUE (repeatable), e.g. sign=frequency.",
@@ -99,7 +108,7 @@ def merge(
         "--allow-base-mismatch",
         help="Merge vectors extracted from different bases (unsafe).")] = False,
     mixed_modes_as: Annotated[str | None, typer.Option(
-        "--mixed-modes-as",
+        "--mixed-modes-as", metavar="[linearized|nonlinear]",
         help="Merge linearized with non-linearized vectors; record the result as "
              "linearized or nonlinear.", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(
@@ -133,6 +142,7 @@ def merge(
         show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = 0,
     search_report: Annotated[str | None, typer.Option(
         "--search-report", help="Search: also write the JSON report to this file.",
         show_default=False)] = None,
@@ -181,7 +191,7 @@ def merge(
         raise UsageError("--download goes with --search-coef (only the search reads datasets)")
     if search_coef:
         _search(cfg, coef_grid, base, dataset, data_root, batch_size, limit, device, precision,
-                search_report, as_json, dry_run, save_config, download)
+                search_report, as_json, dry_run, save_config, download, workers)
         return
     result = run_merge(cfg, log=log, dry_run=dry_run, threads=threads)
     if save_config is not None:
@@ -247,7 +257,7 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[str] | None,
             data_root: str | None, batch_size: int, limit: int | None, device: str,
             precision: str, report_path: str | None, as_json: bool, dry_run: bool,
-            save_config: str | None, download: bool = False) -> None:
+            save_config: str | None, download: bool = False, workers: int = 0) -> None:
     from rich.table import Table
 
     from tvtool.evaluate import EvalSettings
@@ -269,7 +279,7 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         check_output(report_path, list(cfg.vectors))
     settings = EvalSettings(base=base, data_root=data_root, batch_size=batch_size,
                             device=device, precision=precision, limit=limit, seed=cfg.seed,
-                            allow_base_mismatch=cfg.allow_base_mismatch)
+                            workers=workers, allow_base_mismatch=cfg.allow_base_mismatch)
     if download:
         download_datasets(vector_datasets(cfg, datasets), data_root)
     report = search_merge(cfg, settings, grid, datasets=datasets, log=log,

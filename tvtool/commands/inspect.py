@@ -62,7 +62,9 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "file": path,
                 "kind": meta.kind.value if meta else None,
-                "metadata": {k: v for k, v in source.metadata.items()
+                # Sorted: safetensors hands the header over in hash-map order, which changes
+                # from run to run; --json must be byte-stable.
+                "metadata": {k: v for k, v in sorted(source.metadata.items())
                              if k != PREFIX + "provenance"},
                 "provenance": meta.provenance if meta else None,
                 "tensors": len(names),

@@ -166,6 +166,7 @@ class MergeSearchReport:
         test_norm = normalize(self.test, self.finetuned["test"])
         return {
             "report": "merge-search",
+            "report_version": 1,
             "output": self.result.output,
             "method": self.result.details.get("method"),
             "best_coef": self.search.best,

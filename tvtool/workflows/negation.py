@@ -280,5 +280,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
     measured = measure_negation(settings, vector, grid, target=target, control=controls,
                                 threshold=threshold, log=log, progress=progress)
     log(f"best α = {measured.coef:g}; writing the negated vector")
-    negate(NegateConfig(vector=vector, output=output, coef=measured.coef))
+    record = {"split": "val", "target": target, "controls": list(controls),
+              **measured.search.as_json(), "limit": settings.limit, "seed": settings.seed}
+    negate(NegateConfig(vector=vector, output=output, coef=measured.coef), search=record)
     return NegateSearchReport(measured.search, target, controls, measured.test, output)

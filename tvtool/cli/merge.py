@@ -197,7 +197,7 @@ def merge(
     if save_config is not None:
         _write_config(save_config, cfg)
     if dry_run:
-        emit_json(result.details) if as_json else _print_plan(result.details)
+        emit_json(result.details, report="merge-plan") if as_json else _print_plan(result.details)
         return
     emit_json(result.as_json()) if as_json else emit_path(result.output)
 

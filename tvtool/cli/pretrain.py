@@ -51,7 +51,11 @@ def pretrain(
     ] = "tvtool-tiny",
     as_json: JsonOpt = False,
 ) -> None:
-    """Pre-train an embedded CLIP on the synthetic corpus (CPU; tvtool-tiny in ~10 minutes)."""
+    """Pre-train an embedded CLIP on the synthetic corpus (CPU; tvtool-tiny about 26 min).
+
+    Measured on 2 shared cores: tvtool-tiny 1582 s, tvtool-small 1650 s, tvtool-base 1373 s
+    (docs/embedded-world.md).
+    """
     import dataclasses
     import time
 

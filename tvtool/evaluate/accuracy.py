@@ -154,7 +154,7 @@ class EvalReport:
         return {r.dataset: r.accuracy for r in self.results}
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON document ``tvtool eval --json`` prints (and ``--out`` writes)."""
+        """The JSON document ``tvtool eval --json`` prints (and ``-o`` writes)."""
         return {
             "report": "eval",
             "report_version": REPORT_VERSION,

@@ -367,6 +367,12 @@ def deprecated_alias(old: str, new: str) -> Any:
                         help=f"Deprecated spelling of {new}.")
 
 
+def given(ctx: Any, name: str) -> bool:
+    """Whether parameter ``name`` was given (command line or environment), not defaulted."""
+    return getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE",
+                                                                    "ENVIRONMENT")
+
+
 def take_alias(ctx: Any, name: str, value: Any, alias_value: Any) -> Any:
     """The value of option ``name``, given under its own or its deprecated spelling.
 

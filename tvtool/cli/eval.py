@@ -25,6 +25,7 @@ from tvtool.cli.common import (
     download_datasets,
     emit_json,
     emit_path,
+    given,
     handles_errors,
     log,
     percent,
@@ -100,9 +101,10 @@ def eval_command(
     ctx: typer.Context,
     vectors: VectorsArg = None,
     base: BaseOpt = None,
-    coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.",
-        show_default="1")] = None,
+    # A tuple default: typer shows it ([default: 1.0]) and passes a list.
+    coef: Annotated[list[float], typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")
+    ] = (1.0,),  # type: ignore[assignment]
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficient file of `learn-coeffs` (aTLAS): per-block coefficients "
                         "of the VECTORs, in its row order; replaces --coef.",
@@ -152,7 +154,7 @@ def eval_command(
     if coefs is not None:
         from tvtool.atlas import read_coefficients
 
-        if coef:
+        if given(ctx, "coef"):
             raise UsageError("--coef and --coefs are exclusive")
         weights = read_coefficients(coefs).weight_builder()
     settings = EvalSettings(

@@ -17,6 +17,7 @@ from tvtool.cli.common import (
     download_datasets,
     emit_json,
     emit_path,
+    given,
     handles_errors,
     listed_or,
     log,
@@ -80,9 +81,10 @@ def merge(
     method: Annotated[str, typer.Option(
         "--method", "-m", help="(from the method registry, see MergeCommand)")
     ] = "task_arithmetic",
-    coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.",
-        show_default="1")] = None,
+    # A tuple default: typer shows it ([default: 1.0]) and passes a list.
+    coef: Annotated[list[float], typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")
+    ] = (1.0,),  # type: ignore[assignment]
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,
@@ -161,10 +163,10 @@ def merge(
 
     if config is not None:
         # Compared by name: typer may vendor its own click, with its own ParameterSource enum.
-        given = [name for name in _DEFINING
-                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
-        if given:
-            flags = ", ".join(name.replace("_", "-") for name in given)
+        defined = [name for name in _DEFINING
+                   if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if defined:
+            flags = ", ".join(name.replace("_", "-") for name in defined)
             raise UsageError(f"--config defines the merge; do not also give {flags}",
                              hint="edit the config file, or drop --config")
         cfg = load_config(config, output=output)
@@ -173,7 +175,7 @@ def merge(
     else:
         if missing_as_zero and common_only:
             raise UsageError("--missing-as-zero and --common-only exclude each other")
-        if coef and coefs:
+        if coefs and given(ctx, "coef"):
             raise UsageError("give --coef or --coefs, not both")
         # The flags build the same MergeConfig a config file does (it validates itself).
         cfg = MergeConfig(

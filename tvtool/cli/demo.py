@@ -32,7 +32,9 @@ def demo(
                      ] = False,
     base: Annotated[str, typer.Option("--base", "-b", help="Model reference of the base.")
                     ] = "tvtool-small",
-    steps: Annotated[int | None, typer.Option("--steps", help="Fine-tuning steps per task.")
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Fine-tuning steps per task (default: the budget of --quick or of the "
+                        "full run, docs/demo.md).", show_default=False)
                      ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,

@@ -42,7 +42,6 @@ LAYERS: list[set[str]] = [
     {"models", "linearize", "formats", "vectors", "synthetic_world"},
     {"data"},
     {"finetune", "merge", "atlas", "commands"},
-    {"peft_interop"},
     {"evaluate"},
     {"workflows"},
     {"demo"},

@@ -180,7 +180,7 @@ def test_quick_demo_smoke(cli, tmp_path):
     if not embedded_weights_path().is_file():
         pytest.fail(f"embedded weights missing at {embedded_weights_path()}")
     out = tmp_path / "demo"
-    result = cli(["demo", "--quick", "--out", str(out), "--device", "cpu", "--json"])
+    result = cli(["demo", "--quick", "--output", str(out), "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.stderr
     doc = json.loads(result.stdout)
     on_disk = json.loads((out / "report.json").read_text())
@@ -217,7 +217,7 @@ def test_quick_demo_smoke(cli, tmp_path):
 
     # A re-run reuses every cached artefact: no vector is written again, same results.
     written = {p: p.stat().st_mtime_ns for p in (out / "vectors").iterdir()}
-    again = cli(["demo", "--quick", "--out", str(out), "--device", "cpu", "--json"])
+    again = cli(["demo", "--quick", "--output", str(out), "--device", "cpu", "--json"])
     assert again.exit_code == 0, again.stderr
     redo = json.loads(again.stdout)
     assert {p: p.stat().st_mtime_ns for p in (out / "vectors").iterdir()} == written

@@ -144,7 +144,7 @@ def test_parse_grid_endpoints_and_spacing(start, width, num):
 def test_cli_writes_json_and_png(cli, files, big_vectors, tmp_path):
     out, png = tmp_path / "map.json", tmp_path / "map.png"
     result = cli(["eval", "disentanglement", "--base", files["base"], *big_vectors,
-                  "--dataset", D1, "--dataset", D2, "--grid", "-1:1:1", "--limit", "12",
+                  "--dataset", D1, "--dataset", D2, "--coef-grid", "-1:1:1", "--limit", "12",
                   "--device", "cpu", "-o", str(out), "--png", str(png)])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out)
@@ -156,13 +156,13 @@ def test_cli_writes_json_and_png(cli, files, big_vectors, tmp_path):
 
 def test_cli_without_output_prints_the_map(cli, files, big_vectors):
     result = cli(["eval", "disentanglement", *big_vectors, "--base", files["base"], "-d", D1,
-                  "-d", D2, "--grid", "0,1", "--limit", "8", "--device", "cpu"])
+                  "-d", D2, "--coef-grid", "0,1", "--limit", "8", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["alphas"] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--grid", "3:1:4"], "malformed grid"),
+    (["--coef-grid", "3:1:4"], "malformed grid"),
     (["-d", "synthetic:size"], "exactly two"),
 ])
 def test_cli_bad_input_writes_nothing(cli, files, big_vectors, tmp_path, extra, message):

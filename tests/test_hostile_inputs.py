@@ -642,7 +642,7 @@ def test_datasets_command_lists_the_names(cli):
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == [*[n for n in list_datasets() if n.startswith("synthetic:")],
                      *[n for n in list_datasets() if not n.startswith("synthetic:")],
-                     "imagefolder:PATH", "hf:PATH"]
+                     "<name>Val", "imagefolder:PATH", "hf:PATH"]
     document = json.loads(cli(["datasets", "--json"]).stdout)
     by_name = {e["name"]: e for e in document["datasets"]}
     assert by_name["MNIST"]["classes"] == 10 and by_name["MNIST"]["kind"] == "standard"

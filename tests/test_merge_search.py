@@ -175,6 +175,19 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
         assert torch.equal(load(str(out))[name], tensor)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "report.json",
                                                          "searched.safetensors"]
+    # ... whose metadata records the search that chose it, not a plain --coef.
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["tvtool.coefficients"])["origin"] == "--search-coef"
+    search = json.loads(meta["tvtool.provenance"])["search"]
+    assert search["best_coef"] == report["best_coef"] and search["split"] == "val"
+    assert search["datasets"] == report["datasets"]
+    assert [p["coef"] for p in search["grid"]] == [0.0, 0.5]
+    assert [p["accuracies"] for p in search["grid"]] == [
+        p["accuracies"] for p in report["val"]["grid"]]
+    assert search["limit"] == 8
 
 
 def test_ties_search_uses_the_ties_reference_grid_by_default(cli, world, tmp_path):
@@ -210,7 +223,8 @@ def test_negate_search_end_to_end(cli, world, tmp_path):
     # α = 1e-6 leaves the predictions as the base's, so the grid always has a feasible α and
     # the test never passes by refusing (it once returned early on exit 1).
     result = cli(["negate", world["tv1"], "--search", "--base", world["base"], "--control",
-                  "synthetic:color", "--threshold", "0.01", "--coef-grid", "0.000001,0.5,1",
+                  "synthetic:color", "--control-threshold", "0.01", "--coef-grid",
+                  "0.000001,0.5,1",
                   *EVAL, "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -222,6 +236,14 @@ def test_negate_search_end_to_end(cli, world, tmp_path):
     negated = load(str(out))
     name = next(iter(vector))
     torch.testing.assert_close(negated[name], -report["best_coef"] * vector[name])
+    assert report["report_version"] == 2 and report["controls"] == ["synthetic:color"]
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as handle:
+        search = json.loads(handle.metadata()["tvtool.provenance"])["search"]
+    assert search["best_coef"] == report["best_coef"] and search["controls"] == ["synthetic:color"]
+    assert search["target"] == "synthetic:shape" and search["threshold"] == 0.01
+    assert [p["coef"] for p in search["grid"]] == [1e-6, 0.5, 1.0]
 
 
 def test_negate_search_needs_control(cli, world, tmp_path):
@@ -240,7 +262,7 @@ def test_negate_cli_defaults_are_the_library_defaults():
 
     params = inspect.signature(negate).parameters
     assert params["coef_grid"].default == DEFAULT_NEGATION_GRID_TEXT
-    assert params["threshold"].default == DEFAULT_THRESHOLD
+    assert params["control_threshold"].default == DEFAULT_THRESHOLD
 
 
 def test_measure_negation_falls_back_or_refuses_when_no_alpha_is_feasible(world, monkeypatch):

@@ -452,7 +452,7 @@ def test_export_refuses_a_used_directory_and_the_text_tower(tiny, tmp_path, cli)
        root=st.sampled_from(["clip", "visual"]), seed=st.integers(0, 10))
 def test_mapping_round_trip_property(tiny, targets, rank, alpha, root, seed):
     from tvtool.finetune import materialize_lora
-    from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
+    from tvtool.formats.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
     from tvtool.models.modules import module_table
 
     factors = _factors(tiny, tuple(sorted(targets)), seed=seed, rank=rank)

@@ -428,5 +428,13 @@ def _with_val(tasks: Sequence[TaskData], val_sets: Sequence[Examples | None]) ->
 
 
 def _score_record(task: TaskData, score: TaskScore) -> dict[str, Any]:
-    return {"dataset": task.name, "role": task.role, "examples": score.examples,
-            "accuracy": score.accuracy, "loss": score.loss, "entropy": score.entropy}
+    """A held-out score as reports show it.
+
+    Every score is measured on the held-out part (``--val-fraction``), never on the examples
+    learned from; ``part`` says so. The role of a dataset learned on (``train`` inside the
+    learner, where it marks the examples that feed the loss) is reported as ``task``, so a
+    held-out score is not read as a training score.
+    """
+    return {"dataset": task.name, "role": "task" if task.role == "train" else task.role,
+            "part": "held-out", "examples": score.examples, "accuracy": score.accuracy,
+            "loss": score.loss, "entropy": score.entropy}

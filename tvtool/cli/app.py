@@ -23,7 +23,12 @@ try:
     from tvtool.cli import merge as merge_cmd
     from tvtool.cli import negate as negate_cmd
     from tvtool.cli import pretrain as pretrain_cmd
-    from tvtool.cli.common import EXIT_INTERRUPTED, EXIT_INVALID, report_error
+    from tvtool.cli.common import (
+        EXIT_INTERRUPTED,
+        EXIT_INVALID,
+        normalize_command,
+        report_error,
+    )
 except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing: no traceback
     sys.stderr.write("tvtool: error: interrupted\n")
     raise SystemExit(130) from None
@@ -37,6 +42,7 @@ class _OneLineErrors(TyperGroup):
     """
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        normalize_command(self)
         if len(args) > 3 or not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)  # a caller handling click's errors itself
         kwargs["standalone_mode"] = False
@@ -111,6 +117,14 @@ app.add_typer(eval_cmd.eval_app, name="eval")
 app.command("pretrain")(pretrain_cmd.pretrain)
 app.command("demo")(demo_cmd.demo)
 app.command("datasets")(datasets_cmd.datasets)
+
+
+def click_command() -> Any:
+    """The click command tree of :data:`app`, with the grammar's help conventions applied.
+
+    What ``tvtool`` itself runs; tests walk it to check the options of every command.
+    """
+    return normalize_command(typer.main.get_command(app))
 
 
 def main() -> None:

@@ -24,8 +24,10 @@ def apply(
                                       help="Model reference of the base.")],
     output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Output file, or - for stdout.", show_default=False)] = None,
-    coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")] = None,
+    # A tuple default: typer shows it ([default: 1.0]) and passes a list.
+    coef: Annotated[list[float], typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")
+    ] = (1.0,),  # type: ignore[assignment]
     allow_base_mismatch: AllowOtherBaseOpt = False,
     approximate_linearized: Annotated[bool, typer.Option(
         "--approximate-linearized",

@@ -60,7 +60,7 @@ def convert(
     from tvtool.io import is_peft_adapter
 
     if is_peft_adapter(checkpoint):
-        from tvtool.peft_interop import convert_peft
+        from tvtool.commands.peft_interop import convert_peft
 
         result = convert_peft(config, log=log)
     else:

@@ -7,9 +7,12 @@ from typing import Any
 
 from tvtool.cli.common import JsonOpt, emit_json, handles_errors
 
+NO_WORKING_DOWNLOAD = frozenset({"StanfordCars"})
+"""Standard datasets whose torchvision downloader exists but whose source links are dead."""
+
 
 def dataset_listing() -> list[dict[str, Any]]:
-    """One entry per dataset name tvtool knows, then the ``imagefolder:PATH`` syntax."""
+    """One entry per dataset name tvtool knows, then the ``<name>Val`` and image-folder forms."""
     from tvtool.data.standard import IMAGENET, STANDARD
     from tvtool.synthetic_world.tasks import TASKS
 
@@ -19,7 +22,11 @@ def dataset_listing() -> list[dict[str, Any]]:
                         "classes": len(task.classnames), "description": task.description,
                         "aliases": []})
     for info in STANDARD:
-        fetch = "--download fetches it" if info.build is not None else "no --download"
+        # Only torchvision's downloaders fetch: RESISC45 has none (tvtool reads its files),
+        # and StanfordCars' original links are dead (docs/data.md).
+        fetch = ("no --download: unpack it by hand" if info.build is None
+                 else "--download's links are dead: place it by hand"
+                 if info.name in NO_WORKING_DOWNLOAD else "--download fetches it")
         entries.append({"name": info.name, "kind": "standard", "classes": len(info.classnames),
                         "description": f"read from DATA_ROOT/{info.folder} "
                                        f"(--data-root or TVTOOL_DATA_ROOT; {fetch})",
@@ -28,6 +35,11 @@ def dataset_listing() -> list[dict[str, Any]]:
     entries.append({"name": IMAGENET, "kind": "standard", "classes": 1000,
                     "description": "read from DATA_ROOT/imagenet (torchvision's layout; "
                                    "no --download)", "aliases": []})
+    entries.append({"name": "<name>Val", "kind": "standard", "classes": None,
+                    "description": "the task-vectors validation variant of a standard name, "
+                                   "e.g. MNISTVal, CarsVal: its test split is the held-out part "
+                                   "of the training set (docs/data.md)",
+                    "aliases": []})
     entries.append({"name": "imagefolder:PATH", "kind": "imagefolder", "classes": None,
                     "description": "your own images: PATH/<class>/*.png, or PATH/train/<class>"
                                    " and PATH/test/<class> (docs/data.md)",

@@ -29,7 +29,7 @@ def export_peft(
     same rank (zero padding) and lora_alpha. llora-net and dense vectors are refused (exit 2).
     See docs/interop.md.
     """
-    from tvtool import peft_interop
+    from tvtool.commands import peft_interop
 
     config = peft_interop.ExportPeftConfig(vector=vector, output=output, module=module)
     result = peft_interop.export_peft(config, log=log)

@@ -13,9 +13,11 @@ from tvtool.cli.common import (
     DownloadOpt,
     JsonOpt,
     PrecisionOpt,
+    WorkersOpt,
     download_datasets,
     emit_json,
     emit_path,
+    given,
     handles_errors,
     listed_or,
     log,
@@ -51,10 +53,18 @@ def _method_help() -> dict[str, str]:
             "trim": f"{having('trim')}: global (whole vector) or tensor (per tensor)."}
 
 
+def _method_metavar() -> dict[str, str]:
+    """Metavar of ``--method``: the registered names, ``[task_arithmetic|mean|...]``."""
+    from tvtool.merge.registry import METHODS
+
+    return {"method": "[" + "|".join(METHODS) + "]"}
+
+
 class MergeCommand(DeclaredOptionsCommand):
     """``tvtool merge`` with the help of its method flags taken from the method registry."""
 
     describe = _method_help
+    metavars = _method_metavar
 
 
 # Parameters that define the merge itself: with --config they must come from the file.
@@ -72,9 +82,10 @@ def merge(
     method: Annotated[str, typer.Option(
         "--method", "-m", help="(from the method registry, see MergeCommand)")
     ] = "task_arithmetic",
-    coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
-                             "(default: 1).", show_default=False)] = None,
+    # A tuple default: typer shows it ([default: 1.0]) and passes a list.
+    coef: Annotated[list[float], typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")
+    ] = (1.0,),  # type: ignore[assignment]
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,
@@ -82,7 +93,7 @@ def merge(
         "--density", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     trim: Annotated[str | None, typer.Option(
-        "--trim", help="(from the method registry, see MergeCommand)",
+        "--trim", metavar="[global|tensor]", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     param: Annotated[list[str] | None, typer.Option(
         "--param", "-p", help="Method parameter KEY=VALUE (repeatable), e.g. sign=frequency.",
@@ -100,7 +111,7 @@ def merge(
         "--allow-base-mismatch",
         help="Merge vectors extracted from different bases (unsafe).")] = False,
     mixed_modes_as: Annotated[str | None, typer.Option(
-        "--mixed-modes-as",
+        "--mixed-modes-as", metavar="[linearized|nonlinear]",
         help="Merge linearized with non-linearized vectors; record the result as "
              "linearized or nonlinear.", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(
@@ -138,6 +149,7 @@ def merge(
         show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = 0,
     search_report: Annotated[str | None, typer.Option(
         "--search-report", help="Search: also write the JSON report to this file.",
         show_default=False)] = None,
@@ -156,10 +168,10 @@ def merge(
 
     if config is not None:
         # Compared by name: typer may vendor its own click, with its own ParameterSource enum.
-        given = [name for name in _DEFINING
-                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
-        if given:
-            flags = ", ".join(name.replace("_", "-") for name in given)
+        defined = [name for name in _DEFINING
+                   if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if defined:
+            flags = ", ".join(name.replace("_", "-") for name in defined)
             raise UsageError(f"--config defines the merge; do not also give {flags}",
                              hint="edit the config file, or drop --config")
         cfg = load_config(config, output=output)
@@ -168,7 +180,7 @@ def merge(
     else:
         if missing_as_zero and common_only:
             raise UsageError("--missing-as-zero and --common-only exclude each other")
-        if coef and coefs:
+        if coefs and given(ctx, "coef"):
             raise UsageError("give --coef or --coefs, not both")
         # The flags build the same MergeConfig a config file does (it validates itself).
         cfg = MergeConfig(
@@ -188,13 +200,14 @@ def merge(
         raise UsageError("--suite goes with --search-coef (only the search reads datasets)")
     if search_coef:
         _search(cfg, coef_grid, base, dataset, data_root, batch_size, limit, device, precision,
-                search_report, as_json, dry_run, save_config, download, suite)
+                search_report, as_json, dry_run, save_config, download, suite,
+                workers)
         return
     result = run_merge(cfg, log=log, dry_run=dry_run, threads=threads)
     if save_config is not None:
         _write_config(save_config, cfg)
     if dry_run:
-        emit_json(result.details) if as_json else _print_plan(result.details)
+        emit_json(result.details, report="merge-plan") if as_json else _print_plan(result.details)
         return
     emit_json(result.as_json()) if as_json else emit_path(result.output)
 
@@ -254,7 +267,8 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[str] | None,
             data_root: str | None, batch_size: int, limit: int | None, device: str,
             precision: str, report_path: str | None, as_json: bool, dry_run: bool,
-            save_config: str | None, download: bool = False, suite: str | None = None) -> None:
+            save_config: str | None, download: bool = False, suite: str | None = None,
+            workers: int = 0) -> None:
     from rich.table import Table
 
     from tvtool.evaluate import EvalSettings
@@ -283,7 +297,7 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         check_output(report_path, list(cfg.vectors))
     settings = EvalSettings(base=base, data_root=data_root, batch_size=batch_size,
                             device=device, precision=precision, limit=limit, seed=cfg.seed,
-                            allow_base_mismatch=cfg.allow_base_mismatch)
+                            workers=workers, allow_base_mismatch=cfg.allow_base_mismatch)
     if download:
         download_datasets(vector_datasets(cfg, datasets, suite), data_root)
     report = search_merge(cfg, settings, grid, datasets=datasets, suite=suite, log=log,

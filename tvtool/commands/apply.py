@@ -23,7 +23,7 @@ from tvtool.io import (
     write_open_clip_dir,
     write_tensors,
 )
-from tvtool.metadata import FileMeta, Kind, provenance
+from tvtool.metadata import FileMeta, Kind, input_record, provenance
 from tvtool.models import architecture_shapes, base_source, fingerprint, resolve_ref
 from tvtool.models.hub import open_clip_hf_config
 from tvtool.types import Logger, WriteResult
@@ -84,15 +84,18 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
         check_output(config.output, [*config.vectors, *file_inputs(ref)])
     sources: list[TensorSource] = []
     card_vectors: list[CardVector] = []
+    records: list[dict[str, Any]] = []
     with opened(sources):
         metas = []
         for path, coef in zip(config.vectors, coefs, strict=True):
             vector = open_vector(path)
             sources.append(vector.source)
             source, meta = vector.source, vector.meta
+            # The file's own fingerprint (LoRA factors, not ΔW), in the card and provenance.
+            stored_fp = fingerprint(vector.stored or source)
+            records.append(input_record(path, meta, stored_fp, role="vector", coef=coef))
             if config.hf_dir is not None:
-                # The card records the file's own fingerprint (LoRA factors, not ΔW).
-                card_vectors.append(_card_vector(path, coef, vector.stored or source, meta))
+                card_vectors.append(_card_vector(path, coef, stored_fp, meta))
             if meta.linearized and not config.approximate_linearized:
                 raise InvalidInputError(
                     f"{source.label} is a linearized ({meta.mode.value if meta.mode else '?'}) "
@@ -118,8 +121,12 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
         plan = plan_combine(base, list(zip(sources[1:], coefs, strict=True)))
         meta = FileMeta(kind=Kind.CHECKPOINT, architecture=ref.architecture,
                         base_ref=config.base, base_fingerprint=base_fp,
-                        provenance=provenance("apply", config_args(config)),
-                        extra={"sources": dumps_sorted([m.dataset or label for label, m in metas]),
+                        provenance=provenance("apply", config_args(config), inputs=records),
+                        # The path as given, as merge records it (a label is a repr for
+                        # messages: 'x.safetensors' with its quotes).
+                        extra={"sources": dumps_sorted([m.dataset or path for path, (_, m)
+                                                        in zip(config.vectors, metas,
+                                                               strict=True)]),
                                "coefficients": dumps_sorted(coefs)})
         inputs = [*config.vectors, *file_inputs(ref)]
         if config.hf_dir is not None:
@@ -146,7 +153,8 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
                        details={"coefficients": coefs, "base_fingerprint": base_fp})
 
 
-def _card_vector(path: str, coef: float, source: TensorSource, meta: FileMeta) -> CardVector:
+def _card_vector(path: str, coef: float, stored_fingerprint: str, meta: FileMeta
+                 ) -> CardVector:
     """What the model card records about one applied vector."""
     merge: dict[str, Any] = {}
     if "merge_method" in meta.extra:
@@ -157,7 +165,7 @@ def _card_vector(path: str, coef: float, source: TensorSource, meta: FileMeta) -
     return CardVector(file=path.rsplit("/", 1)[-1] if path != STDIO else "stdin",
                       coefficient=coef, dataset=meta.dataset,
                       mode=meta.mode.value if meta.mode else None, linearized=meta.linearized,
-                      fingerprint=fingerprint(source), merge=merge)
+                      fingerprint=stored_fingerprint, merge=merge)
 
 
 def _loads(text: str | None) -> Any:

@@ -68,7 +68,7 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     """Convert a pickled (or plain safetensors) checkpoint into a tvtool checkpoint.
 
     A peft adapter directory (``adapter_config.json``) becomes a LoRA task vector instead
-    (:func:`tvtool.peft_interop.convert_peft`).
+    (:func:`tvtool.commands.peft_interop.convert_peft`).
 
     Pickles are read by :func:`tvtool.io.read_checkpoint`, which never executes code
     from the file. Wrapper prefixes (``module.``, ``model.``) are removed, Hugging Face
@@ -82,8 +82,8 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     """
     if is_peft_adapter(config.input):
         raise UsageError(f"{config.input} is a peft adapter directory",
-                         hint="convert it with tvtool.peft_interop.convert_peft (the CLI's "
-                              "`tvtool convert` does)")
+                         hint="convert it with tvtool.commands.peft_interop.convert_peft "
+                              "(the CLI's `tvtool convert` does)")
     if config.module != "auto":
         raise UsageError("--module is for peft adapter directories (adapter_config.json)")
     if config.base is not None:

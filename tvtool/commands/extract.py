@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from tvtool.commands.common import config_args, file_inputs, opened
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorSource, check_output, open_tensors, write_tensors
-from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
+from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, input_record, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
@@ -74,10 +74,17 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
 
             dataset = (recorded_dataset_name(config.dataset) if config.dataset is not None
                        else None)
+            # The fine-tuned checkpoint is recorded by fingerprint, as the base is: extract
+            # cannot see the data it was trained on, so no dataset source is recorded.
+            finetuned_meta = (FileMeta.from_header(finetuned.metadata, finetuned.label)
+                              if PREFIX + "kind" in finetuned.metadata else None)
+            record = input_record(config.finetuned, finetuned_meta, fingerprint(finetuned),
+                                  role="finetuned")
             meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture,
                             base_ref=config.base, base_fingerprint=fingerprint(base),
                             mode=config.mode, linearized=False, dataset=dataset,
-                            provenance=provenance("extract", config_args(config)))
+                            provenance=provenance("extract", config_args(config),
+                                                  inputs=[record]))
             write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
                           inputs=[config.finetuned, *file_inputs(ref)], check_finite=False)
     return WriteResult(config.output, len(plan.layout), plan.parameters, plan.notes)

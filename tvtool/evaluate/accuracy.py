@@ -154,7 +154,7 @@ class EvalReport:
         return {r.dataset: r.accuracy for r in self.results}
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON document ``tvtool eval --json`` prints (and ``--out`` writes)."""
+        """The JSON document ``tvtool eval --json`` prints (and ``-o`` writes)."""
         return {
             "report": "eval",
             "report_version": REPORT_VERSION,
@@ -235,7 +235,7 @@ def evaluate(config: EvalConfig, *, log: Logger = _quiet,
         }
         splits = [d.describe() for d in datas]
     return EvalReport(model_record, results, splits, config.arguments(), notes,
-                      provenance("eval", config.arguments(), seed=settings.seed))
+                      provenance("eval", config.arguments(), seed=settings.seed, timed=False))
 
 
 def build_heads(model: EvalModel, datas: Sequence[EvalData], *, device: torch.device,

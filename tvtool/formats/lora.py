@@ -81,7 +81,17 @@ def assemble_deltas(per_target: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _alpha_from(metadata: FileMeta | Mapping[str, str]) -> tuple[float, int | None]:
+def lora_alpha_rank(metadata: FileMeta | Mapping[str, str]) -> tuple[float, int | None]:
+    """A LoRA vector's ``alpha`` and declared rank ``r`` (None when not recorded).
+
+    Its dense delta is ``(alpha / r) · B · A`` (``tvtool.lora_alpha`` / ``tvtool.lora_rank``).
+
+    Args:
+        metadata: The vector's parsed metadata, or its raw ``tvtool.*`` header.
+
+    Raises:
+        InvalidInputError: no ``tvtool.lora_alpha``, malformed numbers, a non-finite alpha.
+    """
     if isinstance(metadata, FileMeta):
         extra: Mapping[str, str] = metadata.extra
     else:
@@ -141,7 +151,7 @@ def materialize_lora(tensors: Mapping[str, Tensor],
     has_factors = any(k.endswith((SUFFIX_A, SUFFIX_B)) for k in tensors)
     if not has_factors:
         return dict(tensors)
-    alpha, declared_rank = _alpha_from(metadata)
+    alpha, declared_rank = lora_alpha_rank(metadata)
     per_target: dict[str, Tensor] = {}
     passthrough: StateDict = {}
     for key, tensor in tensors.items():

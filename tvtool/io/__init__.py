@@ -13,7 +13,8 @@ Public API:
   :func:`read_pickled_dict` -- a pickled dict of tensors and plain values, the same way.
 * :func:`read_json`, :func:`write_json`, :func:`write_bytes` -- small documents (atomic;
   ``-`` for stdin/stdout); :func:`spooled_stdin`, :func:`input_file` -- plain inputs
-  (:mod:`tvtool.io.documents`); :func:`all_finite` -- the writer's NaN/Inf check.
+  (:mod:`tvtool.io.documents`); :func:`all_finite` -- the writer's NaN/Inf check;
+  :func:`fingerprint` -- the sha256 of a source's tensors.
 * :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export;
   :func:`write_open_clip_dir` -- an open_clip Hugging Face directory (weights, config, card).
 * :func:`read_peft_adapter` / :func:`write_peft_adapter` / :func:`is_peft_adapter` -- peft
@@ -57,6 +58,7 @@ from tvtool.io.safetensors_io import (
     TensorInfo,
     TensorSource,
     all_finite,
+    fingerprint,
     iter_source,
     open_tensors,
     write_tensors,
@@ -78,6 +80,7 @@ __all__ = [
     "check_output",
     "check_output_path",
     "ensure_directory",
+    "fingerprint",
     "hf_model_files",
     "input_file",
     "is_peft_adapter",

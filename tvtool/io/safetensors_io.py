@@ -10,6 +10,7 @@ bytes) are :mod:`tvtool.io.documents`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -286,7 +287,9 @@ def _layout_header(layout: Sequence[TensorInfo], metadata: Mapping[str, str]) ->
         for key, value in metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"metadata must map str to str, got {key!r}: {type(value)}")
-        header["__metadata__"] = dict(metadata)
+        # Sorted: metadata read from an input comes in the order of a hash map, so a copied
+        # header would otherwise differ from run to run (files must be byte-stable).
+        header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     seen: set[str] = set()
     for info in layout:
@@ -302,6 +305,26 @@ def _layout_header(layout: Sequence[TensorInfo], metadata: Mapping[str, str]) ->
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
+
+
+def fingerprint(source: TensorSource) -> str:
+    """Hash a source's tensors (names, dtypes, shapes, bytes) one tensor at a time.
+
+    The hash is independent of storage order, so the same weights give the same fingerprint
+    whether read from a pretrained tag, a weights file or a tvtool checkpoint of equal dtypes.
+    It is the base fingerprint (``tvtool.base_fingerprint``) and the fingerprint an output
+    records of each input file (``provenance.inputs[].fingerprint``).
+
+    Returns:
+        ``sha256:<hex>``.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(source.keys()):
+        tensor = source.get(name).detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        if tensor.numel():
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
+    return "sha256:" + digest.hexdigest()
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tvtool.errors import InvalidInputError
-from tvtool.io import TensorSource, check_output, write_tensors
+from tvtool.io import TensorSource, check_output, fingerprint, write_tensors
 from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
 from tvtool.merge.registry import get_method
 from tvtool.merge.threads import intra_op_threads
-from tvtool.metadata import FileMeta, Kind, Mode, provenance
+from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import check_architecture, metadata_warnings, open_vector
@@ -98,8 +98,17 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
     return mode, linearized
 
 
-def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
+def open_merge(config: MergeConfig, log: Logger = _quiet, *, fingerprints: bool = False,
+               search: dict[str, Any] | None = None) -> OpenedMerge:
     """Open and check the inputs of a merge and plan it (nothing is written).
+
+    Args:
+        config: What to merge and how.
+        log: Receives notes and warnings.
+        fingerprints: Record each input's fingerprint in the output's provenance (one more
+            read of every input; a plan that writes nothing does without).
+        search: The ``merge --search-coef`` record that chose the coefficient, kept in the
+            output's provenance (``search``) and named as the coefficients' origin.
 
     Raises:
         UsageError: bad coefficients (the config itself is checked when it is built).
@@ -115,12 +124,14 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
     owned: list[TensorSource] = []
     try:
         metas: list[FileMeta] = []
+        vectors = []
         for path in config.vectors:
             # Factored (LoRA) vectors are merged as their dense deltas.
             vector = open_vector(path)
             owned.append(vector.source)
             sources.append(vector.source)
             metas.append(vector.meta)
+            vectors.append(vector)
         labels = [s.label for s in sources]
         mode, linearized = _check_compatible(config, labels, metas, log)
         ids = [VectorId(p, m.dataset) for p, m in zip(config.vectors, metas, strict=True)]
@@ -134,11 +145,21 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
         spec = MergeSpec(method, params, coefficients, config.seed, config.missing)
         plan = plan_sources(sources, spec, log)
         first = metas[0]
+        described = coefficients.describe()
+        if search is not None:
+            described["origin"] = "--search-coef"
+        per_vector = (list(coefficients.per_vector) if coefficients.per_tensor is None
+                      else [None] * len(metas))
+        records = [input_record(path, meta,
+                                fingerprint(vector.stored or source) if fingerprints else None,
+                                role="vector", coef=coef)
+                   for path, meta, vector, source, coef in zip(
+                       config.vectors, metas, vectors, sources, per_vector, strict=True)]
         extra = {
             "sources": json.dumps([i.label() for i in ids]),
             "merge_method": method.name,
             "merge_params": json.dumps(asdict(params), sort_keys=True),
-            "coefficients": json.dumps(coefficients.describe(), sort_keys=True),
+            "coefficients": json.dumps(described, sort_keys=True),
             "input_modes": json.dumps([{"mode": m.mode.value if m.mode else None,
                                         "linearized": m.linearized} for m in metas]),
             # Defaults resolved, so the record still reproduces the merge if defaults change.
@@ -149,7 +170,8 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
                             linearized=linearized,
                             provenance=provenance("merge", replace(config, params=asdict(params)
                                                           ).to_document(),
-                                                  seed=config.seed),
+                                                  seed=config.seed, inputs=records,
+                                                  search=search),
                             extra=extra)
         return OpenedMerge(config, sources, metas, plan, out_meta.to_header(), owned)
     except BaseException:
@@ -198,7 +220,7 @@ def describe_plan(opened: OpenedMerge) -> dict[str, Any]:
 
 
 def merge(config: MergeConfig, log: Logger = _quiet, *, dry_run: bool = False,
-          threads: int | None = 1) -> MergeResult:
+          threads: int | None = 1, search: dict[str, Any] | None = None) -> MergeResult:
     """Merge task-vector files into one task vector (streaming, tensor by tensor).
 
     Args:
@@ -207,6 +229,8 @@ def merge(config: MergeConfig, log: Logger = _quiet, *, dry_run: bool = False,
         dry_run: Only check the inputs and describe the plan; write nothing.
         threads: CPU threads for the merge kernels (see :func:`intra_op_threads`; None keeps
             torch's setting).
+        search: The coefficient search that chose ``config.coefs`` (``merge --search-coef``),
+            recorded in the output's provenance.
 
     Returns:
         The result; for a dry run its ``details`` hold :func:`describe_plan`'s report.
@@ -216,7 +240,7 @@ def merge(config: MergeConfig, log: Logger = _quiet, *, dry_run: bool = False,
         NumericalError: the merged vector would hold NaN or Inf (nothing is written).
 
     """
-    opened = open_merge(config, log)
+    opened = open_merge(config, log, fingerprints=not dry_run, search=search)
     try:
         plan = opened.plan
         for note in plan.notes:

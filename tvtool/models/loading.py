@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -12,7 +11,14 @@ import torch
 from torch import nn
 
 from tvtool.errors import InvalidInputError
-from tvtool.io import DictSource, TensorInfo, TensorSource, load_legacy, open_tensors
+from tvtool.io import (
+    DictSource,
+    TensorInfo,
+    TensorSource,
+    fingerprint,
+    load_legacy,
+    open_tensors,
+)
 from tvtool.io.names import strip_wrapper_prefixes
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models.quiet import quiet_open_clip
@@ -248,24 +254,6 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(resolved.architecture)
     return ClipBundle(model, resolved, pre_train, pre_eval, tokenizer)
-
-
-def fingerprint(source: TensorSource) -> str:
-    """Hash the base tensors (names, dtypes, shapes, bytes) one tensor at a time.
-
-    The hash is independent of storage order, so the same weights give the same fingerprint
-    whether read from a pretrained tag, a weights file or a tvtool checkpoint of equal dtypes.
-
-    Returns:
-        ``sha256:<hex>``.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(source.keys()):
-        tensor = source.get(name).detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        if tensor.numel():
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
-    return "sha256:" + digest.hexdigest()
 
 
 def state_dict_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -80,6 +80,10 @@ class StreamPlan:
         return sum(info.numel for info in self.layout)
 
 
+KEEP_CHOICES = ("all", "changed")
+"""``extract --keep``: every floating tensor, or only those the fine-tune changed."""
+
+
 def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: bool = False,
                  keep: str = "all") -> StreamPlan:
     """Plan ``finetuned - base`` tensor by tensor.
@@ -95,7 +99,7 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
         InvalidInputError: extra or missing keys (counts and first names), shape or dtype
             mismatch, NaN/Inf in an input.
     """
-    if keep not in ("all", "changed"):
+    if keep not in KEEP_CHOICES:
         raise InvalidInputError(f"--keep must be 'all' or 'changed', not {keep!r}")
     base_keys = base.keys()
     base_set = set(base_keys)

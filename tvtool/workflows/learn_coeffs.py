@@ -36,10 +36,17 @@ from tvtool.atlas.objectives import (
     check_objective,
     needs_labels,
 )
+from tvtool.data import data_source
 from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.io import TensorInfo, TensorSource, check_distinct_paths, write_tensors
-from tvtool.metadata import FileMeta, Kind, Mode, provenance
+from tvtool.io import (
+    TensorInfo,
+    TensorSource,
+    check_distinct_paths,
+    fingerprint,
+    write_tensors,
+)
+from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
 from tvtool.types import Logger, ProgressFactory
 from tvtool.types import no_progress as _no_progress
 from tvtool.types import quiet as _quiet
@@ -296,6 +303,7 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
             log(note)
 
         tasks = []
+        data_records: list[dict[str, Any]] = []
         roles = [("target" if objective == "negation" else "train", name)
                  for name in config.datasets] + [("control", name) for name in config.control]
         labelled = needs_labels(objective)
@@ -311,6 +319,11 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
             tasks.append(TaskData(data.name, head, Subset(data.dataset, train_idx),
                                   Subset(data.dataset, val_idx) if val_idx else None,
                                   role, labelled))
+            # Where the examples came from (generator version, layout); the examples
+            # themselves are fixed by the split, --shots, --val-fraction and the seed.
+            data_records.append({"name": data.name, "role": "task" if role == "train" else role,
+                                 "split": config.split,
+                                 "source": data_source(name, config.data_root)})
             what = f" ({role})" if objective == "negation" else ""
             log(f"{data.name}{what}: {len(train_idx)} training and {len(val_idx)} held-out "
                 f"examples from the {config.split} split")
@@ -329,12 +342,15 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                            "linearized": v.meta.linearized,
                            "base_fingerprint": v.meta.base_fingerprint}
                           for v in model.vectors]
+        records = [input_record(v.path, v.meta, fingerprint(v.stored or v.source),
+                                role="vector") for v in model.vectors]
         meta = FileMeta(kind=Kind.COEFFICIENTS, architecture=model.ref.architecture,
                         base_ref=config.base, base_fingerprint=model.base_fingerprint,
                         linearized=model.linearized,
                         dataset=",".join([*config.datasets, *config.control]),
                         provenance=provenance("learn-coeffs", config.arguments(),
-                                              config.learner.seed),
+                                              config.learner.seed, inputs=records,
+                                              datasets=data_records),
                         extra={"objective": objective,
                                "settings": json.dumps(result.config, sort_keys=True),
                                "history": json.dumps(result.history)})

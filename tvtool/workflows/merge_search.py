@@ -12,7 +12,8 @@
   Evaluator` over the N input vectors plus the merge at α = 1 (every method here is linear in a
   coefficient shared by all vectors, so ``merge(α) = α · merge(1)``); fine-tuned and zero-shot
   accuracies come from the same model at one-hot and zero coefficients; the chosen α is then
-  used for an ordinary merge, so the output equals ``tvtool merge --coef α`` byte for byte.
+  used for an ordinary merge, so the output's tensors equal ``tvtool merge --coef α``'s byte
+  for byte; its provenance adds the search (grid, validation scores, datasets).
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ class MergeSearchReport:
         test_norm = normalize(self.test, self.finetuned["test"])
         return {
             "report": "merge-search",
+            "report_version": 1,
             "output": self.result.output,
             "method": self.result.details.get("method"),
             "best_coef": self.search.best,
@@ -313,5 +315,8 @@ def search_merge(config: MergeConfig, settings: EvalSettings,
                          extensions=search.extensions,
                          auto=grid if isinstance(grid, AutoGrid) else None))
     log(f"best α = {search.best:g}; writing the merge at that coefficient")
-    result = merge(replace(config, coefs=(search.best,)), log)
+    # The output records how its coefficient was chosen (grid, scores, datasets), not only α.
+    record = {"split": "val", "datasets": list(names), **search.as_json(),
+              "limit": settings.limit, "seed": settings.seed}
+    result = merge(replace(config, coefs=(search.best,)), log, search=record)
     return MergeSearchReport(search, tuple(names), zero_shot, finetuned, test, result)

@@ -1,4 +1,4 @@
-"""peft LoRA adapters -> tvtool LoRA task vectors (see :mod:`tvtool.finetune.peft_adapters`)."""
+"""peft LoRA adapters -> tvtool LoRA task vectors (see :mod:`tvtool.formats.peft_adapters`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from tvtool.errors import InvalidInputError
-from tvtool.finetune.lora import ROW_BLOCKS, SUFFIX_A, SUFFIX_B
-from tvtool.finetune.peft_adapters.config import adaptable, check_peft_config, check_targets
-from tvtool.finetune.peft_adapters.layout import (
+from tvtool.formats.lora import ROW_BLOCKS, SUFFIX_A, SUFFIX_B
+from tvtool.formats.peft_adapters.config import adaptable, check_peft_config, check_targets
+from tvtool.formats.peft_adapters.layout import (
     IN_WEIGHT,
     MHA_OUT,
     MHA_OUT_PROJ_APPLIED,

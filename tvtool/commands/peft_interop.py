@@ -2,7 +2,7 @@
 
 ``export-peft`` writes a LoRA vector as an adapter directory; ``convert`` reads one back.
 
-The tensor mapping is in :mod:`tvtool.finetune.peft_adapters`, the files in
+The tensor mapping is in :mod:`tvtool.formats.peft_adapters`, the files in
 :mod:`tvtool.io.peft_dirs`; neither imports peft. See docs/interop.md.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 from tvtool.commands.common import config_args
 from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
-from tvtool.formats.lora import SUFFIX_A, _alpha_from
+from tvtool.formats.lora import SUFFIX_A, lora_alpha_rank
+from tvtool.formats.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
 from tvtool.io import (
     STDIO,
     adapter_weights_path,
@@ -89,7 +89,7 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
     """Write a ``lora``/``llora`` task vector as a peft LoRA adapter directory.
 
     The adapter changes each weight by exactly the vector's dense delta (alpha/r)·B·A (see
-    :func:`tvtool.finetune.peft_adapters.lora_vector_to_peft` for the mapping).
+    :func:`tvtool.formats.peft_adapters.lora_vector_to_peft` for the mapping).
 
     Raises:
         UsageError: an unknown ``module``.
@@ -125,7 +125,7 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
         tensors = {name: source.get(name) for name in source.keys()}
     finally:
         source.close()
-    alpha, declared_rank = _alpha_from(meta)
+    alpha, declared_rank = lora_alpha_rank(meta)
     for name, tensor in tensors.items():
         if name.endswith(SUFFIX_A) and declared_rank is not None and tensor.dim() == 2 \
                 and tensor.shape[0] != declared_rank:
@@ -202,7 +202,7 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     Raises:
         UsageError: no architecture known, ``--base`` and ``--architecture`` disagree.
         InvalidInputError: see :func:`tvtool.io.read_peft_adapter` and
-            :func:`tvtool.finetune.peft_adapters.peft_to_lora_vector`; factors that the base
+            :func:`tvtool.formats.peft_adapters.peft_to_lora_vector`; factors that the base
             lacks; an output that is an input.
     """
     from tvtool.data import recorded_dataset_name

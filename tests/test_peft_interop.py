@@ -350,6 +350,11 @@ def _nan(t):
     (None, _unknown_module, "adapts 'visual.nope', which is not a module of the model"),
     (None, _out_proj_alone, "never calls its out_proj's forward"),
     (None, _nan, "contain NaN or Inf"),
+    # Regular expressions that make Python's re backtrack for years: bounded matching.
+    ({"target_modules": "(.*)*z"}, None, "target_modules '(.*)*z' matches no module"),
+    ({"target_modules": r"(visual\..*)\1"}, None, "uses a backreference"),
+    ({"exclude_modules": "(a|a)*(?=z)"}, None, "exclude_modules '(a|a)*(?=z)' uses a lookahead"),
+    ({"rank_pattern": {"x{999}y{999}z{999}": 2}}, None, "expands to more than 2000 automaton"),
 ])
 def test_bad_adapters_are_refused(exported, tmp_path, cli, config, tensors, message):
     _edit(exported, config, tensors)

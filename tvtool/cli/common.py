@@ -26,7 +26,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, bounded_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,8 +46,8 @@ def debug_enabled() -> bool:
 
 
 def report_error(message: str) -> None:
-    """Print a one-line error on stderr."""
-    sys.stderr.write(f"tvtool: error: {message}\n")
+    """Print a one-line error on stderr, bounded (:func:`tvtool.errors.bounded_line`)."""
+    sys.stderr.write(f"tvtool: error: {bounded_line(message)}\n")
     sys.stderr.flush()
 
 

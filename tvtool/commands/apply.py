@@ -29,9 +29,11 @@ from tvtool.models.hub import open_clip_hf_config
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import (
+    batchnorm_warning,
     check_coefficients,
     check_vectors_fit_base,
     expand_coefs,
+    moved_batchnorm,
     open_vector,
     plan_combine,
 )
@@ -102,6 +104,9 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
             if meta.linearized:
                 log(f"warning: {source.label} is linearized; the checkpoint approximates its "
                     "linearized model by adding the vector to the weights")
+            warning = batchnorm_warning(moved_batchnorm(source), source.label)
+            if warning:
+                log(warning)
             metas.append((source.label, meta))
         base, ref = base_source(ref)
         sources.insert(0, base)

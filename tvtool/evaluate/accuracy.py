@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tvtool.device import autocast, resolve_device
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.evaluate.batches import EvalData, batches, open_eval_data
+from tvtool.evaluate.batches import EvalData, batches, check_finite_logits, open_eval_data
 from tvtool.evaluate.head_cache import head_key, read_head_file, zero_shot_head
 from tvtool.evaluate.model import (
     EvalModel,
@@ -311,11 +311,12 @@ def predictions(model: EvalModel, data: EvalData, head: Tensor, batch_size: int,
     preds, labels = [], []
     steps = -(-data.size // batch_size)
     with progress(f"{data.name} ({data.split})", steps) as advance, torch.no_grad():
-        for images, targets in batches(data, batch_size, workers=workers, device=model.device,
-                                       materialize=materialize):
+        for index, (images, targets) in enumerate(batches(
+                data, batch_size, workers=workers, device=model.device, materialize=materialize)):
             with autocast(model.device, precision):
                 features = model.image_features(images)
             logits = features.float() @ head.float().T
+            check_finite_logits(logits, data, index, batch_size)
             preds.append(logits.argmax(dim=-1).cpu())
             labels.append(targets.cpu())
             advance(1)

@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tvtool.errors import InvalidInputError, TvtoolError, UsageError, worker_error_text
+from tvtool.errors import (
+    InvalidInputError,
+    NumericalError,
+    TvtoolError,
+    UsageError,
+    worker_error_text,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -75,6 +81,26 @@ class EvalData:
         if self.manifest is not None:
             record["manifest"] = self.manifest
         return record
+
+
+def check_finite_logits(logits: Tensor, data: EvalData, batch: int, batch_size: int) -> None:
+    """Refuse NaN or Inf logits: an accuracy computed from them would be meaningless.
+
+    ``argmax`` over NaN picks an arbitrary class, so a broken model (e.g. an edit that drove a
+    BatchNorm ``running_var`` negative) would otherwise report a plausible accuracy.
+
+    Raises:
+        NumericalError: a logit of the batch is not finite (names the dataset, split, batch and
+            examples).
+    """
+    if bool(torch.isfinite(logits).all()):
+        return
+    first = batch * batch_size
+    raise NumericalError(
+        f"the model computes NaN or Inf logits on {data.name} ({data.split} split), batch "
+        f"{batch} (examples {first}..{first + logits.shape[0] - 1}); no accuracy is reported",
+        hint="check the vectors and coefficients; a vector that moves BatchNorm statistics "
+             "can make a running variance negative")
 
 
 def open_eval_data(name: str, split: str, transform: Callable[[Any], Tensor], *,

@@ -199,6 +199,34 @@ def metadata_warnings(meta: FileMeta, label: str) -> list[str]:
             "against the base (is it a file from another tool, or was its metadata removed?)"]
 
 
+BATCHNORM_STATISTICS = (".running_mean", ".running_var")
+"""Name endings of BatchNorm statistics: buffers a fine-tune updates, not weights it learns."""
+
+
+def batchnorm_warning(moved: Sequence[str], label: str) -> str | None:
+    """The warning for a vector that changes BatchNorm statistics (None when it changes none).
+
+    Statistics are averages over data, not directions in weight space: scaled, negated or added
+    to others they can leave a running variance negative, and the model then computes NaN
+    (``eval`` refuses to report an accuracy from NaN logits).
+
+    Args:
+        moved: Names of the statistics the vector changes.
+        label: The vector or checkpoint, for the message.
+    """
+    if not moved:
+        return None
+    return (f"warning: {label} changes the BatchNorm statistics of {len(moved)} tensors (e.g. "
+            f"{short_repr(moved[0], 80)}); scaled, negated or combined they can make a running "
+            "variance negative, and the model then computes NaN")
+
+
+def moved_batchnorm(source: TensorSource) -> list[str]:
+    """BatchNorm statistics a task vector changes (non-zero deltas), in name order."""
+    return [name for name in sorted(source.keys()) if name.endswith(BATCHNORM_STATISTICS)
+            and bool(source.get(name).ne(0).any())]
+
+
 def _strip_activation(architecture: str) -> str:
     return architecture.removesuffix("-quickgelu")
 

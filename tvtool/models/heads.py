@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, cast
 
 import torch
 
@@ -54,7 +55,7 @@ def build_zero_shot_head(
     """
     if not classnames or not templates:
         raise InvalidInputError("a zero-shot head needs at least one class and one template")
-    model = bundle.model
+    model = cast(Any, bundle.model)  # open_clip's CLIP: encode_text, logit_scale
     sums: torch.Tensor | None = None
     digests = [hashlib.sha256() for _ in classnames]
     pending: list[tuple[int, str]] = []

@@ -68,6 +68,30 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def short_name(text: str, limit: int = 80) -> str:
+    """``repr`` of a name (tensor, file, module) cut to about ``limit`` characters.
+
+    Unlike :func:`short_repr`, names up to ``limit`` stay whole; a longer one keeps its start
+    and its end (where a path names its file), and only the kept part is ever copied.
+    """
+    if len(text) <= limit:
+        return repr(text)
+    return repr(f"{text[:limit - 25]}…{text[-20:]}")
+
+
+def short_list(values: Any, count: int = 3, each: int = 80) -> str:
+    """The first ``count`` names of ``values`` as a bounded list, e.g. ``['a', 'b', 'c']``.
+
+    Args:
+        values: Names (strings; anything else is shown with :func:`short_repr`).
+        count: How many to show.
+        each: Longest shown name (see :func:`short_name`).
+    """
+    shown = [short_name(v, each) if isinstance(v, str) else short_repr(v, each)
+             for v in list(values[:count])]
+    return "[" + ", ".join(shown) + "]"
+
+
 def nesting_depth(value: Any, limit: int = MAX_NESTING) -> int:
     """Depth of nested lists/tuples/dicts in ``value``, counted without recursion.
 

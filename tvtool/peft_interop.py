@@ -29,6 +29,7 @@ from tvtool.io import (
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.models.modules import module_table, root_class
+from tvtool.models.refs import check_recorded_architecture
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import open_vector_meta
@@ -122,6 +123,9 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
         if not meta.architecture:
             raise InvalidInputError(f"{source.label} records no tvtool.architecture; the adapter "
                                     "needs to know the model's module names")
+        check_recorded_architecture(meta.architecture, source.label,
+                                    "export-peft reads the module names of architectures "
+                                    "built offline only", tokenizer=False)
         tensors = {name: source.get(name) for name in source.keys()}
     finally:
         source.close()
@@ -226,6 +230,8 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
             raise UsageError("a peft adapter does not say which open_clip model it adapts",
                              hint="pass --base REF (also records its fingerprint) or "
                                   "--architecture NAME")
+        check_recorded_architecture(architecture, label, "pass --base REF or --architecture "
+                                    "NAME to name the model yourself", tokenizer=False)
         notes.append(f"architecture {architecture} (recorded by tvtool in the adapter)")
     if config.module != "auto":
         root, how = config.module, "as given"

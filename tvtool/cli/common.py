@@ -72,7 +72,9 @@ def handles_errors(func: F) -> F:
             # Files vanishing or permissions changing mid-run: a runtime failure, not a bug.
             if debug_enabled():
                 traceback.print_exc()
-            where = f": {exc.filename}" if exc.filename else ""
+            from tvtool.limits import short_name
+
+            where = f": {short_name(str(exc.filename), 160)}" if exc.filename else ""
             report_error(f"{exc.strerror or type(exc).__name__}{where}")
             raise typer.Exit(EXIT_FAILURE) from None
         except Exception as exc:  # last line of defence: a bug, reported on one line

@@ -23,6 +23,7 @@ from tvtool.io import (
     write_open_clip_dir,
     write_tensors,
 )
+from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind, provenance
 from tvtool.models import architecture_shapes, base_source, fingerprint, resolve_ref
 from tvtool.models.hub import open_clip_hf_config
@@ -135,7 +136,7 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
             if missing:
                 raise InvalidInputError(
                     f"the base lacks {len(missing)} tensors of {ref.architecture} (e.g. "
-                    f"{missing[:2]}); an open_clip directory needs the complete model",
+                    f"{short_list(missing, 2)}); an open_clip directory needs the complete model",
                     hint="use a complete base (a converted image encoder lacks its text tower)")
             card = model_card(architecture=ref.architecture, base_ref=config.base,
                               base_fingerprint=base_fp, vectors=card_vectors,

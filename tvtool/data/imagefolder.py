@@ -31,7 +31,7 @@ from PIL import Image
 from tvtool.data.base import Pool, TaskSpec
 from tvtool.errors import InvalidInputError
 from tvtool.io.images import IMAGE_SUFFIXES, file_kind, read_image, read_text_lines
-from tvtool.limits import MAX_TEMPLATES, short_repr
+from tvtool.limits import MAX_TEMPLATES, short_list, short_repr
 
 PREFIX = "imagefolder:"
 CLASSNAMES_FILE = "classnames.txt"
@@ -255,7 +255,7 @@ def scan_class_folders(folder: Path, root: Path, class_order: list[str] | None =
     unknown = sorted(set(names) - set(order))
     if unknown:
         raise InvalidInputError(
-            f"{str(folder)!r} has classes that the training folder lacks: {unknown[:5]}",
+            f"{str(folder)!r} has classes that the training folder lacks: {short_list(unknown, 5)}",
             hint="every class folder of val/ and test/ must also exist under train/")
     label_of = {name: i for i, name in enumerate(order)}
     items = [(path, label_of[d.name]) for d in dirs for path in _images_in(d, root)]

@@ -21,7 +21,7 @@ from typing import Any
 
 from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.io import read_json
-from tvtool.limits import short_repr
+from tvtool.limits import short_list, short_repr
 from tvtool.vectors import check_coefficients, expand_coefs
 
 WHOLE_TENSOR_GRANULARITIES = ("task", "tensor", "layer")
@@ -104,7 +104,7 @@ class Coefficients:
         if lacking:
             raise InvalidInputError(
                 f"{self.origin} has no coefficient for {len(lacking)} merged tensors, e.g. "
-                f"{lacking[:3]}", hint="was it learned for these vectors?")
+                f"{short_list(lacking, 3)}", hint="was it learned for these vectors?")
 
 
 def _finite(values: Sequence[Any], where: str, error: type[TvtoolError] = InvalidInputError

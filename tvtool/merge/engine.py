@@ -16,6 +16,7 @@ from typing import Any
 
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, check_output, write_tensors
+from tvtool.limits import short_list
 from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
@@ -82,8 +83,8 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
         if config.mixed_modes_as is None:
             lin = [labels[i] for i, m in enumerate(metas) if m.linearized]
             raise InvalidInputError(
-                f"cannot merge linearized vectors ({lin[:2]}) with non-linearized ones: they "
-                "are evaluated as different models",
+                f"cannot merge linearized vectors ({short_list(lin, 2)}) with non-linearized "
+                "ones: they are evaluated as different models",
                 hint="--mixed-modes-as linearized|nonlinear says how the result is evaluated")
         linearized = config.mixed_modes_as == "linearized"
         log(f"warning: merging linearized and non-linearized vectors; the result is recorded "

@@ -14,12 +14,14 @@ from torch import nn
 from tvtool.errors import InvalidInputError
 from tvtool.io import DictSource, TensorInfo, TensorSource, load_legacy, open_tensors
 from tvtool.io.names import strip_wrapper_prefixes
+from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models.quiet import quiet_open_clip
-from tvtool.models.refs import ModelRef, RefKind, parse_ref
+from tvtool.models.refs import ModelRef, RefKind, check_recorded_architecture, parse_ref
 from tvtool.types import StateDict
 
 _RANDOM_INIT_SEED = 0
+_NAME_IT = "name the architecture yourself: --base NAME:PATH"
 
 
 @dataclass
@@ -93,6 +95,8 @@ def resolve_ref(ref: str | ModelRef) -> ModelRef:
         raise InvalidInputError(
             f"{parsed.text!r} does not name its architecture (tvtool.architecture)",
             hint="use NAME:PATH to say which open_clip architecture it is")
+    check_recorded_architecture(meta.architecture, repr(parsed.text), _NAME_IT,
+                                model=False, tokenizer=False)
     return ModelRef(parsed.text, RefKind.CHECKPOINT, meta.architecture, parsed.location)
 
 
@@ -106,6 +110,8 @@ def _create(architecture: str, pretrained: str | None = None) -> tuple[nn.Module
 
 def _create_for(ref: ModelRef) -> tuple[nn.Module, Any, Any]:
     """Build the model of a reference, with weights where open_clip loads them itself."""
+    if ref.kind is RefKind.CHECKPOINT:  # the architecture was read from the file
+        check_recorded_architecture(ref.architecture, repr(ref.text), _NAME_IT, tokenizer=False)
     if ref.kind is RefKind.PRETRAINED_TAG:
         return _create(ref.architecture, ref.location)
     if ref.kind is RefKind.HF_HUB:
@@ -214,7 +220,7 @@ def load_state_into(model: nn.Module, source: TensorSource) -> None:
     if missing or extra:
         raise InvalidInputError(
             f"{source.label} does not fit the architecture: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(extra)} unexpected keys {extra[:3]}"
+            f"{short_list(missing, 3)}, {len(extra)} unexpected keys {short_list(extra, 3)}"
         )
     with torch.no_grad():
         for name, target in expected.items():
@@ -238,6 +244,8 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
         InvalidInputError: bad reference or weights.
     """
     resolved = resolve_ref(ref)
+    if resolved.kind is RefKind.CHECKPOINT:  # before anything is built: model and tokenizer
+        check_recorded_architecture(resolved.architecture, repr(resolved.text), _NAME_IT)
     model, pre_train, pre_eval = _create_for(resolved)
     if resolved.is_file:
         source, resolved = base_source(resolved)

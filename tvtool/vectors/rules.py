@@ -18,7 +18,7 @@ from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.formats import dense_source
 from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
 from tvtool.io import TensorSource, all_finite, open_tensors
-from tvtool.limits import short_repr
+from tvtool.limits import short_list, short_repr
 from tvtool.metadata import FileMeta, Kind, Mode
 
 # ---------------------------------------------------------------- coefficients
@@ -253,7 +253,8 @@ def check_architecture(label: str, recorded: str | None, target: str | None,
     if not recorded or not target or recorded == target:
         return None
     if _strip_activation(recorded) != _strip_activation(target):
-        raise InvalidInputError(f"{label} was made for {recorded}, {target_label} is {target}",
+        raise InvalidInputError(f"{label} was made for {short_repr(recorded, 60)}, "
+                                f"{target_label} is {short_repr(target, 60)}",
                                 hint="task vectors only fit the architecture they were made for")
     return (f"warning: {label} was made for {recorded} ({_activation(recorded)}) and is used with "
             f"{target_label} {target} ({_activation(target)}): same tensors, different activation, "
@@ -323,5 +324,5 @@ def check_same_keys(a: Sequence[str], b: Sequence[str], label_a: str, label_b: s
         only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
         raise InvalidInputError(
             f"{label_a} and {label_b} hold different tensors: {len(only_a)} only in {label_a} "
-            f"{only_a[:3]}, {len(only_b)} only in {label_b} {only_b[:3]}", hint=hint
-        )
+            f"{short_list(only_a, 3)}, {len(only_b)} only in {label_b} {short_list(only_b, 3)}",
+            hint=hint)

@@ -143,9 +143,9 @@ def check_peft_config(config: Mapping[str, Any], label: str) -> PeftSettings:
         raise InvalidInputError(f"{label} sets the peft option {unknown[0]!r}, unknown to "
                                 "tvtool; it cannot tell whether it changes the model")
     if config.get("modules_to_save"):
-        raise InvalidInputError(f"{label} also saves whole modules (modules_to_save "
-                                f"{list(config['modules_to_save'])[:3]}); tvtool reads LoRA "
-                                "factors only")
+        saved = short_repr(list(config["modules_to_save"])[:3], 120)
+        raise InvalidInputError(f"{label} also saves whole modules (modules_to_save {saved}); "
+                                "tvtool reads LoRA factors only")
     if config.get("bias", "none") != "none":
         raise InvalidInputError(f"{label} trains biases (bias={str(config['bias'])[:20]!r}); "
                                 "tvtool reads adapters with bias 'none'")

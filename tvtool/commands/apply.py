@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tvtool.cards import CardVector, model_card
+from tvtool.cards import CardVector, check_license, model_card, public_file
 from tvtool.commands.common import (
     check_stdin_once,
     config_args,
@@ -16,17 +16,16 @@ from tvtool.commands.common import (
 )
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import (
-    STDIO,
     TensorSource,
     check_new_directory,
     check_output,
     write_open_clip_dir,
     write_tensors,
 )
-from tvtool.limits import short_list
+from tvtool.limits import short_list, short_repr
 from tvtool.metadata import FileMeta, Kind, provenance
 from tvtool.models import architecture_shapes, base_source, fingerprint, resolve_ref
-from tvtool.models.hub import open_clip_hf_config
+from tvtool.models.hub import card_base, open_clip_hf_config
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import (
@@ -54,6 +53,9 @@ class ApplyConfig:
             of the linearized model they were trained as).
         hf_dir: Write an open_clip Hugging Face directory (weights, config, model card) there
             instead of a single checkpoint file (``output`` is then ignored and may be empty).
+        license: The model card's ``license:`` (a Hugging Face identifier); default: the
+            base's where tvtool knows it (the embedded models: ``mit``), else none, with a
+            note in the card. Only with ``hf_dir``.
     """
 
     base: str
@@ -63,6 +65,7 @@ class ApplyConfig:
     allow_base_mismatch: bool = False
     approximate_linearized: bool = False
     hf_dir: str | None = None
+    license: str | None = None
 
 
 def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
@@ -78,6 +81,14 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
         raise UsageError("apply needs at least one task vector")
     check_stdin_once(config.vectors)
     check_coefficients(config.coefs)
+    if config.license is not None:
+        if config.hf_dir is None:
+            raise UsageError("--license is written into the model card of --hf-dir",
+                             hint="add --hf-dir DIR, or drop --license")
+        try:
+            check_license(config.license)
+        except ValueError as exc:
+            raise UsageError(f"--license {short_repr(config.license, 40)}: {exc}") from None
     coefs = expand_coefs(config.coefs, len(config.vectors))
     ref = resolve_ref(config.base)
     if config.hf_dir is not None:
@@ -138,9 +149,12 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
                     f"the base lacks {len(missing)} tensors of {ref.architecture} (e.g. "
                     f"{short_list(missing, 2)}); an open_clip directory needs the complete model",
                     hint="use a complete base (a converted image encoder lacks its text tower)")
-            card = model_card(architecture=ref.architecture, base_ref=config.base,
-                              base_fingerprint=base_fp, vectors=card_vectors,
-                              tvtool_version=__version__)
+            published = card_base(config.base, base_fp, config.license)
+            if published.license is None:
+                log("note: the model card states no license: tvtool does not know the base's; "
+                    "pass --license ID (e.g. the base's own license) before publishing")
+            card = model_card(architecture=ref.architecture, base=published,
+                              vectors=card_vectors, tvtool_version=__version__)
             files = write_open_clip_dir(config.hf_dir, plan.tensors(), plan.layout,
                                         meta.to_header(), hf_config, card, inputs=inputs)
             return WriteResult(config.hf_dir, len(plan.layout), plan.parameters,
@@ -159,8 +173,9 @@ def _card_vector(path: str, coef: float, source: TensorSource, meta: FileMeta) -
         merge = {"method": meta.extra["merge_method"],
                  "params": _loads(meta.extra.get("merge_params")),
                  "sources": _loads(meta.extra.get("sources")),
+                 "source_records": _loads(meta.extra.get("source_records")),
                  "coefficients": _loads(meta.extra.get("coefficients"))}
-    return CardVector(file=path.rsplit("/", 1)[-1] if path != STDIO else "stdin",
+    return CardVector(file=public_file(path),
                       coefficient=coef, dataset=meta.dataset,
                       mode=meta.mode.value if meta.mode else None, linearized=meta.linearized,
                       fingerprint=fingerprint(source), merge=merge)

@@ -341,12 +341,12 @@ class ImageFolderSource:
                 "classes": list(self.folders)}
 
 
-def recorded_dataset_name(name: str) -> str:
-    """The form of a dataset name to record in a file: ``imagefolder:`` paths made absolute.
+def imagefolder_identity(name: str) -> str:
+    """``imagefolder:PATH`` with PATH made absolute (symbolic links resolved); others unchanged.
 
     A relative path recorded in a vector would point elsewhere once the vector is used from
-    another directory (``merge --search-coef``, ``negate --search``). Other names are returned
-    unchanged.
+    another directory (``merge --search-coef``, ``negate --search``), and two spellings of one
+    folder must compare equal (see :func:`tvtool.data.dataset_identity`).
     """
     if not name.strip().lower().startswith(PREFIX):
         return name

@@ -21,6 +21,7 @@ from tvtool.evaluate.model import (
 )
 from tvtool.evaluate.reference import ReferenceEntry, check_reference, load_references
 from tvtool.evaluate.settings import EvalSettings, report_arguments
+from tvtool.limits import short_repr
 from tvtool.metadata import provenance
 from tvtool.types import Logger, ProgressFactory, no_progress
 from tvtool.types import quiet as _quiet
@@ -70,8 +71,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise UsageError("no dataset to evaluate on", hint="pass --dataset NAME")
-        if len(set(self.datasets)) != len(self.datasets):
-            raise UsageError("a dataset is given twice")
+        from tvtool.data import dataset_identity
+
+        identities = [dataset_identity(name) for name in self.datasets]
+        if len(set(identities)) != len(identities):
+            twice = next(n for i, n in enumerate(identities) if n in identities[:i])
+            raise UsageError(f"a dataset is given twice ({short_repr(twice, 80)})")
         if self.heads and len(self.heads) != len(self.datasets):
             raise UsageError(f"{len(self.heads)} head files for {len(self.datasets)} datasets",
                              hint="give one --head per --dataset, in the same order")

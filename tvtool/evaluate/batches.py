@@ -36,7 +36,9 @@ class EvalData:
     """One dataset split opened for evaluation.
 
     Attributes:
-        name: Dataset name as given (``synthetic:shape``, ``imagefolder:PATH``, ...).
+        name: The dataset's identity (:func:`tvtool.data.dataset_identity`: ``imagefolder:``
+            paths absolute, standard names in their canonical case), the one spelling every
+            table, report and comparison uses.
         split: Split name.
         classnames: Class names in label order.
         templates: Zero-shot prompt templates.
@@ -144,8 +146,8 @@ def open_eval_data(name: str, split: str, transform: Callable[[Any], Tensor], *,
         generator = torch.Generator().manual_seed(seed)
         indices = sorted(torch.randperm(total, generator=generator)[:limit].tolist())
         dataset = Subset(dataset, indices)
-    return EvalData(name, split, classnames, tuple(spec.templates), dataset, total, indices, seed,
-                    _manifest(data, name, data_root, seed))
+    return EvalData(data.dataset_identity(name), split, classnames, tuple(spec.templates),
+                    dataset, total, indices, seed, _manifest(data, name, data_root, seed))
 
 
 def _data_api() -> Any:

@@ -1,8 +1,7 @@
-"""Building open_clip models from references, and the base fingerprint."""
+"""Building open_clip models from references (fingerprints: :mod:`tvtool.io.fingerprints`)."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -256,26 +255,3 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(resolved.architecture)
     return ClipBundle(model, resolved, pre_train, pre_eval, tokenizer)
-
-
-def fingerprint(source: TensorSource) -> str:
-    """Hash the base tensors (names, dtypes, shapes, bytes) one tensor at a time.
-
-    The hash is independent of storage order, so the same weights give the same fingerprint
-    whether read from a pretrained tag, a weights file or a tvtool checkpoint of equal dtypes.
-
-    Returns:
-        ``sha256:<hex>``.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(source.keys()):
-        tensor = source.get(name).detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        if tensor.numel():
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
-    return "sha256:" + digest.hexdigest()
-
-
-def state_dict_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """:func:`fingerprint` of tensors already in memory."""
-    return fingerprint(DictSource(tensors))

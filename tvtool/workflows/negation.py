@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tvtool.commands.negate import NegateConfig, negate
+from tvtool.data import dataset_identity
 from tvtool.errors import TvtoolError, UsageError
 from tvtool.evaluate import EvalSettings
 from tvtool.io import check_output
@@ -190,6 +191,7 @@ def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float],
     Raises:
         TvtoolError: no α of the grid keeps the control accuracy and no ``fallback``.
     """
+    target, control = dataset_identity(target), dataset_identity(control)
     with Evaluator(settings, [vector], [target, control], log=log,
                    progress=progress) as evaluator:
         base_val = evaluator.accuracies([0.0], "val")
@@ -242,8 +244,9 @@ def search_negate(vector: str, output: str, settings: EvalSettings, grid: Sequen
         if not target:
             raise UsageError(f"{vector!r} records no dataset", hint="pass --target DATASET")
         check_recorded_dataset(vector, target, "pass --target DATASET")
-    if target == control:
+    if dataset_identity(target) == dataset_identity(control):
         raise UsageError("the target and control datasets are the same")
+    target, control = dataset_identity(target), dataset_identity(control)
     measured = measure_negation(settings, vector, grid, target=target, control=control,
                                 threshold=threshold, log=log, progress=progress)
     log(f"best α = {measured.coef:g}; writing the negated vector")

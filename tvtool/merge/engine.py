@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tvtool.cards import public_file
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, check_output, write_tensors
+from tvtool.io.fingerprints import fingerprint
 from tvtool.limits import short_list
 from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
@@ -116,12 +118,19 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
     owned: list[TensorSource] = []
     try:
         metas: list[FileMeta] = []
+        records: list[dict[str, Any]] = []
         for path in config.vectors:
             # Factored (LoRA) vectors are merged as their dense deltas.
             vector = open_vector(path)
             owned.append(vector.source)
             sources.append(vector.source)
             metas.append(vector.meta)
+            # What a model card lists for each merged vector (apply --hf-dir): the file's own
+            # fingerprint (LoRA factors, not ΔW), as for the vectors apply reads itself.
+            records.append({"file": public_file(path), "dataset": vector.meta.dataset,
+                            "mode": vector.meta.mode.value if vector.meta.mode else None,
+                            "linearized": vector.meta.linearized,
+                            "fingerprint": fingerprint(vector.stored or vector.source)})
         labels = [s.label for s in sources]
         mode, linearized = _check_compatible(config, labels, metas, log)
         ids = [VectorId(p, m.dataset) for p, m in zip(config.vectors, metas, strict=True)]
@@ -137,6 +146,7 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
         first = metas[0]
         extra = {
             "sources": json.dumps([i.label() for i in ids]),
+            "source_records": json.dumps(records, sort_keys=True),
             "merge_method": method.name,
             "merge_params": json.dumps(asdict(params), sort_keys=True),
             "coefficients": json.dumps(coefficients.describe(), sort_keys=True),

@@ -159,8 +159,26 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report == json.loads(report_path.read_text())
-    assert report["best_coef"] in (0.0, 0.5)
     assert report["datasets"] == ["synthetic:shape", "synthetic:color"]
+    # Recomputed here from the reported accuracies: normalized = accuracy / fine-tuned accuracy
+    # (never zero-shot), on the validation split for the search and the test split after it.
+    finetuned = report["finetuned"]
+    for split in ("val", "test"):
+        assert finetuned[split] != report["zero_shot"][split], "needs a vector that changes "\
+            "an accuracy, or normalizing by the zero-shot accuracy would go unnoticed"
+        for dataset, accuracy in finetuned[split].items():  # fine-tuned: base + its own vector
+            assert accuracy == _eval_accuracy(cli, world, split, dataset)
+    scores = []
+    for point in report["val"]["grid"]:
+        for dataset, accuracy in point["accuracies"].items():
+            assert point["normalized"][dataset] == pytest.approx(
+                accuracy / finetuned["val"][dataset])
+        scores.append(sum(point["normalized"].values()) / len(point["normalized"]))
+        assert point["score"] == pytest.approx(scores[-1])
+    assert report["best_coef"] == report["val"]["grid"][scores.index(max(scores))]["coef"]
+    for dataset, accuracy in report["test"]["accuracy"].items():
+        assert report["test"]["normalized_accuracy"][dataset] == pytest.approx(
+            accuracy / finetuned["test"][dataset])
     assert [p["coef"] for p in report["val"]["grid"]] == [0.0, 0.5]
     assert set(report["test"]["accuracy"]) == {"synthetic:shape", "synthetic:color"}
     assert "zero-shot %" in result.stderr
@@ -175,6 +193,15 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
         assert torch.equal(load(str(out))[name], tensor)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "report.json",
                                                          "searched.safetensors"]
+
+
+def _eval_accuracy(cli, world, split: str, dataset: str) -> float:
+    """`tvtool eval` of base + the vector recorded for ``dataset``, on ``dataset``."""
+    vector = world["tv1"] if dataset == "synthetic:shape" else world["tv2"]
+    result = cli(["eval", "--base", world["base"], vector, "-d", dataset, "--split", split,
+                  *EVAL, "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["results"][0]["accuracy"]
 
 
 def test_ties_search_uses_the_ties_reference_grid_by_default(cli, world, tmp_path):

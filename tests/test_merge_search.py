@@ -347,3 +347,24 @@ def test_search_with_a_recorded_relative_imagefolder_hints_at_dataset(cli, world
                    "synthetic:color", *EVAL, "-o", str(out)])
     assert negated.exit_code == 2, negated.stderr
     assert "not a directory here" in negated.stderr and "--target" in negated.stderr
+
+
+def test_negation_control_thresholds_are_the_documented_095():
+    # The paper's rule (Ilharco et al. 2023, §3: control accuracy at least 95% of the base's),
+    # pinned to the literal and to the docs: a change in both the library and the CLI must fail.
+    import inspect
+    import re
+    from pathlib import Path
+
+    from tvtool.atlas.objectives import DEFAULT_CONTROL_THRESHOLD
+    from tvtool.cli.learn_coeffs import learn_coeffs
+    from tvtool.cli.negate import negate
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    documented = re.search(r"negate TV --search .*\[--threshold ([0-9.]+)\]",
+                           (docs / "cli.md").read_text())
+    assert documented is not None and float(documented.group(1)) == 0.95
+    assert "`--control-threshold` (0.95)" in (docs / "coeffs.md").read_text()
+    assert DEFAULT_THRESHOLD == 0.95 == DEFAULT_CONTROL_THRESHOLD
+    assert inspect.signature(negate).parameters["threshold"].default == 0.95
+    assert inspect.signature(learn_coeffs).parameters["control_threshold"].default == 0.95

@@ -45,7 +45,8 @@ MAX_PROGRAM = 2000
 """Most automaton states one pattern may compile to."""
 
 MAX_STEPS = 20_000_000
-"""Most state visits all the matching for one adapter may take (about 10 s of CPU)."""
+"""Most state visits all the matching for one adapter may take (~5 s of CPU: see
+benchmarks/bounds_bench.py)."""
 
 _REFUSED_OPS = {
     _sre.GROUPREF: "a backreference",

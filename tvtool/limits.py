@@ -68,15 +68,23 @@ def short_repr(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def cut_text(text: str, limit: int = 80) -> str:
+    """``text`` itself if at most ``limit`` characters, else its start and end joined by ``…``.
+
+    Only the kept part is ever copied, so cutting a huge value costs little.
+    """
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 25]}…{text[-20:]}"
+
+
 def short_name(text: str, limit: int = 80) -> str:
     """``repr`` of a name (tensor, file, module) cut to about ``limit`` characters.
 
     Unlike :func:`short_repr`, names up to ``limit`` stay whole; a longer one keeps its start
-    and its end (where a path names its file), and only the kept part is ever copied.
+    and its end (where a path names its file), see :func:`cut_text`.
     """
-    if len(text) <= limit:
-        return repr(text)
-    return repr(f"{text[:limit - 25]}…{text[-20:]}")
+    return repr(cut_text(text, limit))
 
 
 def short_list(values: Any, count: int = 3, each: int = 80) -> str:

@@ -18,7 +18,7 @@ from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.formats import dense_source
 from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
 from tvtool.io import TensorSource, all_finite, open_tensors
-from tvtool.limits import short_list, short_repr
+from tvtool.limits import cut_text, short_list, short_repr
 from tvtool.metadata import FileMeta, Kind, Mode
 
 # ---------------------------------------------------------------- coefficients
@@ -253,8 +253,8 @@ def check_architecture(label: str, recorded: str | None, target: str | None,
     if not recorded or not target or recorded == target:
         return None
     if _strip_activation(recorded) != _strip_activation(target):
-        raise InvalidInputError(f"{label} was made for {short_repr(recorded, 60)}, "
-                                f"{target_label} is {short_repr(target, 60)}",
+        raise InvalidInputError(f"{label} was made for {cut_text(recorded, 60)}, "
+                                f"{target_label} is {cut_text(target, 60)}",
                                 hint="task vectors only fit the architecture they were made for")
     return (f"warning: {label} was made for {recorded} ({_activation(recorded)}) and is used with "
             f"{target_label} {target} ({_activation(target)}): same tensors, different activation, "

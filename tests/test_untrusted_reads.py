@@ -175,6 +175,10 @@ def test_yaml_bounds_hold_with_either_loader(loader):
     with pytest.raises(InvalidInputError, match=f"nested more than {MAX_NESTING}"):
         parse_yaml("[" * (MAX_NESTING + 1) + "]" * (MAX_NESTING + 1), "doc")
     assert parse_yaml("x: [[1]]\ny: {a: 2}", "doc") == {"x": [[1]], "y": {"a": 2}}
+    # Both loaders count the same way: 63 lists around a scalar are 64 levels, 64 are 65.
+    assert parse_yaml("[" * 63 + "1" + "]" * 63, "doc") is not None
+    with pytest.raises(InvalidInputError, match="nested more than"):
+        parse_yaml("[" * 64 + "1" + "]" * 64, "doc")
     with pytest.raises(InvalidInputError, match=f"larger than {MAX_YAML_BYTES // 1024} KiB"):
         parse_yaml("#" * (MAX_YAML_BYTES + 1), "doc")
 

@@ -96,11 +96,11 @@ def _check_nodes(root: Any) -> None:
         if id(node) in seen:
             raise yaml.composer.ComposerError(None, None, _ALIAS, node.start_mark)
         seen.add(id(node))
-        if isinstance(node, yaml.ScalarNode):
-            continue
-        if depth > MAX_NESTING:
+        if depth > MAX_NESTING:  # every node counts, as in _PythonLoader.compose_node
             raise yaml.composer.ComposerError(
                 None, None, f"nested more than {MAX_NESTING} levels deep", node.start_mark)
+        if isinstance(node, yaml.ScalarNode):
+            continue
         if isinstance(node, yaml.SequenceNode):
             stack.extend((child, depth + 1) for child in node.value)
         else:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 BENCHMARKS = ("streaming_bench.py", "merge_bench.py", "finetune_bench.py", "atlas_bench.py",
-              "search_bench.py", "sampling_bench.py")
+              "search_bench.py", "sampling_bench.py", "bounds_bench.py")
 
 
 def main() -> int:

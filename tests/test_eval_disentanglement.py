@@ -94,12 +94,19 @@ def test_error_matches_brute_force_definition(files, big_vectors, report):
             model.set_coefficients(coefs)
             return predictions(model, datas[task], heads[datas[task].name], 7)[0]
 
-        for a1, a2 in [(1.0, 1.0), (-1.0, 1.0), (1.0, -1.0)]:
-            expected = sum(
-                float((preds([a1, a2], t) != preds([a1 if t == 0 else 0.0,
-                                                    a2 if t == 1 else 0.0], t)).double().mean())
-                for t in (0, 1))
-            assert error_at(report, a1, a2) == pytest.approx(expected)
+        # Every point of the grid, the axes included: on an axis one term vanishes by
+        # definition, and the other must still be measured (a shortcut there went unnoticed).
+        off_axis_terms = 0.0
+        for a1, a2 in itertools.product(report.alphas, report.alphas):
+            terms = [float((preds([a1, a2], t) != preds([a1 if t == 0 else 0.0,
+                                                         a2 if t == 1 else 0.0], t))
+                           .double().mean()) for t in (0, 1)]
+            assert error_at(report, a1, a2) == pytest.approx(sum(terms)), (a1, a2)
+            assert report.per_task[D1][report.alphas.index(a1)][report.alphas.index(a2)] \
+                == pytest.approx(terms[0]), (a1, a2)
+            if (a1 == 0) != (a2 == 0):
+                off_axis_terms += sum(terms)
+        assert off_axis_terms > 0, "the axes must carry a non-zero term for this test to bite"
 
 
 def test_report_json_is_self_describing(report):

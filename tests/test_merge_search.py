@@ -159,8 +159,26 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report == json.loads(report_path.read_text())
-    assert report["best_coef"] in (0.0, 0.5)
     assert report["datasets"] == ["synthetic:shape", "synthetic:color"]
+    # Recomputed here from the reported accuracies: normalized = accuracy / fine-tuned accuracy
+    # (never zero-shot), on the validation split for the search and the test split after it.
+    finetuned = report["finetuned"]
+    for split in ("val", "test"):
+        assert finetuned[split] != report["zero_shot"][split], "needs a vector that changes "\
+            "an accuracy, or normalizing by the zero-shot accuracy would go unnoticed"
+        for dataset, accuracy in finetuned[split].items():  # fine-tuned: base + its own vector
+            assert accuracy == _eval_accuracy(cli, world, split, dataset)
+    scores = []
+    for point in report["val"]["grid"]:
+        for dataset, accuracy in point["accuracies"].items():
+            assert point["normalized"][dataset] == pytest.approx(
+                accuracy / finetuned["val"][dataset])
+        scores.append(sum(point["normalized"].values()) / len(point["normalized"]))
+        assert point["score"] == pytest.approx(scores[-1])
+    assert report["best_coef"] == report["val"]["grid"][scores.index(max(scores))]["coef"]
+    for dataset, accuracy in report["test"]["accuracy"].items():
+        assert report["test"]["normalized_accuracy"][dataset] == pytest.approx(
+            accuracy / finetuned["test"][dataset])
     assert [p["coef"] for p in report["val"]["grid"]] == [0.0, 0.5]
     assert set(report["test"]["accuracy"]) == {"synthetic:shape", "synthetic:color"}
     assert "zero-shot %" in result.stderr
@@ -188,6 +206,15 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
     assert [p["accuracies"] for p in search["grid"]] == [
         p["accuracies"] for p in report["val"]["grid"]]
     assert search["limit"] == 8
+
+
+def _eval_accuracy(cli, world, split: str, dataset: str) -> float:
+    """`tvtool eval` of base + the vector recorded for ``dataset``, on ``dataset``."""
+    vector = world["tv1"] if dataset == "synthetic:shape" else world["tv2"]
+    result = cli(["eval", "--base", world["base"], vector, "-d", dataset, "--split", split,
+                  *EVAL, "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["results"][0]["accuracy"]
 
 
 def test_ties_search_uses_the_ties_reference_grid_by_default(cli, world, tmp_path):
@@ -342,3 +369,24 @@ def test_search_with_a_recorded_relative_imagefolder_hints_at_dataset(cli, world
                    "synthetic:color", *EVAL, "-o", str(out)])
     assert negated.exit_code == 2, negated.stderr
     assert "not a directory here" in negated.stderr and "--target" in negated.stderr
+
+
+def test_negation_control_thresholds_are_the_documented_095():
+    # The paper's rule (Ilharco et al. 2023, §3: control accuracy at least 95% of the base's),
+    # pinned to the literal and to the docs: a change in both the library and the CLI must fail.
+    import inspect
+    import re
+    from pathlib import Path
+
+    from tvtool.atlas.objectives import DEFAULT_CONTROL_THRESHOLD
+    from tvtool.cli.learn_coeffs import learn_coeffs
+    from tvtool.cli.negate import negate
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    documented = re.search(r"negate TV --search .*\[--threshold ([0-9.]+)\]",
+                           (docs / "cli.md").read_text())
+    assert documented is not None and float(documented.group(1)) == 0.95
+    assert "`--control-threshold` (0.95)" in (docs / "coeffs.md").read_text()
+    assert DEFAULT_THRESHOLD == 0.95 == DEFAULT_CONTROL_THRESHOLD
+    assert inspect.signature(negate).parameters["threshold"].default == 0.95
+    assert inspect.signature(learn_coeffs).parameters["control_threshold"].default == 0.95

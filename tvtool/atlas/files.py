@@ -31,7 +31,7 @@ from tvtool.atlas.blocks import Partition, TensorSpec, build_partition, parse_gr
 from tvtool.atlas.compose import compose_tensor
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, open_tensors, write_tensors
-from tvtool.limits import loads_json
+from tvtool.limits import loads_json, short_list
 from tvtool.metadata import FileMeta, Kind
 from tvtool.types import StateDict
 
@@ -168,7 +168,7 @@ def coefficient_set_from_source(source: TensorSource) -> CoefficientSet:
                                 hint="coefficient files come from `tvtool learn-coeffs`")
     if source.keys() != [COEFFICIENTS_TENSOR]:
         raise InvalidInputError(f"{label} must hold exactly one tensor named "
-                                f"{COEFFICIENTS_TENSOR!r}, found {source.keys()[:3]}")
+                                f"{COEFFICIENTS_TENSOR!r}, found {short_list(source.keys(), 3)}")
     matrix = source.get(COEFFICIENTS_TENSOR)
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise InvalidInputError(f"{label}: {COEFFICIENTS_TENSOR!r} must be a 2-D floating "

@@ -37,6 +37,11 @@ def apply(
         "--hf-dir", help="Write an open_clip Hugging Face directory instead (weights, "
         "open_clip_config.json, README.md model card with the recipe), ready for "
         "`huggingface-cli upload`.", show_default=False)] = None,
+    license: Annotated[str | None, typer.Option(
+        "--license", metavar="ID",
+        help="The model card's license (a Hugging Face identifier, e.g. mit, apache-2.0); "
+             "default: the base's where tvtool knows it (the embedded models: mit), else "
+             "none, with a note. Only with --hf-dir.", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write BASE + sum(COEF_i x VECTOR_i) as a safetensors checkpoint open_clip can load.
@@ -55,6 +60,6 @@ def apply(
     config = ApplyConfig(
         base=base, vectors=tuple(vectors), output=output or "", coefs=tuple(coef or [1.0]),
         allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
-        hf_dir=hf_dir)
+        hf_dir=hf_dir, license=license)
     result = run_apply(config, log=log)
     emit_json(result.as_json()) if as_json else emit_path(result.output)

@@ -28,7 +28,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, bounded_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,8 +48,8 @@ def debug_enabled() -> bool:
 
 
 def report_error(message: str) -> None:
-    """Print a one-line error on stderr."""
-    sys.stderr.write(f"tvtool: error: {message}\n")
+    """Print a one-line error on stderr, bounded (:func:`tvtool.errors.bounded_line`)."""
+    sys.stderr.write(f"tvtool: error: {bounded_line(message)}\n")
     sys.stderr.flush()
 
 
@@ -143,7 +143,9 @@ def handles_errors(func: F) -> F:
             # Files vanishing or permissions changing mid-run: a runtime failure, not a bug.
             if debug_enabled():
                 traceback.print_exc()
-            where = f": {exc.filename}" if exc.filename else ""
+            from tvtool.limits import short_name
+
+            where = f": {short_name(str(exc.filename), 160)}" if exc.filename else ""
             report_error(f"{exc.strerror or type(exc).__name__}{where}")
             raise typer.Exit(EXIT_FAILURE) from None
         except Exception as exc:  # last line of defence: a bug, reported on one line

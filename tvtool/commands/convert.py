@@ -16,6 +16,7 @@ from tvtool.io import (
     read_pickled_dict,
     write_tensors,
 )
+from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
 from tvtool.models import (
     base_source,
@@ -157,7 +158,7 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     bad = [n for n, t in tensors.items() if not all_finite(t)]
     if bad:
         raise InvalidInputError(f"{len(bad)} tensors of the checkpoint contain NaN or Inf, "
-                                f"e.g. {bad[:3]}")
+                                f"e.g. {short_list(bad, 3)}")
     meta = FileMeta(kind=Kind.CHECKPOINT, architecture=match.architecture,
                     provenance=provenance("convert", config_args(config)),
                     extra={"converted_from": container})

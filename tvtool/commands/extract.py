@@ -11,7 +11,7 @@ from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, input_record, provenan
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
-from tvtool.vectors import plan_extract
+from tvtool.vectors import BATCHNORM_STATISTICS, batchnorm_warning, plan_extract
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,13 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
                                 keep=config.keep)
             for note in plan.notes:
                 log(note)
+            # Statistics are small (one value per channel): reading them twice costs nothing.
+            moved = [info.name for info in plan.layout
+                     if info.name.endswith(BATCHNORM_STATISTICS)
+                     and bool(plan.producers[info.name]().ne(0).any())]
+            warning = batchnorm_warning(moved, finetuned.label)
+            if warning:
+                log(warning)
             from tvtool.data import recorded_dataset_name
 
             dataset = (recorded_dataset_name(config.dataset) if config.dataset is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tvtool.cards import check_license, front_matter, license_note, public_dataset
 from tvtool.commands.common import config_args
 from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
@@ -26,9 +27,12 @@ from tvtool.io import (
     write_peft_adapter,
     write_tensors,
 )
+from tvtool.limits import short_repr
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
+from tvtool.models.hub import card_base
 from tvtool.models.modules import module_table, root_class
+from tvtool.models.refs import check_recorded_architecture
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import open_vector_meta
@@ -57,30 +61,47 @@ class ExportPeftConfig:
         output: The adapter directory to create (must not exist, or be empty).
         module: What the adapter is loaded onto: ``clip`` (the open_clip model) or ``visual``
             (its image tower, ``model.visual``).
+        license: The model card's ``license:`` (a Hugging Face identifier); default: the
+            base's where tvtool knows it, else none, with a note in the card.
     """
 
     vector: str
     output: str
     module: str = "clip"
+    license: str | None = None
 
 
-def _card(architecture: str, meta: FileMeta, root: str, config: dict[str, Any]) -> str:
+def _card(architecture: str, meta: FileMeta, root: str, config: dict[str, Any],
+          license: str | None = None) -> str:
+    """The adapter's README.md: publishable (no local paths), saying what to load it onto."""
     onto = "model" if root == "clip" else "model.visual"
-    base = meta.base_ref or architecture
+    base = card_base(meta.base_ref or architecture, meta.base_fingerprint or "", license)
+    if root == "clip":
+        load_onto = ("Load it onto the whole open_clip model (`model`): its module names start "
+                     "at the model (`visual.transformer...`).")
+    else:
+        load_onto = ("Load it onto the image tower (`model.visual`), not onto the whole model: "
+                     "its module names start inside the tower (`transformer.resblocks...`), "
+                     "which the text tower has too, so on the whole model peft would adapt the "
+                     "text tower's modules instead wherever their widths coincide, without an "
+                     "error.")
     lines = [
-        "---", "library_name: peft", "tags:", "- open_clip", "- lora", "- tvtool", "---", "",
+        *front_matter(["open_clip", "lora", "tvtool"], library="peft",
+                      datasets=[meta.dataset] if meta.dataset else [], base=base), "",
         f"# LoRA adapter for open_clip {architecture}", "",
         f"Exported by tvtool from a `{meta.mode.value if meta.mode else 'lora'}` task vector"
-        + (f" (dataset {meta.dataset})" if meta.dataset else "") + ".", "",
-        f"* base model: `{base}` (open_clip architecture `{architecture}`)"
-        + (f", fingerprint `{meta.base_fingerprint}`" if meta.base_fingerprint else ""),
+        + (f" (dataset {public_dataset(meta.dataset)})" if meta.dataset else "") + ".", "",
+        f"* base model: `{base.name}` (open_clip architecture `{architecture}`)"
+        + (f", fingerprint `{base.fingerprint}`" if base.fingerprint else "")
+        + (f", weights from the Hugging Face repository `{base.hub_id}`" if base.hub_id else ""),
         f"* loaded onto: `{onto}`; r = {config['r']}, lora_alpha = {config['lora_alpha']}, "
-        f"{len(config['target_modules'])} target modules", "",
+        f"{len(config['target_modules'])} target modules", "", load_onto, "",
         "```python", "import open_clip", "from peft import PeftModel", "",
         f'model, _, preprocess = open_clip.create_model_and_transforms("{architecture}", '
         'pretrained=...)  # the base above',
         f'{"model" if root == "clip" else "model.visual"} = PeftModel.from_pretrained('
-        f'{onto}, "ADAPTER_DIR")', "```", "",
+        f'{onto}, "ADAPTER_DIR")', "```",
+        *license_note(base), "",
     ]
     return "\n".join(lines)
 
@@ -100,6 +121,11 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
     from tvtool import __version__
 
     _check_root(config.module, allow_auto=False)
+    if config.license is not None:
+        try:
+            check_license(config.license)
+        except ValueError as exc:
+            raise UsageError(f"--license {short_repr(config.license, 40)}: {exc}") from None
     if config.output == STDIO:
         raise UsageError("export-peft writes a directory, not stdout", hint="use -o DIR")
     check_new_directory(config.output)
@@ -122,6 +148,9 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
         if not meta.architecture:
             raise InvalidInputError(f"{source.label} records no tvtool.architecture; the adapter "
                                     "needs to know the model's module names")
+        check_recorded_architecture(meta.architecture, source.label,
+                                    "export-peft reads the module names of architectures "
+                                    "built offline only", tokenizer=False)
         tensors = {name: source.get(name) for name in source.keys()}
     finally:
         source.close()
@@ -144,7 +173,8 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
                 "exported_by": f"tvtool {__version__}"}
     metadata = {"format": "pt", **{PREFIX + k: v for k, v in recorded.items() if v}}
     files = write_peft_adapter(config.output, adapter.config, adapter.tensors, metadata,
-                               _card(meta.architecture, meta, config.module, adapter.config),
+                               _card(meta.architecture, meta, config.module, adapter.config,
+                                     config.license),
                                inputs=[config.vector])
     log(f"peft adapter for {'the open_clip model' if config.module == 'clip' else 'model.visual'}"
         f" of {meta.architecture}: r={adapter.config['r']}, "
@@ -226,6 +256,8 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
             raise UsageError("a peft adapter does not say which open_clip model it adapts",
                              hint="pass --base REF (also records its fingerprint) or "
                                   "--architecture NAME")
+        check_recorded_architecture(architecture, label, "pass --base REF or --architecture "
+                                    "NAME to name the model yourself", tokenizer=False)
         notes.append(f"architecture {architecture} (recorded by tvtool in the adapter)")
     if config.module != "auto":
         root, how = config.module, "as given"

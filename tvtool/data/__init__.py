@@ -29,8 +29,8 @@ from tvtool import __version__
 from tvtool.data.base import Pool, Source, SplitDataset, TaskSpec, Transform
 from tvtool.data.hf import PREFIX as HF_PREFIX
 from tvtool.data.hf import resolve_hf
+from tvtool.data.imagefolder import PATH_PREFIXES, imagefolder_identity, resolve_imagefolder
 from tvtool.data.imagefolder import PREFIX as IMAGEFOLDER_PREFIX
-from tvtool.data.imagefolder import recorded_dataset_name, resolve_imagefolder
 from tvtool.data.splits import (
     MANIFEST_FORMAT,
     SPLITS,
@@ -59,6 +59,7 @@ __all__ = [
     "SplitDataset",
     "TaskSpec",
     "data_source",
+    "dataset_identity",
     "download",
     "list_datasets",
     "load_split",
@@ -80,6 +81,35 @@ def list_datasets() -> list[str]:
     task-vectors validation variants ``<name>Val`` of the standard names.
     """
     return [d.name for d in STANDARD] + [IMAGENET] + synthetic_names()
+
+
+def dataset_identity(name: str) -> str:
+    """The one spelling of a dataset: what every comparison of dataset names compares.
+
+    ``imagefolder:PATH`` gets its absolute path (so ``imagefolder:./data`` typed here equals the
+    ``imagefolder:/home/me/data`` a vector recorded), ``synthetic:`` tasks and standard names
+    their canonical case (``mnist`` -> ``MNIST``, ``cars`` -> ``StanfordCars``, ``mnistval``
+    -> ``MNISTVal``). Reads no data (a path is only resolved); a name tvtool does not know is
+    returned stripped, so references to it still compare.
+
+    Args:
+        name: A dataset name as typed or as recorded in a file or report.
+    """
+    text = name.strip()
+    lowered = text.lower()
+    if lowered.startswith(SYNTHETIC_PREFIX):
+        return SYNTHETIC_PREFIX + text[len(SYNTHETIC_PREFIX):].strip().lower()
+    if lowered.startswith(PATH_PREFIXES):
+        return imagefolder_identity(text)
+    found = parse_standard(text)
+    if found is not None:
+        return found[0].name + ("Val" if found[1] else "")
+    return text
+
+
+def recorded_dataset_name(name: str) -> str:
+    """The form of a dataset name recorded in a file: its :func:`dataset_identity`."""
+    return dataset_identity(name)
 
 
 def _resolve(name: str, data_root: PathLike | None, download: bool = False) -> Source:

@@ -32,6 +32,7 @@ from tvtool.data.hf import hf_pools
 from tvtool.data.imagefolder import FilePool, scan_class_folders
 from tvtool.errors import InvalidInputError, TvtoolError
 from tvtool.io.images import read_image, read_text_lines
+from tvtool.limits import short_list
 
 DATA_ROOT_ENV = "TVTOOL_DATA_ROOT"
 
@@ -582,7 +583,8 @@ def _published_pools(folder: Path, info: StandardDataset, layout: PublishedLayou
         if part == "train" and missing:
             # ImageFolder numbers the classes it finds: a missing folder shifts every label.
             raise InvalidInputError(
-                f"{info.name} under {str(directory)!r} lacks class folders {missing[:5]}",
+                f"{info.name} under {str(directory)!r} lacks class folders "
+                f"{short_list(missing, 5)}",
                 hint=f"expected the {len(order)} folders of the prepared dataset (docs/data.md)")
         _, items = scan_class_folders(directory, folder, order)
         pools[part] = FilePool(folder, items)
@@ -605,7 +607,7 @@ def _resisc45_pools(folder: Path, info: StandardDataset) -> Mapping[str, Pool]:
     missing = sorted(set(order) - {p.name for p in images.iterdir() if p.is_dir()})
     if missing:
         raise InvalidInputError(f"RESISC45 under {str(images)!r} lacks class folders "
-                                f"{missing[:5]}", hint="is the archive fully unpacked?")
+                                f"{short_list(missing, 5)}", hint="is the archive fully unpacked?")
     _, items = scan_class_folders(images, folder, order)
     lists = {part: folder / f"resisc45-{part}.txt" for part in ("train", "val", "test")}
     if not all(p.is_file() for p in lists.values()):

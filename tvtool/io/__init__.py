@@ -32,6 +32,7 @@ from tvtool.io.atomic import (
     check_output_path,
 )
 from tvtool.io.documents import input_file, read_json, spooled_stdin, write_bytes, write_json
+from tvtool.io.fingerprints import fingerprint
 from tvtool.io.hf_dirs import (
     HfModelFiles,
     check_new_directory,
@@ -58,7 +59,6 @@ from tvtool.io.safetensors_io import (
     TensorInfo,
     TensorSource,
     all_finite,
-    fingerprint,
     iter_source,
     open_tensors,
     write_tensors,

@@ -10,7 +10,6 @@ bytes) are :mod:`tvtool.io.documents`.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -305,26 +304,6 @@ def _layout_header(layout: Sequence[TensorInfo], metadata: Mapping[str, str]) ->
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
-
-
-def fingerprint(source: TensorSource) -> str:
-    """Hash a source's tensors (names, dtypes, shapes, bytes) one tensor at a time.
-
-    The hash is independent of storage order, so the same weights give the same fingerprint
-    whether read from a pretrained tag, a weights file or a tvtool checkpoint of equal dtypes.
-    It is the base fingerprint (``tvtool.base_fingerprint``) and the fingerprint an output
-    records of each input file (``provenance.inputs[].fingerprint``).
-
-    Returns:
-        ``sha256:<hex>``.
-    """
-    digest = hashlib.sha256()
-    for name in sorted(source.keys()):
-        tensor = source.get(name).detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        if tensor.numel():
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
-    return "sha256:" + digest.hexdigest()
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tvtool.cards import public_file
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, check_output, fingerprint, write_tensors
+from tvtool.limits import short_list
 from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
@@ -82,8 +84,8 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
         if config.mixed_modes_as is None:
             lin = [labels[i] for i, m in enumerate(metas) if m.linearized]
             raise InvalidInputError(
-                f"cannot merge linearized vectors ({lin[:2]}) with non-linearized ones: they "
-                "are evaluated as different models",
+                f"cannot merge linearized vectors ({short_list(lin, 2)}) with non-linearized "
+                "ones: they are evaluated as different models",
                 hint="--mixed-modes-as linearized|nonlinear says how the result is evaluated")
         linearized = config.mixed_modes_as == "linearized"
         log(f"warning: merging linearized and non-linearized vectors; the result is recorded "
@@ -150,13 +152,21 @@ def open_merge(config: MergeConfig, log: Logger = _quiet, *, fingerprints: bool 
             described["origin"] = "--search-coef"
         per_vector = (list(coefficients.per_vector) if coefficients.per_tensor is None
                       else [None] * len(metas))
-        records = [input_record(path, meta,
-                                fingerprint(vector.stored or source) if fingerprints else None,
-                                role="vector", coef=coef)
-                   for path, meta, vector, source, coef in zip(
-                       config.vectors, metas, vectors, sources, per_vector, strict=True)]
+        # Each input's own fingerprint (LoRA factors, not ΔW), computed once for the provenance
+        # and for what a model card lists of each merged vector (apply --hf-dir).
+        prints = [fingerprint(vector.stored or vector.source) if fingerprints else None
+                  for vector in vectors]
+        records = [input_record(path, meta, print_, role="vector", coef=coef)
+                   for path, meta, print_, coef in zip(
+                       config.vectors, metas, prints, per_vector, strict=True)]
+        card_records = [{"file": public_file(path), "dataset": meta.dataset,
+                         "mode": meta.mode.value if meta.mode else None,
+                         "linearized": meta.linearized, "fingerprint": print_}
+                        for path, meta, print_ in zip(config.vectors, metas, prints,
+                                                      strict=True)]
         extra = {
             "sources": json.dumps([i.label() for i in ids]),
+            "source_records": json.dumps(card_records, sort_keys=True),
             "merge_method": method.name,
             "merge_params": json.dumps(asdict(params), sort_keys=True),
             "coefficients": json.dumps(described, sort_keys=True),

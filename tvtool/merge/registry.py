@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tvtool.errors import UsageError
+from tvtool.limits import short_repr
 from tvtool.merge import dare, magnitude, mean, task_arithmetic, ties
 from tvtool.merge.method import MergeMethod
 
@@ -22,5 +23,5 @@ def get_method(name: str) -> MergeMethod:
     try:
         return METHODS[name]
     except KeyError:
-        raise UsageError(f"unknown merge method {name!r}",
+        raise UsageError(f"unknown merge method {short_repr(name, 60)}",
                          hint=f"choose one of {', '.join(METHODS)}") from None

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_list, short_repr
 from tvtool.types import StateDict
 
 _VISION = "vision_model."
@@ -116,7 +117,8 @@ def hf_activation(config: Mapping[str, Any]) -> bool | None:
         return None
     unknown = sorted(found - set(_ACTIVATIONS))
     if unknown:
-        raise InvalidInputError(f"the Hugging Face config uses activation {unknown[0]!r}; "
+        raise InvalidInputError(f"the Hugging Face config uses activation "
+                                f"{short_repr(unknown[0], 40)}; "
                                 "open_clip CLIP models use quick_gelu or gelu")
     if len(found) > 1:
         raise InvalidInputError("the Hugging Face config's vision and text towers use "
@@ -151,7 +153,7 @@ def _map_tower(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str], bl
             unknown.append(name)
     if unknown:
         raise InvalidInputError(f"{len(unknown)} tensors of the Hugging Face {what} are not "
-                                f"CLIP weights tvtool knows, e.g. {unknown[:3]}")
+                                f"CLIP weights tvtool knows, e.g. {short_list(unknown, 3)}")
     for index, parts in sorted(qkv.items()):
         for kind in ("weight", "bias"):
             pieces = [parts.get(f"{proj}.{kind}") for proj in _QKV]
@@ -219,7 +221,7 @@ def hf_clip_to_open_clip(tensors: Mapping[str, torch.Tensor]) -> HfClipMapping:
                                  "logit_scale"})
     if unknown:
         raise InvalidInputError(f"{len(unknown)} tensors of the Hugging Face checkpoint are "
-                                f"not CLIP weights tvtool knows, e.g. {unknown[:3]}")
+                                f"not CLIP weights tvtool knows, e.g. {short_list(unknown, 3)}")
     if "visual_projection.weight" in top:
         out["visual.proj"] = _transposed(top["visual_projection.weight"],
                                          "visual_projection.weight")

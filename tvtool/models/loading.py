@@ -1,4 +1,4 @@
-"""Building open_clip models from references, and the base fingerprint."""
+"""Building open_clip models from references (fingerprints: :mod:`tvtool.io.fingerprints`)."""
 
 from __future__ import annotations
 
@@ -15,17 +15,18 @@ from tvtool.io import (
     DictSource,
     TensorInfo,
     TensorSource,
-    fingerprint,
     load_legacy,
     open_tensors,
 )
 from tvtool.io.names import strip_wrapper_prefixes
+from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models.quiet import quiet_open_clip
-from tvtool.models.refs import ModelRef, RefKind, parse_ref
+from tvtool.models.refs import ModelRef, RefKind, check_recorded_architecture, parse_ref
 from tvtool.types import StateDict
 
 _RANDOM_INIT_SEED = 0
+_NAME_IT = "name the architecture yourself: --base NAME:PATH"
 
 
 @dataclass
@@ -99,6 +100,8 @@ def resolve_ref(ref: str | ModelRef) -> ModelRef:
         raise InvalidInputError(
             f"{parsed.text!r} does not name its architecture (tvtool.architecture)",
             hint="use NAME:PATH to say which open_clip architecture it is")
+    check_recorded_architecture(meta.architecture, repr(parsed.text), _NAME_IT,
+                                model=False, tokenizer=False)
     return ModelRef(parsed.text, RefKind.CHECKPOINT, meta.architecture, parsed.location)
 
 
@@ -112,6 +115,8 @@ def _create(architecture: str, pretrained: str | None = None) -> tuple[nn.Module
 
 def _create_for(ref: ModelRef) -> tuple[nn.Module, Any, Any]:
     """Build the model of a reference, with weights where open_clip loads them itself."""
+    if ref.kind is RefKind.CHECKPOINT:  # the architecture was read from the file
+        check_recorded_architecture(ref.architecture, repr(ref.text), _NAME_IT, tokenizer=False)
     if ref.kind is RefKind.PRETRAINED_TAG:
         return _create(ref.architecture, ref.location)
     if ref.kind is RefKind.HF_HUB:
@@ -220,7 +225,7 @@ def load_state_into(model: nn.Module, source: TensorSource) -> None:
     if missing or extra:
         raise InvalidInputError(
             f"{source.label} does not fit the architecture: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(extra)} unexpected keys {extra[:3]}"
+            f"{short_list(missing, 3)}, {len(extra)} unexpected keys {short_list(extra, 3)}"
         )
     with torch.no_grad():
         for name, target in expected.items():
@@ -244,6 +249,8 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
         InvalidInputError: bad reference or weights.
     """
     resolved = resolve_ref(ref)
+    if resolved.kind is RefKind.CHECKPOINT:  # before anything is built: model and tokenizer
+        check_recorded_architecture(resolved.architecture, repr(resolved.text), _NAME_IT)
     model, pre_train, pre_eval = _create_for(resolved)
     if resolved.is_file:
         source, resolved = base_source(resolved)
@@ -254,8 +261,3 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(resolved.architecture)
     return ClipBundle(model, resolved, pre_train, pre_eval, tokenizer)
-
-
-def state_dict_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """:func:`fingerprint` of tensors already in memory."""
-    return fingerprint(DictSource(tensors))

@@ -25,6 +25,7 @@ import open_clip
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_list
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.types import StateDict
 
@@ -118,7 +119,7 @@ def name_tangent_checkpoint(entries: Mapping[str, Any], architecture: str,
         groups[match.group(1)][int(match.group(2))] = value
     if other:
         raise InvalidInputError(f"{label} holds entries a LinearizedImageEncoder does not: "
-                                f"{other[:3]}")
+                                f"{short_list(other, 3)}")
     order = image_encoder_parameter_order(architecture)
     for group, tensors in groups.items():
         if sorted(tensors) != list(range(len(order))):

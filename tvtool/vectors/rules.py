@@ -18,7 +18,7 @@ from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.formats import dense_source
 from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
 from tvtool.io import TensorSource, all_finite, open_tensors
-from tvtool.limits import short_repr
+from tvtool.limits import cut_text, short_list, short_repr
 from tvtool.metadata import FileMeta, Kind, Mode
 
 # ---------------------------------------------------------------- coefficients
@@ -199,6 +199,34 @@ def metadata_warnings(meta: FileMeta, label: str) -> list[str]:
             "against the base (is it a file from another tool, or was its metadata removed?)"]
 
 
+BATCHNORM_STATISTICS = (".running_mean", ".running_var")
+"""Name endings of BatchNorm statistics: buffers a fine-tune updates, not weights it learns."""
+
+
+def batchnorm_warning(moved: Sequence[str], label: str) -> str | None:
+    """The warning for a vector that changes BatchNorm statistics (None when it changes none).
+
+    Statistics are averages over data, not directions in weight space: scaled, negated or added
+    to others they can leave a running variance negative, and the model then computes NaN
+    (``eval`` refuses to report an accuracy from NaN logits).
+
+    Args:
+        moved: Names of the statistics the vector changes.
+        label: The vector or checkpoint, for the message.
+    """
+    if not moved:
+        return None
+    return (f"warning: {label} changes the BatchNorm statistics of {len(moved)} tensors (e.g. "
+            f"{short_repr(moved[0], 80)}); scaled, negated or combined they can make a running "
+            "variance negative, and the model then computes NaN")
+
+
+def moved_batchnorm(source: TensorSource) -> list[str]:
+    """BatchNorm statistics a task vector changes (non-zero deltas), in name order."""
+    return [name for name in sorted(source.keys()) if name.endswith(BATCHNORM_STATISTICS)
+            and bool(source.get(name).ne(0).any())]
+
+
 def _strip_activation(architecture: str) -> str:
     return architecture.removesuffix("-quickgelu")
 
@@ -225,7 +253,8 @@ def check_architecture(label: str, recorded: str | None, target: str | None,
     if not recorded or not target or recorded == target:
         return None
     if _strip_activation(recorded) != _strip_activation(target):
-        raise InvalidInputError(f"{label} was made for {recorded}, {target_label} is {target}",
+        raise InvalidInputError(f"{label} was made for {cut_text(recorded, 60)}, "
+                                f"{target_label} is {cut_text(target, 60)}",
                                 hint="task vectors only fit the architecture they were made for")
     return (f"warning: {label} was made for {recorded} ({_activation(recorded)}) and is used with "
             f"{target_label} {target} ({_activation(target)}): same tensors, different activation, "
@@ -295,5 +324,5 @@ def check_same_keys(a: Sequence[str], b: Sequence[str], label_a: str, label_b: s
         only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
         raise InvalidInputError(
             f"{label_a} and {label_b} hold different tensors: {len(only_a)} only in {label_a} "
-            f"{only_a[:3]}, {len(only_b)} only in {label_b} {only_b[:3]}", hint=hint
-        )
+            f"{short_list(only_a, 3)}, {len(only_b)} only in {label_b} {short_list(only_b, 3)}",
+            hint=hint)

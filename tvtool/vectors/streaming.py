@@ -16,6 +16,7 @@ import torch
 from tvtool.errors import InvalidInputError, NumericalError
 from tvtool.io import TensorInfo, TensorSource, all_finite
 from tvtool.io.names import shared_wrapper_prefixes
+from tvtool.limits import short_list
 from tvtool.types import StateDict
 from tvtool.vectors.algebra import tensor_delta
 from tvtool.vectors.rules import check_finite
@@ -112,13 +113,14 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
     if extra:
         raise InvalidInputError(
             f"{finetuned.label} has {len(extra)} tensors that are not in the base, e.g. "
-            f"{extra[:3]}", hint="is it a checkpoint of the same architecture?")
+            f"{short_list(extra, 3)}", hint="is it a checkpoint of the same architecture?")
     covered = set(mapping.values())
     missing = [name for name in base_keys if name not in covered
                and base.info(name).dtype.is_floating_point]
     if missing and not allow_missing:
         raise InvalidInputError(
-            f"{finetuned.label} lacks {len(missing)} tensors of the base, e.g. {missing[:3]}",
+            f"{finetuned.label} lacks {len(missing)} tensors of the base, e.g. "
+            f"{short_list(missing, 3)}",
             hint="pass --allow-missing if the checkpoint holds only part of the model "
                  "(those tensors are then taken as unchanged)")
     if missing:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tvtool.data import dataset_identity
 from tvtool.data.imagefolder import PATH_PREFIXES
 from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError
@@ -65,7 +66,7 @@ class Evaluator:
                  splits: Sequence[str] = ("val", "test"), log: Logger = _quiet,
                  progress: Progress = None, linear_cache: bool = True) -> None:
         self.settings = settings
-        self.datasets = list(datasets)
+        self.datasets = [dataset_identity(name) for name in datasets]
         self._progress = progress or no_progress
         device = resolve_device(settings.device)
         self._model = open_eval_model(settings.base, vectors, device=device,
@@ -121,9 +122,10 @@ class Evaluator:
         else:
             expand_coefs(list(coefs), len(self._model.vectors))  # the same count check
         self.calls += 1
+        wanted = None if datasets is None else {dataset_identity(name) for name in datasets}
         out = {}
         for data in self._data[split]:
-            if datasets is not None and data.name not in datasets:
+            if wanted is not None and data.name not in wanted:
                 continue
             if self.linear is not None:
                 correct = self.linear.count_correct(data, self._heads[data.name], coefs)

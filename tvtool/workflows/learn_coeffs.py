@@ -36,7 +36,7 @@ from tvtool.atlas.objectives import (
     check_objective,
     needs_labels,
 )
-from tvtool.data import data_source
+from tvtool.data import data_source, dataset_identity
 from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import (
@@ -46,6 +46,7 @@ from tvtool.io import (
     fingerprint,
     write_tensors,
 )
+from tvtool.limits import short_repr
 from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
 from tvtool.types import Logger, ProgressFactory
 from tvtool.types import no_progress as _no_progress
@@ -199,6 +200,11 @@ def check_config(config: LearnCoeffsConfig) -> None:
         raise UsageError("the negation objective needs --control datasets (the data to keep)")
     if objective != "negation" and config.control:
         raise UsageError("--control is only used with --objective negation")
+    identities = [dataset_identity(name) for name in (*config.datasets, *config.control)]
+    twice = [name for index, name in enumerate(identities) if name in identities[:index]]
+    if twice:
+        raise UsageError(f"dataset {short_repr(twice[0], 80)} is given twice (--dataset and "
+                         "--control name each dataset once)")
     if config.shots is not None and config.shots < 1:
         raise UsageError(f"--shots must be at least 1, got {config.shots}")
     if not 0.0 <= config.val_fraction < 1.0:

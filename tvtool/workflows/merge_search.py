@@ -23,11 +23,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from tvtool.data import match_suite
+from tvtool.data import dataset_identity, match_suite
 from tvtool.errors import UsageError
 from tvtool.evaluate import EvalSettings
 from tvtool.grid import AutoGrid, edge_warning, extend_search, grid_edge
 from tvtool.io import check_output, scratch_directory
+from tvtool.limits import short_list
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.engine import MergeResult, merge, open_merge
 from tvtool.merge.registry import get_method
@@ -251,9 +252,12 @@ def vector_datasets(config: MergeConfig, datasets: Sequence[str] | None,
                                  hint="pass one --dataset per vector, in order")
         names = (match_suite(recorded, suite, config.vectors) if suite is not None
                  else [name for name in recorded if name])
+    # One spelling per dataset: 'mnist' and 'MNIST', or './data' and its absolute path, are
+    # one dataset, and the evaluator reports each under that spelling.
+    names = [dataset_identity(name) for name in names]
     if len(set(names)) != len(names):
-        raise UsageError(f"two vectors share a dataset ({names}); the search needs one vector "
-                         "per dataset")
+        raise UsageError(f"two vectors share a dataset ({short_list(names, 4)}); the search "
+                         "needs one vector per dataset")
     return names
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tvtool.commands.negate import NegateConfig, negate
+from tvtool.data import dataset_identity
 from tvtool.errors import TvtoolError, UsageError
 from tvtool.evaluate import EvalSettings
 from tvtool.grid import AutoGrid, edge_warning, extend_search, grid_edge
@@ -122,7 +123,8 @@ def control_names(control: str | Sequence[str]) -> tuple[str, ...]:
     Raises:
         UsageError: no control dataset, or one named twice.
     """
-    names = (control,) if isinstance(control, str) else tuple(control)
+    names = tuple(dataset_identity(name) for name in
+                  ((control,) if isinstance(control, str) else control))
     if not names:
         raise UsageError("the negation search needs a control dataset (--control)")
     if len(set(names)) != len(names):
@@ -273,7 +275,7 @@ def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float] 
     Raises:
         TvtoolError: no α of the grid keeps the control accuracy and no ``fallback``.
     """
-    controls = control_names(control)
+    target, controls = dataset_identity(target), control_names(control)
     with Evaluator(settings, [vector], [target, *controls], log=log,
                    progress=progress) as evaluator:
         base_val = evaluator.accuracies([0.0], "val")
@@ -350,7 +352,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings,
         if not target:
             raise UsageError(f"{vector!r} records no dataset", hint="pass --target DATASET")
         check_recorded_dataset(vector, target, "pass --target DATASET")
-    controls = control_names(control)
+    target, controls = dataset_identity(target), control_names(control)
     if target in controls:
         raise UsageError(f"{target} is both the target and a control dataset")
     measured = measure_negation(settings, vector, grid, target=target, control=controls,

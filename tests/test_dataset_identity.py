@@ -96,7 +96,7 @@ def test_searches_refuse_one_dataset_spelled_twice(cli, files, tmp_path):
     result = cli(["negate", files["tv1"], "--search", "--base", files["base"], "--target",
                   "synthetic:shape", "--control", "Synthetic:Shape", "-o",
                   str(tmp_path / "n.safetensors")])
-    assert result.exit_code == 2 and "are the same" in result.stderr
+    assert result.exit_code == 2 and "both the target and a control" in result.stderr
 
 
 def test_learn_coeffs_refuses_a_dataset_given_twice(cli, files, tmp_path):

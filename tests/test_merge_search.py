@@ -383,10 +383,10 @@ def test_negation_control_thresholds_are_the_documented_095():
     from tvtool.cli.negate import negate
 
     docs = Path(__file__).resolve().parents[1] / "docs"
-    documented = re.search(r"negate TV --search .*\[--threshold ([0-9.]+)\]",
+    documented = re.search(r"negate TV --search [^`]*?\[--control-threshold ([0-9.]+)\]",
                            (docs / "cli.md").read_text())
     assert documented is not None and float(documented.group(1)) == 0.95
     assert "`--control-threshold` (0.95)" in (docs / "coeffs.md").read_text()
     assert DEFAULT_THRESHOLD == 0.95 == DEFAULT_CONTROL_THRESHOLD
-    assert inspect.signature(negate).parameters["threshold"].default == 0.95
+    assert inspect.signature(negate).parameters["control_threshold"].default == 0.95
     assert inspect.signature(learn_coeffs).parameters["control_threshold"].default == 0.95

@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import stat
 import struct
@@ -419,3 +418,126 @@ def test_damaged_mnist_label_file_is_invalid_input(tmp_path, labels):
         _idx(raw / f"{prefix}-labels-idx1-ubyte", *labels)
     with pytest.raises(InvalidInputError, match="MNIST"):
         load_split("MNIST", "test", data_root=tmp_path)
+
+
+# ------------------------------------------------------------------ signals and stdout
+
+
+def _run_module(code_before: str, args: list[str], cwd: Path
+                ) -> subprocess.CompletedProcess:
+    """Run ``python -m tvtool ARGS`` after ``code_before`` (a deterministic fault injection)."""
+    code = (f"import os, signal, sys, runpy\n{code_before}\n"
+            f"sys.argv = ['tvtool', *{args!r}]\n"
+            "runpy.run_module('tvtool', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, env=_env(),
+                          stdin=subprocess.DEVNULL, cwd=cwd, timeout=300)
+
+
+def test_sigterm_mid_write_exits_143_and_leaves_nothing(files, tmp_path):
+    # SIGTERM arrives after part of the file is written (CI runners stop jobs this way).
+    inject = ("import tvtool.io.safetensors_io as s\n"
+              "original = s._stream_to\n"
+              "def stream(handle, *args, **kwargs):\n"
+              "    handle.write(b'partial')\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return original(handle, *args, **kwargs)\n"
+              "s._stream_to = stream\n")
+    out = tmp_path / "negated.safetensors"
+    result = _run_module(inject, ["negate", files["tv1"], "-o", str(out)], tmp_path)
+    assert result.returncode == 143, result.stderr.decode()
+    assert result.stderr.decode().splitlines() == ["tvtool: error: terminated (SIGTERM)"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_filling_a_directory_leaves_no_staging_dir(files, tmp_path):
+    inject = ("import tvtool.io.hf_dirs as h\n"
+              "original = h.write_json\n"
+              "def write_json(*args, **kwargs):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return original(*args, **kwargs)\n"
+              "h.write_json = write_json\n")
+    target = tmp_path / "edited"
+    result = _run_module(inject, ["apply", files["tv1"], "-b", files["base"], "--hf-dir",
+                                  str(target)], tmp_path)
+    assert result.returncode == 143, result.stderr.decode()
+    assert result.stderr.decode().splitlines()[-1] == "tvtool: error: terminated (SIGTERM)"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reports_and_data_that_cannot_reach_stdout(files, tmp_path):
+    """--json with stdout closed or full, and -o - into a pipe nobody reads (one bash run)."""
+    tv = f"{shlex.quote(sys.executable)} -m tvtool"
+    vector = shlex.quote(files["tv1"])
+    script = "\n".join([
+        # Closed before the work: refused at once, nothing written.
+        f"{tv} negate {vector} -o closed.safetensors --json >&- 2>closed.err; echo $? > closed.rc",
+        # Full: the report fails after the file was written, which is then removed.
+        f"{tv} negate {vector} -o full.safetensors --json >/dev/full 2>full.err; echo $? > full.rc",
+        # The reader of the data is gone: the data is lost, so the command failed.
+        "set -o pipefail",
+        f"{tv} negate {vector} -o - 2>pipe.err | true; echo $? > pipe.rc",
+    ])
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=_env(),
+                          stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
+    assert done.returncode == 0, done.stderr.decode()
+
+    def outcome(name: str) -> tuple[int, str]:
+        rc = int((tmp_path / f"{name}.rc").read_text())
+        return rc, _one_error_line((tmp_path / f"{name}.err").read_text())
+
+    rc, line = outcome("closed")
+    assert rc == 2 and "stdout is closed" in line
+    rc, line = outcome("full")
+    assert rc == 1 and "no space left" in line and "removed" in line
+    rc, line = outcome("pipe")
+    assert rc == 1 and "broken pipe" in line
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith((".rc", ".err"))
+                  ) == []
+
+
+def test_a_report_that_cannot_be_written_removes_the_output_directory(cli, files, tmp_path,
+                                                                       monkeypatch):
+    from tvtool.cli import common
+
+    def refuse(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    target = tmp_path / "edited"
+    monkeypatch.setattr(common, "_write_stdout", refuse)
+    result = cli(["apply", files["tv1"], "-b", files["base"], "--hf-dir", str(target),
+                  "--json"])
+    assert result.exit_code == 1
+    assert "broken pipe" in _one_error_line(result.stderr)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_os_error_without_strerror_prints_its_message(capsys):
+    import typer
+
+    from tvtool.cli.common import handles_errors
+
+    @handles_errors
+    def command() -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    with pytest.raises(typer.Exit) as caught:
+        command()
+    assert caught.value.exit_code == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "We couldn't connect to 'https://huggingface.co'" in line
+    assert "(hint: " in line
+
+
+def test_library_warnings_are_printed_once():
+    code = ("from tvtool.cli.common import wire_logging\n"
+            "wire_logging()\n"
+            "import logging\n"
+            "from huggingface_hub.utils import logging as hub_logging\n"
+            "hub_logging.get_logger('huggingface_hub.utils._http').warning('hub probe')\n"
+            "logging.warning('root probe')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, env=_env(),
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stderr.decode().splitlines()
+    assert sum("hub probe" in line for line in lines) == 1, lines
+    assert sum("root probe" in line for line in lines) == 1, lines

@@ -23,7 +23,13 @@ try:
     from tvtool.cli import merge as merge_cmd
     from tvtool.cli import negate as negate_cmd
     from tvtool.cli import pretrain as pretrain_cmd
-    from tvtool.cli.common import EXIT_INTERRUPTED, EXIT_INVALID, report_error
+    from tvtool.cli.common import (
+        EXIT_INVALID,
+        handle_sigterm,
+        interrupted,
+        report_error,
+        wire_logging,
+    )
 except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing: no traceback
     sys.stderr.write("tvtool: error: interrupted\n")
     raise SystemExit(130) from None
@@ -42,9 +48,11 @@ class _OneLineErrors(TyperGroup):
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)
-        except typer.Abort:
-            report_error("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
+        except typer.Abort as exc:
+            # click turns the KeyboardInterrupt (or Terminated, for SIGTERM) into Abort.
+            message, code = interrupted(exc.__cause__ or exc.__context__ or exc)
+            report_error(message)
+            sys.exit(code)
         except Exception as exc:
             # By class name: typer >= 0.22 vendors click, older versions use click itself.
             kinds = {cls.__name__ for cls in type(exc).__mro__}
@@ -115,4 +123,6 @@ app.command("datasets")(datasets_cmd.datasets)
 
 def main() -> None:
     """Console-script entry point."""
+    handle_sigterm()
+    wire_logging()
     app(prog_name="tvtool")

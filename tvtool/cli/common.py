@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import sys
@@ -38,6 +39,34 @@ EXIT_FAILURE = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): the shell convention 128 + 2."""
+EXIT_TERMINATED = 143
+"""SIGTERM (how CI runners and batch queues stop a job): the shell convention 128 + 15."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives (see :func:`handle_sigterm`).
+
+    A KeyboardInterrupt, so every clean-up that runs for Ctrl-C runs for SIGTERM too: temp
+    files, staging directories and stdin spools are removed on the way out.
+    """
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM behave like Ctrl-C (exit 143 instead of 130); call once at start-up."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted(exc: BaseException) -> tuple[str, int]:
+    """The error line and exit code of an interruption (Ctrl-C or SIGTERM)."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)", EXIT_TERMINATED
+    return "interrupted", EXIT_INTERRUPTED
 
 
 def debug_enabled() -> bool:
@@ -57,6 +86,12 @@ def handles_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if kwargs.get("as_json") and _stdout_closed():
+                # Before the work: the report would be lost after the outputs were written.
+                from tvtool.errors import InvalidInputError
+
+                raise InvalidInputError("--json writes to stdout, but stdout is closed",
+                                        hint="redirect stdout to a file or a pipe")
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -65,15 +100,20 @@ def handles_errors(func: F) -> F:
                 traceback.print_exc()
             report_error(exc.one_line())
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            report_error("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            message, code = interrupted(exc)
+            report_error(message)
+            raise typer.Exit(code) from None
         except OSError as exc:
             # Files vanishing or permissions changing mid-run: a runtime failure, not a bug.
             if debug_enabled():
                 traceback.print_exc()
             where = f": {exc.filename}" if exc.filename else ""
-            report_error(f"{exc.strerror or type(exc).__name__}{where}")
+            # Libraries raise OSError(message) without errno/strerror (a tokenizer missing
+            # from an offline cache): their message is what says what went wrong.
+            text = exc.strerror or " ".join(str(exc).split())[:300] or type(exc).__name__
+            report_error(f"{text}{where} (hint: check the paths, permissions, disk space and "
+                         "network; rerun with TVTOOL_DEBUG=1 for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
         except Exception as exc:  # last line of defence: a bug, reported on one line
             if debug_enabled():
@@ -84,6 +124,30 @@ def handles_errors(func: F) -> F:
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _LibraryFormatter(logging.Formatter):
+    """``warning (huggingface_hub.x): message``: a library's log record on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = "" if record.name == "root" else f" ({record.name})"
+        return " ".join(f"{record.levelname.lower()}{who}: {record.getMessage()}".split())
+
+
+def wire_logging() -> None:
+    """Give the libraries' log records one handler on stderr; call once at start-up.
+
+    open_clip logs through the root logger with ``logging.warning()``, which installs a
+    default root handler on first use, and huggingface_hub both prints through a handler of
+    its own and passes each record on to the root: every hub warning came out twice. tvtool
+    installs the root handler itself, and huggingface_hub's records stay with its own handler.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, _LibraryFormatter) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LibraryFormatter())
+        root.addHandler(handler)
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def log(message: str) -> None:
@@ -119,19 +183,56 @@ def percent(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
-def emit_json(document: Any) -> None:
+def _stdout_closed() -> bool:
+    from tvtool.io.atomic import stdout_closed
+
+    return stdout_closed()
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def emit_json(document: Any, *, outputs: Sequence[str | None] = ()) -> None:
     """Print one JSON document on stdout.
+
+    The report is part of the command's result: when it cannot be written (stdout closed,
+    a full disk behind it, a reader that went away), the command fails and ``outputs`` are
+    removed, so that a failed command leaves nothing behind.
+
+    Args:
+        document: The report.
+        outputs: Files or directories the command wrote (``None`` and ``-`` are skipped).
 
     Raises:
         InvalidInputError: stdout is closed (``>&-``), so the document would be lost.
+        TvtoolError: writing to stdout failed (exit 1).
     """
-    if sys.stdout is None:
-        from tvtool.errors import InvalidInputError
+    from tvtool.errors import InvalidInputError
+    from tvtool.io.atomic import stdout_error
 
-        raise InvalidInputError("--json writes to stdout, but stdout is closed",
-                                hint="redirect stdout to a file or a pipe")
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    error: TvtoolError
+    if sys.stdout is None:
+        error = InvalidInputError("--json writes to stdout, but stdout is closed",
+                                  hint="redirect stdout to a file or a pipe")
+    else:
+        try:
+            _write_stdout(json.dumps(document, indent=2, default=str) + "\n")
+            return
+        except OSError as exc:
+            error = stdout_error(exc, "the JSON report")
+    removed = _remove_outputs(outputs)
+    if removed:
+        error = type(error)(f"{error.message}; removed the output{'s' if len(removed) > 1 else ''}"
+                            f" {', '.join(repr(p) for p in removed)}", hint=error.hint)
+    raise error
+
+
+def _remove_outputs(outputs: Sequence[str | None]) -> list[str]:
+    from tvtool.io import remove_output
+
+    return [path for path in dict.fromkeys(p for p in outputs if p) if remove_output(path)]
 
 
 @contextmanager

@@ -195,9 +195,11 @@ def merge(
     if save_config is not None:
         _write_config(save_config, cfg)
     if dry_run:
-        emit_json(result.details) if as_json else _print_plan(result.details)
+        emit_json(result.details, outputs=[save_config]) if as_json \
+            else _print_plan(result.details)
         return
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output, save_config]) if as_json \
+        else emit_path(result.output)
 
 
 def _params(density: float | None, trim: str | None, pairs: list[str] | None
@@ -321,7 +323,8 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         from dataclasses import replace
 
         _write_config(save_config, replace(cfg, coefs=(document["best_coef"],)))
-    emit_json(document) if as_json else emit_path(cfg.output)
+    emit_json(document, outputs=[cfg.output, report_path, save_config]) if as_json \
+        else emit_path(cfg.output)
 
 
 def _accuracy_rows(report: dict[str, Any]) -> list[list[str]]:

@@ -80,7 +80,8 @@ def negate(
 
     refuse_json_with_stdout(as_json, output)
     result = run_negate(NegateConfig(vector=vector, output=output, coef=coef), log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)
 
 
 def _search(vector: str, output: str, settings: EvalSettings, control: str | None,
@@ -116,4 +117,4 @@ def _search(vector: str, output: str, settings: EvalSettings, control: str | Non
         label = "base" if name == "base" else f"-{best.coef:g} x vector"
         table.add_row(label, "test", percent(accs[report.target]), percent(accs[report.control]))
     stderr.print(table)
-    emit_json(document) if as_json else emit_path(output)
+    emit_json(document, outputs=[output]) if as_json else emit_path(output)

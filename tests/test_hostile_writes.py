@@ -541,3 +541,100 @@ def test_library_warnings_are_printed_once():
     lines = result.stderr.decode().splitlines()
     assert sum("hub probe" in line for line in lines) == 1, lines
     assert sum("root probe" in line for line in lines) == 1, lines
+
+
+# ------------------------------------------------------------------ pretrained tags offline
+
+
+def test_offline_pretrained_tag_is_one_line_exit_2(files, tmp_path):
+    out = tmp_path / "tv.safetensors"
+    env = _env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    result = subprocess.run([sys.executable, "-m", "tvtool", "extract", files["ft1"], "--base",
+                             "ViT-B-32:openai", "-o", str(out)], capture_output=True, env=env,
+                            stdin=subprocess.DEVNULL, timeout=300)
+    assert result.returncode == 2, result.stderr.decode()
+    stderr = result.stderr.decode()
+    assert len(stderr.splitlines()) == 1, stderr
+    line = _one_error_line(stderr)
+    assert "ViT-B-32:openai" in line and "HF_HUB_OFFLINE" in line
+    # The hint names the cache to fill and the two offline alternatives.
+    assert str(tmp_path / "empty-cache") in line and ":PATH" in line and "hf-hub:" in line
+    assert not out.exists()
+
+
+@pytest.fixture()
+def hub_offline_world(monkeypatch, tmp_path):
+    """An empty Hugging Face cache, and a record of every name lookup (none may happen)."""
+    import huggingface_hub
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    lookups: list[object] = []
+
+    def no_network(*args, **kwargs):
+        lookups.append(args[0] if args else kwargs)
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    return {"cache": cache, "lookups": lookups}
+
+
+def test_unreachable_hub_fails_fast_with_one_probe(cli, files, tmp_path, hub_offline_world):
+    out = tmp_path / "tv.safetensors"
+    result = cli(["extract", files["ft1"], "--base", "ViT-B-32:openai", "-o", str(out)])
+    assert result.exit_code == 2, result.stderr
+    line = _one_error_line(result.stderr)
+    assert "unreachable" in line and str(hub_offline_world["cache"]) in line
+    # One probe of the endpoint, no retries.
+    assert len(hub_offline_world["lookups"]) == 1, hub_offline_world["lookups"]
+    assert not out.exists()
+
+
+def test_a_cached_tag_loads_without_the_network(tmp_path, monkeypatch, hub_offline_world):
+    """A tag whose weights are in the cache is read from it, with no request at all."""
+    from open_clip import pretrained
+
+    from tvtool.io import write_tensors
+    from tvtool.models import load_clip
+
+    monkeypatch.setitem(pretrained._PRETRAINED, TINY, {"fake": {"hf_hub": "tvtool/fake-tiny/"}})
+    random = load_clip(f"{TINY}:random").model.state_dict()
+    weights = {k: v + 0.5 for k, v in random.items()}
+    # The layout huggingface_hub's cache has after a download of tvtool/fake-tiny.
+    repo = hub_offline_world["cache"] / "models--tvtool--fake-tiny"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    write_tensors(str(snapshot / "open_clip_model.safetensors"), weights)
+    loaded = load_clip(f"{TINY}:fake").model.state_dict()
+    assert hub_offline_world["lookups"] == []
+    for name, tensor in weights.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+def test_eval_with_head_files_needs_no_tokenizer(cli, files, tmp_path, monkeypatch):
+    import open_clip
+
+    from tvtool.data import task_spec
+    from tvtool.evaluate import head_key, head_metadata, open_eval_model, zero_shot_head
+    from tvtool.io import write_tensors
+
+    dataset = "synthetic:shape"
+    spec = task_spec(dataset)
+    with open_eval_model(files["base"]) as model:
+        key = head_key(model.base_fingerprint, dataset, list(spec.classnames),
+                       list(spec.templates))
+        head = zero_shot_head(model.bundle, key, list(spec.templates), disk_cache=False)
+    path = tmp_path / "head.safetensors"
+    write_tensors(str(path), {"head": head}, head_metadata(key))
+
+    def no_tokenizer(*args, **kwargs):
+        raise OSError("the tokenizer is not in the offline cache")
+
+    monkeypatch.setattr(open_clip, "get_tokenizer", no_tokenizer)
+    result = cli(["eval", "--base", files["base"], "-d", dataset, "--head", str(path),
+                  "--limit", "8", "--json"])
+    assert result.exit_code == 0, result.stderr

@@ -52,6 +52,11 @@ class Terminated(KeyboardInterrupt):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    import signal
+
+    # The process is on its way out: a second SIGTERM must not interrupt the clean-up (a
+    # supervisor that will not wait sends SIGKILL, after which the next run cleans up).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 

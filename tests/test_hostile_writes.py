@@ -567,6 +567,9 @@ def hub_offline_world(monkeypatch, tmp_path):
     """An empty Hugging Face cache, and a record of every name lookup (none may happen)."""
     import huggingface_hub
 
+    from tvtool.models import hub_access
+
+    monkeypatch.setattr(hub_access, "_probes", {})  # no probe result from an earlier test
     cache = tmp_path / "hub"
     cache.mkdir()
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))

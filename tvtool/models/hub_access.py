@@ -49,7 +49,9 @@ def hub_cache() -> str:
 
 
 def _offline_mode(hub: ModuleType) -> bool:
-    return bool(hub.constants.is_offline_mode())
+    # The constant (set from HF_HUB_OFFLINE at import) is what huggingface_hub reads at each
+    # request, in every version that has it.
+    return bool(getattr(hub.constants, "HF_HUB_OFFLINE", False))
 
 
 def _cached(hub: ModuleType, repo: str, filename: str) -> bool:

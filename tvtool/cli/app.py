@@ -24,10 +24,12 @@ try:
     from tvtool.cli import negate as negate_cmd
     from tvtool.cli import pretrain as pretrain_cmd
     from tvtool.cli.common import (
-        EXIT_INTERRUPTED,
         EXIT_INVALID,
+        handle_sigterm,
+        interrupted,
         normalize_command,
         report_error,
+        wire_logging,
     )
 except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing: no traceback
     sys.stderr.write("tvtool: error: interrupted\n")
@@ -48,9 +50,11 @@ class _OneLineErrors(TyperGroup):
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)
-        except typer.Abort:
-            report_error("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
+        except typer.Abort as exc:
+            # click turns the KeyboardInterrupt (or Terminated, for SIGTERM) into Abort.
+            message, code = interrupted(exc.__cause__ or exc.__context__ or exc)
+            report_error(message)
+            sys.exit(code)
         except Exception as exc:
             # By class name: typer >= 0.22 vendors click, older versions use click itself.
             kinds = {cls.__name__ for cls in type(exc).__mro__}
@@ -129,4 +133,6 @@ def click_command() -> Any:
 
 def main() -> None:
     """Console-script entry point."""
+    handle_sigterm()
+    wire_logging()
     app(prog_name="tvtool")

@@ -62,4 +62,5 @@ def apply(
         allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
         hf_dir=hf_dir, license=license)
     result = run_apply(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

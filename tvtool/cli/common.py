@@ -14,6 +14,7 @@ import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -40,6 +41,39 @@ EXIT_FAILURE = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): the shell convention 128 + 2."""
+EXIT_TERMINATED = 143
+"""SIGTERM (how CI runners and batch queues stop a job): the shell convention 128 + 15."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives (see :func:`handle_sigterm`).
+
+    A KeyboardInterrupt, so every clean-up that runs for Ctrl-C runs for SIGTERM too: temp
+    files, staging directories and stdin spools are removed on the way out.
+    """
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    import signal
+
+    # The process is on its way out: a second SIGTERM must not interrupt the clean-up (a
+    # supervisor that will not wait sends SIGKILL, after which the next run cleans up).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM behave like Ctrl-C (exit 143 instead of 130); call once at start-up."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted(exc: BaseException) -> tuple[str, int]:
+    """The error line and exit code of an interruption (Ctrl-C or SIGTERM)."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)", EXIT_TERMINATED
+    return "interrupted", EXIT_INTERRUPTED
 
 
 def debug_enabled() -> bool:
@@ -125,6 +159,12 @@ def handles_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if kwargs.get("as_json") and _stdout_closed():
+                # Before the work: the report would be lost after the outputs were written.
+                from tvtool.errors import InvalidInputError
+
+                raise InvalidInputError("--json writes to stdout, but stdout is closed",
+                                        hint="redirect stdout to a file or a pipe")
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
@@ -136,9 +176,10 @@ def handles_errors(func: F) -> F:
             hint = fit_hint(exc.hint, command_options(ctx))
             report_error(message + (f" (hint: {' '.join(hint.split())})" if hint else ""))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            report_error("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            message, code = interrupted(exc)
+            report_error(message)
+            raise typer.Exit(code) from None
         except OSError as exc:
             # Files vanishing or permissions changing mid-run: a runtime failure, not a bug.
             if debug_enabled():
@@ -146,7 +187,11 @@ def handles_errors(func: F) -> F:
             from tvtool.limits import short_name
 
             where = f": {short_name(str(exc.filename), 160)}" if exc.filename else ""
-            report_error(f"{exc.strerror or type(exc).__name__}{where}")
+            # Libraries raise OSError(message) without errno/strerror (a tokenizer missing
+            # from an offline cache): their message is what says what went wrong.
+            text = exc.strerror or " ".join(str(exc).split())[:300] or type(exc).__name__
+            report_error(f"{text}{where} (hint: check the paths, permissions, disk space and "
+                         "network; rerun with TVTOOL_DEBUG=1 for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
         except Exception as exc:  # last line of defence: a bug, reported on one line
             if debug_enabled():
@@ -157,6 +202,30 @@ def handles_errors(func: F) -> F:
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _LibraryFormatter(logging.Formatter):
+    """``warning (huggingface_hub.x): message``: a library's log record on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = "" if record.name == "root" else f" ({record.name})"
+        return " ".join(f"{record.levelname.lower()}{who}: {record.getMessage()}".split())
+
+
+def wire_logging() -> None:
+    """Give the libraries' log records one handler on stderr; call once at start-up.
+
+    open_clip logs through the root logger with ``logging.warning()``, which installs a
+    default root handler on first use, and huggingface_hub both prints through a handler of
+    its own and passes each record on to the root: every hub warning came out twice. tvtool
+    installs the root handler itself, and huggingface_hub's records stay with its own handler.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, _LibraryFormatter) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LibraryFormatter())
+        root.addHandler(handler)
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def log(message: str) -> None:
@@ -207,7 +276,19 @@ def report_kind() -> str:
     return "-".join(words) if words else "tvtool"
 
 
-def emit_json(document: Any, report: str | None = None) -> None:
+def _stdout_closed() -> bool:
+    from tvtool.io.atomic import stdout_closed
+
+    return stdout_closed()
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def emit_json(document: Any, report: str | None = None, *,
+              outputs: Sequence[str | None] = ()) -> None:
     """Print one JSON document on stdout, with its ``report`` kind and ``report_version``.
 
     A document that names its own kind (``eval``, ``merge-search``...) keeps it; any other gets
@@ -215,18 +296,44 @@ def emit_json(document: Any, report: str | None = None) -> None:
     ``report_version`` :data:`REPORT_VERSION` as its first keys, so a consumer can always
     tell what it reads.
 
+    The report is part of the command's result: when it cannot be written (stdout closed,
+    a full disk behind it, a reader that went away), the command fails and ``outputs`` are
+    removed, so that a failed command leaves nothing behind.
+
+    Args:
+        document: The report.
+        outputs: Files or directories the command wrote (``None`` and ``-`` are skipped).
+
     Raises:
         InvalidInputError: stdout is closed (``>&-``), so the document would be lost.
+        TvtoolError: writing to stdout failed (exit 1).
     """
-    if sys.stdout is None:
-        from tvtool.errors import InvalidInputError
+    from tvtool.errors import InvalidInputError
+    from tvtool.io.atomic import stdout_error
 
-        raise InvalidInputError("--json writes to stdout, but stdout is closed",
-                                hint="redirect stdout to a file or a pipe")
-    if isinstance(document, dict):
-        document = with_report(document, report or report_kind())
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    error: TvtoolError
+    if sys.stdout is None:
+        error = InvalidInputError("--json writes to stdout, but stdout is closed",
+                                  hint="redirect stdout to a file or a pipe")
+    else:
+        if isinstance(document, dict):
+            document = with_report(document, report or report_kind())
+        try:
+            _write_stdout(json.dumps(document, indent=2, default=str) + "\n")
+            return
+        except OSError as exc:
+            error = stdout_error(exc, "the JSON report")
+    removed = _remove_outputs(outputs)
+    if removed:
+        error = type(error)(f"{error.message}; removed the output{'s' if len(removed) > 1 else ''}"
+                            f" {', '.join(repr(p) for p in removed)}", hint=error.hint)
+    raise error
+
+
+def _remove_outputs(outputs: Sequence[str | None]) -> list[str]:
+    from tvtool.io import remove_output
+
+    return [path for path in dict.fromkeys(p for p in outputs if p) if remove_output(path)]
 
 
 def with_report(document: dict[str, Any], report: str) -> dict[str, Any]:

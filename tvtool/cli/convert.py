@@ -65,4 +65,5 @@ def convert(
         result = convert_peft(config, log=log)
     else:
         result = run_convert(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

@@ -179,7 +179,7 @@ def eval_command(
     if out is not None:
         write_json(out, document, inputs=_inputs(config))
     if as_json:
-        emit_json(document)
+        emit_json(document, outputs=[out])
     elif out is not None:
         emit_path(out)
 
@@ -312,7 +312,7 @@ def disentanglement_command(
     if png is not None:
         write_bytes(png, render_heatmap(report), inputs=list(vectors))
     if output is None or output == "-":
-        emit_json(document)
+        emit_json(document, outputs=[png])
         return
     write_json(output, document, inputs=list(vectors))
-    emit_json(document) if as_json else emit_path(output)
+    emit_json(document, outputs=[output, png]) if as_json else emit_path(output)

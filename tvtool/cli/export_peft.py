@@ -39,4 +39,5 @@ def export_peft(
     config = peft_interop.ExportPeftConfig(vector=vector, output=output, module=module,
                                            license=license)
     result = peft_interop.export_peft(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

@@ -55,4 +55,5 @@ def extract(
     config = ExtractConfig(base=base, finetuned=finetuned, output=output, mode=mode_value,
                            dataset=dataset, allow_missing=allow_missing, keep=keep)
     result = run_extract(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

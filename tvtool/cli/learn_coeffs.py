@@ -171,7 +171,7 @@ def learn_coeffs(
         download_datasets([*config.datasets, *config.control], data_root)
     result = run(config, log=log, progress=progress_bar)
     if as_json:
-        emit_json(result.as_json())
+        emit_json(result.as_json(), outputs=[result.output, result.merged_output])
         return
     if to_stdout:
         return  # stdout holds the safetensors bytes; a path would corrupt the stream

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -119,6 +121,9 @@ def merge(
         show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check the inputs and print the plan; write nothing.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Let the output a --config names replace an existing file (a config "
+                        "cannot allow this itself).")] = False,
     save_config: Annotated[str | None, typer.Option(
         "--save-config", help="Also write this merge as a YAML config file.",
         show_default=False)] = None,
@@ -174,10 +179,13 @@ def merge(
             flags = ", ".join(name.replace("_", "-") for name in defined)
             raise UsageError(f"--config defines the merge; do not also give {flags}",
                              hint="edit the config file, or drop --config")
-        cfg = load_config(config, output=output)
+        cfg = load_config(config, output=output, force=force)
         if config == "-" and "-" in cfg.vectors:
             raise UsageError("the config came from stdin, so no vector can be '-'")
     else:
+        if force:
+            raise UsageError("--force goes with --config (it lets the config's output replace "
+                             "an existing file); -o always replaces its file")
         if missing_as_zero and common_only:
             raise UsageError("--missing-as-zero and --common-only exclude each other")
         if coefs and given(ctx, "coef"):
@@ -207,9 +215,11 @@ def merge(
     if save_config is not None:
         _write_config(save_config, cfg)
     if dry_run:
-        emit_json(result.details, report="merge-plan") if as_json else _print_plan(result.details)
+        emit_json(result.details, report="merge-plan", outputs=[save_config]) if as_json \
+            else _print_plan(result.details)
         return
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output, save_config]) if as_json \
+        else emit_path(result.output)
 
 
 def _params(density: float | None, trim: str | None, pairs: list[str] | None
@@ -232,9 +242,34 @@ def _params(density: float | None, trim: str | None, pairs: list[str] | None
 
 
 def _write_config(path: str, cfg: Any) -> None:
+    """Write ``cfg`` as a config file whose paths are relative to the file's folder.
+
+    A config's paths are read relative to its folder, and its ``output`` must stay inside
+    that folder (docs/merge.md): an output elsewhere is left out, so the saved config needs
+    ``-o`` when it is run.
+    """
+    from dataclasses import replace
+
     from tvtool.io.yaml_io import write_yaml
 
-    write_yaml(path, cfg.to_document(), inputs=tuple(cfg.vectors))
+    folder = Path.cwd() if path == "-" else Path(path).expanduser().parent.absolute()
+
+    def relative(item: str) -> str:
+        if item == "-":
+            return item
+        return os.path.relpath(Path(item).expanduser().absolute(), folder)
+
+    document = replace(cfg, vectors=tuple(relative(v) for v in cfg.vectors),
+                       coefs_file=relative(cfg.coefs_file) if cfg.coefs_file else None
+                       ).to_document()
+    output = relative(cfg.output)
+    if output == "-" or not (output == ".." or output.startswith(f"..{os.sep}")):
+        document["output"] = output
+    else:
+        del document["output"]
+        log(f"note: {path} names no output (the output {cfg.output} lies outside its folder, "
+            "where a config may not write); run it with -o")
+    write_yaml(path, document, inputs=tuple(cfg.vectors))
 
 
 def _print_plan(plan: dict[str, Any]) -> None:
@@ -316,7 +351,8 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         from dataclasses import replace
 
         _write_config(save_config, replace(cfg, coefs=(document["best_coef"],)))
-    emit_json(document) if as_json else emit_path(cfg.output)
+    emit_json(document, outputs=[cfg.output, report_path, save_config]) if as_json \
+        else emit_path(cfg.output)
 
 
 def _accuracy_rows(report: dict[str, Any]) -> list[list[str]]:

@@ -93,7 +93,8 @@ def negate(
 
     refuse_json_with_stdout(as_json, output)
     result = run_negate(NegateConfig(vector=vector, output=output, coef=coef), log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)
 
 
 def _search(vector: str, output: str, settings: EvalSettings, control: list[str],
@@ -135,4 +136,4 @@ def _search(vector: str, output: str, settings: EvalSettings, control: list[str]
         table.add_row(label, "test", percent(accs[report.target]),
                       *[percent(accs[c]) for c in report.controls])
     stderr.print(table)
-    emit_json(document) if as_json else emit_path(output)
+    emit_json(document, outputs=[output]) if as_json else emit_path(output)

@@ -94,6 +94,7 @@ def pretrain(
     log(f"pre-trained {config.steps} steps in {elapsed:.1f}s, final loss {last[0]:.3f}")
     if as_json:
         emit_json({"output": target, "steps": config.steps, "batch": config.batch,
-                   "seed": config.seed, "seconds": elapsed, "final_loss": last[0]})
+                   "seed": config.seed, "seconds": elapsed, "final_loss": last[0]},
+                  outputs=[target])
     else:
         emit_path(target)

@@ -80,6 +80,11 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     if not config.vectors:
         raise UsageError("apply needs at least one task vector")
     check_stdin_once(config.vectors)
+    if config.hf_dir == STDIO:
+        raise UsageError("--hf-dir writes a directory, not stdout",
+                         hint="use --hf-dir DIR, or -o - for a checkpoint on stdout")
+    if config.hf_dir is not None:
+        check_new_directory(config.hf_dir)  # before the base is resolved or read
     check_coefficients(config.coefs)
     if config.license is not None:
         if config.hf_dir is None:
@@ -92,7 +97,6 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     coefs = expand_coefs(config.coefs, len(config.vectors))
     ref = resolve_ref(config.base)
     if config.hf_dir is not None:
-        check_new_directory(config.hf_dir)
         hf_config = open_clip_hf_config(ref)
     else:
         check_output(config.output, [*config.vectors, *file_inputs(ref)])

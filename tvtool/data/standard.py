@@ -18,6 +18,7 @@ the rest of the training pool.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -528,6 +529,17 @@ class StandardSource:
         except OSError as exc:
             raise TvtoolError(f"could not read or download {self.info.name}: {exc}",
                               hint="check the network, disk space and permissions") from None
+        except (AssertionError, TypeError, ValueError, KeyError, IndexError,
+                struct.error) as exc:
+            # torchvision's readers check file headers with assert and raise TypeError or
+            # ValueError on a wrong type code or shape (MNIST's idx files): damaged data is
+            # invalid input, not a bug of tvtool.
+            what = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise InvalidInputError(
+                f"{self.info.name} under {str(root / self.info.folder)!r} holds a damaged "
+                f"file: {what}",
+                hint="download the dataset again (--download after removing the folder)",
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         """Where the data came from, and whether each split is the published one."""

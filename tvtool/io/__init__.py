@@ -21,7 +21,9 @@ Public API:
   adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``; a pickled
   ``adapter_model.bin`` is refused, never unpickled).
 * :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
-  tvtool owns (cache, work, scratch) and removal of its own damaged files.
+  tvtool owns (cache, work, scratch) and removal of its own damaged files;
+  :func:`remove_output` -- removal of an output a failing command has just written;
+  :func:`confined_path` -- a path named by a file, kept inside that file's folder.
 """
 
 from tvtool.io.atomic import (
@@ -46,7 +48,13 @@ from tvtool.io.legacy import (
     read_pickled_checkpoint,
     read_pickled_dict,
 )
-from tvtool.io.paths import ensure_directory, remove_file, scratch_directory
+from tvtool.io.paths import (
+    confined_path,
+    ensure_directory,
+    remove_file,
+    remove_output,
+    scratch_directory,
+)
 from tvtool.io.peft_dirs import (
     PeftAdapterFiles,
     adapter_weights_path,
@@ -79,6 +87,7 @@ __all__ = [
     "check_new_directory",
     "check_output",
     "check_output_path",
+    "confined_path",
     "ensure_directory",
     "fingerprint",
     "hf_model_files",
@@ -93,6 +102,7 @@ __all__ = [
     "read_pickled_checkpoint",
     "read_pickled_dict",
     "remove_file",
+    "remove_output",
     "scratch_directory",
     "spooled_stdin",
     "write_bytes",

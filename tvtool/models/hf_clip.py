@@ -37,7 +37,9 @@ _VISION = "vision_model."
 _TEXT = "text_model."
 # transformers >= 5 saves a bare CLIPVisionModel without the ``vision_model.`` prefix.
 _BARE_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+# At most 6 digits: no model has a million layers, and a longer index (a hostile file's
+# 5000 digits) is an unknown name, not an int() past Python's conversion limit.
+_LAYER = re.compile(r"^encoder\.layers\.(\d{1,6})\.(.+)$")
 _QKV = ("q_proj", "k_proj", "v_proj")
 _LAYER_NAMES = {
     "layer_norm1.weight": "ln_1.weight",

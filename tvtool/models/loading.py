@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import open_clip
@@ -21,6 +22,15 @@ from tvtool.io import (
 from tvtool.io.names import strip_wrapper_prefixes
 from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind
+from tvtool.models.hub_access import (
+    hub_access,
+    hub_model_cached,
+    tag_weights_cached,
+    tokenizer_cached,
+    tokenizer_hint,
+    tokenizer_uses_hub,
+    weights_hint,
+)
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.models.refs import ModelRef, RefKind, check_recorded_architecture, parse_ref
 from tvtool.types import StateDict
@@ -38,19 +48,30 @@ class ClipBundle:
         ref: The parsed reference it was built from (architecture resolved).
         preprocess_train: Training image transform (PIL -> tensor).
         preprocess_eval: Evaluation image transform (PIL -> tensor).
-        tokenizer: Text tokenizer for the architecture.
     """
 
     model: nn.Module
     ref: ModelRef
     preprocess_train: Callable[[Any], torch.Tensor]
     preprocess_eval: Callable[[Any], torch.Tensor]
-    tokenizer: Callable[..., torch.Tensor]
+    _tokenizer: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def architecture(self) -> str:
         """open_clip model name."""
         return self.ref.architecture
+
+    @property
+    def tokenizer(self) -> Callable[..., torch.Tensor]:
+        """Text tokenizer for the architecture, loaded on first use.
+
+        Only zero-shot heads built from class names need it: evaluating with head files
+        (``eval --head``) never loads one, so it works where the tokenizer is unavailable
+        (a hub tokenizer outside an offline cache).
+        """
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.architecture)
+        return self._tokenizer
 
 
 
@@ -105,8 +126,9 @@ def resolve_ref(ref: str | ModelRef) -> ModelRef:
     return ModelRef(parsed.text, RefKind.CHECKPOINT, meta.architecture, parsed.location)
 
 
-def _create(architecture: str, pretrained: str | None = None) -> tuple[nn.Module, Any, Any]:
-    with quiet_open_clip():
+def _create(architecture: str, pretrained: str | None = None,
+            level: int = logging.ERROR) -> tuple[nn.Module, Any, Any]:
+    with quiet_open_clip(level):
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
             architecture, pretrained=pretrained
         )
@@ -118,10 +140,17 @@ def _create_for(ref: ModelRef) -> tuple[nn.Module, Any, Any]:
     if ref.kind is RefKind.CHECKPOINT:  # the architecture was read from the file
         check_recorded_architecture(ref.architecture, repr(ref.text), _NAME_IT, tokenizer=False)
     if ref.kind is RefKind.PRETRAINED_TAG:
-        return _create(ref.architecture, ref.location)
+        assert ref.location is not None
+        with hub_access(f"the weights of {ref.text}",
+                        cached=tag_weights_cached(ref.architecture, ref.location),
+                        hint=weights_hint(ref.architecture)):
+            return _create(ref.architecture, ref.location, logging.CRITICAL)
     if ref.kind is RefKind.HF_HUB:
         # open_clip reads config and weights from the hub name; `pretrained` must stay unset.
-        return _create(ref.architecture)
+        with hub_access(f"the model {ref.text}",
+                        cached=hub_model_cached(ref.text.removeprefix("hf-hub:")),
+                        hint=weights_hint("NAME")):
+            return _create(ref.architecture, level=logging.CRITICAL)
     if ref.kind is RefKind.RANDOM:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_RANDOM_INIT_SEED)
@@ -259,5 +288,19 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
         finally:
             source.close()
     model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(resolved.architecture)
-    return ClipBundle(model, resolved, pre_train, pre_eval, tokenizer)
+    return ClipBundle(model, resolved, pre_train, pre_eval)
+
+
+def load_tokenizer(architecture: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for ``architecture`` (hub tokenizers: cached, fetched or refused).
+
+    Raises:
+        InvalidInputError: a hub tokenizer that is neither cached nor reachable.
+        TvtoolError: its download failed.
+    """
+    if not tokenizer_uses_hub(architecture):
+        return cast(Callable[..., torch.Tensor], open_clip.get_tokenizer(architecture))
+    with hub_access(f"the tokenizer of {architecture}", cached=tokenizer_cached(architecture),
+                    hint=tokenizer_hint()):
+        return cast(Callable[..., torch.Tensor], open_clip.get_tokenizer(architecture))
+

@@ -29,7 +29,9 @@ from tvtool.limits import short_list
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.types import StateDict
 
-_PARAM = re.compile(r"^model\.(params0?)\.(\d+)$")
+# At most 6 digits: a longer index (5000 digits in a hostile file) is an unknown entry,
+# not an int() past Python's conversion limit.
+_PARAM = re.compile(r"^model\.(params0?)\.(\d{1,6})$")
 _IMAGE_PREFIX = "visual."
 
 

@@ -104,6 +104,15 @@ def _key_pattern(key: str, what: str) -> BoundedPattern:
     return wrapped
 
 
+MAX_RANK = 2**31 - 1
+"""Largest LoRA rank read from an adapter config (a larger one cannot match any factor, and
+a 400-digit one would overflow the float division alpha / r)."""
+
+
+def _is_rank(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_RANK
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) \
         and math.isfinite(value)
@@ -159,8 +168,9 @@ def check_peft_config(config: Mapping[str, Any], label: str) -> PeftSettings:
     if config.get("loftq_config"):
         raise InvalidInputError(f"{label} has a LoftQ config (a quantised base)")
     rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidInputError(f"{label}: r must be a positive integer, got {str(rank)[:20]}")
+    if not _is_rank(rank):
+        raise InvalidInputError(f"{label}: r must be an integer in [1, 2**31), got "
+                                f"{short_repr(rank, 30)}")
     if not _is_number(alpha):
         raise InvalidInputError(f"{label}: lora_alpha must be a finite number, "
                                 f"got {str(alpha)[:20]}")
@@ -171,11 +181,10 @@ def check_peft_config(config: Mapping[str, Any], label: str) -> PeftSettings:
         if not isinstance(value, dict):
             raise InvalidInputError(f"{label}: {name} must be a JSON object")
         for key, item in value.items():
-            good = (isinstance(item, int) and not isinstance(item, bool) and item >= 1) \
-                if name == "rank_pattern" else _is_number(item)
+            good = _is_rank(item) if name == "rank_pattern" else _is_number(item)
             if not good:
                 raise InvalidInputError(f"{label}: {name}[{short_repr(key, 60)}] is "
-                                        f"{short_repr(item, 20)}")
+                                        f"{short_repr(item, 30)}")
             if key not in keys:
                 keys[key] = _key_pattern(key, f"{label}: {name} key")
         patterns[name] = value

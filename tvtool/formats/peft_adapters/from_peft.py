@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,6 +106,30 @@ def _row_blocks(b: Tensor) -> list[str]:
             if bool(b[i * height:(i + 1) * height].any())]
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_scaled_deltas(pairs: Mapping[str, tuple[Tensor, Tensor, float]], label: str) -> None:
+    """Refuse an adapter whose scaled delta scaling·B·A does not fit float32.
+
+    peft computes the delta in the weights' precision, and ``tvtool apply`` accumulates in
+    float32; an adapter whose delta overflows there (``lora_alpha: 1e308``) must be refused
+    when it is converted, not produce a vector every later command refuses.
+    """
+    for target, (a, b, scale) in pairs.items():
+        if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:
+            raise InvalidInputError(f"{label}: the scaling of {target!r} (lora_alpha / r) is "
+                                    f"{scale:g}, beyond the float32 range",
+                                    hint="check lora_alpha / alpha_pattern in "
+                                         "adapter_config.json")
+        delta = (b.double() @ a.double()) * scale
+        if not bool(torch.isfinite(delta).all()) or float(delta.abs().max()) > _FLOAT32_MAX:
+            raise InvalidInputError(f"{label}: the delta scaling·B·A of {target!r} overflows "
+                                    f"float32 (scaling {scale:g})",
+                                    hint="check lora_alpha / alpha_pattern in "
+                                         "adapter_config.json")
+
+
 def peft_to_lora_vector(config: Mapping[str, Any], tensors: Mapping[str, Tensor],
                         modules: Mapping[str, ModuleSpec], root: str, *,
                         label: str) -> ImportedVector:
@@ -161,6 +186,7 @@ def peft_to_lora_vector(config: Mapping[str, Any], tensors: Mapping[str, Tensor]
         notes.append(f"left out {len(pairs) - len(nonzero)} factor pairs that change nothing "
                      "(B or A all zero)")
         pairs = nonzero
+    _check_scaled_deltas(pairs, label)
     widened = False
     out: dict[str, Tensor] = {}
     # tvtool scales every pair by alpha / (its rank): one scale s for all modules becomes

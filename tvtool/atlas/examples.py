@@ -163,6 +163,15 @@ class Examples:
             raise InvalidInputError(f"cannot read an example of {self.name}: "
                                     f"{worker_error_text(exc)}") from exc
 
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The examples at positions ``index`` (a 1-D int64 tensor), as one batch."""
+        if self.images is not None and self.labels is not None:
+            where = index.to(self.device)
+            return self.images[where], self.labels[where]
+        items = [read_example(self.dataset, int(i), self.name) for i in index.tolist()]
+        return (torch.stack([image for image, _ in items]).to(self.device),
+                torch.tensor([label for _, label in items], device=self.device))
+
     def endless(self, batch_size: int, generator: torch.Generator
                 ) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled batches forever (a new order every epoch)."""

@@ -505,3 +505,11 @@ def test_path_and_audit_are_recorded(toy):
     stats = result.history[-1]["datasets"][0]
     assert stats["accuracy"] is None  # labels never read for the path's label-free scores
     assert {"information", "class_entropy", "class_entropy_ratio", "top_share"} <= set(stats)
+    # Auditing the very examples the path is scored on takes one pass: the same figures.
+    train = TensorDataset(images, labels)
+    shared = learn(toy.composed(), [TaskData("d0", toy.heads[0], train, labelled=False,
+                                             audit=train)],
+                   LearnerConfig(objective="entropy", steps=4, eval_every=2, precision="fp32"))
+    assert [r["audit_accuracy"] for r in shared.history] == \
+        [r["audit_accuracy"] for r in result.history]
+    assert [r["datasets"] for r in shared.history] == [r["datasets"] for r in result.history]

@@ -235,8 +235,12 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
     if protocol.selection == "last" and all(v is None for v in val_sets):
         # AdaMerging selects nothing; its path is scored on its own unlabelled examples.
         score_sets = list(train_sets)
-    audit_sets = [_examples(t.audit, f"{t.name} (audit)", device, config.workers)
-                  for t in tasks]
+    # An audit of the very examples the path is scored on (AdaMerging on the whole test split)
+    # reuses them, and their pass: its labels only feed the audit accuracy.
+    audit_sets = [train_sets[i] if train_sets and t.audit is t.train and
+                  score_sets[i] is train_sets[i]
+                  else _examples(t.audit, f"{t.name} (audit)", device, config.workers)
+                  for i, t in enumerate(tasks)]
     heads = [t.head.to(device, torch.float32) for t in tasks]
     has_scores = any(s is not None for s in score_sets)
     selecting = protocol.selection != "last" and has_scores
@@ -283,11 +287,16 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
                 if data is not None:
                     acc = ScoreAccumulator(task.role, task.class_prior)
                     use_labels = task.labelled or reads_labels
+                    right = 0
                     for images, labels in data.batches(eval_batch, None):
-                        acc.add(logits_of(images, head, weights),
-                                labels if use_labels else None)
+                        logits = logits_of(images, head, weights)
+                        acc.add(logits, labels if use_labels else None)
+                        if check is data:
+                            right += int((logits.argmax(-1) == labels).sum())
                     scores.append(acc.result())
-                if check is not None:
+                    if check is data:
+                        audit[task.name] = right / data.size
+                if check is not None and check is not data:
                     right = 0
                     for images, labels in check.batches(eval_batch, None):
                         right += int((logits_of(images, head, weights).argmax(-1)

@@ -375,13 +375,17 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
             else:
                 log(f"{data.name}{what}: {len(train_idx)} training and {len(val_idx)} "
                     f"held-out examples from the {config.split} split")
-            audit = None
-            if config.audit_split is not None:
+            train = Subset(data.dataset, train_idx)
+            audit: Dataset[Any] | None = None
+            if config.audit_split == config.split and config.eval_limit is None and \
+                    len(train_idx) == data.total:
+                audit = train  # the same examples: the learner scores them in one pass
+            elif config.audit_split is not None:
                 audit = open_eval_data(name, config.audit_split, model.bundle.preprocess_eval,
                                        data_root=config.data_root, seed=config.learner.seed,
                                        limit=config.eval_limit).dataset
-            tasks.append(TaskData(data.name, head, Subset(data.dataset, train_idx),
-                                  selection_data, role, labelled, audit=audit))
+            tasks.append(TaskData(data.name, head, train, selection_data, role, labelled,
+                                  audit=audit))
 
         start = time.perf_counter()
         learner = config.learner.resolved()

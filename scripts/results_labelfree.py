@@ -346,8 +346,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "studies": studies, "runs": runs}
 
 
-def markdown(summary: dict[str, Any], section: str | None) -> str:
-    """The three tables of docs/results.md."""
+def markdown(summary: dict[str, Any], section: str | None,
+             paths: list[Path] | None = None) -> str:
+    """The three tables of docs/results.md (``paths``: the runs, for the command line)."""
     seeds, runs = summary["seeds"], summary["runs"]
     first = runs[0]
     head = ["method", *(f"seed {s}" for s in seeds), "mean ± s.e.", "Δ vs task arithmetic"]
@@ -409,8 +410,8 @@ def markdown(summary: dict[str, Any], section: str | None) -> str:
         cells += [_fmt(*_mean_se(study.get("last", []))), _fmt(*_mean_se(study.get("rule", []))),
                   _fmt(*_mean_se(kept)), _fmt(*_mean_se(study.get("oracle", [])))]
         lines.append("| " + " | ".join(cells) + " |")
-    command = ("python scripts/results_labelfree.py --summarise "
-               + " ".join(f"RUN-seed{s}.json" for s in seeds)
+    named = [str(p) for p in paths] if paths else [f"RUN-seed{s}.json" for s in seeds]
+    command = ("python scripts/results_labelfree.py --summarise " + " ".join(named)
                + (f" --section {section}" if section else ""))
     lines += ["", "Regenerate: one `python scripts/results_labelfree.py --seed S"
               + ("" if summary["base"] == "tvtool-small" else f" --base {summary['base']}")
@@ -469,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.summarise:
         summary = summarise(load_runs(args.summarise))
-        text = markdown(summary, args.section)
+        text = markdown(summary, args.section, args.summarise)
         print(text)
         update_doc(Path(args.doc), text, args.section)
         return 0

@@ -162,7 +162,7 @@ def test_reference_protocols_report_their_path(cli, files, tmp_path):
     report = json.loads(result.stdout)
     assert report["protocol"] == "atlas" and report["settings"]["ufm_reading"] == "code"
     assert report["selection"].startswith("accuracy on the labelled val split")
-    assert "every example trusted" in result.stderr
+    assert "every example trusted" in result.stderr and "not 2-D keep" in result.stderr
     assert report["settings"]["steps"] == report["steps_run"]  # one epoch
     first = report["candidates"][0]
     assert first["datasets"][0]["examples"] == 30 and first["datasets"][0]["accuracy"] is not None

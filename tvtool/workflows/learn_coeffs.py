@@ -337,6 +337,9 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         specs, more = covered_tensors(params, sources)
         notes += more
         partition = build_partition(specs, granularity, config.partition_seed)
+        if len(partition.tensors) < len(specs):
+            notes.append(f"{granularity}: {len(specs) - len(partition.tensors)} image-encoder "
+                         "tensors that are not 2-D keep θ0 (aTLAS x K's rule)")
         names = [s.name for s in specs]
         stack = VectorStack(Packing(partition),
                             [_SourceTensors(s, names) for s in sources],

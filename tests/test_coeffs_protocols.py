@@ -153,7 +153,8 @@ def test_oversampling_is_the_few_shot_reference_rule():
 def test_fresh_draw_is_two_batches_of_16_from_a_new_shuffle():
     data = TensorDataset(torch.arange(40.0)[:, None, None, None].expand(40, 3, 2, 2).clone(),
                          torch.arange(40))
-    draw = FreshDraw(Examples(data, "d", CPU, 0), 16, 2, torch.Generator().manual_seed(0))
+    draw = FreshDraw(Examples(data, "d", CPU, 0), 16, 2, seed=0)
+    draw.begin(None)
     seen = []
     for _ in range(20):
         batches = draw.next()
@@ -164,8 +165,11 @@ def test_fresh_draw_is_two_batches_of_16_from_a_new_shuffle():
         seen.append(frozenset(step.tolist()))
     assert len(set(seen)) > 1  # every step reshuffles
     short = FreshDraw(Examples(TensorDataset(torch.zeros(20, 3, 2, 2), torch.arange(20)), "s",
-                               CPU, 0), 16, 2, torch.Generator().manual_seed(0))
+                               CPU, 0), 16, 2, seed=0)
     assert [len(b[1]) for b in short.next()] == [16, 4]  # the loader's short last batch
+    tiny = FreshDraw(Examples(TensorDataset(torch.zeros(9, 3, 2, 2), torch.arange(9)), "t",
+                              CPU, 0), 16, 2, seed=0)
+    assert [len(b[1]) for b in tiny.next()] == [9]  # one batch: the loader has only one
 
 
 def test_adamerging_steps_are_the_reference_update_with_the_clamp(toy):
@@ -206,12 +210,52 @@ def test_adamerging_steps_are_the_reference_update_with_the_clamp(toy):
 def test_epoch_draw_is_the_oversampled_subset_random_sampler():
     data = TensorDataset(torch.zeros(5, 3, 2, 2), torch.arange(5))
     indices = torch.arange(5).repeat(oversampled(5, 4))  # 5 / 4 -> 9 copies
-    draw = EpochDraw(Examples(data, "d", CPU, 0), indices, 4, torch.Generator().manual_seed(1))
+    draw = EpochDraw(Examples(data, "d", CPU, 0), indices, 4, seed=1)
     assert draw.batches_per_epoch == math.ceil(45 / 4) == 12
+    draw.begin(draw.batches_per_epoch)
+    epochs = []
     for _ in range(2):
-        draw.start_epoch()
-        labels = torch.cat([draw.next()[0][1] for _ in range(draw.batches_per_epoch)])
+        batches = [draw.next()[0][1] for _ in range(draw.batches_per_epoch)]
+        assert [len(b) for b in batches] == [4] * 11 + [1]  # the last batch short
+        labels = torch.cat(batches)
         assert sorted(labels.tolist()) == sorted(indices.tolist())  # each copy once an epoch
+        epochs.append(labels.tolist())
+    assert epochs[0] != epochs[1]  # a new permutation every epoch
+    # In a run whose epoch is shorter (another dataset's), the permutation restarts early.
+    short = EpochDraw(Examples(data, "d", CPU, 0), indices, 4, seed=1)
+    short.begin(3)
+    firsts = [short.next()[0][1] for _ in range(6)]
+    assert torch.equal(torch.cat(firsts[:3]), torch.tensor(epochs[0][:12]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_draws_read_the_same_examples_from_disk_as_from_memory(monkeypatch, workers):
+    import tvtool.atlas.examples as examples_module
+
+    data = TensorDataset(torch.arange(50.0)[:, None, None, None].expand(50, 3, 2, 2).clone(),
+                         torch.arange(50))
+
+    def steps(examples: Examples) -> list[list[int]]:
+        draws = [FreshDraw(examples, 8, 2, seed=3),
+                 EpochDraw(examples, torch.arange(50).repeat(2), 16, seed=4),
+                 TwoStreamDraw(examples, torch.arange(10, 50), torch.arange(10), 8, seed=5)]
+        for draw in draws:
+            draw.begin(3)
+        out = []
+        for _ in range(7):
+            for draw in draws:
+                for images, labels in draw.next():
+                    assert torch.equal(images[:, 0, 0, 0].long(), labels)
+                    out.append(labels.tolist())
+        for draw in draws:
+            draw.close()
+        return out
+
+    in_memory = steps(Examples(data, "d", CPU, 0))
+    monkeypatch.setattr(examples_module, "MATERIALIZE_BYTES", 0)
+    on_disk = Examples(data, "d", CPU, workers)
+    assert on_disk.images is None  # read through a DataLoader
+    assert steps(on_disk) == in_memory
 
 
 def _constant_task(toy: Toy, label: int, role: str = "train", n: int = 8,
@@ -278,10 +322,9 @@ def test_atlas_negation_is_constant_lr_and_minus_ce_plus_ce(toy):
 def test_two_stream_draw_is_the_ufm_batch_sampler():
     data = TensorDataset(torch.zeros(60, 3, 2, 2), torch.arange(60))
     primary, secondary = torch.arange(10, 60), torch.tensor([0, 1, 1, 2, 3])
-    draw = TwoStreamDraw(Examples(data, "d", CPU, 0), primary, secondary, 16,
-                         torch.Generator().manual_seed(0))
+    draw = TwoStreamDraw(Examples(data, "d", CPU, 0), primary, secondary, 16, seed=0)
     assert draw.batches_per_epoch == 50 // 12 == 4  # len(primary) // (3 * 16 // 4)
-    draw.start_epoch()
+    draw.begin(draw.batches_per_epoch)
     firsts = []
     for _ in range(4):
         labels = draw.next()[0][1]

@@ -23,7 +23,8 @@ data loader:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from itertools import count
 from typing import Protocol
 
 import torch
@@ -39,13 +40,16 @@ class Draw(Protocol):
 
     @property
     def batches_per_epoch(self) -> int | None:
-        """Steps of one epoch (None for endless draws)."""
+        """Steps of this dataset's own epoch (None for endless draws)."""
 
-    def start_epoch(self) -> None:
-        """Begin a new epoch (a no-op for endless draws)."""
+    def begin(self, epoch_length: int | None) -> None:
+        """Start drawing; epochs last ``epoch_length`` steps (None: endless draws)."""
 
     def next(self) -> list[Batch]:
         """The micro-batches of the next step."""
+
+    def close(self) -> None:
+        """Stop reading (shuts a DataLoader's worker processes down now, not at collection)."""
 
 
 class StreamDraw:
@@ -61,7 +65,7 @@ class StreamDraw:
     def __init__(self, parts: list[tuple[Examples, int]], generator: torch.Generator) -> None:
         self._streams = [examples.endless(batch, generator) for examples, batch in parts]
 
-    def start_epoch(self) -> None:
+    def begin(self, epoch_length: int | None) -> None:
         """Endless: nothing to do."""
 
     def next(self) -> list[Batch]:
@@ -71,66 +75,93 @@ class StreamDraw:
             return batches
         return [(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))]
 
+    def close(self) -> None:
+        """Close the streams."""
+        for stream in self._streams:
+            if isinstance(stream, Generator):
+                stream.close()
 
-class FreshDraw:
+
+class _IndexDraw:
+    """A draw whose steps are index batches into one :class:`Examples` part."""
+
+    batches_per_epoch: int | None = None
+    micro_batches = 1
+
+    def __init__(self, examples: Examples, seed: int) -> None:
+        self.examples = examples
+        self.generator = torch.Generator().manual_seed(seed)
+        self._data: Iterator[Batch] | None = None
+
+    def _indices(self, epoch_length: int | None) -> Iterator[Tensor]:
+        raise NotImplementedError
+
+    def begin(self, epoch_length: int | None) -> None:
+        """Start the index stream and its reader."""
+        self._data = self.examples.stream(self._indices(epoch_length))
+
+    def next(self) -> list[Batch]:
+        """The next step's micro-batches."""
+        if self._data is None:
+            self.begin(self.batches_per_epoch)
+        assert self._data is not None
+        return [next(self._data) for _ in range(self.micro_batches)]
+
+    def close(self) -> None:
+        """Close the reader."""
+        if isinstance(self._data, Generator):
+            self._data.close()
+        self._data = None
+
+
+class FreshDraw(_IndexDraw):
     """AdaMerging's draw: a new permutation every step, ``micro_batches`` batches of it.
 
     Args:
         examples: The dataset's unlabelled examples.
         batch: Examples per micro-batch (the reference's 16).
-        micro_batches: Micro-batches per step (the reference's 2).
-        generator: Seeds the permutations.
+        micro_batches: Micro-batches per step (the reference's 2; fewer when the dataset has
+            fewer examples, as the reference's loader then runs out).
+        seed: Seeds this dataset's permutations.
     """
 
-    batches_per_epoch: int | None = None
+    def __init__(self, examples: Examples, batch: int, micro_batches: int, seed: int) -> None:
+        super().__init__(examples, seed)
+        self.batch = batch
+        self.micro_batches = min(micro_batches, math.ceil(examples.size / batch))
 
-    def __init__(self, examples: Examples, batch: int, micro_batches: int,
-                 generator: torch.Generator) -> None:
-        self.examples, self.batch, self.micro = examples, batch, micro_batches
-        self.generator = generator
-
-    def start_epoch(self) -> None:
-        """Every step is a fresh loader: nothing to do."""
-
-    def next(self) -> list[Batch]:
-        """The first ``micro_batches`` batches of a fresh permutation (fewer if it is short)."""
-        order = torch.randperm(self.examples.size, generator=self.generator)
-        chunks = order[:self.batch * self.micro].split(self.batch)
-        return [self.examples.take(chunk) for chunk in chunks]
+    def _indices(self, epoch_length: int | None) -> Iterator[Tensor]:
+        while True:
+            order = torch.randperm(self.examples.size, generator=self.generator)
+            yield from order[:self.batch * self.micro_batches].split(self.batch)
 
 
-class EpochDraw:
+class EpochDraw(_IndexDraw):
     """aTLAS' few-shot draw: a fresh permutation of an index list every epoch, in batches.
 
     Args:
         examples: The dataset part the indices point into.
         indices: The epoch's index list (repeats allowed: the oversampled few-shot list).
         batch: Examples per batch.
-        generator: Seeds the permutations.
+        seed: Seeds this dataset's permutations.
     """
 
-    def __init__(self, examples: Examples, indices: Tensor, batch: int,
-                 generator: torch.Generator) -> None:
-        self.examples, self.indices, self.batch = examples, indices, batch
-        self.generator = generator
-        self.batches_per_epoch = max(1, math.ceil(len(indices) / batch))
-        self._batches: Iterator[Tensor] = iter(())
+    def __init__(self, examples: Examples, indices: Tensor, batch: int, seed: int) -> None:
+        super().__init__(examples, seed)
+        self.indices, self.batch = indices, batch
+        self.epoch_batches = max(1, math.ceil(len(indices) / batch))
+        self.batches_per_epoch = self.epoch_batches
 
-    def start_epoch(self) -> None:
-        """Draw the epoch's permutation."""
-        order = self.indices[torch.randperm(len(self.indices), generator=self.generator)]
-        self._batches = iter(order.split(self.batch))
-
-    def next(self) -> list[Batch]:
-        """The epoch's next batch (a new epoch begins if this one is used up)."""
-        chunk = next(self._batches, None)
-        if chunk is None:
-            self.start_epoch()
-            chunk = next(self._batches)
-        return [self.examples.take(chunk)]
+    def _indices(self, epoch_length: int | None) -> Iterator[Tensor]:
+        length = epoch_length or self.epoch_batches
+        for _ in count():
+            order = self.indices[torch.randperm(len(self.indices), generator=self.generator)]
+            chunks = order.split(self.batch)
+            # An epoch of the run is the shortest dataset's; longer ones restart early.
+            yield from (chunks[i % len(chunks)] for i in range(length))
 
 
-class TwoStreamDraw:
+class TwoStreamDraw(_IndexDraw):
     """aTLAS' UFM draw (``TwoStreamBatchSampler``): primary groups plus secondary groups.
 
     Args:
@@ -139,40 +170,29 @@ class TwoStreamDraw:
         secondary: Indices iterated endlessly (the trusted examples, repeats allowed).
         batch: The step's examples of this dataset: ``3·batch//4`` primary, ``batch//4``
             secondary.
-        generator: Seeds the shuffles.
+        seed: Seeds this dataset's shuffles.
     """
 
     def __init__(self, examples: Examples, primary: Tensor, secondary: Tensor, batch: int,
-                 generator: torch.Generator) -> None:
-        self.examples, self.primary, self.secondary = examples, primary, secondary
-        self.generator = generator
+                 seed: int) -> None:
+        super().__init__(examples, seed)
+        self.primary, self.secondary = primary, secondary
         self.primary_batch, self.secondary_batch = 3 * batch // 4, batch // 4
-        self.batches_per_epoch = len(primary) // max(1, self.primary_batch)
-        self._pairs: Iterator[Tensor] = iter(())
+        self.epoch_batches = len(primary) // max(1, self.primary_batch)
+        self.batches_per_epoch = self.epoch_batches
 
     def _secondary(self) -> Iterator[Tensor]:
         while True:
             yield from self.secondary[torch.randperm(len(self.secondary),
                                                      generator=self.generator)]
 
-    def start_epoch(self) -> None:
-        """Shuffle the primary indices and restart the secondary stream."""
-        order = self.primary[torch.randperm(len(self.primary), generator=self.generator)]
-        groups = order[:self.batches_per_epoch * self.primary_batch].split(self.primary_batch)
-        secondary = self._secondary()
-
-        def pairs() -> Iterator[Tensor]:
-            for group in groups:
-                extra = torch.stack([next(secondary) for _ in range(self.secondary_batch)]) \
-                    if self.secondary_batch else group[:0]
-                yield torch.cat([group, extra])
-
-        self._pairs = pairs()
-
-    def next(self) -> list[Batch]:
-        """The epoch's next batch (a new epoch begins if this one is used up)."""
-        chunk = next(self._pairs, None)
-        if chunk is None:
-            self.start_epoch()
-            chunk = next(self._pairs)
-        return [self.examples.take(chunk)]
+    def _indices(self, epoch_length: int | None) -> Iterator[Tensor]:
+        length = epoch_length or self.epoch_batches
+        for _ in count():
+            order = self.primary[torch.randperm(len(self.primary), generator=self.generator)]
+            groups = order[:self.epoch_batches * self.primary_batch].split(
+                self.primary_batch)
+            secondary = self._secondary()  # restarted every epoch, as the sampler's __iter__
+            for group in groups[:length]:
+                extra = [next(secondary) for _ in range(self.secondary_batch)]
+                yield torch.cat([group, torch.stack(extra)]) if extra else group

@@ -172,19 +172,24 @@ def _examples(data: Dataset[Any] | None, name: str, device: torch.device,
     return Examples(data, name, device, workers)
 
 
+def draw_seed(seed: int, index: int) -> int:
+    """The seed of dataset ``index``'s own draw (``seed`` and ``seed + 1`` are taken)."""
+    return (seed << 16) + 2 + index
+
+
 def _draws(protocol: Protocol, objective: str, train_sets: Sequence[Examples], per_task: int,
-           generator: torch.Generator) -> list[Draw]:
+           generator: torch.Generator, seed: int) -> list[Draw]:
     """The protocol's batch draw for every dataset (not UFM, see :func:`ufm_task`)."""
     if protocol.batching == "fresh":
-        return [FreshDraw(data, per_task, protocol.micro_batches, generator)
-                for data in train_sets]
+        return [FreshDraw(data, per_task, protocol.micro_batches, draw_seed(seed, i))
+                for i, data in enumerate(train_sets)]
     if protocol.batching == "epochs":
         draws: list[Draw] = []
-        for data in train_sets:
+        for i, data in enumerate(train_sets):
             indices = torch.arange(data.size)
             if objective == "ce":  # learn_few_shots.py: at least ten batches an epoch
                 indices = indices.repeat(oversampled(data.size, per_task))
-            draws.append(EpochDraw(data, indices, per_task, generator))
+            draws.append(EpochDraw(data, indices, per_task, draw_seed(seed, i)))
         return draws
     return [StreamDraw([(data, per_task)], generator) for data in train_sets]
 
@@ -264,14 +269,15 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
     if objective == "ufm":
         with torch.no_grad():
             zero_weights = encoder.weights(zeros)
-            for task, head in zip(tasks, heads, strict=True):
+            for i, (task, head) in enumerate(zip(tasks, heads, strict=True)):
                 ufm.append(ufm_task(task.name, task.train, head, zero_weights, logits_of,
                                     per_task, generator, device, config.workers, eval_batch,
                                     log, sampler="atlas" if protocol.name == "atlas"
-                                    else "tvtool", reading=cast(str, config.ufm_reading)))
+                                    else "tvtool", reading=cast(str, config.ufm_reading),
+                                    seed=draw_seed(config.seed, i)))
         draws = [u.draw for u in ufm]
     else:
-        draws = _draws(protocol, objective, train_sets, per_task, generator)
+        draws = _draws(protocol, objective, train_sets, per_task, generator, config.seed)
     epoch_length = (min(cast(int, d.batches_per_epoch) for d in draws)
                     if protocol.batching == "epochs" else None)
     steps = config.steps if config.steps is not None else \
@@ -344,11 +350,11 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
     stop_note = None
     bar = progress("learning coefficients", steps) if progress is not None \
         else contextlib.nullcontext(advance)
-    with bar as tick:
+    with contextlib.ExitStack() as cleanup, bar as tick:
+        for draw in draws:
+            draw.begin(epoch_length)
+            cleanup.callback(draw.close)  # data-loader workers stop with the loop
         for step in range(1, steps + 1):
-            if epoch_length and (step - 1) % epoch_length == 0:
-                for draw in draws:
-                    draw.start_epoch()
             value = _step_loss(encoder, effective(), tasks, heads, draws, ufm, config,
                                protocol, kind, aug_generator, device)
             if not bool(torch.isfinite(value)):

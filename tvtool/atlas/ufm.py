@@ -117,7 +117,7 @@ def ufm_task(name: str, train: Dataset[Any], head: Tensor, zero_weights: dict[st
              logits_of: Callable[[Tensor, Tensor, dict[str, Tensor]], Tensor], per_task: int,
              generator: torch.Generator, device: torch.device, workers: int,
              batch_size: int, log: Logger, *, sampler: str = "tvtool",
-             reading: str = "paper") -> UfmTask:
+             reading: str = "paper", seed: int = 0) -> UfmTask:
     """Zero-shot pseudo-labels, the trusted examples and the batch draw of one task.
 
     Args:
@@ -127,7 +127,7 @@ def ufm_task(name: str, train: Dataset[Any], head: Tensor, zero_weights: dict[st
         zero_weights: The encoder weights of the zero-shot model (all coefficients 0).
         logits_of: ``(images, head, weights) -> logits`` of the learner.
         per_task: Examples of this task per step.
-        generator: Seeds the batch draws.
+        generator: Seeds the ``tvtool`` sampler's streams.
         device: The training device.
         workers: DataLoader workers for parts that do not fit on the device.
         batch_size: Batch of the pseudo-labelling pass.
@@ -135,6 +135,7 @@ def ufm_task(name: str, train: Dataset[Any], head: Tensor, zero_weights: dict[st
         sampler: ``atlas`` (the reference's trusted list and two-stream sampler) or
             ``tvtool`` (de-duplicated trusted set, two endless streams).
         reading: ``code`` (every example trusted in the loss) or ``paper``.
+        seed: Seeds the ``atlas`` sampler (its own generator).
 
     Raises:
         UsageError: too few examples for the reference's trusted set or sampler.
@@ -156,8 +157,8 @@ def ufm_task(name: str, train: Dataset[Any], head: Tensor, zero_weights: dict[st
     mask = torch.ones_like(member) if reading == "code" else member
     draw: Draw
     if sampler == "atlas":
-        two = TwoStreamDraw(everything, rest, trusted, per_task, generator)
-        if two.batches_per_epoch < 1:
+        two = TwoStreamDraw(everything, rest, trusted, per_task, seed)
+        if two.epoch_batches < 1:
             raise UsageError(f"{name}: {len(rest)} untrusted examples do not fill one batch "
                              f"of {two.primary_batch} (the reference's epoch would be empty)",
                              hint="use more examples or a smaller --batch-size")

@@ -36,7 +36,8 @@ def test_shell_completion_is_offered(cli, monkeypatch):
      ["[full|attn|linear|lora|llora|llora-net]", "[auto|fp32|bf16|fp16]",
       "[q,k,v,o,mlp,attn]"]),
     (("learn-coeffs",), ["Model and data", "Objective and blocks", "Optimisation", "Output"],
-     ["[ce|entropy|infomax|ufm|negation]", "[task|tensor|layer|random:K]", "[fp32|bf16|fp16]"]),
+     ["[ce|entropy|infomax|ufm|negation]", "[task|tensor|layer|random:K|atlas:K]",
+      "[adamerging|atlas|tvtool]", "[fp32|bf16|fp16]"]),
 ])
 def test_long_commands_group_their_options(cli, command, panels, choices):
     text = _help(cli, *command)

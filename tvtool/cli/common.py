@@ -302,6 +302,7 @@ def emit_json(document: Any, report: str | None = None, *,
 
     Args:
         document: The report.
+        report: Its ``report`` kind when it names none (default: the command's name).
         outputs: Files or directories the command wrote (``None`` and ``-`` are skipped).
 
     Raises:

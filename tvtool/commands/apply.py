@@ -16,6 +16,7 @@ from tvtool.commands.common import (
 )
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import (
+    STDIO,
     TensorSource,
     check_new_directory,
     check_output,

@@ -249,11 +249,20 @@ def test_learn_coeffs_scores_are_held_out_and_provenance_has_sources(cli, files,
     out = tmp_path / "c.safetensors"
     result = cli(["learn-coeffs", files["tv1"], files["tv2"], "-b", files["base"],
                   "-d", "synthetic:shape", "--shots", "2", "--steps", "2", "--eval-every", "1",
-                  "--granularity", "task", "-o", str(out), "--device", "cpu", "--json"])
+                  "--granularity", "task", "--protocol", "tvtool", "-o", str(out),
+                  "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     for record in (*report["initial"], *report["best"], *report["zero_shot"]):
         assert record["role"] == "task" and record["part"] == "held-out"
+    # The atlas protocol (ce's default) selects on the labelled val split, and says so.
+    atlas = cli(["learn-coeffs", files["tv1"], files["tv2"], "-b", files["base"],
+                 "-d", "synthetic:shape", "--shots", "2", "--epochs", "1", "--eval-limit", "8",
+                 "--granularity", "task", "-o", str(tmp_path / "a.safetensors"),
+                 "--device", "cpu", "--json"])
+    assert atlas.exit_code == 0, atlas.stderr
+    for record in json.loads(atlas.stdout)["best"]:
+        assert record["role"] == "task" and record["part"] == "val-split"
     prov = _provenance(str(out))
     assert [i["fingerprint"] for i in prov["inputs"]] == [
         _independent_fingerprint(files["tv1"]), _independent_fingerprint(files["tv2"])]

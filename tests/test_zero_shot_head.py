@@ -72,10 +72,10 @@ def test_prompts_are_encoded_in_bounded_batches(bundle, monkeypatch):
         return tokenizer(texts)
 
     monkeypatch.setattr(heads, "TEXTS_PER_BATCH", 5)
-    monkeypatch.setattr(bundle, "tokenizer", counting)
+    monkeypatch.setattr(bundle, "_tokenizer", counting)
     head = build_zero_shot_head(bundle, CLASSES, TEMPLATES)
     assert sizes == [5, 5, 2]
-    monkeypatch.setattr(bundle, "tokenizer", tokenizer)
+    monkeypatch.setattr(bundle, "_tokenizer", tokenizer)
     torch.testing.assert_close(head, _expected(bundle, CLASSES, TEMPLATES), rtol=1e-5,
                                atol=1e-5)
 

@@ -163,7 +163,7 @@ def learn_coeffs(
         help="Also write the composed model (a checkpoint; for linearized "
              "vectors, the composed linearized task vector).")] = None,
     path_out: Annotated[str | None, typer.Option(
-        "--path-out", rich_help_panel="Output",
+        "--path-out", rich_help_panel="Output", metavar="FILE",
         help="Also write the learning path (every evaluation's coefficients and "
              "statistics) as JSON.")] = None,
     audit_split: Annotated[str | None, typer.Option(

@@ -321,3 +321,14 @@ def test_stdout_output_round_trips(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     (tmp_path / "piped.safetensors").write_bytes(result.stdout_bytes)
     assert set(load(str(tmp_path / "piped.safetensors"))) >= {"visual.a.weight.lora_A"}
+
+
+def test_rank_zero_lora_pair_is_refused_in_one_line(cli, files, tmp_path):
+    # alpha/r is undefined for r = 0 (was a ZeroDivisionError); compress's rank-0 pairs carry
+    # tvtool.factors=svd, which has no alpha/r scale, and are read as zero deltas.
+    stem = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    factors = {f"{stem}.lora_A": torch.zeros(0, 64), f"{stem}.lora_B": torch.zeros(256, 0)}
+    vector = write_vector(tmp_path / "l.safetensors", factors, mode=Mode.LORA,
+                          extra={"lora_alpha": "4"})
+    result = cli(["apply", "--base", files["base"], vector, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "rank 0" in result.stderr

@@ -203,7 +203,7 @@ def test_half_precision_inputs_are_merged_in_float32():
 def test_nan_input_is_blamed_on_its_vector():
     vectors = random_vectors(2, {"w": (6, 4)}, seed=13)
     vectors[1]["w"][2, 1] = float("nan")
-    with pytest.raises(InvalidInputError, match="vector 1.*'w'.*NaN"):
+    with pytest.raises(InvalidInputError, match=r"vector 1.*'w'.*NaN"):
         merge_state_dicts(vectors, "tsv", 1.0)
 
 

@@ -139,6 +139,23 @@ def test_duplicates_collapse_to_the_truncated_vector():
                                atol=1e-10)
 
 
+def test_float32_duplicates_collapse_too():
+    # Bit-identical tasks give an exactly rank-deficient [U U]; the polar factor in float64
+    # tells its null directions from real ones.
+    tau = random_vectors(1, {"w": (12, 8)}, seed=6, dtype=torch.float32)[0]
+    merged = merge_state_dicts([tau, tau, tau, tau], "tsv", 1.0)
+    torch.testing.assert_close(merged["w"].double(), truncation(tau["w"], 2), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_tasks_filling_the_rank_keep_every_direction():
+    # N·k = r: [U_1 … U_8] is square and its smallest singular values can be small (1e-3 to
+    # 3e-5 of the largest for 768 columns); the reference keeps every direction, so must we.
+    vectors = random_vectors(8, {"w": (64, 64), "v": (64, 96)}, seed=14)
+    merged = merge_state_dicts(vectors, "tsv", 1.0)
+    assert_matches(merged, reference(vectors, 1.0), rtol=1e-9, atol=1e-10)
+
+
 def test_zero_weight_and_absent_tensors_contribute_no_direction():
     vectors = random_vectors(2, {"w": (12, 8)}, seed=7)
     merged = merge_state_dicts(vectors, "tsv", [1.0, 0.0])

@@ -127,9 +127,11 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Tsv
         del u, s, vh
     if not ss or sum(s.numel() for s in ss) == 0:
         return torch.zeros(shape, dtype=out_dtype)
+    # The polar factors in float64: only there can an exact rank deficiency (a duplicated
+    # task) be told from a small but real singular value (see polar_factor).
     u_orth = polar_factor(torch.cat(us, dim=1))
     vh_orth = polar_factor(torch.cat(vhs, dim=0))
-    return ((u_orth * torch.cat(ss)) @ vh_orth).to(out_dtype)
+    return ((u_orth * torch.cat(ss).double()) @ vh_orth).to(out_dtype)
 
 
 METHOD = MergeMethod(

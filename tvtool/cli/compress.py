@@ -37,8 +37,8 @@ def compress(
 ) -> None:
     """Write VECTOR as per-layer low-rank factors (top-k singular components, TSV-C).
 
-    2-D tensors become LoRA-format factors B·A (read by apply, merge, eval and inspect);
-    other tensors stay dense. Give exactly one of --rank, --energy, --fraction.
+    2-D tensors become factors B·A in the LoRA format that apply, merge, eval and inspect
+    read; other tensors stay dense. Give exactly one of --rank, --energy or --fraction.
     """
     from tvtool.commands.compress import CompressConfig
     from tvtool.commands.compress import compress as run_compress

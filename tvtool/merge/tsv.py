@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tvtool.io import all_finite
 from tvtool.limits import short_repr
 from tvtool.merge.method import MergeMethod, TensorContext, compute_dtype, output_dtype
 from tvtool.vectors.lowrank import polar_factor, rank_tolerance, thin_svd
@@ -103,7 +104,7 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Tsv
     dtype = compute_dtype(tensors)
     out_dtype = output_dtype(tensors)
     shape = tensors[0].shape
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+    if not all(all_finite(t) for t in tensors):
         # No SVD of NaN (LAPACK fails): the engine's check of the result names the input.
         return torch.full(shape, float("nan"), dtype=out_dtype)
     count = len(tensors)

@@ -311,3 +311,27 @@ def test_lora_vectors_are_merged_on_their_dense_deltas(cli, files, tmp_path):
     pv, _, qv = torch.linalg.svd(torch.cat(vs, 0), full_matrices=False)
     expected = (pu @ qu) @ torch.diag(torch.cat(ss)) @ (pv @ qv)
     torch.testing.assert_close(merged.double(), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_linearized_vectors_merge_into_a_linearized_vector(cli, tmp_path):
+    from tests.conftest import TINY, load
+    from tvtool.io import open_tensors, write_tensors
+    from tvtool.metadata import FileMeta, Kind, Mode
+
+    vectors = random_vectors(2, {"visual.proj": (64, 32), "visual.ln_post.bias": (64,)}, 15,
+                             dtype=torch.float32)
+    paths = []
+    for index, tensors in enumerate(vectors):
+        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=TINY, mode=Mode.LINEAR,
+                        linearized=True, dataset=f"t{index}")
+        paths.append(str(tmp_path / f"lin{index}.safetensors"))
+        write_tensors(paths[-1], tensors, meta.to_header())
+    out = tmp_path / "m.safetensors"
+    result = cli(["merge", *paths, "-m", "tsv", "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    source = open_tensors(str(out))
+    meta = FileMeta.from_header(source.metadata, "m")
+    source.close()
+    assert meta.linearized and meta.mode is Mode.LINEAR
+    expected = reference([{k: t.double() for k, t in v.items()} for v in vectors], 1.0)
+    assert_matches(load(str(out)), expected, rtol=1e-4, atol=1e-5)

@@ -21,6 +21,13 @@ from tvtool.limits import loads_json
 PREFIX = "tvtool."
 FORMAT_VERSION = "1"
 
+FACTORS_KEY = "factors"
+"""``tvtool.factors``: how a vector's low-rank factors make its dense delta, when the file
+stores factors whatever its mode (see docs/format.md, "Compressed vectors")."""
+SVD_FACTORS = "svd"
+"""``tvtool.factors=svd`` (written by ``tvtool compress``): ΔW = B·A, with no alpha/r scale;
+ranks may differ from tensor to tensor."""
+
 
 class Kind(str, Enum):
     """What a tvtool file holds."""
@@ -88,6 +95,17 @@ class FileMeta:
     dataset: str | None = None
     provenance: dict[str, Any] | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def factored(self) -> bool:
+        """Whether the file stores low-rank factors (``T.lora_A``/``T.lora_B``), not deltas.
+
+        True for the LoRA modes (their ``Mode.factored``) and for vectors of any mode
+        compressed by ``tvtool compress`` (``tvtool.factors=svd``). Every command turns such
+        factors into dense deltas with :func:`tvtool.formats.dense_source`.
+        """
+        return (self.mode is not None and self.mode.factored) or \
+            self.extra.get(FACTORS_KEY) == SVD_FACTORS
 
     def to_header(self) -> dict[str, str]:
         """Serialise to the str->str mapping stored in the safetensors header."""

@@ -11,6 +11,7 @@ try:
 
     from tvtool import __version__
     from tvtool.cli import apply as apply_cmd
+    from tvtool.cli import compress as compress_cmd
     from tvtool.cli import convert as convert_cmd
     from tvtool.cli import datasets as datasets_cmd
     from tvtool.cli import demo as demo_cmd
@@ -111,6 +112,7 @@ def _root(
 app.command("finetune", cls=finetune_cmd.FinetuneCommand)(finetune_cmd.finetune)
 app.command("extract")(extract_cmd.extract)
 app.command("negate")(negate_cmd.negate)
+app.command("compress")(compress_cmd.compress)
 app.command("apply")(apply_cmd.apply)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)

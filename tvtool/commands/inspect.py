@@ -76,7 +76,7 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
                                   for n in names}),
             }
             if meta is not None and meta.kind is Kind.TASK_VECTOR:
-                if meta.mode is not None and meta.mode.factored:
+                if meta.factored:
                     # Norms and cosines of factors say nothing about ΔW (runs with one seed
                     # share A0, so their factor cosine is high whatever B learned).
                     source = dense_source(source, open_vector_meta(source, source.label))

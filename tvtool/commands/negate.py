@@ -52,7 +52,7 @@ def negate(config: NegateConfig, log: Logger = _quiet, *,
     with opened([source]):
         meta = open_vector_meta(source, source.label)
         plan = plan_combine(None, [(source, -config.coef)])
-        if meta.mode is not None and meta.mode.factored:
+        if meta.factored:
             _keep_lora_a(plan, source)
         history = list(json_list(meta.extra.get("operations")))
         history.append({"op": "negate", "coef": config.coef})

@@ -15,7 +15,7 @@ from tvtool.cards import check_license, front_matter, license_note, public_datas
 from tvtool.commands.common import config_args
 from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.formats.lora import SUFFIX_A, lora_alpha_rank
+from tvtool.formats.lora import SUFFIX_A, lora_alpha_rank, svd_factored
 from tvtool.formats.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
 from tvtool.io import (
     STDIO,
@@ -145,6 +145,11 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
                 f"{source.label} is {what} vector; a peft LoRA adapter holds low-rank factors",
                 hint="export-peft takes vectors of mode lora or llora (tvtool finetune --mode "
                      "lora|llora)")
+        if svd_factored(meta):
+            raise InvalidInputError(
+                f"{source.label} was compressed by tvtool compress (factors B·A with one rank "
+                "per tensor and no alpha), which a peft LoRA config cannot express",
+                hint="export the LoRA vector it was compressed from")
         if not meta.architecture:
             raise InvalidInputError(f"{source.label} records no tvtool.architecture; the adapter "
                                     "needs to know the model's module names")

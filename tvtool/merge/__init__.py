@@ -8,6 +8,7 @@ per-tensor function and its params class):
 * ``ties`` -- trim / elect sign / disjoint merge (Yadav et al. 2023)
 * ``dare`` -- seeded drop and rescale, then sum or TIES (Yu et al. 2024)
 * ``magnitude`` -- magnitude pruning, then sum (TIES paper's trim-only ablation)
+* ``tsv`` -- TSV-M: each task's top singular components, decorrelated (Gargiulo et al. 2025)
 
 Entry points: :func:`merge` (files, one :class:`MergeConfig`), :func:`merge_state_dicts`
 (in memory), :func:`plan_sources` (streaming over any TensorSource), :func:`load_config`.

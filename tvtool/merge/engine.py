@@ -22,7 +22,7 @@ from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
 from tvtool.merge.registry import get_method
-from tvtool.merge.threads import intra_op_threads
+from tvtool.threads import intra_op_threads
 from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from tvtool.errors import UsageError
 from tvtool.limits import short_repr
-from tvtool.merge import dare, magnitude, mean, task_arithmetic, ties
+from tvtool.merge import dare, magnitude, mean, task_arithmetic, ties, tsv
 from tvtool.merge.method import MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in (task_arithmetic.METHOD, mean.METHOD, ties.METHOD, dare.METHOD,
-                        magnitude.METHOD)
+                        magnitude.METHOD, tsv.METHOD)
 }
 
 

@@ -19,7 +19,7 @@ from tvtool.formats import dense_source
 from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
 from tvtool.io import TensorSource, all_finite, open_tensors
 from tvtool.limits import cut_text, short_list, short_repr
-from tvtool.metadata import FileMeta, Kind, Mode
+from tvtool.metadata import FACTORS_KEY, SVD_FACTORS, FileMeta, Kind, Mode
 
 # ---------------------------------------------------------------- coefficients
 
@@ -178,6 +178,12 @@ def check_vector_consistency(meta: FileMeta, names: Sequence[str], label: str) -
             f"{label} records tvtool.mode={meta.mode.value} but tvtool.linearized=false: such "
             "a vector only means something as a change of the linearized model",
             hint="the metadata was edited or damaged; re-create the file with tvtool")
+    factors = meta.extra.get(FACTORS_KEY)
+    if factors is not None and factors != SVD_FACTORS:
+        raise InvalidInputError(
+            f"{label} records tvtool.{FACTORS_KEY}={short_repr(factors, 40)}; this tvtool "
+            f"knows only {SVD_FACTORS!r} (vectors written by tvtool compress)",
+            hint="upgrade tvtool, or re-create the file")
     if meta.mode is Mode.LORA and not any(n.endswith(LORA_SUFFIXES) for n in names):
         raise InvalidInputError(
             f"{label} records tvtool.mode=lora but holds no LoRA factors (*.lora_A, *.lora_B)",

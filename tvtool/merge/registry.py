@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 from tvtool.errors import UsageError
-from tvtool.merge import dare, magnitude, mean, task_arithmetic, ties
+from tvtool.merge import (
+    breadcrumbs,
+    consensus,
+    dare,
+    iso_c,
+    iso_cts,
+    magnitude,
+    mean,
+    task_arithmetic,
+    ties,
+)
 from tvtool.merge.method import MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in (task_arithmetic.METHOD, mean.METHOD, ties.METHOD, dare.METHOD,
-                        magnitude.METHOD)
+                        magnitude.METHOD, iso_c.METHOD, iso_cts.METHOD, consensus.METHOD,
+                        breadcrumbs.METHOD)
 }
 
 

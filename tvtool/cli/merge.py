@@ -28,7 +28,7 @@ from tvtool.errors import UsageError
 
 
 def _method_help() -> dict[str, str]:
-    """Help of ``--method``, ``--param``, ``--density``, ``--trim``, ``--coef-grid``: the registry's.
+    """Help of ``--method``, ``--param``, ``--density``, ``--trim``, ``--coef-grid``, declared.
 
     The names are the registry's, and the shortcut flags name the methods whose params
     dataclass has that field, so a new method shows up without editing this module.

@@ -103,14 +103,17 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Con
 
     def step(parts: list[torch.Tensor], _start: int) -> torch.Tensor:
         stacked = torch.stack(parts)
-        coef = torch.tensor(list(weights), dtype=stacked.dtype)
         if ties:
+            coef = torch.tensor(list(weights), dtype=stacked.dtype)
             trimmed = torch.stack([trim(p, t) for p, t in zip(parts, thresholds, strict=True)])
             multi_task = elect_and_merge(trimmed, torch.ones_like(coef), "total", "sum")
             merged = elect_and_merge(trimmed, coef, "total", "sum")
         else:
             multi_task = stacked.sum(dim=0)
-            merged = torch.tensordot(coef, stacked, dims=1)
+            # Elementwise, in vector order (a BLAS product could split the sum by thread).
+            merged = torch.zeros_like(multi_task)
+            for part, weight in zip(parts, weights, strict=True):
+                merged.add_(part, alpha=weight)
         return merged * consensus_mask(stacked, multi_task, params.mask_lambda, params.k)
 
     return chunked(tensors, step)

@@ -11,6 +11,10 @@ replaced by their mean: ``iso(M) = σ̄ · U Vᵀ`` with ``σ̄ = mean(diag Σ)`
 ``(1/N) Σ_i α_i τ_i``. With one coefficient α for all vectors this is α × the reference's merged
 vector (both parts scale linearly in α).
 
+The decompositions run on one CPU thread whatever ``--threads`` says: LAPACK's and BLAS's
+results change in the last bits with the thread count, and a merge must give the same bytes
+however it is run.
+
 The polar factor ``U Vᵀ`` of a matrix that is not of full rank depends on the basis the SVD
 picks for its null space, which is arbitrary; LoRA deltas (rank r each) sum to such matrices,
 so LoRA vectors are refused (:data:`LOW_RANK_REFUSAL`).
@@ -25,6 +29,7 @@ import torch
 
 from tvtool.errors import NumericalError
 from tvtool.merge.method import MergeMethod, TensorContext, compute_dtype, output_dtype
+from tvtool.merge.threads import intra_op_threads
 
 ISO_GRID = "0.1:3:0.1"
 """The Iso reference's α grid (``np.linspace(0.0, 3.0, 31)[1:]`` in ``src/eval/eval.py`` for
@@ -131,7 +136,8 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Iso
     total = sum_of(terms)
     if not torch.isfinite(total).all():
         return not_finite_result(total).to(output_dtype(tensors))
-    return iso_matrix(total, ctx.name).to(output_dtype(tensors))
+    with intra_op_threads(1):
+        return iso_matrix(total, ctx.name).to(output_dtype(tensors))
 
 
 METHOD = MergeMethod(

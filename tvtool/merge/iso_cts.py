@@ -60,6 +60,7 @@ from tvtool.merge.method import (
     compute_dtype,
     output_dtype,
 )
+from tvtool.merge.threads import intra_op_threads
 
 
 @dataclass(frozen=True)
@@ -169,8 +170,9 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Iso
     total = sum_of(terms)
     if not torch.isfinite(total).all():  # a NaN or Inf of any term reaches the sum
         return not_finite_result(total).to(output_dtype(tensors))
-    return iso_cts_matrix(terms, total, params.common_space_fraction, ctx.name
-                          ).to(output_dtype(tensors))
+    with intra_op_threads(1):  # the bytes must not depend on --threads (see iso_c)
+        return iso_cts_matrix(terms, total, params.common_space_fraction, ctx.name
+                              ).to(output_dtype(tensors))
 
 
 METHOD = MergeMethod(

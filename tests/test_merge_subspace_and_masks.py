@@ -419,3 +419,28 @@ def test_search_coef_runs_each_new_method(cli, files, tmp_path, method):
                 str(report["best_coef"]), "-o", str(plain)]).exit_code == 0
     for name, tensor in load(str(plain)).items():
         assert torch.equal(load(str(out))[name], tensor)
+
+
+@pytest.mark.parametrize("method", ["iso-c", "iso-cts", "consensus", "breadcrumbs"])
+def test_linearized_vectors_merge_into_a_linearized_vector(cli, tmp_path, method):
+    from tvtool.io import write_tensors
+    from tvtool.metadata import FileMeta, Kind, Mode
+
+    paths, vectors = [], vectors_of(50, 3, {"visual.w": (12, 9), "visual.b": (9,)})
+    for index, tensors in enumerate(vectors):
+        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture="tvtool-tiny",
+                        base_fingerprint="sha256:base", mode=Mode.LINEAR, linearized=True,
+                        dataset=f"d{index}")
+        paths.append(str(tmp_path / f"lin{index}.safetensors"))
+        write_tensors(paths[-1], tensors, meta.to_header())
+    out = tmp_path / "m.safetensors"
+    result = cli(["merge", *paths, "-m", method, "-o", str(out)])
+    assert result.exit_code == 0, result.stderr
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as handle:
+        meta = FileMeta.from_header(handle.metadata(), "m")
+    assert meta.linearized and meta.mode is Mode.LINEAR
+    expected = merge_state_dicts(vectors, method, 1.0)
+    for name, tensor in load(str(out)).items():
+        torch.testing.assert_close(tensor, expected[name])

@@ -47,23 +47,18 @@ def is_matrix(name: str, shape: Sequence[int]) -> bool:
     return len(shape) == 2 and "text_projection" not in name
 
 
-def weighted(tensors: Sequence[torch.Tensor], weights: Sequence[float],
-             dtype: torch.dtype) -> list[torch.Tensor]:
-    """``α_i τ_i`` in the compute dtype (new tensors: the inputs are not modified)."""
-    return [t.to(dtype) * w for t, w in zip(tensors, weights, strict=True)]
+def term(tensor: torch.Tensor, weight: float, dtype: torch.dtype) -> torch.Tensor:
+    """``α_i τ_i`` in the compute dtype (a new tensor: the input is not modified)."""
+    return tensor.to(dtype) * weight
 
 
-def sum_of(terms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``Σ terms`` in a new tensor."""
-    total = terms[0].clone()
-    for term in terms[1:]:
-        total.add_(term)
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """``Σ_i α_i τ_i`` in a new tensor of the compute dtype, in vector order."""
+    total = term(tensors[0], weights[0], dtype)
+    for tensor, weight in zip(tensors[1:], weights[1:], strict=True):
+        total.add_(tensor.to(dtype), alpha=weight)
     return total
-
-
-def mean_of(terms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``(1/N) Σ terms``: how both Iso methods merge every tensor they do not decompose."""
-    return sum_of(terms).div_(len(terms))
 
 
 def not_finite_result(like: torch.Tensor) -> torch.Tensor:
@@ -130,10 +125,9 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Iso
         combination then traces to that input.
 
     """
-    terms = weighted(tensors, weights, compute_dtype(tensors))
-    if not is_matrix(ctx.name, terms[0].shape) or terms[0].numel() == 0:
-        return mean_of(terms).to(output_dtype(tensors))
-    total = sum_of(terms)
+    total = weighted_sum(tensors, weights, compute_dtype(tensors))
+    if not is_matrix(ctx.name, total.shape) or total.numel() == 0:
+        return total.div_(len(tensors)).to(output_dtype(tensors))
     if not torch.isfinite(total).all():
         return not_finite_result(total).to(output_dtype(tensors))
     with intra_op_threads(1):

@@ -46,12 +46,11 @@ from tvtool.merge.iso_c import (
     ISO_GRID,
     LOW_RANK_REFUSAL,
     is_matrix,
-    mean_of,
     not_finite_result,
     polar,
-    sum_of,
     svd,
-    weighted,
+    term,
+    weighted_sum,
 )
 from tvtool.merge.method import (
     MergeMethod,
@@ -113,12 +112,15 @@ def _top_of_projected(term: torch.Tensor, u_common: torch.Tensor, n: int,
     return u, s, vectors.T
 
 
-def iso_cts_matrix(terms: Sequence[torch.Tensor], total: torch.Tensor, fraction: float,
-                   name: str) -> torch.Tensor:
-    """Iso-CTS of one matrix name, given the weighted task matrices ``α_i τ_i`` and their sum."""
+def iso_cts_matrix(tensors: Sequence[torch.Tensor], weights: Sequence[float],
+                   total: torch.Tensor, fraction: float, name: str) -> torch.Tensor:
+    """Iso-CTS of one matrix name, given the task matrices, their weights and the weighted sum.
+
+    Each weighted task matrix ``α_i τ_i`` is formed when its turn comes (one at a time).
+    """
     rows, cols = total.shape
     m = min(rows, cols)
-    common, n = rank_split(m, len(terms), fraction)
+    common, n = rank_split(m, len(tensors), fraction)
     u, s, vh = svd(total, name)
     if n == 0:
         # The common subspace is the whole SVD (its polar factors are U and Vh themselves).
@@ -126,15 +128,16 @@ def iso_cts_matrix(terms: Sequence[torch.Tensor], total: torch.Tensor, fraction:
     u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
     us, ss, vhs = [], [], []
     complement = u[:, common:] if rows <= cols else None
-    for term in terms:
+    for tensor, weight in zip(tensors, weights, strict=True):
+        task = term(tensor, weight, total.dtype)
         if complement is not None:
             # I − U_c U_cᵀ = Q Qᵀ: decompose the small (m − c) x k matrix Qᵀ τ instead.
-            small_u, small_s, small_vh = svd(complement.T @ term, name)
+            small_u, small_s, small_vh = svd(complement.T @ task, name)
             us.append(complement @ small_u[:, :n])
             ss.append(small_s[:n])
             vhs.append(small_vh[:n])
         else:
-            task_u, task_s, task_vh = _top_of_projected(term, u_common, n, name)
+            task_u, task_s, task_vh = _top_of_projected(task, u_common, n, name)
             us.append(task_u)
             ss.append(task_s)
             vhs.append(task_vh)
@@ -164,14 +167,13 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Iso
         the streaming combination then names that input).
 
     """
-    terms = weighted(tensors, weights, compute_dtype(tensors))
-    if not is_matrix(ctx.name, terms[0].shape) or terms[0].numel() == 0:
-        return mean_of(terms).to(output_dtype(tensors))
-    total = sum_of(terms)
+    total = weighted_sum(tensors, weights, compute_dtype(tensors))
+    if not is_matrix(ctx.name, total.shape) or total.numel() == 0:
+        return total.div_(len(tensors)).to(output_dtype(tensors))
     if not torch.isfinite(total).all():  # a NaN or Inf of any term reaches the sum
         return not_finite_result(total).to(output_dtype(tensors))
     with intra_op_threads(1):  # the bytes must not depend on --threads (see iso_c)
-        return iso_cts_matrix(terms, total, params.common_space_fraction, ctx.name
+        return iso_cts_matrix(tensors, weights, total, params.common_space_fraction, ctx.name
                               ).to(output_dtype(tensors))
 
 

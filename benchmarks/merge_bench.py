@@ -212,7 +212,8 @@ def main() -> None:
         vs_ta = fig["seconds"] / arithmetic["seconds"] if arithmetic else float("nan")
         rss_vs_ta = fig["peak_rss"] / arithmetic["peak_rss"] if arithmetic else float("nan")
         share = fig["peak_above_imports"] / input_bytes
-        report["cases"][name] = {**fig, "time_vs_read": ratio, "time_vs_io_floor": vs_floor,
+        report["cases"][name] = {**fig, "rounds_seconds": [r["seconds"] for r in runs[name]],
+                                 "time_vs_read": ratio, "time_vs_io_floor": vs_floor,
                                  "time_vs_task_arithmetic": vs_ta,
                                  "peak_rss_vs_task_arithmetic": rss_vs_ta,
                                  "peak_above_imports_vs_inputs": share,

@@ -97,6 +97,11 @@ CASES = {
                     "params": {"density": 0.2, "trim": "global"}},
     "magnitude-global": {"kind": "merge", "method": "magnitude",
                          "params": {"density": 0.2, "trim": "global"}},
+    "iso-c": {"kind": "merge", "method": "iso-c", "params": {}},
+    "iso-cts": {"kind": "merge", "method": "iso-cts", "params": {}},
+    "consensus": {"kind": "merge", "method": "consensus", "params": {}},
+    "consensus-ties": {"kind": "merge", "method": "consensus", "params": {"combine": "ties"}},
+    "breadcrumbs": {"kind": "merge", "method": "breadcrumbs", "params": {}},
 }
 
 SVD_METHODS = ("tsv", "iso-c", "iso-cts")
@@ -225,21 +230,25 @@ def main() -> None:
     print(f"\n{args.vectors} x {args.arch} image-encoder vectors (scale {args.scale}), inputs "
           f"{input_bytes / 2**20:,.0f} MiB, {args.threads} threads, median of {args.repeats}")
     floor = figures["io-floor"]["seconds"] if "io-floor" in figures else None
-    ta = figures.get("task_arithmetic")
-    print(f"{'case':<18}{'seconds':>9}{'x read':>8}{'x io-floor':>11}{'x TA':>8}"
-          f"{'peak RSS MiB':>14}{'above imports':>15}{'/ inputs':>10}")
+    # The baseline of the merge methods: task arithmetic, measured in the same rounds.
+    arithmetic = figures.get("task_arithmetic")
+    print(f"{'case':<18}{'seconds':>9}{'x read':>8}{'x io-floor':>11}{'x TA':>7}"
+          f"{'peak RSS MiB':>14}{'above imports':>15}{'/ inputs':>10}{'RSS x TA':>10}")
     for name, fig in figures.items():
         ratio = fig["seconds"] / read
         vs_floor = fig["seconds"] / floor if floor else float("nan")
-        vs_ta = fig["seconds"] / ta["seconds"] if ta else float("nan")
+        vs_ta = fig["seconds"] / arithmetic["seconds"] if arithmetic else float("nan")
+        rss_vs_ta = fig["peak_rss"] / arithmetic["peak_rss"] if arithmetic else float("nan")
         share = fig["peak_above_imports"] / input_bytes
-        report["cases"][name] = {**fig, "time_vs_read": ratio, "time_vs_io_floor": vs_floor,
+        report["cases"][name] = {**fig, "rounds_seconds": [r["seconds"] for r in runs[name]],
+                                 "time_vs_read": ratio, "time_vs_io_floor": vs_floor,
                                  "time_vs_task_arithmetic": vs_ta,
+                                 "peak_rss_vs_task_arithmetic": rss_vs_ta,
                                  "peak_above_imports_vs_inputs": share,
                                  "peak_rss_vs_inputs": fig["peak_rss"] / input_bytes}
-        print(f"{name:<18}{fig['seconds']:>9.2f}{ratio:>8.2f}{vs_floor:>11.2f}{vs_ta:>8.2f}"
+        print(f"{name:<18}{fig['seconds']:>9.2f}{ratio:>8.2f}{vs_floor:>11.2f}{vs_ta:>7.2f}"
               f"{fig['peak_rss'] / 2**20:>14,.0f}{fig['peak_above_imports'] / 2**20:>15,.0f}"
-              f"{share:>10.3f}")
+              f"{share:>10.3f}{rss_vs_ta:>10.2f}")
     if args.json:
         print(json.dumps(report, indent=2))
 

@@ -1,4 +1,4 @@
-"""``tvtool merge``: combine task vectors (task arithmetic, mean, TIES, DARE, magnitude)."""
+"""``tvtool merge``: combine task vectors with a registered method (docs/merge.md)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from tvtool.errors import UsageError
 
 
 def _method_help() -> dict[str, str]:
-    """Help of ``--method``, ``--density``, ``--trim`` and ``--coef-grid``, from the registry.
+    """Help of ``--method``, ``--param``, ``--density``, ``--trim``, ``--coef-grid``, declared.
 
     The names are the registry's, and the shortcut flags name the methods whose params
     dataclass has that field, so a new method shows up without editing this module.
@@ -46,7 +46,16 @@ def _method_help() -> dict[str, str]:
                         if name in {f.name for f in fields(m.params)})
 
     grids = ", ".join(f"{m.name} {m.search_grid(m.make_params())}" for m in METHODS.values())
+
+    def defaults(method: Any) -> str:
+        params = method.make_params()
+        return ", ".join(f"{f.name}={_shown(getattr(params, f.name))}" for f in fields(params))
+
+    declared = "; ".join(f"{m.name}: {defaults(m)}" for m in METHODS.values()
+                         if fields(m.params))
     return {"method": f"{listed_or(names)} (docs/merge.md).",
+            "param": "Method parameter KEY=VALUE (repeatable), value parsed as YAML. Each "
+                     f"method's parameters and defaults: {declared}.",
             "coef_grid": "Search grid: START:STOP:STEP (inclusive), a,b,c, or auto (the "
                          "default grid, extended past an end where the best coefficient sits). "
                          f"Default: the method's own, for its default parameters: {grids} (a "
@@ -60,6 +69,13 @@ def _method_metavar() -> dict[str, str]:
     from tvtool.merge.registry import METHODS
 
     return {"method": "[" + "|".join(METHODS) + "]"}
+
+
+def _shown(value: Any) -> str:
+    """A parameter default as it is written on the command line (YAML scalar)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 class MergeCommand(DeclaredOptionsCommand):
@@ -98,7 +114,7 @@ def merge(
         "--trim", metavar="[global|tensor]", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     param: Annotated[list[str] | None, typer.Option(
-        "--param", "-p", help="Method parameter KEY=VALUE (repeatable), e.g. sign=frequency.",
+        "--param", "-p", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED",
                                       help="Random seed (DARE masks).")] = 0,

@@ -40,8 +40,8 @@ from tvtool.errors import UsageError
 from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
 from tvtool.io import TensorInfo, check_output, write_tensors
 from tvtool.limits import short_repr
-from tvtool.threads import intra_op_threads
 from tvtool.metadata import FACTORS_KEY, SVD_FACTORS, provenance
+from tvtool.threads import intra_op_threads
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import accumulation_dtype, check_finite, open_vector

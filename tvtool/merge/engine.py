@@ -20,10 +20,11 @@ from tvtool.io import TensorSource, check_output, fingerprint, write_tensors
 from tvtool.limits import short_list
 from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
+from tvtool.merge.method import MergeMethod
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
-from tvtool.merge.registry import get_method
-from tvtool.threads import intra_op_threads
+from tvtool.merge.registry import METHODS, get_method
 from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
+from tvtool.threads import intra_op_threads
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import check_architecture, metadata_warnings, open_vector
@@ -100,6 +101,20 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
     return mode, linearized
 
 
+def _check_lora(method: MergeMethod, labels: Sequence[str], metas: Sequence[FileMeta]) -> None:
+    """Refuse LoRA vectors for a method that says it cannot merge them (and why)."""
+    if method.lora_refusal is None:
+        return
+    lora = [(labels[i], m.mode) for i, m in enumerate(metas) if m.mode and m.mode.factored]
+    if lora:
+        label, mode = lora[0]
+        raise InvalidInputError(
+            f"{method.name} does not merge LoRA vectors ({label}, mode {mode.value}): "
+            f"{method.lora_refusal}",
+            hint="methods that merge LoRA vectors (as dense deltas): "
+                 + ", ".join(m.name for m in METHODS.values() if m.lora_refusal is None))
+
+
 def open_merge(config: MergeConfig, log: Logger = _quiet, *, fingerprints: bool = False,
                search: dict[str, Any] | None = None) -> OpenedMerge:
     """Open and check the inputs of a merge and plan it (nothing is written).
@@ -136,6 +151,7 @@ def open_merge(config: MergeConfig, log: Logger = _quiet, *, fingerprints: bool 
             vectors.append(vector)
         labels = [s.label for s in sources]
         mode, linearized = _check_compatible(config, labels, metas, log)
+        _check_lora(method, labels, metas)
         ids = [VectorId(p, m.dataset) for p, m in zip(config.vectors, metas, strict=True)]
         base_fp = next((m.base_fingerprint for m in metas if m.base_fingerprint), None)
         if config.coefs_file is not None:

@@ -4,12 +4,24 @@ from __future__ import annotations
 
 from tvtool.errors import UsageError
 from tvtool.limits import short_repr
-from tvtool.merge import dare, magnitude, mean, task_arithmetic, ties, tsv
+from tvtool.merge import (
+    breadcrumbs,
+    consensus,
+    dare,
+    iso_c,
+    iso_cts,
+    magnitude,
+    mean,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from tvtool.merge.method import MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in (task_arithmetic.METHOD, mean.METHOD, ties.METHOD, dare.METHOD,
-                        magnitude.METHOD, tsv.METHOD)
+                        magnitude.METHOD, tsv.METHOD, iso_c.METHOD, iso_cts.METHOD,
+                        consensus.METHOD, breadcrumbs.METHOD)
 }
 
 

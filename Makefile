@@ -13,7 +13,7 @@ install: $(PY)
 	$(PY) -m pip install --quiet -e '.[dev]'
 
 demo: install
-	$(VENV)/bin/tvtool demo --out tvtool-demo
+	$(VENV)/bin/tvtool demo --output tvtool-demo
 
 test: install
 	$(PY) -m ruff check tvtool tests benchmarks scripts

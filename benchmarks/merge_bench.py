@@ -1,7 +1,9 @@
 """Merge benchmark: N random task vectors of ViT-B/32 image-encoder size, merged from disk.
 
 Targets (issue 5): a streaming merge takes at most 1.5x the time of reading its inputs once,
-and its peak resident memory stays well under the size of all inputs.
+and its peak resident memory stays well under the size of all inputs. Issue 24: the SVD
+methods (TSV-M, and Iso-C / Iso-CTS once registered) at most 3x task arithmetic's time, with
+peak RSS in the same class; their ratio to ``task_arithmetic`` is printed (``x TA``).
 
 Every measurement runs in a fresh subprocess (so peak RSS is that of one command) after the
 inputs have been read once to warm the page cache, and is repeated in rounds over all cases
@@ -15,6 +17,11 @@ Peak RSS is reported as measured (VmHWM) and above the subprocess's RSS right af
 
     python benchmarks/merge_bench.py                       # 8 vectors, ViT-B-32, 3 repeats
     python benchmarks/merge_bench.py --vectors 2 --scale 0.1 --repeats 1   # quick check
+    python benchmarks/merge_bench.py --cases read,task_arithmetic,svd --repeats 1
+                                                           # the SVD methods against TA
+
+Cases of methods the registry does not (yet) hold are skipped with a line on stderr; ``svd``
+in ``--cases`` stands for every SVD method of :data:`SVD_METHODS`.
 """
 
 from __future__ import annotations
@@ -90,7 +97,30 @@ CASES = {
                     "params": {"density": 0.2, "trim": "global"}},
     "magnitude-global": {"kind": "merge", "method": "magnitude",
                          "params": {"density": 0.2, "trim": "global"}},
+    "iso-c": {"kind": "merge", "method": "iso-c", "params": {}},
+    "iso-cts": {"kind": "merge", "method": "iso-cts", "params": {}},
+    "consensus": {"kind": "merge", "method": "consensus", "params": {}},
+    "consensus-ties": {"kind": "merge", "method": "consensus", "params": {"combine": "ties"}},
+    "breadcrumbs": {"kind": "merge", "method": "breadcrumbs", "params": {}},
 }
+
+SVD_METHODS = ("tsv", "iso-c", "iso-cts")
+"""Registry names of the SVD-based merge methods (issue 24), default parameters each."""
+CASES.update({name: {"kind": "merge", "method": name, "params": {}} for name in SVD_METHODS})
+
+
+def registered(cases: list[str]) -> list[str]:
+    """The cases whose merge method the registry holds (others are skipped, said on stderr)."""
+    from tvtool.merge import METHODS
+
+    kept = []
+    for name in cases:
+        method = CASES[name].get("method")
+        if method is not None and method not in METHODS:
+            print(f"skipping {name}: no merge method {method!r} in this tvtool", file=sys.stderr)
+            continue
+        kept.append(name)
+    return kept
 
 
 def visual_shapes(arch: str) -> dict[str, tuple[int, ...]]:
@@ -151,10 +181,13 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    cases = []
+    for case in (c.strip() for c in args.cases.split(",") if c.strip()):
+        cases.extend(SVD_METHODS if case == "svd" else [case])
     unknown = sorted(set(cases) - set(CASES))
     if unknown:
-        raise SystemExit(f"unknown cases {unknown}; choose from {sorted(CASES)}")
+        raise SystemExit(f"unknown cases {unknown}; choose from {sorted(CASES)} or svd")
+    cases = registered(list(dict.fromkeys(cases)))
     if "read" not in cases:
         cases.insert(0, "read")
     with tempfile.TemporaryDirectory(prefix="tvtool-merge-bench-", dir=args.dir) as tmp:
@@ -197,18 +230,25 @@ def main() -> None:
     print(f"\n{args.vectors} x {args.arch} image-encoder vectors (scale {args.scale}), inputs "
           f"{input_bytes / 2**20:,.0f} MiB, {args.threads} threads, median of {args.repeats}")
     floor = figures["io-floor"]["seconds"] if "io-floor" in figures else None
-    print(f"{'case':<18}{'seconds':>9}{'x read':>8}{'x io-floor':>11}{'peak RSS MiB':>14}"
-          f"{'above imports':>15}{'/ inputs':>10}")
+    # The baseline of the merge methods: task arithmetic, measured in the same rounds.
+    arithmetic = figures.get("task_arithmetic")
+    print(f"{'case':<18}{'seconds':>9}{'x read':>8}{'x io-floor':>11}{'x TA':>7}"
+          f"{'peak RSS MiB':>14}{'above imports':>15}{'/ inputs':>10}{'RSS x TA':>10}")
     for name, fig in figures.items():
         ratio = fig["seconds"] / read
         vs_floor = fig["seconds"] / floor if floor else float("nan")
+        vs_ta = fig["seconds"] / arithmetic["seconds"] if arithmetic else float("nan")
+        rss_vs_ta = fig["peak_rss"] / arithmetic["peak_rss"] if arithmetic else float("nan")
         share = fig["peak_above_imports"] / input_bytes
-        report["cases"][name] = {**fig, "time_vs_read": ratio, "time_vs_io_floor": vs_floor,
+        report["cases"][name] = {**fig, "rounds_seconds": [r["seconds"] for r in runs[name]],
+                                 "time_vs_read": ratio, "time_vs_io_floor": vs_floor,
+                                 "time_vs_task_arithmetic": vs_ta,
+                                 "peak_rss_vs_task_arithmetic": rss_vs_ta,
                                  "peak_above_imports_vs_inputs": share,
                                  "peak_rss_vs_inputs": fig["peak_rss"] / input_bytes}
-        print(f"{name:<18}{fig['seconds']:>9.2f}{ratio:>8.2f}{vs_floor:>11.2f}"
+        print(f"{name:<18}{fig['seconds']:>9.2f}{ratio:>8.2f}{vs_floor:>11.2f}{vs_ta:>7.2f}"
               f"{fig['peak_rss'] / 2**20:>14,.0f}{fig['peak_above_imports'] / 2**20:>15,.0f}"
-              f"{share:>10.3f}")
+              f"{share:>10.3f}{rss_vs_ta:>10.2f}")
     if args.json:
         print(json.dumps(report, indent=2))
 

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("streaming_bench.py", "merge_bench.py", "finetune_bench.py", "atlas_bench.py",
-              "search_bench.py", "sampling_bench.py")
+BENCHMARKS = ("streaming_bench.py", "merge_bench.py", "svd_bench.py", "finetune_bench.py",
+              "atlas_bench.py", "search_bench.py", "sampling_bench.py", "bounds_bench.py")
 
 
 def main() -> int:

@@ -37,12 +37,11 @@ PACKAGE = "tvtool"
 # Units not named here are reported as "unplaced".
 LAYERS: list[set[str]] = [
     {"errors", "types", "cards", "grid"},
-    {"limits", "device"},
+    {"limits", "device", "threads"},
     {"io", "metadata"},
     {"models", "linearize", "formats", "vectors", "synthetic_world"},
     {"data"},
     {"finetune", "merge", "atlas", "commands"},
-    {"peft_interop"},
     {"evaluate"},
     {"workflows"},
     {"demo"},

@@ -23,7 +23,7 @@ Usage::
     python scripts/results_atlas.py [--base tvtool-small]
         [--tasks shape,color,count,position,texture,digit]
         [--shots 16] [--objectives ce,entropy,infomax,ufm] [--atlas-steps N] [--atlas-lr LR]
-        [--augment train] [--limit N] [--vectors-dir out/results-merge]
+        [--augment train] [--protocol tvtool] [--limit N] [--vectors-dir out/results-merge]
         [--workdir out/results-atlas] [--doc docs/results.md]
 
 The table is printed and written between the ``atlas-results`` markers of ``--doc`` (the rest
@@ -70,7 +70,8 @@ def learn(args: argparse.Namespace, vectors: list[str], objective: str,
     output = workdir / f"atlas-{objective}.safetensors"
     labelled = objective == "ce"
     started = time.perf_counter()
-    learner = LearnerConfig(objective=objective, steps=args.atlas_steps, lr=args.atlas_lr,
+    learner = LearnerConfig(objective=objective, protocol=args.protocol,
+                            steps=args.atlas_steps, lr=args.atlas_lr,
                             batch_size=args.atlas_batch_size, eval_every=10,
                             augment=args.augment, seed=args.seed)
     result = learn_coeffs(LearnCoeffsConfig(
@@ -128,7 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "batch_size": args.batch_size, "seed": args.seed, "limit": args.limit,
             "shots": args.shots, "granularity": args.granularity,
             "atlas_steps": args.atlas_steps, "atlas_lr": args.atlas_lr,
-            "atlas_batch_size": args.atlas_batch_size, "augment": args.augment, "rows": rows,
+            "atlas_batch_size": args.atlas_batch_size, "augment": args.augment,
+            "protocol": args.protocol, "rows": rows,
             "task_arithmetic": search, "atlas_runs": runs}
 
 
@@ -212,6 +214,9 @@ def main() -> int:
                         help="learn-coeffs --augment (train: the references' strong crop and "
                              "flip change this world's labels)")
     parser.add_argument("--atlas-batch-size", type=int, default=64)
+    parser.add_argument("--protocol", default="tvtool",
+                        help="learn-coeffs --protocol (the table below was made with tvtool's; "
+                             "scripts/results_labelfree.py measures the reference protocols)")
     parser.add_argument("--eval-batch-size", type=int, default=256)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

@@ -237,13 +237,25 @@ def test_split_size(tasks: list[str]) -> int:
     return POOL_SIZES["test"]
 
 
+def _control(report: dict[str, Any]) -> str:
+    """The control dataset of a negate-search report.
+
+    ``control`` in version 1; the only one of ``controls`` in version 2 (where ``negate
+    --control`` became repeatable).
+    """
+    if "control" in report:
+        return str(report["control"])
+    (control,) = report["controls"]
+    return str(control)
+
+
 def negation_figures(report: dict[str, Any]) -> tuple[float, float, float | None]:
     """A negation's test figures: the target's fall towards chance, control kept, chance.
 
     The fall is the fraction of the target's distance to chance it lost; the chance level is
     ``None`` (and the fall NaN) where it is not known.
     """
-    target, control = report["target"], report["control"]
+    target, control = report["target"], _control(report)
     base, negated = report["test"]["base"], report["test"]["negated"]
     kept = negated[control] / base[control] if base[control] > 0 else float("nan")
     chance = _chance(target)
@@ -254,7 +266,7 @@ def negation_figures(report: dict[str, Any]) -> tuple[float, float, float | None
 
 def negation_markdown(report: dict[str, Any]) -> list[str]:
     """The negation table: base and negated test accuracy of target and control."""
-    target, control = report["target"], report["control"]
+    target, control = report["target"], _control(report)
     base, negated = report["test"]["base"], report["test"]["negated"]
     threshold = report["val"]["threshold"]
     fraction, kept, chance = negation_figures(report)

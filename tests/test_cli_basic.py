@@ -122,7 +122,7 @@ def test_extract_reports_normalised_prefix_and_json(cli, files, tmp_path):
     report = json.loads(result.stdout)
     assert report["output"] == str(out) and report["tensors"] > 0
     meta = json.loads(cli(["inspect", str(out), "--json"]).stdout)["files"][0]["metadata"]
-    assert meta["tvtool.mode"] == "attn" and meta["tvtool.dataset"] == "cars"
+    assert meta["tvtool.mode"] == "attn" and meta["tvtool.dataset"] == "StanfordCars"
     assert meta["tvtool.base_fingerprint"].startswith("sha256:")
 
 

@@ -194,3 +194,31 @@ def test_bf16_stack_halves_storage_and_stays_close():
     coefficients = torch.randn(2, partition.num_blocks)
     torch.testing.assert_close(half.combine(coefficients), full.combine(coefficients),
                                rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "layer"])
+def test_the_column_named_x_scales_tensor_x(granularity):
+    # The documented rule (docs/coeffs.md, docs/format.md): the coefficient file's column
+    # named X scales tensor X (tensor granularity) or every tensor of layer X. Written from the
+    # names alone, not from tvtool's block ids: a partition whose ids are shifted against its
+    # names must fail.
+    partition = build_partition(SPECS, granularity)
+    names = [s.name for s in SPECS]
+    expected_columns = names if granularity == "tensor" else \
+        list(dict.fromkeys(layer_of(n) for n in names))
+    assert list(partition.block_names) == expected_columns
+
+    def column_of(name: str) -> int:
+        return expected_columns.index(name if granularity == "tensor" else layer_of(name))
+
+    count = 2
+    coefficients = torch.arange(1.0, 1.0 + count * partition.num_blocks).view(count, -1)
+    vectors = [{s.name: torch.full(s.shape, float(10 ** t)) for s in SPECS}
+               for t in range(count)]
+    fused = Packing(partition).unpack(VectorStack(Packing(partition), vectors)
+                                      .combine(coefficients))
+    for spec in SPECS:
+        want = sum(coefficients[t, column_of(spec.name)] * 10 ** t for t in range(count))
+        assert torch.allclose(fused[spec.name], torch.full(spec.shape, float(want))), spec.name
+        per_vector = partition.tensor_coefficients(coefficients, spec.name).reshape(count)
+        assert per_vector.tolist() == coefficients[:, column_of(spec.name)].tolist()

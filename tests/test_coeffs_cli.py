@@ -133,9 +133,11 @@ def test_entropy_objective_to_stdout(cli, files, tmp_path):
 @pytest.mark.parametrize("objective", ["ufm", "infomax"])
 def test_unlabelled_objectives_run_with_their_reference_defaults(cli, files, tmp_path,
                                                                   objective):
+    # tvtool's protocol (infomax's default; ufm's is atlas, tested below).
     out = tmp_path / "u.safetensors"
     result = cli(_args(files, "--objective", objective, "--split", "test", "--shots", "4",
-                       "--granularity", "task", "-o", str(out), "--json"))
+                       "--granularity", "task", "--protocol", "tvtool", "-o", str(out),
+                       "--json"))
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     settings = report["settings"]
@@ -147,6 +149,46 @@ def test_unlabelled_objectives_run_with_their_reference_defaults(cli, files, tmp
     if objective == "ufm":
         assert "trusted examples" in result.stderr
     assert read_coefficients(str(out)).meta.extra["objective"] == objective
+
+
+def test_reference_protocols_report_their_path(cli, files, tmp_path):
+    # ufm under its reference protocol: every example trusted, selection on the val split.
+    out, path = tmp_path / "u.safetensors", tmp_path / "path.json"
+    result = cli(_args(files, "--objective", "ufm", "--split", "test", "--shots", "20",
+                       "--granularity", "atlas:2", "--batch-size", "64", "--epochs", "1",
+                       "--eval-limit", "30", "--audit-split", "test", "--path-out", str(path),
+                       "-o", str(out), "--json"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["protocol"] == "atlas" and report["settings"]["ufm_reading"] == "code"
+    assert report["selection"].startswith("accuracy on the labelled val split")
+    assert "every example trusted" in result.stderr and "not 2-D keep" in result.stderr
+    assert report["settings"]["steps"] == report["steps_run"]  # one epoch
+    first = report["candidates"][0]
+    assert first["datasets"][0]["examples"] == 30 and first["datasets"][0]["accuracy"] is not None
+    assert set(first["audit_accuracy"]) == {"synthetic:shape"}
+    document = json.loads(path.read_text())
+    assert len(document["records"]) == len(report["candidates"])
+    coefs = read_coefficients(str(out))
+    assert str(coefs.partition.granularity) == "atlas:2"
+    assert all(len(s.shape) == 2 for s in coefs.partition.tensors)
+    assert torch.tensor(document["records"][-1]["coefficients"]).shape == \
+        coefs.coefficients.shape
+    # atlas:K scales parts of tensors: merge --coefs refuses it, as random:K.
+    refused = cli(["merge", files["tv1"], files["tv2"], "--coefs", str(out), "-o",
+                   str(tmp_path / "m.safetensors")])
+    assert refused.exit_code == 2 and "atlas:2" in refused.stderr
+
+
+def test_adamerging_protocol_keeps_the_last_iterate(cli, files, tmp_path):
+    out = tmp_path / "a.safetensors"
+    result = cli(_args(files, "--objective", "entropy", "--split", "test", "--shots", "4",
+                       "--granularity", "task", "-o", str(out), "--json"))
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["protocol"] == "adamerging" and report["best_step"] == report["steps_run"]
+    assert report["at_edge"] is None and report["settings"]["batch_size"] == 16
+    assert 0.0 <= report["coefficients"][0]["min"] <= report["coefficients"][0]["max"] <= 1.0
 
 
 def test_negation_objective_runs_from_the_command_line(cli, files, tmp_path):
@@ -176,6 +218,14 @@ def test_negation_objective_runs_from_the_command_line(cli, files, tmp_path):
     (["--vector-dtype", "int8"], "--vector-dtype"),
     (["-d", "synthetic:nope"], "unknown synthetic task"),
     (["-o", "-", "--json"], "--json prints a document on stdout"),
+    (["--protocol", "adamerging"], "does not run the ce objective"),
+    (["--protocol", "nope"], "unknown protocol"),
+    (["--epochs", "2", "--protocol", "tvtool"], "--epochs is the atlas"),
+    (["--val-fraction", "0.2"], "selects on the dataset's val split"),
+    (["--audit-split", "train"], "--audit-split"),
+    (["--objective", "ufm", "--ufm-reading", "x"], "unknown UFM reading"),
+    (["--schedule", "linear"], "unknown schedule"),
+    (["-g", "atlas:0"], "unknown granularity"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(cli, files, tmp_path, extra, message):
     out = tmp_path / "c.safetensors"
@@ -209,11 +259,13 @@ def test_config_arguments_are_one_flat_mapping_of_every_setting():
     assert arguments == {
         "vectors": ["a", "b"], "base": "tvtool-tiny", "output": "c",
         "datasets": ["synthetic:shape"], "control": [], "granularity": "tensor", "shots": 16,
-        "split": "train", "val_fraction": 0.2, "partition_seed": 0, "vector_dtype": "fp32",
+        "split": "train", "val_fraction": None, "partition_seed": 0, "vector_dtype": "fp32",
         "device": "auto", "data_root": None, "merged_out": None,
-        "allow_base_mismatch": False, "objective": "entropy", "steps": 5, "lr": None,
-        "weight_decay": None, "batch_size": 32, "eval_every": 10, "patience": None,
-        "negation_weight": 1.0, "negation_loss": "unlikelihood", "control_threshold": 0.95,
-        "ufm_threshold": 0.99, "init": None, "grad_clip": None, "augment": None,
-        "precision": "auto", "seed": 3, "workers": 0}
+        "allow_base_mismatch": False, "audit_split": None, "eval_limit": None,
+        "path_out": None, "objective": "entropy", "protocol": None, "steps": 5,
+        "epochs": None, "lr": None, "weight_decay": None, "batch_size": None,
+        "eval_every": None, "patience": None, "negation_weight": 1.0, "negation_loss": None,
+        "control_threshold": 0.95, "ufm_threshold": 0.99, "ufm_reading": None, "init": None,
+        "grad_clip": None, "augment": None, "schedule": None, "precision": "auto", "seed": 3,
+        "workers": 0}
     assert json.loads(json.dumps(arguments)) == arguments

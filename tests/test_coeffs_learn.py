@@ -34,7 +34,9 @@ CLASSES = 4
 # The settings these mechanics tests were calibrated with (the objectives' reference defaults
 # add weight decay, clipping and image augmentation, which the noise-pattern toy task does not
 # tolerate: a flipped random pattern is another pattern).
-PLAIN = {"augment": "none", "weight_decay": 0.0, "grad_clip": 0.0}
+# They test tvtool's protocol (held-out selection, early stopping); the reference protocols
+# are tested in tests/test_coeffs_protocols.py.
+PLAIN = {"augment": "none", "weight_decay": 0.0, "grad_clip": 0.0, "protocol": "tvtool"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -180,7 +182,8 @@ def test_unlabelled_objectives_do_not_end_below_zero_shot(toy, objective):
                     labelled=False)
     encoder = toy.composed("layer")
     result = learn(encoder, [task],
-                   LearnerConfig(objective=objective, steps=20, lr=0.05, batch_size=40,
+                   LearnerConfig(objective=objective, protocol="tvtool", steps=20, lr=0.05,
+                                 batch_size=40,
                                  eval_every=5, augment="none" if objective != "ufm" else "train",
                                  ufm_threshold=0.5))
     assert result.selection.startswith("held-out information")
@@ -343,7 +346,8 @@ def test_without_held_out_data_the_last_step_is_kept(toy):
 
     notes = []
     task = TaskData("toy", toy.head, _data(toy, 200, 216))
-    result = learn(toy.composed("task"), [task], LearnerConfig(steps=3, eval_every=1),
+    result = learn(toy.composed("task"), [task],
+                   LearnerConfig(protocol="tvtool", steps=3, eval_every=1),
                    log=notes.append)
     assert result.selection.startswith("last step")
     assert result.best_step == result.steps_run == 3

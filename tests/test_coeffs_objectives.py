@@ -15,7 +15,6 @@ import torch
 from tvtool.atlas.augment import augment, crop_box
 from tvtool.atlas.learner import LearnerConfig
 from tvtool.atlas.objectives import (
-    DEFAULTS,
     TaskOutput,
     TaskScore,
     infomax_loss,
@@ -23,6 +22,7 @@ from tvtool.atlas.objectives import (
     selection_score,
     ufm_loss,
 )
+from tvtool.atlas.protocols import DEFAULTS
 from tvtool.atlas.ufm import trusted_subset
 from tvtool.errors import UsageError
 
@@ -199,7 +199,10 @@ def test_defaults_follow_the_references():
     assert (entropy.lr, entropy.init, entropy.weight_decay) == (1e-3, 0.3, 0.0)
     assert LearnerConfig(objective="ufm").resolved().lr == 1e-3
     assert LearnerConfig(objective="negation", lr=0.2).resolved().lr == 0.2
-    assert set(DEFAULTS) == {"ce", "entropy", "infomax", "ufm", "negation"}
+    assert {objective for _, objective in DEFAULTS} == {"ce", "entropy", "infomax", "ufm",
+                                                         "negation"}
+    assert {objective for protocol, objective in DEFAULTS if protocol == "tvtool"} == \
+        {"ce", "entropy", "infomax", "ufm", "negation"}
     with pytest.raises(UsageError, match="augmentation"):
         LearnerConfig(augment="heavy").check()
     with pytest.raises(UsageError, match="--control-threshold"):

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -281,3 +285,150 @@ def test_folder_without_classes_is_an_error(folders):
     (root / ".hidden").mkdir()
     with pytest.raises(InvalidInputError, match="no class folders"):
         task_spec(f"imagefolder:{root}")
+
+
+# ------------------------------------------------------------ hostile folders (issue 22)
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int):
+    """Fail instead of hanging (a FIFO read blocks forever without a writer)."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_labels_follow_torchvision_imagefolder_class_order(tmp_path):
+    # Independent reference: torchvision's ImageFolder sorts class folders by name, case
+    # included ('B' < 'a' < 'c'); a case-insensitive sort would swap the first two labels.
+    from torchvision.datasets import ImageFolder
+
+    for index, name in enumerate(["B", "a", "c"]):
+        for i in range(2):
+            _png(tmp_path / name / f"{i}.png", (40 * index, 0, 0), shade=i)
+    expected = ImageFolder(str(tmp_path)).class_to_idx
+    name = f"imagefolder:{tmp_path}"
+    assert list(task_spec(name).classnames) == sorted(expected, key=expected.__getitem__)
+    train = load_split(name, "train", val_fraction=0.0)
+    for i in range(len(train)):
+        image, label = train[i]
+        red = int(np.asarray(image)[4, 4, 0])
+        assert label == expected[["B", "a", "c"][red // 40]]
+
+
+def test_fifo_in_a_class_folder_is_refused_before_anything_is_read(folders):
+    root = _broken(folders["base"], "fifo")
+    os.mkfifo(root / "cat" / "zz-pipe.png")
+    with _deadline(10), pytest.raises(InvalidInputError, match=r"zz-pipe\.png.*a FIFO"):
+        load_split(f"imagefolder:{root}", "train")
+
+
+def test_reading_a_fifo_as_an_image_does_not_block(tmp_path):
+    # The reader checks what it opened too (the file may change after the folder scan).
+    os.mkfifo(tmp_path / "pipe.png")
+    with _deadline(10), pytest.raises(InvalidInputError, match="a FIFO, not a regular file"):
+        read_image(tmp_path / "pipe.png")
+
+
+def test_symlink_loop_and_dangling_link_are_refused(folders):
+    root = _broken(folders["base"], "link-loop")
+    (root / "cat" / "again").symlink_to(root / "cat", target_is_directory=True)
+    with _deadline(10), pytest.raises(InvalidInputError, match="already read"):
+        load_split(f"imagefolder:{root}", "train")
+    root = _broken(folders["base"], "dangling")
+    (root / "dog" / "gone.png").symlink_to(root / "nowhere.png")
+    with pytest.raises(InvalidInputError, match=r"gone\.png.*dangling"):
+        load_split(f"imagefolder:{root}", "train")
+
+
+@pytest.mark.parametrize(("classes", "text"), [
+    ({"cat": 1, "dog": 1}, "cat\tanimal\ndog\tanimal\n"),
+    ({"cat": 1, "dog": 1}, "cat\tpet dog\ndog\tpet  dog\n"),  # the same once spaces collapse
+])
+def test_two_folders_with_one_class_name_are_refused(tmp_path, classes, text):
+    _fill(tmp_path, classes)
+    (tmp_path / "classnames.txt").write_text(text)
+    with pytest.raises(InvalidInputError, match="get the same class name"):
+        task_spec(f"imagefolder:{tmp_path}")
+
+
+def test_folder_names_that_become_one_class_name_are_refused(tmp_path):
+    for name in ("sea_lion", "sea lion"):
+        _png(tmp_path / name / "0.png", (1, 2, 3))
+    with pytest.raises(InvalidInputError, match="'sea lion' and 'sea_lion' get the same"):
+        task_spec(f"imagefolder:{tmp_path}")
+
+
+def test_too_many_templates_are_refused(tmp_path):
+    from tvtool.limits import MAX_TEMPLATES
+
+    _fill(tmp_path, {"cat": 1, "dog": 1})
+    (tmp_path / "templates.txt").write_text("a {}.\n" * (MAX_TEMPLATES + 1))
+    with pytest.raises(InvalidInputError, match=f"holds {MAX_TEMPLATES + 1:,} templates"):
+        task_spec(f"imagefolder:{tmp_path}")
+    (tmp_path / "templates.txt").write_text("a {}.\n" * MAX_TEMPLATES)
+    assert len(task_spec(f"imagefolder:{tmp_path}").templates) == MAX_TEMPLATES
+
+
+@pytest.mark.parametrize("line", ["a {} {0:>999999999}", "a {} and {{}}", "{x} {}"])
+def test_templates_with_other_braces_are_refused(tmp_path, line):
+    _fill(tmp_path, {"cat": 1, "dog": 1})
+    (tmp_path / "templates.txt").write_text(line + "\n")
+    with pytest.raises(InvalidInputError, match="no other brace"):
+        task_spec(f"imagefolder:{tmp_path}")
+
+
+@pytest.mark.parametrize("name", ["templates.txt", "classnames.txt"])
+def test_text_lists_are_bounded_and_regular(tmp_path, name):
+    from tvtool.limits import MAX_TEXT_LIST_BYTES
+
+    _fill(tmp_path, {"cat": 1, "dog": 1})
+    (tmp_path / name).write_text("# " + "x" * MAX_TEXT_LIST_BYTES + "\n")
+    with pytest.raises(InvalidInputError, match="larger than 1024 KiB"):
+        task_spec(f"imagefolder:{tmp_path}")
+    (tmp_path / name).unlink()
+    os.mkfifo(tmp_path / name)  # was silently ignored: the defaults were used instead
+    with _deadline(10), pytest.raises(InvalidInputError, match="a FIFO, not a regular file"):
+        task_spec(f"imagefolder:{tmp_path}")
+
+
+def test_images_past_the_pixel_bound_are_refused_before_decoding(tmp_path, monkeypatch):
+    from tvtool.io import images
+
+    path = tmp_path / "big.png"
+    Image.new("RGB", (101, 100)).save(path)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 101 * 100 - 1)
+    with pytest.raises(InvalidInputError, match=r"101 × 100 pixels, more than 10,099"):
+        read_image(path)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 101 * 100)
+    assert read_image(path).size == (101, 100)
+
+
+def test_sixteen_bit_images_decode_without_wide_temporaries(tmp_path, monkeypatch):
+    # The reported input: a 16-bit PNG took int64 and float64 copies (24 bytes a pixel). Now
+    # only the 8-bit result (1 byte a pixel) and one slice of rows at a time are allocated.
+    from tvtool.io import images
+
+    monkeypatch.setattr(images, "_ROWS_PER_SLICE", 32)
+    side = 1024
+    values = (np.arange(side * side, dtype=np.uint32) % 65536).astype(np.uint16)
+    values = values.reshape(side, side)
+    path = tmp_path / "wide.png"
+    Image.fromarray(values).save(path)
+    tracemalloc.start()
+    try:
+        image = read_image(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.5 * side * side, f"{peak / side / side:.1f} bytes a pixel of numpy temporaries"
+    expected = np.rint(values.astype(np.float64) / 257.0).astype(np.uint8)
+    assert np.array_equal(np.asarray(image)[..., 0], expected)

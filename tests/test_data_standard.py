@@ -14,7 +14,9 @@ from tvtool.errors import InvalidInputError
 
 EXPECTED_CLASSES = {"MNIST": 10, "SVHN": 10, "GTSRB": 43, "EuroSAT": 10, "DTD": 47,
                     "StanfordCars": 196, "SUN397": 397, "RESISC45": 45, "CIFAR10": 10,
-                    "CIFAR100": 100, "ImageNet": 1000}
+                    "CIFAR100": 100, "STL10": 10, "Flowers102": 102, "OxfordIIITPet": 37,
+                    "PCAM": 2, "FER2013": 7, "EMNIST": 10, "Food101": 101, "FashionMNIST": 10,
+                    "RenderedSST2": 2, "KMNIST": 10, "ImageNet": 1000}
 
 
 def test_every_standard_dataset_has_clip_classnames_and_templates():

@@ -62,7 +62,10 @@ def test_docs_parameter_table_matches_each_methods_params_dataclass():
     assert documented == declared
 
 
-def test_merge_help_lists_the_registry(cli):
+def test_merge_help_lists_the_registry(cli, monkeypatch):
+    # Wide enough that rich wraps no cell (the --method choices alone are ~90 columns).
+    monkeypatch.setenv("COLUMNS", "400")
+    monkeypatch.setenv("TERMINAL_WIDTH", "400")
     result = cli(["merge", "--help"])
     assert result.exit_code == 0, result.stderr
     text = " ".join(result.stdout.split())

@@ -68,7 +68,7 @@ def test_eval_json_and_out_file(cli, files, tmp_path):
     out = tmp_path / "report.json"
     result = cli(["eval", files["tv1"], "--base", files["base"], "-d", DATASET,
                   "-d", "synthetic:color", "--coef", "0.5", "--limit", "24", "--device", "cpu",
-                  "--json", "--out", str(out)])
+                  "--json", "--output", str(out)])
     assert result.exit_code == 0, result.stderr
     document = json.loads(result.stdout)
     assert json.loads(out.read_text()) == document
@@ -143,7 +143,7 @@ def _refused(cli, args, tmp_path, message):
     out = tmp_path / "out" / "report.json"
     out.parent.mkdir()
     before = listing(tmp_path)
-    result = cli([*args, "--device", "cpu", "--out", str(out)])
+    result = cli([*args, "--device", "cpu", "--output", str(out)])
     assert result.exit_code == 2, (result.exit_code, result.stderr)
     assert message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("tvtool: error:")
@@ -226,7 +226,7 @@ def test_reference_class_count_mismatch_is_refused(cli, files, tmp_path):
 def test_bad_out_is_refused_before_any_work(cli, files, tmp_path, target, message):
     out = files["tv1"] if target == "tv1" else str(tmp_path / "nope" / "r.json")
     result = cli(["eval", files["tv1"], "--base", files["base"], "-d", "synthetic:nope",
-                  "--device", "cpu", "--out", out])
+                  "--device", "cpu", "--output", out])
     # Refused on the output, before the (bad) dataset is even looked at.
     assert result.exit_code == 2 and message in result.stderr, result.stderr
 
@@ -248,7 +248,7 @@ def test_usage_errors(cli, args, message):
 
 def test_pretrain_writes_a_usable_base(cli, tmp_path):
     out = tmp_path / "tiny.safetensors"
-    result = cli(["pretrain", "-o", str(out), "--steps", "2", "--batch", "8", "--seed", "1"])
+    result = cli(["pretrain", "-o", str(out), "--steps", "2", "--batch-size", "8", "--seed", "1"])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out)
     evaluated = cli(["eval", "--base", str(out), "-d", DATASET, "--limit", "16", "--device",
@@ -258,7 +258,7 @@ def test_pretrain_writes_a_usable_base(cli, tmp_path):
 
 
 def test_pretrain_default_output_is_the_cache_copy(cli, cache):
-    result = cli(["pretrain", "--steps", "1", "--batch", "4"])
+    result = cli(["pretrain", "--steps", "1", "--batch-size", "4"])
     assert result.exit_code == 0, result.stderr
     assert Path(result.stdout.strip()) == cache / "tvtool-tiny.safetensors"
     assert (cache / "tvtool-tiny.safetensors").is_file()
@@ -276,7 +276,7 @@ def test_pretrain_the_demo_model_records_its_architecture_and_recipe(cli, tmp_pa
 
     out = tmp_path / "small.safetensors"
     result = cli(["pretrain", "--model", "tvtool-small", "-o", str(out), "--steps", "1",
-                  "--batch", "4", "--json"])
+                  "--batch-size", "4", "--json"])
     assert result.exit_code == 0, result.stderr
     meta = json.loads(cli(["inspect", str(out), "--json"]).stdout)["files"][0]
     assert meta["metadata"]["tvtool.architecture"] == "tvtool-small"
@@ -299,7 +299,7 @@ def test_the_unpackaged_base_is_created_in_the_cache_and_then_resolves(cli, cach
     missing = cli(["eval", "--base", "tvtool-base", "-d", DATASET, "--limit", "8"])
     assert missing.exit_code == 2 and missing.stdout == ""
     assert "tvtool pretrain --model tvtool-base" in missing.stderr
-    result = cli(["pretrain", "--model", "tvtool-base", "--steps", "1", "--batch", "4"])
+    result = cli(["pretrain", "--model", "tvtool-base", "--steps", "1", "--batch-size", "4"])
     assert result.exit_code == 0, result.stderr
     assert Path(result.stdout.strip()) == cache / "tvtool-base.safetensors"
     evaluated = cli(["eval", "--base", "tvtool-base", "-d", DATASET, "--limit", "8",

@@ -94,12 +94,19 @@ def test_error_matches_brute_force_definition(files, big_vectors, report):
             model.set_coefficients(coefs)
             return predictions(model, datas[task], heads[datas[task].name], 7)[0]
 
-        for a1, a2 in [(1.0, 1.0), (-1.0, 1.0), (1.0, -1.0)]:
-            expected = sum(
-                float((preds([a1, a2], t) != preds([a1 if t == 0 else 0.0,
-                                                    a2 if t == 1 else 0.0], t)).double().mean())
-                for t in (0, 1))
-            assert error_at(report, a1, a2) == pytest.approx(expected)
+        # Every point of the grid, the axes included: on an axis one term vanishes by
+        # definition, and the other must still be measured (a shortcut there went unnoticed).
+        off_axis_terms = 0.0
+        for a1, a2 in itertools.product(report.alphas, report.alphas):
+            terms = [float((preds([a1, a2], t) != preds([a1 if t == 0 else 0.0,
+                                                         a2 if t == 1 else 0.0], t))
+                           .double().mean()) for t in (0, 1)]
+            assert error_at(report, a1, a2) == pytest.approx(sum(terms)), (a1, a2)
+            assert report.per_task[D1][report.alphas.index(a1)][report.alphas.index(a2)] \
+                == pytest.approx(terms[0]), (a1, a2)
+            if (a1 == 0) != (a2 == 0):
+                off_axis_terms += sum(terms)
+        assert off_axis_terms > 0, "the axes must carry a non-zero term for this test to bite"
 
 
 def test_report_json_is_self_describing(report):
@@ -144,7 +151,7 @@ def test_parse_grid_endpoints_and_spacing(start, width, num):
 def test_cli_writes_json_and_png(cli, files, big_vectors, tmp_path):
     out, png = tmp_path / "map.json", tmp_path / "map.png"
     result = cli(["eval", "disentanglement", "--base", files["base"], *big_vectors,
-                  "--dataset", D1, "--dataset", D2, "--grid", "-1:1:1", "--limit", "12",
+                  "--dataset", D1, "--dataset", D2, "--coef-grid", "-1:1:1", "--limit", "12",
                   "--device", "cpu", "-o", str(out), "--png", str(png)])
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out)
@@ -156,13 +163,13 @@ def test_cli_writes_json_and_png(cli, files, big_vectors, tmp_path):
 
 def test_cli_without_output_prints_the_map(cli, files, big_vectors):
     result = cli(["eval", "disentanglement", *big_vectors, "--base", files["base"], "-d", D1,
-                  "-d", D2, "--grid", "0,1", "--limit", "8", "--device", "cpu"])
+                  "-d", D2, "--coef-grid", "0,1", "--limit", "8", "--device", "cpu"])
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["alphas"] == [0.0, 1.0]
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--grid", "3:1:4"], "malformed grid"),
+    (["--coef-grid", "3:1:4"], "malformed grid"),
     (["-d", "synthetic:size"], "exactly two"),
 ])
 def test_cli_bad_input_writes_nothing(cli, files, big_vectors, tmp_path, extra, message):

@@ -39,6 +39,15 @@ def test_json_summary_and_vector_metadata(cli, tmp_path):
     assert meta.extra["lora_rank"] == "2" and float(meta.extra["lora_alpha"]) == 32.0
     assert meta.extra["lora_targets"] == "q,v,mlp"
     assert meta.provenance["arguments"]["batch_size"] == 4
+    # Where the examples came from: the training split's manifest, generator version included.
+    from tvtool.data import split_manifest
+    from tvtool.synthetic_world.tasks import GENERATOR_VERSION
+
+    data = meta.provenance["dataset"]
+    assert data["name"] == "synthetic:shape" and data["split"] == "train"
+    assert data["manifest"]["source"]["generator_version"] == GENERATOR_VERSION
+    assert data["manifest"]["hashes"] == split_manifest("synthetic:shape", seed=0)["hashes"]
+    assert meta.provenance["versions"]["open_clip"] and meta.provenance["time"]
 
 
 def test_vector_to_stdout_and_checkpoint_loadable(cli, tmp_path):

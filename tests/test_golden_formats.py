@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from tvtool.atlas.blocks import TensorSpec, build_partition, random_groups
-from tvtool.models.loading import state_dict_fingerprint
+from tvtool.models import state_dict_fingerprint
 
 # One tensor of each kind the formula distinguishes: float32 (with -0.0), a 0-d tensor,
 # float16, an empty tensor, an integer tensor; given out of name order.

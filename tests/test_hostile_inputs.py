@@ -100,7 +100,7 @@ def test_yaml_nesting_up_to_the_limit_is_fine():
 def test_huge_yaml_document_is_refused_before_parsing(tmp_path, monkeypatch):
     from tvtool.io import yaml_io
 
-    monkeypatch.setattr(yaml_io, "MAX_DOCUMENT_BYTES", 1000)
+    monkeypatch.setattr(yaml_io, "MAX_YAML_BYTES", 1000)
     path = tmp_path / "big.yaml"
     path.write_text("vectors: [" + "a, " * 1000 + "b]\n")
     with pytest.raises(InvalidInputError, match="larger than"):
@@ -642,7 +642,7 @@ def test_datasets_command_lists_the_names(cli):
     names = [line.split()[0] for line in result.stdout.splitlines()]
     assert names == [*[n for n in list_datasets() if n.startswith("synthetic:")],
                      *[n for n in list_datasets() if not n.startswith("synthetic:")],
-                     "imagefolder:PATH"]
+                     "<name>Val", "imagefolder:PATH", "hf:PATH"]
     document = json.loads(cli(["datasets", "--json"]).stdout)
     by_name = {e["name"]: e for e in document["datasets"]}
     assert by_name["MNIST"]["classes"] == 10 and by_name["MNIST"]["kind"] == "standard"

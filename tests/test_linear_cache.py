@@ -12,8 +12,10 @@ from tvtool.device import autocast
 from tvtool.errors import UsageError
 from tvtool.evaluate import (
     DisentanglementConfig,
+    EvalConfig,
     EvalSettings,
     disentanglement,
+    evaluate,
     open_eval_data,
     open_eval_model,
 )
@@ -161,7 +163,11 @@ def test_per_point_passes_grow_with_grid(files, linear_vectors, monkeypatch):
 def test_plain_vectors_keep_the_per_point_path(files):
     with Evaluator(_settings(files), [files["tv1"]], [D1], splits=("val",)) as evaluator:
         assert evaluator.linear is None
-        assert 0.0 <= evaluator.accuracies([0.5], "val")[D1] <= 1.0
+        accuracy = evaluator.accuracies([0.5], "val")[D1]
+    # The same model through `tvtool eval`'s own entry point.
+    report = evaluate(EvalConfig(_settings(files), datasets=(D1,), vectors=(files["tv1"],),
+                                 coefs=(0.5,), split="val"))
+    assert accuracy == report.results[0].accuracy
 
 
 def test_linearized_features_refuse_a_plain_model(files):

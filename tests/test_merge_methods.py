@@ -49,7 +49,8 @@ def plain_sum(vectors, coefs):
 
 
 def test_registry_lists_every_method_with_a_paper():
-    assert set(METHODS) == {"task_arithmetic", "mean", "ties", "dare", "magnitude"}
+    assert set(METHODS) == {"task_arithmetic", "mean", "ties", "dare", "magnitude", "tsv",
+                            "iso-c", "iso-cts", "consensus", "breadcrumbs"}
     for name, method in METHODS.items():
         assert method.name == name
         assert "arXiv" in method.paper

@@ -159,8 +159,26 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report == json.loads(report_path.read_text())
-    assert report["best_coef"] in (0.0, 0.5)
     assert report["datasets"] == ["synthetic:shape", "synthetic:color"]
+    # Recomputed here from the reported accuracies: normalized = accuracy / fine-tuned accuracy
+    # (never zero-shot), on the validation split for the search and the test split after it.
+    finetuned = report["finetuned"]
+    for split in ("val", "test"):
+        assert finetuned[split] != report["zero_shot"][split], "needs a vector that changes "\
+            "an accuracy, or normalizing by the zero-shot accuracy would go unnoticed"
+        for dataset, accuracy in finetuned[split].items():  # fine-tuned: base + its own vector
+            assert accuracy == _eval_accuracy(cli, world, split, dataset)
+    scores = []
+    for point in report["val"]["grid"]:
+        for dataset, accuracy in point["accuracies"].items():
+            assert point["normalized"][dataset] == pytest.approx(
+                accuracy / finetuned["val"][dataset])
+        scores.append(sum(point["normalized"].values()) / len(point["normalized"]))
+        assert point["score"] == pytest.approx(scores[-1])
+    assert report["best_coef"] == report["val"]["grid"][scores.index(max(scores))]["coef"]
+    for dataset, accuracy in report["test"]["accuracy"].items():
+        assert report["test"]["normalized_accuracy"][dataset] == pytest.approx(
+            accuracy / finetuned["test"][dataset])
     assert [p["coef"] for p in report["val"]["grid"]] == [0.0, 0.5]
     assert set(report["test"]["accuracy"]) == {"synthetic:shape", "synthetic:color"}
     assert "zero-shot %" in result.stderr
@@ -175,6 +193,28 @@ def test_merge_search_coef_end_to_end(cli, world, tmp_path):
         assert torch.equal(load(str(out))[name], tensor)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "report.json",
                                                          "searched.safetensors"]
+    # ... whose metadata records the search that chose it, not a plain --coef.
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta["tvtool.coefficients"])["origin"] == "--search-coef"
+    search = json.loads(meta["tvtool.provenance"])["search"]
+    assert search["best_coef"] == report["best_coef"] and search["split"] == "val"
+    assert search["datasets"] == report["datasets"]
+    assert [p["coef"] for p in search["grid"]] == [0.0, 0.5]
+    assert [p["accuracies"] for p in search["grid"]] == [
+        p["accuracies"] for p in report["val"]["grid"]]
+    assert search["limit"] == 8
+
+
+def _eval_accuracy(cli, world, split: str, dataset: str) -> float:
+    """`tvtool eval` of base + the vector recorded for ``dataset``, on ``dataset``."""
+    vector = world["tv1"] if dataset == "synthetic:shape" else world["tv2"]
+    result = cli(["eval", "--base", world["base"], vector, "-d", dataset, "--split", split,
+                  *EVAL, "--json"])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)["results"][0]["accuracy"]
 
 
 def test_ties_search_uses_the_ties_reference_grid_by_default(cli, world, tmp_path):
@@ -210,7 +250,8 @@ def test_negate_search_end_to_end(cli, world, tmp_path):
     # α = 1e-6 leaves the predictions as the base's, so the grid always has a feasible α and
     # the test never passes by refusing (it once returned early on exit 1).
     result = cli(["negate", world["tv1"], "--search", "--base", world["base"], "--control",
-                  "synthetic:color", "--threshold", "0.01", "--coef-grid", "0.000001,0.5,1",
+                  "synthetic:color", "--control-threshold", "0.01", "--coef-grid",
+                  "0.000001,0.5,1",
                   *EVAL, "-o", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     report = json.loads(result.stdout)
@@ -222,6 +263,14 @@ def test_negate_search_end_to_end(cli, world, tmp_path):
     negated = load(str(out))
     name = next(iter(vector))
     torch.testing.assert_close(negated[name], -report["best_coef"] * vector[name])
+    assert report["report_version"] == 2 and report["controls"] == ["synthetic:color"]
+    from safetensors import safe_open
+
+    with safe_open(str(out), "np") as handle:
+        search = json.loads(handle.metadata()["tvtool.provenance"])["search"]
+    assert search["best_coef"] == report["best_coef"] and search["controls"] == ["synthetic:color"]
+    assert search["target"] == "synthetic:shape" and search["threshold"] == 0.01
+    assert [p["coef"] for p in search["grid"]] == [1e-6, 0.5, 1.0]
 
 
 def test_negate_search_needs_control(cli, world, tmp_path):
@@ -240,7 +289,7 @@ def test_negate_cli_defaults_are_the_library_defaults():
 
     params = inspect.signature(negate).parameters
     assert params["coef_grid"].default == DEFAULT_NEGATION_GRID_TEXT
-    assert params["threshold"].default == DEFAULT_THRESHOLD
+    assert params["control_threshold"].default == DEFAULT_THRESHOLD
 
 
 def test_measure_negation_falls_back_or_refuses_when_no_alpha_is_feasible(world, monkeypatch):
@@ -320,3 +369,24 @@ def test_search_with_a_recorded_relative_imagefolder_hints_at_dataset(cli, world
                    "synthetic:color", *EVAL, "-o", str(out)])
     assert negated.exit_code == 2, negated.stderr
     assert "not a directory here" in negated.stderr and "--target" in negated.stderr
+
+
+def test_negation_control_thresholds_are_the_documented_095():
+    # The paper's rule (Ilharco et al. 2023, §3: control accuracy at least 95% of the base's),
+    # pinned to the literal and to the docs: a change in both the library and the CLI must fail.
+    import inspect
+    import re
+    from pathlib import Path
+
+    from tvtool.atlas.objectives import DEFAULT_CONTROL_THRESHOLD
+    from tvtool.cli.learn_coeffs import learn_coeffs
+    from tvtool.cli.negate import negate
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    documented = re.search(r"negate TV --search [^`]*?\[--control-threshold ([0-9.]+)\]",
+                           (docs / "cli.md").read_text())
+    assert documented is not None and float(documented.group(1)) == 0.95
+    assert "`--control-threshold` (0.95)" in (docs / "coeffs.md").read_text()
+    assert DEFAULT_THRESHOLD == 0.95 == DEFAULT_CONTROL_THRESHOLD
+    assert inspect.signature(negate).parameters["control_threshold"].default == 0.95
+    assert inspect.signature(learn_coeffs).parameters["control_threshold"].default == 0.95

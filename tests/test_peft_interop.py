@@ -350,6 +350,11 @@ def _nan(t):
     (None, _unknown_module, "adapts 'visual.nope', which is not a module of the model"),
     (None, _out_proj_alone, "never calls its out_proj's forward"),
     (None, _nan, "contain NaN or Inf"),
+    # Regular expressions that make Python's re backtrack for years: bounded matching.
+    ({"target_modules": "(.*)*z"}, None, "target_modules '(.*)*z' matches no module"),
+    ({"target_modules": r"(visual\..*)\1"}, None, "uses a backreference"),
+    ({"exclude_modules": "(a|a)*(?=z)"}, None, "exclude_modules '(a|a)*(?=z)' uses a lookahead"),
+    ({"rank_pattern": {"x{999}y{999}z{999}": 2}}, None, "expands to more than 2000 automaton"),
 ])
 def test_bad_adapters_are_refused(exported, tmp_path, cli, config, tensors, message):
     _edit(exported, config, tensors)
@@ -452,7 +457,7 @@ def test_export_refuses_a_used_directory_and_the_text_tower(tiny, tmp_path, cli)
        root=st.sampled_from(["clip", "visual"]), seed=st.integers(0, 10))
 def test_mapping_round_trip_property(tiny, targets, rank, alpha, root, seed):
     from tvtool.finetune import materialize_lora
-    from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
+    from tvtool.formats.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
     from tvtool.models.modules import module_table
 
     factors = _factors(tiny, tuple(sorted(targets)), seed=seed, rank=rank)
@@ -469,3 +474,30 @@ def test_mapping_round_trip_property(tiny, targets, rank, alpha, root, seed):
     assert sorted(got) == sorted(want)
     for name in want:
         torch.testing.assert_close(got[name].double(), want[name], atol=1e-7, rtol=1e-6)
+
+
+def test_adapter_card_is_publishable_and_says_what_to_load_it_onto(tiny, tmp_path, cli):
+    # A vector whose recorded base and dataset are local paths: the card names files only.
+    vector = tmp_path / "v.safetensors"
+    meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=TINY,
+                    base_ref=f"{TINY}:{tmp_path}/private/base.safetensors", mode=Mode.LORA,
+                    dataset=f"imagefolder:{tmp_path}/private/pets",
+                    extra={"lora_alpha": repr(ALPHA), "lora_rank": str(RANK),
+                           "lora_targets": "q,v"})
+    write_tensors(str(vector), _factors(tiny, ("q", "v")), meta.to_header())
+    cards = {}
+    for root in ("clip", "visual"):
+        out = tmp_path / f"adapter-{root}"
+        result = cli(["export-peft", str(vector), "-o", str(out), "--module", root,
+                      "--license", "mit"])
+        assert result.exit_code == 0, result.stderr
+        cards[root] = (out / "README.md").read_text()
+    for card in cards.values():
+        assert str(tmp_path) not in card and "/private/" not in card
+        assert card.startswith("---\nlicense: mit\n")
+        assert f"`{TINY}:base.safetensors`" in card and "imagefolder:pets" in card
+    assert "Load it onto the image tower (`model.visual`), not onto the whole model" \
+        in cards["visual"]
+    assert "Load it onto the whole open_clip model (`model`)" in cards["clip"]
+    result = cli(["export-peft", str(vector), "-o", str(tmp_path / "bad"), "--license", "MIT!"])
+    assert result.exit_code == 2 and "--license" in result.stderr

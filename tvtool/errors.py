@@ -9,6 +9,31 @@ Exit codes (documented in docs/cli.md):
 
 from __future__ import annotations
 
+MAX_WORD = 160
+"""Longest run of non-blank characters an error line keeps whole (a long path still fits)."""
+
+MAX_LINE = 1000
+"""Longest error line: a huge value quoted by mistake still prints one short line."""
+
+
+def bounded_line(text: str) -> str:
+    """``text`` on one line, with runs longer than :data:`MAX_WORD` and the line itself cut.
+
+    The last safety net behind the error messages: sources quote values with
+    :func:`tvtool.limits.short_repr` already, but a value quoted whole anywhere (a 15 MB YAML
+    scalar, a tensor name, a path) must not become a multi-megabyte line. A cut keeps the
+    start and the end of what it shortens (the end of a path names the file), joined by ``…``.
+    """
+    words = []
+    for word in text.split():
+        if len(word) > MAX_WORD:
+            word = f"{word[:MAX_WORD - 61]}…{word[-60:]}"
+        words.append(word)
+    line = " ".join(words)
+    if len(line) > MAX_LINE:
+        line = f"{line[:MAX_LINE - 301]}…{line[-300:]}"
+    return line
+
 
 class TvtoolError(Exception):
     """Base class for every error tvtool reports to a user.
@@ -35,9 +60,9 @@ class TvtoolError(Exception):
 
     def one_line(self) -> str:
         """Return the message and hint joined on a single line."""
-        text = " ".join(self.message.split())
+        text = bounded_line(self.message)
         if self.hint:
-            text += f" (hint: {' '.join(self.hint.split())})"
+            text += f" (hint: {bounded_line(self.hint)})"
         return text
 
 

@@ -8,9 +8,12 @@ the task vectors frozen. Public API:
 * composition -- :class:`VectorStack`, :class:`ComposedEncoder` (the fused composed model),
   and the pure :func:`compose_state`, :func:`composed_vector`, :func:`compose_tensor`;
 * objectives -- ``ce``, ``entropy``, ``infomax``, ``ufm``, ``negation``
-  (:mod:`tvtool.atlas.objectives`, with each objective's reference defaults);
+  (:mod:`tvtool.atlas.objectives`); protocols -- ``adamerging``, ``atlas``, ``tvtool``
+  (:mod:`tvtool.atlas.protocols`, each reference's loop and defaults; the batches each step
+  sees in :mod:`tvtool.atlas.draws`);
 * learning -- :func:`learn` (:class:`LearnerConfig`, :class:`TaskData`, :class:`LearnResult`;
-  :mod:`tvtool.atlas.learner`), the examples it learns on (:func:`split_examples`,
+  :mod:`tvtool.atlas.learner`, :mod:`tvtool.atlas.config`), the candidates it evaluates and
+  keeps (:mod:`tvtool.atlas.selection`), the examples it learns on (:func:`split_examples`,
   :mod:`tvtool.atlas.examples`), image augmentation (:mod:`tvtool.atlas.augment`) and the UFM
   objective's pseudo-labels (:mod:`tvtool.atlas.ufm`);
 * files -- :class:`CoefficientSet`, :func:`read_coefficients`, :func:`write_coefficients`.
@@ -47,10 +50,12 @@ from tvtool.atlas.files import (
 )
 from tvtool.atlas.learner import LearnerConfig, LearnResult, TaskData, learn
 from tvtool.atlas.objectives import OBJECTIVES
+from tvtool.atlas.protocols import PROTOCOLS
 
 __all__ = [
     "COEFFICIENTS_TENSOR",
     "OBJECTIVES",
+    "PROTOCOLS",
     "CoefficientSet",
     "ComposedEncoder",
     "Granularity",

@@ -10,10 +10,15 @@ block. A :class:`Partition` assigns every element of a set of tensors to exactly
   blocks are grouped by their parent module (``visual.ln_pre``, ``visual.conv1``), and tensors
   that sit directly on the encoder (``visual.proj``, ``visual.class_embedding``) are their own
   block;
-* ``random:K`` -- every tensor (biases and norms included) split at random into K groups of
-  equal size (±1 element): the paper's aTLAS×K. The split of a tensor depends only on the
-  partition seed and the tensor's name and size, so it can be regenerated from a coefficient
-  file alone.
+* ``random:K`` -- tvtool's variant of the paper's aTLAS×K: every tensor (biases and norms
+  included) split at random into K groups of equal size (±1 element). The split of a tensor
+  depends only on the partition seed and the tensor's name and size, so it can be regenerated
+  from a coefficient file alone.
+* ``atlas:K`` -- aTLAS×K as the reference code draws it (``composition.py`` of
+  fredzzhang/atlas): only 2-D tensors get coefficients (the others keep θ0), every element's
+  group is drawn independently with ``randint(K)`` (groups of unequal sizes), and tensors of
+  the same shape share one mask. The mask of a shape depends only on the partition seed and
+  the shape.
 
 A partition is a description; :class:`Packing` turns it into the flat layout the learner
 computes in (each block's elements contiguous, padded to whole chunks).
@@ -34,7 +39,9 @@ from torch import Tensor
 
 from tvtool.errors import InvalidInputError
 
-GRANULARITY_KINDS = ("task", "tensor", "layer", "random")
+GRANULARITY_KINDS = ("task", "tensor", "layer", "random", "atlas")
+# Granularities that split a tensor's elements into K groups (a tensor owns K columns).
+GROUPED_KINDS = ("random", "atlas")
 _LAYER_RE = re.compile(r"^(.*?\b(?:resblocks|blocks|layers)\.\d+)\.")
 _CHUNK_CHOICES = tuple(2**i for i in range(16, -1, -1))  # 65536 … 1
 _CHUNK_OVERHEAD = 2048
@@ -45,19 +52,24 @@ class Granularity:
     """How tensors are split into coefficient blocks.
 
     Attributes:
-        kind: ``task``, ``tensor``, ``layer`` or ``random``.
-        k: Number of groups per tensor for ``random``; None otherwise.
+        kind: ``task``, ``tensor``, ``layer``, ``random`` or ``atlas``.
+        k: Number of groups per tensor for ``random`` and ``atlas``; None otherwise.
     """
 
     kind: str
     k: int | None = None
 
     def __str__(self) -> str:
-        return f"random:{self.k}" if self.kind == "random" else self.kind
+        return f"{self.kind}:{self.k}" if self.kind in GROUPED_KINDS else self.kind
+
+    @property
+    def grouped(self) -> bool:
+        """Whether tensors are split into K element groups (``random:K``, ``atlas:K``)."""
+        return self.kind in GROUPED_KINDS
 
 
 def parse_granularity(text: str) -> Granularity:
-    """Parse ``task``, ``tensor``, ``layer`` or ``random:K``.
+    """Parse ``task``, ``tensor``, ``layer``, ``random:K`` or ``atlas:K``.
 
     Raises:
         InvalidInputError: anything else (K must be a positive integer).
@@ -65,12 +77,14 @@ def parse_granularity(text: str) -> Granularity:
     value = text.strip().lower()
     if value in ("task", "tensor", "layer"):
         return Granularity(value)
-    if value.startswith("random:"):
-        count = value[len("random:"):]
-        if count.isdigit() and int(count) >= 1:
-            return Granularity("random", int(count))
+    for kind in GROUPED_KINDS:
+        if value.startswith(f"{kind}:"):
+            count = value[len(kind) + 1:]
+            if count.isdigit() and int(count) >= 1:
+                return Granularity(kind, int(count))
     raise InvalidInputError(f"unknown granularity {text!r}",
-                            hint="use task, tensor, layer or random:K (K a positive integer)")
+                            hint="use task, tensor, layer, random:K or atlas:K (K a positive "
+                                 "integer)")
 
 
 @dataclass(frozen=True)
@@ -121,11 +135,32 @@ def group_bounds(numel: int, k: int) -> list[int]:
     return [(g * numel) // k for g in range(k + 1)]
 
 
-def group_of_position(numel: int, k: int) -> Tensor:
-    """Group of each position of :func:`random_groups`' order (int64, ``[numel]``)."""
-    bounds = group_bounds(numel, k)
-    sizes = torch.tensor([b - a for a, b in _pairs(bounds)], dtype=torch.int64)
-    return torch.repeat_interleave(torch.arange(k), sizes, output_size=numel)
+def shape_mask(shape: tuple[int, ...], k: int, seed: int) -> Tensor:
+    """The ``atlas:K`` group of every element of a tensor of ``shape`` (int64, flat).
+
+    As the reference's ``torch.randint(K, p.shape)``: each element's group drawn uniformly and
+    independently, so group sizes differ. The draw depends only on ``(seed, shape)``: every
+    tensor of that shape shares it (the reference keys its masks by shape).
+    """
+    digest = hashlib.sha256(f"tvtool-atlas-xk\x1f{seed}\x1f{list(shape)}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randint(k, (math.prod(shape),), generator=generator)
+
+
+def element_groups(spec: TensorSpec, granularity: Granularity, seed: int
+                   ) -> tuple[Tensor, list[int]]:
+    """A grouped tensor's elements in group order, and each group's size.
+
+    Returns:
+        ``(order, sizes)``: ``order`` a permutation of ``range(numel)`` listing group 0's
+        elements, then group 1's, ...; ``sizes[g]`` the size of group ``g`` (K entries).
+    """
+    k = granularity.k or 1
+    if granularity.kind == "random":
+        bounds = group_bounds(spec.numel, k)
+        return random_groups(spec.name, spec.numel, k, seed), [b - a for a, b in _pairs(bounds)]
+    mask = shape_mask(spec.shape, k, seed)
+    return torch.argsort(mask, stable=True), torch.bincount(mask, minlength=k).tolist()
 
 
 @dataclass(frozen=True)
@@ -136,11 +171,11 @@ class Partition:
 
     Attributes:
         granularity: How the blocks were formed.
-        seed: Seed of the random split (``random:K`` only; 0 otherwise).
+        seed: Seed of the random split (``random:K`` and ``atlas:K``; 0 otherwise).
         tensors: Covered tensors in a fixed order (the order of the vectors' files).
         block_names: One name per block (column of the coefficient matrix).
         tensor_blocks: For whole-tensor granularities, the block of each tensor; empty for
-            ``random:K`` (there tensor ``i`` owns blocks ``i*K … i*K+K-1``).
+            ``random:K`` and ``atlas:K`` (there tensor ``i`` owns blocks ``i*K … i*K+K-1``).
     """
 
     granularity: Granularity
@@ -166,12 +201,13 @@ class Partition:
         """The block id of every element of tensor ``name`` (int64, the tensor's shape)."""
         position = self.index[name]
         spec = self.tensors[position]
-        if self.granularity.kind != "random":
+        if not self.granularity.grouped:
             return torch.full(spec.shape, self.tensor_blocks[position], dtype=torch.int64)
         k = self.granularity.k or 1
-        order = random_groups(spec.name, spec.numel, k, self.seed)
+        order, sizes = element_groups(spec, self.granularity, self.seed)
         ids = torch.empty(spec.numel, dtype=torch.int64)
-        ids[order] = position * k + group_of_position(spec.numel, k)
+        ids[order] = position * k + torch.repeat_interleave(
+            torch.arange(k), torch.tensor(sizes, dtype=torch.int64), output_size=spec.numel)
         return ids.view(spec.shape)
 
     def tensor_coefficients(self, coefficients: Tensor, name: str) -> Tensor:
@@ -183,10 +219,11 @@ class Partition:
 
         Returns:
             ``[num_vectors, 1, …, 1]`` (one value per vector, broadcastable over the tensor)
-            for whole-tensor granularities, ``[num_vectors, *shape]`` for ``random:K``.
+            for whole-tensor granularities, ``[num_vectors, *shape]`` for ``random:K`` and
+            ``atlas:K``.
         """
         spec = self.tensors[self.index[name]]
-        if self.granularity.kind != "random":
+        if not self.granularity.grouped:
             column = coefficients[:, self.tensor_blocks[self.index[name]]]
             return column.reshape(-1, *([1] * len(spec.shape)))
         return coefficients[:, self.element_blocks(name)]
@@ -202,17 +239,25 @@ def build_partition(tensors: Sequence[TensorSpec], granularity: Granularity | st
         seed: Seed of the ``random:K`` split (ignored otherwise).
         prefix: Encoder prefix used by the ``layer`` rule.
 
+    ``atlas:K`` keeps only the 2-D tensors of ``tensors`` (the reference scales nothing else).
+
     Raises:
-        InvalidInputError: no tensors, duplicate names, or a bad granularity.
+        InvalidInputError: no tensors (for ``atlas:K``: no 2-D tensor), duplicate names, or a
+            bad granularity.
     """
     gran = parse_granularity(granularity) if isinstance(granularity, str) else granularity
     specs = tuple(TensorSpec(t.name, tuple(int(s) for s in t.shape)) for t in tensors)
+    if gran.kind == "atlas":
+        specs = tuple(s for s in specs if len(s.shape) == 2)
+        if not specs and tensors:
+            raise InvalidInputError("atlas:K scales 2-D tensors only and there are none",
+                                    hint="use random:K or tensor")
     if not specs:
         raise InvalidInputError("no tensors to learn coefficients for")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise InvalidInputError("duplicate tensor names in the partition")
-    if gran.kind == "random":
+    if gran.grouped:
         k = gran.k or 1
         blocks = tuple(f"{s.name}#{g}" for s in specs for g in range(k))
         return Partition(gran, seed, specs, blocks)
@@ -250,11 +295,12 @@ def _choose_chunk(segments: Sequence[int]) -> int:
 class Packing:
     """The flat, chunked layout the composed weights are computed in.
 
-    Each block's elements are contiguous and every block (for ``random:K``: every group of a
-    tensor; otherwise every tensor) is padded with zeros to a multiple of ``chunk`` elements, so
-    each chunk belongs to one block and ``Σ_t λ[t, block(chunk)] · V[t, chunk, :]`` is one
-    batched matrix product over chunks (chunk size: see :func:`_choose_chunk`). Whole-tensor
-    layouts keep tensor order, so unpacking is a single ``split`` into views; ``random:K``
+    Each block's elements are contiguous and every block (for ``random:K`` and ``atlas:K``:
+    every group of a tensor; otherwise every tensor) is padded with zeros to a multiple of
+    ``chunk`` elements, so each chunk belongs to one block and
+    ``Σ_t λ[t, block(chunk)] · V[t, chunk, :]`` is one batched matrix product over chunks
+    (chunk size: see :func:`_choose_chunk`). Whole-tensor
+    layouts keep tensor order, so unpacking is a single ``split`` into views; grouped
     layouts need one gather back to element order.
 
     Attributes:
@@ -267,10 +313,11 @@ class Packing:
     def __init__(self, partition: Partition, chunk: int | None = None) -> None:
         self.partition = partition
         gran = partition.granularity
-        if gran.kind == "random":
+        groups: list[tuple[Tensor, list[int]]] = []
+        if gran.grouped:
             k = gran.k or 1
-            segments = [b - a for s in partition.tensors
-                        for a, b in _pairs(group_bounds(s.numel, k))]
+            groups = [element_groups(s, gran, partition.seed) for s in partition.tensors]
+            segments = [size for _, sizes in groups for size in sizes]
             segment_blocks = list(range(len(partition.tensors) * k))
         else:
             segments = [s.numel for s in partition.tensors]
@@ -285,29 +332,31 @@ class Packing:
             torch.tensor([p // self.chunk for p in padded], dtype=torch.int64))
         self.numel = sum(segments)
         self._gather: Tensor | None = None
-        if gran.kind == "random":
-            self._gather = self._element_positions()
+        if gran.grouped:
+            self._gather = self._element_positions(groups)
 
     @property
     def padded_numel(self) -> int:
         """Length of the packed flat layout."""
         return self.num_chunks * self.chunk
 
-    def _element_positions(self) -> Tensor:
-        """Packed position of every element, in tensor order (``random:K`` only)."""
+    def _element_positions(self, groups: Sequence[tuple[Tensor, list[int]]]) -> Tensor:
+        """Packed position of every element, in tensor order (grouped granularities only)."""
         k = self.partition.granularity.k or 1
         index_dtype = torch.int32 if self.padded_numel < 2**31 else torch.int64
         positions = torch.empty(self.numel, dtype=index_dtype)
         offset = 0  # start of the tensor in element order
         group_starts = torch.tensor([0, *self._padded], dtype=torch.int64).cumsum(0)
-        for index, spec in enumerate(self.partition.tensors):
-            order = random_groups(spec.name, spec.numel, k, self.partition.seed)
-            groups = group_of_position(spec.numel, k)
-            bounds = torch.tensor(group_bounds(spec.numel, k), dtype=torch.int64)
+        for index, (spec, (order, sizes)) in enumerate(zip(self.partition.tensors, groups,
+                                                           strict=True)):
+            size_tensor = torch.tensor(sizes, dtype=torch.int64)
+            groups_of = torch.repeat_interleave(torch.arange(k), size_tensor,
+                                                output_size=spec.numel)
+            bounds = torch.cat([torch.zeros(1, dtype=torch.int64), size_tensor.cumsum(0)])
             # Element order[i] sits at its group's packed start plus its rank inside the group.
             local = torch.empty(spec.numel, dtype=torch.int64)
-            local[order] = (group_starts[index * k + groups] + torch.arange(spec.numel)
-                            - bounds[groups])
+            local[order] = (group_starts[index * k + groups_of] + torch.arange(spec.numel)
+                            - bounds[groups_of])
             positions[offset:offset + spec.numel] = local.to(index_dtype)
             offset += spec.numel
         return positions
@@ -352,7 +401,7 @@ class Packing:
     def unpack(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of a packed vector in the tensors' shapes.
 
-        Differentiable; no copies but the one gather of ``random:K``.
+        Differentiable; no copies but the one gather of ``random:K`` / ``atlas:K``.
         """
         specs = self.partition.tensors
         if self._gather is None:

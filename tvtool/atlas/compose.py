@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from tvtool.atlas.blocks import Packing, Partition
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_list
 from tvtool.types import StateDict
 
 VISUAL_PREFIX = "visual."
@@ -200,7 +201,7 @@ def compose_state(base: Mapping[str, Tensor], vectors: Sequence[Mapping[str, Ten
     missing = [spec.name for spec in partition.tensors if spec.name not in base]
     if missing:
         raise InvalidInputError(f"{len(missing)} coefficient tensors are not in the base, e.g. "
-                                f"{missing[:3]}")
+                                f"{short_list(missing, 3)}")
     offsets = composed_vector(vectors, coefficients, partition)
     return {name: ((tensor.float() + offsets[name]).to(tensor.dtype) if name in offsets
                    else tensor) for name, tensor in base.items()}

@@ -163,6 +163,39 @@ class Examples:
             raise InvalidInputError(f"cannot read an example of {self.name}: "
                                     f"{worker_error_text(exc)}") from exc
 
+    def stream(self, index_batches: Iterator[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
+        """The examples of every index batch of ``index_batches``, in order.
+
+        In memory: indexed directly. Otherwise one persistent DataLoader reads them with
+        ``workers`` processes, prefetching (the index stream must not share its random
+        generator with anything else, so that prefetching cannot change what is drawn).
+        """
+        if self.images is not None and self.labels is not None:
+            for index in index_batches:
+                yield self.take(index)
+            return
+        batches = ([int(i) for i in index.tolist()] for index in index_batches)
+        loader = DataLoader(self.dataset, batch_sampler=batches,  # type: ignore[arg-type]
+                            num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        try:
+            for images, labels in loader:
+                yield images.to(self.device, non_blocking=True), \
+                    torch.as_tensor(labels).long().to(self.device, non_blocking=True)
+        except TvtoolError:
+            raise
+        except (OSError, ValueError, RuntimeError, TypeError) as exc:
+            raise InvalidInputError(f"cannot read an example of {self.name}: "
+                                    f"{worker_error_text(exc)}") from exc
+
+    def take(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """The examples at positions ``index`` (a 1-D int64 tensor), as one batch."""
+        if self.images is not None and self.labels is not None:
+            where = index.to(self.device)
+            return self.images[where], self.labels[where]
+        items = [read_example(self.dataset, int(i), self.name) for i in index.tolist()]
+        return (torch.stack([image for image, _ in items]).to(self.device),
+                torch.tensor([label for _, label in items], device=self.device))
+
     def endless(self, batch_size: int, generator: torch.Generator
                 ) -> Iterator[tuple[Tensor, Tensor]]:
         """Shuffled batches forever (a new order every epoch)."""

@@ -4,11 +4,12 @@ A coefficient file is safetensors with one float32 tensor ``coefficients`` of sh
 ``[num_vectors, num_blocks]`` (row t scales the t-th task vector, in the order the vectors were
 given) and ``tvtool.*`` metadata (kind ``coefficients``):
 
-* ``granularity`` -- ``task``, ``tensor``, ``layer`` or ``random:K``;
+* ``granularity`` -- ``task``, ``tensor``, ``layer``, ``random:K`` or ``atlas:K``;
 * ``block_names`` -- JSON list, one name per column;
 * ``tensors`` -- JSON list of ``[name, shape]``: the tensors the blocks cover, so the partition
   can be rebuilt from the file alone; tensors not listed are not scaled (coefficient 0);
-* ``partition_seed`` and ``partition_k`` -- for ``random:K``, the seed and K of the split;
+* ``partition_seed`` and ``partition_k`` -- for ``random:K`` and ``atlas:K``, the seed and K
+  of the split;
 * ``sources`` -- JSON list, one entry per row: the vector's path, dataset, mode, whether it is
   linearized, and its base fingerprint;
 * the usual ``architecture``, ``base_ref``, ``base_fingerprint``, ``linearized``, ``dataset``
@@ -31,7 +32,7 @@ from tvtool.atlas.blocks import Partition, TensorSpec, build_partition, parse_gr
 from tvtool.atlas.compose import compose_tensor
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, open_tensors, write_tensors
-from tvtool.limits import loads_json
+from tvtool.limits import loads_json, short_list
 from tvtool.metadata import FileMeta, Kind
 from tvtool.types import StateDict
 
@@ -68,7 +69,7 @@ class CoefficientSet:
                  "block_names": json.dumps(list(part.block_names)),
                  "tensors": json.dumps([[s.name, list(s.shape)] for s in part.tensors]),
                  "sources": json.dumps(list(self.sources), sort_keys=True)}
-        if part.granularity.kind == "random":
+        if part.granularity.grouped:
             extra["partition_seed"] = str(part.seed)
             extra["partition_k"] = str(part.granularity.k)
         return self.meta.with_changes(kind=Kind.COEFFICIENTS, extra=extra).to_header()
@@ -113,8 +114,8 @@ class CoefficientSet:
         """Per-vector coefficients of one tensor, broadcastable over it.
 
         Returns:
-            ``[T, 1, …, 1]`` or (``random:K``) ``[T, *shape]`` float32; None for a tensor the
-            file does not cover (its coefficient is 0).
+            ``[T, 1, …, 1]`` or (``random:K``, ``atlas:K``) ``[T, *shape]`` float32; None for
+            a tensor the file does not cover (its coefficient is 0).
         """
         if name not in self.partition:
             return None
@@ -168,7 +169,7 @@ def coefficient_set_from_source(source: TensorSource) -> CoefficientSet:
                                 hint="coefficient files come from `tvtool learn-coeffs`")
     if source.keys() != [COEFFICIENTS_TENSOR]:
         raise InvalidInputError(f"{label} must hold exactly one tensor named "
-                                f"{COEFFICIENTS_TENSOR!r}, found {source.keys()[:3]}")
+                                f"{COEFFICIENTS_TENSOR!r}, found {short_list(source.keys(), 3)}")
     matrix = source.get(COEFFICIENTS_TENSOR)
     if matrix.ndim != 2 or not matrix.is_floating_point():
         raise InvalidInputError(f"{label}: {COEFFICIENTS_TENSOR!r} must be a 2-D floating "
@@ -188,12 +189,12 @@ def coefficient_set_from_source(source: TensorSource) -> CoefficientSet:
     except (TypeError, ValueError):
         raise InvalidInputError(f"{label}: malformed tvtool.tensors") from None
     seed = 0
-    if granularity.kind == "random":
+    if granularity.grouped:
         try:
             seed = int(extra["partition_seed"])
             k = int(extra["partition_k"])
         except (KeyError, ValueError):
-            raise InvalidInputError(f"{label}: a random:K file needs integer "
+            raise InvalidInputError(f"{label}: a {granularity.kind}:K file needs integer "
                                     "tvtool.partition_seed and tvtool.partition_k") from None
         if k != granularity.k:
             raise InvalidInputError(f"{label}: tvtool.partition_k={k} disagrees with "

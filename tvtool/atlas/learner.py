@@ -2,25 +2,37 @@
 
 The learner sees a :class:`~tvtool.atlas.compose.ComposedEncoder` and one or more datasets,
 each with a frozen zero-shot head. Every step draws a batch from every dataset, runs one forward
-pass over their concatenation, and updates only the ``[T, num_blocks]`` coefficient matrix
-(AdamW, cosine schedule, gradient-norm clipping). Coefficients are scored on held-out data
-every ``eval_every`` steps, and before the first step at the initialisation and at the
-zero-shot model (all coefficients 0, as the aTLAS reference starts its selection from the
-zero-shot accuracy); the best scoring candidate is returned (see
-:func:`~tvtool.atlas.objectives.selection_score`), and training stops after ``patience``
-evaluations without improvement.
+pass over their concatenation, and updates only the ``[T, num_blocks]`` coefficient matrix.
+*How* is the protocol's (:mod:`tvtool.atlas.protocols`): which examples a step sees
+(:mod:`tvtool.atlas.draws`), how the datasets' losses combine, the schedule, clamping and
+clipping, how long, and which evaluated candidate is kept (:mod:`tvtool.atlas.selection`):
 
-What it learns on lives next to it: the choice of examples and their batches in
-:mod:`tvtool.atlas.examples`, image augmentation in :mod:`tvtool.atlas.augment`, the UFM
-objective's pseudo-labels and step in :mod:`tvtool.atlas.ufm`, the objectives themselves in
-:mod:`tvtool.atlas.objectives`.
+* ``tvtool``: held-out data scores the zero-shot model, the initialisation and the coefficients
+  every ``eval_every`` steps; the best candidate is returned
+  (:func:`~tvtool.atlas.objectives.selection_score`), with early stopping after ``patience``
+  evaluations without improvement;
+* ``atlas``: the labelled ``val`` split scores the candidates after every epoch (starting from
+  the zero-shot model) and the most accurate is returned; negation stops once the control
+  accuracy falls below the threshold, as the reference does;
+* ``adamerging``: the last iterate is returned; evaluations (on a held-out part, or on the
+  training examples themselves) only record the path.
+
+Every evaluation is recorded (the *path*: coefficients, label-free statistics, accuracy where
+labels may be read, and an optional audit accuracy that nothing selects on), so that selection
+rules can be studied afterwards.
+
+Its settings are :class:`~tvtool.atlas.config.LearnerConfig`. What it learns on lives next to
+it: the choice of examples in :mod:`tvtool.atlas.examples`,
+image augmentation in :mod:`tvtool.atlas.augment`, the UFM objective's pseudo-labels and step
+in :mod:`tvtool.atlas.ufm`, the objectives in :mod:`tvtool.atlas.objectives`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -31,138 +43,25 @@ from torch.utils.data import Dataset
 
 from tvtool.atlas.augment import augment
 from tvtool.atlas.compose import ComposedEncoder
+from tvtool.atlas.config import LearnerConfig
+from tvtool.atlas.draws import Draw, EpochDraw, FreshDraw, StreamDraw
 from tvtool.atlas.examples import Examples
 from tvtool.atlas.objectives import (
-    AUGMENTATIONS,
-    DEFAULT_CONTROL_THRESHOLD,
-    DEFAULT_UFM_THRESHOLD,
-    DEFAULTS,
-    NEGATION_LOSSES,
     ROLES,
     UNLABELLED,
     ScoreAccumulator,
     TaskOutput,
     TaskScore,
-    check_objective,
     loss,
     needs_labels,
-    selection_score,
 )
+from tvtool.atlas.protocols import PROTOCOL_SPECS, Protocol, oversampled
+from tvtool.atlas.selection import Candidates
 from tvtool.atlas.ufm import UfmTask, ufm_outputs, ufm_task
-from tvtool.device import autocast, check_precision, resolve_precision
+from tvtool.device import autocast, resolve_precision
 from tvtool.errors import NumericalError, UsageError
-from tvtool.types import Advance, Logger
+from tvtool.types import Advance, Logger, ProgressFactory
 from tvtool.types import quiet as _quiet
-
-
-@dataclass(frozen=True)
-class LearnerConfig:
-    """Hyper-parameters of coefficient learning.
-
-    Fields left at None take the objective's default
-    (:data:`tvtool.atlas.objectives.DEFAULTS`, each from the objective's reference code);
-    :meth:`resolved` fills them in.
-
-    Attributes:
-        objective: ``ce``, ``entropy``, ``infomax``, ``ufm`` or ``negation`` (see
-            :mod:`tvtool.atlas.objectives`).
-        steps: Optimisation steps.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay (pulls coefficients towards 0).
-        batch_size: Examples per step, split evenly across the datasets.
-        eval_every: Steps between held-out evaluations.
-        patience: Stop after this many evaluations without improvement (None: never).
-        negation_weight: Weight of the target term of the ``negation`` objective.
-        negation_loss: ``unlikelihood`` (default) or ``ce`` (the reference's ``−CE``).
-        control_threshold: ``negation``: a candidate must keep this fraction of the zero-shot
-            held-out control accuracy (reference: 0.95).
-        ufm_threshold: ``ufm``: confidence a soft target needs to count (reference: 0.99).
-        init: Initial value of every coefficient.
-        grad_clip: Maximum gradient norm of the coefficients (0: no clipping).
-        augment: ``none``, ``train`` or ``reference`` (see
-            :class:`~tvtool.atlas.objectives.ObjectiveDefaults`); for ``ufm`` the strong
-            view's augmentation.
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` autocast for the encoder's forward
-            pass; :func:`learn` resolves ``auto`` for the encoder's device
-            (:func:`tvtool.device.resolve_precision`) and records the resolved name.
-        seed: Seed of the batch order and the augmentations.
-        workers: DataLoader worker processes for data that is not kept in memory.
-    """
-
-    objective: str = "ce"
-    steps: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    batch_size: int = 32
-    eval_every: int = 10
-    patience: int | None = None
-    negation_weight: float = 1.0
-    negation_loss: str = "unlikelihood"
-    control_threshold: float = DEFAULT_CONTROL_THRESHOLD
-    ufm_threshold: float = DEFAULT_UFM_THRESHOLD
-    init: float | None = None
-    grad_clip: float | None = None
-    augment: str | None = None
-    precision: str = "auto"
-    seed: int = 0
-    workers: int = 0
-
-    def resolved(self) -> LearnerConfig:
-        """This configuration with every None replaced by the objective's default.
-
-        Raises:
-            UsageError: an unknown objective.
-        """
-        check_objective(self.objective)
-        default = DEFAULTS[self.objective]
-        return dataclasses.replace(
-            self,
-            steps=default.steps if self.steps is None else self.steps,
-            lr=default.lr if self.lr is None else self.lr,
-            weight_decay=default.weight_decay if self.weight_decay is None
-            else self.weight_decay,
-            init=default.init if self.init is None else self.init,
-            grad_clip=(default.grad_clip or 0.0) if self.grad_clip is None else self.grad_clip,
-            augment=default.augment if self.augment is None else self.augment)
-
-    def check(self) -> None:
-        """Validate the values (after :meth:`resolved`; None fields are checked as defaults).
-
-        Raises:
-            UsageError: naming the first bad value.
-        """
-        config = self.resolved()
-        steps, lr = cast(int, config.steps), cast(float, config.lr)
-        if steps < 1:
-            raise UsageError(f"--steps must be at least 1, got {steps}")
-        if not lr > 0 or not math.isfinite(lr):
-            raise UsageError(f"--lr must be positive, got {lr}")
-        if not cast(float, config.weight_decay) >= 0:
-            raise UsageError(f"--weight-decay must be >= 0, got {config.weight_decay}")
-        if not math.isfinite(cast(float, config.init)):
-            raise UsageError(f"--init must be finite, got {config.init}")
-        if not cast(float, config.grad_clip) >= 0:
-            raise UsageError(f"--grad-clip must be >= 0 (0: off), got {config.grad_clip}")
-        if config.augment not in AUGMENTATIONS:
-            raise UsageError(f"unknown augmentation {config.augment!r}",
-                             hint="use none, train or reference")
-        if config.negation_loss not in NEGATION_LOSSES:
-            raise UsageError(f"unknown negation loss {config.negation_loss!r}",
-                             hint="use unlikelihood or ce")
-        if not 0.0 < config.control_threshold <= 1.0:
-            raise UsageError("--control-threshold must be in (0, 1], got "
-                             f"{config.control_threshold}")
-        if not 0.0 <= config.ufm_threshold < 1.0:
-            raise UsageError(f"--ufm-threshold must be in [0, 1), got {config.ufm_threshold}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
-        if self.eval_every < 1:
-            raise UsageError(f"--eval-every must be at least 1, got {self.eval_every}")
-        if self.patience is not None and self.patience < 1:
-            raise UsageError(f"--patience must be at least 1, got {self.patience}")
-        check_precision(self.precision)
-        if self.workers < 0:
-            raise UsageError(f"--workers must be >= 0, got {self.workers}")
 
 
 @dataclass
@@ -173,9 +72,14 @@ class TaskData:
         name: Dataset name (for messages and reports).
         head: ``[num_classes, embed_dim]`` zero-shot head (logit scale folded in).
         train: Training examples, a dataset of ``(image, label)``.
-        val: Held-out examples for selection and early stopping, or None.
+        val: Selection data: the held-out part (``tvtool``), the labelled ``val`` split
+            (``atlas``), or None.
         role: ``train``, or ``target`` / ``control`` for the negation objective.
-        labelled: Whether labels may be used (False for test-time adaptation).
+        labelled: Whether the training labels may be used (False for test-time adaptation).
+        audit: Labelled examples whose accuracy every evaluation records for later study;
+            never used to learn or to select.
+        class_prior: The class prior the collapse guard judges predictions against (None:
+            uniform).
     """
 
     name: str
@@ -184,6 +88,8 @@ class TaskData:
     val: Dataset[Any] | None = None
     role: str = "train"
     labelled: bool = True
+    audit: Dataset[Any] | None = None
+    class_prior: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -191,17 +97,22 @@ class LearnResult:
     """What coefficient learning produced.
 
     Attributes:
-        coefficients: The selected ``[T, num_blocks]`` matrix (CPU, float32).
+        coefficients: The selected ``[T, num_blocks]`` matrix (CPU, float32; for
+            ``adamerging`` the clamped values).
         last: The matrix after the last step.
         best_step: Step of the selected matrix (0 = the initialisation, −1 = the zero-shot
             model, all coefficients 0, when the initialisation is not 0).
-        steps_run: Steps taken (fewer than asked after early stopping).
+        steps_run: Steps taken (fewer than planned after early stopping).
         selection: How the matrix was selected.
-        initial: Held-out scores of the initialisation, per dataset.
-        best: Held-out scores of the selected matrix, per dataset.
-        history: One record per evaluation (step, train loss, score).
-        zero_shot: Held-out scores of the zero-shot model, per dataset.
-        config: The resolved hyper-parameters.
+        initial: Selection-data statistics of the initialisation, per dataset.
+        best: Statistics of the selected matrix, per dataset.
+        history: One record per evaluation, in order: step, training loss, score,
+            per-dataset statistics, why the collapse guard rejected it, audit accuracy.
+        zero_shot: Statistics of the zero-shot model, per dataset.
+        config: The resolved hyper-parameters (``steps``: the steps planned).
+        path: The coefficient matrix of every record of ``history``, in the same order.
+        at_edge: ``first`` / ``last`` when the selection kept the first or the last candidate.
+        rule_met: Whether the kept candidate satisfies the selection rule.
     """
 
     coefficients: Tensor
@@ -214,6 +125,9 @@ class LearnResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     zero_shot: list[dict[str, Any]] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    path: list[Tensor] = field(default_factory=list)
+    at_edge: str | None = None
+    rule_met: bool = True
 
 
 def _check_tasks(tasks: Sequence[TaskData], objective: str) -> None:
@@ -233,30 +147,72 @@ def _check_tasks(tasks: Sequence[TaskData], objective: str) -> None:
         raise UsageError("--control is only used by the negation objective")
 
 
-_SELECTIONS = {
-    "ce": "held-out accuracy",
-    "negation": "lowest held-out target accuracy keeping control >= {t:.0%} of zero-shot",
-}
-_UNLABELLED_SELECTION = ("held-out information (H(mean p) - mean H(p), label-free), "
-                         "collapsed candidates excluded")
+def describe_selection(objective: str, protocol: str, threshold: float) -> str:
+    """How a protocol selects, in words (``LearnResult.selection``)."""
+    if protocol == "adamerging":
+        return "last iterate (AdaMerging: no selection)"
+    if protocol == "atlas":
+        if objective == "negation":
+            return (f"lowest val-split target accuracy keeping control >= {threshold:.0%} of "
+                    "zero-shot, after every epoch (aTLAS' rule)")
+        return ("accuracy on the labelled val split after every epoch (aTLAS' rule; reads "
+                "labels even for ufm)")
+    if objective in UNLABELLED:
+        return ("held-out information (H(mean p) - mean H(p), label-free), collapsed "
+                "candidates excluded")
+    if objective == "negation":
+        return f"lowest held-out target accuracy keeping control >= {threshold:.0%} of zero-shot"
+    return "held-out accuracy"
+
+
+def _examples(data: Dataset[Any] | None, name: str, device: torch.device,
+              workers: int) -> Examples | None:
+    if data is None or len(data) == 0:  # type: ignore[arg-type]
+        return None
+    return Examples(data, name, device, workers)
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The seed of dataset ``index``'s own draw (``seed`` and ``seed + 1`` are taken)."""
+    return (seed << 16) + 2 + index
+
+
+def _draws(protocol: Protocol, objective: str, train_sets: Sequence[Examples], per_task: int,
+           generator: torch.Generator, seed: int) -> list[Draw]:
+    """The protocol's batch draw for every dataset (not UFM, see :func:`ufm_task`)."""
+    if protocol.batching == "fresh":
+        return [FreshDraw(data, per_task, protocol.micro_batches, draw_seed(seed, i))
+                for i, data in enumerate(train_sets)]
+    if protocol.batching == "epochs":
+        draws: list[Draw] = []
+        for i, data in enumerate(train_sets):
+            indices = torch.arange(data.size)
+            if objective == "ce":  # learn_few_shots.py: at least ten batches an epoch
+                indices = indices.repeat(oversampled(data.size, per_task))
+            draws.append(EpochDraw(data, indices, per_task, draw_seed(seed, i)))
+        return draws
+    return [StreamDraw([(data, per_task)], generator) for data in train_sets]
 
 
 def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerConfig, *,
-          log: Logger = _quiet, advance: Advance | None = None) -> LearnResult:
+          log: Logger = _quiet, advance: Advance | None = None,
+          progress: ProgressFactory | None = None) -> LearnResult:
     """Learn the coefficient matrix of ``encoder`` on ``tasks``.
 
     Args:
         encoder: The composed encoder (vectors packed on the training device).
-        tasks: Datasets with heads, training and held-out parts, and roles.
-        config: Hyper-parameters (None fields take the objective's defaults).
+        tasks: Datasets with heads, training and selection parts, and roles.
+        config: Hyper-parameters (None fields take the protocol's defaults).
         log: Where progress notes go (stderr in the CLI).
         advance: Called with 1 after every step (a progress bar).
+        progress: A progress factory, opened once the number of steps is known (instead of
+            ``advance``).
 
     Returns:
         The selected coefficients and the learning record.
 
     Raises:
-        UsageError: bad configuration, or datasets that do not fit the objective.
+        UsageError: bad configuration, or datasets that do not fit the objective or protocol.
         InvalidInputError: unreadable or empty data.
         NumericalError: the loss became NaN or Inf.
     """
@@ -264,25 +220,41 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
     device = encoder.stack.data.device
     config = dataclasses.replace(config.resolved(),
                                  precision=resolve_precision(config.precision, device))
-    steps, init = cast(int, config.steps), cast(float, config.init)
-    kind = cast(str, config.augment)
+    protocol = PROTOCOL_SPECS[cast(str, config.protocol)]
     objective = config.objective
+    init, kind = cast(float, config.init), cast(str, config.augment)
+    batch = cast(int, config.batch_size)
     _check_tasks(tasks, objective)
     generator = torch.Generator().manual_seed(config.seed)
     aug_generator = torch.Generator().manual_seed(config.seed + 1)
-    per_task = max(1, config.batch_size // len(tasks))
-    val_sets = [Examples(t.val, f"{t.name} (held-out part)", device, config.workers)
-                if t.val is not None and len(t.val) > 0 else None  # type: ignore[arg-type]
+    per_task = batch if protocol.per_task_batch else max(1, batch // len(tasks))
+    eval_batch = max(batch, 128)
+    val_sets = [_examples(t.val, f"{t.name} (selection data)", device, config.workers)
                 for t in tasks]
+    if protocol.selection == "val-split" and any(v is None for v in val_sets):
+        raise UsageError("the atlas protocol selects on the labelled val split: every dataset "
+                         "needs one", hint="give TaskData.val, or use the tvtool protocol")
+    train_sets = [] if objective == "ufm" else [
+        Examples(t.train, f"{t.name} (training part)", device, config.workers) for t in tasks]
+    score_sets: list[Examples | None] = list(val_sets)
+    if protocol.selection == "last" and all(v is None for v in val_sets):
+        # AdaMerging selects nothing; its path is scored on its own unlabelled examples.
+        score_sets = list(train_sets)
+    # An audit of the very examples the path is scored on (AdaMerging on the whole test split)
+    # reuses them, and their pass: its labels only feed the audit accuracy.
+    audit_sets = [train_sets[i] if train_sets and t.audit is t.train and
+                  score_sets[i] is train_sets[i]
+                  else _examples(t.audit, f"{t.name} (audit)", device, config.workers)
+                  for i, t in enumerate(tasks)]
     heads = [t.head.to(device, torch.float32) for t in tasks]
-    has_val = any(v is not None for v in val_sets)
-    if has_val:
-        selection = (_UNLABELLED_SELECTION if objective in UNLABELLED
-                     else _SELECTIONS[objective].format(t=config.control_threshold))
-    else:
-        selection = "last step (no held-out data)"
+    has_scores = any(s is not None for s in score_sets)
+    selecting = protocol.selection != "last" and has_scores
+    selection = describe_selection(objective, protocol.name, config.control_threshold) \
+        if has_scores or protocol.selection == "last" else "last step (no held-out data)"
+    if not has_scores and protocol.selection != "last":
         log("no held-out examples: the coefficients of the last step are kept "
             "(use more --shots or a larger --val-fraction for selection)")
+    reads_labels = protocol.selection == "val-split"
 
     shape = (encoder.stack.num_vectors, encoder.partition.num_blocks)
     zeros = torch.zeros(shape, device=device)
@@ -293,140 +265,221 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         return F.normalize(feats.float(), dim=-1) @ head.T
 
     ufm: list[UfmTask] = []
-    streams: list[Iterator[tuple[Tensor, Tensor]]] = []
+    draws: list[Draw]
     if objective == "ufm":
         with torch.no_grad():
             zero_weights = encoder.weights(zeros)
-            for task, head in zip(tasks, heads, strict=True):
+            for i, (task, head) in enumerate(zip(tasks, heads, strict=True)):
                 ufm.append(ufm_task(task.name, task.train, head, zero_weights, logits_of,
-                                    per_task, generator, device, config.workers,
-                                    config.batch_size, log))
+                                    per_task, generator, device, config.workers, eval_batch,
+                                    log, sampler="atlas" if protocol.name == "atlas"
+                                    else "tvtool", reading=cast(str, config.ufm_reading),
+                                    seed=draw_seed(config.seed, i)))
+        draws = [u.draw for u in ufm]
     else:
-        streams = [Examples(t.train, f"{t.name} (training part)", device, config.workers)
-                   .endless(per_task, generator) for t in tasks]
+        draws = _draws(protocol, objective, train_sets, per_task, generator, config.seed)
+    epoch_length = (min(cast(int, d.batches_per_epoch) for d in draws)
+                    if protocol.batching == "epochs" else None)
+    steps = config.steps if config.steps is not None else \
+        cast(int, config.epochs) * cast(int, epoch_length)
+    config = dataclasses.replace(config, steps=steps)
 
-    def evaluate(matrix: Tensor) -> list[TaskScore]:
-        scores = []
+    def evaluate(matrix: Tensor) -> tuple[list[TaskScore], dict[str, float]]:
+        scores, audit = [], {}
         with torch.no_grad():
             weights = encoder.weights(matrix)
-            for task, head, data in zip(tasks, heads, val_sets, strict=True):
-                if data is None:
-                    continue
-                acc = ScoreAccumulator(task.role)
-                for images, labels in data.batches(config.batch_size, None):
-                    acc.add(logits_of(images, head, weights), labels if task.labelled else None)
-                scores.append(acc.result())
-        return scores
+            for task, head, data, check in zip(tasks, heads, score_sets, audit_sets,
+                                               strict=True):
+                if data is not None:
+                    acc = ScoreAccumulator(task.role, task.class_prior)
+                    use_labels = task.labelled or reads_labels
+                    right = 0
+                    for images, labels in data.batches(eval_batch, None):
+                        logits = logits_of(images, head, weights)
+                        acc.add(logits, labels if use_labels else None)
+                        if check is data:
+                            right += int((logits.argmax(-1) == labels).sum())
+                    scores.append(acc.result())
+                    if check is data:
+                        audit[task.name] = right / data.size
+                if check is not None and check is not data:
+                    right = 0
+                    for images, labels in check.batches(eval_batch, None):
+                        right += int((logits_of(images, head, weights).argmax(-1)
+                                      == labels).sum())
+                    audit[task.name] = right / check.size
+        return scores, audit
 
-    def score_of(details: list[TaskScore]) -> tuple[float, float, float]:
-        return selection_score(objective, details, zero_shot_details,
-                               control_threshold=config.control_threshold)
+    names = [t.name for t, s in zip(tasks, score_sets, strict=True) if s is not None]
+    tracker = Candidates(objective, protocol.selection if selecting else "last", names,
+                         control_threshold=config.control_threshold,
+                         ties=protocol.name == "tvtool")
+    raw = torch.full(shape, init, device=device, requires_grad=True)
+    clamp = protocol.clamp
 
-    coefficients = torch.full(shape, init, device=device, requires_grad=True)
-    history: list[dict[str, Any]] = []
-    zero_shot_details: list[TaskScore] = []
-    best_score: tuple[float, float, float] = (-math.inf, 0.0, 0.0)
-    best_details: list[TaskScore] = []
-    best = coefficients.detach().clone()
-    best_step = 0
-    initial_details: list[TaskScore] = []
-    if has_val:
-        zero_shot_details = evaluate(zeros)
-        initial_details = zero_shot_details if init == 0.0 else evaluate(coefficients.detach())
+    def effective() -> Tensor:
+        # AdaMerging keeps an unclamped parameter and clamps it in the forward pass
+        # (torch.clamp(lambdas_raw, 0, 1)): outside [0, 1] its gradient is 0.
+        return raw.clamp(*clamp) if clamp is not None else raw
+
+    def snapshot() -> Tensor:
+        return effective().detach().float().cpu().clone()
+
+    has_audit = any(a is not None for a in audit_sets)
+    if has_scores or has_audit:
+        zero_scores, zero_audit = evaluate(zeros)
+        tracker.zero_shot = zero_scores
         if init != 0.0:
-            # The zero-shot model is a candidate too, as in the aTLAS reference's selection.
-            best_score, best_details, best_step = score_of(zero_shot_details), \
-                zero_shot_details, -1
-            best = zeros.clone()
-            history.append({"step": -1, "loss": None, "score": list(best_score),
-                            "note": "zero-shot (all coefficients 0)"})
-        initial_score = score_of(initial_details)
-        if initial_score > best_score:
-            best_score, best_details, best_step = initial_score, initial_details, 0
-            best = coefficients.detach().clone()
-    history.append({"step": 0, "loss": None,
-                    "score": list(score_of(initial_details)) if has_val else None})
-
-    optimizer = torch.optim.AdamW([coefficients], lr=cast(float, config.lr),
-                                  weight_decay=cast(float, config.weight_decay))
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
-    since_best, step = 0, 0
-    running = 0.0
-    for step in range(1, steps + 1):
-        if objective == "ufm":
-            outputs = ufm_outputs(encoder, coefficients, ufm, heads, kind, aug_generator,
-                                  device, config.precision)
+            # The zero-shot model is a candidate too, as in the aTLAS references' selection.
+            tracker.offer(-1, zeros.cpu(), None, zero_scores, audit=zero_audit,
+                          candidate=selecting, note="zero-shot (all coefficients 0)")
+            initial_scores, initial_audit = evaluate(effective().detach())
         else:
-            parts = [next(stream) for stream in streams]
-            images = augment(torch.cat([images for images, _ in parts]), kind, aug_generator)
-            with autocast(device, config.precision):
-                feats = encoder(coefficients, images)
-            outputs = []
-            for task, head, (_, labels), chunk in zip(
-                    tasks, heads, parts, feats.split([len(p[0]) for p in parts]), strict=True):
-                logits = F.normalize(chunk.float(), dim=-1) @ head.T
-                outputs.append(TaskOutput(logits, labels if task.labelled else None, task.role))
-        value = loss(objective, outputs, config.negation_weight,
-                     negation_loss=config.negation_loss, ufm_threshold=config.ufm_threshold)
-        if not bool(torch.isfinite(value)):
-            raise NumericalError(f"the loss became {float(value.detach())} at step {step}",
-                                 hint="lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        if cast(float, config.grad_clip) > 0:
-            torch.nn.utils.clip_grad_norm_([coefficients], cast(float, config.grad_clip))
-        optimizer.step()
-        schedule.step()
-        running += float(value.detach())
-        if advance is not None:
-            advance(1)
-        if step % config.eval_every and step != steps:
-            continue
-        record: dict[str, Any] = {"step": step, "loss": running / _since(step, config)}
-        running = 0.0
-        if has_val:
-            details = evaluate(coefficients.detach())
-            score = score_of(details)
-            record["score"] = list(score)
-            if score > best_score:
-                best_score, best_details = score, details
-                best, best_step, since_best = coefficients.detach().clone(), step, 0
-            else:
-                since_best += 1
-        history.append(record)
-        if config.patience is not None and has_val and since_best >= config.patience:
-            log(f"early stop at step {step}: no held-out improvement in {since_best} "
-                "evaluations")
-            break
-    last = coefficients.detach().clone()
-    if not has_val:
-        best, best_step = last, step
-    elif best_score[0] < 1.0:
+            initial_scores, initial_audit = zero_scores, zero_audit
+        tracker.offer(0, snapshot(), None, initial_scores, audit=initial_audit)
+    else:
+        initial_scores = []
+        tracker.offer(0, snapshot(), None, [])
+
+    optimizer = torch.optim.AdamW([raw], lr=cast(float, config.lr),
+                                  weight_decay=cast(float, config.weight_decay))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) \
+        if config.schedule == "cosine" else None
+    grad_clip = cast(float, config.grad_clip)
+    step, running, since = 0, 0.0, 0
+    stop_note = None
+    bar = progress("learning coefficients", steps) if progress is not None \
+        else contextlib.nullcontext(advance)
+    with contextlib.ExitStack() as cleanup, bar as tick:
+        for draw in draws:
+            draw.begin(epoch_length)
+            cleanup.callback(draw.close)  # data-loader workers stop with the loop
+        for step in range(1, steps + 1):
+            value = _step_loss(encoder, effective(), tasks, heads, draws, ufm, config,
+                               protocol, kind, aug_generator, device)
+            if not bool(torch.isfinite(value)):
+                raise NumericalError(f"the loss became {float(value.detach())} at step {step}",
+                                     hint="lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            if grad_clip > 0 and raw.grad is not None:
+                # aTLAS clips the fp16 GradScaler's scaled gradient (clip_grad_norm_ before
+                # scaler.step unscales it); grad_scale 1 is ordinary clipping.
+                raw.grad.mul_(protocol.grad_scale)
+                torch.nn.utils.clip_grad_norm_([raw], grad_clip)
+                raw.grad.div_(protocol.grad_scale)
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            running += float(value.detach())
+            since += 1
+            if tick is not None:
+                tick(1)
+            if not _due(step, steps, config.eval_every, epoch_length):
+                continue
+            mean_loss, running, since = running / since, 0.0, 0
+            scores, audit = evaluate(effective().detach()) if (has_scores or has_audit) \
+                else ([], {})
+            tracker.offer(step, snapshot(), mean_loss, scores, audit=audit)
+            if config.patience is not None and selecting and \
+                    tracker.since_best() >= config.patience:
+                stop_note = (f"early stop at step {step}: no held-out improvement in "
+                             f"{tracker.since_best()} evaluations")
+                break
+            if protocol.name == "atlas" and objective == "negation" and \
+                    _control_lost(scores, tracker.zero_shot, config.control_threshold):
+                stop_note = (f"stop at step {step}: control accuracy below "
+                             f"{config.control_threshold:.0%} of zero-shot (the reference's "
+                             "rule)")
+                break
+    if stop_note:
+        log(stop_note)
+    best = tracker.best
+    if selecting and not tracker.met_rule:
         log("no candidate met the selection rule ("
             + ("every one collapsed its predicted classes" if objective in UNLABELLED
                else f"control accuracy below {config.control_threshold:.0%} of zero-shot")
             + "); the best scoring one is kept")
-    with_val = _with_val(tasks, val_sets)
+    if best.rejected:
+        for reason in best.rejected:
+            log(f"warning: the kept coefficients look collapsed: {reason}")
+    edge = tracker.at_edge() if selecting else None
+    if edge == "first":
+        log(f"note: the selection kept the first candidate ({_what(best.step)}): no later "
+            "evaluation scored higher")
+    elif edge == "last":
+        log("note: the selection kept the last evaluated step: the score was still rising, "
+            "more steps may help")
+    with_scores = [t for t, s in zip(tasks, score_sets, strict=True) if s is not None]
+    part = protocol.selection if selecting else "last"
     return LearnResult(
-        coefficients=best.cpu(), last=last.cpu(), best_step=best_step, steps_run=step,
+        coefficients=best.coefficients, last=snapshot(), best_step=best.step, steps_run=step,
         selection=selection,
-        initial=[_score_record(t, s) for t, s in zip(with_val, initial_details, strict=True)],
-        best=[_score_record(t, s) for t, s in zip(with_val, best_details, strict=True)],
-        history=history,
-        zero_shot=[_score_record(t, s) for t, s in zip(with_val, zero_shot_details,
+        initial=[_score_record(t, s, part) for t, s in zip(with_scores, initial_scores,
+                                                     strict=True)],
+        best=[_score_record(t, s, part) for t, s in zip(with_scores, best.scores, strict=True)],
+        history=tracker.records(),
+        zero_shot=[_score_record(t, s, part) for t, s in zip(with_scores, tracker.zero_shot,
                                                        strict=True)],
-        config=dataclasses.asdict(config))
+        config=dataclasses.asdict(config), path=[c.coefficients for c in tracker.path],
+        at_edge=edge, rule_met=tracker.met_rule)
 
 
-def _since(step: int, config: LearnerConfig) -> int:
-    """Steps since the previous evaluation (the averaging window of the training loss)."""
-    return step - ((step - 1) // config.eval_every) * config.eval_every
+def _what(step: int) -> str:
+    return {-1: "the zero-shot model", 0: "the initialisation"}.get(step, f"step {step}")
 
 
-def _with_val(tasks: Sequence[TaskData], val_sets: Sequence[Examples | None]) -> list[TaskData]:
-    return [t for t, v in zip(tasks, val_sets, strict=True) if v is not None]
+def _due(step: int, steps: int, eval_every: int | None, epoch_length: int | None) -> bool:
+    """Whether ``step`` ends with an evaluation."""
+    if step == steps:
+        return True
+    if eval_every is not None:
+        return step % eval_every == 0
+    return bool(epoch_length) and step % cast(int, epoch_length) == 0
 
 
-def _score_record(task: TaskData, score: TaskScore) -> dict[str, Any]:
-    return {"dataset": task.name, "role": task.role, "examples": score.examples,
-            "accuracy": score.accuracy, "loss": score.loss, "entropy": score.entropy}
+def _control_lost(scores: Sequence[TaskScore], zero_shot: Sequence[TaskScore],
+                  threshold: float) -> bool:
+    """learn_task_negation.py's stop: some control accuracy below threshold × zero-shot."""
+    return any(s.role == "control" and (s.accuracy or 0.0) < threshold * (z.accuracy or 0.0)
+               for s, z in zip(scores, zero_shot, strict=True))
+
+
+def _step_loss(encoder: ComposedEncoder, coefficients: Tensor, tasks: Sequence[TaskData],
+               heads: Sequence[Tensor], draws: Sequence[Draw], ufm: Sequence[UfmTask],
+               config: LearnerConfig, protocol: Protocol, kind: str,
+               generator: torch.Generator, device: torch.device) -> Tensor:
+    """The loss of one step: one forward pass over every dataset's batches."""
+    if ufm:
+        outputs = ufm_outputs(encoder, coefficients, ufm, heads, kind, generator, device,
+                              config.precision)
+    else:
+        parts = [(task, head, images, labels)
+                 for task, head, draw in zip(tasks, heads, draws, strict=True)
+                 for images, labels in draw.next()]
+        images = augment(torch.cat([p[2] for p in parts]), kind, generator)
+        with autocast(device, config.precision):
+            feats = encoder(coefficients, images)
+        outputs = []
+        for (task, head, _, labels), chunk in zip(
+                parts, feats.split([len(p[2]) for p in parts]), strict=True):
+            logits = F.normalize(chunk.float(), dim=-1) @ head.T
+            outputs.append(TaskOutput(logits, labels if task.labelled else None, task.role))
+    return loss(config.objective, outputs, config.negation_weight,
+                negation_loss=cast(str, config.negation_loss),
+                ufm_threshold=config.ufm_threshold, reduce=protocol.reduce)
+
+
+def _score_record(task: TaskData, score: TaskScore, part: str) -> dict[str, Any]:
+    """A selection score as reports show it.
+
+    ``part`` says where it was measured: ``held-out`` (the ``--val-fraction`` part, never the
+    examples learned from), ``val-split`` (the labelled val split of the ``atlas`` protocol) or
+    ``last`` (no selection). The role of a dataset learned on (``train`` inside the learner,
+    where it marks the examples that feed the loss) is reported as ``task``, so a held-out
+    score is not read as a training score.
+    """
+    record: dict[str, Any] = {"dataset": task.name, **score.record(), "part": part}
+    if record["role"] == "train":
+        record["role"] = "task"
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}

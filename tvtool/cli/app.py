@@ -11,6 +11,7 @@ try:
 
     from tvtool import __version__
     from tvtool.cli import apply as apply_cmd
+    from tvtool.cli import compress as compress_cmd
     from tvtool.cli import convert as convert_cmd
     from tvtool.cli import datasets as datasets_cmd
     from tvtool.cli import demo as demo_cmd
@@ -23,7 +24,14 @@ try:
     from tvtool.cli import merge as merge_cmd
     from tvtool.cli import negate as negate_cmd
     from tvtool.cli import pretrain as pretrain_cmd
-    from tvtool.cli.common import EXIT_INTERRUPTED, EXIT_INVALID, report_error
+    from tvtool.cli.common import (
+        EXIT_INVALID,
+        handle_sigterm,
+        interrupted,
+        normalize_command,
+        report_error,
+        wire_logging,
+    )
 except KeyboardInterrupt:  # Ctrl-C while the CLI is still importing: no traceback
     sys.stderr.write("tvtool: error: interrupted\n")
     raise SystemExit(130) from None
@@ -37,14 +45,17 @@ class _OneLineErrors(TyperGroup):
     """
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
+        normalize_command(self)
         if len(args) > 3 or not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)  # a caller handling click's errors itself
         kwargs["standalone_mode"] = False
         try:
             result = super().main(*args, **kwargs)
-        except typer.Abort:
-            report_error("interrupted")
-            sys.exit(EXIT_INTERRUPTED)
+        except typer.Abort as exc:
+            # click turns the KeyboardInterrupt (or Terminated, for SIGTERM) into Abort.
+            message, code = interrupted(exc.__cause__ or exc.__context__ or exc)
+            report_error(message)
+            sys.exit(code)
         except Exception as exc:
             # By class name: typer >= 0.22 vendors click, older versions use click itself.
             kinds = {cls.__name__ for cls in type(exc).__mro__}
@@ -101,6 +112,7 @@ def _root(
 app.command("finetune", cls=finetune_cmd.FinetuneCommand)(finetune_cmd.finetune)
 app.command("extract")(extract_cmd.extract)
 app.command("negate")(negate_cmd.negate)
+app.command("compress")(compress_cmd.compress)
 app.command("apply")(apply_cmd.apply)
 app.command("inspect")(inspect_cmd.inspect)
 app.command("convert")(convert_cmd.convert)
@@ -113,6 +125,16 @@ app.command("demo")(demo_cmd.demo)
 app.command("datasets")(datasets_cmd.datasets)
 
 
+def click_command() -> Any:
+    """The click command tree of :data:`app`, with the grammar's help conventions applied.
+
+    What ``tvtool`` itself runs; tests walk it to check the options of every command.
+    """
+    return normalize_command(typer.main.get_command(app))
+
+
 def main() -> None:
     """Console-script entry point."""
+    handle_sigterm()
+    wire_logging()
     app(prog_name="tvtool")

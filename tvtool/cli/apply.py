@@ -24,8 +24,10 @@ def apply(
                                       help="Model reference of the base.")],
     output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Output file, or - for stdout.", show_default=False)] = None,
-    coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")] = None,
+    # A tuple default: typer shows it ([default: 1.0]) and passes a list.
+    coef: Annotated[list[float], typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")
+    ] = (1.0,),  # type: ignore[assignment]
     allow_base_mismatch: AllowOtherBaseOpt = False,
     approximate_linearized: Annotated[bool, typer.Option(
         "--approximate-linearized",
@@ -35,6 +37,11 @@ def apply(
         "--hf-dir", help="Write an open_clip Hugging Face directory instead (weights, "
         "open_clip_config.json, README.md model card with the recipe), ready for "
         "`huggingface-cli upload`.", show_default=False)] = None,
+    license: Annotated[str | None, typer.Option(
+        "--license", metavar="ID",
+        help="The model card's license (a Hugging Face identifier, e.g. mit, apache-2.0); "
+             "default: the base's where tvtool knows it (the embedded models: mit), else "
+             "none, with a note. Only with --hf-dir.", show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write BASE + sum(COEF_i x VECTOR_i) as a safetensors checkpoint open_clip can load.
@@ -53,6 +60,7 @@ def apply(
     config = ApplyConfig(
         base=base, vectors=tuple(vectors), output=output or "", coefs=tuple(coef or [1.0]),
         allow_base_mismatch=allow_base_mismatch, approximate_linearized=approximate_linearized,
-        hf_dir=hf_dir)
+        hf_dir=hf_dir, license=license)
     result = run_apply(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

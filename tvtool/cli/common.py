@@ -10,11 +10,14 @@ the library (torch, open_clip, safetensors) is imported inside the command funct
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
+import logging
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -26,7 +29,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, bounded_line
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,6 +41,39 @@ EXIT_FAILURE = 1
 EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 """Ctrl-C (SIGINT): the shell convention 128 + 2."""
+EXIT_TERMINATED = 143
+"""SIGTERM (how CI runners and batch queues stop a job): the shell convention 128 + 15."""
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM arrives (see :func:`handle_sigterm`).
+
+    A KeyboardInterrupt, so every clean-up that runs for Ctrl-C runs for SIGTERM too: temp
+    files, staging directories and stdin spools are removed on the way out.
+    """
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    import signal
+
+    # The process is on its way out: a second SIGTERM must not interrupt the clean-up (a
+    # supervisor that will not wait sends SIGKILL, after which the next run cleans up).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM behave like Ctrl-C (exit 143 instead of 130); call once at start-up."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def interrupted(exc: BaseException) -> tuple[str, int]:
+    """The error line and exit code of an interruption (Ctrl-C or SIGTERM)."""
+    if isinstance(exc, Terminated):
+        return "terminated (SIGTERM)", EXIT_TERMINATED
+    return "interrupted", EXIT_INTERRUPTED
 
 
 def debug_enabled() -> bool:
@@ -46,9 +82,75 @@ def debug_enabled() -> bool:
 
 
 def report_error(message: str) -> None:
-    """Print a one-line error on stderr."""
-    sys.stderr.write(f"tvtool: error: {message}\n")
+    """Print a one-line error on stderr, bounded (:func:`tvtool.errors.bounded_line`)."""
+    sys.stderr.write(f"tvtool: error: {bounded_line(message)}\n")
     sys.stderr.flush()
+
+
+def current_context() -> Any:
+    """The click context of the running command, or None outside one."""
+    import importlib
+
+    try:  # typer >= 0.22 vendors its own click
+        globals_ = importlib.import_module("typer._click.globals")
+    except ImportError:  # pragma: no cover - older typer, plain click
+        globals_ = importlib.import_module("click.globals")
+    return globals_.get_current_context(silent=True)
+
+
+def command_options(ctx: Any) -> set[str]:
+    """Every option string of the command ``ctx`` runs (``--base``, ``-b``...)."""
+    if ctx is None:
+        return set()
+    return {opt for param in ctx.command.get_params(ctx)
+            for opt in (*param.opts, *param.secondary_opts) if opt.startswith("-")}
+
+
+_FLAG = re.compile(r"(?<![\w-])--?[a-zA-Z][\w-]*")
+_OTHER_COMMAND = re.compile(r"\btvtool [a-z]")
+
+
+def fit_hint(hint: str | None, options: set[str]) -> str | None:
+    """A library hint without the advice that names flags the running command lacks.
+
+    The library's errors are shared by several commands; a hint such as "pass
+    --approximate-linearized" is right for ``apply`` and ``eval`` and wrong for
+    ``learn-coeffs``. The hint is split into its alternatives (``;`` and ``, or``); those
+    naming a flag the command lacks are dropped, unless they name another command
+    (``tvtool extract --allow-missing``). With no command options known, the hint is kept.
+    """
+    if not hint or not options:
+        return hint
+    parts = [p.strip() for p in re.split(r";\s*|,?\s+or\s+(?=pass |use |give |add |--)", hint)
+             if p.strip()]
+    kept = [part for part in parts if _OTHER_COMMAND.search(part)
+            or all(flag in options for flag in _FLAG.findall(part))]
+    if len(kept) == len(parts):
+        return hint
+    return ", or ".join(kept) if kept else None
+
+
+def environment_note(message: str, ctx: Any) -> str:
+    """Name the environment variable behind a refused value (``TVTOOL_DEVICE=bogus``).
+
+    A value that came from ``TVTOOL_*`` rather than the command line is otherwise a puzzle:
+    the user never typed it. Returns ``message`` with ``(from the environment: VAR=value)``
+    when a parameter of ``ctx`` whose value came from its variable is named in it (by its
+    flag or its quoted value); unchanged otherwise.
+    """
+    if ctx is None:
+        return message
+    notes = []
+    for param in ctx.command.get_params(ctx):
+        source = ctx.get_parameter_source(param.name) if param.name else None
+        if getattr(source, "name", "") != "ENVIRONMENT" or not param.envvar:
+            continue
+        value = ctx.params.get(param.name)
+        names = [*param.opts, repr(value), repr(str(value))]
+        if any(name in message for name in names):
+            variable = param.envvar if isinstance(param.envvar, str) else param.envvar[0]
+            notes.append(f"{variable}={os.environ.get(variable, value)!s:.40}")
+    return f"{message} (from the environment: {', '.join(notes)})" if notes else message
 
 
 def handles_errors(func: F) -> F:
@@ -57,23 +159,39 @@ def handles_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
+            if kwargs.get("as_json") and _stdout_closed():
+                # Before the work: the report would be lost after the outputs were written.
+                from tvtool.errors import InvalidInputError
+
+                raise InvalidInputError("--json writes to stdout, but stdout is closed",
+                                        hint="redirect stdout to a file or a pipe")
             return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except TvtoolError as exc:
             if debug_enabled():
                 traceback.print_exc()
-            report_error(exc.one_line())
+            ctx = current_context()
+            message = environment_note(" ".join(exc.message.split()), ctx)
+            hint = fit_hint(exc.hint, command_options(ctx))
+            report_error(message + (f" (hint: {' '.join(hint.split())})" if hint else ""))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            report_error("interrupted")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            message, code = interrupted(exc)
+            report_error(message)
+            raise typer.Exit(code) from None
         except OSError as exc:
             # Files vanishing or permissions changing mid-run: a runtime failure, not a bug.
             if debug_enabled():
                 traceback.print_exc()
-            where = f": {exc.filename}" if exc.filename else ""
-            report_error(f"{exc.strerror or type(exc).__name__}{where}")
+            from tvtool.limits import short_name
+
+            where = f": {short_name(str(exc.filename), 160)}" if exc.filename else ""
+            # Libraries raise OSError(message) without errno/strerror (a tokenizer missing
+            # from an offline cache): their message is what says what went wrong.
+            text = exc.strerror or " ".join(str(exc).split())[:300] or type(exc).__name__
+            report_error(f"{text}{where} (hint: check the paths, permissions, disk space and "
+                         "network; rerun with TVTOOL_DEBUG=1 for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
         except Exception as exc:  # last line of defence: a bug, reported on one line
             if debug_enabled():
@@ -84,6 +202,30 @@ def handles_errors(func: F) -> F:
             raise typer.Exit(EXIT_FAILURE) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class _LibraryFormatter(logging.Formatter):
+    """``warning (huggingface_hub.x): message``: a library's log record on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = "" if record.name == "root" else f" ({record.name})"
+        return " ".join(f"{record.levelname.lower()}{who}: {record.getMessage()}".split())
+
+
+def wire_logging() -> None:
+    """Give the libraries' log records one handler on stderr; call once at start-up.
+
+    open_clip logs through the root logger with ``logging.warning()``, which installs a
+    default root handler on first use, and huggingface_hub both prints through a handler of
+    its own and passes each record on to the root: every hub warning came out twice. tvtool
+    installs the root handler itself, and huggingface_hub's records stay with its own handler.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(h.formatter, _LibraryFormatter) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(_LibraryFormatter())
+        root.addHandler(handler)
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def log(message: str) -> None:
@@ -119,19 +261,87 @@ def percent(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
 
 
-def emit_json(document: Any) -> None:
-    """Print one JSON document on stdout.
+REPORT_VERSION = 1
+"""Version of the ``--json`` documents that do not declare their own (docs/cli.md, "JSON")."""
+
+
+def report_kind() -> str:
+    """The ``report`` kind of the running command's ``--json`` document: its name.
+
+    ``tvtool merge`` -> ``merge``, ``tvtool eval disentanglement`` -> ``eval-disentanglement``.
+    """
+    ctx = current_context()
+    path = getattr(ctx, "command_path", "") or ""
+    words = path.split()[1:]  # without the program name
+    return "-".join(words) if words else "tvtool"
+
+
+def _stdout_closed() -> bool:
+    from tvtool.io.atomic import stdout_closed
+
+    return stdout_closed()
+
+
+def _write_stdout(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def emit_json(document: Any, report: str | None = None, *,
+              outputs: Sequence[str | None] = ()) -> None:
+    """Print one JSON document on stdout, with its ``report`` kind and ``report_version``.
+
+    A document that names its own kind (``eval``, ``merge-search``...) keeps it; any other gets
+    ``report`` (default: the command's name, see :func:`report_kind`) and
+    ``report_version`` :data:`REPORT_VERSION` as its first keys, so a consumer can always
+    tell what it reads.
+
+    The report is part of the command's result: when it cannot be written (stdout closed,
+    a full disk behind it, a reader that went away), the command fails and ``outputs`` are
+    removed, so that a failed command leaves nothing behind.
+
+    Args:
+        document: The report.
+        report: Its ``report`` kind when it names none (default: the command's name).
+        outputs: Files or directories the command wrote (``None`` and ``-`` are skipped).
 
     Raises:
         InvalidInputError: stdout is closed (``>&-``), so the document would be lost.
+        TvtoolError: writing to stdout failed (exit 1).
     """
-    if sys.stdout is None:
-        from tvtool.errors import InvalidInputError
+    from tvtool.errors import InvalidInputError
+    from tvtool.io.atomic import stdout_error
 
-        raise InvalidInputError("--json writes to stdout, but stdout is closed",
-                                hint="redirect stdout to a file or a pipe")
-    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    error: TvtoolError
+    if sys.stdout is None:
+        error = InvalidInputError("--json writes to stdout, but stdout is closed",
+                                  hint="redirect stdout to a file or a pipe")
+    else:
+        if isinstance(document, dict):
+            document = with_report(document, report or report_kind())
+        try:
+            _write_stdout(json.dumps(document, indent=2, default=str) + "\n")
+            return
+        except OSError as exc:
+            error = stdout_error(exc, "the JSON report")
+    removed = _remove_outputs(outputs)
+    if removed:
+        error = type(error)(f"{error.message}; removed the output{'s' if len(removed) > 1 else ''}"
+                            f" {', '.join(repr(p) for p in removed)}", hint=error.hint)
+    raise error
+
+
+def _remove_outputs(outputs: Sequence[str | None]) -> list[str]:
+    from tvtool.io import remove_output
+
+    return [path for path in dict.fromkeys(p for p in outputs if p) if remove_output(path)]
+
+
+def with_report(document: dict[str, Any], report: str) -> dict[str, Any]:
+    """``document`` with ``report`` and ``report_version`` first (kept where it has them)."""
+    head = {"report": document.get("report", report),
+            "report_version": document.get("report_version", REPORT_VERSION)}
+    return {**head, **{k: v for k, v in document.items() if k not in head}}
 
 
 @contextmanager
@@ -186,13 +396,115 @@ BaseOpt = Annotated[str, typer.Option("--base", "-b", rich_help_panel="Model and
 DataRootOpt = Annotated[str | None, typer.Option(
     "--data-root", rich_help_panel="Model and data", envvar="TVTOOL_DATA_ROOT",
     help="Root directory of the standard datasets.", show_default=False)]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", help="DataLoader worker processes.")]
 AllowOtherBaseOpt = Annotated[bool, typer.Option(
     "--allow-base-mismatch",
     help="Use vectors whose recorded base fingerprint differs from the base (unsafe).")]
 
 
+# --------------------------------------------------------------------------------------------
+# One grammar: value names, flags without metavar, deprecated spellings
+# --------------------------------------------------------------------------------------------
+
+VALUE_NAMES: dict[str, str] = {
+    "--base": "REF", "--output": "PATH", "--dataset": "DATASET", "--control": "DATASET",
+    "--target": "DATASET", "--data-root": "DIR", "--workdir": "DIR", "--hf-dir": "DIR",
+    "--checkpoint-out": "PATH", "--merged-out": "PATH", "--architecture": "NAME",
+    "--coefs": "FILE", "--config": "FILE", "--save-config": "FILE", "--search-report": "FILE",
+    "--png": "PATH", "--coef-grid": "GRID", "--param": "KEY=VALUE", "--reference": "FILE",
+    "--head": "FILE", "--coef": "FLOAT",
+}
+"""The one name of each free-form option's value in ``--help``, whatever the command.
+
+Options with a fixed set of values name them instead (``[val|test]``, declared with the
+option); :func:`normalize_options` fills these in for options that declare no metavar, and
+tests/test_cli_grammar.py fails on a string option left showing ``<str>``.
+"""
+
+
+def normalize_options(params: Iterable[Any]) -> None:
+    """Apply the grammar's help conventions to click parameters, in place.
+
+    Flags show no value (typer would print ``<bool>``, inviting ``--json true``); free-form
+    values are named from :data:`VALUE_NAMES`.
+    """
+    for param in params:
+        if getattr(param, "param_type_name", "") != "option":
+            continue
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+        elif param.metavar is None:
+            long = next((o for o in param.opts if o.startswith("--")), None)
+            if long in VALUE_NAMES:
+                param.metavar = VALUE_NAMES[long]
+
+
+def normalize_command(command: Any) -> Any:
+    """:func:`normalize_options` over a click command and its subcommands; returns it."""
+    normalize_options(command.params)
+    # click's --help option is made (and cached) on first use; a click without that API
+    # keeps its own.
+    with contextlib.suppress(AttributeError, TypeError):
+        normalize_options([command.get_help_option(_HelpContext(command))])
+    for sub in getattr(command, "commands", {}).values():
+        normalize_command(sub)
+    return command
+
+
+class _HelpContext:
+    """What ``Command.get_help_option`` reads from a context (its help option names)."""
+
+    def __init__(self, command: Any) -> None:
+        self.command = command
+        self.help_option_names = ["--help"]
+
+
+def deprecated_alias(old: str, new: str) -> Any:
+    """A hidden option accepting ``old``, the previous spelling of ``new``, for one release.
+
+    Giving it prints one line on stderr; the command takes its value with
+    :func:`take_alias`.
+    """
+
+    def note(ctx: typer.Context, value: Any) -> Any:
+        if value not in (None, False, [], ()) and not ctx.resilient_parsing:
+            sys.stderr.write(f"tvtool: warning: {old} is deprecated, use {new} (the old "
+                             "spelling goes away in the next release)\n")
+        return value
+
+    return typer.Option(old, hidden=True, callback=note, show_default=False,
+                        help=f"Deprecated spelling of {new}.")
+
+
+def given(ctx: Any, name: str) -> bool:
+    """Whether parameter ``name`` was given (command line or environment), not defaulted."""
+    return getattr(ctx.get_parameter_source(name), "name", "") in ("COMMANDLINE",
+                                                                    "ENVIRONMENT")
+
+
+def take_alias(ctx: Any, name: str, value: Any, alias_value: Any) -> Any:
+    """The value of option ``name``, given under its own or its deprecated spelling.
+
+    Raises:
+        UsageError: both spellings given.
+    """
+    if alias_value is None:
+        return value
+    if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE":
+        from tvtool.errors import UsageError
+
+        flag = next((p.opts[0] for p in ctx.command.params if p.name == name), name)
+        raise UsageError(f"{flag} was given twice (once under its deprecated spelling)")
+    return alias_value
+
+
 DownloadOpt = Annotated[bool, typer.Option(
     "--download", help="Download missing standard datasets into --data-root first (network).")]
+SuiteOpt = Annotated[str | None, typer.Option(
+    "--suite", metavar="[8|14|20]", show_default=False,
+    help="The 8-, 14- or 20-task benchmark's datasets, added after any --dataset "
+         "(docs/data.md).")]
 
 
 def download_datasets(names: Iterable[str | None], data_root: str | None) -> None:
@@ -283,6 +595,7 @@ class DeclaredOptionsCommand(TyperCommand):
             extra = _click_parameters(type(self).declare())
             self._declared = [p.name for p in extra]
             self.params.extend(extra)
+            normalize_options(extra)
             helps = type(self).describe()
             metavars = type(self).metavars()
             for param in self.params:

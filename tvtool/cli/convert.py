@@ -60,9 +60,10 @@ def convert(
     from tvtool.io import is_peft_adapter
 
     if is_peft_adapter(checkpoint):
-        from tvtool.peft_interop import convert_peft
+        from tvtool.commands.peft_interop import convert_peft
 
         result = convert_peft(config, log=log)
     else:
         result = run_convert(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

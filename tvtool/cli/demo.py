@@ -10,24 +10,31 @@ from tvtool.cli.common import (
     DeviceOpt,
     JsonOpt,
     SeedOpt,
+    deprecated_alias,
     emit_json,
     emit_path,
     handles_errors,
     log,
     progress_bar,
+    take_alias,
 )
 
 
 @handles_errors
 def demo(
-    out: Annotated[str, typer.Option("--out", help="Directory for the report, figures and "
-                                     "cached artefacts (re-runs reuse them).")] = "tvtool-demo",
+    ctx: typer.Context,
+    output: Annotated[str, typer.Option(
+        "--output", "-o", metavar="DIR", help="Directory for the report, figures and cached "
+        "artefacts (re-runs reuse them).")] = "tvtool-demo",
+    out: Annotated[str | None, deprecated_alias("--out", "--output")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Short run: 3 tasks, modes full/attn/"
                                         "linear, small evaluation subsets (~3 min on 2 cores).")
                      ] = False,
-    base: Annotated[str, typer.Option("--base", help="Model reference of the base.")
+    base: Annotated[str, typer.Option("--base", "-b", help="Model reference of the base.")
                     ] = "tvtool-small",
-    steps: Annotated[int | None, typer.Option("--steps", help="Fine-tuning steps per task.")
+    steps: Annotated[int | None, typer.Option(
+        "--steps", help="Fine-tuning steps per task (default: the budget of --quick or of the "
+                        "full run, docs/demo.md).", show_default=False)
                      ] = None,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
@@ -35,7 +42,7 @@ def demo(
 ) -> None:
     """Fine-tune, extract, merge, learn aTLAS coefficients, negate and evaluate, offline.
 
-    Writes report.md, report.json and PNG figures into --out; prints the report path (or
+    Writes report.md, report.json and PNG figures into --output; prints the report path (or
     the JSON report with --json) on stdout and a summary table on stderr.
     """
     from rich.table import Table
@@ -44,6 +51,7 @@ def demo(
     from tvtool.demo import DemoConfig, run_demo
     from tvtool.demo.report import method_rows
 
+    out = take_alias(ctx, "output", output, out)
     results = run_demo(DemoConfig(out=out, quick=quick, base=base, steps=steps, device=device,
                                   seed=seed), log=log, progress=progress_bar)
     table = Table(title="tvtool demo: test accuracy (%)")

@@ -20,15 +20,20 @@ from tvtool.cli.common import (
     JsonOpt,
     PrecisionOpt,
     SeedOpt,
+    SuiteOpt,
+    WorkersOpt,
+    deprecated_alias,
     download_datasets,
     emit_json,
     emit_path,
+    given,
     handles_errors,
     log,
     percent,
     progress_bar,
     refuse_json_with_stdout,
     stderr,
+    take_alias,
 )
 from tvtool.errors import UsageError
 
@@ -75,13 +80,12 @@ BaseOpt = Annotated[str | None, typer.Option(
 DatasetOpt = Annotated[list[str] | None, typer.Option(
     "--dataset", "-d", help="Dataset (synthetic:TASK, imagefolder:PATH, or a standard name); "
                             "repeatable.", show_default=False)]
-SplitOpt = Annotated[str, typer.Option("--split", help="val or test.")]
+SplitOpt = Annotated[str, typer.Option("--split", metavar="[val|test]", help="val or test.")]
 DataRootOpt = Annotated[str | None, typer.Option(
     "--data-root", envvar="TVTOOL_DATA_ROOT", help="Root directory of the standard datasets.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
 LimitOpt = Annotated[int | None, typer.Option(
     "--limit", help="Evaluate a seeded random subset of N examples per dataset.")]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="DataLoader worker processes.")]
 NoCacheOpt = Annotated[bool, typer.Option(
     "--no-head-cache", help="Neither read nor write zero-shot heads in the cache directory.")]
 AllowOtherBaseOpt = Annotated[bool, typer.Option(
@@ -98,14 +102,16 @@ def eval_command(
     ctx: typer.Context,
     vectors: VectorsArg = None,
     base: BaseOpt = None,
-    coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.",
-        show_default=False)] = None,
+    # A tuple default: typer shows it ([default: 1.0]) and passes a list.
+    coef: Annotated[list[float], typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")
+    ] = (1.0,),  # type: ignore[assignment]
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficient file of `learn-coeffs` (aTLAS): per-block coefficients "
                         "of the VECTORs, in its row order; replaces --coef.",
         show_default=False)] = None,
     dataset: DatasetOpt = None,
+    suite: SuiteOpt = None,
     split: SplitOpt = "test",
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -125,19 +131,23 @@ def eval_command(
     allow_base_mismatch: AllowOtherBaseOpt = False,
     approximate_linearized: ApproxOpt = False,
     no_head_cache: NoCacheOpt = False,
-    out: Annotated[str | None, typer.Option(
-        "--out", "-o", help="Also write the JSON report to this file.",
+    output: Annotated[str | None, typer.Option(
+        "--output", "-o", help="Also write the JSON report to this file.",
         show_default=False)] = None,
+    out: Annotated[str | None, deprecated_alias("--out", "--output")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Top-1 accuracy of BASE + sum(COEF_i x VECTOR_i) on each --dataset.
 
-    Table on stderr; stdout gets the JSON report with --json, else the --out path, else nothing.
+    Table on stderr; stdout gets the JSON report with --json, else the --output path, else
+    nothing.
 
     Linearized vectors are evaluated as their linearized model f(x;θ0) + J·Σ a_i τ_i.
     """
     if ctx.invoked_subcommand is not None:
         return
+    from tvtool.data import with_suite
+    out = take_alias(ctx, "output", output, out)
     from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
     from tvtool.io import write_json
 
@@ -147,7 +157,7 @@ def eval_command(
     if coefs is not None:
         from tvtool.atlas import read_coefficients
 
-        if coef:
+        if given(ctx, "coef"):
             raise UsageError("--coef and --coefs are exclusive")
         weights = read_coefficients(coefs).weight_builder()
     settings = EvalSettings(
@@ -155,7 +165,7 @@ def eval_command(
         precision=precision, limit=limit, seed=seed, workers=workers,
         allow_base_mismatch=allow_base_mismatch, cache_heads=not no_head_cache)
     config = EvalConfig(
-        settings, datasets=tuple(dataset or ()), vectors=tuple(vectors or ()),
+        settings, datasets=tuple(with_suite(dataset or (), suite)), vectors=tuple(vectors or ()),
         coefs=tuple(coef or [1.0]), split=split, references=tuple(reference or ()),
         heads=tuple(head or ()), approximate_linearized=approximate_linearized,
         weights=weights)
@@ -169,7 +179,7 @@ def eval_command(
     if out is not None:
         write_json(out, document, inputs=_inputs(config))
     if as_json:
-        emit_json(document)
+        emit_json(document, outputs=[out])
     elif out is not None:
         emit_path(out)
 
@@ -180,11 +190,11 @@ def _inputs(config: Any) -> list[str]:
 
 
 def _check_out(out: str, config: Any) -> None:
-    """Refuse a bad --out before the (possibly long) evaluation starts."""
+    """Refuse a bad -o/--output before the (possibly long) evaluation starts."""
     from tvtool.io import check_output
 
     if out == "-":
-        raise UsageError("--out - would mix the report with other output on stdout",
+        raise UsageError("-o - would mix the report with other output on stdout",
                          hint="use --json to print the report on stdout")
     check_output(out, _inputs(config))
 
@@ -225,6 +235,7 @@ def _table(document: dict[str, Any]) -> Any:
 @eval_app.command("disentanglement")
 @handles_errors
 def disentanglement_command(
+    ctx: typer.Context,
     vectors: Annotated[list[str], typer.Argument(help="The two task vectors TV1 TV2.",
                                                  metavar="TV1 TV2")],
     base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
@@ -232,7 +243,9 @@ def disentanglement_command(
     dataset: Annotated[list[str], typer.Option(
         "--dataset", "-d", help="Dataset of TV1, then dataset of TV2.")],
     grid: Annotated[str, typer.Option(
-        "--grid", help="Coefficients for both axes: START:STOP:STEP or a,b,c.")] = "-3:3:0.5",
+        "--coef-grid", help="Coefficients for both axes: START:STOP:STEP or a,b,c.")
+    ] = "-3:3:0.5",
+    old_grid: Annotated[str | None, deprecated_alias("--grid", "--coef-grid")] = None,
     output: Annotated[str | None, typer.Option(
         "--output", "-o", help="Write the error map (JSON) here; default: stdout.",
         show_default=False)] = None,
@@ -268,6 +281,7 @@ def disentanglement_command(
     from tvtool.grid import parse_grid
     from tvtool.io import check_output, write_bytes, write_json
 
+    grid = take_alias(ctx, "grid", grid, old_grid)
     if len(vectors) != 2 or len(dataset) != 2:
         raise UsageError(f"got {len(vectors)} vectors and {len(dataset)} datasets; "
                          "disentanglement takes exactly two of each",
@@ -298,7 +312,7 @@ def disentanglement_command(
     if png is not None:
         write_bytes(png, render_heatmap(report), inputs=list(vectors))
     if output is None or output == "-":
-        emit_json(document)
+        emit_json(document, outputs=[png])
         return
     write_json(output, document, inputs=list(vectors))
-    emit_json(document) if as_json else emit_path(output)
+    emit_json(document, outputs=[output, png]) if as_json else emit_path(output)

@@ -19,6 +19,11 @@ def export_peft(
         help="What the adapter is loaded onto: clip = the open_clip model "
              "(PeftModel.from_pretrained(model, DIR)), visual = its image tower "
              "(PeftModel.from_pretrained(model.visual, DIR)).")] = "clip",
+    license: Annotated[str | None, typer.Option(
+        "--license", metavar="ID",
+        help="The model card's license (a Hugging Face identifier, e.g. mit, apache-2.0); "
+             "default: the base's where tvtool knows it, else none, with a note.",
+        show_default=False)] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write VECTOR as a peft adapter directory (adapter_config.json + adapter_model.safetensors).
@@ -29,8 +34,10 @@ def export_peft(
     same rank (zero padding) and lora_alpha. llora-net and dense vectors are refused (exit 2).
     See docs/interop.md.
     """
-    from tvtool import peft_interop
+    from tvtool.commands import peft_interop
 
-    config = peft_interop.ExportPeftConfig(vector=vector, output=output, module=module)
+    config = peft_interop.ExportPeftConfig(vector=vector, output=output, module=module,
+                                           license=license)
     result = peft_interop.export_peft(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

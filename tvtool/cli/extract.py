@@ -20,7 +20,8 @@ from tvtool.metadata import Mode
 
 # A checkpoint difference is a dense delta of the ordinary model: the modes whose vectors are
 # neither linearized nor factored (the rule of tvtool.commands.extract).
-_MODES = listed_or([m.value for m in Mode if not m.linearized and not m.factored])
+_MODE_NAMES = [m.value for m in Mode if not m.linearized and not m.factored]
+_MODES = listed_or(_MODE_NAMES)
 
 
 @handles_errors
@@ -29,13 +30,16 @@ def extract(
     base: Annotated[str, typer.Option("--base", "-b", envvar="TVTOOL_BASE",
                                       help="Model reference of the pre-trained base.")],
     output: OutputOpt,
-    mode: Annotated[str, typer.Option("--mode", help=f"Mode to record: {_MODES}.")] = "full",
-    dataset: Annotated[str | None, typer.Option("--dataset", help="Dataset to record.")] = None,
+    mode: Annotated[str, typer.Option("--mode", metavar="[" + "|".join(_MODE_NAMES) + "]",
+                                      help=f"Mode to record: {_MODES}.")] = "full",
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to record.",
+                                                show_default=False)] = None,
     allow_missing: Annotated[bool, typer.Option(
         "--allow-missing", help="Take base tensors absent from the checkpoint as unchanged.")
     ] = False,
     keep: Annotated[str, typer.Option(
-        "--keep", help="all: every floating tensor; changed: drop all-zero deltas.")] = "all",
+        "--keep", metavar="[all|changed]",
+        help="all: every floating tensor; changed: drop all-zero deltas.")] = "all",
     as_json: JsonOpt = False,
 ) -> None:
     """Write the task vector FINETUNED - BASE (streamed tensor by tensor)."""
@@ -51,4 +55,5 @@ def extract(
     config = ExtractConfig(base=base, finetuned=finetuned, output=output, mode=mode_value,
                            dataset=dataset, allow_missing=allow_missing, keep=keep)
     result = run_extract(config, log=log)
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output]) if as_json \
+        else emit_path(result.output)

@@ -224,6 +224,6 @@ def finetune(
     log(f"{result.mode} fine-tuning: {result.steps} steps in {result.seconds:.1f}s "
         f"({result.images_per_s:.0f} img/s), final loss {result.final_loss:.4f}")
     if as_json:
-        emit_json(result.as_json())
+        emit_json(result.as_json(), outputs=[result.output, result.checkpoint_out])
     else:
         emit_path(result.output)

@@ -34,6 +34,7 @@ def inspect(
 
 def _print_tables(report: dict[str, Any]) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     console = stderr
     for entry in report["files"]:
@@ -41,11 +42,15 @@ def _print_tables(report: dict[str, Any]) -> None:
         table.add_column("key", no_wrap=True)
         table.add_column("value")
         for key, value in entry["metadata"].items():
-            table.add_row(key, value)
+            table.add_row(key, Text(value))
         if entry["provenance"]:
             prov = entry["provenance"]
             seed = f" (seed {prov['seed']})" if prov.get("seed") is not None else ""
-            table.add_row("provenance", f"{prov.get('command')}{seed}")
+            when = f", {prov['time']}" if prov.get("time") else ""
+            table.add_row("provenance", f"{prov.get('command')}{seed}{when}")
+        if entry.get("chain"):
+            # Text, not markup: "[checkpoint by apply]" is no rich style.
+            table.add_row("chain", Text("\n".join(chain_lines(entry["chain"], entry["file"]))))
         table.add_row("tensors", str(entry["tensors"]))
         table.add_row("parameters", f"{entry['parameters']:,}")
         table.add_row("dtypes", ", ".join(entry["dtypes"]))
@@ -63,3 +68,74 @@ def _print_tables(report: dict[str, Any]) -> None:
         for index, row in enumerate(report["cosine"]):
             table.add_row(f"{index}: {names[index]}", *[f"{v:.3f}" for v in row])
         console.print(table)
+
+
+def chain_lines(chain: dict[str, Any], name: str) -> list[str]:
+    """How a file was made, as an indented tree: the base, then each input and its inputs.
+
+    One line per file: its name, kind and the command that wrote it, then what that command
+    did (dataset and mode, merge method and coefficients, the search that chose them).
+    """
+    lines = []
+    base = chain.get("base_ref") or "?"
+    if chain.get("base_fingerprint"):
+        base += f" ({_short(chain['base_fingerprint'])})"
+    lines.append(f"base {base}")
+    _node(lines, chain, name, None, "", True)
+    return lines
+
+
+def _node(lines: list[str], chain: dict[str, Any], name: str, item: dict[str, Any] | None,
+          prefix: str, last: bool) -> None:
+    branch = "└─ " if last else "├─ "
+    coef = ""
+    if item is not None and isinstance(item.get("coef"), (int, float)):
+        coef = f"{item['coef']:g} × "
+    kind = chain.get("kind") or "file without tvtool metadata"
+    made = f"{kind} by {chain['command']}" if chain.get("command") else kind
+    facts = [f for f in (_what(chain), _short(item.get("fingerprint")) if item else "") if f]
+    lines.append(f"{prefix}{branch}{coef}{name}  [{made}]" + (f"  {'; '.join(facts)}"
+                                                              if facts else ""))
+    children = [c for c in chain.get("inputs") or () if isinstance(c, dict)]
+    inner = prefix + ("   " if last else "│  ")
+    for index, child in enumerate(children):
+        final = index == len(children) - 1
+        if child.get("truncated"):
+            lines.append(f"{inner}{'└─ ' if final else '├─ '}… (older inputs not recorded)")
+            continue
+        _node(lines, child.get("lineage") or {"kind": child.get("kind")},
+              str(child.get("file")), child, inner, final)
+
+
+def _what(chain: dict[str, Any]) -> str:
+    """What the command recorded about its work, in a few words."""
+    parts = []
+    if chain.get("dataset"):
+        parts.append(f"on {chain['dataset']}")
+    if chain.get("mode"):
+        parts.append(f"mode {chain['mode']}")
+    data = chain.get("data")
+    if isinstance(data, dict) and data.get("generator_version"):
+        parts.append(f"generator v{data['generator_version']}")
+    merge = chain.get("merge")
+    if isinstance(merge, dict):
+        params = merge.get("params") or {}
+        shown = ", ".join(f"{k}={v}" for k, v in sorted(params.items())) if isinstance(
+            params, dict) else str(params)
+        coefficients = merge.get("coefficients") or {}
+        origin = coefficients.get("origin") if isinstance(coefficients, dict) else None
+        parts.append(f"{merge.get('method')}" + (f"({shown})" if shown else "")
+                     + (f", coefficients from {origin}" if origin else ""))
+    search = chain.get("search")
+    if isinstance(search, dict):
+        parts.append(f"α = {search.get('best_coef')} searched on {search.get('split', 'val')}")
+    for op in chain.get("operations") or ():
+        if isinstance(op, dict) and op.get("op") == "negate":
+            parts.append(f"negated ×{op.get('coef')}")
+    if chain.get("time"):
+        parts.append(str(chain["time"]))
+    return ", ".join(parts)
+
+
+def _short(fingerprint: Any) -> str:
+    return f"{fingerprint[:19]}…" if isinstance(fingerprint, str) and fingerprint else ""

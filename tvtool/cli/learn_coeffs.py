@@ -32,10 +32,14 @@ def learn_coeffs(
         help="Task vectors (.safetensors), in the order of the coefficient rows; - = stdin.")],
     base: BaseOpt,
     output: OutputOpt,
-    dataset: Annotated[list[str], typer.Option(
-        "--dataset", "-d", rich_help_panel="Model and data",
+    dataset: Annotated[list[str] | None, typer.Option(
+        "--dataset", "-d", rich_help_panel="Model and data", show_default=False,
         help="Dataset to learn on (repeatable); for --objective negation, "
-             "the data to forget.")],
+             "the data to forget.")] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", rich_help_panel="Model and data", metavar="[8|14|20]", show_default=False,
+        help="The 8-, 14- or 20-task benchmark's datasets, added after any --dataset "
+             "(docs/data.md).")] = None,
     control: Annotated[list[str] | None, typer.Option(
         "--control", rich_help_panel="Model and data",
         help="Data to keep (repeatable; --objective negation only).")] = None,
@@ -47,10 +51,21 @@ def learn_coeffs(
              "prediction), ufm (aTLAS' unsupervised FixMatch); negation "
              "(forget --dataset, keep --control). docs/coeffs.md.")
     ] = "ce",
+    protocol: Annotated[str | None, typer.Option(
+        "--protocol", rich_help_panel="Objective and blocks",
+        metavar="[adamerging|atlas|tvtool]",
+        help="How the objective is trained and selected: adamerging (per-dataset "
+             "batches 2x16 summed, clamp [0, 1], last iterate), atlas (epochs of "
+             "batch 128, best epoch on the labelled val split), tvtool (held-out "
+             "part, label-free for unlabelled objectives). Default: the "
+             "objective's reference (entropy adamerging; ce, ufm, negation atlas; "
+             "infomax tvtool).", show_default=False)] = None,
     granularity: Annotated[str, typer.Option(
         "--granularity", "-g", rich_help_panel="Objective and blocks",
-        metavar="[task|tensor|layer|random:K]",
-        help="task, tensor, layer or random:K.")] = "tensor",
+        metavar="[task|tensor|layer|random:K|atlas:K]",
+        help="task, tensor, layer, random:K (tvtool's equal groups, every tensor) or "
+             "atlas:K (the reference's aTLAS x K: 2-D tensors, randint masks shared "
+             "by shape).")] = "tensor",
     shots: Annotated[int | None, typer.Option(
         "--shots", "-k", rich_help_panel="Objective and blocks",
         help="Examples per class (unlabelled: K x classes at random). "
@@ -62,14 +77,20 @@ def learn_coeffs(
         "--split", rich_help_panel="Model and data", metavar="[train|val|test]",
         help="Split the examples come from (train; test for test-time "
              "adaptation).")] = "train",
-    val_fraction: Annotated[float, typer.Option(
+    val_fraction: Annotated[float | None, typer.Option(
         "--val-fraction", rich_help_panel="Objective and blocks",
         help="Fraction of the examples held out for selection and early "
-             "stopping.")] = 0.2,
+             "stopping (default: tvtool 0.2; adamerging, atlas 0).",
+        show_default=False)] = None,
     steps: Annotated[int | None, typer.Option(
         "--steps", rich_help_panel="Optimisation",
-        help="Optimisation steps (default: ce, negation 100; entropy, infomax, "
-             "ufm 500).", show_default=False)] = None,
+        help="Optimisation steps (default: adamerging 500; atlas --epochs "
+             "over the examples; tvtool ce, negation 100, others 500).",
+        show_default=False)] = None,
+    epochs: Annotated[int | None, typer.Option(
+        "--epochs", rich_help_panel="Optimisation",
+        help="atlas protocol: epochs over the training examples (default 10).",
+        show_default=False)] = None,
     lr: Annotated[float | None, typer.Option(
         "--lr", rich_help_panel="Optimisation",
         help="AdamW learning rate (default: ce 0.1; entropy, infomax, ufm 1e-3; "
@@ -80,31 +101,40 @@ def learn_coeffs(
         show_default=False)] = None,
     grad_clip: Annotated[float | None, typer.Option(
         "--grad-clip", rich_help_panel="Optimisation",
-        help="Maximum gradient norm, 0 = off (default: 1; entropy, infomax "
-             "off).", show_default=False)] = None,
+        help="Maximum gradient norm, 0 = off (default: 1, atlas on the fp16 "
+             "loss-scaled gradient as its reference; entropy, infomax off).",
+        show_default=False)] = None,
+    schedule: Annotated[str | None, typer.Option(
+        "--schedule", rich_help_panel="Optimisation", metavar="[cosine|constant]",
+        help="Learning-rate schedule (default: cosine; adamerging and atlas "
+             "negation constant).", show_default=False)] = None,
     augment: Annotated[str | None, typer.Option(
         "--augment", rich_help_panel="Optimisation", metavar="[none|train|reference]",
         help="Training-image augmentation: none, train (crop 90-100 % of the "
              "area) or reference (crop 50-100 % + horizontal flip) (default: ce, "
              "ufm reference; negation train; entropy, infomax none).",
         show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(
+    batch_size: Annotated[int | None, typer.Option(
         "--batch-size", rich_help_panel="Optimisation",
-        help="Examples per step (split across datasets).")] = 32,
-    eval_every: Annotated[int, typer.Option(
+        help="Examples per step, split across datasets (default: tvtool 32, "
+             "atlas 128; adamerging 16 per dataset, drawn twice a step).",
+        show_default=False)] = None,
+    eval_every: Annotated[int | None, typer.Option(
         "--eval-every", rich_help_panel="Optimisation",
-        help="Steps between held-out evaluations.")] = 10,
+        help="Steps between evaluations (default: tvtool 10; atlas every "
+             "epoch; adamerging the last step only).", show_default=False)] = None,
     patience: Annotated[int | None, typer.Option(
         "--patience", rich_help_panel="Optimisation",
         help="Stop after N evaluations without held-out improvement.")] = None,
     negation_weight: Annotated[float, typer.Option(
         "--negation-weight", rich_help_panel="Objective and blocks",
         help="Weight of the forgetting term (negation).")] = 1.0,
-    negation_loss: Annotated[str, typer.Option(
+    negation_loss: Annotated[str | None, typer.Option(
         "--negation-loss", rich_help_panel="Objective and blocks",
         metavar="[unlikelihood|ce]",
         help="Forgetting term: unlikelihood, or ce (the aTLAS reference's "
-             "-CE on the target).")] = "unlikelihood",
+             "-CE on the target) (default: atlas ce, tvtool unlikelihood).",
+        show_default=False)] = None,
     control_threshold: Annotated[float, typer.Option(
         "--control-threshold", rich_help_panel="Objective and blocks",
         help="Negation selection: keep this fraction of the zero-shot "
@@ -112,6 +142,12 @@ def learn_coeffs(
     ufm_threshold: Annotated[float, typer.Option(
         "--ufm-threshold", rich_help_panel="Objective and blocks",
         help="ufm: confidence a soft target needs to count.")] = 0.99,
+    ufm_reading: Annotated[str | None, typer.Option(
+        "--ufm-reading", rich_help_panel="Objective and blocks", metavar="[code|paper]",
+        help="ufm: code (learn_ufm.py as it runs: every example trusted, CE "
+             "against the zero-shot pseudo-labels) or paper (trusted subset, "
+             "the rest thresholded) (default: atlas code, tvtool paper).",
+        show_default=False)] = None,
     init: Annotated[float | None, typer.Option(
         "--init", rich_help_panel="Optimisation",
         help="Initial coefficient value (default: 0; entropy, infomax 0.3).",
@@ -126,6 +162,18 @@ def learn_coeffs(
         "--merged-out", rich_help_panel="Output",
         help="Also write the composed model (a checkpoint; for linearized "
              "vectors, the composed linearized task vector).")] = None,
+    path_out: Annotated[str | None, typer.Option(
+        "--path-out", rich_help_panel="Output", metavar="FILE",
+        help="Also write the learning path (every evaluation's coefficients and "
+             "statistics) as JSON.")] = None,
+    audit_split: Annotated[str | None, typer.Option(
+        "--audit-split", rich_help_panel="Output", metavar="[val|test]",
+        help="Record every evaluation's labelled accuracy on this split (to study "
+             "selection rules; never used to learn or select).")] = None,
+    eval_limit: Annotated[int | None, typer.Option(
+        "--eval-limit", rich_help_panel="Model and data",
+        help="Evaluate the val split (atlas selection) and --audit-split on a "
+             "seeded subset of N examples per dataset.")] = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     workers: Annotated[int, typer.Option("--workers", rich_help_panel="Model and data",
@@ -142,33 +190,39 @@ def learn_coeffs(
     The file can be given to `merge --coefs` and `eval`.
     """
     from tvtool.atlas.learner import LearnerConfig
+    from tvtool.data import with_suite
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
     from tvtool.workflows.learn_coeffs import learn_coeffs as run
 
-    to_stdout = "-" in (output, merged_out)
+    to_stdout = "-" in (output, merged_out, path_out)
     if as_json and to_stdout:
         raise UsageError("--json prints a document on stdout, which already carries the "
                          "safetensors bytes of an output '-'", hint="write to files with --json")
     learner = LearnerConfig(
-        objective=objective, steps=steps, lr=lr, weight_decay=weight_decay,
-        batch_size=batch_size, eval_every=eval_every, patience=patience,
-        negation_weight=negation_weight, negation_loss=negation_loss,
-        control_threshold=control_threshold, ufm_threshold=ufm_threshold, init=init,
-        grad_clip=grad_clip, augment=augment, precision=precision, seed=seed, workers=workers)
+        objective=objective, protocol=protocol, steps=steps, epochs=epochs, lr=lr,
+        weight_decay=weight_decay, batch_size=batch_size, eval_every=eval_every,
+        patience=patience, negation_weight=negation_weight, negation_loss=negation_loss,
+        control_threshold=control_threshold, ufm_threshold=ufm_threshold,
+        ufm_reading=ufm_reading, init=init, grad_clip=grad_clip, augment=augment,
+        schedule=schedule, precision=precision, seed=seed, workers=workers)
     config = LearnCoeffsConfig(
-        vectors=tuple(vectors), base=base, output=output, datasets=tuple(dataset),
+        vectors=tuple(vectors), base=base, output=output,
+        datasets=tuple(with_suite(dataset or (), suite)),
         control=tuple(control or ()), learner=learner, granularity=granularity,
         shots=None if all_examples else shots, split=split, val_fraction=val_fraction,
         partition_seed=partition_seed, vector_dtype=vector_dtype, device=device,
-        data_root=data_root, merged_out=merged_out, allow_base_mismatch=allow_base_mismatch)
+        data_root=data_root, merged_out=merged_out, allow_base_mismatch=allow_base_mismatch,
+        audit_split=audit_split, eval_limit=eval_limit, path_out=path_out)
     if download:
         download_datasets([*config.datasets, *config.control], data_root)
     result = run(config, log=log, progress=progress_bar)
     if as_json:
-        emit_json(result.as_json())
+        emit_json(result.as_json(), outputs=[result.output, result.merged_output])
         return
     if to_stdout:
         return  # stdout holds the safetensors bytes; a path would corrupt the stream
     emit_path(result.output)
     if result.merged_output:
         emit_path(result.merged_output)
+    if result.path_output:
+        emit_path(result.path_output)

@@ -1,8 +1,10 @@
-"""``tvtool merge``: combine task vectors (task arithmetic, mean, TIES, DARE, magnitude)."""
+"""``tvtool merge``: combine task vectors with a registered method (docs/merge.md)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import fields
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -13,9 +15,11 @@ from tvtool.cli.common import (
     DownloadOpt,
     JsonOpt,
     PrecisionOpt,
+    WorkersOpt,
     download_datasets,
     emit_json,
     emit_path,
+    given,
     handles_errors,
     listed_or,
     log,
@@ -28,7 +32,7 @@ from tvtool.errors import UsageError
 
 
 def _method_help() -> dict[str, str]:
-    """Help of ``--method``, ``--density``, ``--trim`` and ``--coef-grid``, from the registry.
+    """Help of ``--method``, ``--param``, ``--density``, ``--trim``, ``--coef-grid``, declared.
 
     The names are the registry's, and the shortcut flags name the methods whose params
     dataclass has that field, so a new method shows up without editing this module.
@@ -42,18 +46,43 @@ def _method_help() -> dict[str, str]:
                         if name in {f.name for f in fields(m.params)})
 
     grids = ", ".join(f"{m.name} {m.search_grid(m.make_params())}" for m in METHODS.values())
+
+    def defaults(method: Any) -> str:
+        params = method.make_params()
+        return ", ".join(f"{f.name}={_shown(getattr(params, f.name))}" for f in fields(params))
+
+    declared = "; ".join(f"{m.name}: {defaults(m)}" for m in METHODS.values()
+                         if fields(m.params))
     return {"method": f"{listed_or(names)} (docs/merge.md).",
-            "coef_grid": "Search grid: START:STOP:STEP (inclusive) or a,b,c. Default: the "
-                         f"method's own, for its default parameters: {grids} (a parameter "
-                         "may change it: docs/merge.md).",
+            "param": "Method parameter KEY=VALUE (repeatable), value parsed as YAML. Each "
+                     f"method's parameters and defaults: {declared}.",
+            "coef_grid": "Search grid: START:STOP:STEP (inclusive), a,b,c, or auto (the "
+                         "default grid, extended past an end where the best coefficient sits). "
+                         f"Default: the method's own, for its default parameters: {grids} (a "
+                         "parameter may change it: docs/merge.md).",
             "density": f"{having('density')}: fraction of entries kept.",
             "trim": f"{having('trim')}: global (whole vector) or tensor (per tensor)."}
+
+
+def _method_metavar() -> dict[str, str]:
+    """Metavar of ``--method``: the registered names, ``[task_arithmetic|mean|...]``."""
+    from tvtool.merge.registry import METHODS
+
+    return {"method": "[" + "|".join(METHODS) + "]"}
+
+
+def _shown(value: Any) -> str:
+    """A parameter default as it is written on the command line (YAML scalar)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 class MergeCommand(DeclaredOptionsCommand):
     """``tvtool merge`` with the help of its method flags taken from the method registry."""
 
     describe = _method_help
+    metavars = _method_metavar
 
 
 # Parameters that define the merge itself: with --config they must come from the file.
@@ -71,9 +100,10 @@ def merge(
     method: Annotated[str, typer.Option(
         "--method", "-m", help="(from the method registry, see MergeCommand)")
     ] = "task_arithmetic",
-    coef: Annotated[list[float] | None, typer.Option(
-        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector "
-                             "(default: 1).", show_default=False)] = None,
+    # A tuple default: typer shows it ([default: 1.0]) and passes a list.
+    coef: Annotated[list[float], typer.Option(
+        "--coef", "-a", help="Coefficient: once for all vectors, or once per vector.")
+    ] = (1.0,),  # type: ignore[assignment]
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Coefficients file: JSON list/dict, or a tvtool coefficients "
                         "file (learn-coeffs).", show_default=False)] = None,
@@ -81,10 +111,10 @@ def merge(
         "--density", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     trim: Annotated[str | None, typer.Option(
-        "--trim", help="(from the method registry, see MergeCommand)",
+        "--trim", metavar="[global|tensor]", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     param: Annotated[list[str] | None, typer.Option(
-        "--param", "-p", help="Method parameter KEY=VALUE (repeatable), e.g. sign=frequency.",
+        "--param", "-p", help="(from the method registry, see MergeCommand)",
         show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED",
                                       help="Random seed (DARE masks).")] = 0,
@@ -99,7 +129,7 @@ def merge(
         "--allow-base-mismatch",
         help="Merge vectors extracted from different bases (unsafe).")] = False,
     mixed_modes_as: Annotated[str | None, typer.Option(
-        "--mixed-modes-as",
+        "--mixed-modes-as", metavar="[linearized|nonlinear]",
         help="Merge linearized with non-linearized vectors; record the result as "
              "linearized or nonlinear.", show_default=False)] = None,
     config: Annotated[str | None, typer.Option(
@@ -107,6 +137,9 @@ def merge(
         show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Check the inputs and print the plan; write nothing.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Let the output a --config names replace an existing file (a config "
+                        "cannot allow this itself).")] = False,
     save_config: Annotated[str | None, typer.Option(
         "--save-config", help="Also write this merge as a YAML config file.",
         show_default=False)] = None,
@@ -123,6 +156,10 @@ def merge(
     dataset: Annotated[list[str] | None, typer.Option(
         "--dataset", "-d", help="Search: dataset of each vector, in order (default: from "
                                 "their metadata).", show_default=False)] = None,
+    suite: Annotated[str | None, typer.Option(
+        "--suite", metavar="[8|14|20]", show_default=False,
+        help="Search: the vectors are the 8-, 14- or 20-task benchmark's, one per dataset, "
+             "matched by the datasets they record (docs/data.md).")] = None,
     data_root: Annotated[str | None, typer.Option(
         "--data-root", envvar="TVTOOL_DATA_ROOT", help="Search: root of standard datasets.",
         show_default=False)] = None,
@@ -133,6 +170,7 @@ def merge(
         show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    workers: WorkersOpt = 0,
     search_report: Annotated[str | None, typer.Option(
         "--search-report", help="Search: also write the JSON report to this file.",
         show_default=False)] = None,
@@ -151,19 +189,22 @@ def merge(
 
     if config is not None:
         # Compared by name: typer may vendor its own click, with its own ParameterSource enum.
-        given = [name for name in _DEFINING
-                 if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
-        if given:
-            flags = ", ".join(name.replace("_", "-") for name in given)
+        defined = [name for name in _DEFINING
+                   if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+        if defined:
+            flags = ", ".join(name.replace("_", "-") for name in defined)
             raise UsageError(f"--config defines the merge; do not also give {flags}",
                              hint="edit the config file, or drop --config")
-        cfg = load_config(config, output=output)
+        cfg = load_config(config, output=output, force=force)
         if config == "-" and "-" in cfg.vectors:
             raise UsageError("the config came from stdin, so no vector can be '-'")
     else:
+        if force:
+            raise UsageError("--force goes with --config (it lets the config's output replace "
+                             "an existing file); -o always replaces its file")
         if missing_as_zero and common_only:
             raise UsageError("--missing-as-zero and --common-only exclude each other")
-        if coef and coefs:
+        if coefs and given(ctx, "coef"):
             raise UsageError("give --coef or --coefs, not both")
         # The flags build the same MergeConfig a config file does (it validates itself).
         cfg = MergeConfig(
@@ -179,17 +220,22 @@ def merge(
         refuse_json_with_stdout(as_json, cfg.output)
     if download and not search_coef:
         raise UsageError("--download goes with --search-coef (only the search reads datasets)")
+    if suite is not None and not search_coef:
+        raise UsageError("--suite goes with --search-coef (only the search reads datasets)")
     if search_coef:
         _search(cfg, coef_grid, base, dataset, data_root, batch_size, limit, device, precision,
-                search_report, as_json, dry_run, save_config, download)
+                search_report, as_json, dry_run, save_config, download, suite,
+                workers)
         return
     result = run_merge(cfg, log=log, dry_run=dry_run, threads=threads)
     if save_config is not None:
         _write_config(save_config, cfg)
     if dry_run:
-        emit_json(result.details) if as_json else _print_plan(result.details)
+        emit_json(result.details, report="merge-plan", outputs=[save_config]) if as_json \
+            else _print_plan(result.details)
         return
-    emit_json(result.as_json()) if as_json else emit_path(result.output)
+    emit_json(result.as_json(), outputs=[result.output, save_config]) if as_json \
+        else emit_path(result.output)
 
 
 def _params(density: float | None, trim: str | None, pairs: list[str] | None
@@ -212,9 +258,34 @@ def _params(density: float | None, trim: str | None, pairs: list[str] | None
 
 
 def _write_config(path: str, cfg: Any) -> None:
+    """Write ``cfg`` as a config file whose paths are relative to the file's folder.
+
+    A config's paths are read relative to its folder, and its ``output`` must stay inside
+    that folder (docs/merge.md): an output elsewhere is left out, so the saved config needs
+    ``-o`` when it is run.
+    """
+    from dataclasses import replace
+
     from tvtool.io.yaml_io import write_yaml
 
-    write_yaml(path, cfg.to_document(), inputs=tuple(cfg.vectors))
+    folder = Path.cwd() if path == "-" else Path(path).expanduser().parent.absolute()
+
+    def relative(item: str) -> str:
+        if item == "-":
+            return item
+        return os.path.relpath(Path(item).expanduser().absolute(), folder)
+
+    document = replace(cfg, vectors=tuple(relative(v) for v in cfg.vectors),
+                       coefs_file=relative(cfg.coefs_file) if cfg.coefs_file else None
+                       ).to_document()
+    output = relative(cfg.output)
+    if output == "-" or not (output == ".." or output.startswith(f"..{os.sep}")):
+        document["output"] = output
+    else:
+        del document["output"]
+        log(f"note: {path} names no output (the output {cfg.output} lies outside its folder, "
+            "where a config may not write); run it with -o")
+    write_yaml(path, document, inputs=tuple(cfg.vectors))
 
 
 def _print_plan(plan: dict[str, Any]) -> None:
@@ -247,11 +318,12 @@ def _print_plan(plan: dict[str, Any]) -> None:
 def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[str] | None,
             data_root: str | None, batch_size: int, limit: int | None, device: str,
             precision: str, report_path: str | None, as_json: bool, dry_run: bool,
-            save_config: str | None, download: bool = False) -> None:
+            save_config: str | None, download: bool = False, suite: str | None = None,
+            workers: int = 0) -> None:
     from rich.table import Table
 
     from tvtool.evaluate import EvalSettings
-    from tvtool.grid import parse_grid
+    from tvtool.grid import AUTO, MAX_EXTENSIONS, AutoGrid, parse_grid
     from tvtool.io import check_output, write_json
     from tvtool.workflows.merge_search import default_grid_text, search_merge, vector_datasets
 
@@ -259,20 +331,27 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         raise UsageError("--search-coef needs --base (the model the vectors were made from)")
     if dry_run:
         raise UsageError("--search-coef evaluates models; it cannot be a --dry-run")
-    if grid_text is None:
-        grid_text = default_grid_text(cfg.method, cfg.params)
-        log(f"coefficient grid for {cfg.method}: {grid_text} (--coef-grid to change)")
-    grid = parse_grid(grid_text)
+    grid: Any
+    if grid_text is not None and grid_text.strip().lower() == AUTO:
+        start = default_grid_text(cfg.method, cfg.params)
+        log(f"coefficient grid for {cfg.method}: auto ({start}, extended past an end where the "
+            f"best α sits, at most {MAX_EXTENSIONS} times by its width; never below 0)")
+        grid = AutoGrid(parse_grid(start), floor=0.0)
+    else:
+        if grid_text is None:
+            grid_text = default_grid_text(cfg.method, cfg.params)
+            log(f"coefficient grid for {cfg.method}: {grid_text} (--coef-grid to change)")
+        grid = parse_grid(grid_text)
     if report_path is not None:
         if report_path == "-":
             raise UsageError("--search-report - would mix with stdout; use --json")
         check_output(report_path, list(cfg.vectors))
     settings = EvalSettings(base=base, data_root=data_root, batch_size=batch_size,
                             device=device, precision=precision, limit=limit, seed=cfg.seed,
-                            allow_base_mismatch=cfg.allow_base_mismatch)
+                            workers=workers, allow_base_mismatch=cfg.allow_base_mismatch)
     if download:
-        download_datasets(vector_datasets(cfg, datasets), data_root)
-    report = search_merge(cfg, settings, grid, datasets=datasets, log=log,
+        download_datasets(vector_datasets(cfg, datasets, suite), data_root)
+    report = search_merge(cfg, settings, grid, datasets=datasets, suite=suite, log=log,
                           progress=progress_bar)
     document = report.as_json()
     table = Table(title=f"{document['method']} at α = {document['best_coef']:g} "
@@ -288,7 +367,8 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         from dataclasses import replace
 
         _write_config(save_config, replace(cfg, coefs=(document["best_coef"],)))
-    emit_json(document) if as_json else emit_path(cfg.output)
+    emit_json(document, outputs=[cfg.output, report_path, save_config]) if as_json \
+        else emit_path(cfg.output)
 
 
 def _accuracy_rows(report: dict[str, Any]) -> list[list[str]]:

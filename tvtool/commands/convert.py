@@ -16,6 +16,7 @@ from tvtool.io import (
     read_pickled_dict,
     write_tensors,
 )
+from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
 from tvtool.models import (
     base_source,
@@ -68,7 +69,7 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     """Convert a pickled (or plain safetensors) checkpoint into a tvtool checkpoint.
 
     A peft adapter directory (``adapter_config.json``) becomes a LoRA task vector instead
-    (:func:`tvtool.peft_interop.convert_peft`).
+    (:func:`tvtool.commands.peft_interop.convert_peft`).
 
     Pickles are read by :func:`tvtool.io.read_checkpoint`, which never executes code
     from the file. Wrapper prefixes (``module.``, ``model.``) are removed, Hugging Face
@@ -82,8 +83,8 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     """
     if is_peft_adapter(config.input):
         raise UsageError(f"{config.input} is a peft adapter directory",
-                         hint="convert it with tvtool.peft_interop.convert_peft (the CLI's "
-                              "`tvtool convert` does)")
+                         hint="convert it with tvtool.commands.peft_interop.convert_peft "
+                              "(the CLI's `tvtool convert` does)")
     if config.module != "auto":
         raise UsageError("--module is for peft adapter directories (adapter_config.json)")
     if config.base is not None:
@@ -157,7 +158,7 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     bad = [n for n, t in tensors.items() if not all_finite(t)]
     if bad:
         raise InvalidInputError(f"{len(bad)} tensors of the checkpoint contain NaN or Inf, "
-                                f"e.g. {bad[:3]}")
+                                f"e.g. {short_list(bad, 3)}")
     meta = FileMeta(kind=Kind.CHECKPOINT, architecture=match.architecture,
                     provenance=provenance("convert", config_args(config)),
                     extra={"converted_from": container})

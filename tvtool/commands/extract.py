@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from tvtool.commands.common import config_args, file_inputs, opened
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorSource, check_output, open_tensors, write_tensors
-from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
+from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, input_record, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
-from tvtool.vectors import plan_extract
+from tvtool.vectors import BATCHNORM_STATISTICS, batchnorm_warning, plan_extract
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,28 @@ def extract(config: ExtractConfig, log: Logger = _quiet) -> WriteResult:
                                 keep=config.keep)
             for note in plan.notes:
                 log(note)
+            # Statistics are small (one value per channel): reading them twice costs nothing.
+            moved = [info.name for info in plan.layout
+                     if info.name.endswith(BATCHNORM_STATISTICS)
+                     and bool(plan.producers[info.name]().ne(0).any())]
+            warning = batchnorm_warning(moved, finetuned.label)
+            if warning:
+                log(warning)
             from tvtool.data import recorded_dataset_name
 
             dataset = (recorded_dataset_name(config.dataset) if config.dataset is not None
                        else None)
+            # The fine-tuned checkpoint is recorded by fingerprint, as the base is: extract
+            # cannot see the data it was trained on, so no dataset source is recorded.
+            finetuned_meta = (FileMeta.from_header(finetuned.metadata, finetuned.label)
+                              if PREFIX + "kind" in finetuned.metadata else None)
+            record = input_record(config.finetuned, finetuned_meta, fingerprint(finetuned),
+                                  role="finetuned")
             meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture,
                             base_ref=config.base, base_fingerprint=fingerprint(base),
                             mode=config.mode, linearized=False, dataset=dataset,
-                            provenance=provenance("extract", config_args(config)))
+                            provenance=provenance("extract", config_args(config),
+                                                  inputs=[record]))
             write_tensors(config.output, plan.tensors(), meta.to_header(), layout=plan.layout,
                           inputs=[config.finetuned, *file_inputs(ref)], check_finite=False)
     return WriteResult(config.output, len(plan.layout), plan.parameters, plan.notes)

@@ -10,7 +10,7 @@ from tvtool.commands.common import check_stdin_once, opened
 from tvtool.errors import UsageError
 from tvtool.formats import dense_source
 from tvtool.io import TensorSource, open_tensors
-from tvtool.metadata import PREFIX, FileMeta, Kind
+from tvtool.metadata import PREFIX, FileMeta, Kind, lineage
 from tvtool.vectors import cosine_matrix, open_vector_meta, vector_norms
 
 
@@ -36,9 +36,10 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
     cosines of LoRA vectors are those of their dense deltas (alpha/r)·B·A.
 
     Returns:
-        A JSON-ready report: ``files`` (one entry per input, in order; task vectors carry
-        ``norm``, ``norms`` of every tensor and the ``largest`` ``top`` of them) and ``cosine``
-        (the matrix over the task vectors, in the order they appear, or None).
+        A JSON-ready report: ``files`` (one entry per input, in order; ``chain`` is how the
+        file was made, :func:`tvtool.metadata.lineage`; task vectors carry ``norm``,
+        ``norms`` of every tensor and the ``largest`` ``top`` of them) and ``cosine`` (the
+        matrix over the task vectors, in the order they appear, or None).
 
     Raises:
         UsageError: stdin given twice, or a negative ``top``.
@@ -62,16 +63,20 @@ def inspect(config: InspectConfig) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "file": path,
                 "kind": meta.kind.value if meta else None,
-                "metadata": {k: v for k, v in source.metadata.items()
+                # Sorted: safetensors hands the header over in hash-map order, which changes
+                # from run to run; --json must be byte-stable.
+                "metadata": {k: v for k, v in sorted(source.metadata.items())
                              if k != PREFIX + "provenance"},
                 "provenance": meta.provenance if meta else None,
+                # base -> vectors -> merge -> applied model, from the recorded lineage.
+                "chain": lineage(meta) if meta else None,
                 "tensors": len(names),
                 "parameters": sum(source.info(n).numel for n in names),
                 "dtypes": sorted({str(source.info(n).dtype).removeprefix("torch.")
                                   for n in names}),
             }
             if meta is not None and meta.kind is Kind.TASK_VECTOR:
-                if meta.mode is not None and meta.mode.factored:
+                if meta.factored:
                     # Norms and cosines of factors say nothing about ΔW (runs with one seed
                     # share A0, so their factor cosine is high whatever B learned).
                     source = dense_source(source, open_vector_meta(source, source.label))

@@ -9,9 +9,9 @@ from typing import Any
 from tvtool.commands.common import config_args, dumps_sorted, opened
 from tvtool.errors import UsageError
 from tvtool.formats.lora import SUFFIX_A
-from tvtool.io import TensorSource, check_output, open_tensors, write_tensors
+from tvtool.io import TensorSource, check_output, fingerprint, open_tensors, write_tensors
 from tvtool.limits import loads_json
-from tvtool.metadata import provenance
+from tvtool.metadata import input_record, provenance
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import (
@@ -32,11 +32,13 @@ class NegateConfig:
     coef: float = 1.0
 
 
-def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
+def negate(config: NegateConfig, log: Logger = _quiet, *,
+           search: dict[str, Any] | None = None) -> WriteResult:
     """Write the negated (and scaled) task vector, streaming.
 
     LoRA vectors keep their factors with only B scaled by ``-coef``, so the change they
-    apply is ``-coef·ΔW``.
+    apply is ``-coef·ΔW``. The output's provenance records the input (path, fingerprint, its
+    own lineage) and, from ``negate --search``, the ``search`` that chose ``coef``.
 
     Raises:
         UsageError: a coefficient that is not a positive finite number.
@@ -50,12 +52,15 @@ def negate(config: NegateConfig, log: Logger = _quiet) -> WriteResult:
     with opened([source]):
         meta = open_vector_meta(source, source.label)
         plan = plan_combine(None, [(source, -config.coef)])
-        if meta.mode is not None and meta.mode.factored:
+        if meta.factored:
             _keep_lora_a(plan, source)
         history = list(json_list(meta.extra.get("operations")))
         history.append({"op": "negate", "coef": config.coef})
+        record = input_record(config.vector, meta, fingerprint(source), role="vector",
+                              coef=-config.coef)
         out_meta = meta.with_changes(
-            provenance=provenance("negate", config_args(config)),
+            provenance=provenance("negate", config_args(config), inputs=[record],
+                                  search=search),
             extra={**meta.extra, "operations": dumps_sorted(history)})
         write_tensors(config.output, plan.tensors(), out_meta.to_header(), layout=plan.layout,
                       inputs=[config.vector], check_finite=False)

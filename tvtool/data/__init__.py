@@ -5,12 +5,17 @@ Public API:
 * :func:`task_spec` -- class names and prompt templates of a dataset (:class:`TaskSpec`).
 * :func:`load_split` -- a torch ``Dataset`` of ``(transform(image), label)`` for one split.
 * :func:`split_manifest` -- JSON-able record of a split (counts and member hashes).
-* :func:`list_datasets` -- the names tvtool knows (plus ``imagefolder:PATH``).
+* :func:`list_datasets` -- the names tvtool knows (plus ``imagefolder:PATH`` and ``hf:PATH``).
+* :data:`SUITES`, :func:`suite_datasets`, :func:`with_suite`, :func:`match_suite` -- the named
+  8/14/20-task suites (``--suite``).
 
-Dataset names: ``synthetic:<task>``, ``imagefolder:PATH``, or a standard name (``MNIST``,
-``SVHN``, ``GTSRB``, ``EuroSAT``, ``DTD``, ``StanfordCars``/``Cars``, ``SUN397``,
-``RESISC45``, ``CIFAR10``, ``CIFAR100``, ``ImageNet``; case-insensitive), or the task-vectors
-validation variant ``<name>Val`` of one (``MNISTVal``). See docs/data.md.
+Dataset names: ``synthetic:<task>``, ``imagefolder:PATH``, ``hf:PATH`` (a Hugging Face dataset
+saved on the local disk), or a standard name (``MNIST``, ``SVHN``, ``GTSRB``, ``EuroSAT``,
+``DTD``, ``StanfordCars``/``Cars``, ``SUN397``, ``RESISC45``, ``CIFAR10``, ``CIFAR100``,
+``ImageNet``, and the 14/20-task ``STL10``, ``Flowers102``, ``OxfordIIITPet``, ``PCAM``,
+``FER2013``, ``EMNIST``, ``Food101``, ``FashionMNIST``, ``RenderedSST2``, ``KMNIST``;
+case-insensitive), or the task-vectors validation variant ``<name>Val`` of one (``MNISTVal``).
+See docs/data.md.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ from typing import Any
 
 from tvtool import __version__
 from tvtool.data.base import Pool, Source, SplitDataset, TaskSpec, Transform
+from tvtool.data.hf import PREFIX as HF_PREFIX
+from tvtool.data.hf import resolve_hf
+from tvtool.data.imagefolder import PATH_PREFIXES, imagefolder_identity, resolve_imagefolder
 from tvtool.data.imagefolder import PREFIX as IMAGEFOLDER_PREFIX
-from tvtool.data.imagefolder import recorded_dataset_name, resolve_imagefolder
 from tvtool.data.splits import (
     MANIFEST_FORMAT,
     SPLITS,
@@ -39,6 +46,7 @@ from tvtool.data.standard import (
     StandardSource,
     parse_standard,
 )
+from tvtool.data.suites import SUITES, match_suite, suite_datasets, with_suite
 from tvtool.data.synthetic import PREFIX as SYNTHETIC_PREFIX
 from tvtool.data.synthetic import resolve_synthetic, synthetic_names
 from tvtool.errors import InvalidInputError
@@ -46,16 +54,21 @@ from tvtool.errors import InvalidInputError
 __all__ = [
     "DATA_ROOT_ENV",
     "SPLITS",
+    "SUITES",
     "Split",
     "SplitDataset",
     "TaskSpec",
     "data_source",
+    "dataset_identity",
     "download",
     "list_datasets",
     "load_split",
+    "match_suite",
     "recorded_dataset_name",
     "split_manifest",
+    "suite_datasets",
     "task_spec",
+    "with_suite",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -70,6 +83,35 @@ def list_datasets() -> list[str]:
     return [d.name for d in STANDARD] + [IMAGENET] + synthetic_names()
 
 
+def dataset_identity(name: str) -> str:
+    """The one spelling of a dataset: what every comparison of dataset names compares.
+
+    ``imagefolder:PATH`` gets its absolute path (so ``imagefolder:./data`` typed here equals the
+    ``imagefolder:/home/me/data`` a vector recorded), ``synthetic:`` tasks and standard names
+    their canonical case (``mnist`` -> ``MNIST``, ``cars`` -> ``StanfordCars``, ``mnistval``
+    -> ``MNISTVal``). Reads no data (a path is only resolved); a name tvtool does not know is
+    returned stripped, so references to it still compare.
+
+    Args:
+        name: A dataset name as typed or as recorded in a file or report.
+    """
+    text = name.strip()
+    lowered = text.lower()
+    if lowered.startswith(SYNTHETIC_PREFIX):
+        return SYNTHETIC_PREFIX + text[len(SYNTHETIC_PREFIX):].strip().lower()
+    if lowered.startswith(PATH_PREFIXES):
+        return imagefolder_identity(text)
+    found = parse_standard(text)
+    if found is not None:
+        return found[0].name + ("Val" if found[1] else "")
+    return text
+
+
+def recorded_dataset_name(name: str) -> str:
+    """The form of a dataset name recorded in a file: its :func:`dataset_identity`."""
+    return dataset_identity(name)
+
+
 def _resolve(name: str, data_root: PathLike | None, download: bool = False) -> Source:
     if not isinstance(name, str) or not name.strip():
         raise InvalidInputError("empty dataset name", hint="e.g. synthetic:shape or MNIST")
@@ -79,6 +121,8 @@ def _resolve(name: str, data_root: PathLike | None, download: bool = False) -> S
         return resolve_synthetic(text)
     if lowered.startswith(IMAGEFOLDER_PREFIX):
         return resolve_imagefolder(IMAGEFOLDER_PREFIX + text[len(IMAGEFOLDER_PREFIX):])
+    if lowered.startswith(HF_PREFIX):
+        return resolve_hf(HF_PREFIX + text[len(HF_PREFIX):])
     found = parse_standard(text)
     if found is not None:
         return StandardSource(found[0], data_root, download, val_variant=found[1])
@@ -181,7 +225,7 @@ def download(name: str, data_root: PathLike | None = None,
     if source.info.build is None:
         raise InvalidInputError(
             f"{source.info.name} has no downloader (torchvision has none for it)",
-            hint="download NWPU-RESISC45 by hand and unpack it as docs/data.md shows")
+            hint=source.info.manual)
     if log is not None:
         log(f"{source.info.name}: downloading what is missing under the data root")
     source.pools()

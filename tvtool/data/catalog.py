@@ -1,8 +1,9 @@
 """Class names and prompt templates of the standard task-arithmetic datasets.
 
 The lists follow the public CLIP zero-shot prompts (openai/CLIP ``data/prompts.md``) and the
-task-vectors code base (Ilharco et al.), in the label order of the torchvision dataset
-classes (sorted class folders where the data is a folder tree). They are data, kept one name
+task-vectors code base (Ilharco et al.) for the eight tasks, and the 14/20-task code
+(nik-dim/tall_masks) for the others, in the label order of the torchvision dataset classes
+(sorted class folders where the data is a folder tree). They are data, kept one name
 per line so a diff shows exactly which class changed.
 """
 
@@ -29,9 +30,11 @@ ship
 truck
 """)
 
+# torchvision's CIFAR100.classes (the dataset's own meta file): the task-vectors code and the
+# 14/20-task code pass them to the templates as they are, underscores kept.
 CIFAR100_CLASSNAMES = _lines("""
 apple
-aquarium fish
+aquarium_fish
 baby
 bear
 beaver
@@ -71,25 +74,25 @@ house
 kangaroo
 keyboard
 lamp
-lawn mower
+lawn_mower
 leopard
 lion
 lizard
 lobster
 man
-maple tree
+maple_tree
 motorcycle
 mountain
 mouse
 mushroom
-oak tree
+oak_tree
 orange
 orchid
 otter
-palm tree
+palm_tree
 pear
-pickup truck
-pine tree
+pickup_truck
+pine_tree
 plain
 plate
 poppy
@@ -113,7 +116,7 @@ spider
 squirrel
 streetcar
 sunflower
-sweet pepper
+sweet_pepper
 table
 tank
 telephone
@@ -126,7 +129,7 @@ tulip
 turtle
 wardrobe
 whale
-willow tree
+willow_tree
 wolf
 woman
 worm
@@ -953,3 +956,322 @@ STANFORD_CARS_TEMPLATES = (
     "a photo of my new {}.",
     "a photo of my old {}.",
 )
+
+
+# ---------------------------------------------------------------- the 14- and 20-task suites
+# Class names and templates of the datasets the 14/20-task papers add to the eight (Wang et al.
+# 2024, nik-dim/tall_masks src/datasets/; the TSV and iso-merging code copy them), as that code
+# passes them to its templates: where it takes torchvision's ``.classes``, these are those
+# names, underscores and capitals kept.
+
+STL10_CLASSNAMES = _lines("""
+airplane
+bird
+car
+cat
+deer
+dog
+horse
+monkey
+ship
+truck
+""")
+STL10_TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
+
+# The list the 14/20-task code (tall_masks, TSV, iso-merging) hard-codes; it differs from
+# torchvision's Flowers102.classes in three names (globe flower, pink and yellow dahlia, air plant).
+FLOWERS102_CLASSNAMES = _lines("""
+pink primrose
+hard-leaved pocket orchid
+canterbury bells
+sweet pea
+english marigold
+tiger lily
+moon orchid
+bird of paradise
+monkshood
+globe thistle
+snapdragon
+colt's foot
+king protea
+spear thistle
+yellow iris
+globe flower
+purple coneflower
+peruvian lily
+balloon flower
+giant white arum lily
+fire lily
+pincushion flower
+fritillary
+red ginger
+grape hyacinth
+corn poppy
+prince of wales feathers
+stemless gentian
+artichoke
+sweet william
+carnation
+garden phlox
+love in the mist
+mexican aster
+alpine sea holly
+ruby-lipped cattleya
+cape flower
+great masterwort
+siam tulip
+lenten rose
+barbeton daisy
+daffodil
+sword lily
+poinsettia
+bolero deep blue
+wallflower
+marigold
+buttercup
+oxeye daisy
+common dandelion
+petunia
+wild pansy
+primula
+sunflower
+pelargonium
+bishop of llandaff
+gaura
+geranium
+orange dahlia
+pink and yellow dahlia
+cautleya spicata
+japanese anemone
+black-eyed susan
+silverbush
+californian poppy
+osteospermum
+spring crocus
+bearded iris
+windflower
+tree poppy
+gazania
+azalea
+water lily
+rose
+thorn apple
+morning glory
+passion flower
+lotus
+toad lily
+anthurium
+frangipani
+clematis
+hibiscus
+columbine
+desert-rose
+tree mallow
+magnolia
+cyclamen
+watercress
+canna lily
+hippeastrum
+bee balm
+air plant
+foxglove
+bougainvillea
+camellia
+mallow
+mexican petunia
+bromelia
+blanket flower
+trumpet creeper
+blackberry lily
+""")
+
+# torchvision's Food101.classes: the sorted keys of meta/{train,test}.json, underscores kept
+# (the references pass them to the templates as they are).
+FOOD101_CLASSNAMES = _lines("""
+apple_pie
+baby_back_ribs
+baklava
+beef_carpaccio
+beef_tartare
+beet_salad
+beignets
+bibimbap
+bread_pudding
+breakfast_burrito
+bruschetta
+caesar_salad
+cannoli
+caprese_salad
+carrot_cake
+ceviche
+cheese_plate
+cheesecake
+chicken_curry
+chicken_quesadilla
+chicken_wings
+chocolate_cake
+chocolate_mousse
+churros
+clam_chowder
+club_sandwich
+crab_cakes
+creme_brulee
+croque_madame
+cup_cakes
+deviled_eggs
+donuts
+dumplings
+edamame
+eggs_benedict
+escargots
+falafel
+filet_mignon
+fish_and_chips
+foie_gras
+french_fries
+french_onion_soup
+french_toast
+fried_calamari
+fried_rice
+frozen_yogurt
+garlic_bread
+gnocchi
+greek_salad
+grilled_cheese_sandwich
+grilled_salmon
+guacamole
+gyoza
+hamburger
+hot_and_sour_soup
+hot_dog
+huevos_rancheros
+hummus
+ice_cream
+lasagna
+lobster_bisque
+lobster_roll_sandwich
+macaroni_and_cheese
+macarons
+miso_soup
+mussels
+nachos
+omelette
+onion_rings
+oysters
+pad_thai
+paella
+pancakes
+panna_cotta
+peking_duck
+pho
+pizza
+pork_chop
+poutine
+prime_rib
+pulled_pork_sandwich
+ramen
+ravioli
+red_velvet_cake
+risotto
+samosa
+sashimi
+scallops
+seaweed_salad
+shrimp_and_grits
+spaghetti_bolognese
+spaghetti_carbonara
+spring_rolls
+steak
+strawberry_shortcake
+sushi
+tacos
+takoyaki
+tiramisu
+tuna_tartare
+waffles
+""")
+
+# torchvision's OxfordIIITPet.classes: the breed part of the image names, each word title-cased,
+# in the order of the annotation files' class ids.
+OXFORD_PETS_CLASSNAMES = _lines("""
+Abyssinian
+American Bulldog
+American Pit Bull Terrier
+Basset Hound
+Beagle
+Bengal
+Birman
+Bombay
+Boxer
+British Shorthair
+Chihuahua
+Egyptian Mau
+English Cocker Spaniel
+English Setter
+German Shorthaired
+Great Pyrenees
+Havanese
+Japanese Chin
+Keeshond
+Leonberger
+Maine Coon
+Miniature Pinscher
+Newfoundland
+Persian
+Pomeranian
+Pug
+Ragdoll
+Russian Blue
+Saint Bernard
+Samoyed
+Scottish Terrier
+Shiba Inu
+Siamese
+Sphynx
+Staffordshire Bull Terrier
+Wheaten Terrier
+Yorkshire Terrier
+""")
+
+FLOWERS102_TEMPLATES = ("a photo of a {}, a type of flower.",)
+FOOD101_TEMPLATES = ("a photo of {}, a type of food.",)
+OXFORD_PETS_TEMPLATES = ("a photo of a {}, a type of pet.",)
+
+PCAM_CLASSNAMES = ("lymph node", "lymph node containing metastatic tumor tissue")
+# The reference's one template has no final full stop.
+PCAM_TEMPLATES = ("this is a photo of {}",)
+
+# The reference lists synonyms per class ([["angry"], ["disgusted"], ..., ["happy", "smiling"],
+# ...]) and formats each list into its templates as a whole, so the text encoder reads the
+# Python list itself ("a photo of a ['happy', 'smiling'] looking face."). These are those
+# strings, so the zero-shot head is the one the published numbers used.
+FER2013_SYNONYMS: tuple[tuple[str, ...], ...] = (
+    ("angry",),
+    ("disgusted",),
+    ("fearful",),
+    ("happy", "smiling"),
+    ("sad", "depressed"),
+    ("surprised", "shocked", "spooked"),
+    ("neutral", "bored"),
+)
+FER2013_CLASSNAMES = tuple(str(list(names)) for names in FER2013_SYNONYMS)
+FER2013_TEMPLATES = (
+    "a photo of a {} looking face.",
+    "a photo of a face showing the emotion: {}.",
+    "a photo of a face looking {}.",
+    "a face that looks {}.",
+    "they look {}.",
+    "look at how {} they are.",
+)
+
+EMNIST_TEMPLATES = ('a photo of the digit character: "{}".',)
+
+FASHION_MNIST_CLASSNAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                            "Shirt", "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_TEMPLATES = ("a photo of a {}.", "a photo of the {}.")
+
+KMNIST_CLASSNAMES = ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")
+KMNIST_TEMPLATES = ("a photo of the character {}.",)
+
+RENDERED_SST2_CLASSNAMES = ("negative", "positive")
+RENDERED_SST2_TEMPLATES = ("a {} review of a movie.",)

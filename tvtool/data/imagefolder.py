@@ -12,11 +12,16 @@ it is an error, so a misspelt or missing split can never turn into a class. Fewe
 classes is an error too: accuracy over one class means nothing.
 
 Hidden entries (names starting with ``.``) are ignored everywhere. Every other file inside a
-class folder must be an image; an empty class folder is an error, never silently dropped.
+class folder must be a regular image file (a FIFO, socket or device is refused: reading one
+could block forever or never end); an empty class folder is an error, never silently dropped.
+Folders are followed through symbolic links, each at most once (a link back to a folder already
+read is refused, so a loop cannot make the scan endless).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,9 +30,12 @@ from PIL import Image
 
 from tvtool.data.base import Pool, TaskSpec
 from tvtool.errors import InvalidInputError
-from tvtool.io.images import IMAGE_SUFFIXES, read_image, read_text_lines
+from tvtool.io.images import IMAGE_SUFFIXES, file_kind, read_image, read_text_lines
+from tvtool.limits import MAX_TEMPLATES, short_list, short_repr
 
 PREFIX = "imagefolder:"
+PATH_PREFIXES = (PREFIX, "hf:")
+"""Dataset-name prefixes followed by a local path (``hf:`` is :mod:`tvtool.data.hf`'s)."""
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "templates.txt"
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -47,21 +55,47 @@ def _class_dirs(folder: Path) -> list[Path]:
 
 
 def _images_in(class_dir: Path, root: Path) -> list[Path]:
-    """Image files under one class folder (recursively), sorted by path."""
+    """Image files under one class folder (recursively), sorted by path.
+
+    Raises:
+        InvalidInputError: a non-image file, a file that is not regular (FIFO, socket,
+            device), a dangling link, a folder reached twice (a link loop), or no images.
+    """
     found: list[Path] = []
     pending = [class_dir]
+    start = class_dir.stat()
+    visited = {(start.st_dev, start.st_ino)}
     while pending:
         folder = pending.pop()
         for entry in folder.iterdir():
             if not _visible(entry):
                 continue
-            if entry.is_dir():
+            name = entry.relative_to(root).as_posix()
+            try:
+                info = entry.stat()  # through links: what a reader would open
+            except OSError:
+                raise InvalidInputError(
+                    f"{name!r} in image folder {str(root)!r} cannot be read (a dangling link?)",
+                    hint="remove it, or hide it (name starting with '.')") from None
+            if stat.S_ISDIR(info.st_mode):
+                key = (info.st_dev, info.st_ino)
+                if key in visited:
+                    raise InvalidInputError(
+                        f"{name!r} in image folder {str(root)!r} leads to a folder already "
+                        "read (a symbolic-link loop?)", hint="remove the link")
+                visited.add(key)
                 pending.append(entry)
+            elif not stat.S_ISREG(info.st_mode):
+                raise InvalidInputError(
+                    f"{name!r} in image folder {str(root)!r} is {file_kind(info.st_mode)}, not "
+                    "a regular file",
+                    hint="tvtool reads only regular files from image folders; move it out or "
+                         "hide it (name starting with '.')")
             elif entry.suffix.lower() in IMAGE_SUFFIXES:
                 found.append(entry)
             else:
                 raise InvalidInputError(
-                    f"{entry.relative_to(root).as_posix()!r} in image folder {str(root)!r} is "
+                    f"{name!r} in image folder {str(root)!r} is "
                     f"not an image (known endings: {', '.join(sorted(IMAGE_SUFFIXES))})",
                     hint="move it out of the class folder, or hide it (name starting with '.')",
                 )
@@ -159,6 +193,55 @@ def _read_classnames(listed: Path, folders: list[str]) -> tuple[str, ...]:
         "cannot be checked (a list in another order would mislabel every class)", hint=hint)
 
 
+def read_templates(root: Path) -> tuple[str, ...]:
+    """Prompt templates from ``root/templates.txt``, or :data:`DEFAULT_TEMPLATES` without one.
+
+    Raises:
+        InvalidInputError: an empty file, more than :data:`~tvtool.limits.MAX_TEMPLATES`
+            lines, or a line without exactly one ``{}`` (or with any other brace).
+    """
+    listed = root / TEMPLATES_FILE
+    if not os.path.lexists(listed):
+        return DEFAULT_TEMPLATES
+    templates = read_text_lines(listed)
+    if len(templates) > MAX_TEMPLATES:
+        raise InvalidInputError(
+            f"{str(listed)!r} holds {len(templates):,} templates; tvtool uses at most "
+            f"{MAX_TEMPLATES:,} (the zero-shot head encodes every class with each)",
+            hint="keep the templates that matter; OpenAI's ImageNet ensemble has 80")
+    # Exactly one '{}' and no other brace: str.format then only inserts the class name
+    # (a field such as '{0:>999999999}' would allocate gigabytes).
+    bad = [t for t in templates if t.count("{}") != 1
+           or "{" in t.replace("{}", "") or "}" in t.replace("{}", "")]
+    if not templates or bad:
+        raise InvalidInputError(
+            f"{str(listed)!r} must hold templates with exactly one '{{}}' and no other "
+            "brace each" + (f"; bad line: {short_repr(bad[0], 60)}" if bad
+                            else "; it is empty"),
+            hint="e.g. 'a photo of a {}.'")
+    return tuple(templates)
+
+
+def _check_distinct(names: tuple[str, ...], folders: list[str], origin: str) -> None:
+    """Refuse two classes with the same name: their zero-shot classes would be identical.
+
+    Names are compared as the text encoders see them, runs of blanks aside.
+
+    Raises:
+        InvalidInputError: two folders with one class name.
+    """
+    seen: dict[str, str] = {}
+    for folder, name in zip(folders, names, strict=True):
+        key = " ".join(name.split())
+        if key in seen:
+            raise InvalidInputError(
+                f"class folders {short_repr(seen[key], 60)} and {short_repr(folder, 60)} get "
+                f"the same class name {short_repr(name, 60)} ({origin}); their zero-shot "
+                "classes would be identical and one could never be predicted",
+                hint="give every class folder its own name (classnames.txt: docs/data.md)")
+        seen[key] = folder
+
+
 class FilePool:
     """A pool over ``(path, label)`` pairs; images are read when an example is loaded."""
 
@@ -203,7 +286,7 @@ def scan_class_folders(folder: Path, root: Path, class_order: list[str] | None =
     unknown = sorted(set(names) - set(order))
     if unknown:
         raise InvalidInputError(
-            f"{str(folder)!r} has classes that the training folder lacks: {unknown[:5]}",
+            f"{str(folder)!r} has classes that the training folder lacks: {short_list(unknown, 5)}",
             hint="every class folder of val/ and test/ must also exist under train/")
     label_of = {name: i for i, name in enumerate(order)}
     items = [(path, label_of[d.name]) for d in dirs for path in _images_in(d, root)]
@@ -240,22 +323,16 @@ class ImageFolderSource:
 
     def _classnames(self, folders: list[str]) -> tuple[str, ...]:
         listed = self.root / CLASSNAMES_FILE
-        if not listed.is_file():
-            return tuple(f.replace("_", " ") for f in folders)
-        return _read_classnames(listed, folders)
+        if not os.path.lexists(listed):
+            names = tuple(f.replace("_", " ") for f in folders)
+            _check_distinct(names, folders, "from the folder names")
+            return names
+        names = _read_classnames(listed, folders)
+        _check_distinct(names, folders, f"in {str(listed)!r}")
+        return names
 
     def _templates(self) -> tuple[str, ...]:
-        listed = self.root / TEMPLATES_FILE
-        if not listed.is_file():
-            return DEFAULT_TEMPLATES
-        templates = read_text_lines(listed)
-        bad = [t for t in templates if t.count("{}") != 1]
-        if not templates or bad:
-            raise InvalidInputError(
-                f"{str(listed)!r} must hold templates with exactly one '{{}}' each"
-                + (f"; bad line: {bad[0]!r}" if bad else "; it is empty"),
-                hint="e.g. 'a photo of a {}.'")
-        return tuple(templates)
+        return read_templates(self.root)
 
     def pools(self) -> Mapping[str, Pool]:
         if self.layout == "single":
@@ -276,19 +353,21 @@ class ImageFolderSource:
                 "classes": list(self.folders)}
 
 
-def recorded_dataset_name(name: str) -> str:
-    """The form of a dataset name to record in a file: ``imagefolder:`` paths made absolute.
+def imagefolder_identity(name: str) -> str:
+    """``imagefolder:PATH`` / ``hf:PATH`` with PATH made absolute (symbolic links resolved).
 
     A relative path recorded in a vector would point elsewhere once the vector is used from
-    another directory (``merge --search-coef``, ``negate --search``). Other names are returned
-    unchanged.
+    another directory (``merge --search-coef``, ``negate --search``), and two spellings of one
+    folder must compare equal (see :func:`tvtool.data.dataset_identity`).
     """
-    if not name.strip().lower().startswith(PREFIX):
+    lowered = name.strip().lower()
+    prefix = next((p for p in PATH_PREFIXES if lowered.startswith(p)), None)
+    if prefix is None:
         return name
-    text = name.strip()[len(PREFIX):].strip()
+    text = name.strip()[len(prefix):].strip()
     if not text:
         return name
-    return PREFIX + str(Path(text).expanduser().resolve())
+    return prefix + str(Path(text).expanduser().resolve())
 
 
 def resolve_imagefolder(name: str) -> ImageFolderSource:

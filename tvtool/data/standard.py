@@ -6,6 +6,10 @@ root that torchvision already filled works as it is, or in the layout of the tas
 (mlfoundations/task_vectors: ``EuroSAT_splits/``, ``dtd/train``, ``sun397/train``...), whose
 published splits are then used (layouts in docs/data.md).
 
+The 14/20-task datasets (STL10, Flowers102, OxfordIIITPet, PCAM, FER2013, EMNIST, Food101,
+FashionMNIST, RenderedSST2, KMNIST) sit where the 14/20-task code (nik-dim/tall_masks) puts
+them; FER2013 is that code's hub dataset saved locally (read like ``hf:PATH``).
+
 Names are case-insensitive; ``<name>Val`` (``MNISTVal``...) is the task-vectors validation
 variant: its ``test`` split is the published held-out validation set and its ``train`` split
 the rest of the training pool.
@@ -14,6 +18,7 @@ the rest of the training pool.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +29,18 @@ from torch.utils.data import ConcatDataset, Dataset
 
 from tvtool.data import catalog
 from tvtool.data.base import Pool, TaskSpec
+from tvtool.data.hf import hf_pools
 from tvtool.data.imagefolder import FilePool, scan_class_folders
 from tvtool.errors import InvalidInputError, TvtoolError
 from tvtool.io.images import read_image, read_text_lines
+from tvtool.limits import short_list
 
 DATA_ROOT_ENV = "TVTOOL_DATA_ROOT"
 
 Builder = Callable[[Path, str, bool], Dataset]
 """``(root, part, download) -> torchvision dataset``; ``part`` is ``train`` or ``test``."""
+Reader = Callable[[Path, "StandardDataset"], tuple[str, dict[str, Pool], dict[str, Any]]]
+"""``(folder, info) -> (layout, pools, facts)`` for data tvtool reads without torchvision."""
 
 
 def _tv(name: str) -> Any:
@@ -94,6 +103,76 @@ def _eurosat(root: Path, part: str, download: bool) -> Dataset:
 
 def _sun397(root: Path, part: str, download: bool) -> Dataset:
     return _tv("SUN397")(str(root), download=download, loader=read_image)
+
+
+def _need_h5py(dataset: str) -> None:
+    try:
+        import h5py  # noqa: F401  (torchvision reads PCAM's .h5 files with it)
+    except ImportError:
+        raise InvalidInputError(f"reading {dataset} needs h5py, which is not installed",
+                                hint=f"pip install '{DATASETS_EXTRA}'") from None
+
+
+# The 14/20-task datasets, each where the 14/20-task code (nik-dim/tall_masks) puts it: a
+# folder under the data root given to torchvision as its root (torchvision then adds its own
+# sub-folder, e.g. stl10/stl10_binary/), with the splits that code reads.
+def _stl10(root: Path, part: str, download: bool) -> Dataset:
+    return _tv("STL10")(str(root / "stl10"), split=part, download=download)
+
+
+def _flowers102(root: Path, part: str, download: bool) -> Dataset:
+    _need_scipy("Flowers102")
+    return _tv("Flowers102")(str(root / "flowers102"), split=part, download=download,
+                             loader=read_image)
+
+
+def _oxford_pets(root: Path, part: str, download: bool) -> Dataset:
+    return _tv("OxfordIIITPet")(str(root / "OxfordIIITPet"),
+                                split="trainval" if part == "train" else "test",
+                                download=download)
+
+
+def _pcam(root: Path, part: str, download: bool) -> Dataset:
+    _need_h5py("PCAM")
+    return _tv("PCAM")(str(root / "PCAM"), split=part, download=download)
+
+
+def _emnist(root: Path, part: str, download: bool) -> Dataset:
+    # tall_masks and iso-merging pass DATA_ROOT/EMNIST (files in EMNIST/EMNIST/raw/); the TSV
+    # code passes the root itself (EMNIST/raw/). Either works; a download takes the first.
+    folder = root / "EMNIST"
+    flat = (folder / "raw").is_dir() and not (folder / "EMNIST").is_dir()
+    return _tv("EMNIST")(str(root if flat else folder), split="digits", train=part == "train",
+                         download=download)
+
+
+def _food101(root: Path, part: str, download: bool) -> Dataset:
+    return _tv("Food101")(str(root / "food101"), split=part, download=download,
+                          loader=read_image)
+
+
+def _fashion_mnist(root: Path, part: str, download: bool) -> Dataset:
+    return _tv("FashionMNIST")(str(root / "FashionMNIST"), train=part == "train",
+                               download=download)
+
+
+def _kmnist(root: Path, part: str, download: bool) -> Dataset:
+    return _tv("KMNIST")(str(root / "KMNIST"), train=part == "train", download=download)
+
+
+def _rendered_sst2(root: Path, part: str, download: bool) -> Dataset:
+    return _tv("RenderedSST2")(str(root / "RenderedSST2"), split=part, download=download,
+                               loader=read_image)
+
+
+def _fer2013_pools(folder: Path, info: StandardDataset) -> tuple[str, dict[str, Pool],
+                                                                  dict[str, Any]]:
+    """FER2013 as the 14/20-task code reads it: the hub dataset ``Jeneral/fer-2013``.
+
+    Here it is a local copy under ``FER2013/`` (``save_to_disk``, or its parquet files).
+    """
+    # The reference opens each image with convert("L").
+    return hf_pools(folder, info.name, len(info.classnames), grey=True)
 
 
 def _imagenet(root: Path, part: str, download: bool) -> Dataset:
@@ -163,6 +242,11 @@ class StandardDataset:
         build: Constructor of the torchvision dataset (``None``: tvtool reads the files).
         aliases: Other accepted spellings (matched case-insensitively).
         published: The task-vectors layout, read instead when its training folder exists.
+        reader: For data tvtool reads itself from ``DATA_ROOT/folder`` without torchvision
+            (``build`` is None): ``(folder, info) -> (layout, pools, facts)``.
+        torchvision_names: The reference code takes its class names from the torchvision
+            dataset's ``classes``; a dataset on disk whose ``classes`` differ is refused.
+        manual: How to place the data by hand where nothing downloads it.
     """
 
     name: str
@@ -173,6 +257,9 @@ class StandardDataset:
     build: Builder | None
     aliases: tuple[str, ...] = ()
     published: PublishedLayout | None = None
+    reader: Reader | None = None
+    torchvision_names: bool = False
+    manual: str = "download NWPU-RESISC45 by hand and unpack it as docs/data.md shows"
 
 
 STANDARD: tuple[StandardDataset, ...] = (
@@ -196,7 +283,34 @@ STANDARD: tuple[StandardDataset, ...] = (
     StandardDataset("CIFAR10", "cifar-10-batches-py", catalog.CIFAR10_CLASSNAMES,
                     catalog.CIFAR_TEMPLATES, ("train", "test"), _cifar10),
     StandardDataset("CIFAR100", "cifar-100-python", catalog.CIFAR100_CLASSNAMES,
-                    catalog.CIFAR_TEMPLATES, ("train", "test"), _cifar100),
+                    catalog.CIFAR_TEMPLATES, ("train", "test"), _cifar100,
+                    torchvision_names=True),
+    # The 14- and 20-task suites (docs/data.md): tall_masks' names, folders and splits.
+    StandardDataset("STL10", "stl10", catalog.STL10_CLASSNAMES, catalog.STL10_TEMPLATES,
+                    ("train", "test"), _stl10, torchvision_names=True),
+    StandardDataset("Flowers102", "flowers102", catalog.FLOWERS102_CLASSNAMES,
+                    catalog.FLOWERS102_TEMPLATES, ("train", "test"), _flowers102),
+    StandardDataset("OxfordIIITPet", "OxfordIIITPet", catalog.OXFORD_PETS_CLASSNAMES,
+                    catalog.OXFORD_PETS_TEMPLATES, ("train", "test"), _oxford_pets,
+                    torchvision_names=True),
+    StandardDataset("PCAM", "PCAM", catalog.PCAM_CLASSNAMES, catalog.PCAM_TEMPLATES,
+                    ("train", "test"), _pcam),
+    StandardDataset("FER2013", "FER2013", catalog.FER2013_CLASSNAMES, catalog.FER2013_TEMPLATES,
+                    ("train", "test"), None, reader=_fer2013_pools,
+                    manual="save the hub dataset Jeneral/fer-2013 into DATA_ROOT/FER2013 "
+                           "(save_to_disk, or its parquet files) as docs/data.md shows"),
+    StandardDataset("EMNIST", "EMNIST", catalog.DIGIT_CLASSNAMES, catalog.EMNIST_TEMPLATES,
+                    ("train", "test"), _emnist, torchvision_names=True),
+    StandardDataset("Food101", "food101", catalog.FOOD101_CLASSNAMES, catalog.FOOD101_TEMPLATES,
+                    ("train", "test"), _food101, torchvision_names=True),
+    StandardDataset("FashionMNIST", "FashionMNIST", catalog.FASHION_MNIST_CLASSNAMES,
+                    catalog.FASHION_MNIST_TEMPLATES, ("train", "test"), _fashion_mnist,
+                    torchvision_names=True),
+    StandardDataset("RenderedSST2", "RenderedSST2", catalog.RENDERED_SST2_CLASSNAMES,
+                    catalog.RENDERED_SST2_TEMPLATES, ("train", "test"), _rendered_sst2,
+                    torchvision_names=True),
+    StandardDataset("KMNIST", "KMNIST", catalog.KMNIST_CLASSNAMES, catalog.KMNIST_TEMPLATES,
+                    ("train", "test"), _kmnist, torchvision_names=True),
 )
 _BY_KEY = {key.lower(): d for d in STANDARD for key in (d.name, *d.aliases)}
 IMAGENET = "ImageNet"
@@ -332,6 +446,7 @@ class StandardSource:
         self._root_arg = root
         self._download = download
         self._layout: str | None = None  # decided by pools()
+        self._facts: dict[str, Any] = {}
 
     def _published_root(self) -> Path | None:
         """The task-vectors folder of this dataset, when it is there."""
@@ -370,6 +485,10 @@ class StandardSource:
             self._layout = "task_vectors"
             return _published_pools(published, self.info, self.info.published)
         root = self._location()
+        if self.info.reader is not None:
+            self._layout, read, self._facts = self.info.reader(root / self.info.folder,
+                                                               self.info)
+            return read
         if self.info.build is None:
             resisc = dict(_resisc45_pools(root / self.info.folder, self.info))
             self._layout = "task_vectors" if "test" in resisc else "single folder"
@@ -383,6 +502,16 @@ class StandardSource:
                 raise InvalidInputError(
                     f"{self.info.name} under {str(root)!r} has {len(classes)} classes, tvtool "
                     f"expects {len(self.info.classnames)}",
+                    hint="is it a different version of the dataset?")
+            if (self.info.torchvision_names and classes is not None
+                    and tuple(classes) != self.info.classnames):
+                # The reference prompts with these names: other names are other data.
+                first = next(i for i, (a, b) in enumerate(
+                    zip(classes, self.info.classnames, strict=True)) if a != b)
+                raise InvalidInputError(
+                    f"{self.info.name} under {str(root)!r} names class {first} "
+                    f"{str(classes[first])[:60]!r}, tvtool expects "
+                    f"{self.info.classnames[first][:60]!r}",
                     hint="is it a different version of the dataset?")
             pools[part] = TorchvisionPool(dataset, self.info.name)
         return pools
@@ -400,6 +529,17 @@ class StandardSource:
         except OSError as exc:
             raise TvtoolError(f"could not read or download {self.info.name}: {exc}",
                               hint="check the network, disk space and permissions") from None
+        except (AssertionError, TypeError, ValueError, KeyError, IndexError,
+                struct.error) as exc:
+            # torchvision's readers check file headers with assert and raise TypeError or
+            # ValueError on a wrong type code or shape (MNIST's idx files): damaged data is
+            # invalid input, not a bug of tvtool.
+            what = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise InvalidInputError(
+                f"{self.info.name} under {str(root / self.info.folder)!r} holds a damaged "
+                f"file: {what}",
+                hint="download the dataset again (--download after removing the folder)",
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         """Where the data came from, and whether each split is the published one."""
@@ -409,22 +549,28 @@ class StandardSource:
             except InvalidInputError:
                 found = False
             self._layout = "task_vectors" if found else (
-                "torchvision" if self.info.build is not None else "resisc45")
+                "torchvision" if self.info.build is not None
+                else "hf" if self.info.reader is not None else "resisc45")
         published = self._layout == "task_vectors" or (
-            self._layout == "torchvision" and self.info.name in _TORCHVISION_PUBLISHED)
+            self._layout == "torchvision" and self.info.name in _TORCHVISION_PUBLISHED) or (
+            self.info.reader is not None)  # FER2013: the hub dataset the reference loads
         folder = (self.info.published.folder if self.info.published is not None
                   and self._layout == "task_vectors" else self.info.folder)
-        return {"kind": "standard", "dataset": self.spec.name, "folder": folder,
-                "layout": self._layout, "official_parts": list(self.info.parts),
-                "val_variant": self.val_variant,
-                "published_test_split": published,
-                "published_train_split": published}
+        record = {"kind": "standard", "dataset": self.spec.name, "folder": folder,
+                  "layout": self._layout, "official_parts": list(self.info.parts),
+                  "val_variant": self.val_variant,
+                  "published_test_split": published,
+                  "published_train_split": published}
+        return {**record, **({"columns": self._facts} if self._facts else {})}
 
 
 # Datasets the task-vectors code reads through torchvision (or the same files), so the
 # torchvision layout gives the published train and test sets.
 _TORCHVISION_PUBLISHED = frozenset({"MNIST", "SVHN", "GTSRB", "StanfordCars", "CIFAR10",
-                                    "CIFAR100", IMAGENET})
+                                    "CIFAR100", IMAGENET,
+                                    # the 14/20-task code reads these through torchvision
+                                    "STL10", "Flowers102", "OxfordIIITPet", "PCAM", "EMNIST",
+                                    "Food101", "FashionMNIST", "RenderedSST2", "KMNIST"})
 
 
 def _published_pools(folder: Path, info: StandardDataset, layout: PublishedLayout
@@ -449,7 +595,8 @@ def _published_pools(folder: Path, info: StandardDataset, layout: PublishedLayou
         if part == "train" and missing:
             # ImageFolder numbers the classes it finds: a missing folder shifts every label.
             raise InvalidInputError(
-                f"{info.name} under {str(directory)!r} lacks class folders {missing[:5]}",
+                f"{info.name} under {str(directory)!r} lacks class folders "
+                f"{short_list(missing, 5)}",
                 hint=f"expected the {len(order)} folders of the prepared dataset (docs/data.md)")
         _, items = scan_class_folders(directory, folder, order)
         pools[part] = FilePool(folder, items)
@@ -472,7 +619,7 @@ def _resisc45_pools(folder: Path, info: StandardDataset) -> Mapping[str, Pool]:
     missing = sorted(set(order) - {p.name for p in images.iterdir() if p.is_dir()})
     if missing:
         raise InvalidInputError(f"RESISC45 under {str(images)!r} lacks class folders "
-                                f"{missing[:5]}", hint="is the archive fully unpacked?")
+                                f"{short_list(missing, 5)}", hint="is the archive fully unpacked?")
     _, items = scan_class_folders(images, folder, order)
     lists = {part: folder / f"resisc45-{part}.txt" for part in ("train", "val", "test")}
     if not all(p.is_file() for p in lists.values()):

@@ -339,8 +339,11 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
     coefs = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}.safetensors")
     merged = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}-merged.safetensors")
     if not (Path(coefs).is_file() and Path(merged).is_file()):
-        learner = LearnerConfig(objective=objective, steps=steps, lr=lr, augment="train",
-                                seed=cfg.seed)
+        # The tvtool protocol (held-out, label-free selection for ufm), as before the
+        # reference protocols existed; the reference ones are measured by
+        # scripts/results_labelfree.py (issue 23).
+        learner = LearnerConfig(objective=objective, protocol="tvtool", steps=steps, lr=lr,
+                                augment="train", seed=cfg.seed)
         learn_coeffs(LearnCoeffsConfig(
             vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
             learner=learner, granularity="tensor",

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tvtool.device import autocast, resolve_device
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.evaluate.batches import EvalData, batches, open_eval_data
+from tvtool.evaluate.batches import EvalData, batches, check_finite_logits, open_eval_data
 from tvtool.evaluate.head_cache import head_key, read_head_file, zero_shot_head
 from tvtool.evaluate.model import (
     EvalModel,
@@ -21,6 +21,7 @@ from tvtool.evaluate.model import (
 )
 from tvtool.evaluate.reference import ReferenceEntry, check_reference, load_references
 from tvtool.evaluate.settings import EvalSettings, report_arguments
+from tvtool.limits import short_repr
 from tvtool.metadata import provenance
 from tvtool.types import Logger, ProgressFactory, no_progress
 from tvtool.types import quiet as _quiet
@@ -70,8 +71,12 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if not self.datasets:
             raise UsageError("no dataset to evaluate on", hint="pass --dataset NAME")
-        if len(set(self.datasets)) != len(self.datasets):
-            raise UsageError("a dataset is given twice")
+        from tvtool.data import dataset_identity
+
+        identities = [dataset_identity(name) for name in self.datasets]
+        if len(set(identities)) != len(identities):
+            twice = next(n for i, n in enumerate(identities) if n in identities[:i])
+            raise UsageError(f"a dataset is given twice ({short_repr(twice, 80)})")
         if self.heads and len(self.heads) != len(self.datasets):
             raise UsageError(f"{len(self.heads)} head files for {len(self.datasets)} datasets",
                              hint="give one --head per --dataset, in the same order")
@@ -154,7 +159,7 @@ class EvalReport:
         return {r.dataset: r.accuracy for r in self.results}
 
     def as_json(self) -> dict[str, Any]:
-        """The JSON document ``tvtool eval --json`` prints (and ``--out`` writes)."""
+        """The JSON document ``tvtool eval --json`` prints (and ``-o`` writes)."""
         return {
             "report": "eval",
             "report_version": REPORT_VERSION,
@@ -235,7 +240,7 @@ def evaluate(config: EvalConfig, *, log: Logger = _quiet,
         }
         splits = [d.describe() for d in datas]
     return EvalReport(model_record, results, splits, config.arguments(), notes,
-                      provenance("eval", config.arguments(), seed=settings.seed))
+                      provenance("eval", config.arguments(), seed=settings.seed, timed=False))
 
 
 def build_heads(model: EvalModel, datas: Sequence[EvalData], *, device: torch.device,
@@ -311,11 +316,12 @@ def predictions(model: EvalModel, data: EvalData, head: Tensor, batch_size: int,
     preds, labels = [], []
     steps = -(-data.size // batch_size)
     with progress(f"{data.name} ({data.split})", steps) as advance, torch.no_grad():
-        for images, targets in batches(data, batch_size, workers=workers, device=model.device,
-                                       materialize=materialize):
+        for index, (images, targets) in enumerate(batches(
+                data, batch_size, workers=workers, device=model.device, materialize=materialize)):
             with autocast(model.device, precision):
                 features = model.image_features(images)
             logits = features.float() @ head.float().T
+            check_finite_logits(logits, data, index, batch_size)
             preds.append(logits.argmax(dim=-1).cpu())
             labels.append(targets.cpu())
             advance(1)

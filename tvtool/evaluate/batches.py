@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from tvtool.errors import InvalidInputError, TvtoolError, UsageError, worker_error_text
+from tvtool.errors import (
+    InvalidInputError,
+    NumericalError,
+    TvtoolError,
+    UsageError,
+    worker_error_text,
+)
 
 SPLITS = ("train", "val", "test")
 
@@ -30,7 +36,9 @@ class EvalData:
     """One dataset split opened for evaluation.
 
     Attributes:
-        name: Dataset name as given (``synthetic:shape``, ``imagefolder:PATH``, ...).
+        name: The dataset's identity (:func:`tvtool.data.dataset_identity`: ``imagefolder:``
+            paths absolute, standard names in their canonical case), the one spelling every
+            table, report and comparison uses.
         split: Split name.
         classnames: Class names in label order.
         templates: Zero-shot prompt templates.
@@ -77,6 +85,26 @@ class EvalData:
         return record
 
 
+def check_finite_logits(logits: Tensor, data: EvalData, batch: int, batch_size: int) -> None:
+    """Refuse NaN or Inf logits: an accuracy computed from them would be meaningless.
+
+    ``argmax`` over NaN picks an arbitrary class, so a broken model (e.g. an edit that drove a
+    BatchNorm ``running_var`` negative) would otherwise report a plausible accuracy.
+
+    Raises:
+        NumericalError: a logit of the batch is not finite (names the dataset, split, batch and
+            examples).
+    """
+    if bool(torch.isfinite(logits).all()):
+        return
+    first = batch * batch_size
+    raise NumericalError(
+        f"the model computes NaN or Inf logits on {data.name} ({data.split} split), batch "
+        f"{batch} (examples {first}..{first + logits.shape[0] - 1}); no accuracy is reported",
+        hint="check the vectors and coefficients; a vector that moves BatchNorm statistics "
+             "can make a running variance negative")
+
+
 def open_eval_data(name: str, split: str, transform: Callable[[Any], Tensor], *,
                    data_root: str | None = None, seed: int = 0,
                    limit: int | None = None) -> EvalData:
@@ -118,8 +146,8 @@ def open_eval_data(name: str, split: str, transform: Callable[[Any], Tensor], *,
         generator = torch.Generator().manual_seed(seed)
         indices = sorted(torch.randperm(total, generator=generator)[:limit].tolist())
         dataset = Subset(dataset, indices)
-    return EvalData(name, split, classnames, tuple(spec.templates), dataset, total, indices, seed,
-                    _manifest(data, name, data_root, seed))
+    return EvalData(data.dataset_identity(name), split, classnames, tuple(spec.templates),
+                    dataset, total, indices, seed, _manifest(data, name, data_root, seed))
 
 
 def _data_api() -> Any:

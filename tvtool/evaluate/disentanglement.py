@@ -207,7 +207,8 @@ def disentanglement(config: DisentanglementConfig, *, log: Logger = _quiet,
     return DisentanglementReport(
         list(alphas), error, {datas[0].name: terms[0].tolist(), datas[1].name: terms[1].tolist()},
         list(config.datasets), model_record, splits, config.arguments(), notes,
-        provenance("eval disentanglement", config.arguments(), seed=settings.seed))
+        provenance("eval disentanglement", config.arguments(), seed=settings.seed,
+                   timed=False))
 
 
 def render_heatmap(report: DisentanglementReport, *, title: str | None = None,

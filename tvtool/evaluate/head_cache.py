@@ -21,6 +21,7 @@ import torch
 
 from tvtool.errors import InvalidInputError, TvtoolError
 from tvtool.io import ensure_directory, open_tensors, write_tensors
+from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind
 from tvtool.models import ClipBundle, build_zero_shot_head, cache_dir
 
@@ -154,7 +155,7 @@ def read_head_file(path: str, *, num_classes: int | None = None,
             raise InvalidInputError(f"{source.label} is a tvtool {meta.kind.value}, not a head")
         if source.keys() != [HEAD_TENSOR]:
             raise InvalidInputError(f"{source.label} must hold exactly one tensor named "
-                                    f"{HEAD_TENSOR!r}, found {source.keys()[:3]}")
+                                    f"{HEAD_TENSOR!r}, found {short_list(source.keys(), 3)}")
         head = source.get(HEAD_TENSOR)
     finally:
         source.close()

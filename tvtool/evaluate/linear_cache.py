@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tvtool.device import autocast
-from tvtool.evaluate.batches import EvalData, batches
+from tvtool.evaluate.batches import EvalData, batches, check_finite_logits
 from tvtool.evaluate.model import VISUAL_PREFIX, EvalModel
 from tvtool.types import ProgressFactory, no_progress
 from tvtool.vectors import expand_coefs, plan_combine
@@ -103,9 +103,13 @@ class LinearizedFeatures:
         features = self.features(data, coefs)
         parts = self._parts[id(data)]
         assert parts.labels is not None
-        predicted = torch.cat([(chunk @ head.float().T).argmax(dim=-1).cpu()
-                               for chunk in features.split(max(1, self.batch_size))]) \
-            if features.shape[0] else torch.zeros(0, dtype=torch.long)
+        size = max(1, self.batch_size)
+        chunks = []
+        for index, chunk in enumerate(features.split(size)):
+            logits = chunk @ head.float().T
+            check_finite_logits(logits, data, index, size)
+            chunks.append(logits.argmax(dim=-1).cpu())
+        predicted = torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
         return predicted, parts.labels
 
     def count_correct(self, data: EvalData, head: Tensor, coefs: Sequence[float]) -> int:

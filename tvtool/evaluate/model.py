@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorInfo, TensorSource
+from tvtool.limits import short_list
 from tvtool.models import ClipBundle, base_source, fingerprint, load_clip, load_state_into
 from tvtool.models.refs import ModelRef
 from tvtool.types import StateDict
@@ -172,7 +173,7 @@ class EvalModel:
         unknown = sorted(set(state) - base_keys)
         if unknown:
             raise InvalidInputError(f"{len(unknown)} edited tensors are not in the base, e.g. "
-                                    f"{unknown[:3]}")
+                                    f"{short_list(unknown, 3)}")
         for name, tensor in state.items():
             expected = self.base.info(name).shape
             if tuple(tensor.shape) != tuple(expected):

@@ -10,7 +10,9 @@ The fine-tuned accuracies come from earlier ``tvtool eval --json`` documents. Ac
 * a list of such reports (one per fine-tuned model);
 * a mapping ``{dataset: accuracy}`` or ``{dataset: {"accuracy": a, "num_classes": c}}``.
 
-Accuracies are fractions in ``[0, 1]``.
+Accuracies are fractions in ``[0, 1]``. Dataset names are compared as
+:func:`tvtool.data.dataset_identity` spells them (``imagefolder:`` paths absolute, standard
+names in their canonical case), in documents and in vectors alike.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tvtool.data import dataset_identity
 from tvtool.errors import InvalidInputError
 from tvtool.io import read_json
+from tvtool.limits import short_repr
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,13 @@ def references_from_document(document: Any, label: str) -> dict[str, ReferenceEn
     if "results" in document:
         return _from_report(document, label)
     for name, value in document.items():
+        where = f"{label}[{short_repr(name, 80)}]"
         if isinstance(value, Mapping):
-            merged[str(name)] = _entry(value.get("accuracy"), f"{label}[{name!r}]",
-                                       value.get("num_classes"), value.get("split"))
+            entry = _entry(value.get("accuracy"), where, value.get("num_classes"),
+                           value.get("split"))
         else:
-            merged[str(name)] = _entry(value, f"{label}[{name!r}]")
+            entry = _entry(value, where)
+        _merge(merged, dataset_identity(str(name)), entry)
     return merged
 
 
@@ -92,7 +98,7 @@ def _from_report(document: Mapping[str, Any], label: str) -> dict[str, Reference
     for index, item in enumerate(results):
         if not isinstance(item, Mapping) or "dataset" not in item:
             raise InvalidInputError(f"{label}: results[{index}] has no dataset")
-        name = str(item["dataset"])
+        name = dataset_identity(str(item["dataset"]))
         entries[name] = _entry(item.get("accuracy"), f"{label} ({name})",
                                item.get("num_classes"), item.get("split"))
     own = _own_dataset(document.get("model"))
@@ -108,14 +114,15 @@ def _own_dataset(model: Any) -> str | None:
     vectors = model.get("vectors")
     if isinstance(vectors, list) and len(vectors) == 1 and isinstance(vectors[0], Mapping):
         dataset = vectors[0].get("dataset")
-        return str(dataset) if dataset else None
+        return dataset_identity(str(dataset)) if dataset else None
     return None
 
 
 def _entry(value: Any, label: str, num_classes: Any = None, split: Any = None) -> ReferenceEntry:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             not math.isfinite(float(value)):
-        raise InvalidInputError(f"{label}: accuracy must be a number, got {value!r}")
+        raise InvalidInputError(f"{label}: accuracy must be a number, got "
+                                f"{short_repr(value, 40)}")
     accuracy = float(value)
     if not 0.0 < accuracy <= 1.0:
         raise InvalidInputError(
@@ -126,7 +133,7 @@ def _entry(value: Any, label: str, num_classes: Any = None, split: Any = None) -
     if num_classes is not None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise InvalidInputError(f"{label}: num_classes must be a positive integer, got "
-                                    f"{num_classes!r}")
+                                    f"{short_repr(num_classes, 40)}")
         classes = num_classes
     return ReferenceEntry(accuracy, label, classes, str(split) if split is not None else None)
 

@@ -145,11 +145,13 @@ def finetune(
         if skeleton is None:
             check_encoder(config.mode, cast(torch.nn.Module, bundle.model.visual),
                           config.options)
+        data_record: dict[str, Any] | None = None
         if dataset is None:
             from tvtool.data import load_split
 
             dataset = load_split(config.dataset, "train", bundle.preprocess_train,
                                  data_root=config.data_root, seed=config.seed)
+            data_record = _dataset_record(config)
         if head is None:
             spec = getattr(dataset, "spec", None)
             if spec is None:
@@ -178,7 +180,7 @@ def finetune(
                         provenance=provenance("finetune", {**config.as_json(),
                                                            "precision_resolved": precision,
                                                            "world_size": info.world},
-                                              seed=config.seed),
+                                              seed=config.seed, dataset=data_record),
                         extra=adapter.vector_metadata())
         if info.is_main:
             write_tensors(config.output, vector, meta.to_header(), inputs=inputs)
@@ -199,3 +201,17 @@ def finetune(
     finally:
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _dataset_record(config: FinetuneConfig) -> dict[str, Any]:
+    """Where the training examples came from: the dataset's split manifest.
+
+    The manifest's ``source`` is the generator version of a synthetic task, the layout of a
+    standard dataset or an image folder; its ``hashes`` identify the examples of every split
+    (docs/embedded-world.md: the generator version decides which images a task holds).
+    """
+    from tvtool.data import recorded_dataset_name, split_manifest
+
+    manifest = split_manifest(config.dataset, config.data_root, seed=config.seed)
+    return {"name": recorded_dataset_name(config.dataset), "split": "train",
+            "manifest": manifest}

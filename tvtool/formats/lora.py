@@ -8,6 +8,10 @@ weight, or for a row block of a fused in-projection that name plus ``.q``, ``.k`
 factors into dense deltas ΔW = (alpha/r)·B·A (blocks without factors are zero);
 :func:`materialize_lora_source` does it lazily, one tensor at a time. The training side (the
 adapters) is :mod:`tvtool.finetune.lora`.
+
+Vectors written by ``tvtool compress`` use the same keys with ``tvtool.factors=svd`` in the
+metadata, in any mode: ΔW = B·A (no alpha/r scale; B = U·diag(σ), A = Vᵀ of a truncated
+SVD, so ranks may differ from tensor to tensor).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch import Tensor
 
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorInfo, TensorSource
-from tvtool.metadata import FileMeta
+from tvtool.metadata import FACTORS_KEY, SVD_FACTORS, FileMeta
 from tvtool.types import StateDict
 
 SUFFIX_A = ".lora_A"
@@ -81,11 +85,29 @@ def assemble_deltas(per_target: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _alpha_from(metadata: FileMeta | Mapping[str, str]) -> tuple[float, int | None]:
+def _extra_of(metadata: FileMeta | Mapping[str, str]) -> Mapping[str, str]:
     if isinstance(metadata, FileMeta):
-        extra: Mapping[str, str] = metadata.extra
-    else:
-        extra = {k.removeprefix("tvtool."): v for k, v in metadata.items()}
+        return metadata.extra
+    return {k.removeprefix("tvtool."): v for k, v in metadata.items()}
+
+
+def svd_factored(metadata: FileMeta | Mapping[str, str]) -> bool:
+    """Whether the factors are ``tvtool compress``'s (ΔW = B·A, ``tvtool.factors=svd``)."""
+    return _extra_of(metadata).get(FACTORS_KEY) == SVD_FACTORS
+
+
+def lora_alpha_rank(metadata: FileMeta | Mapping[str, str]) -> tuple[float, int | None]:
+    """A LoRA vector's ``alpha`` and declared rank ``r`` (None when not recorded).
+
+    Its dense delta is ``(alpha / r) · B · A`` (``tvtool.lora_alpha`` / ``tvtool.lora_rank``).
+
+    Args:
+        metadata: The vector's parsed metadata, or its raw ``tvtool.*`` header.
+
+    Raises:
+        InvalidInputError: no ``tvtool.lora_alpha``, malformed numbers, a non-finite alpha.
+    """
+    extra = _extra_of(metadata)
     if "lora_alpha" not in extra:
         raise InvalidInputError("LoRA vector has no tvtool.lora_alpha metadata",
                                 hint="it cannot be turned into dense weights without it")
@@ -119,6 +141,8 @@ def materialize_lora(tensors: Mapping[str, Tensor],
                      metadata: FileMeta | Mapping[str, str]) -> StateDict:
     """Turn stored LoRA factors into dense weight deltas ΔW = (alpha/r)·B·A.
 
+    With ``tvtool.factors=svd`` (``tvtool compress``) ΔW = B·A, without the scale.
+
     Keys ``T.lora_A`` / ``T.lora_B`` become one key ``T``; the q/k/v row blocks of a fused
     in-projection (``W.q``, ``W.k``, ``W.v``) become one key ``W`` whose rows without factors
     are zero. Any other tensor passes through. This is the dense task vector of ``lora``,
@@ -129,7 +153,7 @@ def materialize_lora(tensors: Mapping[str, Tensor],
     Args:
         tensors: The vector's tensors.
         metadata: Its parsed :class:`~tvtool.metadata.FileMeta` or raw header (needs
-            ``tvtool.lora_alpha``).
+            ``tvtool.lora_alpha``, unless ``tvtool.factors=svd``).
 
     Returns:
         Dense deltas by model state-dict name, in the factors' dtype.
@@ -141,7 +165,9 @@ def materialize_lora(tensors: Mapping[str, Tensor],
     has_factors = any(k.endswith((SUFFIX_A, SUFFIX_B)) for k in tensors)
     if not has_factors:
         return dict(tensors)
-    alpha, declared_rank = _alpha_from(metadata)
+    # Compressed vectors: ΔW = B·A, one rank per tensor; LoRA: (alpha/r)·B·A, one rank.
+    unscaled = svd_factored(metadata)
+    alpha, declared_rank = (1.0, None) if unscaled else lora_alpha_rank(metadata)
     per_target: dict[str, Tensor] = {}
     passthrough: StateDict = {}
     for key, tensor in tensors.items():
@@ -164,7 +190,12 @@ def materialize_lora(tensors: Mapping[str, Tensor],
         if declared_rank is not None and rank != declared_rank:
             raise InvalidInputError(f"LoRA factors of {target!r} have rank {rank}, the metadata "
                                     f"says {declared_rank}")
-        dense = (b.double() @ a.double()) * (alpha / rank)
+        if rank == 0 and not unscaled:
+            raise InvalidInputError(f"LoRA factors of {target!r} have rank 0 (alpha/r is "
+                                    "undefined)")
+        dense = b.double() @ a.double()
+        if not unscaled:
+            dense = dense * (alpha / rank)
         per_target[target] = dense.to(a.dtype)
     out = dict(passthrough)
     for weight, delta in assemble_deltas(per_target).items():

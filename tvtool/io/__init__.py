@@ -13,14 +13,17 @@ Public API:
   :func:`read_pickled_dict` -- a pickled dict of tensors and plain values, the same way.
 * :func:`read_json`, :func:`write_json`, :func:`write_bytes` -- small documents (atomic;
   ``-`` for stdin/stdout); :func:`spooled_stdin`, :func:`input_file` -- plain inputs
-  (:mod:`tvtool.io.documents`); :func:`all_finite` -- the writer's NaN/Inf check.
+  (:mod:`tvtool.io.documents`); :func:`all_finite` -- the writer's NaN/Inf check;
+  :func:`fingerprint` -- the sha256 of a source's tensors.
 * :func:`hf_model_files` -- the weights file and ``config.json`` of a Hugging Face export;
   :func:`write_open_clip_dir` -- an open_clip Hugging Face directory (weights, config, card).
 * :func:`read_peft_adapter` / :func:`write_peft_adapter` / :func:`is_peft_adapter` -- peft
   adapter directories (``adapter_config.json`` + ``adapter_model.safetensors``; a pickled
   ``adapter_model.bin`` is refused, never unpickled).
 * :func:`ensure_directory`, :func:`remove_file`, :func:`scratch_directory` -- directories
-  tvtool owns (cache, work, scratch) and removal of its own damaged files.
+  tvtool owns (cache, work, scratch) and removal of its own damaged files;
+  :func:`remove_output` -- removal of an output a failing command has just written;
+  :func:`confined_path` -- a path named by a file, kept inside that file's folder.
 """
 
 from tvtool.io.atomic import (
@@ -31,6 +34,7 @@ from tvtool.io.atomic import (
     check_output_path,
 )
 from tvtool.io.documents import input_file, read_json, spooled_stdin, write_bytes, write_json
+from tvtool.io.fingerprints import fingerprint
 from tvtool.io.hf_dirs import (
     HfModelFiles,
     check_new_directory,
@@ -44,7 +48,13 @@ from tvtool.io.legacy import (
     read_pickled_checkpoint,
     read_pickled_dict,
 )
-from tvtool.io.paths import ensure_directory, remove_file, scratch_directory
+from tvtool.io.paths import (
+    confined_path,
+    ensure_directory,
+    remove_file,
+    remove_output,
+    scratch_directory,
+)
 from tvtool.io.peft_dirs import (
     PeftAdapterFiles,
     adapter_weights_path,
@@ -77,7 +87,9 @@ __all__ = [
     "check_new_directory",
     "check_output",
     "check_output_path",
+    "confined_path",
     "ensure_directory",
+    "fingerprint",
     "hf_model_files",
     "input_file",
     "is_peft_adapter",
@@ -90,6 +102,7 @@ __all__ = [
     "read_pickled_checkpoint",
     "read_pickled_dict",
     "remove_file",
+    "remove_output",
     "scratch_directory",
     "spooled_stdin",
     "write_bytes",

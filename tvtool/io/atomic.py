@@ -6,6 +6,7 @@ import contextlib
 import errno
 import io
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -63,6 +64,56 @@ def stdout_closed() -> bool:
     return False
 
 
+_SPECIAL_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _special_kind(path: Path) -> str | None:
+    """What a non-regular, non-directory file at ``path`` is (symlinks followed), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None  # nothing there (or a dangling link): a new file will be created
+    for test, kind in _SPECIAL_KINDS:
+        if test(mode):
+            return kind
+    return None if stat.S_ISREG(mode) or stat.S_ISDIR(mode) else "not a regular file"
+
+
+def silence_stdout() -> None:
+    """Point descriptor 1 at ``/dev/null`` after a write to stdout failed.
+
+    Whatever is still buffered then goes nowhere when the interpreter flushes stdout at exit,
+    instead of failing a second time with its own "Exception ignored" message.
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return  # an in-memory stream (tests, embedding), or already closed
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+def stdout_error(exc: OSError, what: str) -> TvtoolError:
+    """The one-line error (exit 1) for ``what`` that could not be written to stdout.
+
+    Also silences stdout (see :func:`silence_stdout`), so the error stays one line.
+
+    Args:
+        exc: The error of the write or flush.
+        what: What was being written, e.g. ``"the output"``.
+    """
+    silence_stdout()
+    if isinstance(exc, BrokenPipeError):
+        return TvtoolError(f"stdout was closed by its reader before {what} was written "
+                           "(broken pipe)",
+                           hint="keep the reading end of the pipe open until tvtool exits")
+    return os_error(exc, f"writing {what} to stdout")
+
+
 def check_output_path(output: str) -> None:
     """Refuse an output path that cannot be written before any work is done.
 
@@ -70,8 +121,9 @@ def check_output_path(output: str) -> None:
         output: The output path, or ``-`` for stdout.
 
     Raises:
-        InvalidInputError: the directory is missing, the path is a directory, or the path is
-            ``-`` and stdout is closed.
+        InvalidInputError: the directory is missing, the path is a directory or another
+            non-regular file (a FIFO, a device node, a socket), or the path is ``-`` and
+            stdout is closed.
     """
     if output == STDIO:
         if stdout_closed():
@@ -83,6 +135,14 @@ def check_output_path(output: str) -> None:
     target = Path(output).expanduser()
     if target.is_dir():
         raise InvalidInputError(f"output {output!r} is a directory", hint="give a file path")
+    kind = _special_kind(target)
+    if kind is not None:
+        # Renaming a new file onto a FIFO or a device node would replace the node itself
+        # (as root, -o /dev/null would replace the system's /dev/null): refuse instead.
+        raise InvalidInputError(
+            f"output {output!r} is not a regular file ({kind})",
+            hint="tvtool replaces regular files atomically; to stream, use -o - and redirect "
+                 "stdout")
     if not target.parent.is_dir():
         raise InvalidInputError(f"output directory {str(target.parent)!r} does not exist",
                                 hint="create it first")
@@ -105,7 +165,8 @@ def check_output(output: str, inputs: Sequence[str] = ()) -> None:
     check_distinct_paths(output, inputs)
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (the permission bits new files and directories do not get)."""
     # The umask can only be read by setting it; restore it immediately.
     mask = os.umask(0o022)
     os.umask(mask)
@@ -164,7 +225,6 @@ def remove_stale_temp_files(target: Path, now: float | None = None) -> list[Path
         The paths removed.
     """
     import re
-    import stat
     import time
 
     now = time.time() if now is None else now
@@ -230,7 +290,7 @@ def atomic_output(path: str) -> Iterator[Path]:
     try:
         # mkstemp creates the file 0600; outputs get the permissions a plain open() would give.
         try:
-            os.fchmod(fd, 0o666 & ~_umask())
+            os.fchmod(fd, 0o666 & ~current_umask())
         finally:
             os.close(fd)
         yield tmp

@@ -19,7 +19,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from tvtool.errors import InvalidInputError
-from tvtool.io.atomic import STDIO, atomic_output, check_output, os_error, stdout_closed
+from tvtool.io.atomic import (
+    STDIO,
+    atomic_output,
+    check_output,
+    os_error,
+    stdout_closed,
+    stdout_error,
+)
 from tvtool.limits import MAX_DOCUMENT_BYTES, loads_json
 
 
@@ -80,17 +87,21 @@ def spooled_stdin(suffix: str = "") -> Iterator[Path]:
 
 
 def write_stdout_from(handle: IO[bytes]) -> None:
-    """Copy a binary stream to stdout, tolerating a closed pipe."""
+    """Copy a binary stream to stdout.
+
+    Raises:
+        InvalidInputError: stdout is closed (``>&-``).
+        TvtoolError: the write failed: the reader closed the pipe (``-o - | true``: the data
+            is lost, so this is a failure, exit 1) or the disk behind stdout is full.
+    """
     if stdout_closed():
         raise InvalidInputError("-o - writes to stdout, but stdout is closed",
                                 hint="redirect stdout to a file or a pipe, or give -o PATH")
     try:
         shutil.copyfileobj(handle, sys.stdout.buffer, length=16 * 1024 * 1024)
         sys.stdout.buffer.flush()
-    except BrokenPipeError:
-        # The reader went away; silence the interpreter's own flush error at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except OSError as exc:
+        raise stdout_error(exc, "the output") from None
 
 
 def write_bytes(output: str, data: bytes, *, inputs: Sequence[str] = ()) -> None:

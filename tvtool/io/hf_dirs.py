@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from tvtool.errors import InvalidInputError
-from tvtool.io.atomic import STDIO, os_error
+from tvtool.errors import InvalidInputError, UsageError
+from tvtool.io.atomic import STDIO, current_umask, os_error
 from tvtool.io.documents import read_json, write_bytes, write_json
 from tvtool.io.safetensors_io import TensorInfo, write_tensors
 
@@ -91,12 +91,23 @@ MODEL_CARD = "README.md"
 
 
 def check_new_directory(directory: str) -> Path:
-    """Refuse an output directory that exists with content, before any work is done.
+    """Refuse an output directory that cannot be created, before any work is done.
 
     Raises:
-        InvalidInputError: the path is a file, a non-empty directory, or its parent is missing.
+        UsageError: the path is empty, or ``-`` (stdout cannot hold a directory).
+        InvalidInputError: the path is a symbolic link (dangling or not: the directory is
+            renamed into place, which would replace the link, not fill its target), a file,
+            a non-empty directory, or its parent is missing.
     """
+    if directory == STDIO:
+        raise UsageError("'-' means stdout, which cannot hold a directory",
+                         hint="give the path of a new directory")
+    if not directory:
+        raise UsageError("empty output directory path", hint="give the path of a new directory")
     target = Path(directory).expanduser()
+    if target.is_symlink():
+        raise InvalidInputError(f"{directory!r} is a symbolic link",
+                                hint="give the real path of a new (or empty) directory")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise InvalidInputError(f"{directory!r} exists and is not an empty directory",
                                 hint="tvtool writes a new directory; choose another path")
@@ -125,6 +136,9 @@ def write_directory(directory: str, fill: Callable[[Path], None], *,
     staging = Path(tempfile.mkdtemp(prefix=prefix, dir=str(target.parent)))
     try:
         fill(staging)
+        # mkdtemp creates the directory 0700 (private while it is filled); the result gets
+        # the permissions mkdir would give it, as its files get those of open().
+        os.chmod(staging, 0o777 & ~current_umask())
         if target.exists():
             target.rmdir()  # checked empty above
         os.replace(staging, target)

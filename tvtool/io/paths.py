@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +30,64 @@ def ensure_directory(path: str) -> Path:
 def remove_file(path: str) -> None:
     """Delete a file tvtool wrote (a damaged cache entry); a missing file is not an error."""
     Path(path).unlink(missing_ok=True)
+
+
+def remove_output(path: str) -> bool:
+    """Remove an output this command has just written (a file, or a directory it created).
+
+    Used when the command fails after writing, e.g. because its ``--json`` report cannot reach
+    stdout. Best effort: errors are ignored.
+
+    Returns:
+        Whether something was removed.
+    """
+    if not path or path == "-":
+        return False
+    target = Path(path).expanduser()
+    try:
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        else:
+            return False
+    except OSError:
+        return False
+    return True
+
+
+def confined_path(path: str, folder: Path, what: str) -> Path:
+    """``path`` taken relative to ``folder``, refused unless it stays inside ``folder``.
+
+    A file someone else wrote (a merge config from a pull request) may name where tvtool
+    writes; such a path must not be absolute (``/...``, ``~/...``) and must not leave the
+    folder, neither through ``..`` nor through a symlink inside the folder that points out of
+    it: the resolved path must lie inside the resolved folder.
+
+    Args:
+        path: The path as written in the file.
+        folder: The folder it is relative to (the file's own folder).
+        what: How to name the path in errors, e.g. ``"merge config 'm.yaml': output"``.
+
+    Returns:
+        The path joined to ``folder`` (not resolved: symlinks inside the folder keep working).
+
+    Raises:
+        InvalidInputError: an absolute path, or one that resolves outside ``folder``.
+    """
+    from tvtool.limits import short_repr
+
+    hint = "give a path relative to the config file's folder, or pass -o on the command line"
+    if path.startswith("~") or Path(path).is_absolute():
+        raise InvalidInputError(f"{what} {short_repr(path)} is an absolute path; a file may "
+                                "only name outputs inside its own folder", hint=hint)
+    joined = folder / path
+    root = folder.resolve()
+    resolved = joined.resolve(strict=False)
+    if resolved != root and root not in resolved.parents:
+        raise InvalidInputError(f"{what} {short_repr(path)} leads outside the config file's "
+                                f"folder (to {short_repr(str(resolved))})", hint=hint)
+    return joined
 
 
 @contextlib.contextmanager

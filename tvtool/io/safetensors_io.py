@@ -286,7 +286,9 @@ def _layout_header(layout: Sequence[TensorInfo], metadata: Mapping[str, str]) ->
         for key, value in metadata.items():
             if not isinstance(key, str) or not isinstance(value, str):
                 raise TypeError(f"metadata must map str to str, got {key!r}: {type(value)}")
-        header["__metadata__"] = dict(metadata)
+        # Sorted: metadata read from an input comes in the order of a hash map, so a copied
+        # header would otherwise differ from run to run (files must be byte-stable).
+        header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
     seen: set[str] = set()
     for info in layout:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_list
 from tvtool.linearize.generic import jvp_parts
 from tvtool.linearize.vit import vit_dual_forward, vit_plan
 from tvtool.types import StateDict
@@ -151,7 +152,7 @@ class LinearizedModule(nn.Module):
             names = list(trainable)
             unknown = [n for n in names if n not in params]
             if unknown:
-                raise InvalidInputError(f"not parameters of the module: {unknown[:3]}")
+                raise InvalidInputError(f"not parameters of the module: {short_list(unknown, 3)}")
         for p in module.parameters():
             p.requires_grad_(False)
         self.module = module
@@ -185,7 +186,7 @@ def _resolve_params(module: nn.Module, params0: Mapping[str, Tensor] | None) -> 
     missing = [n for n in own if n not in params0]
     if missing:
         raise InvalidInputError(f"params0 lacks {len(missing)} parameters of the module, e.g. "
-                                f"{missing[:3]}")
+                                f"{short_list(missing, 3)}")
     return {n: params0[n].detach() for n in own}
 
 

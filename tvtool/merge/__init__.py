@@ -8,6 +8,12 @@ per-tensor function and its params class):
 * ``ties`` -- trim / elect sign / disjoint merge (Yadav et al. 2023)
 * ``dare`` -- seeded drop and rescale, then sum or TIES (Yu et al. 2024)
 * ``magnitude`` -- magnitude pruning, then sum (TIES paper's trim-only ablation)
+* ``tsv`` -- TSV-M: each task's top singular components, decorrelated (Gargiulo et al. 2025)
+* ``iso-c`` / ``iso-cts`` -- flattened spectra of the summed matrices, common (and
+  task-specific) subspaces (Marczak et al. 2025)
+* ``consensus`` -- task arithmetic (or TIES) on the entries k TALL masks agree on (Wang et al.
+  2024)
+* ``breadcrumbs`` -- per-row magnitude band of each vector, then sum (Davari & Belilovsky 2024)
 
 Entry points: :func:`merge` (files, one :class:`MergeConfig`), :func:`merge_state_dicts`
 (in memory), :func:`plan_sources` (streaming over any TensorSource), :func:`load_config`.

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tvtool.data import dataset_identity
 from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.io import read_json
-from tvtool.limits import short_repr
+from tvtool.limits import short_list, short_repr
 from tvtool.vectors import check_coefficients, expand_coefs
 
 WHOLE_TENSOR_GRANULARITIES = ("task", "tensor", "layer")
@@ -43,6 +44,13 @@ class VectorId:
         if self.path != "-":
             names += [Path(self.path).name, Path(self.path).stem]
         return names
+
+    def named_by(self, key: str) -> bool:
+        """Whether a JSON dict key names this vector (datasets compared as identities)."""
+        if key in self.names():
+            return True
+        return bool(self.dataset) and dataset_identity(key) == dataset_identity(
+            self.dataset or "")
 
     def label(self) -> str:
         """Short name for messages and metadata."""
@@ -104,7 +112,7 @@ class Coefficients:
         if lacking:
             raise InvalidInputError(
                 f"{self.origin} has no coefficient for {len(lacking)} merged tensors, e.g. "
-                f"{lacking[:3]}", hint="was it learned for these vectors?")
+                f"{short_list(lacking, 3)}", hint="was it learned for these vectors?")
 
 
 def _finite(values: Sequence[Any], where: str, error: type[TvtoolError] = InvalidInputError
@@ -145,10 +153,10 @@ def from_json(document: Any, vectors: Sequence[VectorId], origin: str) -> Coeffi
     if isinstance(document, dict):
         per: list[float | None] = [None] * count
         for key, value in document.items():
-            hits = [i for i, v in enumerate(vectors) if key in v.names()]
+            hits = [i for i, v in enumerate(vectors) if v.named_by(str(key))]
             if not hits:
                 raise InvalidInputError(
-                    f"{origin}: key {key!r} names none of the vectors",
+                    f"{origin}: key {short_repr(key, 60)} names none of the vectors",
                     hint="use each vector's dataset, path, file name or stem: "
                          + ", ".join(v.label() for v in vectors))
             for index in hits:

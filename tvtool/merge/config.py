@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tvtool.errors import InvalidInputError, TvtoolError, UsageError
+from tvtool.io.paths import confined_path
 from tvtool.limits import check_nesting, short_repr
 from tvtool.merge.registry import get_method
 from tvtool.vectors import check_coefficients
@@ -160,7 +161,8 @@ def _resolve(path: Any, base_dir: Path | None) -> Any:
 
 
 def config_from_document(document: Any, *, label: str = "", base_dir: Path | None = None,
-                         output: str | None = None) -> MergeConfig:
+                         output: str | None = None,
+                         output_root: Path | None = None) -> MergeConfig:
     """Validate a config document and build the :class:`MergeConfig`.
 
     Args:
@@ -169,11 +171,13 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
         base_dir: Directory relative paths are resolved against (the config file's); None
             keeps them as written.
         output: Output path that overrides the document's ``output``.
+        output_root: When given, the document's own ``output`` must stay inside this folder
+            (see :func:`tvtool.io.paths.confined_path`); ``output`` is trusted as given.
 
     Raises:
         InvalidInputError: unknown keys, missing ``vectors``, wrong types or values, an
             unknown method or invalid method parameters (the checks of :class:`MergeConfig`,
-            named by the document's label).
+            named by the document's label), an ``output`` outside ``output_root``.
 
     """
     label = label or "<document>"
@@ -225,7 +229,11 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
     if out is None:
         raise _fail("no output: set 'output' or pass -o", label)
     if output is None:
-        out = _resolve(out, base_dir)
+        if output_root is not None and isinstance(out, str) and out not in ("", "-"):
+            # Whoever wrote the file chose this path, not the user running tvtool.
+            out = str(confined_path(out, output_root, f"merge config {label}: output"))
+        else:
+            out = _resolve(out, base_dir)
     try:
         return MergeConfig(vectors=tuple(vectors), output=out,
                            method=document.get("method", "task_arithmetic"),
@@ -239,19 +247,41 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
         raise _fail(exc.message, label, exc.hint) from None
 
 
-def load_config(path: str, *, output: str | None = None) -> MergeConfig:
+def load_config(path: str, *, output: str | None = None, force: bool = False) -> MergeConfig:
     """Read and validate a YAML (or JSON) merge config file.
+
+    A config may come from someone else (a pull request a CI job merges), so the ``output``
+    it names is confined: relative to the file's folder (the working directory for stdin),
+    never absolute, never leading out of that folder (``..``, symlinks), and never an
+    existing file unless ``force``. An ``output`` given by the caller is used as it is. Either
+    way the output must not be the config file itself.
 
     Args:
         path: Config file (``-`` = stdin; relative paths then resolve against the cwd).
-        output: Output path overriding the file's ``output``.
+        output: Output path overriding the file's ``output`` (``-o``).
+        force: Let the file's ``output`` replace an existing file (``--force``).
 
     Raises:
-        InvalidInputError: unreadable file, invalid YAML, or a schema violation.
+        InvalidInputError: unreadable file, invalid YAML, a schema violation, an ``output``
+            outside the config's folder or (without ``force``) an existing one, an output
+            that is the config file.
+        UsageError: ``force`` without an ``output`` from the file to apply it to.
 
     """
+    from tvtool.io import check_distinct_paths
     from tvtool.io.yaml_io import read_yaml
 
+    if force and output is not None:
+        raise UsageError("--force applies to the output a config names; -o already says "
+                         "where to write (and replaces an existing file)",
+                         hint="drop --force, or drop -o")
     document = read_yaml(path)
     base_dir = None if path == "-" else Path(path).expanduser().parent
-    return config_from_document(document, label=repr(path), base_dir=base_dir, output=output)
+    config = config_from_document(document, label=repr(path), base_dir=base_dir, output=output,
+                                  output_root=base_dir if base_dir is not None else Path.cwd())
+    check_distinct_paths(config.output, [path])
+    if output is None and config.output != "-" and not force \
+            and (Path(config.output).exists() or Path(config.output).is_symlink()):
+        raise _fail(f"output {short_repr(config.output)} already exists", repr(path),
+                    hint="pass --force to replace it, or -o PATH to write elsewhere")
+    return config

@@ -14,14 +14,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from tvtool.cards import public_file
 from tvtool.errors import InvalidInputError
-from tvtool.io import TensorSource, check_output, write_tensors
+from tvtool.io import TensorSource, check_output, fingerprint, write_tensors
+from tvtool.limits import short_list
 from tvtool.merge.coefficients import VectorId, from_values, load_coefficients
 from tvtool.merge.config import MergeConfig
+from tvtool.merge.method import MergeMethod
 from tvtool.merge.plan import MergePlan, MergeSpec, plan_sources
-from tvtool.merge.registry import get_method
-from tvtool.merge.threads import intra_op_threads
-from tvtool.metadata import FileMeta, Kind, Mode, provenance
+from tvtool.merge.registry import METHODS, get_method
+from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
+from tvtool.threads import intra_op_threads
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import check_architecture, metadata_warnings, open_vector
@@ -82,8 +85,8 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
         if config.mixed_modes_as is None:
             lin = [labels[i] for i, m in enumerate(metas) if m.linearized]
             raise InvalidInputError(
-                f"cannot merge linearized vectors ({lin[:2]}) with non-linearized ones: they "
-                "are evaluated as different models",
+                f"cannot merge linearized vectors ({short_list(lin, 2)}) with non-linearized "
+                "ones: they are evaluated as different models",
                 hint="--mixed-modes-as linearized|nonlinear says how the result is evaluated")
         linearized = config.mixed_modes_as == "linearized"
         log(f"warning: merging linearized and non-linearized vectors; the result is recorded "
@@ -98,8 +101,31 @@ def _check_compatible(config: MergeConfig, labels: Sequence[str], metas: Sequenc
     return mode, linearized
 
 
-def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
+def _check_lora(method: MergeMethod, labels: Sequence[str], metas: Sequence[FileMeta]) -> None:
+    """Refuse LoRA vectors for a method that says it cannot merge them (and why)."""
+    if method.lora_refusal is None:
+        return
+    lora = [(labels[i], m.mode) for i, m in enumerate(metas) if m.mode and m.mode.factored]
+    if lora:
+        label, mode = lora[0]
+        raise InvalidInputError(
+            f"{method.name} does not merge LoRA vectors ({label}, mode {mode.value}): "
+            f"{method.lora_refusal}",
+            hint="methods that merge LoRA vectors (as dense deltas): "
+                 + ", ".join(m.name for m in METHODS.values() if m.lora_refusal is None))
+
+
+def open_merge(config: MergeConfig, log: Logger = _quiet, *, fingerprints: bool = False,
+               search: dict[str, Any] | None = None) -> OpenedMerge:
     """Open and check the inputs of a merge and plan it (nothing is written).
+
+    Args:
+        config: What to merge and how.
+        log: Receives notes and warnings.
+        fingerprints: Record each input's fingerprint in the output's provenance (one more
+            read of every input; a plan that writes nothing does without).
+        search: The ``merge --search-coef`` record that chose the coefficient, kept in the
+            output's provenance (``search``) and named as the coefficients' origin.
 
     Raises:
         UsageError: bad coefficients (the config itself is checked when it is built).
@@ -115,14 +141,17 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
     owned: list[TensorSource] = []
     try:
         metas: list[FileMeta] = []
+        vectors = []
         for path in config.vectors:
             # Factored (LoRA) vectors are merged as their dense deltas.
             vector = open_vector(path)
             owned.append(vector.source)
             sources.append(vector.source)
             metas.append(vector.meta)
+            vectors.append(vector)
         labels = [s.label for s in sources]
         mode, linearized = _check_compatible(config, labels, metas, log)
+        _check_lora(method, labels, metas)
         ids = [VectorId(p, m.dataset) for p, m in zip(config.vectors, metas, strict=True)]
         base_fp = next((m.base_fingerprint for m in metas if m.base_fingerprint), None)
         if config.coefs_file is not None:
@@ -134,11 +163,29 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
         spec = MergeSpec(method, params, coefficients, config.seed, config.missing)
         plan = plan_sources(sources, spec, log)
         first = metas[0]
+        described = coefficients.describe()
+        if search is not None:
+            described["origin"] = "--search-coef"
+        per_vector = (list(coefficients.per_vector) if coefficients.per_tensor is None
+                      else [None] * len(metas))
+        # Each input's own fingerprint (LoRA factors, not ΔW), computed once for the provenance
+        # and for what a model card lists of each merged vector (apply --hf-dir).
+        prints = [fingerprint(vector.stored or vector.source) if fingerprints else None
+                  for vector in vectors]
+        records = [input_record(path, meta, print_, role="vector", coef=coef)
+                   for path, meta, print_, coef in zip(
+                       config.vectors, metas, prints, per_vector, strict=True)]
+        card_records = [{"file": public_file(path), "dataset": meta.dataset,
+                         "mode": meta.mode.value if meta.mode else None,
+                         "linearized": meta.linearized, "fingerprint": print_}
+                        for path, meta, print_ in zip(config.vectors, metas, prints,
+                                                      strict=True)]
         extra = {
             "sources": json.dumps([i.label() for i in ids]),
+            "source_records": json.dumps(card_records, sort_keys=True),
             "merge_method": method.name,
             "merge_params": json.dumps(asdict(params), sort_keys=True),
-            "coefficients": json.dumps(coefficients.describe(), sort_keys=True),
+            "coefficients": json.dumps(described, sort_keys=True),
             "input_modes": json.dumps([{"mode": m.mode.value if m.mode else None,
                                         "linearized": m.linearized} for m in metas]),
             # Defaults resolved, so the record still reproduces the merge if defaults change.
@@ -149,7 +196,8 @@ def open_merge(config: MergeConfig, log: Logger = _quiet) -> OpenedMerge:
                             linearized=linearized,
                             provenance=provenance("merge", replace(config, params=asdict(params)
                                                           ).to_document(),
-                                                  seed=config.seed),
+                                                  seed=config.seed, inputs=records,
+                                                  search=search),
                             extra=extra)
         return OpenedMerge(config, sources, metas, plan, out_meta.to_header(), owned)
     except BaseException:
@@ -198,7 +246,7 @@ def describe_plan(opened: OpenedMerge) -> dict[str, Any]:
 
 
 def merge(config: MergeConfig, log: Logger = _quiet, *, dry_run: bool = False,
-          threads: int | None = 1) -> MergeResult:
+          threads: int | None = 1, search: dict[str, Any] | None = None) -> MergeResult:
     """Merge task-vector files into one task vector (streaming, tensor by tensor).
 
     Args:
@@ -207,6 +255,8 @@ def merge(config: MergeConfig, log: Logger = _quiet, *, dry_run: bool = False,
         dry_run: Only check the inputs and describe the plan; write nothing.
         threads: CPU threads for the merge kernels (see :func:`intra_op_threads`; None keeps
             torch's setting).
+        search: The coefficient search that chose ``config.coefs`` (``merge --search-coef``),
+            recorded in the output's provenance.
 
     Returns:
         The result; for a dry run its ``details`` hold :func:`describe_plan`'s report.
@@ -216,7 +266,7 @@ def merge(config: MergeConfig, log: Logger = _quiet, *, dry_run: bool = False,
         NumericalError: the merged vector would hold NaN or Inf (nothing is written).
 
     """
-    opened = open_merge(config, log)
+    opened = open_merge(config, log, fingerprints=not dry_run, search=search)
     try:
         plan = opened.plan
         for note in plan.notes:

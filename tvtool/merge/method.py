@@ -85,6 +85,9 @@ class MergeMethod:
             of terms only with ``combine="sum"``).
         search_grid: For a given params object, the coefficient grid ``merge --search-coef``
             searches when none is given (:data:`SUM_GRID` unless the method averages).
+        lora_refusal: Why the method cannot merge LoRA vectors (their dense deltas are
+            low-rank), or None when it merges them like any dense vector; ``merge`` refuses
+            LoRA inputs with this reason.
 
     """
 
@@ -98,6 +101,7 @@ class MergeMethod:
     accumulate: AccumulateFn | None = None
     separable: Callable[[Any], bool] = lambda _params: True
     search_grid: Callable[[Any], str] = lambda _params: SUM_GRID
+    lora_refusal: str | None = None
 
     def make_params(self, values: dict[str, Any] | None = None) -> Any:
         """Build and validate this method's params from plain values.

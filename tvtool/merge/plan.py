@@ -251,7 +251,7 @@ def merge_state_dicts(
     Args:
         vectors: N task vectors (name -> tensor).
         method: Registry name (``task_arithmetic``, ``mean``, ``ties``, ``dare``,
-            ``magnitude``).
+            ``magnitude``, ``iso-c``, ``iso-cts``, ``consensus``, ``breadcrumbs``).
         coefs: One coefficient for all vectors or one per vector.
         params: The method's hyper-parameters.
         seed: Random seed (DARE).

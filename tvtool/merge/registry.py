@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 from tvtool.errors import UsageError
-from tvtool.merge import dare, magnitude, mean, task_arithmetic, ties
+from tvtool.limits import short_repr
+from tvtool.merge import (
+    breadcrumbs,
+    consensus,
+    dare,
+    iso_c,
+    iso_cts,
+    magnitude,
+    mean,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from tvtool.merge.method import MergeMethod
 
 METHODS: dict[str, MergeMethod] = {
     m.name: m for m in (task_arithmetic.METHOD, mean.METHOD, ties.METHOD, dare.METHOD,
-                        magnitude.METHOD)
+                        magnitude.METHOD, tsv.METHOD, iso_c.METHOD, iso_cts.METHOD,
+                        consensus.METHOD, breadcrumbs.METHOD)
 }
 
 
@@ -22,5 +35,5 @@ def get_method(name: str) -> MergeMethod:
     try:
         return METHODS[name]
     except KeyError:
-        raise UsageError(f"unknown merge method {name!r}",
+        raise UsageError(f"unknown merge method {short_repr(name, 60)}",
                          hint=f"choose one of {', '.join(METHODS)}") from None

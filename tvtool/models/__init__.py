@@ -1,5 +1,6 @@
 """The only package that imports open_clip: model references, loading, heads, fingerprints."""
 
+from tvtool.io.fingerprints import fingerprint, state_dict_fingerprint
 from tvtool.models.heads import build_zero_shot_head
 from tvtool.models.hf_clip import HfClipMapping, hf_activation, hf_clip_to_open_clip, is_hf_clip
 from tvtool.models.infer import (
@@ -11,12 +12,10 @@ from tvtool.models.infer import (
 from tvtool.models.loading import (
     ClipBundle,
     base_source,
-    fingerprint,
     image_encoder_skeleton,
     load_clip,
     load_state_into,
     resolve_ref,
-    state_dict_fingerprint,
 )
 from tvtool.models.refs import (
     BASE_MODEL,

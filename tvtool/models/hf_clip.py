@@ -30,13 +30,16 @@ from typing import Any
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_list, short_repr
 from tvtool.types import StateDict
 
 _VISION = "vision_model."
 _TEXT = "text_model."
 # transformers >= 5 saves a bare CLIPVisionModel without the ``vision_model.`` prefix.
 _BARE_VISION_ROOTS = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
-_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+# At most 6 digits: no model has a million layers, and a longer index (a hostile file's
+# 5000 digits) is an unknown name, not an int() past Python's conversion limit.
+_LAYER = re.compile(r"^encoder\.layers\.(\d{1,6})\.(.+)$")
 _QKV = ("q_proj", "k_proj", "v_proj")
 _LAYER_NAMES = {
     "layer_norm1.weight": "ln_1.weight",
@@ -116,7 +119,8 @@ def hf_activation(config: Mapping[str, Any]) -> bool | None:
         return None
     unknown = sorted(found - set(_ACTIVATIONS))
     if unknown:
-        raise InvalidInputError(f"the Hugging Face config uses activation {unknown[0]!r}; "
+        raise InvalidInputError(f"the Hugging Face config uses activation "
+                                f"{short_repr(unknown[0], 40)}; "
                                 "open_clip CLIP models use quick_gelu or gelu")
     if len(found) > 1:
         raise InvalidInputError("the Hugging Face config's vision and text towers use "
@@ -151,7 +155,7 @@ def _map_tower(tensors: Mapping[str, torch.Tensor], names: Mapping[str, str], bl
             unknown.append(name)
     if unknown:
         raise InvalidInputError(f"{len(unknown)} tensors of the Hugging Face {what} are not "
-                                f"CLIP weights tvtool knows, e.g. {unknown[:3]}")
+                                f"CLIP weights tvtool knows, e.g. {short_list(unknown, 3)}")
     for index, parts in sorted(qkv.items()):
         for kind in ("weight", "bias"):
             pieces = [parts.get(f"{proj}.{kind}") for proj in _QKV]
@@ -219,7 +223,7 @@ def hf_clip_to_open_clip(tensors: Mapping[str, torch.Tensor]) -> HfClipMapping:
                                  "logit_scale"})
     if unknown:
         raise InvalidInputError(f"{len(unknown)} tensors of the Hugging Face checkpoint are "
-                                f"not CLIP weights tvtool knows, e.g. {unknown[:3]}")
+                                f"not CLIP weights tvtool knows, e.g. {short_list(unknown, 3)}")
     if "visual_projection.weight" in top:
         out["visual.proj"] = _transposed(top["visual_projection.weight"],
                                          "visual_projection.weight")

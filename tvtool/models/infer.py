@@ -21,7 +21,10 @@ from tvtool.models.quiet import quiet_open_clip
 from tvtool.models.refs import known_architectures
 
 Shapes = Mapping[str, tuple[int, ...]]
-_VIT_BLOCK = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.")
+# Block indices have at most 6 digits: a longer one (5000 digits in a hostile file) is an
+# unknown name, not an int() past Python's conversion limit.
+_INDEX = r"(\d{1,6})"
+_VIT_BLOCK = re.compile(rf"^visual\.transformer\.resblocks\.{_INDEX}\.")
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def _plausible(name: str, shapes: Shapes) -> bool:
                      (vision.get("layers", 12), _block_count(shapes, _VIT_BLOCK))]
     elif conv is not None and len(conv) == 4:  # ModifiedResNet stem: width // 2 channels
         layers = vision.get("layers")
-        counts = [_block_count(shapes, re.compile(rf"^visual\.layer{i}\.(\d+)\."))
+        counts = [_block_count(shapes, re.compile(rf"^visual\.layer{i}\.{_INDEX}\."))
                   for i in range(1, 5)]
         expected += [(vision.get("width", 64) // 2, conv[0]),
                      (list(layers) if isinstance(layers, (list, tuple)) else layers, counts)]
@@ -118,7 +121,7 @@ def _plausible(name: str, shapes: Shapes) -> bool:
             context = text.get("context_length", 77) + int(bool(text.get("embed_cls")))
             expected.append((context, positions[0]))
         blocks = _block_count(shapes, re.compile(rf"^{re.escape(prefix)}transformer\.resblocks"
-                                                 r"\.(\d+)\."))
+                                                 rf"\.{_INDEX}\."))
         if blocks is not None:
             expected.append((text.get("layers", 12), blocks))
     return all(want == got for want, got in expected if got is not None)

@@ -1,10 +1,10 @@
-"""Building open_clip models from references, and the base fingerprint."""
+"""Building open_clip models from references (fingerprints: :mod:`tvtool.io.fingerprints`)."""
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import open_clip
@@ -12,14 +12,31 @@ import torch
 from torch import nn
 
 from tvtool.errors import InvalidInputError
-from tvtool.io import DictSource, TensorInfo, TensorSource, load_legacy, open_tensors
+from tvtool.io import (
+    DictSource,
+    TensorInfo,
+    TensorSource,
+    load_legacy,
+    open_tensors,
+)
 from tvtool.io.names import strip_wrapper_prefixes
+from tvtool.limits import short_list
 from tvtool.metadata import FileMeta, Kind
+from tvtool.models.hub_access import (
+    hub_access,
+    hub_model_cached,
+    tag_weights_cached,
+    tokenizer_cached,
+    tokenizer_hint,
+    tokenizer_uses_hub,
+    weights_hint,
+)
 from tvtool.models.quiet import quiet_open_clip
-from tvtool.models.refs import ModelRef, RefKind, parse_ref
+from tvtool.models.refs import ModelRef, RefKind, check_recorded_architecture, parse_ref
 from tvtool.types import StateDict
 
 _RANDOM_INIT_SEED = 0
+_NAME_IT = "name the architecture yourself: --base NAME:PATH"
 
 
 @dataclass
@@ -31,19 +48,30 @@ class ClipBundle:
         ref: The parsed reference it was built from (architecture resolved).
         preprocess_train: Training image transform (PIL -> tensor).
         preprocess_eval: Evaluation image transform (PIL -> tensor).
-        tokenizer: Text tokenizer for the architecture.
     """
 
     model: nn.Module
     ref: ModelRef
     preprocess_train: Callable[[Any], torch.Tensor]
     preprocess_eval: Callable[[Any], torch.Tensor]
-    tokenizer: Callable[..., torch.Tensor]
+    _tokenizer: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def architecture(self) -> str:
         """open_clip model name."""
         return self.ref.architecture
+
+    @property
+    def tokenizer(self) -> Callable[..., torch.Tensor]:
+        """Text tokenizer for the architecture, loaded on first use.
+
+        Only zero-shot heads built from class names need it: evaluating with head files
+        (``eval --head``) never loads one, so it works where the tokenizer is unavailable
+        (a hub tokenizer outside an offline cache).
+        """
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.architecture)
+        return self._tokenizer
 
 
 
@@ -93,11 +121,14 @@ def resolve_ref(ref: str | ModelRef) -> ModelRef:
         raise InvalidInputError(
             f"{parsed.text!r} does not name its architecture (tvtool.architecture)",
             hint="use NAME:PATH to say which open_clip architecture it is")
+    check_recorded_architecture(meta.architecture, repr(parsed.text), _NAME_IT,
+                                model=False, tokenizer=False)
     return ModelRef(parsed.text, RefKind.CHECKPOINT, meta.architecture, parsed.location)
 
 
-def _create(architecture: str, pretrained: str | None = None) -> tuple[nn.Module, Any, Any]:
-    with quiet_open_clip():
+def _create(architecture: str, pretrained: str | None = None,
+            level: int = logging.ERROR) -> tuple[nn.Module, Any, Any]:
+    with quiet_open_clip(level):
         model, preprocess_train, preprocess_eval = open_clip.create_model_and_transforms(
             architecture, pretrained=pretrained
         )
@@ -106,11 +137,20 @@ def _create(architecture: str, pretrained: str | None = None) -> tuple[nn.Module
 
 def _create_for(ref: ModelRef) -> tuple[nn.Module, Any, Any]:
     """Build the model of a reference, with weights where open_clip loads them itself."""
+    if ref.kind is RefKind.CHECKPOINT:  # the architecture was read from the file
+        check_recorded_architecture(ref.architecture, repr(ref.text), _NAME_IT, tokenizer=False)
     if ref.kind is RefKind.PRETRAINED_TAG:
-        return _create(ref.architecture, ref.location)
+        assert ref.location is not None
+        with hub_access(f"the weights of {ref.text}",
+                        cached=tag_weights_cached(ref.architecture, ref.location),
+                        hint=weights_hint(ref.architecture)):
+            return _create(ref.architecture, ref.location, logging.CRITICAL)
     if ref.kind is RefKind.HF_HUB:
         # open_clip reads config and weights from the hub name; `pretrained` must stay unset.
-        return _create(ref.architecture)
+        with hub_access(f"the model {ref.text}",
+                        cached=hub_model_cached(ref.text.removeprefix("hf-hub:")),
+                        hint=weights_hint("NAME")):
+            return _create(ref.architecture, level=logging.CRITICAL)
     if ref.kind is RefKind.RANDOM:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_RANDOM_INIT_SEED)
@@ -214,7 +254,7 @@ def load_state_into(model: nn.Module, source: TensorSource) -> None:
     if missing or extra:
         raise InvalidInputError(
             f"{source.label} does not fit the architecture: {len(missing)} missing keys "
-            f"{missing[:3]}, {len(extra)} unexpected keys {extra[:3]}"
+            f"{short_list(missing, 3)}, {len(extra)} unexpected keys {short_list(extra, 3)}"
         )
     with torch.no_grad():
         for name, target in expected.items():
@@ -238,6 +278,8 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
         InvalidInputError: bad reference or weights.
     """
     resolved = resolve_ref(ref)
+    if resolved.kind is RefKind.CHECKPOINT:  # before anything is built: model and tokenizer
+        check_recorded_architecture(resolved.architecture, repr(resolved.text), _NAME_IT)
     model, pre_train, pre_eval = _create_for(resolved)
     if resolved.is_file:
         source, resolved = base_source(resolved)
@@ -246,28 +288,19 @@ def load_clip(ref: str | ModelRef, device: str | torch.device = "cpu") -> ClipBu
         finally:
             source.close()
     model = model.to(device).eval()
-    tokenizer = open_clip.get_tokenizer(resolved.architecture)
-    return ClipBundle(model, resolved, pre_train, pre_eval, tokenizer)
+    return ClipBundle(model, resolved, pre_train, pre_eval)
 
 
-def fingerprint(source: TensorSource) -> str:
-    """Hash the base tensors (names, dtypes, shapes, bytes) one tensor at a time.
+def load_tokenizer(architecture: str) -> Callable[..., torch.Tensor]:
+    """open_clip's tokenizer for ``architecture`` (hub tokenizers: cached, fetched or refused).
 
-    The hash is independent of storage order, so the same weights give the same fingerprint
-    whether read from a pretrained tag, a weights file or a tvtool checkpoint of equal dtypes.
-
-    Returns:
-        ``sha256:<hex>``.
+    Raises:
+        InvalidInputError: a hub tokenizer that is neither cached nor reachable.
+        TvtoolError: its download failed.
     """
-    digest = hashlib.sha256()
-    for name in sorted(source.keys()):
-        tensor = source.get(name).detach().to("cpu").contiguous()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        if tensor.numel():
-            digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
-    return "sha256:" + digest.hexdigest()
+    if not tokenizer_uses_hub(architecture):
+        return cast(Callable[..., torch.Tensor], open_clip.get_tokenizer(architecture))
+    with hub_access(f"the tokenizer of {architecture}", cached=tokenizer_cached(architecture),
+                    hint=tokenizer_hint()):
+        return cast(Callable[..., torch.Tensor], open_clip.get_tokenizer(architecture))
 
-
-def state_dict_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """:func:`fingerprint` of tensors already in memory."""
-    return fingerprint(DictSource(tensors))

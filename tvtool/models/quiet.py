@@ -8,16 +8,18 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def quiet_open_clip() -> Iterator[None]:
-    """Raise the root logger to ERROR for the block.
+def quiet_open_clip(level: int = logging.ERROR) -> Iterator[None]:
+    """Raise the root logger to ``level`` (default ERROR) for the block.
 
     open_clip logs a root-level warning for every model built without pretrained weights,
     which tvtool does whenever it loads its own weights or builds a skeleton on the meta device.
+    Loading a pretrained tag raises it to CRITICAL: open_clip logs a failed download as an
+    error before raising it, and tvtool reports that failure itself, on one line.
     """
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
+    previous = root.level
+    root.setLevel(level)
     try:
         yield
     finally:
-        root.setLevel(level)
+        root.setLevel(previous)

@@ -15,6 +15,7 @@ from pathlib import Path
 import open_clip
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_repr
 
 TINY_MODEL = "tvtool-tiny"
 SMALL_MODEL = "tvtool-small"
@@ -93,6 +94,59 @@ def embedded_weights_path(name: str = TINY_MODEL) -> Path:
 def known_architectures() -> list[str]:
     """open_clip model names tvtool can build (tvtool-tiny included)."""
     return list(open_clip.list_models())
+
+
+def network_need(architecture: str, *, tokenizer: bool = True) -> str | None:
+    """Why building ``architecture`` would reach the network, if it would.
+
+    ``hf-hub:`` names are downloaded; open_clip configs whose text tower is a Hugging Face
+    model (``hf_model_name``: RoBERTa, XLM-R, mT5, NLLB) fetch its config to build the model,
+    and those with a Hugging Face tokenizer (``hf_tokenizer_name``: SigLIP, CLIPA, ...) fetch
+    the tokenizer.
+
+    Args:
+        architecture: open_clip model name.
+        tokenizer: Whether its tokenizer is built too (not for module tables or shapes).
+
+    Returns:
+        One phrase saying what would be fetched, or None when everything is local.
+    """
+    if architecture.startswith("hf-hub:"):
+        return "it is a Hugging Face hub model"
+    text = (open_clip.get_model_config(architecture) or {}).get("text_cfg", {})
+    if text.get("hf_model_name"):
+        return f"its text tower is the Hugging Face model {text['hf_model_name']!r}"
+    if tokenizer and text.get("hf_tokenizer_name"):
+        return f"its tokenizer comes from the Hugging Face hub ({text['hf_tokenizer_name']!r})"
+    return None
+
+
+def check_recorded_architecture(architecture: str, origin: str, hint: str, *,
+                                model: bool = True, tokenizer: bool = True) -> None:
+    """Refuse an architecture read from a file that is unknown or would need the network.
+
+    Nothing read from a file may make tvtool go online: a name the user types is their
+    choice, a name recorded in a file someone sent is not.
+
+    Args:
+        architecture: The recorded open_clip name.
+        origin: The file, for the message.
+        hint: How to name the architecture explicitly instead.
+        model: The model will be built (checks what that needs).
+        tokenizer: Its tokenizer will be built too.
+
+    Raises:
+        InvalidInputError: an unknown name, or one :func:`network_need` says needs the network.
+    """
+    if architecture not in known_architectures():
+        raise InvalidInputError(f"{origin} records the architecture "
+                                f"{short_repr(architecture, 60)}, which open_clip does not know",
+                                hint=hint)
+    need = network_need(architecture, tokenizer=tokenizer) if model or tokenizer else None
+    if need is not None:
+        raise InvalidInputError(
+            f"{origin} records the architecture {architecture!r}: {need}, and tvtool never "
+            "goes online for a name read from a file", hint=hint)
 
 
 def parse_ref(text: str) -> ModelRef:

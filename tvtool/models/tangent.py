@@ -25,10 +25,13 @@ import open_clip
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_list
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.types import StateDict
 
-_PARAM = re.compile(r"^model\.(params0?)\.(\d+)$")
+# At most 6 digits: a longer index (5000 digits in a hostile file) is an unknown entry,
+# not an int() past Python's conversion limit.
+_PARAM = re.compile(r"^model\.(params0?)\.(\d{1,6})$")
 _IMAGE_PREFIX = "visual."
 
 
@@ -118,7 +121,7 @@ def name_tangent_checkpoint(entries: Mapping[str, Any], architecture: str,
         groups[match.group(1)][int(match.group(2))] = value
     if other:
         raise InvalidInputError(f"{label} holds entries a LinearizedImageEncoder does not: "
-                                f"{other[:3]}")
+                                f"{short_list(other, 3)}")
     order = image_encoder_parameter_order(architecture)
     for group, tensors in groups.items():
         if sorted(tensors) != list(range(len(order))):

@@ -34,7 +34,9 @@ from tvtool.vectors.combine import (
     weighted_sum,
 )
 from tvtool.vectors.rules import (
+    BATCHNORM_STATISTICS,
     VectorInput,
+    batchnorm_warning,
     check_architecture,
     check_coefficients,
     check_finite,
@@ -42,6 +44,7 @@ from tvtool.vectors.rules import (
     check_vectors_fit_base,
     expand_coefs,
     metadata_warnings,
+    moved_batchnorm,
     open_vector,
     open_vector_meta,
 )
@@ -49,6 +52,7 @@ from tvtool.vectors.similarity import cosine_matrix, vector_norms
 from tvtool.vectors.streaming import Producer, StreamPlan, align_keys, plan_extract, state_dict_of
 
 __all__ = [
+    "BATCHNORM_STATISTICS",
     "MISSING_POLICIES",
     "Alignment",
     "Producer",
@@ -60,6 +64,7 @@ __all__ = [
     "align_keys",
     "align_vectors",
     "apply",
+    "batchnorm_warning",
     "check_architecture",
     "check_coefficients",
     "check_finite",
@@ -70,6 +75,7 @@ __all__ = [
     "expand_coefs",
     "extract",
     "metadata_warnings",
+    "moved_batchnorm",
     "negate",
     "open_vector",
     "open_vector_meta",

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_list
 from tvtool.types import StateDict
 from tvtool.vectors.rules import LORA_SUFFIXES, check_same_dtype, check_same_keys, check_same_shape
 
@@ -169,7 +170,7 @@ def apply(base: StateDict, vectors: Sequence[StateDict], coefs: Sequence[float] 
         extra = sorted(set(vector) - set(base))
         if extra:
             raise InvalidInputError(f"{len(extra)} task-vector tensors are not in the base, "
-                                    f"e.g. {extra[:3]}")
+                                    f"e.g. {short_list(extra, 3)}")
     out: StateDict = {}
     for name, tensor in base.items():
         parts = [(v[name], c) for v, c in zip(vectors, coefs, strict=True) if name in v]

@@ -29,6 +29,7 @@ import torch
 
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.io import TensorInfo, TensorSource, all_finite
+from tvtool.limits import short_list
 from tvtool.vectors.algebra import accumulation_dtype, add_to_sum, start_sum
 from tvtool.vectors.rules import check_finite, check_same_keys
 from tvtool.vectors.streaming import Producer, StreamPlan, overflow
@@ -90,7 +91,7 @@ def align_vectors(vectors: Sequence[TensorSource], base: TensorSource | None = N
             if extra:
                 raise InvalidInputError(
                     f"{source.label} has {len(extra)} tensors that are not in the base, e.g. "
-                    f"{extra[:3]}", hint="was it extracted from another architecture?")
+                    f"{short_list(extra, 3)}", hint="was it extracted from another architecture?")
     elif missing == "refuse":
         for source, key_list in zip(vectors[1:], key_lists[1:], strict=True):
             check_same_keys(key_lists[0], key_list, vectors[0].label, source.label,

@@ -18,8 +18,8 @@ from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.formats import dense_source
 from tvtool.formats.lora import SUFFIX_A, SUFFIX_B
 from tvtool.io import TensorSource, all_finite, open_tensors
-from tvtool.limits import short_repr
-from tvtool.metadata import FileMeta, Kind, Mode
+from tvtool.limits import cut_text, short_list, short_repr
+from tvtool.metadata import FACTORS_KEY, SVD_FACTORS, FileMeta, Kind, Mode
 
 # ---------------------------------------------------------------- coefficients
 
@@ -178,6 +178,12 @@ def check_vector_consistency(meta: FileMeta, names: Sequence[str], label: str) -
             f"{label} records tvtool.mode={meta.mode.value} but tvtool.linearized=false: such "
             "a vector only means something as a change of the linearized model",
             hint="the metadata was edited or damaged; re-create the file with tvtool")
+    factors = meta.extra.get(FACTORS_KEY)
+    if factors is not None and factors != SVD_FACTORS:
+        raise InvalidInputError(
+            f"{label} records tvtool.{FACTORS_KEY}={short_repr(factors, 40)}; this tvtool "
+            f"knows only {SVD_FACTORS!r} (vectors written by tvtool compress)",
+            hint="upgrade tvtool, or re-create the file")
     if meta.mode is Mode.LORA and not any(n.endswith(LORA_SUFFIXES) for n in names):
         raise InvalidInputError(
             f"{label} records tvtool.mode=lora but holds no LoRA factors (*.lora_A, *.lora_B)",
@@ -197,6 +203,34 @@ def metadata_warnings(meta: FileMeta, label: str) -> list[str]:
         return []
     return [f"warning: {label} records no {' and no '.join(missing)}; it cannot be checked "
             "against the base (is it a file from another tool, or was its metadata removed?)"]
+
+
+BATCHNORM_STATISTICS = (".running_mean", ".running_var")
+"""Name endings of BatchNorm statistics: buffers a fine-tune updates, not weights it learns."""
+
+
+def batchnorm_warning(moved: Sequence[str], label: str) -> str | None:
+    """The warning for a vector that changes BatchNorm statistics (None when it changes none).
+
+    Statistics are averages over data, not directions in weight space: scaled, negated or added
+    to others they can leave a running variance negative, and the model then computes NaN
+    (``eval`` refuses to report an accuracy from NaN logits).
+
+    Args:
+        moved: Names of the statistics the vector changes.
+        label: The vector or checkpoint, for the message.
+    """
+    if not moved:
+        return None
+    return (f"warning: {label} changes the BatchNorm statistics of {len(moved)} tensors (e.g. "
+            f"{short_repr(moved[0], 80)}); scaled, negated or combined they can make a running "
+            "variance negative, and the model then computes NaN")
+
+
+def moved_batchnorm(source: TensorSource) -> list[str]:
+    """BatchNorm statistics a task vector changes (non-zero deltas), in name order."""
+    return [name for name in sorted(source.keys()) if name.endswith(BATCHNORM_STATISTICS)
+            and bool(source.get(name).ne(0).any())]
 
 
 def _strip_activation(architecture: str) -> str:
@@ -225,7 +259,8 @@ def check_architecture(label: str, recorded: str | None, target: str | None,
     if not recorded or not target or recorded == target:
         return None
     if _strip_activation(recorded) != _strip_activation(target):
-        raise InvalidInputError(f"{label} was made for {recorded}, {target_label} is {target}",
+        raise InvalidInputError(f"{label} was made for {cut_text(recorded, 60)}, "
+                                f"{target_label} is {cut_text(target, 60)}",
                                 hint="task vectors only fit the architecture they were made for")
     return (f"warning: {label} was made for {recorded} ({_activation(recorded)}) and is used with "
             f"{target_label} {target} ({_activation(target)}): same tensors, different activation, "
@@ -295,5 +330,5 @@ def check_same_keys(a: Sequence[str], b: Sequence[str], label_a: str, label_b: s
         only_a, only_b = sorted(keys_a - keys_b), sorted(keys_b - keys_a)
         raise InvalidInputError(
             f"{label_a} and {label_b} hold different tensors: {len(only_a)} only in {label_a} "
-            f"{only_a[:3]}, {len(only_b)} only in {label_b} {only_b[:3]}", hint=hint
-        )
+            f"{short_list(only_a, 3)}, {len(only_b)} only in {label_b} {short_list(only_b, 3)}",
+            hint=hint)

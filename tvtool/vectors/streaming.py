@@ -16,6 +16,7 @@ import torch
 from tvtool.errors import InvalidInputError, NumericalError
 from tvtool.io import TensorInfo, TensorSource, all_finite
 from tvtool.io.names import shared_wrapper_prefixes
+from tvtool.limits import short_list
 from tvtool.types import StateDict
 from tvtool.vectors.algebra import tensor_delta
 from tvtool.vectors.rules import check_finite
@@ -80,6 +81,10 @@ class StreamPlan:
         return sum(info.numel for info in self.layout)
 
 
+KEEP_CHOICES = ("all", "changed")
+"""``extract --keep``: every floating tensor, or only those the fine-tune changed."""
+
+
 def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: bool = False,
                  keep: str = "all") -> StreamPlan:
     """Plan ``finetuned - base`` tensor by tensor.
@@ -95,7 +100,7 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
         InvalidInputError: extra or missing keys (counts and first names), shape or dtype
             mismatch, NaN/Inf in an input.
     """
-    if keep not in ("all", "changed"):
+    if keep not in KEEP_CHOICES:
         raise InvalidInputError(f"--keep must be 'all' or 'changed', not {keep!r}")
     base_keys = base.keys()
     base_set = set(base_keys)
@@ -108,13 +113,14 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
     if extra:
         raise InvalidInputError(
             f"{finetuned.label} has {len(extra)} tensors that are not in the base, e.g. "
-            f"{extra[:3]}", hint="is it a checkpoint of the same architecture?")
+            f"{short_list(extra, 3)}", hint="is it a checkpoint of the same architecture?")
     covered = set(mapping.values())
     missing = [name for name in base_keys if name not in covered
                and base.info(name).dtype.is_floating_point]
     if missing and not allow_missing:
         raise InvalidInputError(
-            f"{finetuned.label} lacks {len(missing)} tensors of the base, e.g. {missing[:3]}",
+            f"{finetuned.label} lacks {len(missing)} tensors of the base, e.g. "
+            f"{short_list(missing, 3)}",
             hint="pass --allow-missing if the checkpoint holds only part of the model "
                  "(those tensors are then taken as unchanged)")
     if missing:

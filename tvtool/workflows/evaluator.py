@@ -15,10 +15,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tvtool.data.imagefolder import PREFIX
+from tvtool.data import dataset_identity
+from tvtool.data.imagefolder import PATH_PREFIXES
 from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError
 from tvtool.evaluate import (
+    EvalData,
     EvalSettings,
     build_heads,
     count_correct,
@@ -64,7 +66,7 @@ class Evaluator:
                  splits: Sequence[str] = ("val", "test"), log: Logger = _quiet,
                  progress: Progress = None, linear_cache: bool = True) -> None:
         self.settings = settings
-        self.datasets = list(datasets)
+        self.datasets = [dataset_identity(name) for name in datasets]
         self._progress = progress or no_progress
         device = resolve_device(settings.device)
         self._model = open_eval_model(settings.base, vectors, device=device,
@@ -102,6 +104,10 @@ class Evaluator:
         """Release the model and files."""
         self._model.close()
 
+    def opened(self, split: str = "val") -> dict[str, EvalData]:
+        """The data opened for a split, by dataset name (classes, examples evaluated)."""
+        return {data.name: data for data in self._data[split]}
+
     def accuracies(self, coefs: Sequence[float], split: str = "val",
                    datasets: Sequence[str] | None = None) -> dict[str, float]:
         """Top-1 accuracy per dataset of the model at ``coefs`` (one per vector).
@@ -116,9 +122,10 @@ class Evaluator:
         else:
             expand_coefs(list(coefs), len(self._model.vectors))  # the same count check
         self.calls += 1
+        wanted = None if datasets is None else {dataset_identity(name) for name in datasets}
         out = {}
         for data in self._data[split]:
-            if datasets is not None and data.name not in datasets:
+            if wanted is not None and data.name not in wanted:
                 continue
             if self.linear is not None:
                 correct = self.linear.count_correct(data, self._heads[data.name], coefs)
@@ -132,7 +139,7 @@ class Evaluator:
 
 
 def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
-    """Refuse a recorded ``imagefolder:PATH`` that is no directory here, pointing at the flag.
+    """Refuse a recorded ``imagefolder:PATH``/``hf:PATH`` that is no directory here.
 
     Files written by older versions may record a path relative to where they were made, which
     means nothing from another directory.
@@ -140,9 +147,10 @@ def check_recorded_dataset(vector: str, name: str, hint: str) -> None:
     Raises:
         InvalidInputError: the recorded image folder is not a directory.
     """
-    if not name.strip().lower().startswith(PREFIX):
+    prefix = next((p for p in PATH_PREFIXES if name.strip().lower().startswith(p)), None)
+    if prefix is None:
         return
-    folder = Path(name.strip()[len(PREFIX):].strip()).expanduser()
+    folder = Path(name.strip()[len(prefix):].strip()).expanduser()
     if not folder.is_dir():
         where = ("" if folder.is_absolute()
                  else " (a relative path, taken from the current directory)")

@@ -3,8 +3,11 @@
 :func:`learn_coeffs` takes one frozen :class:`LearnCoeffsConfig`, opens the base and the task
 vectors (refusing vectors of another base), packs the vectors' image-encoder tensors, samples
 the k-shot (or unlabelled) examples, learns the coefficients and writes the coefficient file,
-plus, on request, the composed model. Every check on the inputs runs before any training, and
-nothing is written when one fails.
+plus, on request, the composed model and the learning path. The protocol
+(:mod:`tvtool.atlas.protocols`) decides where the selection data comes from: a held-out part
+of the examples (``tvtool``), the dataset's labelled ``val`` split (``atlas``), or none
+(``adamerging`` keeps its last iterate). Every check on the inputs runs before any training,
+and nothing is written when one fails.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Subset
+from torch.utils.data import Dataset, Subset
 
 from tvtool.atlas.blocks import (
     Packing,
@@ -36,15 +39,26 @@ from tvtool.atlas.objectives import (
     check_objective,
     needs_labels,
 )
+from tvtool.atlas.protocols import PROTOCOL_SPECS, resolve_protocol
+from tvtool.data import data_source, dataset_identity
 from tvtool.device import resolve_device
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.io import TensorInfo, TensorSource, check_distinct_paths, write_tensors
-from tvtool.metadata import FileMeta, Kind, Mode, provenance
+from tvtool.io import (
+    TensorInfo,
+    TensorSource,
+    check_distinct_paths,
+    fingerprint,
+    write_json,
+    write_tensors,
+)
+from tvtool.limits import short_repr
+from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
 from tvtool.types import Logger, ProgressFactory
 from tvtool.types import no_progress as _no_progress
 from tvtool.types import quiet as _quiet
 
 VECTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUDIT_SPLITS = ("val", "test")
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,9 @@ class LearnCoeffsConfig:
         shots: Examples per class (labelled), or ``shots × classes`` examples (unlabelled);
             None uses the whole split.
         split: Split the examples come from (``train``; ``test`` for test-time adaptation).
-        val_fraction: Fraction of the chosen examples held out for selection / early stopping.
+        val_fraction: Fraction of the chosen examples held out for selection / early stopping
+            (None: the protocol's -- 0.2 for ``tvtool``, 0 for ``atlas``, which selects on
+            the ``val`` split, and ``adamerging``, which does not select).
         partition_seed: Seed of the ``random:K`` split.
         vector_dtype: Storage dtype of the packed vectors: ``fp32``, ``bf16`` or ``fp16``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -76,6 +92,13 @@ class LearnCoeffsConfig:
         merged_out: Also write the composed model: a checkpoint, or (linearized vectors) the
             composed linearized task vector.
         allow_base_mismatch: Accept vectors recorded against another base.
+        audit_split: Also record, at every evaluation, the labelled accuracy on this split
+            (``val`` or ``test``) of every dataset -- for studying selection rules; nothing is
+            learned or selected on it.
+        eval_limit: Evaluate the ``val`` split (``atlas`` selection) and the audit split on a
+            seeded subset of this many examples per dataset.
+        path_out: Also write the learning path (every evaluation's coefficients and
+            statistics) as a JSON document.
     """
 
     vectors: tuple[str, ...]
@@ -87,13 +110,16 @@ class LearnCoeffsConfig:
     granularity: str = "tensor"
     shots: int | None = 16
     split: str = "train"
-    val_fraction: float = 0.2
+    val_fraction: float | None = None
     partition_seed: int = 0
     vector_dtype: str = "fp32"
     device: str = "auto"
     data_root: str | None = None
     merged_out: str | None = None
     allow_base_mismatch: bool = False
+    audit_split: str | None = None
+    eval_limit: int | None = None
+    path_out: str | None = None
 
     def arguments(self) -> dict[str, Any]:
         """The settings as one flat JSON-ready mapping (the learner's fields among them)."""
@@ -115,11 +141,20 @@ class LearnCoeffsResult:
         blocks: Number of blocks (columns).
         granularity: The granularity used.
         objective: The objective used.
+        protocol: The protocol it ran under.
         linearized: Whether the composed model is evaluated linearized.
         best_step: Step of the selected coefficients (0 = initialisation, −1 = the
             zero-shot model).
         steps_run: Steps taken.
         selection: How the coefficients were selected.
+        at_edge: ``first`` / ``last`` when the selection kept the first or the last
+            candidate (None otherwise, and for protocols that do not select).
+        rule_met: Whether the kept candidate satisfies the selection rule (not collapsed,
+            control kept).
+        candidates: Every evaluation in order: step, training loss, score, per-dataset
+            statistics (accuracy where labels may be read, prediction entropy, information,
+            predicted-class entropy against the class prior's), why the collapse guard
+            rejected it, audit accuracy.
         initial: Held-out scores at the initialisation.
         best: Held-out scores of the selected coefficients.
         zero_shot: Held-out scores of the zero-shot model (all coefficients 0).
@@ -127,6 +162,7 @@ class LearnCoeffsResult:
         coefficients: Per vector: mean, min and max of its row.
         seconds: Wall time of the learning loop.
         notes: Remarks (also printed on stderr).
+        path_output: The learning-path document, if written.
     """
 
     output: str
@@ -135,10 +171,14 @@ class LearnCoeffsResult:
     blocks: int
     granularity: str
     objective: str
+    protocol: str
     linearized: bool
     best_step: int
     steps_run: int
     selection: str
+    at_edge: str | None
+    rule_met: bool
+    candidates: list[dict[str, Any]]
     initial: list[dict[str, Any]]
     best: list[dict[str, Any]]
     zero_shot: list[dict[str, Any]]
@@ -146,6 +186,7 @@ class LearnCoeffsResult:
     coefficients: list[dict[str, Any]]
     seconds: float
     notes: list[str] = field(default_factory=list)
+    path_output: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -181,6 +222,7 @@ def check_config(config: LearnCoeffsConfig) -> None:
     """
     objective = config.learner.objective
     check_objective(objective)
+    protocol = resolve_protocol(objective, config.learner.protocol)
     parse_granularity(config.granularity)
     if not config.vectors:
         raise UsageError("learn-coeffs needs at least one task vector")
@@ -192,19 +234,35 @@ def check_config(config: LearnCoeffsConfig) -> None:
         raise UsageError("the negation objective needs --control datasets (the data to keep)")
     if objective != "negation" and config.control:
         raise UsageError("--control is only used with --objective negation")
+    identities = [dataset_identity(name) for name in (*config.datasets, *config.control)]
+    twice = [name for index, name in enumerate(identities) if name in identities[:index]]
+    if twice:
+        raise UsageError(f"dataset {short_repr(twice[0], 80)} is given twice (--dataset and "
+                         "--control name each dataset once)")
     if config.shots is not None and config.shots < 1:
         raise UsageError(f"--shots must be at least 1, got {config.shots}")
-    if not 0.0 <= config.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+    if config.val_fraction is not None:
+        if not 0.0 <= config.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be in [0, 1), got {config.val_fraction}")
+        if protocol == "atlas" and config.val_fraction > 0:
+            raise UsageError("the atlas protocol selects on the dataset's val split, not on a "
+                             "held-out part (--val-fraction)",
+                             hint="leave --val-fraction out, or use --protocol tvtool")
+    if config.audit_split is not None and config.audit_split not in AUDIT_SPLITS:
+        raise UsageError(f"unknown --audit-split {config.audit_split!r}", hint="use val or test")
+    if config.eval_limit is not None and config.eval_limit < 1:
+        raise UsageError(f"--eval-limit must be at least 1, got {config.eval_limit}")
     if config.vector_dtype not in VECTOR_DTYPES:
         raise UsageError(f"unknown --vector-dtype {config.vector_dtype!r}",
                          hint="use fp32, bf16 or fp16")
     config.learner.check()
-    outputs = [config.output] + ([config.merged_out] if config.merged_out else [])
-    if config.merged_out and config.merged_out == config.output and config.output != "-":
-        raise UsageError("--merged-out and -o name the same file")
+    outputs = [config.output] + ([config.merged_out] if config.merged_out else []) \
+        + ([config.path_out] if config.path_out else [])
+    named = [o for o in outputs if o != "-"]
+    if len(set(named)) != len(named):
+        raise UsageError("-o, --merged-out and --path-out must name different files")
     if outputs.count("-") > 1:
-        raise UsageError("only one of -o and --merged-out can be stdout ('-')")
+        raise UsageError("only one of -o, --merged-out and --path-out can be stdout ('-')")
     inputs = [*config.vectors, config.base]
     for output in outputs:
         check_distinct_paths(output, inputs)
@@ -272,6 +330,9 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
 
     check_config(config)
     objective = config.learner.objective
+    protocol = resolve_protocol(objective, config.learner.protocol)
+    val_fraction = config.val_fraction if config.val_fraction is not None \
+        else PROTOCOL_SPECS[protocol].held_out_fraction
     device = resolve_device(config.device)
     granularity = parse_granularity(config.granularity)
     model = open_eval_model(config.base, config.vectors, device=device,
@@ -284,6 +345,9 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         specs, more = covered_tensors(params, sources)
         notes += more
         partition = build_partition(specs, granularity, config.partition_seed)
+        if len(partition.tensors) < len(specs):
+            notes.append(f"{granularity}: {len(specs) - len(partition.tensors)} image-encoder "
+                         "tensors that are not 2-D keep θ0 (aTLAS x K's rule)")
         names = [s.name for s in specs]
         stack = VectorStack(Packing(partition),
                             [_SourceTensors(s, names) for s in sources],
@@ -296,6 +360,7 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
             log(note)
 
         tasks = []
+        data_records: list[dict[str, Any]] = []
         roles = [("target" if objective == "negation" else "train", name)
                  for name in config.datasets] + [("control", name) for name in config.control]
         labelled = needs_labels(objective)
@@ -304,21 +369,45 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                                   data_root=config.data_root, seed=config.learner.seed)
             labels = dataset_labels(data.dataset) if labelled else None
             train_idx, val_idx = split_examples(
-                labels, data.total, shots=config.shots, val_fraction=config.val_fraction,
+                labels, data.total, shots=config.shots, val_fraction=val_fraction,
                 seed=config.learner.seed, num_classes=data.num_classes)
             key = head_key(model.base_fingerprint, data.name, data.classnames, data.templates)
             head = zero_shot_head(model.bundle, key, data.templates, device=device, log=log)
-            tasks.append(TaskData(data.name, head, Subset(data.dataset, train_idx),
-                                  Subset(data.dataset, val_idx) if val_idx else None,
-                                  role, labelled))
+            selection_data: Dataset[Any] | None = Subset(data.dataset, val_idx) \
+                if val_idx else None
+            # Where the examples came from (generator version, layout); the examples
+            # themselves are fixed by the split, --shots, --val-fraction and the seed.
+            data_records.append({"name": data.name, "role": "task" if role == "train" else role,
+                                 "split": config.split,
+                                 "source": data_source(name, config.data_root)})
             what = f" ({role})" if objective == "negation" else ""
-            log(f"{data.name}{what}: {len(train_idx)} training and {len(val_idx)} held-out "
-                f"examples from the {config.split} split")
+            if protocol == "atlas":
+                val = open_eval_data(name, "val", model.bundle.preprocess_eval,
+                                     data_root=config.data_root, seed=config.learner.seed,
+                                     limit=config.eval_limit)
+                selection_data = val.dataset
+                log(f"{data.name}{what}: {len(train_idx)} training examples from the "
+                    f"{config.split} split; selection on "
+                    f"{len(val.dataset)} labelled examples of the val split")  # type: ignore[arg-type]
+            else:
+                log(f"{data.name}{what}: {len(train_idx)} training and {len(val_idx)} "
+                    f"held-out examples from the {config.split} split")
+            train = Subset(data.dataset, train_idx)
+            audit: Dataset[Any] | None = None
+            if config.audit_split == config.split and config.eval_limit is None and \
+                    len(train_idx) == data.total:
+                audit = train  # the same examples: the learner scores them in one pass
+            elif config.audit_split is not None:
+                audit = open_eval_data(name, config.audit_split, model.bundle.preprocess_eval,
+                                       data_root=config.data_root, seed=config.learner.seed,
+                                       limit=config.eval_limit).dataset
+            tasks.append(TaskData(data.name, head, train, selection_data, role, labelled,
+                                  audit=audit))
 
         start = time.perf_counter()
         learner = config.learner.resolved()
-        with progress("learning coefficients", learner.steps) as advance:
-            result = learn(encoder, tasks, learner, log=log, advance=advance)
+        log(f"protocol {learner.protocol}: {PROTOCOL_SPECS[str(learner.protocol)].summary}")
+        result = learn(encoder, tasks, learner, log=log, progress=progress)
         seconds = time.perf_counter() - start
         chosen = ("the zero-shot model (all coefficients 0)" if result.best_step < 0
                   else f"step {result.best_step}")
@@ -329,15 +418,18 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                            "linearized": v.meta.linearized,
                            "base_fingerprint": v.meta.base_fingerprint}
                           for v in model.vectors]
+        records = [input_record(v.path, v.meta, fingerprint(v.stored or v.source),
+                                role="vector") for v in model.vectors]
         meta = FileMeta(kind=Kind.COEFFICIENTS, architecture=model.ref.architecture,
                         base_ref=config.base, base_fingerprint=model.base_fingerprint,
                         linearized=model.linearized,
                         dataset=",".join([*config.datasets, *config.control]),
                         provenance=provenance("learn-coeffs", config.arguments(),
-                                              config.learner.seed),
-                        extra={"objective": objective,
+                                              config.learner.seed, inputs=records,
+                                              datasets=data_records),
+                        extra={"objective": objective, "protocol": protocol,
                                "settings": json.dumps(result.config, sort_keys=True),
-                               "history": json.dumps(result.history)})
+                               "history": json.dumps(_compact(result.history))})
         coefs = CoefficientSet(result.coefficients, partition, tuple(vector_records), meta)
         inputs = [*config.vectors, *([model.ref.location] if model.ref.is_file and
                                      model.ref.location else [])]
@@ -345,13 +437,30 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         if config.merged_out:
             _write_merged(config.merged_out, coefs, model.base, sources, model.linearized,
                           [v.meta for v in model.vectors], inputs=[*inputs, config.output])
+        if config.path_out:
+            write_json(config.path_out, {
+                "objective": objective, "protocol": protocol,
+                "granularity": str(granularity), "block_names": list(partition.block_names),
+                "vectors": [v.path for v in model.vectors], "best_step": result.best_step,
+                "records": [{**record, "coefficients": matrix.tolist()}
+                            for record, matrix in zip(result.history, result.path,
+                                                      strict=True)]},
+                       inputs=[*inputs, config.output])
     return LearnCoeffsResult(
         output=config.output, merged_output=config.merged_out, vectors=len(sources),
         blocks=partition.num_blocks, granularity=str(granularity), objective=objective,
-        linearized=model.linearized, best_step=result.best_step, steps_run=result.steps_run,
-        selection=result.selection, initial=result.initial, best=result.best,
-        zero_shot=result.zero_shot, settings=result.config,
-        coefficients=_row_stats(result.coefficients), seconds=round(seconds, 3), notes=notes)
+        protocol=protocol, linearized=model.linearized, best_step=result.best_step,
+        steps_run=result.steps_run, selection=result.selection, at_edge=result.at_edge,
+        rule_met=result.rule_met, candidates=result.history, initial=result.initial,
+        best=result.best, zero_shot=result.zero_shot, settings=result.config,
+        coefficients=_row_stats(result.coefficients), seconds=round(seconds, 3), notes=notes,
+        path_output=config.path_out)
+
+
+def _compact(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history the coefficient file keeps: step, loss, score, admissibility, notes."""
+    keep = ("step", "loss", "score", "note", "candidate", "admissible", "rejected")
+    return [{k: v for k, v in record.items() if k in keep} for record in history]
 
 
 def _row_stats(matrix: Tensor) -> list[dict[str, Any]]:

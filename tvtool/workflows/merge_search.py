@@ -6,11 +6,14 @@
   normalized accuracy* (accuracy of the merged model / accuracy of the model fine-tuned on that
   dataset); without fine-tuned references, the best average accuracy. Ties in the score go to
   the earliest grid point (the smallest α for an increasing grid), so a search is deterministic.
+  A chosen α at an end of the grid is marked (``at_grid_edge``); with ``--coef-grid auto``
+  (:class:`tvtool.grid.AutoGrid`) the grid is extended past that end instead, within a bound.
 * :func:`search_merge` -- the command's workflow: one :class:`~tvtool.workflows.evaluator.
   Evaluator` over the N input vectors plus the merge at α = 1 (every method here is linear in a
   coefficient shared by all vectors, so ``merge(α) = α · merge(1)``); fine-tuned and zero-shot
   accuracies come from the same model at one-hot and zero coefficients; the chosen α is then
-  used for an ordinary merge, so the output equals ``tvtool merge --coef α`` byte for byte.
+  used for an ordinary merge, so the output's tensors equal ``tvtool merge --coef α``'s byte
+  for byte; its provenance adds the search (grid, validation scores, datasets).
 """
 
 from __future__ import annotations
@@ -20,9 +23,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from tvtool.data import dataset_identity, match_suite
 from tvtool.errors import UsageError
 from tvtool.evaluate import EvalSettings
+from tvtool.grid import AutoGrid, edge_warning, extend_search, grid_edge
 from tvtool.io import check_output, scratch_directory
+from tvtool.limits import short_list
 from tvtool.merge.config import MergeConfig
 from tvtool.merge.engine import MergeResult, merge, open_merge
 from tvtool.merge.registry import get_method
@@ -79,15 +85,23 @@ class CoefSearch:
     best: float
     criterion: str
     points: tuple[GridPoint, ...]
+    extensions: int = 0
 
     @property
     def best_point(self) -> GridPoint:
         """The grid point of the chosen α."""
         return next(p for p in self.points if p.coef == self.best)
 
+    @property
+    def grid_edge(self) -> str | None:
+        """``low``/``high`` when the chosen α is an end of the grid searched, else None."""
+        return grid_edge(self.best, [p.coef for p in self.points])
+
     def as_json(self) -> dict[str, Any]:
         """JSON-ready record."""
         return {"best_coef": self.best, "criterion": self.criterion,
+                "at_grid_edge": self.grid_edge is not None, "grid_edge": self.grid_edge,
+                "grid_extensions": self.extensions,
                 "grid": [asdict(p) for p in self.points]}
 
 
@@ -103,25 +117,41 @@ def average(values: Iterable[float]) -> float:
     return sum(listed) / len(listed) if listed else math.nan
 
 
-def search_coef(evaluate: Evaluate, grid: Sequence[float], *,
+def search_coef(evaluate: Evaluate, grid: Sequence[float] | AutoGrid, *,
                 references: Accuracies | None = None) -> CoefSearch:
     """Pick the α that maximizes average normalized (or absolute) validation accuracy.
 
     Args:
         evaluate: ``evaluate(α)`` -> validation accuracy per dataset of the model
             ``base + α · merged``.
-        grid: Coefficients to try (evaluated in order).
+        grid: Coefficients to try (evaluated in order, each once), or an
+            :class:`~tvtool.grid.AutoGrid` (``--coef-grid auto``): searched in increasing order
+            and extended past an end where the best α sits (:func:`tvtool.grid.extend_search`).
         references: Fine-tuned validation accuracy per dataset; every evaluated dataset
             needs one. None selects on the average accuracy.
 
     Returns:
-        The search record.
+        The search record (``grid_edge`` says whether the chosen α is an end of the grid).
 
     Raises:
         UsageError: an empty grid, or a dataset without a reference.
     """
-    if not grid:
+    if not isinstance(grid, AutoGrid) and not grid:
         raise UsageError("the coefficient grid is empty")
+    measured: dict[float, dict[str, float]] = {}
+
+    def measure(coef: float) -> dict[str, float]:
+        if coef not in measured:
+            measured[coef] = dict(evaluate(coef))
+        return measured[coef]
+
+    found, extensions = extend_search(
+        grid, lambda values: _search_once(measure, values, references), lambda r: r.best)
+    return replace(found, extensions=extensions)
+
+
+def _search_once(evaluate: Evaluate, grid: Sequence[float],
+                 references: Accuracies | None) -> CoefSearch:
     points: list[GridPoint] = []
     for coef in grid:
         accuracies = dict(evaluate(float(coef)))
@@ -166,9 +196,13 @@ class MergeSearchReport:
         test_norm = normalize(self.test, self.finetuned["test"])
         return {
             "report": "merge-search",
+            "report_version": 1,
             "output": self.result.output,
             "method": self.result.details.get("method"),
             "best_coef": self.search.best,
+            "at_grid_edge": self.search.grid_edge is not None,
+            "grid_edge": self.search.grid_edge,
+            "grid_extensions": self.search.extensions,
             "criterion": self.search.criterion,
             "datasets": list(self.datasets),
             "zero_shot": self.zero_shot,
@@ -181,13 +215,24 @@ class MergeSearchReport:
         }
 
 
-def vector_datasets(config: MergeConfig, datasets: Sequence[str] | None) -> list[str]:
+def vector_datasets(config: MergeConfig, datasets: Sequence[str] | None,
+                    suite: str | None = None) -> list[str]:
     """The dataset of each input vector: given explicitly, or read from their metadata.
 
+    Args:
+        config: The merge.
+        datasets: One dataset per vector, in order (``--dataset``), or None.
+        suite: A named suite (``--suite``): the vectors' recorded datasets must be its
+            datasets, one vector each, in any order (:func:`tvtool.data.match_suite`).
+
     Raises:
-        UsageError: a vector without a recorded dataset, counts that do not fit, or two
-            vectors of one dataset (its fine-tuned reference would be ambiguous).
+        UsageError: a vector without a recorded dataset, counts that do not fit, two
+            vectors of one dataset (its fine-tuned reference would be ambiguous), both
+            ``datasets`` and ``suite``, or vectors that are not the suite's.
     """
+    if datasets and suite is not None:
+        raise UsageError("give --suite or --dataset, not both",
+                         hint="--suite matches the vectors by the datasets they record")
     if datasets:
         if len(datasets) != len(config.vectors):
             raise UsageError(f"{len(datasets)} --dataset for {len(config.vectors)} vectors",
@@ -196,32 +241,39 @@ def vector_datasets(config: MergeConfig, datasets: Sequence[str] | None) -> list
     else:
         opened = open_merge(replace(config, output="-"))
         try:
-            names = []
-            for path, meta in zip(config.vectors, opened.metas, strict=True):
-                if not meta.dataset:
-                    raise UsageError(f"{path!r} records no dataset",
-                                     hint="pass one --dataset per vector, in order")
-                check_recorded_dataset(path, meta.dataset,
-                                       "pass one --dataset per vector, in order")
-                names.append(meta.dataset)
+            recorded = [meta.dataset or None for meta in opened.metas]
         finally:
             opened.close()
+        for path, name in zip(config.vectors, recorded, strict=True):
+            if name:
+                check_recorded_dataset(path, name, "pass one --dataset per vector, in order")
+            elif suite is None:
+                raise UsageError(f"{path!r} records no dataset",
+                                 hint="pass one --dataset per vector, in order")
+        names = (match_suite(recorded, suite, config.vectors) if suite is not None
+                 else [name for name in recorded if name])
+    # One spelling per dataset: 'mnist' and 'MNIST', or './data' and its absolute path, are
+    # one dataset, and the evaluator reports each under that spelling.
+    names = [dataset_identity(name) for name in names]
     if len(set(names)) != len(names):
-        raise UsageError(f"two vectors share a dataset ({names}); the search needs one vector "
-                         "per dataset")
+        raise UsageError(f"two vectors share a dataset ({short_list(names, 4)}); the search "
+                         "needs one vector per dataset")
     return names
 
 
-def search_merge(config: MergeConfig, settings: EvalSettings, grid: Sequence[float], *,
-                 datasets: Sequence[str] | None = None, log: Logger = _quiet,
-                 progress: Progress = None) -> MergeSearchReport:
+def search_merge(config: MergeConfig, settings: EvalSettings,
+                 grid: Sequence[float] | AutoGrid, *,
+                 datasets: Sequence[str] | None = None, suite: str | None = None,
+                 log: Logger = _quiet, progress: Progress = None) -> MergeSearchReport:
     """Search the merge coefficient on validation splits, merge with it, report test accuracy.
 
     Args:
         config: The merge (its ``coefs`` are ignored: α is searched; ``coefs_file`` refused).
         settings: How to evaluate.
-        grid: Coefficients to try.
+        grid: Coefficients to try, or an :class:`~tvtool.grid.AutoGrid`.
         datasets: Dataset of each vector (default: from their metadata).
+        suite: Check that the vectors are one per dataset of this suite (see
+            :func:`vector_datasets`).
         log: Receives progress notes.
         progress: Progress-bar factory for the evaluations.
 
@@ -240,7 +292,7 @@ def search_merge(config: MergeConfig, settings: EvalSettings, grid: Sequence[flo
                          "be an input")
     # Refuse a bad -o now, not after the (long) search.
     check_output(config.output, list(config.vectors))
-    names = vector_datasets(config, datasets)
+    names = vector_datasets(config, datasets, suite)
     count = len(config.vectors)
     with scratch_directory(config.output, prefix=".tvtool-search-") as scratch:
         unit_path = str(scratch / "merged-at-1.safetensors")
@@ -255,10 +307,20 @@ def search_merge(config: MergeConfig, settings: EvalSettings, grid: Sequence[flo
                 onehot = [1.0 if i == index else 0.0 for i in range(count)] + [0.0]
                 for split in ("val", "test"):
                     finetuned[split][name] = evaluator.accuracies(onehot, split, [name])[name]
-            log(f"searching α over {len(grid)} values on the validation splits")
+            values = grid.start if isinstance(grid, AutoGrid) else grid
+            log(f"searching α over {len(values)} values on the validation splits"
+                + (" (extended past an end where the best α sits)"
+                   if isinstance(grid, AutoGrid) else ""))
             search = search_coef(lambda a: evaluator.accuracies([0.0] * count + [a], "val"),
                                  grid, references=finetuned["val"])
             test = evaluator.accuracies([0.0] * count + [search.best], "test")
+    if search.grid_edge is not None:
+        log(edge_warning("α", search.best, search.grid_edge, [p.coef for p in search.points],
+                         extensions=search.extensions,
+                         auto=grid if isinstance(grid, AutoGrid) else None))
     log(f"best α = {search.best:g}; writing the merge at that coefficient")
-    result = merge(replace(config, coefs=(search.best,)), log)
+    # The output records how its coefficient was chosen (grid, scores, datasets), not only α.
+    record = {"split": "val", "datasets": list(names), **search.as_json(),
+              "limit": settings.limit, "seed": settings.seed}
+    result = merge(replace(config, coefs=(search.best,)), log, search=record)
     return MergeSearchReport(search, tuple(names), zero_shot, finetuned, test, result)

@@ -29,15 +29,15 @@ export halves the out-projection's B, import doubles it (exact: powers of two).
 Nothing here reads files or imports peft or open_clip; module structure comes from
 :func:`tvtool.models.modules.module_table`.
 
-The package: :mod:`~tvtool.finetune.peft_adapters.layout` (peft's key layout and the shared
-forms), :mod:`~tvtool.finetune.peft_adapters.config` (``adapter_config.json`` rules),
-:mod:`~tvtool.finetune.peft_adapters.to_peft` (export) and
-:mod:`~tvtool.finetune.peft_adapters.from_peft` (import).
+The package: :mod:`~tvtool.formats.peft_adapters.layout` (peft's key layout and the shared
+forms), :mod:`~tvtool.formats.peft_adapters.config` (``adapter_config.json`` rules),
+:mod:`~tvtool.formats.peft_adapters.to_peft` (export) and
+:mod:`~tvtool.formats.peft_adapters.from_peft` (import).
 """
 
-from tvtool.finetune.peft_adapters.config import PeftSettings, check_peft_config
-from tvtool.finetune.peft_adapters.from_peft import peft_to_lora_vector
-from tvtool.finetune.peft_adapters.layout import (
+from tvtool.formats.peft_adapters.config import PeftSettings, check_peft_config
+from tvtool.formats.peft_adapters.from_peft import peft_to_lora_vector
+from tvtool.formats.peft_adapters.layout import (
     MHA_OUT,
     MHA_OUT_PROJ_APPLIED,
     PEFT_A,
@@ -46,7 +46,7 @@ from tvtool.finetune.peft_adapters.layout import (
     ImportedVector,
     PeftAdapter,
 )
-from tvtool.finetune.peft_adapters.to_peft import lora_vector_to_peft
+from tvtool.formats.peft_adapters.to_peft import lora_vector_to_peft
 
 __all__ = [
     "MHA_OUT",

@@ -1,7 +1,7 @@
 """How peft names and scales the LoRA adapters of open_clip modules (shared by both directions).
 
 The key layout of a saved peft adapter, the factor applied twice to an attention's
-out-projection (:data:`MHA_OUT_PROJ_APPLIED`, see :mod:`tvtool.finetune.peft_adapters`), the
+out-projection (:data:`MHA_OUT_PROJ_APPLIED`, see :mod:`tvtool.formats.peft_adapters`), the
 in-memory forms of both directions (:class:`PeftAdapter`, :class:`ImportedVector`), and the
 rank padding both use.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tvtool.finetune.lora import FUSED_IN_PROJ
+from tvtool.formats.lora import FUSED_IN_PROJ
 from tvtool.models.modules import ModuleSpec
 
 PEFT_PREFIX = "base_model.model."

@@ -2,7 +2,7 @@
 
 ``export-peft`` writes a LoRA vector as an adapter directory; ``convert`` reads one back.
 
-The tensor mapping is in :mod:`tvtool.finetune.peft_adapters`, the files in
+The tensor mapping is in :mod:`tvtool.formats.peft_adapters`, the files in
 :mod:`tvtool.io.peft_dirs`; neither imports peft. See docs/interop.md.
 """
 
@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tvtool.cards import check_license, front_matter, license_note, public_dataset
 from tvtool.commands.common import config_args
 from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
-from tvtool.finetune.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
-from tvtool.formats.lora import SUFFIX_A, _alpha_from
+from tvtool.formats.lora import SUFFIX_A, lora_alpha_rank, svd_factored
+from tvtool.formats.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
 from tvtool.io import (
     STDIO,
     adapter_weights_path,
@@ -26,9 +27,12 @@ from tvtool.io import (
     write_peft_adapter,
     write_tensors,
 )
+from tvtool.limits import short_repr
 from tvtool.metadata import PREFIX, FileMeta, Kind, Mode, provenance
 from tvtool.models import base_source, fingerprint, resolve_ref
+from tvtool.models.hub import card_base
 from tvtool.models.modules import module_table, root_class
+from tvtool.models.refs import check_recorded_architecture
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import open_vector_meta
@@ -57,30 +61,47 @@ class ExportPeftConfig:
         output: The adapter directory to create (must not exist, or be empty).
         module: What the adapter is loaded onto: ``clip`` (the open_clip model) or ``visual``
             (its image tower, ``model.visual``).
+        license: The model card's ``license:`` (a Hugging Face identifier); default: the
+            base's where tvtool knows it, else none, with a note in the card.
     """
 
     vector: str
     output: str
     module: str = "clip"
+    license: str | None = None
 
 
-def _card(architecture: str, meta: FileMeta, root: str, config: dict[str, Any]) -> str:
+def _card(architecture: str, meta: FileMeta, root: str, config: dict[str, Any],
+          license: str | None = None) -> str:
+    """The adapter's README.md: publishable (no local paths), saying what to load it onto."""
     onto = "model" if root == "clip" else "model.visual"
-    base = meta.base_ref or architecture
+    base = card_base(meta.base_ref or architecture, meta.base_fingerprint or "", license)
+    if root == "clip":
+        load_onto = ("Load it onto the whole open_clip model (`model`): its module names start "
+                     "at the model (`visual.transformer...`).")
+    else:
+        load_onto = ("Load it onto the image tower (`model.visual`), not onto the whole model: "
+                     "its module names start inside the tower (`transformer.resblocks...`), "
+                     "which the text tower has too, so on the whole model peft would adapt the "
+                     "text tower's modules instead wherever their widths coincide, without an "
+                     "error.")
     lines = [
-        "---", "library_name: peft", "tags:", "- open_clip", "- lora", "- tvtool", "---", "",
+        *front_matter(["open_clip", "lora", "tvtool"], library="peft",
+                      datasets=[meta.dataset] if meta.dataset else [], base=base), "",
         f"# LoRA adapter for open_clip {architecture}", "",
         f"Exported by tvtool from a `{meta.mode.value if meta.mode else 'lora'}` task vector"
-        + (f" (dataset {meta.dataset})" if meta.dataset else "") + ".", "",
-        f"* base model: `{base}` (open_clip architecture `{architecture}`)"
-        + (f", fingerprint `{meta.base_fingerprint}`" if meta.base_fingerprint else ""),
+        + (f" (dataset {public_dataset(meta.dataset)})" if meta.dataset else "") + ".", "",
+        f"* base model: `{base.name}` (open_clip architecture `{architecture}`)"
+        + (f", fingerprint `{base.fingerprint}`" if base.fingerprint else "")
+        + (f", weights from the Hugging Face repository `{base.hub_id}`" if base.hub_id else ""),
         f"* loaded onto: `{onto}`; r = {config['r']}, lora_alpha = {config['lora_alpha']}, "
-        f"{len(config['target_modules'])} target modules", "",
+        f"{len(config['target_modules'])} target modules", "", load_onto, "",
         "```python", "import open_clip", "from peft import PeftModel", "",
         f'model, _, preprocess = open_clip.create_model_and_transforms("{architecture}", '
         'pretrained=...)  # the base above',
         f'{"model" if root == "clip" else "model.visual"} = PeftModel.from_pretrained('
-        f'{onto}, "ADAPTER_DIR")', "```", "",
+        f'{onto}, "ADAPTER_DIR")', "```",
+        *license_note(base), "",
     ]
     return "\n".join(lines)
 
@@ -89,7 +110,7 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
     """Write a ``lora``/``llora`` task vector as a peft LoRA adapter directory.
 
     The adapter changes each weight by exactly the vector's dense delta (alpha/r)·B·A (see
-    :func:`tvtool.finetune.peft_adapters.lora_vector_to_peft` for the mapping).
+    :func:`tvtool.formats.peft_adapters.lora_vector_to_peft` for the mapping).
 
     Raises:
         UsageError: an unknown ``module``.
@@ -100,6 +121,11 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
     from tvtool import __version__
 
     _check_root(config.module, allow_auto=False)
+    if config.license is not None:
+        try:
+            check_license(config.license)
+        except ValueError as exc:
+            raise UsageError(f"--license {short_repr(config.license, 40)}: {exc}") from None
     if config.output == STDIO:
         raise UsageError("export-peft writes a directory, not stdout", hint="use -o DIR")
     check_new_directory(config.output)
@@ -119,13 +145,21 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
                 f"{source.label} is {what} vector; a peft LoRA adapter holds low-rank factors",
                 hint="export-peft takes vectors of mode lora or llora (tvtool finetune --mode "
                      "lora|llora)")
+        if svd_factored(meta):
+            raise InvalidInputError(
+                f"{source.label} was compressed by tvtool compress (factors B·A with one rank "
+                "per tensor and no alpha), which a peft LoRA config cannot express",
+                hint="export the LoRA vector it was compressed from")
         if not meta.architecture:
             raise InvalidInputError(f"{source.label} records no tvtool.architecture; the adapter "
                                     "needs to know the model's module names")
+        check_recorded_architecture(meta.architecture, source.label,
+                                    "export-peft reads the module names of architectures "
+                                    "built offline only", tokenizer=False)
         tensors = {name: source.get(name) for name in source.keys()}
     finally:
         source.close()
-    alpha, declared_rank = _alpha_from(meta)
+    alpha, declared_rank = lora_alpha_rank(meta)
     for name, tensor in tensors.items():
         if name.endswith(SUFFIX_A) and declared_rank is not None and tensor.dim() == 2 \
                 and tensor.shape[0] != declared_rank:
@@ -144,7 +178,8 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
                 "exported_by": f"tvtool {__version__}"}
     metadata = {"format": "pt", **{PREFIX + k: v for k, v in recorded.items() if v}}
     files = write_peft_adapter(config.output, adapter.config, adapter.tensors, metadata,
-                               _card(meta.architecture, meta, config.module, adapter.config),
+                               _card(meta.architecture, meta, config.module, adapter.config,
+                                     config.license),
                                inputs=[config.vector])
     log(f"peft adapter for {'the open_clip model' if config.module == 'clip' else 'model.visual'}"
         f" of {meta.architecture}: r={adapter.config['r']}, "
@@ -202,7 +237,7 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     Raises:
         UsageError: no architecture known, ``--base`` and ``--architecture`` disagree.
         InvalidInputError: see :func:`tvtool.io.read_peft_adapter` and
-            :func:`tvtool.finetune.peft_adapters.peft_to_lora_vector`; factors that the base
+            :func:`tvtool.formats.peft_adapters.peft_to_lora_vector`; factors that the base
             lacks; an output that is an input.
     """
     from tvtool.data import recorded_dataset_name
@@ -226,6 +261,8 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
             raise UsageError("a peft adapter does not say which open_clip model it adapts",
                              hint="pass --base REF (also records its fingerprint) or "
                                   "--architecture NAME")
+        check_recorded_architecture(architecture, label, "pass --base REF or --architecture "
+                                    "NAME to name the model yourself", tokenizer=False)
         notes.append(f"architecture {architecture} (recorded by tvtool in the adapter)")
     if config.module != "auto":
         root, how = config.module, "as given"

@@ -1,7 +1,8 @@
-"""peft LoRA adapters -> tvtool LoRA task vectors (see :mod:`tvtool.finetune.peft_adapters`)."""
+"""peft LoRA adapters -> tvtool LoRA task vectors (see :mod:`tvtool.formats.peft_adapters`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -9,9 +10,9 @@ import torch
 from torch import Tensor
 
 from tvtool.errors import InvalidInputError
-from tvtool.finetune.lora import ROW_BLOCKS, SUFFIX_A, SUFFIX_B
-from tvtool.finetune.peft_adapters.config import adaptable, check_peft_config, check_targets
-from tvtool.finetune.peft_adapters.layout import (
+from tvtool.formats.lora import ROW_BLOCKS, SUFFIX_A, SUFFIX_B
+from tvtool.formats.peft_adapters.config import adaptable, check_peft_config, check_targets
+from tvtool.formats.peft_adapters.layout import (
     IN_WEIGHT,
     MHA_OUT,
     MHA_OUT_PROJ_APPLIED,
@@ -105,6 +106,30 @@ def _row_blocks(b: Tensor) -> list[str]:
             if bool(b[i * height:(i + 1) * height].any())]
 
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_scaled_deltas(pairs: Mapping[str, tuple[Tensor, Tensor, float]], label: str) -> None:
+    """Refuse an adapter whose scaled delta scaling·B·A does not fit float32.
+
+    peft computes the delta in the weights' precision, and ``tvtool apply`` accumulates in
+    float32; an adapter whose delta overflows there (``lora_alpha: 1e308``) must be refused
+    when it is converted, not produce a vector every later command refuses.
+    """
+    for target, (a, b, scale) in pairs.items():
+        if not math.isfinite(scale) or abs(scale) > _FLOAT32_MAX:
+            raise InvalidInputError(f"{label}: the scaling of {target!r} (lora_alpha / r) is "
+                                    f"{scale:g}, beyond the float32 range",
+                                    hint="check lora_alpha / alpha_pattern in "
+                                         "adapter_config.json")
+        delta = (b.double() @ a.double()) * scale
+        if not bool(torch.isfinite(delta).all()) or float(delta.abs().max()) > _FLOAT32_MAX:
+            raise InvalidInputError(f"{label}: the delta scaling·B·A of {target!r} overflows "
+                                    f"float32 (scaling {scale:g})",
+                                    hint="check lora_alpha / alpha_pattern in "
+                                         "adapter_config.json")
+
+
 def peft_to_lora_vector(config: Mapping[str, Any], tensors: Mapping[str, Tensor],
                         modules: Mapping[str, ModuleSpec], root: str, *,
                         label: str) -> ImportedVector:
@@ -161,6 +186,7 @@ def peft_to_lora_vector(config: Mapping[str, Any], tensors: Mapping[str, Tensor]
         notes.append(f"left out {len(pairs) - len(nonzero)} factor pairs that change nothing "
                      "(B or A all zero)")
         pairs = nonzero
+    _check_scaled_deltas(pairs, label)
     widened = False
     out: dict[str, Tensor] = {}
     # tvtool scales every pair by alpha / (its rank): one scale s for all modules becomes

@@ -1,4 +1,4 @@
-"""tvtool LoRA task vectors -> peft LoRA adapters (see :mod:`tvtool.finetune.peft_adapters`)."""
+"""tvtool LoRA task vectors -> peft LoRA adapters (see :mod:`tvtool.formats.peft_adapters`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from tvtool.errors import InvalidInputError
-from tvtool.finetune.lora import ROW_BLOCKS, SUFFIX_A, SUFFIX_B, split_target
-from tvtool.finetune.peft_adapters.layout import (
+from tvtool.formats.lora import ROW_BLOCKS, SUFFIX_A, SUFFIX_B, split_target
+from tvtool.formats.peft_adapters.layout import (
     IN_WEIGHT,
     MHA_OUT,
     MHA_OUT_PROJ_APPLIED,

@@ -1,4 +1,4 @@
-"""How many CPU threads the merge kernels run on."""
+"""How many CPU threads the tensor kernels of merge and compress run on (`--threads`)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,114 @@
+"""scripts/results_labelfree.py: the seeds tables and path study of issue 23 (no model runs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.conftest import load_script
+
+TASKS = ["synthetic:a", "synthetic:b"]
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    return load_script("results_labelfree")
+
+
+def _acc(a: float, b: float) -> dict[str, float]:
+    return dict(zip(TASKS, (a, b), strict=True))
+
+
+def _path(accuracies: list[float], information: list[float]) -> list[dict[str, Any]]:
+    return [{"step": 10 * i, "candidate": True, "admissible": True, "information": info,
+             "neg_entropy": -1.0 + 0.01 * i, "class_ratio": 0.9, "accuracy": _acc(a, a),
+             "mean_accuracy": a}
+            for i, (a, info) in enumerate(zip(accuracies, information, strict=True))]
+
+
+def _run(seed: int, entropy: tuple[float, float]) -> dict[str, Any]:
+    results = {mode: {"zero_shot": _acc(0.4, 0.6), "finetuned": _acc(0.8, 1.0),
+                      "task_arithmetic": {"coef": 0.3, "accuracy": _acc(0.6, 0.8)}}
+               for mode in ("full", "linear")}
+    return {"base": "tvtool-small", "base_fingerprint": "sha256:x", "tasks": TASKS,
+            "seed": seed, "steps": 200, "lr": 1e-3, "batch_size": 64, "limit": None,
+            "augment": "train", "path_every": 25, "atlas_steps": None, "tta_shots": None,
+            "granularity": "tensor", "methods": ["entropy@adamerging"], "shots_curve": [1, 4],
+            "modes": ["full", "linear"], "results": results,
+            "labelfree": [{"method": "entropy@adamerging", "accuracy": _acc(*entropy),
+                           "path": _path([0.5, 0.6, 0.7, 0.65], [0.1, 0.2, 0.3, 0.25])}],
+            "fewshot": [{"mode": m, "shots": k, "accuracy": _acc(0.5 + 0.05 * k, 0.9)}
+                        for m in ("full", "linear") for k in (1, 4)]}
+
+
+def test_spearman_is_rank_correlation_with_average_ranks(script):
+    assert script.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert script.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # Ties: ranks 0.5, 0.5, 2, 3 against 0, 1, 2, 3 -> Pearson of the ranks.
+    xs, ys = [1, 1, 2, 3], [1, 2, 3, 4]
+    rx, ry = [0.5, 0.5, 2.0, 3.0], [0.0, 1.0, 2.0, 3.0]
+    mx, my = sum(rx) / 4, sum(ry) / 4
+    expected = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True)) / math.sqrt(
+        sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    assert script.spearman(xs, ys) == pytest.approx(expected)
+    assert math.isnan(script.spearman([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(script.spearman([1, 2], [1, 2]))
+
+
+def test_path_study_compares_ways_of_picking_a_step(script):
+    path = _path([0.5, 0.9, 0.7, 0.6], [0.1, 0.2, 0.4, 0.3])
+    path[2]["admissible"] = False  # the highest information, but collapsed
+    study = script.path_study(path)
+    assert study["last"] == 0.6 and study["oracle"] == 0.9
+    assert study["rule"] == 0.6  # admissible first, then information: step 30 (0.3)
+    assert study["rho_information"] == pytest.approx(script.spearman(
+        [0.1, 0.2, 0.4, 0.3], [0.5, 0.9, 0.7, 0.6]))
+
+
+def test_normalized_accuracy_averages_per_task_ratios(script):
+    assert script.normalized(_acc(0.6, 0.8), _acc(0.8, 1.0), TASKS) == pytest.approx(
+        (0.6 / 0.8 + 0.8 / 1.0) / 2)
+
+
+def test_summary_tables_over_seeds(script, tmp_path):
+    runs = [_run(0, (0.7, 0.8)), _run(1, (0.5, 0.8))]
+    paths = []
+    for index, run in enumerate(runs):
+        path = tmp_path / f"r{index}.json"
+        path.write_text(json.dumps(run))
+        paths.append(path)
+    summary = script.summarise(script.load_runs(paths))
+    ta = (0.6 / 0.8 + 0.8) / 2
+    entropy = [(0.7 / 0.8 + 0.8) / 2, (0.5 / 0.8 + 0.8) / 2]
+    assert summary["methods"]["entropy@adamerging"] == pytest.approx(entropy)
+    assert summary["deltas"]["entropy@adamerging"] == pytest.approx([e - ta for e in entropy])
+    text = script.markdown(summary, None)
+    mean = sum(entropy) / 2
+    se = abs(entropy[0] - entropy[1]) / 2  # stdev of two values / sqrt(2)
+    assert f"{100 * mean:.1f} ± {100 * se:.1f}" in text
+    assert "| linear |" in text and "k = 4" in text and "ρ(H(mean p) − mean H(p))" in text
+    doc = tmp_path / "results.md"
+    doc.write_text("# Results\n\nkeep me\n")
+    script.update_doc(doc, text, "small")
+    script.update_doc(doc, text, "small")  # replaced, not appended twice
+    written = doc.read_text()
+    assert written.count("labelfree-results-small:begin") == 1 and "keep me" in written
+
+
+def test_runs_of_different_recipes_are_refused(script, tmp_path):
+    first, second = _run(0, (0.7, 0.8)), _run(1, (0.5, 0.8))
+    second["path_every"] = 10
+    paths = []
+    for index, run in enumerate((first, second)):
+        path = tmp_path / f"r{index}.json"
+        path.write_text(json.dumps(run))
+        paths.append(path)
+    with pytest.raises(SystemExit, match="path_every"):
+        script.load_runs(paths)
+    with pytest.raises(SystemExit, match="OBJECTIVE@PROTOCOL"):
+        script.parse_method("entropy")
+    assert script.parse_method("ufm@atlas/code") == ("ufm", "atlas", "code")

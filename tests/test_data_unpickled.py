@@ -329,7 +329,7 @@ def test_too_many_pickle_operations_are_refused_before_building(tmp_path):
 def test_file_over_the_size_bound_is_refused(tmp_path):
     path = tmp_path / "big"
     path.write_bytes(pickle.dumps(b"\x00" * 5000))
-    with pytest.raises(InvalidInputError, match="larger than 0 MiB"):
+    with pytest.raises(InvalidInputError, match="larger than 4,096 bytes"):
         read_plain_pickle(path, "'big'", PlainPickleBounds(4096, 100))
 
 

@@ -14,6 +14,10 @@ Memory stays bounded by the file's size: storages hold raw bytes that are in the
 sizes the pickle declares must add up to no more than the file size, and that is checked
 before each storage is allocated. torch writes zip members uncompressed (stored); a
 compressed member could inflate a few hundred bytes into gigabytes, so it is refused.
+
+:func:`read_plain_pickle` reads plain pickles of data (CIFAR's batch files) more strictly:
+dicts, lists, strings, numbers and uint8 numpy arrays only, any other global refused outright
+(no stubs), with bounds on the file's size and number of operations.
 """
 
 from __future__ import annotations
@@ -703,9 +707,16 @@ def read_plain_pickle(file: Path, label: str, bounds: PlainPickleBounds) -> Any:
             # read(n) allocates n bytes first: ask for what the file holds, never the bound.
             size = os.fstat(handle.fileno()).st_size
             data = handle.read(min(size, bounds.max_bytes) + 1)
+    except FileNotFoundError:
+        raise bad(f"{label} does not exist", hint=None) from None
+    except OSError as exc:
+        raise bad(f"cannot read {label}: {' '.join(str(exc).split())[:120]}", hint=None) from None
+    try:
         if len(data) > bounds.max_bytes:
-            raise bad(f"{label} is larger than {bounds.max_bytes // (1024 * 1024)} MiB, "
-                      "more than a data file of this kind holds", hint=None)
+            mib, rest = divmod(bounds.max_bytes, 1024 * 1024)
+            bound = f"{mib} MiB" if mib and not rest else f"{bounds.max_bytes:,} bytes"
+            raise bad(f"{label} is larger than {bound}, more than a data file of this kind "
+                      "holds", hint=None)
         _count_ops(data, label, bounds)
         root = _PlainUnpickler(io.BytesIO(data), label, bounds).load()
         return _resolve(root, 0, {})
@@ -713,8 +724,6 @@ def read_plain_pickle(file: Path, label: str, bounds: PlainPickleBounds) -> Any:
         if exc.message.startswith(label):
             raise
         raise bad(f"{label}: {exc.message}", hint=exc.hint) from None
-    except FileNotFoundError:
-        raise bad(f"{label} does not exist", hint=None) from None
     except RecursionError:
         raise bad(f"{label}: pickled data nested too deeply") from None
     except Exception as exc:  # only our own code ran, so any error means a malformed file

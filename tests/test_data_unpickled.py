@@ -534,3 +534,17 @@ def test_instances_and_outside_references_are_refused_unread(tmp_path, stream):
     with pytest.raises(InvalidInputError, match=r"never holds|not a readable pickle"):
         read_plain_pickle(path, "'x'", PlainPickleBounds(4096, 100))
     assert not (tmp_path / "marker").exists()
+
+
+def test_shared_and_cyclic_containers_are_resolved_once(tmp_path):
+    inner = [np.arange(3, dtype=np.uint8)]
+    value: list[object] = [inner, inner, (inner,)]
+    value.append(value)
+    path = tmp_path / "x"
+    path.write_bytes(pickle.dumps(value, protocol=2))
+    got = read_plain_pickle(path, "'x'", PlainPickleBounds(4096, 100))
+    assert got[0] is got[1] is got[2][0] and got[3] is got
+    assert np.array_equal(got[0][0], np.arange(3))
+    path.write_bytes(pickle.dumps({(1, 2): 3}, protocol=2))
+    with pytest.raises(InvalidInputError, match="dict key of type tuple"):
+        read_plain_pickle(path, "'x'", PlainPickleBounds(4096, 100))

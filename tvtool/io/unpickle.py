@@ -655,34 +655,46 @@ def _count_ops(data: bytes, label: str, bounds: PlainPickleBounds) -> None:
                       hint=None)
 
 
-def _resolve(value: Any, depth: int, seen: dict[int, Any]) -> Any:
-    """``value`` with every unpickled array in place; containers shared stay shared."""
+def _resolve(value: Any, depth: int, done: set[int], rebuilt: dict[int, Any]) -> Any:
+    """``value`` with every unpickled array in place of its record.
+
+    Lists and dicts are changed in place (a copy would double the memory of a file of many
+    small containers) and remembered by id in ``done``; tuples are rebuilt and arrays
+    replaced, both remembered in ``rebuilt``. Each object is visited once, so shared and
+    cyclic references cost nothing more.
+    """
     if isinstance(value, (str, bytes, int, float, type(None))):
         return value
     key = id(value)
-    if key in seen:
-        return seen[key]
+    if key in done:
+        return value
+    if key in rebuilt:
+        return rebuilt[key]
     if depth > MAX_NESTING:
         raise bad(f"pickled data nested more than {MAX_NESTING} levels deep")
     if isinstance(value, _PickledArray):
         if value.array is None:
             raise bad("a pickled numpy array has no data")
-        seen[key] = value.array
-    elif isinstance(value, list):
-        out: list[Any] = []
-        seen[key] = out
-        out.extend(_resolve(v, depth + 1, seen) for v in value)
-    elif isinstance(value, dict):
-        mapping: dict[Any, Any] = {}
-        seen[key] = mapping
-        for k, v in value.items():
-            mapping[_resolve(k, depth + 1, seen)] = _resolve(v, depth + 1, seen)
-    elif isinstance(value, tuple):
-        seen[key] = tuple(_resolve(v, depth + 1, seen) for v in value)
-    else:  # a dtype or ndarray name left loose, a set, ...
-        raise bad(f"pickled data holds {type(value).__name__.lstrip('_')}, which a data file "
-                  "of this kind never holds")
-    return seen[key]
+        rebuilt[key] = value.array
+        return value.array
+    if isinstance(value, list):
+        done.add(key)
+        for index, item in enumerate(value):
+            value[index] = _resolve(item, depth + 1, done, rebuilt)
+        return value
+    if isinstance(value, dict):
+        done.add(key)
+        for name, item in value.items():
+            if not isinstance(name, (str, bytes, int, float, type(None))):
+                raise bad(f"pickled data has a dict key of type {type(name).__name__}")
+            value[name] = _resolve(item, depth + 1, done, rebuilt)
+        return value
+    if isinstance(value, tuple):
+        rebuilt[key] = tuple(_resolve(v, depth + 1, done, rebuilt) for v in value)
+        return rebuilt[key]
+    # A dtype or ndarray name left loose, a set, ...
+    raise bad(f"pickled data holds {type(value).__name__.lstrip('_')}, which a data file "
+              "of this kind never holds")
 
 
 def read_plain_pickle(file: Path, label: str, bounds: PlainPickleBounds) -> Any:
@@ -719,7 +731,7 @@ def read_plain_pickle(file: Path, label: str, bounds: PlainPickleBounds) -> Any:
                       "holds", hint=None)
         _count_ops(data, label, bounds)
         root = _PlainUnpickler(io.BytesIO(data), label, bounds).load()
-        return _resolve(root, 0, {})
+        return _resolve(root, 0, set(), {})
     except InvalidInputError as exc:
         if exc.message.startswith(label):
             raise

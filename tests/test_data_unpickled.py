@@ -306,8 +306,8 @@ def test_declared_array_larger_than_the_file_is_refused_before_allocating(tmp_pa
 
 def test_declared_array_not_matching_its_bytes_is_refused(tmp_path):
     path = tmp_path / "data_batch_1"
-    path.write_bytes(_hostile_array((2, 3072), b"\x00" * 3072))
-    with pytest.raises(InvalidInputError, match=r"holds 3072 bytes, 6144 expected"):
+    path.write_bytes(_hostile_array((2, 3), b"\x00" * 5))
+    with pytest.raises(InvalidInputError, match=r"holds 5 bytes, 6 expected"):
         read_cifar_batch(path)
 
 

@@ -546,8 +546,9 @@ def _numpy_dtype(code: Any, align: Any = False, copy: Any = False) -> _Uint8Dtyp
 class _PickledArray:
     """A numpy array being unpickled: built from its state, checked against its bytes."""
 
-    def __init__(self, bounds: PlainPickleBounds) -> None:
-        self.bounds = bounds
+    def __init__(self, max_ndim: int, file_size: int) -> None:
+        self.max_ndim = max_ndim
+        self.file_size = file_size
         self.array: np.ndarray | None = None
 
     def set(self, shape: Any, dtype: Any, fortran: Any, raw: Any) -> _PickledArray:
@@ -555,7 +556,7 @@ class _PickledArray:
             raise bad("a pickled numpy array is built twice")
         if not isinstance(dtype, _Uint8Dtype):
             raise bad(f"a numpy array whose dtype is {short_repr(dtype, 40)}")
-        if not isinstance(shape, tuple) or len(shape) > self.bounds.max_ndim or not all(
+        if not isinstance(shape, tuple) or len(shape) > self.max_ndim or not all(
                 type(n) is int and n >= 0 for n in shape):
             raise bad(f"malformed numpy array shape {short_repr(shape, 60)}")
         if isinstance(raw, str):  # Python 2's str, read as latin-1 text: one byte a character
@@ -570,9 +571,9 @@ class _PickledArray:
         for n in shape:
             # The data must be in the file: a declared shape may not promise more.
             count *= n
-            if count > self.bounds.max_bytes:
+            if count > self.file_size:
                 raise bad(f"a numpy array of shape {short_repr(shape, 60)} declares more "
-                          f"bytes than the whole file")
+                          f"bytes than the whole file ({self.file_size})")
         if count != len(raw):
             raise bad(f"a numpy array of shape {short_repr(shape, 60)} holds {len(raw)} bytes, "
                       f"{count} expected")
@@ -594,11 +595,12 @@ class _PickledArray:
 class _PlainUnpickler(pickle.Unpickler):
     """Reads dicts, lists, strings, numbers and uint8 numpy arrays; refuses every other name."""
 
-    def __init__(self, handle: IO[bytes], label: str, bounds: PlainPickleBounds) -> None:
+    def __init__(self, data: bytes, label: str, bounds: PlainPickleBounds) -> None:
         # latin-1 reads Python 2 str as text byte for byte, as torchvision's readers do.
-        super().__init__(handle, encoding="latin1")
+        super().__init__(io.BytesIO(data), encoding="latin1")
         self.label = label
-        self.bounds = bounds
+        self.max_ndim = bounds.max_ndim
+        self.file_size = len(data)
 
     def find_class(self, module: str, name: str) -> Any:
         if module in _NDARRAY_MAKERS and name == "_reconstruct":
@@ -619,13 +621,14 @@ class _PlainUnpickler(pickle.Unpickler):
         # numpy's _reconstruct(ndarray, (0,), b'b') makes an empty array that BUILD fills.
         if cls is not _NDARRAY or shape != (0,) or typecode not in (b"b", "b"):
             raise bad(f"malformed numpy array record {short_repr((cls, shape, typecode), 60)}")
-        return _PickledArray(self.bounds)
+        return _PickledArray(self.max_ndim, self.file_size)
 
     def _frombuffer(self, raw: Any, dtype: Any, shape: Any, order: Any) -> _PickledArray:
         # Protocol 5's form: the bytes in-band, then dtype, shape and order.
         if order not in ("C", "F"):
             raise bad(f"malformed numpy array order {short_repr(order, 20)}")
-        return _PickledArray(self.bounds).set(shape, dtype, order == "F", raw)
+        return _PickledArray(self.max_ndim, self.file_size).set(shape, dtype, order == "F",
+                                                                raw)
 
     def persistent_load(self, pid: Any) -> Any:
         raise bad(f"{self.label} refers to outside objects (persistent id "
@@ -730,7 +733,7 @@ def read_plain_pickle(file: Path, label: str, bounds: PlainPickleBounds) -> Any:
             raise bad(f"{label} is larger than {bound}, more than a data file of this kind "
                       "holds", hint=None)
         _count_ops(data, label, bounds)
-        root = _PlainUnpickler(io.BytesIO(data), label, bounds).load()
+        root = _PlainUnpickler(data, label, bounds).load()
         return _resolve(root, 0, set(), {})
     except InvalidInputError as exc:
         if exc.message.startswith(label):

@@ -14,14 +14,21 @@ peak is reset through ``/proc/self/clear_refs`` once the imports are done):
 * ``image-16bit``, ``image-rgb``: an 8192 x 8192 PNG (the pixel bound) through
   ``tvtool.io.images.read_image``;
 * ``templates``: a zero-shot head of 2 classes x 1,000 templates (the template bound) on
-  ``tvtool-tiny``.
+  ``tvtool-tiny``;
+* ``cifar-batch``: a CIFAR batch just under the 256 MiB file bound (87,000 images), written as
+  Python 2's cPickle wrote the published files (the image bytes one latin-1 str, the costliest
+  form to read), through ``tvtool.io.dataset_pickles.read_cifar_batch``; ``cifar-pickle``: the
+  same file through ``pickle.load(..., encoding="latin1")``, as torchvision's ``CIFAR10`` reads
+  it (the baseline);
+* ``pickle-ops``: a pickle of 997,000 empty dicts (one operation each, just inside the
+  1,000,000-operation bound) through ``tvtool.io.unpickle.read_plain_pickle``.
 
 Usage::
 
     python benchmarks/bounds_bench.py [--cases yaml-libyaml,json,...] [--json]
 
-Needs ~300 MB of disk in ``$TMPDIR`` for the images and ~2 GB of memory; everything is deleted
-at the end.
+Needs ~600 MB of disk in ``$TMPDIR`` for the images and the CIFAR batch and ~2 GB of memory;
+everything is deleted at the end.
 """
 
 from __future__ import annotations
@@ -75,6 +82,19 @@ elif case.startswith("image"):
 elif case == "templates":
     templates = [line for line in open(path).read().splitlines() if line]
     build_zero_shot_head(bundle, ["cat", "dog"], templates)
+elif case == "cifar-batch":
+    from pathlib import Path
+    from tvtool.io.dataset_pickles import read_cifar_batch
+    read_cifar_batch(Path(path))
+elif case == "cifar-pickle":
+    import pickle
+    with open(path, "rb") as handle:
+        pickle.load(handle, encoding="latin1")
+elif case == "pickle-ops":
+    from pathlib import Path
+    from tvtool.io.dataset_pickles import _BATCH_BOUNDS
+    from tvtool.io.unpickle import read_plain_pickle
+    read_plain_pickle(Path(path), "ops", _BATCH_BOUNDS)
 seconds = time.process_time() - start
 grown = status("VmHWM") - before
 print(json.dumps({"cpu_s": round(seconds, 2), "memory_mb": round(grown)}))
@@ -106,6 +126,27 @@ def _inputs(case: str, folder: Path) -> tuple[Path, str]:
     if case == "templates":
         path.write_text("".join(f"a photo number {i} of a {{}}.\n" for i in range(MAX_TEMPLATES)))
         return path, f"2 classes x {MAX_TEMPLATES:,} templates, tvtool-tiny"
+    if case in ("cifar-batch", "cifar-pickle"):
+        import struct
+
+        path = folder / "cifar-batch"
+        if not path.exists():
+            count = 87_000
+            labels = b"".join(b"(" + b"K\x07" * 1000 + b"e" for _ in range(count // 1000))
+            array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b"
+                     b"\x87R(K\x01(J" + struct.pack("<i", count) + b"M\x00\x0ctcnumpy\ndtype\n"
+                     b"U\x02u1K\x00K\x01\x87R(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xff"
+                     b"K\x00tb\x89T" + struct.pack("<I", count * 3072))
+            with open(path, "wb") as handle:
+                handle.write(b"\x80\x02}(U\x04data" + array)
+                for _ in range(count // 1000):
+                    handle.write(bytes(range(256)) * 12000)  # 1,000 images of every byte value
+                handle.write(b"tbU\x06labels]" + labels + b"u.")
+        return path, f"{path.stat().st_size / MB:,.1f} MiB, 87,000 images"
+    if case == "pickle-ops":
+        path.write_bytes(b"\x80\x02]" + b"".join(b"(" + b"}" * 997 + b"e" for _ in range(1000))
+                         + b".")
+        return path, f"997,000 empty dicts, {path.stat().st_size / 1024:,.0f} KiB"
     if case == "regex":
         from tvtool.formats.peft_adapters.patterns import MAX_STEPS
 
@@ -114,7 +155,7 @@ def _inputs(case: str, folder: Path) -> tuple[Path, str]:
 
 
 CASES = ("yaml-libyaml", "yaml-python", "json", "regex", "image-16bit", "image-rgb",
-         "templates")
+         "templates", "cifar-batch", "cifar-pickle", "pickle-ops")
 
 
 def main() -> int:

@@ -47,6 +47,15 @@ MAX_IMAGE_PIXELS = 64 * 1024 * 1024
 kept 4 bytes wide by PIL; 16-bit greyscale narrowed in slices), so at most ~0.5 GB per image
 per data-loader worker; PIL's own bound is 89 million pixels, with a warning only."""
 
+MAX_DATA_PICKLE_BYTES = 256 * 1024 * 1024
+"""Largest pickled dataset file (a CIFAR batch) read; CIFAR-100's ``train``, the largest,
+is 155 MB."""
+
+MAX_DATA_PICKLE_OPS = 1_000_000
+"""Most pickle operations in one pickled dataset file. Each builds at most one object, so
+this bounds the memory of everything but the bytes and strings, which are in the file;
+CIFAR-100's ``train`` has about 250,000."""
+
 _REPR = reprlib.Repr()
 _REPR.maxlevel = 3
 _REPR.maxdict = _REPR.maxlist = _REPR.maxtuple = _REPR.maxset = _REPR.maxfrozenset = 4

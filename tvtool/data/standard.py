@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import ConcatDataset, Dataset
 
-from tvtool.data import catalog
+from tvtool.data import catalog, unpickled
 from tvtool.data.base import Pool, TaskSpec
 from tvtool.data.hf import hf_pools
 from tvtool.data.imagefolder import FilePool, scan_class_folders
@@ -49,16 +49,18 @@ def _tv(name: str) -> Any:
     return getattr(torchvision.datasets, name)
 
 
+# torchvision's CIFAR classes unpickle their files, and its MNIST-family classes and ImageNet
+# torch.load some: those datasets are built by tvtool.data.unpickled from the same files.
 def _mnist(root: Path, part: str, download: bool) -> Dataset:
-    return _tv("MNIST")(str(root), train=part == "train", download=download)
+    return unpickled.mnist_family("MNIST", root, part == "train", download)
 
 
 def _cifar10(root: Path, part: str, download: bool) -> Dataset:
-    return _tv("CIFAR10")(str(root), train=part == "train", download=download)
+    return unpickled.cifar("CIFAR10", root, part == "train", download)
 
 
 def _cifar100(root: Path, part: str, download: bool) -> Dataset:
-    return _tv("CIFAR100")(str(root), train=part == "train", download=download)
+    return unpickled.cifar("CIFAR100", root, part == "train", download)
 
 
 DATASETS_EXTRA = "tvtool[datasets]"
@@ -142,8 +144,8 @@ def _emnist(root: Path, part: str, download: bool) -> Dataset:
     # code passes the root itself (EMNIST/raw/). Either works; a download takes the first.
     folder = root / "EMNIST"
     flat = (folder / "raw").is_dir() and not (folder / "EMNIST").is_dir()
-    return _tv("EMNIST")(str(root if flat else folder), split="digits", train=part == "train",
-                         download=download)
+    return unpickled.mnist_family("EMNIST", root if flat else folder, part == "train", download,
+                                  split="digits")
 
 
 def _food101(root: Path, part: str, download: bool) -> Dataset:
@@ -152,12 +154,12 @@ def _food101(root: Path, part: str, download: bool) -> Dataset:
 
 
 def _fashion_mnist(root: Path, part: str, download: bool) -> Dataset:
-    return _tv("FashionMNIST")(str(root / "FashionMNIST"), train=part == "train",
-                               download=download)
+    return unpickled.mnist_family("FashionMNIST", root / "FashionMNIST", part == "train",
+                                  download)
 
 
 def _kmnist(root: Path, part: str, download: bool) -> Dataset:
-    return _tv("KMNIST")(str(root / "KMNIST"), train=part == "train", download=download)
+    return unpickled.mnist_family("KMNIST", root / "KMNIST", part == "train", download)
 
 
 def _rendered_sst2(root: Path, part: str, download: bool) -> Dataset:
@@ -180,8 +182,7 @@ def _imagenet(root: Path, part: str, download: bool) -> Dataset:
         raise InvalidInputError("ImageNet cannot be downloaded automatically",
                                 hint="place it under DATA_ROOT/imagenet as docs/data.md shows")
     # torchvision's ImageNet calls its held-out 50,000 images "val": that is the test pool.
-    return _tv("ImageNet")(str(root / "imagenet"), split="train" if part == "train" else "val",
-                           loader=read_image)
+    return unpickled.imagenet(root / "imagenet", part, read_image)
 
 
 EUROSAT_FOLDERS = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial",

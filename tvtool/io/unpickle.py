@@ -14,13 +14,19 @@ Memory stays bounded by the file's size: storages hold raw bytes that are in the
 sizes the pickle declares must add up to no more than the file size, and that is checked
 before each storage is allocated. torch writes zip members uncompressed (stored); a
 compressed member could inflate a few hundred bytes into gigabytes, so it is refused.
+
+:func:`read_plain_pickle` reads plain pickles of data (CIFAR's batch files) more strictly:
+dicts, lists, strings, numbers and uint8 numpy arrays only, any other global refused outright
+(no stubs), with bounds on the file's size and number of operations.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import os
 import pickle
+import pickletools
 import struct
 import zipfile
 from collections import OrderedDict
@@ -29,9 +35,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.io.images import open_regular
+from tvtool.limits import MAX_NESTING, short_name, short_repr
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _MAX_PICKLE_BYTES = 256 * 1024 * 1024
@@ -471,3 +480,267 @@ def read_root(handle: IO[bytes], label: str, size: int) -> tuple[Any, set[str]]:
         raise bad(f"{label} is neither a torch zip archive nor a pickle (protocol 2+)",
                    hint="convert reads torch.save files (.pt, .pth, .bin) and safetensors")
     return _load_stream(handle, label, size)
+
+
+# ---------------------------------------------------------------- plain pickles with arrays
+#
+# The python versions of some datasets (CIFAR-10/100) are plain pickles, not torch files: a
+# dict of strings, numbers, lists and numpy arrays. Here no global becomes a stub: the few
+# that such a file needs are stand-ins written here (numpy's array and dtype functions are
+# never called), and any other name is refused before anything is built.
+
+_NDARRAY_MAKERS = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1 / numpy 2
+_FROMBUFFER_MAKERS = ("numpy.core.numeric", "numpy._core.numeric")
+_REFUSED_OPCODES = frozenset({
+    # Instances of named classes, persistent ids, the extension registry and out-of-band
+    # buffers: none of them occurs in a plain pickle of data.
+    "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4",
+    "NEXT_BUFFER", "READONLY_BUFFER"})
+
+
+@dataclass
+class PlainPickleBounds:
+    """Bounds on a plain pickle read by :func:`read_plain_pickle`.
+
+    Attributes:
+        max_bytes: Largest file.
+        max_ops: Most pickle operations: each builds at most one object, so this bounds the
+            memory of everything but the bytes and strings, which are in the file.
+        max_ndim: Most dimensions of an array.
+    """
+
+    max_bytes: int
+    max_ops: int
+    max_ndim: int = 8
+
+
+class _NdarrayName:
+    """What ``numpy.ndarray`` stands for: only the first argument of ``_reconstruct``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise bad("numpy.ndarray is called directly; a pickled array names it only through "
+                  "numpy's _reconstruct")
+
+
+_NDARRAY = _NdarrayName()
+
+
+class _Uint8Dtype:
+    """``numpy.dtype('u1')`` as a pickle names it; any other dtype is refused."""
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata]):
+        # a plain byte has no subarray, names or fields.
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)
+                and state[1] in ("|", "<", ">", "=") and state[2:5] == (None, None, None)):
+            raise bad(f"malformed numpy dtype state {short_repr(state, 60)}")
+
+
+def _numpy_dtype(code: Any, align: Any = False, copy: Any = False) -> _Uint8Dtype:
+    if code not in ("u1", b"u1"):
+        raise bad(f"a numpy array of dtype {short_repr(code, 40)}; only uint8 (u1) arrays "
+                  "are read from a pickle", hint=None)
+    return _Uint8Dtype()
+
+
+class _PickledArray:
+    """A numpy array being unpickled: built from its state, checked against its bytes."""
+
+    def __init__(self, max_ndim: int, file_size: int) -> None:
+        self.max_ndim = max_ndim
+        self.file_size = file_size
+        self.array: np.ndarray | None = None
+
+    def set(self, shape: Any, dtype: Any, fortran: Any, raw: Any) -> _PickledArray:
+        if self.array is not None:
+            raise bad("a pickled numpy array is built twice")
+        if not isinstance(dtype, _Uint8Dtype):
+            raise bad(f"a numpy array whose dtype is {short_repr(dtype, 40)}")
+        if not isinstance(shape, tuple) or len(shape) > self.max_ndim or not all(
+                type(n) is int and n >= 0 for n in shape):
+            raise bad(f"malformed numpy array shape {short_repr(shape, 60)}")
+        if isinstance(raw, str):  # Python 2's str, read as latin-1 text: one byte a character
+            try:
+                raw = raw.encode("latin-1")
+            except UnicodeEncodeError:
+                raise bad("a numpy array's data is text, not bytes") from None
+        if not isinstance(raw, (bytes, bytearray)):
+            raise bad(f"a numpy array's data is {type(raw).__name__}, not bytes (object "
+                      "arrays are never read)")
+        count = 1
+        for n in shape:
+            # The data must be in the file: a declared shape may not promise more.
+            count *= n
+            if count > self.file_size:
+                raise bad(f"a numpy array of shape {short_repr(shape, 60)} declares more "
+                          f"bytes than the whole file ({self.file_size})")
+        if count != len(raw):
+            raise bad(f"a numpy array of shape {short_repr(shape, 60)} holds {len(raw)} bytes, "
+                      f"{count} expected")
+        if fortran not in (False, True, 0, 1):
+            raise bad(f"malformed numpy array order {short_repr(fortran, 20)}")
+        flat = np.frombuffer(raw, dtype=np.uint8)
+        self.array = flat.reshape(shape, order="F") if fortran else flat.reshape(shape)
+        return self
+
+    def __setstate__(self, state: Any) -> None:
+        # ndarray.__reduce__ state: ([version,] shape, dtype, is_fortran, raw data).
+        if isinstance(state, tuple) and len(state) == 5 and state[0] == 1:
+            state = state[1:]
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise bad(f"malformed numpy array state {short_repr(state, 60)}")
+        self.set(*state)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Reads dicts, lists, strings, numbers and uint8 numpy arrays; refuses every other name."""
+
+    def __init__(self, data: bytes, label: str, bounds: PlainPickleBounds) -> None:
+        # latin-1 reads Python 2 str as text byte for byte, as torchvision's readers do.
+        super().__init__(io.BytesIO(data), encoding="latin1")
+        self.label = label
+        self.max_ndim = bounds.max_ndim
+        self.file_size = len(data)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _NDARRAY_MAKERS and name == "_reconstruct":
+            return self._reconstruct
+        if module in _FROMBUFFER_MAKERS and name == "_frombuffer":
+            return self._frombuffer
+        if (module, name) == ("numpy", "ndarray"):
+            return _NDARRAY
+        if (module, name) == ("numpy", "dtype"):
+            return _numpy_dtype
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
+        raise bad(f"{self.label} names {short_name(f'{module}.{name}', 80)}, which a data "
+                  "file of this kind never holds; tvtool does not run code from data files",
+                  hint=None)
+
+    def _reconstruct(self, cls: Any, shape: Any, typecode: Any) -> _PickledArray:
+        # numpy's _reconstruct(ndarray, (0,), b'b') makes an empty array that BUILD fills.
+        if cls is not _NDARRAY or shape != (0,) or typecode not in (b"b", "b"):
+            raise bad(f"malformed numpy array record {short_repr((cls, shape, typecode), 60)}")
+        return _PickledArray(self.max_ndim, self.file_size)
+
+    def _frombuffer(self, raw: Any, dtype: Any, shape: Any, order: Any) -> _PickledArray:
+        # Protocol 5's form: the bytes in-band, then dtype, shape and order.
+        if order not in ("C", "F"):
+            raise bad(f"malformed numpy array order {short_repr(order, 20)}")
+        return _PickledArray(self.max_ndim, self.file_size).set(shape, dtype, order == "F",
+                                                                raw)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise bad(f"{self.label} refers to outside objects (persistent id "
+                  f"{short_repr(pid, 40)}); a data file of this kind never does", hint=None)
+
+
+def _latin1_bytes(text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """``_codecs.encode(text, 'latin1')``: how Python 3 pickles bytes in protocols 0-2."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise bad(f"_codecs.encode of {type(text).__name__} as {short_repr(encoding, 20)}; "
+                  "only latin-1 text is admitted (pickled bytes)")
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        raise bad("pickled bytes hold characters beyond latin-1") from None
+
+
+def _count_ops(data: bytes, label: str, bounds: PlainPickleBounds) -> None:
+    """Walk the opcodes before anything is built: refuse too many, or ones data never uses."""
+    for count, (opcode, _arg, _pos) in enumerate(pickletools.genops(io.BytesIO(data)), 1):
+        if count > bounds.max_ops:
+            raise bad(f"{label} holds more than {bounds.max_ops:,} pickle operations; "
+                      "tvtool reads at most that many from a data file", hint=None)
+        if opcode.name in _REFUSED_OPCODES:
+            raise bad(f"{label} holds the pickle operation {opcode.name}, which a data file "
+                      "of this kind never holds; tvtool does not run code from data files",
+                      hint=None)
+
+
+def _resolve(value: Any, depth: int, done: set[int], rebuilt: dict[int, Any]) -> Any:
+    """``value`` with every unpickled array in place of its record.
+
+    Lists and dicts are changed in place (a copy would double the memory of a file of many
+    small containers) and remembered by id in ``done``; tuples are rebuilt and arrays
+    replaced, both remembered in ``rebuilt``. Each object is visited once, so shared and
+    cyclic references cost nothing more.
+    """
+    if isinstance(value, (str, bytes, int, float, type(None))):
+        return value
+    key = id(value)
+    if key in done:
+        return value
+    if key in rebuilt:
+        return rebuilt[key]
+    if depth > MAX_NESTING:
+        raise bad(f"pickled data nested more than {MAX_NESTING} levels deep")
+    if isinstance(value, _PickledArray):
+        if value.array is None:
+            raise bad("a pickled numpy array has no data")
+        rebuilt[key] = value.array
+        return value.array
+    if isinstance(value, list):
+        done.add(key)
+        for index, item in enumerate(value):
+            value[index] = _resolve(item, depth + 1, done, rebuilt)
+        return value
+    if isinstance(value, dict):
+        done.add(key)
+        for name, item in value.items():
+            if not isinstance(name, (str, bytes, int, float, type(None))):
+                raise bad(f"pickled data has a dict key of type {type(name).__name__}")
+            value[name] = _resolve(item, depth + 1, done, rebuilt)
+        return value
+    if isinstance(value, tuple):
+        rebuilt[key] = tuple(_resolve(v, depth + 1, done, rebuilt) for v in value)
+        return rebuilt[key]
+    # A dtype or ndarray name left loose, a set, ...
+    raise bad(f"pickled data holds {type(value).__name__.lstrip('_')}, which a data file "
+              "of this kind never holds")
+
+
+def read_plain_pickle(file: Path, label: str, bounds: PlainPickleBounds) -> Any:
+    """Read a pickle of plain data and uint8 numpy arrays without running code from it.
+
+    Admitted: what pickle's own opcodes build (dicts, lists, tuples, strings, bytes, numbers,
+    ``None``, booleans) and numpy uint8 arrays in the forms numpy pickles them
+    (``_reconstruct`` + state, or protocol 5's ``_frombuffer``), with Python 2 strings read as
+    latin-1 text (as torchvision reads them). Any other global name, instances of classes,
+    persistent ids and out-of-band buffers are refused before anything is built, and so are
+    files over ``bounds.max_bytes`` or with more than ``bounds.max_ops`` operations; an
+    array's declared shape must match the bytes the file holds for it.
+
+    Returns:
+        The unpickled root object, numpy arrays in place (read-only views of the file's bytes).
+
+    Raises:
+        InvalidInputError: anything else, one line naming the file.
+    """
+    try:
+        with open_regular(file, "pickled data file") as handle:
+            # read(n) allocates n bytes first: ask for what the file holds, never the bound.
+            size = os.fstat(handle.fileno()).st_size
+            data = handle.read(min(size, bounds.max_bytes) + 1)
+    except FileNotFoundError:
+        raise bad(f"{label} does not exist", hint=None) from None
+    except OSError as exc:
+        raise bad(f"cannot read {label}: {' '.join(str(exc).split())[:120]}", hint=None) from None
+    try:
+        if len(data) > bounds.max_bytes:
+            mib, rest = divmod(bounds.max_bytes, 1024 * 1024)
+            bound = f"{mib} MiB" if mib and not rest else f"{bounds.max_bytes:,} bytes"
+            raise bad(f"{label} is larger than {bound}, more than a data file of this kind "
+                      "holds", hint=None)
+        _count_ops(data, label, bounds)
+        root = _PlainUnpickler(data, label, bounds).load()
+        return _resolve(root, 0, set(), {})
+    except InvalidInputError as exc:
+        if exc.message.startswith(label):
+            raise
+        raise bad(f"{label}: {exc.message}", hint=exc.hint) from None
+    except RecursionError:
+        raise bad(f"{label}: pickled data nested too deeply") from None
+    except Exception as exc:  # only our own code ran, so any error means a malformed file
+        text = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise bad(f"{label} is not a readable pickle: {text}") from exc

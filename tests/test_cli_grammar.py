@@ -159,7 +159,7 @@ def test_help_shows_no_bool_and_lists_choices(cli, monkeypatch):
         assert options and not [line for line in options
                                 if "<bool>" in line or "<str>" in line], command
     text = cli(["extract", "--help"]).stdout
-    assert "[full|attn]" in text and "[all|changed]" in text
+    assert "[full|attn]" in text and "[image|all|changed]" in text
     assert "[default: 1.0]" in cli(["apply", "--help"]).stdout
 
 

@@ -136,3 +136,28 @@ def test_stdout_carries_only_the_path(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert out.stat().st_size > 0
+
+
+def test_extracted_vector_holds_what_a_finetune_vector_holds_and_merges(cli, tmp_path):
+    """extract's default keeps the image encoder, as finetune does: the two merge as they are."""
+    vector, checkpoint = tmp_path / "ft.tv.safetensors", tmp_path / "ft.safetensors"
+    result = cli([*COMMON, "-o", str(vector), "--checkpoint-out", str(checkpoint)])
+    assert result.exit_code == 0, result.stderr
+    extracted = tmp_path / "ex.tv.safetensors"
+    result = cli(["extract", str(checkpoint), "--base", BASE, "-o", str(extracted)])
+    assert result.exit_code == 0, result.stderr
+    tuned, ext = load_file(str(vector)), load_file(str(extracted))
+    base = load_file(str(checkpoint))
+    image = {n for n, t in base.items() if n.startswith("visual.") and t.is_floating_point()}
+    assert set(ext) == set(tuned) == image
+    for name in tuned:
+        torch.testing.assert_close(ext[name], tuned[name], rtol=0, atol=1e-7)
+    merged = tmp_path / "m.safetensors"
+    result = cli(["merge", str(vector), str(extracted), "-o", str(merged)])
+    assert result.exit_code == 0, result.stderr
+    assert set(load_file(str(merged))) == image
+    # --keep all opts in to every floating tensor (the text tower's deltas are zero here).
+    whole = tmp_path / "all.tv.safetensors"
+    result = cli(["extract", str(checkpoint), "--base", BASE, "-o", str(whole), "--keep", "all"])
+    assert result.exit_code == 0, result.stderr
+    assert set(load_file(str(whole))) == {n for n, t in base.items() if t.is_floating_point()}

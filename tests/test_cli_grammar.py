@@ -148,6 +148,9 @@ def test_choices_shown_are_the_library_choices():
     assert _metavar("tvtool eval", "--split") == ["val", "test"]
     assert _metavar("tvtool eval disentanglement", "--split") == ["val", "test"]
     assert _metavar("tvtool finetune", "--mode") == [m.value for m in MODES]
+    from tvtool.finetune.config import RESUME_CHOICES
+
+    assert _metavar("tvtool finetune", "--resume") == list(RESUME_CHOICES)
 
 
 def test_help_shows_no_bool_and_lists_choices(cli, monkeypatch):

@@ -149,6 +149,9 @@ def test_choices_shown_are_the_library_choices():
     assert _metavar("tvtool eval disentanglement", "--split") == ["val", "test"]
     assert _metavar("tvtool finetune", "--mode") == [m.value for m in MODES]
     from tvtool.finetune.config import RESUME_CHOICES
+    from tvtool.merge.config import DTYPES
+
+    assert _metavar("tvtool merge", "--dtype") == list(DTYPES)
 
     assert _metavar("tvtool finetune", "--resume") == list(RESUME_CHOICES)
 

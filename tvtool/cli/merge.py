@@ -71,7 +71,11 @@ class MergeCommand(DeclaredOptionsCommand):
 
 # Parameters that define the merge itself: with --config they must come from the file.
 _DEFINING = ("vectors", "method", "coef", "coefs", "density", "trim", "param", "seed",
-             "missing_as_zero", "common_only", "allow_base_mismatch", "mixed_modes_as")
+             "missing_as_zero", "common_only", "allow_base_mismatch", "mixed_modes_as",
+             "dtype")
+# tvtool.merge.config.DTYPES, without importing torch for `tvtool --help` (checked equal by
+# tests/test_cli_grammar.py).
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @handles_errors
@@ -116,6 +120,9 @@ def merge(
         "--mixed-modes-as", metavar="[linearized|nonlinear]",
         help="Merge linearized with non-linearized vectors; record the result as "
              "linearized or nonlinear.", show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="[" + "|".join(_DTYPES) + "]", show_default=False,
+        help="Storage dtype of the merged vector (default: the inputs').")] = None,
     config: Annotated[str | None, typer.Option(
         "--config", help="YAML merge config (docs/merge.md); replaces the flags above.",
         show_default=False)] = None,
@@ -196,7 +203,8 @@ def merge(
             method=method, params=_params(density, trim, param),
             coefs=tuple(coef or [1.0]), coefs_file=coefs, seed=seed,
             missing="zero" if missing_as_zero else "common" if common_only else "refuse",
-            allow_base_mismatch=allow_base_mismatch, mixed_modes_as=mixed_modes_as)
+            allow_base_mismatch=allow_base_mismatch, mixed_modes_as=mixed_modes_as,
+            dtype=dtype)
         if output is None and not dry_run:
             raise UsageError("missing option -o/--output", hint="-o merged.safetensors, or "
                                                               "-o - for stdout")
@@ -276,6 +284,9 @@ def _print_plan(plan: dict[str, Any]) -> None:
     """Human-readable dry-run plan on stdout (it is the command's data)."""
     lines = [f"method: {plan['method']['name']} ({plan['method']['paper']})",
              f"params: {plan['method']['params']}",
+             *([f"per-vector params: {plan['method']['vector_params']}"]
+               if plan["method"].get("vector_params") else []),
+             *([f"dtype: {plan['dtype']}"] if plan.get("dtype") else []),
              f"coefficients: {plan['coefficients']['granularity']} "
              f"from {plan['coefficients']['origin']}"
              + (f" {plan['coefficients']['values']}"

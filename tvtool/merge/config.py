@@ -55,6 +55,8 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 _KEYS = ("version", "vectors", "method", "params", "coef", "coefs_file", "seed", "missing",
          "allow_base_mismatch", "mixed_modes_as", "dtype", "output")
+JOB_KEYS = ("base", "apply", "datasets", "suite", "sweep", "sweep_report")
+"""The keys that make a config a job (:mod:`tvtool.merge.job`), besides the merge's own."""
 
 
 @dataclass(frozen=True)
@@ -221,8 +223,10 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
         raise _fail(f"must be a mapping, got {type(document).__name__}", label)
     unknown = sorted(short_repr(k, 40) for k in document if k not in _KEYS)
     if unknown:
+        job = [k for k in document if k in JOB_KEYS]
         raise _fail(f"unknown key(s) {short_repr(unknown)}; known keys are {list(_KEYS)}",
-                    label)
+                    label, hint=f"{short_repr(job)} belong to a whole job: read the file with "
+                                "tvtool.merge.load_job" if job else None)
     version = document.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise _fail(f"version {short_repr(version)} is not supported (this tvtool reads version "
@@ -286,6 +290,22 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
         raise _fail(exc.message, label, exc.hint) from None
 
 
+def check_new_output(path: str, key: str, label: str, force: bool) -> None:
+    """Refuse an output a config names that exists already, unless ``force``.
+
+    The person running the command decides whether a file may be replaced (``--force``), not
+    the file's author: a config has no ``overwrite:`` key.
+
+    Raises:
+        InvalidInputError: the path exists (a file, a directory or a symlink).
+    """
+    target = Path(path).expanduser()
+    if not force and (target.exists() or target.is_symlink()):
+        raise _fail(f"{key} {short_repr(path)} already exists", label,
+                    hint="pass --force to replace it, or -o PATH to write elsewhere"
+                    if key == "output" else "pass --force to replace it")
+
+
 def load_config(path: str, *, output: str | None = None, force: bool = False) -> MergeConfig:
     """Read and validate a YAML (or JSON) merge config file.
 
@@ -319,8 +339,6 @@ def load_config(path: str, *, output: str | None = None, force: bool = False) ->
     config = config_from_document(document, label=repr(path), base_dir=base_dir, output=output,
                                   output_root=base_dir if base_dir is not None else Path.cwd())
     check_distinct_paths(config.output, [path])
-    if output is None and config.output != "-" and not force \
-            and (Path(config.output).exists() or Path(config.output).is_symlink()):
-        raise _fail(f"output {short_repr(config.output)} already exists", repr(path),
-                    hint="pass --force to replace it, or -o PATH to write elsewhere")
+    if output is None and config.output != "-":
+        check_new_output(config.output, "output", repr(path), force)
     return config

@@ -338,3 +338,29 @@ def test_per_vector_density_applies_to_every_variant(cli, repo, files):
     result = cli(["merge", "--config", str(config), "--dry-run"])
     assert result.exit_code == 2
     assert "sweep[1]" in result.stderr and "takes no per-vector ['density']" in result.stderr
+
+
+def test_the_config_examples_in_the_docs_are_valid():
+    """Every merge config in docs/merge.md parses and validates (methods, parameters, keys)."""
+    import re
+
+    from tvtool.merge.job import job_from_document
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "merge.md").read_text()
+    documents = [yaml.safe_load(body) for body in
+                 re.findall(r"^```yaml\n(.*?)^```", text, flags=re.S | re.M)]
+    configs = [d for d in documents if isinstance(d, dict) and "vectors" in d]
+    assert len(configs) >= 3
+    for document in configs:
+        job = job_from_document(document, label="docs")
+        assert job.merge.vectors
+    jobs = [job_from_document(d, label="docs") for d in configs]
+    assert any(j.apply is not None and j.apply.hf_dir for j in jobs)
+    assert any(len(j.sweep) == 4 for j in jobs)
+    # The CI example runs the dry run, then the merge: both lines are parsed by
+    # tests/test_docs_commands.py (its `run:` steps).
+    from tests.test_docs_commands import SHELL_CASES
+
+    ci = [case.values[0] for case in SHELL_CASES if ":run" in case.id]
+    assert ["merge", "--config", "models/merge.yaml", "--dry-run"] in ci
+    assert ["merge", "--config", "models/merge.yaml", "--json"] in ci

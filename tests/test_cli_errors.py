@@ -120,8 +120,13 @@ def test_missing_and_extra_keys_report_counts_and_names(cli, files, tmp_path, ou
     path = tmp_path / "missing.safetensors"
     write_tensors(str(path), missing)
     out = str(out_dir / "o.safetensors")
-    assert_fails(cli(["extract", str(path), "--base", files["base"], "-o", out]), 2,
+    assert_fails(cli(["extract", str(path), "--base", files["base"], "-o", out,
+                      "--keep", "all"]), 2,
                  "lacks 2 tensors of the base", "'ln_final.weight'", "--allow-missing")
+    # The default keeps the image encoder: only visual.proj counts.
+    assert_fails(cli(["extract", str(path), "--base", files["base"], "-o", out]), 2,
+                 "lacks 1 tensors of the base's image encoder", "'visual.proj'",
+                 "--allow-missing")
     extra = dict(ft, **{"head.weight": torch.ones(2), "head.bias": torch.ones(2)})
     write_tensors(str(path), extra)
     assert_fails(cli(["extract", str(path), "--base", files["base"], "-o", out]), 2,

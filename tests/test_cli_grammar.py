@@ -148,6 +148,12 @@ def test_choices_shown_are_the_library_choices():
     assert _metavar("tvtool eval", "--split") == ["val", "test"]
     assert _metavar("tvtool eval disentanglement", "--split") == ["val", "test"]
     assert _metavar("tvtool finetune", "--mode") == [m.value for m in MODES]
+    from tvtool.finetune.config import RESUME_CHOICES
+    from tvtool.merge.config import DTYPES
+
+    assert _metavar("tvtool merge", "--dtype") == list(DTYPES)
+
+    assert _metavar("tvtool finetune", "--resume") == list(RESUME_CHOICES)
 
 
 def test_help_shows_no_bool_and_lists_choices(cli, monkeypatch):
@@ -159,7 +165,7 @@ def test_help_shows_no_bool_and_lists_choices(cli, monkeypatch):
         assert options and not [line for line in options
                                 if "<bool>" in line or "<str>" in line], command
     text = cli(["extract", "--help"]).stdout
-    assert "[full|attn]" in text and "[all|changed]" in text
+    assert "[full|attn]" in text and "[image|all|changed]" in text
     assert "[default: 1.0]" in cli(["apply", "--help"]).stdout
 
 

@@ -654,3 +654,80 @@ def test_learn_coeffs_suite_adds_the_datasets(cli, files, tmp_path):
     missing = cli([*args, "--suite", "14", "--data-root", str(empty)])
     assert missing.exit_code == 2 and "not found" in missing.stderr
     assert not (tmp_path / "c.json").exists()
+
+
+# ---------------------------------------------------------------- negate --search --suite
+
+
+def test_negate_suite_controls_are_the_suite_without_the_target():
+    from tvtool.workflows.negation import suite_controls
+
+    notes: list[str] = []
+    # Independent expectation: the references' 8-task list, minus the task being forgotten.
+    expected = [name for name in SUITES["8"] if name != "MNIST"]
+    assert suite_controls([], "8", "MNIST", notes.append) == expected
+    assert notes == ["suite 8: MNIST is the target; the suite's other 7 datasets are controls"]
+    assert suite_controls([], "8", "mnistval") == expected  # MNISTVal: the same task
+    assert suite_controls(["ImageNet"], "14", "MNIST") == \
+        ["ImageNet", *[n for n in SUITES["14"] if n != "MNIST"]]
+    with pytest.raises(UsageError, match="named twice"):
+        suite_controls(["svhn"], "8", "MNIST")
+    with pytest.raises(UsageError, match="unknown suite"):
+        suite_controls([], "9", "MNIST")
+
+
+def test_negate_search_suite_reaches_the_search_and_the_provenance(files, tmp_path,
+                                                                    monkeypatch):
+    import tvtool.workflows.negation as negation
+    from tvtool.evaluate import EvalSettings
+    from tvtool.io import open_tensors
+    from tvtool.metadata import FileMeta
+
+    seen = {}
+
+    def measure(settings, vector, grid, *, target, control, threshold, log, progress):
+        seen.update(target=target, controls=list(control))
+        accs = {target: 0.9, **{c: 0.8 for c in control}}
+        search = negation.search_negation(lambda a: {k: v - 0.1 * a * (k == target)
+                                                     for k, v in accs.items()},
+                                          [0.5, 1.0], target=target, control=control,
+                                          threshold=threshold)
+        return negation.NegationMeasurement(search, search.best, {})
+
+    monkeypatch.setattr(negation, "measure_negation", measure)
+    out = tmp_path / "neg.safetensors"
+    settings = EvalSettings(base=files["base"], device="cpu", limit=2)
+    report = negation.search_negate(files["tv1"], str(out), settings, [0.5, 1.0], control=[],
+                                    target="EuroSAT", suite="8")
+    assert seen == {"target": "EuroSAT",
+                    "controls": [n for n in SUITES["8"] if n != "EuroSAT"]}
+    assert list(report.controls) == seen["controls"] and report.search.best == 1.0
+    source = open_tensors(str(out))
+    search = FileMeta.from_header(source.metadata, "neg").provenance["search"]
+    source.close()
+    assert search["suite"] == "8" and search["controls"] == seen["controls"]
+    # The target's task named as a control under its Val name is refused.
+    with pytest.raises(UsageError, match="same task"):
+        negation.search_negate(files["tv1"], str(tmp_path / "x.safetensors"), settings,
+                               [0.5], control=["EuroSATVal"], target="EuroSAT")
+
+
+def test_negate_suite_on_the_command_line(cli, files, tmp_path):
+    out = tmp_path / "neg.safetensors"
+    args = ["negate", files["tv1"], "-o", str(out)]
+    no_search = cli([*args, "--suite", "8"])
+    assert no_search.exit_code == 2 and "--suite goes with --search" in no_search.stderr
+    neither = cli([*args, "--search", "-b", files["base"]])
+    assert neither.exit_code == 2 and "--suite" in neither.stderr
+    twice = cli([*args, "--search", "-b", files["base"], "--suite", "8", "--control", "mnist",
+                 "--target", "EuroSAT"])
+    assert twice.exit_code == 2 and "named twice" in twice.stderr
+    # The suite's datasets are what the search evaluates: the first one missing under an
+    # empty data root is named (exit 2, nothing written).
+    empty = tmp_path / "root"
+    empty.mkdir()
+    search = cli([*args, "--search", "-b", files["base"], "--suite", "8",
+                  "--target", "synthetic:shape", "--data-root", str(empty), "--limit", "2",
+                  "--device", "cpu"])
+    assert search.exit_code == 2 and "not found" in search.stderr and not out.exists()
+    assert any(name in search.stderr for name in SUITES["8"])

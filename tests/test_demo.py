@@ -238,3 +238,15 @@ def test_quick_demo_smoke(cli, tmp_path):
     assert "fine-tuning synthetic" not in again.stderr
     for key in ("zero_shot", "finetuned", "methods", "negation", "disentanglement", "claims"):
         assert redo[key] == doc[key], key
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--base", "tvtool-tinny"], "did you mean 'tvtool-tiny'"),
+    (["--device", "gpu7"], "unknown device"),
+    (["--steps", "0"], "--steps must be at least 1"),
+])
+def test_demo_refuses_before_creating_anything(cli, tmp_path, args, message):
+    out = tmp_path / "demo-out"
+    result = cli(["demo", *args, "-o", str(out)])
+    assert result.exit_code == 2 and message in result.stderr
+    assert not out.exists()  # no empty cache/ and vectors/ left behind

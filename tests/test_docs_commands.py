@@ -114,12 +114,41 @@ def parse(argv: list[str]) -> None:
         raise
 
 
+def _run_steps(body: str) -> list[str]:
+    """The ``run:`` scripts of a CI workflow in a YAML block (GitHub Actions' steps)."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(body)
+    except yaml.YAMLError:
+        return []
+    scripts: list[str] = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "run" and isinstance(value, str):
+                    scripts.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(document)
+    return scripts
+
+
 def _shell_cases():
     for path in DOCS:
         for language, line, body in _blocks(path):
             if language in SHELL:
                 for offset, argv in shell_commands(body, console=language == "console"):
                     yield pytest.param(argv, id=f"{path.name}:{line + offset}")
+            elif language in ("yaml", "yml"):
+                for index, script in enumerate(_run_steps(body)):
+                    for _, argv in shell_commands(script):
+                        yield pytest.param(argv, id=f"{path.name}:{line}:run{index}")
 
 
 SHELL_CASES = list(_shell_cases())

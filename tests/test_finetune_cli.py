@@ -136,3 +136,80 @@ def test_stdout_carries_only_the_path(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     assert result.stdout.strip() == str(out)
     assert out.stat().st_size > 0
+
+
+def test_extracted_vector_holds_what_a_finetune_vector_holds_and_merges(cli, tmp_path):
+    """extract's default keeps the image encoder, as finetune does: the two merge as they are."""
+    vector, checkpoint = tmp_path / "ft.tv.safetensors", tmp_path / "ft.safetensors"
+    result = cli([*COMMON, "-o", str(vector), "--checkpoint-out", str(checkpoint)])
+    assert result.exit_code == 0, result.stderr
+    extracted = tmp_path / "ex.tv.safetensors"
+    result = cli(["extract", str(checkpoint), "--base", BASE, "-o", str(extracted)])
+    assert result.exit_code == 0, result.stderr
+    tuned, ext = load_file(str(vector)), load_file(str(extracted))
+    base = load_file(str(checkpoint))
+    image = {n for n, t in base.items() if n.startswith("visual.") and t.is_floating_point()}
+    assert set(ext) == set(tuned) == image
+    for name in tuned:
+        torch.testing.assert_close(ext[name], tuned[name], rtol=0, atol=1e-7)
+    merged = tmp_path / "m.safetensors"
+    result = cli(["merge", str(vector), str(extracted), "-o", str(merged)])
+    assert result.exit_code == 0, result.stderr
+    assert set(load_file(str(merged))) == image
+    # --keep all opts in to every floating tensor (the text tower's deltas are zero here).
+    whole = tmp_path / "all.tv.safetensors"
+    result = cli(["extract", str(checkpoint), "--base", BASE, "-o", str(whole), "--keep", "all"])
+    assert result.exit_code == 0, result.stderr
+    assert set(load_file(str(whole))) == {n for n, t in base.items() if t.is_floating_point()}
+
+
+def test_bare_resume_means_yes():
+    from tvtool.cli.finetune import _RESUME, bare_resume
+    from tvtool.finetune.config import RESUME_CHOICES
+
+    assert _RESUME == RESUME_CHOICES
+    assert bare_resume(["--resume"]) == ["--resume", "yes"]
+    assert bare_resume(["--resume", "-o", "x"]) == ["--resume", "yes", "-o", "x"]
+    assert bare_resume(["--resume", "auto", "-o", "x"]) == ["--resume", "auto", "-o", "x"]
+    assert bare_resume(["-o", "x", "--", "--resume"]) == ["-o", "x", "--", "--resume"]
+
+
+def test_workdir_runs_resume_automatically_and_refuse_another_run(cli, tmp_path, monkeypatch):
+    """A CI retry of the same command continues; other settings are refused, the state kept."""
+    import tvtool.finetune.loop as loop
+
+    workdir = tmp_path / "wd"
+    state = workdir / "resume.safetensors"
+    args = [*COMMON, "--steps", "3", "--workdir", str(workdir), "--checkpoint-every", "1",
+            "-o", str(tmp_path / "tv.safetensors")]  # the last --steps wins
+    # No state yet: --resume (bare: yes) refuses; the default (auto) would start.
+    result = cli([*args, "--resume"])
+    assert result.exit_code == 2 and "no training state" in result.stderr
+    # Ctrl-C in the second step: the message says where the state is and how to continue.
+    real = loop.learning_rate
+
+    def interrupted(step, *rest):
+        if step == 1:
+            raise KeyboardInterrupt
+        return real(step, *rest)
+
+    monkeypatch.setattr(loop, "learning_rate", interrupted)
+    result = cli(args)
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"tvtool: error: interrupted; stopped after step 1 of 3; the training state of step 1 "
+        f"is in {state}: run the same command again to continue from it")
+    monkeypatch.setattr(loop, "learning_rate", real)
+    saved = state.read_bytes()
+    other = cli([*args, "--lr", "2e-3"])
+    assert other.exit_code == 2 and "different run" in other.stderr
+    assert other.stderr.count("tvtool: error") == 1
+    assert "--resume no" in other.stderr.strip().splitlines()[-1]
+    assert state.read_bytes() == saved
+    again = cli(args)
+    assert again.exit_code == 0, again.stderr
+    assert "resuming from step 1 of 3" in again.stderr
+    over = cli([*args, "--lr", "2e-3", "--resume", "no", "--json"])
+    assert over.exit_code == 0, over.stderr
+    assert json.loads(over.stdout)["resumed_from"] == 0
+    assert "--resume no replaces it" in over.stderr

@@ -364,3 +364,73 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     assert float(diff.quantile(0.99)) < 1e-7, float(diff.quantile(0.99))
     assert float(diff.max()) < 1e-4, float(diff.max())
 
+
+
+# ------------------------------------------------------------------------- --resume auto
+
+
+def test_resume_values_and_the_earlier_flag(tmp_path):
+    assert _config(tmp_path, "a").resume == "auto"  # the default, with or without --workdir
+    assert _config(tmp_path, "a", resume=True, workdir="w").resume == "yes"
+    assert _config(tmp_path, "a", resume=False).resume == "no"
+    with pytest.raises(UsageError, match="--resume must be auto, yes, no"):
+        _config(tmp_path, "a", resume="maybe")
+    with pytest.raises(UsageError, match="--resume needs --workdir"):
+        _config(tmp_path, "a", resume="yes")
+
+
+def _interrupt_at(stop: int):
+    def after(step: int) -> None:
+        if step == stop:
+            raise KeyboardInterrupt
+    return after
+
+
+def test_auto_resume_continues_a_compatible_state_and_refuses_another(tmp_path):
+    from tvtool.errors import interruption_note
+
+    head = _head()
+    straight = _config(tmp_path, "straight", workdir=str(tmp_path / "w1"), checkpoint_every=2)
+    finetune(straight, dataset=RandomImages(), head=head)
+    config = _config(tmp_path, "auto", workdir=str(tmp_path / "w2"), checkpoint_every=2)
+    assert config.resume == "auto"
+    # A fresh --workdir: auto starts; Ctrl-C after step 3 leaves the state of step 2.
+    with pytest.raises(KeyboardInterrupt) as caught:
+        finetune(config, dataset=RandomImages(), head=head, after_step=_interrupt_at(3))
+    state = tmp_path / "w2" / RESUME_FILE
+    assert interruption_note(caught.value) == (
+        f"stopped after step 3 of 6; the training state of step 2 is in {state}: run the same "
+        "command again to continue from it")
+    assert not Path(config.output).exists()
+    saved = state.read_bytes()
+    # Another run's settings: refused, exit 2, the state left as it was.
+    with pytest.raises(InvalidInputError, match=r"different run.*lr") as refused:
+        finetune(replace(config, lr=2e-3), dataset=RandomImages(), head=head)
+    assert "--resume no" in (refused.value.hint or "") and refused.value.exit_code == 2
+    assert state.read_bytes() == saved and not Path(config.output).exists()
+    # The same command again (a CI retry) continues, and ends where an uninterrupted run does.
+    resumed = finetune(config, dataset=RandomImages(), head=head)
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    first, second = load_file(straight.output), load_file(config.output)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    # --resume no starts over under other settings and replaces the state.
+    other = finetune(replace(config, lr=2e-3, resume="no"), dataset=RandomImages(), head=head)
+    assert other.resumed_from == 0 and state.read_bytes() != saved
+
+
+def test_interruption_note_without_a_saved_state(tmp_path):
+    from tvtool.errors import interruption_note
+
+    head = _head()
+    plain = _config(tmp_path, "plain")
+    with pytest.raises(KeyboardInterrupt) as caught:
+        finetune(plain, dataset=RandomImages(), head=head, after_step=_interrupt_at(2))
+    assert interruption_note(caught.value) == (
+        "stopped after step 2 of 6; nothing was saved (--workdir DIR makes a run resumable)")
+    early = _config(tmp_path, "early", workdir=str(tmp_path / "w"), checkpoint_every=4)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        finetune(early, dataset=RandomImages(), head=head, after_step=_interrupt_at(2))
+    assert interruption_note(caught.value) == (
+        f"stopped after step 2 of 6; no training state was saved yet (every 4 steps, "
+        f"--checkpoint-every, into {tmp_path / 'w'})")

@@ -379,14 +379,18 @@ def test_convert_image_encoder_then_extract(cli, tmp_path, files, encoder):
 
     report = json.loads(result.stdout)
     assert report["details"]["missing"] > 0  # the text transformer was dropped
+    # Only the text tower is missing: extract's default (the image encoder) needs no flag.
+    assert "none is in the image encoder" in result.stderr
     vector = tmp_path / "tv.safetensors"
-    plain = cli(["extract", str(converted), "--base", files["base"], "-o", str(vector)])
-    assert plain.exit_code == 2 and "--allow-missing" in plain.stderr
-    ok = cli(["extract", str(converted), "--base", files["base"], "-o", str(vector),
-              "--allow-missing"])
+    whole = cli(["extract", str(converted), "--base", files["base"], "-o", str(vector),
+                 "--keep", "all"])
+    assert whole.exit_code == 2 and "--allow-missing" in whole.stderr
+    ok = cli(["extract", str(converted), "--base", files["base"], "-o", str(vector)])
     assert ok.exit_code == 0, ok.stderr
     base = load(files["base"])
     delta = load(str(vector))
+    assert set(delta) == {n for n, t in base.items()
+                          if n.startswith("visual.") and t.is_floating_point()}
     for name, tensor in delta.items():
         torch.testing.assert_close(tensor, encoder.model.state_dict()[name] - base[name])
 

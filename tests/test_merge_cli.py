@@ -277,6 +277,8 @@ def test_config_round_trips_through_documents_and_yaml(tmp_path):
                     missing="zero", allow_base_mismatch=True, mixed_modes_as="nonlinear"),
         MergeConfig(vectors=("a",), output="o", method="dare", coefs_file="c.json",
                     missing="common"),
+        MergeConfig(vectors=("a", "b"), output="o", method="ties",
+                    vector_params=({"density": 0.1}, {}), dtype="float16"),
     ]
     for config in configs:
         assert config_from_document(config.to_document()) == config
@@ -341,6 +343,17 @@ CONFIG_ERRORS = {
     "not a mapping": (["v1.safetensors"], "must be a mapping"),
     "partial per-vector coefs": ({"vectors": [{"path": "v1.safetensors", "coef": 1},
                                               "v2.safetensors"]}, "every vector"),
+    "per-vector density of task arithmetic": (
+        {"vectors": ["v1.safetensors", {"path": "v2.safetensors", "density": 0.5}]},
+        "vectors[1]: method 'task_arithmetic' takes no per-vector ['density'] (hint: its "
+        "per-vector parameters: none"),
+    "per-vector trim of ties": (
+        {"vectors": [{"path": "v1.safetensors", "trim": "tensor"}], "method": "ties"},
+        "takes no per-vector ['trim'] (hint: its per-vector parameters: density"),
+    "per-vector density out of range": (
+        {"vectors": [{"path": "v1.safetensors", "density": 2}], "method": "ties"},
+        "vectors[0]: method 'ties': density"),
+    "bad dtype": ({"vectors": ["v1.safetensors"], "dtype": "int8"}, "'dtype'"),
 }
 
 
@@ -497,3 +510,53 @@ def test_lora_vectors_are_merged_as_dense_deltas(cli, vecs, tmp_path):
     dense = factors["a.lora_B"] @ factors["a.lora_A"] * (4.0 / 2)
     torch.testing.assert_close(load(str(out))["a"], load(vecs["v1"])["a"] + dense)
     assert FileMeta.from_header(metadata(str(out)), "m").mode is None
+
+
+def test_config_per_vector_density_and_dtype_against_plain_torch(cli, vecs, tmp_path):
+    """One config: magnitude with a per-tensor trim, each vector at its own density, stored
+    in float16 -- recomputed here with plain torch from the input files."""
+    config_dir = Path(vecs["v1"]).parent
+    config = config_dir / "per-vector.yaml"
+    config.write_text(yaml.safe_dump({
+        "vectors": [{"path": "v1.safetensors", "density": 0.3},
+                    {"path": "v2.safetensors", "density": 0.8}],
+        "method": "magnitude", "params": {"trim": "tensor"}, "coef": 0.5,
+        "dtype": "float16", "output": "pv.safetensors"}))
+    dry = cli(["merge", "--config", str(config), "--dry-run"])
+    assert dry.exit_code == 0, dry.stderr
+    assert "per-vector params: [{'density': 0.3}, {'density': 0.8}]" in dry.stdout
+    assert "dtype: float16" in dry.stdout and "float16" in dry.stdout.split("keys:")[1]
+    result = cli(["merge", "--config", str(config)])
+    assert result.exit_code == 0, result.stderr
+    merged = load(str(config_dir / "pv.safetensors"))
+    inputs = tensors_of([vecs["v1"], vecs["v2"]])
+    for name in ("a", "b"):
+        expected = torch.zeros(30, dtype=torch.float64)
+        for vector, density in zip(inputs, (0.3, 0.8), strict=True):
+            flat = vector[name].double().reshape(-1)
+            keep = int(density * flat.numel())
+            top = torch.argsort(flat.abs(), descending=True, stable=True)[:keep]
+            kept = torch.zeros_like(flat)
+            kept[top] = flat[top]
+            expected += 0.5 * kept
+        assert merged[name].dtype == torch.float16
+        torch.testing.assert_close(merged[name].double().reshape(-1),
+                                   expected.half().double(), rtol=0, atol=1e-3)
+    meta = metadata(str(config_dir / "pv.safetensors"))
+    assert json.loads(meta["tvtool.merge_vector_params"]) == [{"density": 0.3},
+                                                              {"density": 0.8}]
+    stored = json.loads(meta["tvtool.merge_config"])
+    assert stored["dtype"] == "float16" and stored["vectors"][0] == {
+        "path": str(config_dir / "v1.safetensors"), "density": 0.3}
+
+
+def test_dtype_overflow_is_a_runtime_failure(cli, vecs, tmp_path):
+    big = write_vector(tmp_path / "big.safetensors", {"a": torch.full((3,), 6e4),
+                                                      "b": torch.ones(3)})
+    out = tmp_path / "o.safetensors"
+    result = cli(["merge", big, big, "--dtype", "float16", "-o", str(out)])
+    assert result.exit_code == 1 and "overflow" in result.stderr and not out.exists()
+    ok = cli(["merge", big, big, "--dtype", "float64", "-o", str(out)])
+    assert ok.exit_code == 0, ok.stderr
+    assert load(str(out))["a"].dtype == torch.float64
+    assert torch.equal(load(str(out))["a"], torch.full((3,), 1.2e5, dtype=torch.float64))

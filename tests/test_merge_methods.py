@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -395,3 +396,58 @@ def test_list_functions_equal_the_streaming_engine(method, params):
         listed = entry.fn([v[name] for v in vectors], weights, parsed,
                           TensorContext(name=name, seed=4))
         torch.testing.assert_close(listed, streamed[name], rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- per-vector parameters
+
+
+def test_which_methods_take_per_vector_parameters():
+    from tvtool.merge import METHODS
+
+    # Only the density of the trimming/dropping methods differs per vector (mergekit's
+    # per-model density); the coefficient is per vector everywhere.
+    expected = {"task_arithmetic": (), "mean": (), "ties": ("density",),
+                "dare": ("density",), "magnitude": ("density",)}
+    assert {name: METHODS[name].per_vector for name in expected} == expected
+    for method in METHODS.values():  # methods registered later declare their own
+        assert set(method.per_vector) <= {f.name for f in dataclasses.fields(method.params)}
+
+
+def test_per_vector_parameters_a_method_lacks_are_refused():
+    from tvtool.errors import UsageError
+    from tvtool.merge import merge_state_dicts
+
+    vectors = [{"w": torch.ones(4)}, {"w": torch.ones(4)}]
+    with pytest.raises(UsageError, match=r"vectors\[1\]: method 'task_arithmetic' takes no "
+                                         r"per-vector \['density'\]"):
+        merge_state_dicts(vectors, "task_arithmetic", vector_params=[{}, {"density": 0.5}])
+    with pytest.raises(UsageError, match=r"vectors\[0\]: method 'ties' takes no per-vector "
+                                         r"\['trim'\]"):
+        merge_state_dicts(vectors, "ties", vector_params=[{"trim": "tensor"}, {}])
+    with pytest.raises(UsageError, match=r"vectors\[0\]: method 'dare': density"):
+        merge_state_dicts(vectors, "dare", vector_params=[{"density": 1.5}, {}])
+
+
+def test_dare_per_vector_density_is_each_vector_dropped_at_its_own_rate():
+    from tvtool.merge import merge_state_dicts
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = ({"w": torch.randn(4000, generator=gen)} for _ in range(2))
+    zero = {"w": torch.zeros(4000)}
+    for combine in ("sum", "ties"):
+        params = {"combine": combine, "rescale": True}
+        both = merge_state_dicts([a, b], "dare", 1.0, params, seed=3,
+                                 vector_params=[{"density": 0.2}, {"density": 0.7}])
+        if combine == "sum":
+            # Separable: the sum of each vector merged alone at its own density (same
+            # positions, so the same seeded masks).
+            alone = [merge_state_dicts(v, "dare", 1.0, {**params, "density": d}, seed=3)["w"]
+                     for v, d in (([a, zero], 0.2), ([zero, b], 0.7))]
+            torch.testing.assert_close(both["w"], alone[0] + alone[1])
+        # Each vector alone (the other zero) keeps about its density, rescaled by 1/density.
+        for vectors, density, source in (([a, zero], 0.2, a), ([zero, b], 0.7, b)):
+            alone = merge_state_dicts(vectors, "dare", 1.0, params, seed=3,
+                                      vector_params=[{"density": 0.2}, {"density": 0.7}])["w"]
+            kept = alone != 0
+            assert abs(kept.float().mean().item() - density) < 0.03
+            torch.testing.assert_close(alone[kept], source["w"][kept] / density)

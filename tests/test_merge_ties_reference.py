@@ -41,16 +41,16 @@ def _vectors(seed: int, count: int) -> list[dict[str, torch.Tensor]]:
     return vectors
 
 
-def _reference_ties(vectors: list[dict[str, torch.Tensor]], density: float, lam: float
-                    ) -> dict[str, np.ndarray]:
+def _reference_ties(vectors: list[dict[str, torch.Tensor]], density: float | list[float],
+                    lam: float) -> dict[str, np.ndarray]:
     names = sorted(vectors[0])
     rows = np.stack([np.concatenate([v[n].double().numpy().reshape(-1) for n in names])
                      for v in vectors])
     count, width = rows.shape
-    keep = int(density * width)
+    densities = density if isinstance(density, list) else [density] * count
     trimmed = np.zeros_like(rows)
     for t in range(count):
-        top = np.argsort(-np.abs(rows[t]), kind="stable")[:keep]
+        top = np.argsort(-np.abs(rows[t]), kind="stable")[:int(densities[t] * width)]
         trimmed[t, top] = rows[t, top]
     elected = np.sign(trimmed.sum(axis=0))
     merged = np.zeros(width)
@@ -98,3 +98,54 @@ def test_whole_vector_ties_kept_count():
     width = sum(int(np.prod(s)) for s in SHAPES.values())
     merged = merge_state_dicts(vector, "ties", 1.0, {"density": 0.25})
     assert sum(int((t != 0).sum()) for t in merged.values()) == int(0.25 * width)
+
+
+# ---------------------------------------------------------------- per-vector density
+
+
+@pytest.mark.parametrize(("seed", "densities", "lam"), [
+    (0, [0.1, 0.5, 0.3], 1.0), (1, [1.0, 0.2], 0.8), (2, [0.05, 0.6, 0.25, 0.9], 1.2)])
+def test_per_vector_density_equals_the_reference(seed, densities, lam):
+    """mergekit's per-model density: vector t keeps its own top-⌊d_t · width⌋ entries."""
+    vectors = _vectors(seed, len(densities))
+    ours = merge_state_dicts(vectors, "ties", lam, {"density": 0.2},
+                             vector_params=[{"density": d} for d in densities])
+    reference = _reference_ties(vectors, densities, lam)
+    for name, expected in reference.items():
+        np.testing.assert_allclose(ours[name].double().numpy(), expected, rtol=1e-6, atol=1e-6)
+    # Magnitude (trim, then a weighted sum), recomputed from the same trimmed rows.
+    names = sorted(vectors[0])
+    rows = np.stack([np.concatenate([v[n].double().numpy().reshape(-1) for n in names])
+                     for v in vectors])
+    kept = np.zeros_like(rows)
+    for t, d in enumerate(densities):
+        top = np.argsort(-np.abs(rows[t]), kind="stable")[:int(d * rows.shape[1])]
+        kept[t, top] = rows[t, top]
+    summed = lam * kept.sum(axis=0)
+    magnitude = merge_state_dicts(vectors, "magnitude", lam,
+                                  vector_params=[{"density": d} for d in densities])
+    start = 0
+    for name in names:
+        size = int(np.prod(SHAPES[name]))
+        np.testing.assert_allclose(magnitude[name].double().numpy(),
+                                   summed[start:start + size].reshape(SHAPES[name]),
+                                   rtol=1e-6, atol=1e-6)
+        start += size
+
+
+def test_per_tensor_trim_with_per_vector_density():
+    vectors = _vectors(4, 2)
+    densities = [0.25, 0.75]
+    ours = merge_state_dicts(vectors, "ties", 1.0, {"trim": "tensor"},
+                             vector_params=[{"density": d} for d in densities])
+    for name in SHAPES:
+        rows = np.stack([v[name].double().numpy().reshape(-1) for v in vectors])
+        trimmed = np.zeros_like(rows)
+        for t, d in enumerate(densities):
+            top = np.argsort(-np.abs(rows[t]), kind="stable")[:int(d * rows.shape[1])]
+            trimmed[t, top] = rows[t, top]
+        elected = np.sign(trimmed.sum(axis=0))
+        agree = (trimmed != 0) & (np.sign(trimmed) == elected)
+        expected = (trimmed * agree).sum(axis=0) / np.maximum(agree.sum(axis=0), 1)
+        np.testing.assert_allclose(ours[name].double().numpy().reshape(-1), expected,
+                                   rtol=1e-6, atol=1e-6)

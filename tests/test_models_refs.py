@@ -106,6 +106,26 @@ def test_bad_refs(text, message):
         parse_ref(text)
 
 
+@pytest.mark.parametrize(("text", "suggestion", "fixed"), [
+    ("tvtool-tinny", "'tvtool-tiny'", "tvtool-tiny"),
+    ("tvtool-smal", "'tvtool-small'", "tvtool-small"),
+    ("vit-b-32:openai", "'ViT-B-32'", "ViT-B-32:openai"),  # a case slip: that one name
+    ("ViT-B-32:opneai", "'openai'", "ViT-B-32:openai"),    # a tag's typo
+    ("ViT-B-32:OpenAI", "'openai'", "ViT-B-32:openai"),
+])
+def test_unknown_names_get_a_suggestion(text, suggestion, fixed):
+    with pytest.raises(InvalidInputError) as caught:
+        parse_ref(text)
+    assert (caught.value.hint or "").startswith(f"did you mean {suggestion}? ")
+    parse_ref(fixed)  # the suggestion, taken, parses
+
+
+def test_a_name_near_nothing_gets_no_suggestion():
+    with pytest.raises(InvalidInputError) as caught:
+        parse_ref("Qwertyuiop")
+    assert "did you mean" not in (caught.value.hint or "")
+
+
 def test_pickled_file_as_ref_needs_an_architecture(tmp_path):
     path = tmp_path / "w.pt"
     path.write_bytes(b"x")

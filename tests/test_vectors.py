@@ -322,3 +322,28 @@ def test_reading_a_file_does_not_keep_its_pages_resident(tmp_path):
         source.close()
     assert not mapped, "the reader must not memory-map inputs (mapped pages stay resident)"
     assert grown < 24 * 2**20, f"RSS grew by {grown / 2**20:.0f} MiB"
+
+
+def test_plan_extract_keeps_the_image_encoder_and_says_what_it_left_out():
+    base = {"visual.a": torch.zeros(2), "visual.b": torch.zeros(3), "text.c": torch.zeros(2),
+            "ln_final.d": torch.zeros(1)}
+    tuned = {"visual.a": torch.ones(2), "visual.b": torch.zeros(3),
+             "text.c": torch.tensor([0.0, 2.0]), "ln_final.d": torch.zeros(1)}
+    plan = plan_extract(DictSource(base), DictSource(tuned), keep="image")
+    assert [i.name for i in plan.layout] == ["visual.a", "visual.b"]
+    assert torch.equal(dict(plan.tensors())["visual.a"], torch.ones(2))
+    # text.c changed and is not kept: a note says so (ln_final.d did not change).
+    assert any("1 tensors outside the image encoder differ" in n and "--keep all" in n
+               for n in plan.notes)
+    # A checkpoint of the image encoder alone needs no --allow-missing...
+    visual = {k: v for k, v in tuned.items() if k.startswith("visual.")}
+    assert len(plan_extract(DictSource(base), DictSource(visual), keep="image").layout) == 2
+    # ...but one lacking an image-encoder tensor does.
+    with pytest.raises(InvalidInputError, match="lacks 1 tensors of the base's image encoder"):
+        plan_extract(DictSource(base), DictSource({"visual.a": torch.ones(2)}), keep="image")
+    with pytest.raises(InvalidInputError, match=r"would be empty.*visual"):
+        plan_extract(DictSource({"text.c": torch.zeros(2)}),
+                     DictSource({"text.c": torch.ones(2)}), keep="image")
+    assert {i.name for i in plan_extract(DictSource(base), DictSource(tuned), keep="changed")
+            .layout} == {"visual.a", "text.c"}
+    assert len(plan_extract(DictSource(base), DictSource(tuned), keep="all").layout) == 4

@@ -119,3 +119,21 @@ class NumericalError(TvtoolError):
     """A computation produced NaN or Inf (a run diverged, a result overflowed)."""
 
     exit_code = 1
+
+
+_INTERRUPTION_ATTRIBUTE = "tvtool_interruption_note"
+
+
+def note_interruption(exc: BaseException, text: str) -> None:
+    """Attach to a Ctrl-C (or SIGTERM) what a user needs to know to carry on.
+
+    The CLI prints it after ``interrupted``: e.g. where a fine-tuning run saved its state
+    and how to continue it. A second note replaces the first (the innermost knows best).
+    """
+    setattr(exc, _INTERRUPTION_ATTRIBUTE, text)
+
+
+def interruption_note(exc: BaseException) -> str | None:
+    """The note :func:`note_interruption` attached to ``exc``, if any."""
+    note = getattr(exc, _INTERRUPTION_ATTRIBUTE, None)
+    return note if isinstance(note, str) else None

@@ -29,7 +29,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
-from tvtool.errors import TvtoolError, bounded_line
+from tvtool.errors import TvtoolError, bounded_line, interruption_note
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -70,10 +70,16 @@ def handle_sigterm() -> None:
 
 
 def interrupted(exc: BaseException) -> tuple[str, int]:
-    """The error line and exit code of an interruption (Ctrl-C or SIGTERM)."""
+    """The error line and exit code of an interruption (Ctrl-C or SIGTERM).
+
+    A note the library attached (:func:`tvtool.errors.note_interruption`: where a
+    fine-tuning run's state is and how to continue) follows on the same line.
+    """
+    note = interruption_note(exc)
+    tail = f"; {note}" if note else ""
     if isinstance(exc, Terminated):
-        return "terminated (SIGTERM)", EXIT_TERMINATED
-    return "interrupted", EXIT_INTERRUPTED
+        return f"terminated (SIGTERM){tail}", EXIT_TERMINATED
+    return f"interrupted{tail}", EXIT_INTERRUPTED
 
 
 def debug_enabled() -> bool:

@@ -18,6 +18,10 @@ from tvtool.cli.common import (
 )
 from tvtool.metadata import Mode
 
+# The choices, without importing torch through tvtool.vectors (tvtool --help stays fast);
+# tests/test_cli_grammar.py checks they are tvtool.vectors.streaming.KEEP_CHOICES.
+KEEP_CHOICES = ("image", "all", "changed")
+
 # A checkpoint difference is a dense delta of the ordinary model: the modes whose vectors are
 # neither linearized nor factored (the rule of tvtool.commands.extract).
 _MODE_NAMES = [m.value for m in Mode if not m.linearized and not m.factored]
@@ -38,8 +42,9 @@ def extract(
         "--allow-missing", help="Take base tensors absent from the checkpoint as unchanged.")
     ] = False,
     keep: Annotated[str, typer.Option(
-        "--keep", metavar="[all|changed]",
-        help="all: every floating tensor; changed: drop all-zero deltas.")] = "all",
+        "--keep", metavar="[" + "|".join(KEEP_CHOICES) + "]",
+        help="image: the image encoder (visual.*), as finetune vectors; all: every floating "
+             "tensor; changed: every floating tensor whose delta is not zero.")] = "image",
     as_json: JsonOpt = False,
 ) -> None:
     """Write the task vector FINETUNED - BASE (streamed tensor by tensor)."""

@@ -114,12 +114,36 @@ def _mode_metavar() -> dict[str, str]:
     return {"mode": "[" + "|".join(m.value for m in MODES) + "]"}
 
 
+# tvtool.finetune.config.RESUME_CHOICES, without importing torch for `tvtool --help`
+# (tests/test_cli_grammar.py checks they are the same).
+_RESUME = ("auto", "yes", "no")
+
+
+def bare_resume(args: list[str]) -> list[str]:
+    """``--resume`` without a value (its spelling before ``auto|yes|no``) means ``yes``.
+
+    A bare ``--resume`` is one at the end or followed by another option; ``finetune`` takes no
+    positional argument, so nothing else can follow it.
+    """
+    out: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return out + args[index:]
+        out.append(arg)
+        if arg == "--resume" and (index + 1 == len(args) or args[index + 1].startswith("-")):
+            out.append("yes")
+    return out
+
+
 class FinetuneCommand(DeclaredOptionsCommand):
     """``tvtool finetune`` with the flags and ``--mode`` help of the fine-tuning modes."""
 
     declare = _mode_options
     describe = _mode_help
     metavars = _mode_metavar
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, bare_resume(list(args)))  # type: ignore[no-any-return]
 
 
 @handles_errors
@@ -174,9 +198,11 @@ def finetune(
         "--workdir", rich_help_panel="Resumable runs",
         envvar="TVTOOL_WORKDIR", help="Directory for the resumable training "
                                       "state.", show_default=False)] = None,
-    resume: Annotated[bool, typer.Option(
-        "--resume", rich_help_panel="Resumable runs",
-        help="Continue the run whose state is in --workdir.")] = False,
+    resume: Annotated[str, typer.Option(
+        "--resume", rich_help_panel="Resumable runs", metavar="[" + "|".join(_RESUME) + "]",
+        help="With --workdir: auto continues a state of this run and starts when there is "
+             "none (a state of another run is refused); yes (or a bare --resume) requires "
+             "one; no starts over, replacing it.")] = "auto",
     checkpoint_every: Annotated[int, typer.Option(
         "--checkpoint-every", rich_help_panel="Resumable runs",
         help="Steps between training-state saves (with --workdir).")

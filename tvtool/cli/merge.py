@@ -87,7 +87,11 @@ class MergeCommand(DeclaredOptionsCommand):
 
 # Parameters that define the merge itself: with --config they must come from the file.
 _DEFINING = ("vectors", "method", "coef", "coefs", "density", "trim", "param", "seed",
-             "missing_as_zero", "common_only", "allow_base_mismatch", "mixed_modes_as")
+             "missing_as_zero", "common_only", "allow_base_mismatch", "mixed_modes_as",
+             "dtype")
+# tvtool.merge.config.DTYPES, without importing torch for `tvtool --help` (checked equal by
+# tests/test_cli_grammar.py).
+_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 @handles_errors
@@ -132,6 +136,9 @@ def merge(
         "--mixed-modes-as", metavar="[linearized|nonlinear]",
         help="Merge linearized with non-linearized vectors; record the result as "
              "linearized or nonlinear.", show_default=False)] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", metavar="[" + "|".join(_DTYPES) + "]", show_default=False,
+        help="Storage dtype of the merged vector (default: the inputs').")] = None,
     config: Annotated[str | None, typer.Option(
         "--config", help="YAML merge config (docs/merge.md); replaces the flags above.",
         show_default=False)] = None,
@@ -184,8 +191,9 @@ def merge(
     Refuses vectors of different bases, linearized with non-linearized vectors, and vectors
     holding different tensors, unless a flag says how to combine them.
     """
-    from tvtool.merge import MergeConfig, load_config
+    from tvtool.merge import MergeConfig
     from tvtool.merge.engine import merge as run_merge
+    from tvtool.merge.job import load_job
 
     if config is not None:
         # Compared by name: typer may vendor its own click, with its own ParameterSource enum.
@@ -195,9 +203,16 @@ def merge(
             flags = ", ".join(name.replace("_", "-") for name in defined)
             raise UsageError(f"--config defines the merge; do not also give {flags}",
                              hint="edit the config file, or drop --config")
-        cfg = load_config(config, output=output, force=force)
+        job = load_job(config, output=output, force=force)
+        cfg = job.merge
         if config == "-" and "-" in cfg.vectors:
             raise UsageError("the config came from stdin, so no vector can be '-'")
+        if job.is_job:
+            _run_job(ctx, job, as_json=as_json, dry_run=dry_run, threads=threads,
+                     save_config=save_config, data_root=data_root, download=download,
+                     batch_size=batch_size, limit=limit, device=device, precision=precision,
+                     workers=workers)
+            return
     else:
         if force:
             raise UsageError("--force goes with --config (it lets the config's output replace "
@@ -212,7 +227,8 @@ def merge(
             method=method, params=_params(density, trim, param),
             coefs=tuple(coef or [1.0]), coefs_file=coefs, seed=seed,
             missing="zero" if missing_as_zero else "common" if common_only else "refuse",
-            allow_base_mismatch=allow_base_mismatch, mixed_modes_as=mixed_modes_as)
+            allow_base_mismatch=allow_base_mismatch, mixed_modes_as=mixed_modes_as,
+            dtype=dtype)
         if output is None and not dry_run:
             raise UsageError("missing option -o/--output", hint="-o merged.safetensors, or "
                                                               "-o - for stdout")
@@ -236,6 +252,73 @@ def merge(
         return
     emit_json(result.as_json(), outputs=[result.output, save_config]) if as_json \
         else emit_path(result.output)
+
+
+# Search flags a job config says in its own keys instead (a job is reproduced by its file).
+_IN_JOB_CONFIG = {"search_coef": "sweep: [{method: ...}]", "coef_grid": "sweep[].coef_grid",
+                  "dataset": "datasets:", "suite": "suite:", "search_report": "sweep_report:",
+                  "base": "base:", "save_config": "the config itself"}
+
+
+def _run_job(ctx: typer.Context, job: Any, *, as_json: bool, dry_run: bool, threads: int,
+             save_config: str | None, data_root: str | None, download: bool, batch_size: int,
+             limit: int | None, device: str, precision: str, workers: int) -> None:
+    """``merge --config`` of a config with ``base:``, ``apply:`` or ``sweep:``."""
+    from tvtool.workflows.merge_job import run_job
+
+    clashing = [f"--{name.replace('_', '-')} ({where})" for name, where in _IN_JOB_CONFIG.items()
+                if getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"]
+    if clashing:
+        raise UsageError(f"this config is a job (base:, apply: or sweep:); it says in its own "
+                         f"keys what {', '.join(clashing)} would",
+                         hint="edit the config file")
+    del save_config  # refused above when given
+    if not dry_run:
+        refuse_json_with_stdout(as_json, job.merge.output)
+    if download and not job.sweep:
+        raise UsageError("--download goes with a config's sweep: (only the sweep reads "
+                         "datasets)")
+    settings = None
+    if job.sweep and not dry_run:
+        from tvtool.evaluate import EvalSettings
+        from tvtool.workflows.merge_search import vector_datasets
+
+        settings = EvalSettings(base=job.base, data_root=data_root, batch_size=batch_size,
+                                device=device, precision=precision, limit=limit,
+                                seed=job.merge.seed, workers=workers,
+                                allow_base_mismatch=job.merge.allow_base_mismatch)
+        if download:
+            download_datasets(vector_datasets(job.merge, job.datasets, job.suite), data_root)
+    result = run_job(job, settings, dry_run=dry_run, threads=threads, log=log,
+                     progress=progress_bar)
+    if dry_run:
+        details = {**result.merge.details, "job": result.plan}
+        emit_json(details, report="merge-plan") if as_json else _print_plan(details)
+        return
+    if result.sweep is not None:
+        _print_sweep(result.sweep.as_json())
+    if as_json:
+        emit_json(result.as_json(), outputs=result.outputs)
+    else:
+        for path in result.outputs:
+            emit_path(path)
+
+
+def _print_sweep(report: dict[str, Any]) -> None:
+    """The sweep's table on stderr: one row per variant, the written one marked."""
+    from rich.table import Table
+
+    table = Table(title=f"merge sweep on {', '.join(report['datasets'])}: α chosen on val "
+                        f"({report['criterion']} accuracy); test split")
+    for column in ("", "variant", "α", "val score", "test acc %", "normalized %"):
+        table.add_column(column, justify="left" if column in ("", "variant") else "right")
+    for row in report["variants"]:
+        test = row["test"]
+        table.add_row("*" if row["chosen"] else "", row["label"],
+                      f"{row['best_coef']:g}" + ("" if row["coef"] is None else " (fixed)"),
+                      f"{row['val_score']:.4f}", percent(test["average_accuracy"]),
+                      percent(test["average_normalized_accuracy"]))
+    stderr.print(table)
 
 
 def _params(density: float | None, trim: str | None, pairs: list[str] | None
@@ -292,6 +375,9 @@ def _print_plan(plan: dict[str, Any]) -> None:
     """Human-readable dry-run plan on stdout (it is the command's data)."""
     lines = [f"method: {plan['method']['name']} ({plan['method']['paper']})",
              f"params: {plan['method']['params']}",
+             *([f"per-vector params: {plan['method']['vector_params']}"]
+               if plan["method"].get("vector_params") else []),
+             *([f"dtype: {plan['dtype']}"] if plan.get("dtype") else []),
              f"coefficients: {plan['coefficients']['granularity']} "
              f"from {plan['coefficients']['origin']}"
              + (f" {plan['coefficients']['values']}"
@@ -312,7 +398,37 @@ def _print_plan(plan: dict[str, Any]) -> None:
         lines.append(f"  {key['name']}  {tuple(key['shape'])}  {key['dtype']}{missing}")
     for note in plan["notes"]:
         lines.append(f"note: {note}")
+    lines += _job_lines(plan.get("job"))
     typer.echo("\n".join(lines))
+
+
+def _job_lines(job: dict[str, Any] | None) -> list[str]:
+    """The dry-run lines of a job config: base, sweep, apply, and every file it would write."""
+    if not job:
+        return []
+    lines = []
+    if "base" in job:
+        base = job["base"]
+        lines.append(f"base: {base['reference']} ({base['architecture']}, "
+                     f"{base['fingerprint'][:19]}…): the vectors were made from it")
+    if "sweep" in job:
+        sweep = job["sweep"]
+        lines.append(f"sweep: {len(sweep['variants'])} variants evaluated on "
+                     f"{', '.join(sweep['datasets'])} (validation splits); the best is "
+                     "written (the plan above is variant 0's)")
+        for index, variant in enumerate(sweep["variants"]):
+            how = (f"fixed α {variant['coef']:g}" if variant["coef"] is not None
+                   else f"α searched over {variant['grid']}")
+            lines.append(f"  [{index}] {variant['label']}: {how}")
+    if "apply" in job:
+        apply = job["apply"]
+        for key, what in (("checkpoint", "open_clip checkpoint"),
+                          ("hf_dir", "open_clip directory: open_clip_model.safetensors, "
+                                     "open_clip_config.json, README.md model card")):
+            if apply[key] is not None:
+                lines.append(f"apply: base + {apply['coef']:g} × merged -> {apply[key]} ({what})")
+    lines.append("writes: " + ", ".join(job["writes"]))
+    return lines
 
 
 def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[str] | None,

@@ -13,6 +13,7 @@ from tvtool.cli.common import (
     OutputOpt,
     PrecisionOpt,
     SeedOpt,
+    SuiteOpt,
     WorkersOpt,
     deprecated_alias,
     download_datasets,
@@ -50,6 +51,7 @@ def negate(
                                              show_default=False)] = None,
     control: Annotated[list[str] | None, typer.Option(
         "--control", help="Search: dataset to keep (repeatable).", show_default=False)] = None,
+    suite: SuiteOpt = None,
     target: Annotated[str | None, typer.Option(
         "--target", help="Search: dataset to forget (default: the vector's recorded dataset).",
         show_default=False)] = None,
@@ -79,6 +81,8 @@ def negate(
     control_threshold = take_alias(ctx, "control_threshold", control_threshold, threshold)
     if download and not search:
         raise UsageError("--download goes with --search (only the search reads datasets)")
+    if suite is not None and not search:
+        raise UsageError("--suite goes with --search (its datasets are the search's controls)")
     if search:
         from tvtool.evaluate import EvalSettings
 
@@ -86,7 +90,7 @@ def negate(
                                 device=device, precision=precision, limit=limit, seed=seed,
                                 workers=workers)
         _search(vector, output, settings, control or [], target, control_threshold, coef_grid,
-                as_json, download=download)
+                as_json, download=download, suite=suite)
         return
     from tvtool.commands.negate import NegateConfig
     from tvtool.commands.negate import negate as run_negate
@@ -99,7 +103,7 @@ def negate(
 
 def _search(vector: str, output: str, settings: EvalSettings, control: list[str],
             target: str | None, threshold: float, grid_text: str, as_json: bool, *,
-            download: bool = False) -> None:
+            download: bool = False, suite: str | None = None) -> None:
     """``tvtool negate --search``: choose α on validation splits, write ``-α · vector``."""
     from rich.table import Table
 
@@ -109,15 +113,19 @@ def _search(vector: str, output: str, settings: EvalSettings, control: list[str]
 
     if not settings.base:
         raise UsageError("--search needs --base (the model the vector was made from)")
-    if not control:
-        raise UsageError("--search needs --control DATASET (the task whose accuracy to keep)")
+    if not control and suite is None:
+        raise UsageError("--search needs --control DATASET (the task whose accuracy to keep) "
+                         "or --suite 8|14|20")
     refuse_json_with_stdout(as_json, output)
     grid: Any = parse_grid(grid_text) if grid_text.strip().lower() != AUTO else \
         AutoGrid(parse_grid(DEFAULT_NEGATION_GRID_TEXT), floor=0.0, strict_floor=True)
     if download:
-        download_datasets([*control, target or recorded_dataset(vector)], settings.data_root)
+        from tvtool.data import suite_datasets
+
+        download_datasets([*control, *(suite_datasets(suite) if suite else ()),
+                           target or recorded_dataset(vector)], settings.data_root)
     report = search_negate(vector, output, settings, grid, control=control, target=target,
-                           threshold=threshold, log=log, progress=progress_bar)
+                           threshold=threshold, log=log, progress=progress_bar, suite=suite)
     document = report.as_json()
     table = Table(title=f"negation: α = {document['best_coef']:g} (chosen on val: lowest "
                         f"target accuracy with every control >= {threshold:.0%} of the base's)")

@@ -30,6 +30,7 @@ from tvtool.models import (
 )
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
+from tvtool.vectors.streaming import IMAGE_ENCODER_PREFIX
 
 
 @dataclass(frozen=True)
@@ -150,9 +151,12 @@ def convert(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
                f"({'QuickGELU' if quick_gelu else 'GELU'})"
     notes.append(f"architecture {match.architecture} ({how})")
     if match.missing:
+        # extract keeps the image encoder by default: only its own gaps need --allow-missing.
+        image = [name for name in match.missing if name.startswith(IMAGE_ENCODER_PREFIX)]
+        how = ("extract a task vector from it with `tvtool extract --allow-missing`" if image
+               else "none is in the image encoder, which `tvtool extract` keeps by default")
         notes.append(f"the checkpoint lacks {len(match.missing)} tensors of "
-                     f"{match.architecture} (e.g. {list(match.missing[:2])}); extract a task "
-                     "vector from it with `tvtool extract --allow-missing`")
+                     f"{match.architecture} (e.g. {list((image or match.missing)[:2])}); {how}")
     for note in notes[len(checkpoint.notes):]:
         log(note)
     bad = [n for n, t in tensors.items() if not all_finite(t)]

@@ -25,7 +25,9 @@ class ExtractConfig:
         mode: Fine-tuning mode to record.
         dataset: Dataset name to record.
         allow_missing: Treat tensors absent from the fine-tuned checkpoint as unchanged.
-        keep: ``all`` or ``changed`` (drop tensors with an all-zero delta).
+        keep: ``image`` (the image encoder's tensors, ``visual.*``: what ``finetune`` vectors
+            hold, so the two merge), ``all`` (every floating tensor) or ``changed`` (every
+            floating tensor whose delta is not all zero).
     """
 
     base: str
@@ -34,7 +36,7 @@ class ExtractConfig:
     mode: Mode = Mode.FULL
     dataset: str | None = None
     allow_missing: bool = False
-    keep: str = "all"
+    keep: str = "image"
 
 
 def _open_finetuned(path: str) -> TensorSource:

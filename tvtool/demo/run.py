@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tvtool.demo import report
-from tvtool.errors import InvalidInputError
+from tvtool.errors import InvalidInputError, UsageError
 from tvtool.evaluate.accuracy import ProgressFactory, no_progress
 from tvtool.io import ensure_directory as ensure_dir
 from tvtool.io import read_json, remove_file, write_bytes, write_json
@@ -75,7 +75,7 @@ class DemoConfig:
             modes=self.modes or (QUICK_MODES if self.quick else FULL_MODES),
             # Sized for the budgets on a 2-core CPU (quick <= 3 min, full <= 15 min; measured
             # figures in docs/demo.md).
-            steps=self.steps or (80 if self.quick else 120),
+            steps=self.steps if self.steps is not None else (80 if self.quick else 120),
             eval_limit=self.eval_limit if self.eval_limit is not None
             else (200 if self.quick else 300),
         )
@@ -132,6 +132,7 @@ def run_demo(config: DemoConfig, log: Logger,
         The results document (also written as ``report.json``).
     """
     from tvtool.data import data_source
+    from tvtool.device import resolve_device
     from tvtool.evaluate import EvalConfig, EvalSettings, evaluate
     from tvtool.finetune import FinetuneConfig, finetune
     from tvtool.metadata import Mode
@@ -139,15 +140,20 @@ def run_demo(config: DemoConfig, log: Logger,
 
     cfg = config.resolved()
     assert cfg.tasks is not None and cfg.modes is not None and cfg.steps is not None
-    root = Path(cfg.out)
-    stages = _Stages(root, log, progress)
-    vectors_dir = root / "vectors"
-    ensure_dir(str(vectors_dir))
+    # Every refusal comes before the output directory is made: a typo in --base or --device
+    # must not leave an empty report folder behind.
+    if cfg.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {cfg.steps}")
+    resolve_device(cfg.device)
     source, _ = base_source(cfg.base)
     try:
         base_fp = fingerprint(source)
     finally:
         source.close()
+    root = Path(cfg.out)
+    stages = _Stages(root, log, progress)
+    vectors_dir = root / "vectors"
+    ensure_dir(str(vectors_dir))
     tasks = list(cfg.tasks)
     # Cached vectors and accuracies are keyed by their data too, so that a run into an old
     # --out after the world's generator changed does not reuse results of the old images.

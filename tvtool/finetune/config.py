@@ -16,11 +16,16 @@ from typing import Any
 from tvtool.device import check_precision
 from tvtool.errors import UsageError
 from tvtool.finetune.registry import MODES, get_mode
+from tvtool.limits import short_repr
 from tvtool.metadata import Mode
 
 DEFAULT_STEPS = 2000
 REFERENCE_WARMUP = 500
 RESUME_FILE = "resume.safetensors"
+RESUME_CHOICES = ("auto", "yes", "no")
+"""``--resume``: continue a compatible state of ``--workdir`` or start (``auto``, the
+default), continue and refuse when there is no state (``yes``, a bare ``--resume``), or start
+over, replacing any state (``no``)."""
 STATE_FORMAT = 1
 
 # Config fields a resumed run must share with the run that wrote the checkpoint; the fields
@@ -53,7 +58,11 @@ class FinetuneConfig:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (under torchrun: the local rank's GPU).
         seed: Seed of the data order, augmentations and LoRA initialisation.
         workdir: Directory for the resumable training state; none if unset.
-        resume: Continue from ``workdir``'s training state.
+        resume: What to do with a training state in ``workdir`` (:data:`RESUME_CHOICES`):
+            ``auto`` continues it when it belongs to this run and starts when there is none
+            (a state of another run, or a damaged one, is refused: exit 2, nothing replaced);
+            ``yes`` continues it and refuses when there is none; ``no`` starts over and
+            replaces it. ``True``/``False`` are taken as ``yes``/``no``.
         checkpoint_every: Steps between training-state saves (with ``workdir``).
         data_root: Local root of standard datasets.
         workers: Data-loader worker processes (default: 4 on CUDA, 0 on CPU).
@@ -83,7 +92,7 @@ class FinetuneConfig:
     device: str = "auto"
     seed: int = 0
     workdir: str | None = None
-    resume: bool = False
+    resume: str = "auto"
     checkpoint_every: int = 500
     data_root: str | None = None
     workers: int | None = None
@@ -91,6 +100,8 @@ class FinetuneConfig:
     log_every: int = 10
 
     def __post_init__(self) -> None:
+        if isinstance(self.resume, bool):  # the library's earlier flag
+            object.__setattr__(self, "resume", "yes" if self.resume else "no")
         if not isinstance(self.mode, Mode):
             try:
                 object.__setattr__(self, "mode", Mode(str(self.mode)))
@@ -159,7 +170,10 @@ class FinetuneConfig:
         check_precision(self.precision)
         if self.workers is not None and self.workers < 0:
             raise UsageError(f"--workers must be non-negative, got {self.workers}")
-        if self.resume and not self.workdir:
+        if self.resume not in RESUME_CHOICES:
+            raise UsageError(f"--resume must be {', '.join(RESUME_CHOICES)}, not "
+                             f"{short_repr(self.resume, 40)}")
+        if self.resume == "yes" and not self.workdir:
             raise UsageError("--resume needs --workdir", hint="point it at the interrupted run's "
                                                               "work directory")
         if self.checkpoint_out is not None and self.mode.linearized:

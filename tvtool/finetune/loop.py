@@ -26,7 +26,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from tvtool.device import autocast
-from tvtool.errors import InvalidInputError, NumericalError, TvtoolError, UsageError
+from tvtool.errors import (
+    InvalidInputError,
+    NumericalError,
+    TvtoolError,
+    UsageError,
+    note_interruption,
+)
 from tvtool.finetune.base import Adapter
 from tvtool.finetune.config import RESUME_FILE, FinetuneConfig, StepLog, TrainResult
 from tvtool.finetune.resume import _load_state, _run_key, _save_state
@@ -138,6 +144,41 @@ def _collate_check(images: Any, labels: Any) -> tuple[Tensor, Tensor]:
     return images, labels.long()
 
 
+@dataclass
+class _Track:
+    """How far a run got: loop started, steps done, step of the state saved or resumed from."""
+
+    started: bool = False
+    done: int = 0
+    saved: int | None = None
+
+
+def _continue_how(config: FinetuneConfig) -> str:
+    return ("run the same command again to continue from it" if config.resume != "no"
+            else "run it again with --resume auto instead of --resume no to continue from it")
+
+
+def interruption_text(config: FinetuneConfig, state_path: str | None, done: int, total: int,
+                      saved: int | None) -> str:
+    """What a user needs after Ctrl-C: where the state is and how to continue.
+
+    Args:
+        config: The run's configuration.
+        state_path: The training-state file (None without ``--workdir``).
+        done: Optimizer steps completed.
+        total: Steps of the run.
+        saved: Step of the state on disk that this run wrote or resumed from (None if none).
+    """
+    where = f"stopped after step {done} of {total}"
+    if state_path is None:
+        return f"{where}; nothing was saved (--workdir DIR makes a run resumable)"
+    if saved is None:
+        return (f"{where}; no training state was saved yet (every {config.checkpoint_every} "
+                f"steps, --checkpoint-every, into {config.workdir})")
+    return (f"{where}; the training state of step {saved} is in {state_path}: "
+            f"{_continue_how(config)}")
+
+
 def train(
     adapter: Adapter,
     head: Tensor,
@@ -175,7 +216,41 @@ def train(
             training state).
         InvalidInputError: a resume state that does not match the run.
         UsageError: a batch size that does not split over processes and micro-steps.
+        KeyboardInterrupt: Ctrl-C (or SIGTERM), with a note
+            (:func:`tvtool.errors.note_interruption`) saying where the training state is and
+            how to continue.
     """
+    track = _Track()
+    try:
+        return _train(adapter, head, dataset, config, device=device, precision=precision,
+                      info=info, fingerprint=fingerprint, progress=progress,
+                      after_step=after_step, log=log, track=track)
+    except KeyboardInterrupt as exc:
+        if not track.started:  # during set-up: nothing was trained or written
+            raise
+        state_path = os.path.join(config.workdir, RESUME_FILE) if config.workdir else None
+        total = total_steps(config, len(dataset))  # type: ignore[arg-type]
+        note_interruption(exc, interruption_text(config, state_path, track.done, total,
+                                                 track.saved))
+        raise
+
+
+def _train(
+    adapter: Adapter,
+    head: Tensor,
+    dataset: Dataset,
+    config: FinetuneConfig,
+    *,
+    device: torch.device,
+    precision: str,
+    info: DistInfo = SINGLE_PROCESS,
+    fingerprint: str = "",
+    progress: Callable[[StepLog], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    track: _Track | None = None,
+) -> TrainResult:
+    """The loop of :func:`train`; ``track`` follows the steps done and the state saved."""
     size = len(dataset)  # type: ignore[arg-type]
     total = total_steps(config, size)
     warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup(total)
@@ -194,13 +269,18 @@ def train(
     optimizer, scaler, names = opt.optimizer, opt.scaler, opt.names
 
     start = 0
-    if config.resume and state_path is not None:
-        if not os.path.exists(state_path):
+    resumed = False
+    if config.resume != "no" and state_path is not None:
+        if os.path.exists(state_path):
+            # auto and yes alike: a state of another run, or a damaged one, is refused (exit
+            # 2) and left as it is; only --resume no replaces it.
+            start = _load_state(state_path, adapter, names, optimizer, scaler, run_key)
+            resumed = True
+            if log and info.is_main:
+                log(f"resuming from step {start} of {total} ({state_path})")
+        elif config.resume == "yes":
             raise InvalidInputError(f"--resume: no training state at {state_path!r}",
-                                    hint="drop --resume to start a new run")
-        start = _load_state(state_path, adapter, names, optimizer, scaler, run_key)
-        if log and info.is_main:
-            log(f"resuming from step {start} of {total} ({state_path})")
+                                    hint="use --resume auto to start when there is none")
     if start > total:
         raise InvalidInputError(f"the training state is at step {start}, past the run's {total}")
 
@@ -222,7 +302,9 @@ def train(
     window_micro = 0
     diverged = torch.zeros((), device=device, dtype=torch.bool)
     last_checked = start
-    last_saved = start if config.resume else None
+    last_saved = start if resumed else None
+    track = track if track is not None else _Track()
+    track.started, track.done, track.saved = True, start, last_saved
     window_start = time.perf_counter()
     run_start = window_start
     last_loss, last_acc, lr = float("nan"), float("nan"), config.lr
@@ -236,7 +318,7 @@ def train(
         if bool(flag.item()):
             where = f"between steps {last_checked} and {step_done}"
             saved = (f"; the training state of step {last_saved} in {config.workdir} is intact "
-                     "(--resume continues from it)" if last_saved is not None else "")
+                     f"({_continue_how(config)})" if last_saved is not None else "")
             raise NumericalError(f"training diverged: the loss became NaN or Inf {where}; "
                                  f"no output was written{saved}",
                                  hint="lower --lr, use --precision fp32 or bf16, or check the data")
@@ -262,7 +344,7 @@ def train(
             window_micro += 1
             window_seen += labels.numel()
         opt.update(lr)
-        done = step + 1
+        done = track.done = step + 1
         save_now = state_path is not None and done % config.checkpoint_every == 0 and done < total
         if done % config.log_every == 0 or done == total or save_now:
             check_finite(done)
@@ -283,7 +365,7 @@ def train(
                 _save_state(state_path, adapter, names, optimizer, scaler, done, run_key)
             if info.world > 1:
                 dist.barrier()
-            last_saved = done
+            last_saved = track.saved = done
         if after_step is not None:
             after_step(done)
     check_finite(total)

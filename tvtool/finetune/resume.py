@@ -1,8 +1,9 @@
 """The resume state of a fine-tuning run: its key, saving, checking and loading.
 
 A run writes its trainable tensors, optimizer moments, RNG states and gradient-scaler state
-every ``checkpoint_every`` steps; ``--resume`` restores them only after checking that the
-state belongs to the same run (:func:`_run_key`) and is intact (:func:`_check_state`).
+every ``checkpoint_every`` steps; ``--resume auto`` (the default) and ``--resume yes``
+restore them only after checking that the state belongs to the same run (:func:`_run_key`)
+and is intact (:func:`_check_state`), and refuse it otherwise.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def _check_run_key(saved: Mapping[str, Any], current: Mapping[str, Any], path: s
                            for k in different[:3])
         raise InvalidInputError(
             f"the training state in {path!r} belongs to a different run ({detail})",
-            hint="resume with the original settings, or use a new --workdir")
+            hint="resume with the original settings, use a new --workdir, or pass --resume no "
+                 "to start over (the state is replaced)")
 
 
 def _python_random_state() -> list[Any]:
@@ -76,7 +78,7 @@ _KNOWN_MOMENTS = _REQUIRED_MOMENTS | {"max_exp_avg_sq"}
 
 def _damaged(path: str, what: str) -> InvalidInputError:
     return InvalidInputError(f"the training state {path!r} is damaged: {what}",
-                             hint="start a new --workdir, or drop --resume")
+                             hint="start a new --workdir, or pass --resume no to replace it")
 
 
 def _check_state(path: str, tensors: Mapping[str, Tensor], state: Mapping[str, Any],
@@ -143,7 +145,8 @@ def _load_state(path: str, adapter: Adapter, names: list[str],
     if state.get("format") != STATE_FORMAT:
         raise InvalidInputError(f"{path!r} has training-state format "
                                 f"{short_repr(state.get('format'), 40)}, "
-                                f"this tvtool reads {STATE_FORMAT}")
+                                f"this tvtool reads {STATE_FORMAT}",
+                                hint="use a new --workdir, or pass --resume no to replace it")
     run = state.get("run")
     _check_run_key(run if isinstance(run, dict) else {}, run_key, path)
     _check_state(path, tensors, state, dict(adapter.trainable()), int(run_key["total_steps"]))

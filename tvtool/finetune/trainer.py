@@ -134,10 +134,10 @@ def finetune(
                 check_output(config.checkpoint_out, inputs)
             if config.workdir:
                 ensure_directory(config.workdir)
-                if not config.resume and os.path.exists(os.path.join(config.workdir,
-                                                                     RESUME_FILE)):
+                if config.resume == "no" and os.path.exists(os.path.join(config.workdir,
+                                                                         RESUME_FILE)):
                     say(f"note: {config.workdir} holds the training state of an earlier run; "
-                        "it will be replaced (pass --resume to continue that run instead)")
+                        "--resume no replaces it at the first save")
         if info.world > 1:
             dist.barrier()
         torch.manual_seed(config.seed)

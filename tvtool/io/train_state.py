@@ -60,5 +60,5 @@ def read_train_state(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if not isinstance(state, dict):
         raise InvalidInputError(f"{path!r} holds a training-state document that is a "
                                 f"{type(state).__name__}, not a mapping",
-                                hint="start a new --workdir, or drop --resume")
+                                hint="start a new --workdir, or pass --resume no to replace it")
     return tensors, state

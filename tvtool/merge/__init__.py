@@ -16,7 +16,9 @@ per-tensor function and its params class):
 * ``breadcrumbs`` -- per-row magnitude band of each vector, then sum (Davari & Belilovsky 2024)
 
 Entry points: :func:`merge` (files, one :class:`MergeConfig`), :func:`merge_state_dicts`
-(in memory), :func:`plan_sources` (streaming over any TensorSource), :func:`load_config`.
+(in memory), :func:`plan_sources` (streaming over any TensorSource), :func:`load_config`,
+:func:`load_job` (a config with ``base:``, ``apply:``, ``sweep:``; run by
+:func:`tvtool.workflows.merge_job.run_job`).
 The coefficient search that evaluates merges (``merge --search-coef``) is a workflow:
 :mod:`tvtool.workflows.merge_search`.
 """
@@ -24,24 +26,30 @@ The coefficient search that evaluates merges (``merge --search-coef``) is a work
 from tvtool.merge.coefficients import Coefficients, load_coefficients
 from tvtool.merge.config import MergeConfig, config_from_document, load_config
 from tvtool.merge.engine import MergeResult, describe_plan, merge, open_merge
+from tvtool.merge.job import ApplyStep, MergeJob, SweepVariant, job_from_document, load_job
 from tvtool.merge.method import MergeMethod, TensorContext
 from tvtool.merge.plan import MergePlan, MergeSpec, make_spec, merge_state_dicts, plan_sources
 from tvtool.merge.registry import METHODS, get_method
 
 __all__ = [
     "METHODS",
+    "ApplyStep",
     "Coefficients",
     "MergeConfig",
+    "MergeJob",
     "MergeMethod",
     "MergePlan",
     "MergeResult",
     "MergeSpec",
+    "SweepVariant",
     "TensorContext",
     "config_from_document",
     "describe_plan",
     "get_method",
+    "job_from_document",
     "load_coefficients",
     "load_config",
+    "load_job",
     "make_spec",
     "merge",
     "merge_state_dicts",

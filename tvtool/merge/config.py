@@ -10,6 +10,7 @@ Schema (docs/merge.md has an example)::
     vectors:                        # required, non-empty
       - cars.safetensors            # a path ...
       - {path: dtd.safetensors, coef: 0.4}   # ... or a path with its own coefficient
+      - {path: gtsrb.safetensors, density: 0.3}  # ... or parameters (MergeMethod.per_vector)
     method: ties                    # default task_arithmetic
     params: {density: 0.2, trim: global}     # the method's hyper-parameters
     coef: 0.3                       # one for all, or a list with one per vector
@@ -18,7 +19,11 @@ Schema (docs/merge.md has an example)::
     missing: refuse                 # refuse | zero | common
     allow_base_mismatch: false
     mixed_modes_as: null            # null | linearized | nonlinear
+    dtype: null                     # null (the inputs') | float32 | float16 | bfloat16 | float64
     output: merged.safetensors      # optional; -o on the command line wins
+
+The keys of a whole job around the merge (``base``, ``apply``, ``sweep``...) are
+:mod:`tvtool.merge.job`'s.
 
 Relative paths in a config file are relative to the file's directory.
 
@@ -45,9 +50,13 @@ from tvtool.vectors import check_coefficients
 CONFIG_VERSION = 1
 MISSING_POLICIES = ("refuse", "zero", "common")
 MIXED_MODES = ("linearized", "nonlinear")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+"""Storage dtypes of a merged vector (``dtype:``, ``--dtype``)."""
 
 _KEYS = ("version", "vectors", "method", "params", "coef", "coefs_file", "seed", "missing",
-         "allow_base_mismatch", "mixed_modes_as", "output")
+         "allow_base_mismatch", "mixed_modes_as", "dtype", "output")
+JOB_KEYS = ("base", "apply", "datasets", "suite", "sweep", "sweep_report")
+"""The keys that make a config a job (:mod:`tvtool.merge.job`), besides the merge's own."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +77,11 @@ class MergeConfig:
         allow_base_mismatch: Merge vectors whose base fingerprints differ.
         mixed_modes_as: Merge linearized with non-linearized vectors and record the result
             as ``linearized`` or ``nonlinear``; None refuses such a mix.
+        vector_params: Per vector, the method parameters it sets itself (e.g.
+            ``{"density": 0.3}``; only those of :attr:`MergeMethod.per_vector`), over
+            ``params``; empty, or one mapping per vector.
+        dtype: Storage dtype of the merged tensors (:data:`DTYPES`); None keeps the inputs'
+            promoted dtype.
 
     Raises:
         UsageError: on construction, for any invalid value (named by its config key); the
@@ -85,6 +99,8 @@ class MergeConfig:
     missing: str = "refuse"
     allow_base_mismatch: bool = False
     mixed_modes_as: str | None = None
+    vector_params: tuple[dict[str, Any], ...] = ()
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
         vectors = tuple(self.vectors) if isinstance(self.vectors, (list, tuple)) else None
@@ -104,6 +120,20 @@ class MergeConfig:
                              f"{short_repr(self.params)}")
         object.__setattr__(self, "params", dict(self.params))
         method.make_params(self.params)  # the method's params dataclass is the one check
+        own = tuple(self.vector_params) if isinstance(self.vector_params, (list, tuple)) \
+            else None
+        if own is None or not all(isinstance(v, Mapping)
+                                  and all(isinstance(k, str) for k in v) for v in own):
+            raise UsageError(f"per-vector parameters must be mappings, got "
+                             f"{short_repr(self.vector_params)}")
+        if own and len(own) != len(vectors):
+            raise UsageError(f"{len(own)} per-vector parameter sets for {len(vectors)} vectors")
+        own = tuple(dict(v) for v in own) if any(own) else ()
+        object.__setattr__(self, "vector_params", own)
+        method.make_vector_params(self.params, own)
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise UsageError(f"'dtype' (--dtype) must be null or one of {list(DTYPES)}, got "
+                             f"{short_repr(self.dtype)}")
         coefs = tuple(self.coefs) if isinstance(self.coefs, (list, tuple)) else (self.coefs,)
         if not coefs:
             raise UsageError("'coef' must not be an empty list")
@@ -125,7 +155,11 @@ class MergeConfig:
 
     def to_document(self) -> dict[str, Any]:
         """Return the config as a plain document (what a config file holds)."""
-        doc: dict[str, Any] = {"version": CONFIG_VERSION, "vectors": list(self.vectors),
+        vectors: list[Any] = list(self.vectors)
+        if self.vector_params:
+            vectors = [{"path": path, **own} if own else path
+                       for path, own in zip(self.vectors, self.vector_params, strict=True)]
+        doc: dict[str, Any] = {"version": CONFIG_VERSION, "vectors": vectors,
                                "method": self.method, "params": dict(self.params)}
         if self.coefs_file is not None:
             doc["coefs_file"] = self.coefs_file
@@ -134,6 +168,8 @@ class MergeConfig:
         doc.update(seed=self.seed, missing=self.missing,
                    allow_base_mismatch=self.allow_base_mismatch,
                    mixed_modes_as=self.mixed_modes_as, output=self.output)
+        if self.dtype is not None:  # only when set: earlier records stay byte-identical
+            doc["dtype"] = self.dtype
         return doc
 
     def to_json(self) -> str:
@@ -187,8 +223,10 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
         raise _fail(f"must be a mapping, got {type(document).__name__}", label)
     unknown = sorted(short_repr(k, 40) for k in document if k not in _KEYS)
     if unknown:
+        job = [k for k in document if k in JOB_KEYS]
         raise _fail(f"unknown key(s) {short_repr(unknown)}; known keys are {list(_KEYS)}",
-                    label)
+                    label, hint=f"{short_repr(job)} belong to a whole job: read the file with "
+                                "tvtool.merge.load_job" if job else None)
     version = document.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise _fail(f"version {short_repr(version)} is not supported (this tvtool reads version "
@@ -198,17 +236,21 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
         raise _fail("'vectors' must be a non-empty list of paths", label)
     vectors: list[Any] = []
     per_vector: list[Any] = []
+    own_params: list[dict[str, Any]] = []
     for index, item in enumerate(raw_vectors):
         if isinstance(item, Mapping):
-            extra = [k for k in item if k not in ("path", "coef")]
-            if extra or "path" not in item:
-                raise _fail(f"vectors[{index}] must be a path or {{path, coef}}, got "
+            if "path" not in item:
+                raise _fail(f"vectors[{index}] must be a path or {{path, coef, ...}}, got "
                             f"{short_repr(dict(item))}", label)
             vectors.append(_resolve(item["path"], base_dir))
             per_vector.append(item.get("coef"))
+            # Anything else is a parameter of the method for this vector; MergeConfig
+            # refuses one the method does not take per vector.
+            own_params.append({k: v for k, v in item.items() if k not in ("path", "coef")})
         else:
             vectors.append(_resolve(item, base_dir))
             per_vector.append(None)
+            own_params.append({})
     given = [c for c in per_vector if c is not None]
     sources_of_coefs = sum([bool(given), "coef" in document,
                             document.get("coefs_file") is not None])
@@ -241,10 +283,27 @@ def config_from_document(document: Any, *, label: str = "", base_dir: Path | Non
                            coefs_file=coefs_file, seed=document.get("seed", 0),
                            missing=document.get("missing", "refuse"),
                            allow_base_mismatch=document.get("allow_base_mismatch", False),
-                           mixed_modes_as=document.get("mixed_modes_as"))
+                           mixed_modes_as=document.get("mixed_modes_as"),
+                           vector_params=tuple(own_params), dtype=document.get("dtype"))
     except TvtoolError as exc:
         # The same checks as for flags; the message says which document failed them.
         raise _fail(exc.message, label, exc.hint) from None
+
+
+def check_new_output(path: str, key: str, label: str, force: bool) -> None:
+    """Refuse an output a config names that exists already, unless ``force``.
+
+    The person running the command decides whether a file may be replaced (``--force``), not
+    the file's author: a config has no ``overwrite:`` key.
+
+    Raises:
+        InvalidInputError: the path exists (a file, a directory or a symlink).
+    """
+    target = Path(path).expanduser()
+    if not force and (target.exists() or target.is_symlink()):
+        raise _fail(f"{key} {short_repr(path)} already exists", label,
+                    hint="pass --force to replace it, or -o PATH to write elsewhere"
+                    if key == "output" else "pass --force to replace it")
 
 
 def load_config(path: str, *, output: str | None = None, force: bool = False) -> MergeConfig:
@@ -280,8 +339,6 @@ def load_config(path: str, *, output: str | None = None, force: bool = False) ->
     config = config_from_document(document, label=repr(path), base_dir=base_dir, output=output,
                                   output_root=base_dir if base_dir is not None else Path.cwd())
     check_distinct_paths(config.output, [path])
-    if output is None and config.output != "-" and not force \
-            and (Path(config.output).exists() or Path(config.output).is_symlink()):
-        raise _fail(f"output {short_repr(config.output)} already exists", repr(path),
-                    hint="pass --force to replace it, or -o PATH to write elsewhere")
+    if output is None and config.output != "-":
+        check_new_output(config.output, "output", repr(path), force)
     return config

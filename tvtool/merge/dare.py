@@ -31,6 +31,7 @@ from tvtool.merge.method import (
     check_density,
     chunked,
     derived_seed,
+    params_of,
     sum_of_terms,
 )
 from tvtool.merge.ties import DISJOINT_MODES, SIGN_METHODS, elect_and_merge
@@ -132,18 +133,14 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Dar
     if params.combine == "sum":
         return _sum_merge(tensors, weights, params, ctx)
     numel = tensors[0].numel()
+    densities = [params_of(params, ctx, i).density for i in range(len(tensors))]
 
     def step(parts: list[torch.Tensor], start: int) -> torch.Tensor:
         stop = start + parts[0].numel()
-        if params.density <= 0.0:
-            return torch.zeros_like(parts[0])
-        if params.density >= 1.0:
-            dropped = parts
-        else:
-            dropped = [drop_and_rescale(p, keep_mask(numel, start, stop, params.density,
-                                                     ctx.seed, index, ctx.name),
-                                        params.density, params.rescale)
-                       for index, p in enumerate(parts)]
+        dropped = [torch.zeros_like(p) if d <= 0.0 else p if d >= 1.0
+                   else drop_and_rescale(p, keep_mask(numel, start, stop, d, ctx.seed, index,
+                                                      ctx.name), d, params.rescale)
+                   for index, (p, d) in enumerate(zip(parts, densities, strict=True))]
         coef = torch.tensor(list(weights), dtype=parts[0].dtype)
         return elect_and_merge(torch.stack(dropped), coef, params.sign, params.disjoint)
 
@@ -159,6 +156,7 @@ METHOD = MergeMethod(
     fn=merge,
     accumulate=accumulate,
     separable=lambda params: params.combine == "sum",
+    per_vector=("density",),
     # combine=ties is TIES' disjoint mean of the rescaled vectors
     search_grid=lambda params: DISJOINT_MEAN_GRID if params.combine == "ties" else SUM_GRID,
 )

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import torch
+
 from tvtool.cards import public_file
 from tvtool.errors import InvalidInputError
 from tvtool.io import TensorSource, check_output, fingerprint, write_tensors
@@ -160,7 +162,9 @@ def open_merge(config: MergeConfig, log: Logger = _quiet, *, fingerprints: bool 
                                              allow_base_mismatch=config.allow_base_mismatch)
         else:
             coefficients = from_values(config.coefs, len(sources))
-        spec = MergeSpec(method, params, coefficients, config.seed, config.missing)
+        spec = MergeSpec(method, params, coefficients, config.seed, config.missing,
+                         method.make_vector_params(config.params, config.vector_params),
+                         getattr(torch, config.dtype) if config.dtype else None)
         plan = plan_sources(sources, spec, log)
         first = metas[0]
         described = coefficients.describe()
@@ -185,6 +189,8 @@ def open_merge(config: MergeConfig, log: Logger = _quiet, *, fingerprints: bool 
             "source_records": json.dumps(card_records, sort_keys=True),
             "merge_method": method.name,
             "merge_params": json.dumps(asdict(params), sort_keys=True),
+            **({"merge_vector_params": json.dumps(list(config.vector_params), sort_keys=True)}
+               if config.vector_params else {}),
             "coefficients": json.dumps(described, sort_keys=True),
             "input_modes": json.dumps([{"mode": m.mode.value if m.mode else None,
                                         "linearized": m.linearized} for m in metas]),
@@ -228,7 +234,9 @@ def describe_plan(opened: OpenedMerge) -> dict[str, Any]:
     return {
         "dry_run": True,
         "method": {"name": method.name, "paper": method.paper,
-                   "params": asdict(plan.spec.params)},
+                   "params": asdict(plan.spec.params),
+                   "vector_params": list(config.vector_params)},
+        "dtype": config.dtype,
         "coefficients": plan.spec.coefficients.describe(),
         "seed": config.seed,
         "missing": config.missing,

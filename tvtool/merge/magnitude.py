@@ -87,4 +87,5 @@ METHOD = MergeMethod(
     fn=merge,
     global_density=_global_density,
     accumulate=accumulate,
+    per_vector=("density",),
 )

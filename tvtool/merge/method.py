@@ -9,7 +9,7 @@ temporaries of sign election and disjoint merging then cost N chunks, not N whol
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -47,6 +47,10 @@ class TensorContext:
         seed: Random seed of the merge.
         count: Number of vectors merged (N).
         dtype: Accumulation dtype (float32, or float64 when an input is float64).
+        vector_params: Each vector's params object, when a config sets parameters per vector
+            (``vectors: [{path, density}]``, see :attr:`MergeMethod.per_vector`); None when
+            the ``params`` the function gets hold for every vector. Read it through
+            :func:`params_of`.
 
     """
 
@@ -55,6 +59,12 @@ class TensorContext:
     seed: int = 0
     count: int = 0
     dtype: torch.dtype = torch.float32
+    vector_params: tuple[Any, ...] | None = None
+
+
+def params_of(params: Any, ctx: TensorContext, index: int) -> Any:
+    """The params object of vector ``index``: its own, or the shared ``params``."""
+    return ctx.vector_params[index] if ctx.vector_params is not None else params
 
 
 MergeFn = Callable[[Sequence[torch.Tensor], Sequence[float], Any, TensorContext], torch.Tensor]
@@ -88,6 +98,11 @@ class MergeMethod:
         lora_refusal: Why the method cannot merge LoRA vectors (their dense deltas are
             low-rank), or None when it merges them like any dense vector; ``merge`` refuses
             LoRA inputs with this reason.
+        per_vector: Fields of ``params`` a config may set per vector (``vectors: [{path,
+            density}]``; mergekit's per-model parameters). The per-tensor function reads them
+            per vector (:func:`params_of`), ``accumulate`` gets each vector's own params
+            object, ``global_density`` is asked per vector. Every other field (and ``separable``)
+            is shared. The coefficient is per vector for every method.
 
     """
 
@@ -102,6 +117,7 @@ class MergeMethod:
     separable: Callable[[Any], bool] = lambda _params: True
     search_grid: Callable[[Any], str] = lambda _params: SUM_GRID
     lora_refusal: str | None = None
+    per_vector: tuple[str, ...] = ()
 
     def make_params(self, values: dict[str, Any] | None = None) -> Any:
         """Build and validate this method's params from plain values.
@@ -121,6 +137,39 @@ class MergeMethod:
         except (TypeError, ValueError, OverflowError) as exc:
             text = " ".join(str(exc).split())[:200] or type(exc).__name__
             raise UsageError(f"method {self.name!r}: {text}") from None
+
+    def make_vector_params(self, shared: dict[str, Any] | None,
+                           overrides: Sequence[Mapping[str, Any]]) -> tuple[Any, ...] | None:
+        """Each vector's params object: ``shared`` with the vector's own ``overrides``.
+
+        Args:
+            shared: The method's parameters for every vector (``params``).
+            overrides: One mapping per vector (empty where the vector sets nothing).
+
+        Returns:
+            One params object per vector, or None when no vector sets anything.
+
+        Raises:
+            UsageError: a parameter the method does not take per vector (the message says
+                which vector and which parameters it takes), or an invalid value.
+        """
+        if not any(overrides):
+            return None
+        allowed = ", ".join(self.per_vector) or "none"
+        out = []
+        for index, own in enumerate(overrides):
+            unknown = sorted(set(own) - set(self.per_vector))
+            if unknown:
+                raise UsageError(
+                    f"vectors[{index}]: method {self.name!r} takes no per-vector "
+                    f"{short_repr(unknown)}",
+                    hint=f"its per-vector parameters: {allowed} (coef is per vector for every "
+                         "method)")
+            try:
+                out.append(self.make_params({**(shared or {}), **own}))
+            except UsageError as exc:
+                raise UsageError(f"vectors[{index}]: {exc.message}", hint=exc.hint) from None
+        return tuple(out)
 
 
 def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -144,7 +193,7 @@ def sum_of_terms(accumulate: AccumulateFn) -> MergeFn:
     N inputs, and no fresh memory is needed per name. Besides memory this matters for speed:
     freshly allocated memory is page-faulted in, and N tensors freed together make the
     allocator return memory to the system and fault it in again for the next name (measured:
-    2x on a full merge).
+    2x on a full merge). Each vector's term gets its own params object (:func:`params_of`).
     """
 
     def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Any,
@@ -152,7 +201,7 @@ def sum_of_terms(accumulate: AccumulateFn) -> MergeFn:
         full = replace(ctx, count=len(tensors), dtype=compute_dtype(tensors))
         acc = torch.zeros(tensors[0].shape, dtype=full.dtype)
         for index, (tensor, weight) in enumerate(zip(tensors, weights, strict=True)):
-            accumulate(acc, tensor, index, weight, params, full)
+            accumulate(acc, tensor, index, weight, params_of(params, ctx, index), full)
         return acc.to(output_dtype(tensors))
 
     return merge

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Generator, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,6 +39,11 @@ class MergeSpec:
         coefficients: Per-vector (or per-vector per-tensor) coefficients.
         seed: Random seed (DARE).
         missing: Key-set policy: ``refuse``, ``zero`` or ``common``.
+        vector_params: Each vector's params object when some vector sets its own
+            (:meth:`MergeMethod.make_vector_params`); None: ``params`` for every vector.
+        dtype: Storage dtype of every merged tensor (``merge`` config ``dtype:``); None: the
+            promoted dtype of the inputs. A value the dtype cannot hold (beyond float16's
+            65504) is an overflow error, not an Inf in the file.
 
     """
 
@@ -47,6 +52,12 @@ class MergeSpec:
     coefficients: Coefficients
     seed: int = 0
     missing: str = "refuse"
+    vector_params: tuple[Any, ...] | None = None
+    dtype: torch.dtype | None = None
+
+    def params_for(self, index: int) -> Any:
+        """The params object of vector ``index``."""
+        return self.vector_params[index] if self.vector_params is not None else self.params
 
 
 class MergePlan:
@@ -68,11 +79,13 @@ class MergePlan:
                  notes: list[str], log: Logger) -> None:
         self.sources = list(sources)
         self.spec = spec
-        self.layout = layout
+        # What is computed follows the inputs' dtypes; what is stored, the spec's dtype.
+        self._infos = {info.name: info for info in layout}
+        self.layout = layout if spec.dtype is None else [
+            TensorInfo(info.name, spec.dtype, info.shape) for info in layout]
         self.names = [info.name for info in layout]
         self.present = present
         self.notes = notes
-        self._infos = {info.name: info for info in layout}
         self.reuse_buffers = False
         self._buffers: dict[torch.dtype, torch.Tensor] = {}
         self._thresholds: dict[str, tuple[float, ...]] | None = None
@@ -80,9 +93,16 @@ class MergePlan:
         self._log = log
 
     @property
+    def global_densities(self) -> list[float | None]:
+        """Per vector, the density of the whole-vector trim the method needs, or None."""
+        return [self.spec.method.global_density(self.spec.params_for(index))
+                for index in range(len(self.sources))]
+
+    @property
     def global_density(self) -> float | None:
-        """Density of the whole-vector trim the method needs, or None."""
-        return self.spec.method.global_density(self.spec.params)
+        """The density of the whole-vector trim (the largest, when vectors differ), or None."""
+        needed = [d for d in self.global_densities if d is not None]
+        return max(needed) if needed else None
 
     @property
     def read_passes(self) -> int:
@@ -105,10 +125,18 @@ class MergePlan:
         """
         if self._thresholds_done:
             return self._thresholds
-        density = self.global_density
-        if density is not None:
+        if self.global_density is not None:
             values: dict[str, list[float]] = {}
-            for index, source in enumerate(self.sources):
+            for index, (source, density) in enumerate(zip(self.sources, self.global_densities,
+                                                          strict=True)):
+                if density is None:
+                    # This vector keeps everything (its own density is 1): threshold 0.
+                    for name in self.names:
+                        if index in self.present[name]:
+                            row = values.setdefault(trim_group(name),
+                                                    [math.inf] * len(self.sources))
+                            row[index] = 0.0
+                    continue
                 names = [n for n in self.names if index in self.present[n]]
                 groups: dict[str, list[str]] = {}
                 for name in names:
@@ -152,20 +180,23 @@ class MergePlan:
         def reduce(acc: torch.Tensor | None, acc_dtype: torch.dtype) -> torch.Tensor:
             ctx = TensorContext(name=name,
                                 thresholds=groups[trim_group(name)] if groups else None,
-                                seed=self.spec.seed, count=len(self.sources), dtype=acc_dtype)
+                                seed=self.spec.seed, count=len(self.sources), dtype=acc_dtype,
+                                vector_params=self.spec.vector_params)
             if method.accumulate is not None and method.separable(params):
                 # One input alive at a time; an absent tensor is zero and adds nothing.
                 total = self._accumulator(info, acc_dtype)
                 for index in held:
                     method.accumulate(total, self.sources[index].get(name), index,
-                                      weights[index], params, ctx)
+                                      weights[index], self.spec.params_for(index), ctx)
                 return total
             tensors = [self.sources[index].get(name) if index in held
                        else torch.zeros(info.shape, dtype=info.dtype)
                        for index in range(len(self.sources))]
             return method.fn(tensors, weights, params, ctx)
 
-        return combine_tensor(name, info, self.sources, held, reduce)
+        stored = info if self.spec.dtype is None else TensorInfo(name, self.spec.dtype,
+                                                                 info.shape)
+        return combine_tensor(name, stored, self.sources, held, reduce)
 
     def _accumulator(self, info: TensorInfo, dtype: torch.dtype) -> torch.Tensor:
         """Return a zeroed accumulator of ``info``'s shape.
@@ -229,15 +260,19 @@ def plan_sources(sources: Sequence[TensorSource], spec: MergeSpec, log: Logger =
 
 
 def make_spec(method: str, params: Mapping[str, Any] | None, coefficients: Coefficients,
-              seed: int = 0, missing: str = "refuse") -> MergeSpec:
-    """Look up a method and validate its params.
+              seed: int = 0, missing: str = "refuse",
+              vector_params: Sequence[Mapping[str, Any]] = ()) -> MergeSpec:
+    """Look up a method and validate its params (shared, and each vector's own).
 
     Raises:
-        UsageError: unknown method or invalid params.
+        UsageError: unknown method, invalid params, or a per-vector parameter the method
+            does not take per vector.
 
     """
     entry = get_method(method)
-    return MergeSpec(entry, entry.make_params(dict(params or {})), coefficients, seed, missing)
+    shared = dict(params or {})
+    return MergeSpec(entry, entry.make_params(shared), coefficients, seed, missing,
+                     entry.make_vector_params(shared, [dict(v) for v in vector_params]))
 
 
 def merge_state_dicts(
@@ -245,6 +280,8 @@ def merge_state_dicts(
     coefs: float | Sequence[float] = 1.0, params: Mapping[str, Any] | None = None, *,
     seed: int = 0, missing: str = "refuse",
     per_tensor_coefs: Mapping[str, Sequence[float]] | None = None,
+    vector_params: Sequence[Mapping[str, Any]] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> StateDict:
     """Merge task vectors held in memory (pure: inputs are not modified).
 
@@ -257,6 +294,9 @@ def merge_state_dicts(
         seed: Random seed (DARE).
         missing: ``refuse``, ``zero`` or ``common`` (see :class:`MergeConfig`).
         per_tensor_coefs: Tensor name -> N coefficients; overrides ``coefs``.
+        vector_params: One mapping per vector of the parameters it sets itself (e.g.
+            ``{"density": 0.3}``; :attr:`MergeMethod.per_vector`), over ``params``.
+        dtype: Storage dtype of the merged tensors (None: the inputs' promoted dtype).
 
     Returns:
         The merged task vector.
@@ -272,7 +312,10 @@ def merge_state_dicts(
         coefficients = Coefficients(coefficients.per_vector,
                                     per_tensor={k: tuple(v) for k, v in per_tensor_coefs.items()},
                                     origin="per_tensor_coefs")
-    spec = make_spec(method, params, coefficients, seed, missing)
+    if vector_params is not None and len(vector_params) != count:
+        raise UsageError(f"{len(vector_params)} per-vector parameter sets for {count} vectors")
+    spec = replace(make_spec(method, params, coefficients, seed, missing, vector_params or ()),
+                   dtype=dtype)
     sources = [DictSource(v, label=f"vector {i}") for i, v in enumerate(vectors)]
     plan = plan_sources(sources, spec)
     return dict(plan.tensors())

@@ -35,6 +35,7 @@ from tvtool.merge.method import (
     check_choice,
     check_density,
     chunked,
+    params_of,
 )
 from tvtool.merge.peft_utils import (
     calculate_majority_sign_mask,
@@ -71,22 +72,31 @@ class TiesParams:
         check_choice(self.disjoint, DISJOINT_MODES, "disjoint")
 
 
-def thresholds_for(tensors: Sequence[torch.Tensor], density: float, scope: str,
-                   ctx: TensorContext) -> list[float | None]:
+def thresholds_for(tensors: Sequence[torch.Tensor], density: float | Sequence[float],
+                   scope: str, ctx: TensorContext) -> list[float | None]:
     """Per-vector trim thresholds for one tensor name (None = keep everything).
+
+    Args:
+        tensors: The N tensors of one name.
+        density: One density for all vectors, or one per vector.
+        scope: ``global`` or ``tensor``.
+        ctx: Holds each vector's whole-vector threshold for a global trim.
 
     Raises:
         ValueError: a global trim without the thresholds the engine computes beforehand.
 
     """
-    if density >= 1.0:
+    densities = ([float(density)] * len(tensors) if isinstance(density, (int, float))
+                 else list(density))
+    if all(d >= 1.0 for d in densities):
         return [None] * len(tensors)
     if scope == "tensor":
-        return [tensor_threshold(t, density) for t in tensors]
+        return [None if d >= 1.0 else tensor_threshold(t, d)
+                for t, d in zip(tensors, densities, strict=True)]
     if ctx.thresholds is None or len(ctx.thresholds) != len(tensors):
         raise ValueError("a global trim needs per-vector thresholds in the TensorContext "
                          "(tvtool.merge.merge_state_dicts computes them)")
-    return list(ctx.thresholds)
+    return [None if d >= 1.0 else t for t, d in zip(ctx.thresholds, densities, strict=True)]
 
 
 def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor, sign: str,
@@ -112,7 +122,8 @@ def merge(tensors: Sequence[torch.Tensor], weights: Sequence[float], params: Tie
         ctx: Tensor name and, for a global trim, each vector's threshold.
 
     """
-    thresholds = thresholds_for(tensors, params.density, params.trim, ctx)
+    densities = [params_of(params, ctx, i).density for i in range(len(tensors))]
+    thresholds = thresholds_for(tensors, densities, params.trim, ctx)
 
     def step(parts: list[torch.Tensor], _start: int) -> torch.Tensor:
         trimmed = torch.stack([trim(p, t) for p, t in zip(parts, thresholds, strict=True)])
@@ -136,4 +147,5 @@ METHOD = MergeMethod(
     fn=merge,
     global_density=_global_density,
     search_grid=lambda _params: DISJOINT_MEAN_GRID,
+    per_vector=("density",),
 )

@@ -17,8 +17,9 @@ import open_clip
 import torch
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_repr
 from tvtool.models.quiet import quiet_open_clip
-from tvtool.models.refs import known_architectures
+from tvtool.models.refs import did_you_mean, known_architectures
 
 Shapes = Mapping[str, tuple[int, ...]]
 # Block indices have at most 6 digits: a longer one (5000 digits in a hostile file) is an
@@ -50,8 +51,9 @@ def architecture_shapes(name: str) -> dict[str, tuple[int, ...]]:
         InvalidInputError: unknown architecture.
     """
     if name not in known_architectures():
-        raise InvalidInputError(f"unknown architecture {name!r}",
-                                hint="use an open_clip model name, e.g. ViT-B-32-quickgelu")
+        raise InvalidInputError(f"unknown architecture {short_repr(name, 60)}",
+                                hint=did_you_mean(name, known_architectures())
+                                + "use an open_clip model name, e.g. ViT-B-32-quickgelu")
     try:
         with quiet_open_clip(), torch.device("meta"):
             model = open_clip.create_model(name, device="meta")

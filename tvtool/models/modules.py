@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from tvtool.errors import InvalidInputError
+from tvtool.limits import short_repr
 from tvtool.models.quiet import quiet_open_clip
-from tvtool.models.refs import known_architectures
+from tvtool.models.refs import did_you_mean, known_architectures
 
 ModuleRoot = Literal["clip", "visual"]
 """Which module names are relative to: the whole open_clip model, or its image tower
@@ -74,8 +75,9 @@ def _spec(module: nn.Module) -> ModuleSpec:
 @functools.lru_cache(maxsize=4)
 def _meta_model(architecture: str) -> nn.Module:
     if architecture not in known_architectures():
-        raise InvalidInputError(f"unknown architecture {architecture!r}",
-                                hint="use an open_clip model name, e.g. ViT-B-32-quickgelu")
+        raise InvalidInputError(f"unknown architecture {short_repr(architecture, 60)}",
+                                hint=did_you_mean(architecture, known_architectures())
+                                + "use an open_clip model name, e.g. ViT-B-32-quickgelu")
     try:
         with quiet_open_clip(), torch.device("meta"):
             return cast(nn.Module, open_clip.create_model(architecture, device="meta"))

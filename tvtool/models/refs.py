@@ -7,7 +7,9 @@ of a tvtool checkpoint.
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -83,8 +85,9 @@ def embedded_weights_path(name: str = TINY_MODEL) -> Path:
         directory.
     """
     if name not in EMBEDDED_MODELS:
-        raise InvalidInputError(f"{name!r} is not an embedded model",
-                                hint=f"use one of {', '.join(EMBEDDED_MODELS)}")
+        raise InvalidInputError(f"{short_repr(name, 60)} is not an embedded model",
+                                hint=did_you_mean(name, EMBEDDED_MODELS)
+                                + f"use one of {', '.join(EMBEDDED_MODELS)}")
     packaged = Path(__file__).parent / "weights" / f"{name}.safetensors"
     if packaged.is_file():
         return packaged
@@ -149,6 +152,22 @@ def check_recorded_architecture(architecture: str, origin: str, hint: str, *,
             "goes online for a name read from a file", hint=hint)
 
 
+def did_you_mean(name: str, known: Sequence[str]) -> str:
+    """``did you mean 'X'? `` for the closest names of ``known`` (difflib), else ``''``.
+
+    The start of a hint: typos in model names (``tvtool-tinny``, ``ViT-B-23``) are the usual
+    reason a reference is unknown.
+    """
+    # Compared without case: a case slip (vit-b-32) is one name, not three close ones.
+    lowered = {k.lower(): k for k in known}
+    if name.lower() in lowered:
+        close = [lowered[name.lower()]]
+    else:
+        close = [lowered[m] for m in difflib.get_close_matches(name.lower(), list(lowered),
+                                                               n=3, cutoff=0.75)]
+    return f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+
+
 def parse_ref(text: str) -> ModelRef:
     """Parse a model reference.
 
@@ -181,8 +200,9 @@ def parse_ref(text: str) -> ModelRef:
         raise InvalidInputError(f"model reference {text!r} is not an existing file")
     if name not in known_architectures():
         raise InvalidInputError(
-            f"unknown model {name!r} in reference {text!r}",
-            hint=f"use an open_clip model name (e.g. ViT-B-32), {TINY_MODEL}, or a checkpoint path",
+            f"unknown model {short_repr(name, 60)} in reference {short_repr(text, 80)}",
+            hint=did_you_mean(name, known_architectures())
+            + f"use an open_clip model name (e.g. ViT-B-32), {TINY_MODEL}, or a checkpoint path",
         )
     if name in EMBEDDED_MODELS:
         return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path(name)))
@@ -219,8 +239,9 @@ def _tagged_ref(text: str, name: str, tag: str) -> ModelRef:
     tags = open_clip.list_pretrained_tags_by_model(name)
     if tag not in tags:
         raise InvalidInputError(
-            f"unknown pretrained tag {tag!r} for {name}",
-            hint=f"known tags: {', '.join(tags) or 'none'}; or give a local weights file",
+            f"unknown pretrained tag {short_repr(tag, 60)} for {name}",
+            hint=did_you_mean(tag, tags)
+            + f"known tags: {', '.join(tags) or 'none'}; or give a local weights file",
         )
     return ModelRef(text, RefKind.PRETRAINED_TAG, _effective_architecture(name, tag), tag)
 

@@ -16,7 +16,7 @@ import torch
 from tvtool.errors import InvalidInputError, NumericalError
 from tvtool.io import TensorInfo, TensorSource, all_finite
 from tvtool.io.names import shared_wrapper_prefixes
-from tvtool.limits import short_list
+from tvtool.limits import short_list, short_repr
 from tvtool.types import StateDict
 from tvtool.vectors.algebra import tensor_delta
 from tvtool.vectors.rules import check_finite
@@ -81,8 +81,13 @@ class StreamPlan:
         return sum(info.numel for info in self.layout)
 
 
-KEEP_CHOICES = ("all", "changed")
-"""``extract --keep``: every floating tensor, or only those the fine-tune changed."""
+KEEP_CHOICES = ("image", "all", "changed")
+"""``extract --keep``: the image encoder's floating tensors (the default of ``extract``, what
+``finetune`` vectors hold), every floating tensor, or every floating tensor the fine-tune
+changed."""
+
+IMAGE_ENCODER_PREFIX = "visual."
+"""Names of the image encoder in an open_clip state dict: the tensors a task vector holds."""
 
 
 def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: bool = False,
@@ -93,15 +98,24 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
         base: The pre-trained weights.
         finetuned: The fine-tuned weights (open_clip names, possibly under ``module.``/``model.``).
         allow_missing: Treat base tensors absent from the fine-tuned checkpoint as unchanged
-            (for checkpoints holding only the image encoder); without it they are an error.
-        keep: ``all`` keeps every floating tensor; ``changed`` drops tensors whose delta is zero.
+            (for checkpoints holding only part of the kept tensors); without it they are an
+            error.
+        keep: ``image`` keeps the floating tensors under ``visual.`` (the image encoder, as
+            the task-vector references and ``finetune`` do; tensors elsewhere that the
+            fine-tune changed are counted in a note, never silently); ``all`` keeps every
+            floating tensor; ``changed`` keeps every floating tensor whose delta is not zero.
 
     Raises:
         InvalidInputError: extra or missing keys (counts and first names), shape or dtype
             mismatch, NaN/Inf in an input.
     """
     if keep not in KEEP_CHOICES:
-        raise InvalidInputError(f"--keep must be 'all' or 'changed', not {keep!r}")
+        raise InvalidInputError(f"--keep must be one of {', '.join(KEEP_CHOICES)}, not "
+                                f"{short_repr(keep, 40)}")
+
+    def kept(name: str) -> bool:
+        return keep != "image" or name.startswith(IMAGE_ENCODER_PREFIX)
+
     base_keys = base.keys()
     base_set = set(base_keys)
     mapping, prefix = align_keys(finetuned.keys(), base_keys)
@@ -115,11 +129,12 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
             f"{finetuned.label} has {len(extra)} tensors that are not in the base, e.g. "
             f"{short_list(extra, 3)}", hint="is it a checkpoint of the same architecture?")
     covered = set(mapping.values())
-    missing = [name for name in base_keys if name not in covered
+    missing = [name for name in base_keys if name not in covered and kept(name)
                and base.info(name).dtype.is_floating_point]
     if missing and not allow_missing:
+        what = "the base's image encoder" if keep == "image" else "the base"
         raise InvalidInputError(
-            f"{finetuned.label} lacks {len(missing)} tensors of the base, e.g. "
+            f"{finetuned.label} lacks {len(missing)} tensors of {what}, e.g. "
             f"{short_list(missing, 3)}",
             hint="pass --allow-missing if the checkpoint holds only part of the model "
                  "(those tensors are then taken as unchanged)")
@@ -129,6 +144,7 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
     layout: list[TensorInfo] = []
     producers: dict[str, Producer] = {}
     skipped = 0
+    left_out = 0  # tensors outside the image encoder that the fine-tune changed
     for stored, name in mapping.items():
         ft_info, base_info = finetuned.info(stored), base.info(name)
         if ft_info.shape != base_info.shape:
@@ -140,6 +156,11 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
                 hint="save both models in the same precision")
         if not ft_info.dtype.is_floating_point:
             skipped += 1
+            continue
+        if not kept(name):
+            # Read once, to say so when the default drops a change (a fine-tuned text tower).
+            if not torch.equal(base.get(name), finetuned.get(stored)):
+                left_out += 1
             continue
         if keep == "changed":
             b, f = base.get(name), finetuned.get(stored)
@@ -153,8 +174,15 @@ def plan_extract(base: TensorSource, finetuned: TensorSource, *, allow_missing: 
     if skipped:
         reason = "unchanged or non-floating" if keep == "changed" else "non-floating"
         notes.append(f"skipped {skipped} {reason} tensors")
+    if left_out:
+        notes.append(f"note: {left_out} tensors outside the image encoder differ from the base "
+                     "and are left out of the vector (--keep all keeps them)")
     if not layout:
-        raise InvalidInputError("the task vector would be empty: no floating tensor changed")
+        raise InvalidInputError(
+            "the task vector would be empty: no floating tensor "
+            + ("of the image encoder (visual.*) " if keep == "image" else "") + "changed",
+            hint="--keep all keeps the tensors outside the image encoder"
+            if keep == "image" else None)
     return StreamPlan(layout, producers, notes)
 
 

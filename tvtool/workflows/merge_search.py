@@ -284,43 +284,125 @@ def search_merge(config: MergeConfig, settings: EvalSettings,
         UsageError: ``coefs_file`` or stdin inputs, missing datasets, bad settings.
         InvalidInputError: as :func:`tvtool.merge.merge` and :func:`tvtool.evaluate.evaluate`.
     """
+    check_searchable(config)
+    # Refuse a bad -o now, not after the (long) search.
+    check_output(config.output, list(config.vectors))
+    measured = measure_merges([config], [grid], settings, datasets=datasets, suite=suite,
+                              log=log, progress=progress)
+    search, names = measured.searches[0], measured.datasets
+    log(f"best α = {search.best:g}; writing the merge at that coefficient")
+    # The output records how its coefficient was chosen (grid, scores, datasets), not only α.
+    record = {"split": "val", "datasets": list(names), **search.as_json(),
+              "limit": settings.limit, "seed": settings.seed}
+    result = merge(replace(config, coefs=(search.best,)), log, search=record)
+    return MergeSearchReport(search, tuple(names), measured.zero_shot, measured.finetuned,
+                             measured.tests[0], result)
+
+
+def check_searchable(config: MergeConfig) -> None:
+    """Refuse a merge whose coefficient cannot be searched.
+
+    Raises:
+        UsageError: a coefficients file (the search chooses one α for all vectors), or a
+            vector on stdin (the search reads the vectors several times).
+    """
     if config.coefs_file is not None:
         raise UsageError("--search-coef searches one coefficient for all vectors; it cannot "
                          "be combined with --coefs")
     if "-" in config.vectors:
         raise UsageError("--search-coef reads the vectors several times; stdin ('-') cannot "
                          "be an input")
-    # Refuse a bad -o now, not after the (long) search.
-    check_output(config.output, list(config.vectors))
-    names = vector_datasets(config, datasets, suite)
-    count = len(config.vectors)
-    with scratch_directory(config.output, prefix=".tvtool-search-") as scratch:
-        unit_path = str(scratch / "merged-at-1.safetensors")
-        log(f"merging at coefficient 1 ({config.method}) for the search")
-        merge(replace(config, coefs=(1.0,), output=unit_path), log)
-        with Evaluator(settings, [*config.vectors, unit_path], names, log=log,
+
+
+@dataclass(frozen=True)
+class MergeMeasurement:
+    """What :func:`measure_merges` measured for several merges of the same vectors.
+
+    Attributes:
+        datasets: Dataset of each input vector.
+        zero_shot: Base accuracy per split and dataset.
+        finetuned: Accuracy of base + τ_t on dataset t, per split.
+        searches: Per merge, the validation search of its coefficient.
+        tests: Per merge, the test accuracy per dataset at its chosen coefficient.
+    """
+
+    datasets: tuple[str, ...]
+    zero_shot: dict[str, dict[str, float]]
+    finetuned: dict[str, dict[str, float]]
+    searches: tuple[CoefSearch, ...]
+    tests: tuple[dict[str, float], ...]
+
+
+def measure_merges(configs: Sequence[MergeConfig], grids: Sequence[Sequence[float] | AutoGrid],
+                   settings: EvalSettings, *, datasets: Sequence[str] | None = None,
+                   suite: str | None = None, log: Logger = _quiet,
+                   progress: Progress = None) -> MergeMeasurement:
+    """Search the coefficient of each merge on the validation splits and measure its test split.
+
+    Every merge (one config per method and parameters: ``merge --search-coef`` has one, a
+    config's ``sweep:`` several) is merged once at coefficient 1 into a scratch file; one
+    :class:`~tvtool.workflows.evaluator.Evaluator` then holds the N input vectors and those
+    merges, so the zero-shot and fine-tuned references are measured once for all of them.
+    Nothing is written besides the scratch files (removed).
+
+    Args:
+        configs: Merges of the same vectors (their ``coefs`` are ignored: α is searched).
+        grids: Per merge, the coefficients to try, or an :class:`~tvtool.grid.AutoGrid`.
+        settings: How to evaluate.
+        datasets: Dataset of each vector (default: from their metadata).
+        suite: Check that the vectors are one per dataset of this suite.
+        log: Receives progress notes.
+        progress: Progress-bar factory for the evaluations.
+
+    Raises:
+        UsageError: merges of different vectors, a coefficients file or stdin input, missing
+            datasets, bad settings.
+        InvalidInputError: as :func:`tvtool.merge.merge` and :func:`tvtool.evaluate.evaluate`.
+    """
+    if not configs or len(grids) != len(configs):
+        raise UsageError("one grid per merge is needed")
+    for config in configs:
+        check_searchable(config)
+        if config.vectors != configs[0].vectors:
+            raise UsageError("the merges of one measurement must merge the same vectors")
+    first = configs[0]
+    names = vector_datasets(first, datasets, suite)
+    count, merges = len(first.vectors), len(configs)
+    with scratch_directory(first.output, prefix=".tvtool-search-") as scratch:
+        units = []
+        for index, config in enumerate(configs):
+            unit_path = str(scratch / f"merged-{index}-at-1.safetensors")
+            log(f"merging at coefficient 1 ({config.method}) for the search")
+            merge(replace(config, coefs=(1.0,), output=unit_path), log)
+            units.append(unit_path)
+        with Evaluator(settings, [*first.vectors, *units], names, log=log,
                        progress=progress) as evaluator:
-            zero = [0.0] * (count + 1)
+            zero = [0.0] * (count + merges)
             zero_shot = {split: evaluator.accuracies(zero, split) for split in ("val", "test")}
             finetuned: dict[str, dict[str, float]] = {"val": {}, "test": {}}
             for index, name in enumerate(names):
-                onehot = [1.0 if i == index else 0.0 for i in range(count)] + [0.0]
+                onehot = [1.0 if i == index else 0.0 for i in range(count + merges)]
                 for split in ("val", "test"):
                     finetuned[split][name] = evaluator.accuracies(onehot, split, [name])[name]
-            values = grid.start if isinstance(grid, AutoGrid) else grid
-            log(f"searching α over {len(values)} values on the validation splits"
-                + (" (extended past an end where the best α sits)"
-                   if isinstance(grid, AutoGrid) else ""))
-            search = search_coef(lambda a: evaluator.accuracies([0.0] * count + [a], "val"),
-                                 grid, references=finetuned["val"])
-            test = evaluator.accuracies([0.0] * count + [search.best], "test")
-    if search.grid_edge is not None:
-        log(edge_warning("α", search.best, search.grid_edge, [p.coef for p in search.points],
-                         extensions=search.extensions,
-                         auto=grid if isinstance(grid, AutoGrid) else None))
-    log(f"best α = {search.best:g}; writing the merge at that coefficient")
-    # The output records how its coefficient was chosen (grid, scores, datasets), not only α.
-    record = {"split": "val", "datasets": list(names), **search.as_json(),
-              "limit": settings.limit, "seed": settings.seed}
-    result = merge(replace(config, coefs=(search.best,)), log, search=record)
-    return MergeSearchReport(search, tuple(names), zero_shot, finetuned, test, result)
+            searches, tests = [], []
+            for index, (config, grid) in enumerate(zip(configs, grids, strict=True)):
+
+                def coefficients(alpha: float, index: int = index) -> list[float]:
+                    return [0.0] * count + [alpha if i == index else 0.0 for i in range(merges)]
+
+                def on_val(alpha: float, index: int = index) -> Accuracies:
+                    return evaluator.accuracies(coefficients(alpha, index), "val")
+
+                values = grid.start if isinstance(grid, AutoGrid) else grid
+                log(f"searching α of {config.method} over {len(values)} values on the "
+                    "validation splits" + (" (extended past an end where the best α sits)"
+                                           if isinstance(grid, AutoGrid) else ""))
+                search = search_coef(on_val, grid, references=finetuned["val"])
+                if search.grid_edge is not None:
+                    log(edge_warning("α", search.best, search.grid_edge,
+                                     [p.coef for p in search.points],
+                                     extensions=search.extensions,
+                                     auto=grid if isinstance(grid, AutoGrid) else None))
+                searches.append(search)
+                tests.append(evaluator.accuracies(coefficients(search.best), "test"))
+    return MergeMeasurement(tuple(names), zero_shot, finetuned, tuple(searches), tuple(tests))

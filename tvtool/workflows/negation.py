@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tvtool.commands.negate import NegateConfig, negate
-from tvtool.data import dataset_identity
+from tvtool.data import dataset_identity, suite_datasets, with_suite
+from tvtool.data.suites import task_identity
 from tvtool.errors import TvtoolError, UsageError
 from tvtool.evaluate import EvalSettings
 from tvtool.grid import AutoGrid, edge_warning, extend_search, grid_edge
@@ -130,6 +131,33 @@ def control_names(control: str | Sequence[str]) -> tuple[str, ...]:
     if len(set(names)) != len(names):
         raise UsageError(f"a control dataset is named twice: {list(names)}")
     return names
+
+
+def suite_controls(control: Sequence[str], suite: str, target: str,
+                   log: Logger = _quiet) -> list[str]:
+    """The control datasets of ``negate --search --suite N``.
+
+    The ``--control`` datasets, then the suite's (:data:`tvtool.data.SUITES`) except the
+    target's task: forgetting one task of a benchmark while keeping the others is the
+    suite's use here. ``MNIST`` and ``MNISTVal`` are one task.
+
+    Args:
+        control: The ``--control`` values (may be empty).
+        suite: ``8``, ``14`` or ``20``.
+        target: The dataset to forget.
+        log: Receives the note that the target's task was left out of the suite's controls.
+
+    Raises:
+        UsageError: an unknown suite, or a dataset named both ways (``--control mnist
+            --suite 8``).
+    """
+    with_suite(control, suite)  # the checks: a known suite, no dataset named twice
+    forgotten = task_identity(dataset_identity(target))
+    added = [name for name in suite_datasets(suite) if task_identity(name) != forgotten]
+    if len(added) < len(suite_datasets(suite)):
+        log(f"suite {suite}: {forgotten} is the target; the suite's other {len(added)} "
+            "datasets are controls")
+    return [*control, *added]
 
 
 def search_negation(evaluate: Evaluate, grid: Sequence[float] | AutoGrid, *, target: str,
@@ -320,7 +348,7 @@ def search_negate(vector: str, output: str, settings: EvalSettings,
                   grid: Sequence[float] | AutoGrid, *,
                   control: str | Sequence[str], target: str | None = None,
                   threshold: float = DEFAULT_THRESHOLD, log: Logger = _quiet,
-                  progress: Progress = None) -> NegateSearchReport:
+                  progress: Progress = None, suite: str | None = None) -> NegateSearchReport:
     """Search the negation coefficient on validation splits, then write ``-α · vector``.
 
     Args:
@@ -333,12 +361,15 @@ def search_negate(vector: str, output: str, settings: EvalSettings,
         threshold: Fraction of the base's control accuracy to keep.
         log: Receives progress notes.
         progress: Progress-bar factory.
+        suite: ``8``, ``14`` or ``20``: the suite's datasets other than the target's task
+            are controls too (:func:`suite_controls`).
 
     Returns:
         The report; the negated vector is written to ``output``.
 
     Raises:
-        UsageError: stdin input, no target dataset, target equal to control, bad grid.
+        UsageError: stdin input, no target dataset, the target's task among the controls
+            (``MNISTVal`` and ``MNIST`` are one task), bad grid or suite.
         TvtoolError: no α of the grid keeps the control accuracy (nothing is written).
     """
     if vector == "-":
@@ -352,13 +383,19 @@ def search_negate(vector: str, output: str, settings: EvalSettings,
         if not target:
             raise UsageError(f"{vector!r} records no dataset", hint="pass --target DATASET")
         check_recorded_dataset(vector, target, "pass --target DATASET")
-    target, controls = dataset_identity(target), control_names(control)
-    if target in controls:
-        raise UsageError(f"{target} is both the target and a control dataset")
+    target = dataset_identity(target)
+    if suite is not None:
+        control = suite_controls([control] if isinstance(control, str) else list(control),
+                                 suite, target, log)
+    controls = control_names(control)
+    same = [name for name in controls if task_identity(name) == task_identity(target)]
+    if same:
+        raise UsageError(f"{target} is both the target and a control dataset"
+                         + (f" ({same[0]} is the same task)" if same[0] != target else ""))
     measured = measure_negation(settings, vector, grid, target=target, control=controls,
                                 threshold=threshold, log=log, progress=progress)
     log(f"best α = {measured.coef:g}; writing the negated vector")
-    record = {"split": "val", "target": target, "controls": list(controls),
+    record = {"split": "val", "target": target, "controls": list(controls), "suite": suite,
               **measured.search.as_json(), "limit": settings.limit, "seed": settings.seed}
     negate(NegateConfig(vector=vector, output=output, coef=measured.coef), search=record)
     return NegateSearchReport(measured.search, target, controls, measured.test, output)

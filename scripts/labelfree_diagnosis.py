@@ -12,9 +12,10 @@ measures that precondition on the embedded world, for one base and one set of ta
    the summed per-task mean entropy (what AdaMerging descends) and the gradient of the summed
    per-task cross-entropy with true labels (what labels would descend), over the per-tensor
    coefficients (AdaMerging's "layer-wise" λ), overall and per task.
-3. **Along the path**: AdaMerging's protocol (init 0.3, Adam lr 1e-3, per task a batch of 16
-   unlabelled test images each step with the losses summed, λ clamped to [0, 1], 500 steps,
-   last iterate), and the same protocol with the true labels' cross-entropy (an *oracle* that
+3. **Along the path**: AdaMerging's protocol (init 0.3, Adam lr 1e-3, per task two batches of
+   16 unlabelled test images each step with the losses summed, λ clamped to [0, 1] where it
+   enters the model, 500 steps, last iterate; docs/coeffs.md), and the same protocol with the
+   true labels' cross-entropy (an *oracle* that
    shows what per-tensor coefficients can reach on this world). Every ``--eval-every`` steps,
    each task's mean entropy and accuracy on a fixed evaluation subset; per task, Spearman
    correlation of −entropy with accuracy along the path.
@@ -101,6 +102,8 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--init", type=float, default=0.3)
     parser.add_argument("--per-task-batch", type=int, default=16)
+    parser.add_argument("--batches-per-task", type=int, default=2,
+                        help="batches per task and step (AdaMerging's loop adds two)")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-limit", type=int, default=500,
                         help="test examples per task in the path's evaluation subset")
@@ -233,24 +236,25 @@ def main() -> int:
             history = [{"step": 0, **measure(lam.detach())}]
             step_gen = torch.Generator().manual_seed(args.seed + 1)
             for step in range(1, args.steps + 1):
-                weights = encoder.weights(lam)
+                # AdaMerging clamps where λ enters the model (no gradient outside [0, 1]).
+                weights = encoder.weights(lam.clamp(0.0, 1.0))
                 losses = []
                 for t in range(len(tasks)):
-                    idx = torch.randint(len(data[t][1]), (args.per_task_batch,),
-                                        generator=step_gen)
-                    logits = logits_of(weights, t, idx)
-                    if kind == "entropy":
-                        losses.append(entropy(logits).mean())
-                    else:
-                        losses.append(F.cross_entropy(logits, data[t][1][idx]))
+                    for _ in range(args.batches_per_task):
+                        idx = torch.randint(len(data[t][1]), (args.per_task_batch,),
+                                            generator=step_gen)
+                        logits = logits_of(weights, t, idx)
+                        if kind == "entropy":
+                            losses.append(entropy(logits).mean())
+                        else:
+                            losses.append(F.cross_entropy(logits, data[t][1][idx]))
                 loss = torch.stack(losses).sum()
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                with torch.no_grad():
-                    lam.clamp_(0.0, 1.0)
                 if step % args.eval_every == 0 or step == args.steps:
-                    history.append({"step": step, **measure(lam.detach())})
+                    history.append({"step": step,
+                                    **measure(lam.detach().clamp(0.0, 1.0))})
                     avg = sum(history[-1]["accuracy"]) / len(tasks)
                     log(f"{kind} step {step}: loss {float(loss.detach()):.3f} avg acc {avg:.3f}")
             per_task_rho = []
@@ -260,7 +264,7 @@ def main() -> int:
                 per_task_rho.append(spearman(ent, acc))
             avg_acc = [sum(h["accuracy"]) / len(tasks) for h in history]
             avg_neg_ent = [-sum(h["entropy"]) / len(tasks) for h in history]
-            final = lam.detach()
+            final = lam.detach().clamp(0.0, 1.0)
             paths[kind] = {
                 "history": history,
                 "spearman_negentropy_vs_accuracy_per_task": per_task_rho,

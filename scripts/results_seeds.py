@@ -9,10 +9,18 @@ the figure that says on which side of a threshold the world lies; and, where the
 negated a task, how far negation took the target's test accuracy towards chance, with the
 share of the control's accuracy it kept.
 
+A second table gives every method's columns as mean ± s.e. over seeds (average test accuracy,
+average normalized accuracy, gain recovered, the α chosen per seed and whether it sat at a
+grid edge) next to the published 8-task ViT-B/32 figure for scale; a third the TSV-C
+compression figures (size kept, accuracy kept); then the papers' central claims, each judged
+from these numbers by ``results_merge.claims`` (never written by hand).
+
 Usage::
 
     python scripts/results_seeds.py docs/data/results/results_merge*.json
     python scripts/results_seeds.py --json RUN.json ...   # the summary as JSON on stdout
+    python scripts/results_seeds.py --doc docs/results.md --section small RUN.json ...
+        # also writes the tables between the seeds-small markers of docs/results.md
 
 Every file must come from the same base, tasks and recipe (everything but the seed); the
 script stops with an error otherwise.
@@ -30,7 +38,18 @@ from typing import Any
 
 # The gain and negation figures are results_merge.py's own (this directory is on sys.path
 # when a script here runs).
-from results_merge import average_accuracy, gain_recovered, negation_figures
+from results_merge import (
+    FINE_TUNED,
+    PUBLISHED,
+    ZERO_SHOT,
+    average_accuracy,
+    claims,
+    claims_markdown,
+    compression_summary,
+    gain_recovered,
+    method_key,
+    negation_figures,
+)
 
 RECIPE_KEYS = ("base", "base_fingerprint", "tasks", "steps", "lr", "batch_size", "limit")
 
@@ -68,14 +87,29 @@ def gains(run: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Per method of one run: average test accuracy, coefficient and gain recovered."""
     tasks = run["tasks"]
     rows = {row["method"]: row for row in run["rows"]}
-    zero = average_accuracy(rows["zero-shot"], tasks)
-    tuned = average_accuracy(rows["fine-tuned (one vector per task)"], tasks)
+    zero = average_accuracy(rows[ZERO_SHOT], tasks)
+    tuned_row = rows[FINE_TUNED]
+    tuned = average_accuracy(tuned_row, tasks)
     out = {}
     for method, row in rows.items():
         average = average_accuracy(row, tasks)
+        # Normalized accuracy recomputed from the accuracies (older runs' rows lack it).
+        normalized = [row["accuracy"][t] / tuned_row["accuracy"][t]
+                      if tuned_row["accuracy"][t] > 0 else math.nan for t in tasks]
         out[method] = {"accuracy": average, "coef": row.get("coef"),
-                       "gain": gain_recovered(average, zero, tuned)}
+                       "normalized": statistics.fmean(normalized),
+                       "gain": gain_recovered(average, zero, tuned),
+                       "grid_edge": _edge(row), "key": method_key(row)}
     return out
+
+
+def _edge(row: dict[str, Any]) -> str | None:
+    """The grid end a row's α sat at (recomputed from its grid for older runs)."""
+    from tvtool.grid import grid_edge
+
+    if "grid_edge" in row:
+        return row["grid_edge"]  # type: ignore[no-any-return]
+    return grid_edge(row.get("coef"), row.get("grid") or [])
 
 
 def negation(run: dict[str, Any]) -> dict[str, float] | None:
@@ -102,19 +136,49 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     per_seed = [{"seed": run["seed"], "methods": gains(run), "negation": negation(run)}
                 for run in runs]
     methods = list(per_seed[0]["methods"])
-    summary = {}
+    summary: dict[str, Any] = {}
     for method in methods:
+        if not all(method in seed["methods"] for seed in per_seed):
+            continue  # a method that some runs did not measure (older runs)
         mean, se = _mean_se([seed["methods"][method]["gain"] for seed in per_seed])
-        accuracies = [seed["methods"][method]["accuracy"] for seed in per_seed]
+        accuracy, accuracy_se = _mean_se([seed["methods"][method]["accuracy"]
+                                          for seed in per_seed])
+        normalized, normalized_se = _mean_se([seed["methods"][method]["normalized"]
+                                              for seed in per_seed])
         summary[method] = {"gain_mean": mean, "gain_se": se,
-                           "accuracy_mean": statistics.fmean(accuracies)}
+                           "accuracy_mean": accuracy, "accuracy_se": accuracy_se,
+                           "normalized_mean": normalized, "normalized_se": normalized_se,
+                           "coefs": [seed["methods"][method]["coef"] for seed in per_seed],
+                           "edges": [seed["methods"][method]["grid_edge"] for seed in per_seed],
+                           "key": per_seed[0]["methods"][method]["key"]}
     negations = [seed["negation"] for seed in per_seed]
     if all(negations):
         mean, se = _mean_se([n["fraction_to_chance"] for n in negations if n])
         kept = statistics.fmean(n["control_kept"] for n in negations if n)
         summary["negation"] = {"fraction_mean": mean, "fraction_se": se, "control_kept_mean": kept}
+    compression = None
+    if all(run.get("compression") for run in runs):
+        by_rule: dict[str, list[dict[str, Any]]] = {}
+        for run in runs:
+            for rule in compression_summary(run["compression"]):
+                by_rule.setdefault(rule["label"], []).append(rule)
+        compression = {}
+        for label, rules in by_rule.items():
+            if len(rules) != len(runs):
+                continue
+            kept, kept_se = _mean_se([f["accuracy_kept"] for f in rules])
+            size, size_se = _mean_se([f["size_kept"] for f in rules])
+            compression[label] = {
+                "size_kept_mean": size, "size_kept_se": size_se,
+                "parameters_kept_mean": statistics.fmean(f["parameters_kept"] for f in rules),
+                "energy_kept_mean": statistics.fmean(f["energy_kept"] for f in rules),
+                "accuracy_kept_mean": kept, "accuracy_kept_se": kept_se,
+                "worst_accuracy_kept": min(f["worst_accuracy_kept"] for f in rules)}
     return {"base": runs[0]["base"], "tasks": runs[0]["tasks"], "seeds": [r["seed"] for r in runs],
-            "per_seed": per_seed, "summary": summary}
+            "per_seed": per_seed, "summary": summary, "compression": compression,
+            "claims": claims(runs),
+            "published": {key: {"method": name, "accuracy": figure, "source": source}
+                          for key, (name, figure, source) in PUBLISHED.items()}}
 
 
 def _se_text(se: float) -> str:
@@ -124,7 +188,7 @@ def _se_text(se: float) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     """The table of docs/results.md: gain recovered per method (columns) and seed (rows)."""
-    zero, tuned = "zero-shot", "fine-tuned (one vector per task)"
+    zero, tuned = ZERO_SHOT, FINE_TUNED
     methods = [m for m in result["summary"] if m not in (zero, tuned, "negation")]
     with_negation = "negation" in result["summary"]
     # "TIES (density 0.2, global trim)" -> "TIES": the recipes are in results_merge.py's table.
@@ -156,7 +220,72 @@ def markdown(result: dict[str, Any]) -> str:
         cells.append(f"**{neg['fraction_mean']:.2f} ± {_se_text(neg['fraction_se'])}** "
                      f"({100 * neg['control_kept_mean']:.1f} %)")
     lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", *columns_markdown(result)]
+    if result.get("compression"):
+        lines += ["", *compression_table(result)]
+    if result.get("claims"):
+        lines += ["", f"Claims, judged from the {len(result['seeds'])} seed(s) above "
+                  "(a difference of average test accuracy, mean ± s.e. over seeds; \"holds\" "
+                  "needs it positive beyond 2 s.e.):", "", *claims_markdown(result["claims"])]
     return "\n".join(lines)
+
+
+def _pm(mean: float, se: float, scale: float = 100.0, digits: int = 1) -> str:
+    text = f"{scale * mean:.{digits}f}"
+    return text if math.isnan(se) else f"{text} ± {scale * se:.{digits}f}"
+
+
+def columns_markdown(result: dict[str, Any]) -> list[str]:
+    """Every method's columns as mean ± s.e. over seeds, with the published figure."""
+    head = ["method", "avg accuracy", "avg normalized", "gain recovered", "α per seed",
+            "published ViT-B/32 (8 tasks)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, figures in result["summary"].items():
+        if method == "negation":
+            continue
+        coefs = ", ".join(
+            "" if c is None else f"{c:g}" + (f" ({e})" if e else "")
+            for c, e in zip(figures["coefs"], figures["edges"], strict=True))
+        published = PUBLISHED.get(figures["key"])
+        lines.append(f"| {method} | {_pm(figures['accuracy_mean'], figures['accuracy_se'])} | "
+                     f"{_pm(figures['normalized_mean'], figures['normalized_se'])} | "
+                     f"{_pm(figures['gain_mean'], figures['gain_se'], 1, 2)} | "
+                     f"{coefs if any(c is not None for c in figures['coefs']) else ''} | "
+                     f"{published[1] if published else ''} |")
+    sources = sorted({f"{name}: {source}" for name, _figure, source in PUBLISHED.values()})
+    lines += ["", "Published figures (absolute accuracy, for scale; not the same tasks or "
+              "model): " + "; ".join(sources) + ". An α marked low/high sat at that end of "
+              "its grid."]
+    return lines
+
+
+def compression_table(result: dict[str, Any]) -> list[str]:
+    """TSV-C over seeds: size kept and accuracy kept per rule (mean ± s.e.)."""
+    lines = ["| TSV-C rule | size kept (bytes) | parameters kept | energy kept | accuracy kept "
+             "(mean over tasks) | worst task, any seed |", "|---|---|---|---|---|---|"]
+    for label, figures in result["compression"].items():
+        lines.append(f"| `{label}` | {_pm(figures['size_kept_mean'], figures['size_kept_se'])} % "
+                     f"| {100 * figures['parameters_kept_mean']:.1f} % | "
+                     f"{100 * figures['energy_kept_mean']:.1f} % | "
+                     f"{_pm(figures['accuracy_kept_mean'], figures['accuracy_kept_se'])} % | "
+                     f"{100 * figures['worst_accuracy_kept']:.1f} % |")
+    return lines
+
+
+def update_doc(path: Path, text: str, section: str) -> None:
+    """Write ``text`` between the ``seeds-SECTION`` markers of ``path`` (appended if absent)."""
+    from tvtool.io import write_bytes
+
+    doc = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
+    begin = f"<!-- seeds-{section}:begin (scripts/results_seeds.py) -->"
+    end = f"<!-- seeds-{section}:end -->"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        doc = head + block + rest.split(end, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
+    write_bytes(str(path), doc.encode("utf-8"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,9 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="results_merge.py JSON outputs")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--doc", type=Path, default=None,
+                        help="also write the tables between the seeds-SECTION markers of DOC")
+    parser.add_argument("--section", default=None, help="the marker name (seeds-SECTION)")
     args = parser.parse_args(argv)
+    if (args.doc is None) != (args.section is None):
+        parser.error("--doc and --section go together")
     result = summarise(load_runs(args.runs))
-    print(json.dumps(result, indent=1) if args.json else markdown(result))
+    text = markdown(result)
+    print(json.dumps(result, indent=1) if args.json else text)
+    if args.doc is not None:
+        update_doc(args.doc, text, args.section)
     return 0
 
 

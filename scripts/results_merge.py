@@ -283,10 +283,21 @@ def _grid_text(label: str, grid: Any) -> str:
                if auto else ""))
 
 
+def row_edge(row: dict[str, Any]) -> str | None:
+    """The grid end (``low``/``high``) a row's α sat at; recomputed from its grid for runs
+    that predate the ``grid_edge`` field.
+    """
+    from tvtool.grid import grid_edge
+
+    if "grid_edge" in row:
+        return row["grid_edge"]  # type: ignore[no-any-return]
+    return grid_edge(row.get("coef"), row.get("grid") or [])
+
+
 def _coef_text(row: dict[str, Any]) -> str:
     if row["coef"] is None:
         return ""
-    edge = row.get("grid_edge")
+    edge = row_edge(row)
     return f"{row['coef']:g}" + (f" ({edge} edge)" if edge else "")
 
 

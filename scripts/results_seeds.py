@@ -49,6 +49,7 @@ from results_merge import (
     gain_recovered,
     method_key,
     negation_figures,
+    row_edge,
 )
 
 RECIPE_KEYS = ("base", "base_fingerprint", "tasks", "steps", "lr", "batch_size", "limit")
@@ -99,17 +100,8 @@ def gains(run: dict[str, Any]) -> dict[str, dict[str, float]]:
         out[method] = {"accuracy": average, "coef": row.get("coef"),
                        "normalized": statistics.fmean(normalized),
                        "gain": gain_recovered(average, zero, tuned),
-                       "grid_edge": _edge(row), "key": method_key(row)}
+                       "grid_edge": row_edge(row), "key": method_key(row)}
     return out
-
-
-def _edge(row: dict[str, Any]) -> str | None:
-    """The grid end a row's α sat at (recomputed from its grid for older runs)."""
-    from tvtool.grid import grid_edge
-
-    if "grid_edge" in row:
-        return row["grid_edge"]  # type: ignore[no-any-return]
-    return grid_edge(row.get("coef"), row.get("grid") or [])
 
 
 def negation(run: dict[str, Any]) -> dict[str, float] | None:

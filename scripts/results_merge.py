@@ -284,8 +284,9 @@ def _grid_text(label: str, grid: Any) -> str:
 
 
 def row_edge(row: dict[str, Any]) -> str | None:
-    """The grid end (``low``/``high``) a row's α sat at; recomputed from its grid for runs
-    that predate the ``grid_edge`` field.
+    """The grid end (``low``/``high``) a row's α sat at.
+
+    Recomputed from the row's grid for runs that predate the ``grid_edge`` field.
     """
     from tvtool.grid import grid_edge
 

@@ -60,8 +60,10 @@ from results_merge import base_fingerprint, finetune_vectors, log
 DEFAULT_METHODS = ("entropy@adamerging,infomax@adamerging,infomax@tvtool,ufm@atlas/code,"
                    "ufm@tvtool/paper")
 RECIPE_KEYS = ("base", "base_fingerprint", "tasks", "steps", "lr", "batch_size", "limit",
-               "augment", "path_every", "atlas_steps", "tta_shots", "granularity", "methods",
-               "shots_curve", "modes")
+               "augment", "path_every", "atlas_steps", "tta_shots", "granularity", "methods")
+# What a run may measure in addition (the few-shot curve and the linear/LoRA modes cost hours on
+# 2 cores): each table cell says over how many seeds it is taken.
+OPTIONAL_KEYS = ("shots_curve", "modes")
 SCORES = {
     "information": "H(mean p) − mean H(p)",
     "neg_entropy": "− mean H(p)",
@@ -375,18 +377,22 @@ def markdown(summary: dict[str, Any], section: str | None,
         delta = summary["deltas"].get(method)
         cells.append(_fmt(*_mean_se(delta)) if delta else "")
         lines.append("| " + " | ".join(cells) + " |")
-    modes = list(first["results"])
+    modes = list(dict.fromkeys(mode for r in runs for mode in r["results"]))
+    shots = sorted({int(k) for r in runs for k in r["shots_curve"]})
+    curve_seeds = sorted({r["seed"] for r in runs if r["shots_curve"]})
     lines += ["", "### Few-shot aTLAS over shots (`ce@atlas`: learn_few_shots.py's protocol)",
-              "", "Average normalized test accuracy (×100), mean ± s.e. over seeds; selection "
-              "on the labelled val split; task arithmetic's α searched on the full val "
-              "splits.", "",
-              "| mode | task arithmetic | " + " | ".join(f"k = {k}"
-                                                        for k in first["shots_curve"]) + " |",
-              "|---|---|" + "---|" * len(first["shots_curve"])]
+              "", "Average normalized test accuracy (×100), mean ± s.e. over the seeds that "
+              "measured it (n: how many; the curve: seeds "
+              f"{', '.join(map(str, curve_seeds)) or 'none'}); selection on the labelled val "
+              "split; task arithmetic's α searched on the full val splits.", "",
+              "| mode | n | task arithmetic | " + " | ".join(f"k = {k}" for k in shots) + " |",
+              "|---|---|---|" + "---|" * len(shots)]
     for mode in modes:
-        cells = [mode, _fmt(*_mean_se(summary["ta_mode"][mode]))]
-        cells += [_fmt(*_mean_se(summary["fewshot"].get(f"{mode}:{k}", [])))
-                  for k in first["shots_curve"]]
+        ta_values = summary["ta_mode"][mode]
+        curve = [summary["fewshot"].get(f"{mode}:{k}", []) for k in shots]
+        counts = sorted({len(ta_values), *(len(c) for c in curve if c)})
+        cells = [mode, "/".join(map(str, counts)), _fmt(*_mean_se(ta_values))]
+        cells += [_fmt(*_mean_se(values)) for values in curve]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "### Does a label-free score rank the path's checkpoints by true accuracy?",
               "", "At every evaluation of each label-free run (AdaMerging: every "

@@ -112,3 +112,22 @@ def test_runs_of_different_recipes_are_refused(script, tmp_path):
     with pytest.raises(SystemExit, match="OBJECTIVE@PROTOCOL"):
         script.parse_method("entropy")
     assert script.parse_method("ufm@atlas/code") == ("ufm", "atlas", "code")
+
+
+def test_a_curve_measured_by_some_seeds_only_is_averaged_over_those(script, tmp_path):
+    with_curve, without = _run(0, (0.7, 0.8)), _run(1, (0.5, 0.8))
+    without.update(shots_curve=[], modes=["full"], fewshot=[])
+    without["results"] = {"full": without["results"]["full"]}
+    paths = []
+    for index, run in enumerate((with_curve, without)):
+        path = tmp_path / f"r{index}.json"
+        path.write_text(json.dumps(run))
+        paths.append(path)
+    text = script.markdown(script.summarise(script.load_runs(paths)), None)
+    full_row = next(line for line in text.splitlines() if line.startswith("| full |"))
+    linear_row = next(line for line in text.splitlines() if line.startswith("| linear |"))
+    # full: task arithmetic over both seeds, the curve over seed 0 alone; linear: seed 0 alone.
+    assert full_row.split(" | ")[1] == "1/2" and linear_row.split(" | ")[1] == "1"
+    k4 = ((0.5 + 0.2) / 0.8 + 0.9) / 2  # seed 0's k = 4 normalized accuracy, no s.e.
+    assert full_row.rstrip(" |").endswith(f"{100 * k4:.1f}")
+    assert "the curve: seeds 0" in text

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-import open_clip
+from types import ModuleType
 
 from tvtool.errors import InvalidInputError
 from tvtool.limits import short_repr
@@ -28,9 +27,16 @@ BASE_MODEL = "tvtool-base"
 # past its size budget: `tvtool pretrain --model tvtool-base` writes its cache copy.
 EMBEDDED_MODELS = (TINY_MODEL, SMALL_MODEL, BASE_MODEL)
 PACKAGED_MODELS = (TINY_MODEL, SMALL_MODEL)
-_CONFIG_DIR = Path(__file__).parent / "configs"
+NAME_IT = "name the architecture yourself: --base NAME:PATH"
+"""The hint for a checkpoint whose recorded architecture tvtool refuses."""
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-open_clip.add_model_config(_CONFIG_DIR)
+
+
+def _open_clip() -> ModuleType:
+    """open_clip with tvtool's configs registered, imported on first use (it is slow)."""
+    from tvtool.models.backend import open_clip
+
+    return open_clip
 
 
 class RefKind(str, Enum):
@@ -96,7 +102,7 @@ def embedded_weights_path(name: str = TINY_MODEL) -> Path:
 
 def known_architectures() -> list[str]:
     """open_clip model names tvtool can build (tvtool-tiny included)."""
-    return list(open_clip.list_models())
+    return list(_open_clip().list_models())
 
 
 def network_need(architecture: str, *, tokenizer: bool = True) -> str | None:
@@ -116,7 +122,7 @@ def network_need(architecture: str, *, tokenizer: bool = True) -> str | None:
     """
     if architecture.startswith("hf-hub:"):
         return "it is a Hugging Face hub model"
-    text = (open_clip.get_model_config(architecture) or {}).get("text_cfg", {})
+    text = (_open_clip().get_model_config(architecture) or {}).get("text_cfg", {})
     if text.get("hf_model_name"):
         return f"its text tower is the Hugging Face model {text['hf_model_name']!r}"
     if tokenizer and text.get("hf_tokenizer_name"):
@@ -141,6 +147,8 @@ def check_recorded_architecture(architecture: str, origin: str, hint: str, *,
     Raises:
         InvalidInputError: an unknown name, or one :func:`network_need` says needs the network.
     """
+    if architecture in EMBEDDED_MODELS:  # tvtool's own configs: known and local (no open_clip)
+        return
     if architecture not in known_architectures():
         raise InvalidInputError(f"{origin} records the architecture "
                                 f"{short_repr(architecture, 60)}, which open_clip does not know",
@@ -194,7 +202,11 @@ def parse_ref(text: str) -> ModelRef:
     if path.is_file():
         return _file_ref(text, path)
     name, colon, tag = text.partition(":")
-    if colon and name in known_architectures():
+    # The embedded names are checked first: they need no open_clip (slow to import), so a
+    # pipeline stage given `tvtool-tiny` or tvtool-tiny:PATH only reads files.
+    if not colon and name in EMBEDDED_MODELS:
+        return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path(name)))
+    if colon and (name in EMBEDDED_MODELS or name in known_architectures()):
         return _tagged_ref(text, name, tag)
     if path.suffix in _WEIGHT_SUFFIXES or os.sep in text:
         raise InvalidInputError(f"model reference {text!r} is not an existing file")
@@ -204,8 +216,6 @@ def parse_ref(text: str) -> ModelRef:
             hint=did_you_mean(name, known_architectures())
             + f"use an open_clip model name (e.g. ViT-B-32), {TINY_MODEL}, or a checkpoint path",
         )
-    if name in EMBEDDED_MODELS:
-        return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path(name)))
     raise InvalidInputError(
         f"model reference {text!r} names no weights",
         hint=f"use {name}:TAG (e.g. {name}:openai), {name}:PATH for a local file, "
@@ -236,7 +246,7 @@ def _tagged_ref(text: str, name: str, tag: str) -> ModelRef:
         if not tag_path.is_file():
             raise InvalidInputError(f"weights file {tag!r} in reference {text!r} does not exist")
         return ModelRef(text, RefKind.WEIGHTS_FILE, name, str(tag_path))
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    tags = _open_clip().list_pretrained_tags_by_model(name)
     if tag not in tags:
         raise InvalidInputError(
             f"unknown pretrained tag {short_repr(tag, 60)} for {name}",
@@ -248,6 +258,7 @@ def _tagged_ref(text: str, name: str, tag: str) -> ModelRef:
 
 def _effective_architecture(name: str, tag: str) -> str:
     """The config that matches how the tagged weights were trained (QuickGELU or not)."""
+    open_clip = _open_clip()
     tag_quick = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
     model_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
     variant = f"{name}-quickgelu"

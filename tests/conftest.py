@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny open_clip config (registered by tvtool.models.backend), files, CLI runner."""
+"""Shared fixtures: the tiny open_clip config (tvtool.models.backend), files, CLI runner."""
 
 from __future__ import annotations
 

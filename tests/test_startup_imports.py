@@ -60,6 +60,8 @@ FILE_LEVEL = {
     "negate": lambda f: ["negate", f["tv1"], "-o", str(f["out"] / "negated.safetensors")],
     "inspect": lambda f: ["inspect", f["tv1"], f["tv2"]],
     "merge": lambda f: ["merge", f["tv1"], f["tv2"], "-o", str(f["out"] / "merged.safetensors")],
+    "compress": lambda f: ["compress", f["tv1"], "--rank", "2", "-o",
+                           str(f["out"] / "compressed.safetensors")],
     "extract, embedded base": lambda f: ["extract", f["ft1"], "--base", TINY, "-o",
                                          str(f["out"] / "extracted-embedded.safetensors")],
     "apply, NAME:PATH base": lambda f: ["apply", "--base", f"{TINY}:{f['base']}", f["tv1"],
@@ -100,3 +102,30 @@ def test_the_check_sees_open_clip_where_a_command_builds_a_model(stage_files):
                                 "-o", str(stage_files["out"] / "from-random.safetensors"),
                                 "--allow-missing"])
     assert "open_clip" in imported
+
+
+def test_checkpoints_of_open_clip_architectures_are_read_without_open_clip(stage_files,
+                                                                          tiny_state):
+    # A checkpoint recording ViT-B-32 (tvtool-tiny's tensors: extract only compares files)
+    # is checked against open_clip's config files, not its imported registry.
+    from tvtool.io import write_tensors
+    from tvtool.metadata import FileMeta, Kind
+
+    header = FileMeta(kind=Kind.CHECKPOINT, architecture="ViT-B-32").to_header()
+    base = stage_files["out"] / "vit-b-32-base.safetensors"
+    write_tensors(str(base), tiny_state, header)
+    for name, ref in (("recorded", str(base)), ("named", f"ViT-B-32:{stage_files['base']}")):
+        _, _, imported = run_stage(["extract", stage_files["ft1"], "--base", ref, "-o",
+                                    str(stage_files["out"] / f"vit-{name}.safetensors")])
+        assert imported == [], name
+
+
+def test_the_config_files_name_what_open_clip_knows():
+    import open_clip
+
+    from tvtool.models import refs
+
+    names = refs._config_names()
+    assert names is not None and "ViT-B-32" in names
+    assert names == set(open_clip.list_models())
+    assert refs.is_known_architecture("ViT-B-32") and not refs.is_known_architecture("ViT-B-23")

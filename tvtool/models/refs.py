@@ -8,7 +8,11 @@ of a tvtool checkpoint.
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.util
+import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -105,6 +109,45 @@ def known_architectures() -> list[str]:
     return list(_open_clip().list_models())
 
 
+def is_known_architecture(name: str) -> bool:
+    """Whether open_clip knows the model name ``name``, without importing open_clip if possible.
+
+    The same answer as ``name in known_architectures()``: before open_clip is imported, its
+    config directory is read as open_clip's registry reads it (the ``*.json`` files holding
+    ``embed_dim``, ``vision_cfg`` and ``text_cfg``, tvtool's own configs added), which takes
+    milliseconds where importing open_clip takes seconds; once it is imported (configs may
+    have been added since), open_clip's registry answers.
+    """
+    if name in EMBEDDED_MODELS:
+        return True
+    if "open_clip" not in sys.modules:
+        names = _config_names()
+        if names is not None:
+            return name in names
+    return name in known_architectures()
+
+
+@functools.cache
+def _config_names() -> frozenset[str] | None:
+    """open_clip's config names read from its package files; None where they are not found."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    if not folder.is_dir():  # another layout: ask open_clip itself
+        return None
+    names = set(EMBEDDED_MODELS)
+    for path in folder.glob("*.json"):
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # open_clip would fail on it too: not a name tvtool can build
+        if isinstance(config, dict) and all(key in config for key in
+                                            ("embed_dim", "vision_cfg", "text_cfg")):
+            names.add(path.stem)
+    return frozenset(names)
+
+
 def network_need(architecture: str, *, tokenizer: bool = True) -> str | None:
     """Why building ``architecture`` would reach the network, if it would.
 
@@ -149,7 +192,7 @@ def check_recorded_architecture(architecture: str, origin: str, hint: str, *,
     """
     if architecture in EMBEDDED_MODELS:  # tvtool's own configs: known and local (no open_clip)
         return
-    if architecture not in known_architectures():
+    if not is_known_architecture(architecture):
         raise InvalidInputError(f"{origin} records the architecture "
                                 f"{short_repr(architecture, 60)}, which open_clip does not know",
                                 hint=hint)
@@ -206,7 +249,7 @@ def parse_ref(text: str) -> ModelRef:
     # pipeline stage given `tvtool-tiny` or tvtool-tiny:PATH only reads files.
     if not colon and name in EMBEDDED_MODELS:
         return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path(name)))
-    if colon and (name in EMBEDDED_MODELS or name in known_architectures()):
+    if colon and is_known_architecture(name):
         return _tagged_ref(text, name, tag)
     if path.suffix in _WEIGHT_SUFFIXES or os.sep in text:
         raise InvalidInputError(f"model reference {text!r} is not an existing file")

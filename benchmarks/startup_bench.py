@@ -99,7 +99,7 @@ def time_once(command: list[str] | str, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     started = time.perf_counter()
-    done = subprocess.run(command, shell=isinstance(command, str), env=_env(),
+    done = subprocess.run(command, shell=isinstance(command, str), env=_env(), cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     elapsed = time.perf_counter() - started
     if done.returncode:

@@ -40,7 +40,7 @@ def run_stage(args: list[str], stdin: bytes | None = None) -> tuple[int, bytes, 
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     done = subprocess.run([sys.executable, "-c", WRAPPER, *args], input=stdin,
-                          capture_output=True, env=env, timeout=300)
+                          capture_output=True, env=env, cwd=root, timeout=300)
     stderr = done.stderr.decode(errors="replace")
     lines = [line for line in stderr.splitlines() if line.startswith(MARKER)]
     assert lines, stderr

@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-BENCHMARKS = ("streaming_bench.py", "merge_bench.py", "svd_bench.py", "finetune_bench.py",
+BENCHMARKS = ("startup_bench.py", "streaming_bench.py", "merge_bench.py", "svd_bench.py",
+              "finetune_bench.py",
               "atlas_bench.py", "search_bench.py", "sampling_bench.py", "bounds_bench.py")
 
 

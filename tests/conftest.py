@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny open_clip config (registered by tvtool.models), files, CLI runner."""
+"""Shared fixtures: the tiny open_clip config (tvtool.models.backend), files, CLI runner."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from types import ModuleType
 
 import pytest
 import torch
+
+# Tests build tvtool-tiny with open_clip directly: its config is registered on import.
+import tvtool.models.backend  # noqa: F401
 
 # Tests never read or write the user's cache: one throw-away cache dir per session.
 os.environ["TVTOOL_CACHE_DIR"] = tempfile.mkdtemp(prefix="tvtool-test-cache-")

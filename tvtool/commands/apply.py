@@ -25,8 +25,7 @@ from tvtool.io import (
 )
 from tvtool.limits import short_list, short_repr
 from tvtool.metadata import FileMeta, Kind, input_record, provenance
-from tvtool.models import architecture_shapes, base_source, fingerprint, resolve_ref
-from tvtool.models.hub import card_base, open_clip_hf_config
+from tvtool.models import base_source, fingerprint, resolve_ref
 from tvtool.types import Logger, WriteResult
 from tvtool.types import quiet as _quiet
 from tvtool.vectors import (
@@ -98,6 +97,10 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
     coefs = expand_coefs(config.coefs, len(config.vectors))
     ref = resolve_ref(config.base)
     if config.hf_dir is not None:
+        # An open_clip directory holds the architecture's open_clip config: only this branch
+        # imports open_clip (slow); applying to a file base reads files only.
+        from tvtool.models.hub import open_clip_hf_config
+
         hf_config = open_clip_hf_config(ref)
     else:
         check_output(config.output, [*config.vectors, *file_inputs(ref)])
@@ -153,6 +156,8 @@ def apply(config: ApplyConfig, log: Logger = _quiet) -> WriteResult:
         inputs = [*config.vectors, *file_inputs(ref)]
         if config.hf_dir is not None:
             from tvtool import __version__
+            from tvtool.models.hub import card_base
+            from tvtool.models.infer import architecture_shapes
 
             missing = sorted(set(architecture_shapes(ref.architecture))
                              - {info.name for info in plan.layout})

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tvtool.data import dataset_identity
 from tvtool.errors import InvalidInputError, TvtoolError, UsageError
 from tvtool.io import read_json
 from tvtool.limits import short_list, short_repr
@@ -49,6 +48,10 @@ class VectorId:
         """Whether a JSON dict key names this vector (datasets compared as identities)."""
         if key in self.names():
             return True
+        # tvtool.data (PIL, numpy, torch.utils.data) only where a key needs it: a file-level
+        # merge starts as fast as a bare `import torch`.
+        from tvtool.data import dataset_identity
+
         return bool(self.dataset) and dataset_identity(key) == dataset_identity(
             self.dataset or "")
 

@@ -6,11 +6,11 @@ import copy
 from pathlib import PurePath
 from typing import Any
 
-import open_clip
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 from tvtool.cards import CardBase
 from tvtool.errors import InvalidInputError
+from tvtool.models.backend import open_clip
 from tvtool.models.refs import EMBEDDED_MODELS, ModelRef, RefKind, known_architectures
 
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")

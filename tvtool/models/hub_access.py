@@ -21,9 +21,8 @@ import os
 from collections.abc import Iterator
 from types import ModuleType
 
-import open_clip
-
 from tvtool.errors import InvalidInputError, TvtoolError
+from tvtool.models.backend import open_clip
 
 HUB_PROBE_TIMEOUT_S = 5.0
 """How long the one probe of the hub endpoint may take before the hub counts as unreachable."""

@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import open_clip
 import torch
 
 from tvtool.errors import InvalidInputError
 from tvtool.limits import short_repr
+from tvtool.models.backend import open_clip
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.models.refs import did_you_mean, known_architectures
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal, cast
 
-import open_clip
 import torch
 from torch import nn
 
 from tvtool.errors import InvalidInputError
 from tvtool.limits import short_repr
+from tvtool.models.backend import open_clip
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.models.refs import did_you_mean, known_architectures
 

@@ -8,13 +8,16 @@ of a tvtool checkpoint.
 from __future__ import annotations
 
 import difflib
+import functools
+import importlib.util
+import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-
-import open_clip
+from types import ModuleType
 
 from tvtool.errors import InvalidInputError
 from tvtool.limits import short_repr
@@ -28,9 +31,16 @@ BASE_MODEL = "tvtool-base"
 # past its size budget: `tvtool pretrain --model tvtool-base` writes its cache copy.
 EMBEDDED_MODELS = (TINY_MODEL, SMALL_MODEL, BASE_MODEL)
 PACKAGED_MODELS = (TINY_MODEL, SMALL_MODEL)
-_CONFIG_DIR = Path(__file__).parent / "configs"
+NAME_IT = "name the architecture yourself: --base NAME:PATH"
+"""The hint for a checkpoint whose recorded architecture tvtool refuses."""
 _WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-open_clip.add_model_config(_CONFIG_DIR)
+
+
+def _open_clip() -> ModuleType:
+    """open_clip with tvtool's configs registered, imported on first use (it is slow)."""
+    from tvtool.models.backend import open_clip
+
+    return open_clip
 
 
 class RefKind(str, Enum):
@@ -96,7 +106,46 @@ def embedded_weights_path(name: str = TINY_MODEL) -> Path:
 
 def known_architectures() -> list[str]:
     """open_clip model names tvtool can build (tvtool-tiny included)."""
-    return list(open_clip.list_models())
+    return list(_open_clip().list_models())
+
+
+def is_known_architecture(name: str) -> bool:
+    """Whether open_clip knows the model name ``name``, without importing open_clip if possible.
+
+    The same answer as ``name in known_architectures()``: before open_clip is imported, its
+    config directory is read as open_clip's registry reads it (the ``*.json`` files holding
+    ``embed_dim``, ``vision_cfg`` and ``text_cfg``, tvtool's own configs added), which takes
+    milliseconds where importing open_clip takes seconds; once it is imported (configs may
+    have been added since), open_clip's registry answers.
+    """
+    if name in EMBEDDED_MODELS:
+        return True
+    if "open_clip" not in sys.modules:
+        names = _config_names()
+        if names is not None:
+            return name in names
+    return name in known_architectures()
+
+
+@functools.cache
+def _config_names() -> frozenset[str] | None:
+    """open_clip's config names read from its package files; None where they are not found."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    if not folder.is_dir():  # another layout: ask open_clip itself
+        return None
+    names = set(EMBEDDED_MODELS)
+    for path in folder.glob("*.json"):
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue  # open_clip would fail on it too: not a name tvtool can build
+        if isinstance(config, dict) and all(key in config for key in
+                                            ("embed_dim", "vision_cfg", "text_cfg")):
+            names.add(path.stem)
+    return frozenset(names)
 
 
 def network_need(architecture: str, *, tokenizer: bool = True) -> str | None:
@@ -116,7 +165,7 @@ def network_need(architecture: str, *, tokenizer: bool = True) -> str | None:
     """
     if architecture.startswith("hf-hub:"):
         return "it is a Hugging Face hub model"
-    text = (open_clip.get_model_config(architecture) or {}).get("text_cfg", {})
+    text = (_open_clip().get_model_config(architecture) or {}).get("text_cfg", {})
     if text.get("hf_model_name"):
         return f"its text tower is the Hugging Face model {text['hf_model_name']!r}"
     if tokenizer and text.get("hf_tokenizer_name"):
@@ -141,7 +190,9 @@ def check_recorded_architecture(architecture: str, origin: str, hint: str, *,
     Raises:
         InvalidInputError: an unknown name, or one :func:`network_need` says needs the network.
     """
-    if architecture not in known_architectures():
+    if architecture in EMBEDDED_MODELS:  # tvtool's own configs: known and local (no open_clip)
+        return
+    if not is_known_architecture(architecture):
         raise InvalidInputError(f"{origin} records the architecture "
                                 f"{short_repr(architecture, 60)}, which open_clip does not know",
                                 hint=hint)
@@ -194,7 +245,11 @@ def parse_ref(text: str) -> ModelRef:
     if path.is_file():
         return _file_ref(text, path)
     name, colon, tag = text.partition(":")
-    if colon and name in known_architectures():
+    # The embedded names are checked first: they need no open_clip (slow to import), so a
+    # pipeline stage given `tvtool-tiny` or tvtool-tiny:PATH only reads files.
+    if not colon and name in EMBEDDED_MODELS:
+        return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path(name)))
+    if colon and is_known_architecture(name):
         return _tagged_ref(text, name, tag)
     if path.suffix in _WEIGHT_SUFFIXES or os.sep in text:
         raise InvalidInputError(f"model reference {text!r} is not an existing file")
@@ -204,8 +259,6 @@ def parse_ref(text: str) -> ModelRef:
             hint=did_you_mean(name, known_architectures())
             + f"use an open_clip model name (e.g. ViT-B-32), {TINY_MODEL}, or a checkpoint path",
         )
-    if name in EMBEDDED_MODELS:
-        return ModelRef(text, RefKind.EMBEDDED, name, str(embedded_weights_path(name)))
     raise InvalidInputError(
         f"model reference {text!r} names no weights",
         hint=f"use {name}:TAG (e.g. {name}:openai), {name}:PATH for a local file, "
@@ -236,7 +289,7 @@ def _tagged_ref(text: str, name: str, tag: str) -> ModelRef:
         if not tag_path.is_file():
             raise InvalidInputError(f"weights file {tag!r} in reference {text!r} does not exist")
         return ModelRef(text, RefKind.WEIGHTS_FILE, name, str(tag_path))
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    tags = _open_clip().list_pretrained_tags_by_model(name)
     if tag not in tags:
         raise InvalidInputError(
             f"unknown pretrained tag {short_repr(tag, 60)} for {name}",
@@ -248,6 +301,7 @@ def _tagged_ref(text: str, name: str, tag: str) -> ModelRef:
 
 def _effective_architecture(name: str, tag: str) -> str:
     """The config that matches how the tagged weights were trained (QuickGELU or not)."""
+    open_clip = _open_clip()
     tag_quick = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
     model_quick = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
     variant = f"{name}-quickgelu"

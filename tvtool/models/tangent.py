@@ -21,11 +21,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import open_clip
 import torch
 
 from tvtool.errors import InvalidInputError
 from tvtool.limits import short_list
+from tvtool.models.backend import open_clip
 from tvtool.models.quiet import quiet_open_clip
 from tvtool.types import StateDict
 

@@ -9,7 +9,10 @@ import typer
 from tvtool.cli.common import (
     DeviceOpt,
     JsonOpt,
+    LogEveryOpt,
+    QuietOpt,
     SeedOpt,
+    configure_progress,
     deprecated_alias,
     emit_json,
     emit_path,
@@ -39,12 +42,15 @@ def demo(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Fine-tune, extract, merge, learn aTLAS coefficients, negate and evaluate, offline.
 
     Writes report.md, report.json and PNG figures into --output; prints the report path (or
     the JSON report with --json) on stdout and a summary table on stderr.
     """
+    configure_progress(quiet, log_every)
     from rich.table import Table
 
     from tvtool.cli.common import stderr

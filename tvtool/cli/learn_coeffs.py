@@ -13,9 +13,12 @@ from tvtool.cli.common import (
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
+    LogEveryOpt,
     OutputOpt,
     PrecisionOpt,
+    QuietOpt,
     SeedOpt,
+    configure_progress,
     download_datasets,
     emit_json,
     emit_path,
@@ -184,11 +187,14 @@ def learn_coeffs(
     seed: SeedOpt = 0,
     allow_base_mismatch: AllowOtherBaseOpt = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Learn one coefficient per task vector per block (aTLAS) and write a coefficient file.
 
     The file can be given to `merge --coefs` and `eval`.
     """
+    configure_progress(quiet, log_every)
     from tvtool.atlas.learner import LearnerConfig
     from tvtool.data import with_suite
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig

@@ -14,8 +14,11 @@ from tvtool.cli.common import (
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
+    LogEveryOpt,
     PrecisionOpt,
+    QuietOpt,
     WorkersOpt,
+    configure_progress,
     download_datasets,
     emit_json,
     emit_path,
@@ -185,12 +188,15 @@ def merge(
         "--threads", envvar="TVTOOL_MERGE_THREADS",
         help="CPU threads for the merge kernels (results do not depend on it).")] = 1,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Merge task vectors into one task vector (streamed tensor by tensor).
 
     Refuses vectors of different bases, linearized with non-linearized vectors, and vectors
     holding different tensors, unless a flag says how to combine them.
     """
+    configure_progress(quiet, log_every)
     from tvtool.merge import MergeConfig
     from tvtool.merge.engine import merge as run_merge
     from tvtool.merge.job import load_job

@@ -32,7 +32,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -196,7 +197,8 @@ def _draws(protocol: Protocol, objective: str, train_sets: Sequence[Examples], p
 
 def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerConfig, *,
           log: Logger = _quiet, advance: Advance | None = None,
-          progress: ProgressFactory | None = None) -> LearnResult:
+          progress: ProgressFactory | None = None,
+          metrics: Callable[[dict[str, Any]], None] | None = None) -> LearnResult:
     """Learn the coefficient matrix of ``encoder`` on ``tasks``.
 
     Args:
@@ -207,6 +209,9 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         advance: Called with 1 after every step (a progress bar).
         progress: A progress factory, opened once the number of steps is known (instead of
             ``advance``).
+        metrics: Called at every evaluation with a record of the step (``step``, mean
+            ``loss`` since the last one, ``lr``, held-out ``score`` when there is one,
+            ``images_per_s``) for the metrics log.
 
     Returns:
         The selected coefficients and the learning record.
@@ -347,6 +352,8 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         if config.schedule == "cosine" else None
     grad_clip = cast(float, config.grad_clip)
     step, running, since = 0, 0.0, 0
+    images_per_step = per_task * sum(int(getattr(d, "micro_batches", 1)) for d in draws)
+    window_start = time.perf_counter()
     stop_note = None
     bar = progress("learning coefficients", steps) if progress is not None \
         else contextlib.nullcontext(advance)
@@ -368,19 +375,28 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
                 raw.grad.mul_(protocol.grad_scale)
                 torch.nn.utils.clip_grad_norm_([raw], grad_clip)
                 raw.grad.div_(protocol.grad_scale)
+            lr_now = float(optimizer.param_groups[0]["lr"])  # the rate of this step
             optimizer.step()
             if schedule is not None:
                 schedule.step()
             running += float(value.detach())
             since += 1
             if tick is not None:
-                tick(1)
+                tick(1, loss=running / since, lr=lr_now)
             if not _due(step, steps, config.eval_every, epoch_length):
                 continue
+            now = time.perf_counter()
+            rate = since * images_per_step / max(now - window_start, 1e-9)
             mean_loss, running, since = running / since, 0.0, 0
             scores, audit = evaluate(effective().detach()) if (has_scores or has_audit) \
                 else ([], {})
-            tracker.offer(step, snapshot(), mean_loss, scores, audit=audit)
+            entry = tracker.offer(step, snapshot(), mean_loss, scores, audit=audit)
+            if metrics is not None:
+                metrics({"step": step, "loss": mean_loss, "lr": lr_now,
+                         "score": entry.score, "images_per_s": rate})
+            if tick is not None and entry.score is not None:
+                tick(0, score=entry.score)
+            window_start = time.perf_counter()
             if config.patience is not None and selecting and \
                     tracker.since_best() >= config.patience:
                 stop_note = (f"early stop at step {step}: no held-out improvement in "

@@ -18,6 +18,7 @@ from tvtool.cli.common import (
     PrecisionOpt,
     QuietOpt,
     SeedOpt,
+    TensorboardOpt,
     configure_progress,
     download_datasets,
     emit_json,
@@ -186,6 +187,7 @@ def learn_coeffs(
     precision: PrecisionOpt = "auto",
     seed: SeedOpt = 0,
     allow_base_mismatch: AllowOtherBaseOpt = False,
+    tensorboard: TensorboardOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     log_every: LogEveryOpt = 30.0,
@@ -221,7 +223,7 @@ def learn_coeffs(
         audit_split=audit_split, eval_limit=eval_limit, path_out=path_out)
     if download:
         download_datasets([*config.datasets, *config.control], data_root)
-    result = run(config, log=log, progress=progress_bar)
+    result = run(config, log=log, progress=progress_bar, tensorboard=tensorboard)
     if as_json:
         emit_json(result.as_json(), outputs=[result.output, result.merged_output])
         return

@@ -86,7 +86,8 @@ class Task:
 
     def update(self, *, advance: int = 0, completed: int | None = None,
                total: int | None = None, current: int | None = None,
-               description: str | None = None, **fields: Any) -> None:
+               description: str | None = None, unit: str | None = None,
+               **fields: Any) -> None:
         """Move the task and set its fields; prints a line when one is due.
 
         Args:
@@ -95,6 +96,7 @@ class Task:
             total: A new total.
             current: The position shown (None keeps showing ``completed``).
             description: A new description.
+            unit: A new unit name (``α``: the line reads ``α 3/11``).
             **fields: Values shown on the line (a None value removes the field).
         """
         if completed is not None:
@@ -106,6 +108,8 @@ class Task:
             self.current = current
         if description is not None:
             self.description = description
+        if unit is not None:
+            self.unit = unit
         for name, value in fields.items():
             if value is None:
                 self.fields.pop(name, None)
@@ -129,7 +133,7 @@ class Task:
         parts = [self.description + ":"] if self.description else []
         shown = self.current if self.current is not None else self.completed
         position = f"{shown}/{self.total}" if self.total is not None else str(shown)
-        if self.total:
+        if self.total and self.current is None:
             position += f" ({100 * min(self.completed, self.total) / self.total:.0f}%)"
         parts.append(f"{self.unit} {position}" if self.unit else position)
         parts += [format_field(k, v) for k, v in self.fields.items()]

@@ -18,6 +18,7 @@ from tvtool.cli.common import (
     emit_path,
     handles_errors,
     log,
+    print_table,
     progress_bar,
     take_alias,
 )
@@ -69,7 +70,7 @@ def demo(
     for mode, method, accs, avg in method_rows(results):
         table.add_row(mode, method, *[f"{100 * accs[t]:.1f}" for t in results["tasks"]],
                       f"{100 * avg:.1f}")
-    stderr.print(table)
+    print_table(table)
     for claim in results["claims"]:
         mark = "[green]held[/]" if claim["held"] else "[red]did not hold[/]"
         if claim.get("within_noise"):

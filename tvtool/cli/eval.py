@@ -33,6 +33,7 @@ from tvtool.cli.common import (
     handles_errors,
     log,
     percent,
+    print_table,
     progress_bar,
     refuse_json_with_stdout,
     stderr,
@@ -181,7 +182,7 @@ def eval_command(
         download_datasets(config.datasets, data_root)
     report = evaluate(config, log=log, progress=progress_bar)
     document = report.as_json()
-    stderr.print(_table(document))
+    print_table(_table(document))
     if out is not None:
         write_json(out, document, inputs=_inputs(config))
     if as_json:

@@ -27,9 +27,9 @@ from tvtool.cli.common import (
     listed_or,
     log,
     percent,
+    print_table,
     progress_bar,
     refuse_json_with_stdout,
-    stderr,
 )
 from tvtool.errors import UsageError
 
@@ -324,7 +324,7 @@ def _print_sweep(report: dict[str, Any]) -> None:
                       f"{row['best_coef']:g}" + ("" if row["coef"] is None else " (fixed)"),
                       f"{row['val_score']:.4f}", percent(test["average_accuracy"]),
                       percent(test["average_normalized_accuracy"]))
-    stderr.print(table)
+    print_table(table)
 
 
 def _params(density: float | None, trim: str | None, pairs: list[str] | None
@@ -482,7 +482,7 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for row in _accuracy_rows(document):
         table.add_row(*row)
-    stderr.print(table)
+    print_table(table)
     if report_path is not None:
         write_json(report_path, document, inputs=list(cfg.vectors))
     if save_config is not None:

@@ -25,9 +25,9 @@ from tvtool.cli.common import (
     handles_errors,
     log,
     percent,
+    print_table,
     progress_bar,
     refuse_json_with_stdout,
-    stderr,
     take_alias,
 )
 from tvtool.errors import UsageError
@@ -149,5 +149,5 @@ def _search(vector: str, output: str, settings: EvalSettings, control: list[str]
         label = "base" if name == "base" else f"-{best.coef:g} x vector"
         table.add_row(label, "test", percent(accs[report.target]),
                       *[percent(accs[c]) for c in report.controls])
-    stderr.print(table)
+    print_table(table)
     emit_json(document, outputs=[output]) if as_json else emit_path(output)

@@ -23,10 +23,10 @@ def plot(
         help="Metrics log (JSON lines) written by finetune or learn-coeffs.")],
     output: OutputOpt,
     metric: Annotated[list[str] | None, typer.Option(
-        "--metric", help="Metric to draw (repeat; default: every numeric one).",
+        "--metric", metavar="NAME", help="Metric to draw (repeat; default: every numeric one).",
         show_default=False)] = None,
     title: Annotated[str | None, typer.Option(
-        "--title", help="Figure title (default: the log's file name).",
+        "--title", metavar="TEXT", help="Figure title (default: the log's file name).",
         show_default=False)] = None,
     log_y: Annotated[bool, typer.Option(
         "--log-y", help="Draw the loss on a log scale.")] = False,

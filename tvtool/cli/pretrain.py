@@ -88,11 +88,13 @@ def pretrain(
     check_output(target)
     start = time.perf_counter()
     last = [float("nan")]
+    from tvtool.synthetic_world.pretrain import learning_rate_at
+
     with progress_bar(f"pre-training {config.model}", config.steps) as advance:
 
         def report(step: int, loss: float) -> None:
             last[0] = loss
-            advance(1)
+            advance(1, loss=loss, lr=learning_rate_at(step, config))
 
         state = pretrain_tiny(config, progress=report)
     elapsed = time.perf_counter() - start

@@ -368,3 +368,22 @@ def test_tables_to_a_file_are_not_cut(monkeypatch):
     buffer = io.StringIO()
     print_table(table, Console(file=buffer, highlight=False))
     assert max(len(line) for line in buffer.getvalue().splitlines()) <= 100
+
+
+def test_a_terminal_gets_bars_not_lines():
+    from rich.console import Console
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=120)
+    lines: list[str] = []
+    clock = Clock()
+    reporter = Reporter(lines.append, terminal=True, console=console, every=0.0, clock=clock)
+    with reporter.task("merge search", 2, unit="α") as outer:
+        outer(0, current=1, best="α 0.1 (50.0%)")
+        assert reporter._rich.tasks[0].description == "merge search α 1/2"
+        with reporter.task("MNIST (val)", 3) as inner:
+            clock.now = 5.0
+            inner(3)
+        outer(1)
+    assert lines == []
+    assert reporter._rich is None  # stopped when the last task ended

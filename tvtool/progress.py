@@ -257,10 +257,9 @@ class Reporter:
         if self._rich is None or task.rich_id is None:
             return
         description = task.description
-        if task.unit:
-            shown = task.current if task.current is not None else task.completed
+        if task.current is not None:  # a search: the α it is on, the bar counts those done
             total = "?" if task.total is None else task.total
-            description = f"{description} {task.unit} {shown}/{total}"
+            description = f"{description} {task.unit} {task.current}/{total}".replace("  ", " ")
         self._rich.update(task.rich_id, completed=task.completed, total=task.total,
                           description=description, info=self._info(task))
 

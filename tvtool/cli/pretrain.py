@@ -94,7 +94,7 @@ def pretrain(
 
         def report(step: int, loss: float) -> None:
             last[0] = loss
-            advance(1, loss=loss, lr=learning_rate_at(step, config))
+            advance(1, loss=loss, lr=learning_rate_at(step, config), unit="step")
 
         state = pretrain_tiny(config, progress=report)
     elapsed = time.perf_counter() - start

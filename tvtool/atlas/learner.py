@@ -61,7 +61,7 @@ from tvtool.atlas.selection import Candidates
 from tvtool.atlas.ufm import UfmTask, ufm_outputs, ufm_task
 from tvtool.device import autocast, resolve_precision
 from tvtool.errors import NumericalError, UsageError
-from tvtool.types import Advance, Logger, ProgressFactory
+from tvtool.types import Advance, Logger, ProgressFactory, no_progress
 from tvtool.types import quiet as _quiet
 
 
@@ -289,9 +289,14 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         cast(int, config.epochs) * cast(int, epoch_length)
     config = dataclasses.replace(config, steps=steps)
 
+    eval_batches = sum(math.ceil(d.size / eval_batch) for d in score_sets if d is not None) + \
+        sum(math.ceil(c.size / eval_batch) for c, d in zip(audit_sets, score_sets, strict=True)
+            if c is not None and c is not d)
+    score_progress = progress if progress is not None else no_progress
+
     def evaluate(matrix: Tensor) -> tuple[list[TaskScore], dict[str, float]]:
         scores, audit = [], {}
-        with torch.no_grad():
+        with torch.no_grad(), score_progress("held-out scores", eval_batches) as tick:
             weights = encoder.weights(matrix)
             for task, head, data, check in zip(tasks, heads, score_sets, audit_sets,
                                                strict=True):
@@ -304,6 +309,7 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
                         acc.add(logits, labels if use_labels else None)
                         if check is data:
                             right += int((logits.argmax(-1) == labels).sum())
+                        tick(1)
                     scores.append(acc.result())
                     if check is data:
                         audit[task.name] = right / data.size
@@ -312,6 +318,7 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
                     for images, labels in check.batches(eval_batch, None):
                         right += int((logits_of(images, head, weights).argmax(-1)
                                       == labels).sum())
+                        tick(1)
                     audit[task.name] = right / check.size
         return scores, audit
 

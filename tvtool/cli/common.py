@@ -29,6 +29,7 @@ from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
 from tvtool.errors import TvtoolError, bounded_line, interruption_note
+from tvtool.progress import DEFAULT_EVERY_S, Reporter, Task
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -349,10 +350,10 @@ def with_report(document: dict[str, Any], report: str) -> dict[str, Any]:
     return {**head, **{k: v for k, v in document.items() if k not in head}}
 
 
-_reporter: Any = None
+_reporter: Reporter | None = None
 
 
-def configure_progress(quiet: bool = False, log_every: float | None = None) -> Any:
+def configure_progress(quiet: bool = False, log_every: float | None = None) -> Reporter:
     """Set up this run's progress reporter (:class:`tvtool.progress.Reporter`) on stderr.
 
     Args:
@@ -364,7 +365,6 @@ def configure_progress(quiet: bool = False, log_every: float | None = None) -> A
         The reporter, also what :func:`progress_bar` and :func:`reporter` use from now on.
     """
     from tvtool.errors import UsageError
-    from tvtool.progress import DEFAULT_EVERY_S, Reporter
 
     if log_every is not None and not (log_every >= 0):
         raise UsageError(f"--log-every must be 0 or more seconds, not {log_every:g}")
@@ -374,12 +374,13 @@ def configure_progress(quiet: bool = False, log_every: float | None = None) -> A
     return _reporter
 
 
-def reporter() -> Any:
+def reporter() -> Reporter:
     """This run's progress reporter (:func:`configure_progress` with defaults if not set)."""
     return _reporter if _reporter is not None else configure_progress()
 
 
-def progress_bar(description: str, total: int | None) -> Any:
+def progress_bar(description: str, total: int | None
+                 ) -> contextlib.AbstractContextManager[Task]:
     """Progress of one task on stderr: a rich bar on a terminal, else a line every 30 s.
 
     A :data:`tvtool.types.ProgressFactory` over :func:`reporter`; ``--quiet`` silences it.

@@ -256,6 +256,9 @@ def finetune(
         f"({result.images_per_s:.0f} img/s), final loss {result.final_loss:.4f}"
         + (f"; metrics log {result.metrics_log}" if result.metrics_log else ""))
     if as_json:
-        emit_json(result.as_json(), outputs=[result.output, result.checkpoint_out])
+        # A failed report removes the outputs; the metrics log of a workdir (-o -) stays.
+        emit_json(result.as_json(), outputs=[
+            result.output, result.checkpoint_out,
+            result.metrics_log if result.output != "-" else None])
     else:
         emit_path(result.output)

@@ -225,7 +225,8 @@ def learn_coeffs(
         download_datasets([*config.datasets, *config.control], data_root)
     result = run(config, log=log, progress=progress_bar, tensorboard=tensorboard)
     if as_json:
-        emit_json(result.as_json(), outputs=[result.output, result.merged_output])
+        emit_json(result.as_json(), outputs=[result.output, result.merged_output,
+                                             result.metrics_log])
         return
     if to_stdout:
         return  # stdout holds the safetensors bytes; a path would corrupt the stream

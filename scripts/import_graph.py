@@ -36,9 +36,9 @@ PACKAGE = "tvtool"
 # Declared layers, bottom (0) to top. A unit may import units of its own layer or lower ones.
 # Units not named here are reported as "unplaced".
 LAYERS: list[set[str]] = [
-    {"errors", "types", "cards", "grid"},
+    {"errors", "types", "cards", "grid", "progress"},
     {"limits", "device", "threads"},
-    {"io", "metadata"},
+    {"io", "metadata", "metrics"},
     {"models", "linearize", "formats", "vectors", "synthetic_world"},
     {"data"},
     {"finetune", "merge", "atlas", "commands"},

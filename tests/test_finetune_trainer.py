@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -213,8 +214,15 @@ def test_non_finite_loss_stops_the_run_and_writes_nothing(tmp_path):
     tensors, state = read_train_state(str(tmp_path / "w" / RESUME_FILE))
     assert state["step"] == 2
     assert all(torch.isfinite(t).all() for k, t in tensors.items() if k.startswith("param/"))
-    leftovers = [p for p in (tmp_path / "w").iterdir() if p.name != RESUME_FILE]
+    # The live metrics log stays with the state (a resumed run continues it): it holds the
+    # steps logged before the loss became non-finite, all finite.
+    leftovers = [p for p in (tmp_path / "w").iterdir() if p.name not in (RESUME_FILE,
+                                                                         "metrics.jsonl")]
     assert leftovers == []
+    logged = [json.loads(line) for line in
+              (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 2, 3]  # log_every=1; step 4 diverged
+    assert all(math.isfinite(r["loss"]) for r in logged)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -19,8 +19,14 @@ StateDict = dict[str, torch.Tensor]
 Logger = Callable[[str], None]
 """Receives one line of notes or warnings (stderr in the CLI)."""
 
-Advance = Callable[[int], None]
-"""``advance(n)``: ``n`` more units of work are done."""
+class Advance(Protocol):
+    """``advance(n, **fields)``: ``n`` more units of work are done.
+
+    ``fields`` (loss, lr, ...) are shown with the progress.
+    """
+
+    def __call__(self, n: int = 1, /, **fields: Any) -> None:
+        """Advance by ``n`` units."""
 
 ProgressFactory = Callable[[str, "int | None"], contextlib.AbstractContextManager[Advance]]
 """``progress(description, total)`` -> context manager yielding ``advance(n)``; the CLI passes
@@ -32,7 +38,7 @@ def quiet(_message: str) -> None:
     return None
 
 
-def no_advance(_n: int = 1) -> None:
+def no_advance(_n: int = 1, /, **_fields: Any) -> None:
     """An :data:`Advance` that does nothing."""
     return None
 

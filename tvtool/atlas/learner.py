@@ -32,7 +32,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -60,7 +61,7 @@ from tvtool.atlas.selection import Candidates
 from tvtool.atlas.ufm import UfmTask, ufm_outputs, ufm_task
 from tvtool.device import autocast, resolve_precision
 from tvtool.errors import NumericalError, UsageError
-from tvtool.types import Advance, Logger, ProgressFactory
+from tvtool.types import Advance, Logger, ProgressFactory, no_progress
 from tvtool.types import quiet as _quiet
 
 
@@ -196,7 +197,8 @@ def _draws(protocol: Protocol, objective: str, train_sets: Sequence[Examples], p
 
 def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerConfig, *,
           log: Logger = _quiet, advance: Advance | None = None,
-          progress: ProgressFactory | None = None) -> LearnResult:
+          progress: ProgressFactory | None = None,
+          metrics: Callable[[dict[str, Any]], None] | None = None) -> LearnResult:
     """Learn the coefficient matrix of ``encoder`` on ``tasks``.
 
     Args:
@@ -207,6 +209,9 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         advance: Called with 1 after every step (a progress bar).
         progress: A progress factory, opened once the number of steps is known (instead of
             ``advance``).
+        metrics: Called at every evaluation with a record of the step (``step``, mean
+            ``loss`` since the last one, ``lr``, held-out ``score`` when there is one,
+            ``images_per_s``) for the metrics log.
 
     Returns:
         The selected coefficients and the learning record.
@@ -284,9 +289,14 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         cast(int, config.epochs) * cast(int, epoch_length)
     config = dataclasses.replace(config, steps=steps)
 
+    eval_batches = sum(math.ceil(d.size / eval_batch) for d in score_sets if d is not None) + \
+        sum(math.ceil(c.size / eval_batch) for c, d in zip(audit_sets, score_sets, strict=True)
+            if c is not None and c is not d)
+    score_progress = progress if progress is not None else no_progress
+
     def evaluate(matrix: Tensor) -> tuple[list[TaskScore], dict[str, float]]:
         scores, audit = [], {}
-        with torch.no_grad():
+        with torch.no_grad(), score_progress("held-out scores", eval_batches) as tick:
             weights = encoder.weights(matrix)
             for task, head, data, check in zip(tasks, heads, score_sets, audit_sets,
                                                strict=True):
@@ -299,6 +309,7 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
                         acc.add(logits, labels if use_labels else None)
                         if check is data:
                             right += int((logits.argmax(-1) == labels).sum())
+                        tick(1)
                     scores.append(acc.result())
                     if check is data:
                         audit[task.name] = right / data.size
@@ -307,6 +318,7 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
                     for images, labels in check.batches(eval_batch, None):
                         right += int((logits_of(images, head, weights).argmax(-1)
                                       == labels).sum())
+                        tick(1)
                     audit[task.name] = right / check.size
         return scores, audit
 
@@ -347,6 +359,8 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
         if config.schedule == "cosine" else None
     grad_clip = cast(float, config.grad_clip)
     step, running, since = 0, 0.0, 0
+    images_per_step = per_task * sum(int(getattr(d, "micro_batches", 1)) for d in draws)
+    window_start = time.perf_counter()
     stop_note = None
     bar = progress("learning coefficients", steps) if progress is not None \
         else contextlib.nullcontext(advance)
@@ -368,19 +382,28 @@ def learn(encoder: ComposedEncoder, tasks: Sequence[TaskData], config: LearnerCo
                 raw.grad.mul_(protocol.grad_scale)
                 torch.nn.utils.clip_grad_norm_([raw], grad_clip)
                 raw.grad.div_(protocol.grad_scale)
+            lr_now = float(optimizer.param_groups[0]["lr"])  # the rate of this step
             optimizer.step()
             if schedule is not None:
                 schedule.step()
             running += float(value.detach())
             since += 1
             if tick is not None:
-                tick(1)
+                tick(1, loss=running / since, lr=lr_now)
             if not _due(step, steps, config.eval_every, epoch_length):
                 continue
+            now = time.perf_counter()
+            rate = since * images_per_step / max(now - window_start, 1e-9)
             mean_loss, running, since = running / since, 0.0, 0
             scores, audit = evaluate(effective().detach()) if (has_scores or has_audit) \
                 else ([], {})
-            tracker.offer(step, snapshot(), mean_loss, scores, audit=audit)
+            entry = tracker.offer(step, snapshot(), mean_loss, scores, audit=audit)
+            if metrics is not None:
+                metrics({"step": step, "loss": mean_loss, "lr": lr_now,
+                         "score": entry.score, "images_per_s": rate})
+            if tick is not None and entry.score is not None:
+                tick(0, score=entry.score)
+            window_start = time.perf_counter()
             if config.patience is not None and selecting and \
                     tracker.since_best() >= config.patience:
                 stop_note = (f"early stop at step {step}: no held-out improvement in "

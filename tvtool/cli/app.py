@@ -23,6 +23,7 @@ try:
     from tvtool.cli import learn_coeffs as learn_coeffs_cmd
     from tvtool.cli import merge as merge_cmd
     from tvtool.cli import negate as negate_cmd
+    from tvtool.cli import plot as plot_cmd
     from tvtool.cli import pretrain as pretrain_cmd
     from tvtool.cli.common import (
         EXIT_INVALID,
@@ -123,6 +124,7 @@ app.add_typer(eval_cmd.eval_app, name="eval")
 app.command("pretrain")(pretrain_cmd.pretrain)
 app.command("demo")(demo_cmd.demo)
 app.command("datasets")(datasets_cmd.datasets)
+app.command("plot")(plot_cmd.plot)
 
 
 def click_command() -> Any:

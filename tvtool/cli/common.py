@@ -20,8 +20,7 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, TypeVar
 
@@ -30,6 +29,7 @@ from rich.console import Console
 from typer.core import TyperCommand, TyperOption
 
 from tvtool.errors import TvtoolError, bounded_line, interruption_note
+from tvtool.progress import DEFAULT_EVERY_S, Reporter, Task
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -350,34 +350,63 @@ def with_report(document: dict[str, Any], report: str) -> dict[str, Any]:
     return {**head, **{k: v for k, v in document.items() if k not in head}}
 
 
-@contextmanager
-def progress_bar(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on stderr, silent when stderr is not a terminal.
+_reporter: Reporter | None = None
+
+
+def configure_progress(quiet: bool = False, log_every: float | None = None) -> Reporter:
+    """Set up this run's progress reporter (:class:`tvtool.progress.Reporter`) on stderr.
+
+    Args:
+        quiet: Report no progress (``--quiet``).
+        log_every: Seconds between plain progress lines when stderr is not a terminal
+            (``--log-every``; default 30).
+
+    Returns:
+        The reporter, also what :func:`progress_bar` and :func:`reporter` use from now on.
+    """
+    from tvtool.errors import UsageError
+
+    if log_every is not None and not (log_every >= 0):
+        raise UsageError(f"--log-every must be 0 or more seconds, not {log_every:g}")
+    global _reporter
+    _reporter = Reporter(log, terminal=stderr.is_terminal, console=stderr, quiet=quiet,
+                         every=DEFAULT_EVERY_S if log_every is None else log_every)
+    return _reporter
+
+
+def reporter() -> Reporter:
+    """This run's progress reporter (:func:`configure_progress` with defaults if not set)."""
+    return _reporter if _reporter is not None else configure_progress()
+
+
+def progress_bar(description: str, total: int | None
+                 ) -> contextlib.AbstractContextManager[Task]:
+    """Progress of one task on stderr: a rich bar on a terminal, else a line every 30 s.
+
+    A :data:`tvtool.types.ProgressFactory` over :func:`reporter`; ``--quiet`` silences it.
 
     Yields:
-        A function advancing the bar by ``n`` steps.
+        A function advancing the task by ``n`` steps (and setting shown fields).
     """
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    return reporter().task(description, total)
 
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"), BarColumn(),
-        MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=stderr, disable=not stderr.is_terminal, transient=True,
-    )
-    with progress:
-        task = progress.add_task(description, total=total)
 
-        def advance(n: int = 1) -> None:
-            progress.advance(task, n)
+def print_table(table: Any, console: Any = None) -> None:
+    """Print a rich table whole: on a file or a pipe it is not cut to 80 columns.
 
-        yield advance
+    A terminal (or ``COLUMNS`` in the environment) sets the width; otherwise the table gets
+    the width it needs, so dataset names stay whole.
+    """
+    from rich.measure import Measurement
+
+    console = console if console is not None else stderr
+    if console.is_terminal or os.environ.get("COLUMNS", "").isdigit():
+        console.print(table)
+        return
+    width = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    # Console.print crops to the console's width: print through one as wide as the table.
+    Console(file=console.file, width=max(width, 20), highlight=False,
+            color_system=None).print(table)
 
 
 def listed_or(names: Sequence[str]) -> str:
@@ -388,6 +417,17 @@ def listed_or(names: Sequence[str]) -> str:
 # Options shared by several commands (typer Annotated aliases).
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output file, or - for stdout.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON document on stdout.")]
+TensorboardOpt = Annotated[str | None, typer.Option(
+    "--tensorboard", rich_help_panel="Progress", metavar="DIR",
+    help="Also write the metrics as TensorBoard scalars into DIR (needs the tensorboard "
+         "extra: pip install 'tvtool[tensorboard]').", show_default=False)]
+# Progress on stderr (tvtool.progress): every command that can run for minutes takes both.
+QuietOpt = Annotated[bool, typer.Option(
+    "--quiet", "-q", rich_help_panel="Progress",
+    help="No progress bars or lines on stderr (warnings and errors still print).")]
+LogEveryOpt = Annotated[float, typer.Option(
+    "--log-every", rich_help_panel="Progress", envvar="TVTOOL_LOG_EVERY", metavar="SECONDS",
+    help="Seconds between progress lines when stderr is not a terminal (a file, a pipe).")]
 DeviceOpt = Annotated[str, typer.Option("--device", envvar="TVTOOL_DEVICE",
                                         metavar="[auto|cpu|cuda|cuda:N]",
                                         help="auto, cpu, cuda or cuda:N.")]

@@ -9,12 +9,16 @@ import typer
 from tvtool.cli.common import (
     DeviceOpt,
     JsonOpt,
+    LogEveryOpt,
+    QuietOpt,
     SeedOpt,
+    configure_progress,
     deprecated_alias,
     emit_json,
     emit_path,
     handles_errors,
     log,
+    print_table,
     progress_bar,
     take_alias,
 )
@@ -39,12 +43,15 @@ def demo(
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Fine-tune, extract, merge, learn aTLAS coefficients, negate and evaluate, offline.
 
     Writes report.md, report.json and PNG figures into --output; prints the report path (or
     the JSON report with --json) on stdout and a summary table on stderr.
     """
+    configure_progress(quiet, log_every)
     from rich.table import Table
 
     from tvtool.cli.common import stderr
@@ -63,7 +70,7 @@ def demo(
     for mode, method, accs, avg in method_rows(results):
         table.add_row(mode, method, *[f"{100 * accs[t]:.1f}" for t in results["tasks"]],
                       f"{100 * avg:.1f}")
-    stderr.print(table)
+    print_table(table)
     for claim in results["claims"]:
         mark = "[green]held[/]" if claim["held"] else "[red]did not hold[/]"
         if claim.get("within_noise"):

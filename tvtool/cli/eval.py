@@ -18,10 +18,13 @@ from tvtool.cli.common import (
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
+    LogEveryOpt,
     PrecisionOpt,
+    QuietOpt,
     SeedOpt,
     SuiteOpt,
     WorkersOpt,
+    configure_progress,
     deprecated_alias,
     download_datasets,
     emit_json,
@@ -30,6 +33,7 @@ from tvtool.cli.common import (
     handles_errors,
     log,
     percent,
+    print_table,
     progress_bar,
     refuse_json_with_stdout,
     stderr,
@@ -136,6 +140,8 @@ def eval_command(
         show_default=False)] = None,
     out: Annotated[str | None, deprecated_alias("--out", "--output")] = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Top-1 accuracy of BASE + sum(COEF_i x VECTOR_i) on each --dataset.
 
@@ -144,6 +150,7 @@ def eval_command(
 
     Linearized vectors are evaluated as their linearized model f(x;θ0) + J·Σ a_i τ_i.
     """
+    configure_progress(quiet, log_every)
     if ctx.invoked_subcommand is not None:
         return
     from tvtool.data import with_suite
@@ -175,7 +182,7 @@ def eval_command(
         download_datasets(config.datasets, data_root)
     report = evaluate(config, log=log, progress=progress_bar)
     document = report.as_json()
-    stderr.print(_table(document))
+    print_table(_table(document))
     if out is not None:
         write_json(out, document, inputs=_inputs(config))
     if as_json:
@@ -264,12 +271,15 @@ def disentanglement_command(
     approximate_linearized: ApproxOpt = False,
     no_head_cache: NoCacheOpt = False,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Weight-disentanglement error xi(a1, a2) of two task vectors over a coefficient grid.
 
     xi(a1, a2) = sum over t of the fraction of D_t whose prediction by
     BASE + a1 TV1 + a2 TV2 differs from that of BASE + a_t TV_t (Ortiz-Jimenez et al. 2023).
     """
+    configure_progress(quiet, log_every)
     from tvtool.evaluate import (
         GRID_LIMITS,
         DisentanglementConfig,

@@ -13,14 +13,6 @@ from dataclasses import fields
 from typing import Annotated, Any
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from tvtool.cli.common import (
     DECLARED_OPTIONS,
@@ -31,40 +23,48 @@ from tvtool.cli.common import (
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
+    LogEveryOpt,
     OutputOpt,
     PrecisionOpt,
+    QuietOpt,
     SeedOpt,
+    TensorboardOpt,
+    configure_progress,
     download_datasets,
     emit_json,
     emit_path,
     handles_errors,
     listed_or,
     log,
-    stderr,
+    reporter,
 )
 from tvtool.errors import UsageError
 
 
 @contextmanager
-def _training_progress(total: int | None) -> Iterator[Callable[[Any], None]]:
-    """A rich bar with loss, lr and images/s on stderr; silent when stderr is not a TTY."""
-    progress = Progress(
-        TextColumn("fine-tuning"), BarColumn(bar_width=20), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  lr {task.fields[lr]}  "
-                   "{task.fields[rate]} img/s"),
-        TimeElapsedColumn(), TimeRemainingColumn(),
-        console=stderr, transient=True,
-        # Under torchrun only process 0 reports.
-        disable=not stderr.is_terminal or os.environ.get("RANK", "0") != "0")
-    with progress:
-        task = progress.add_task("finetune", total=total, loss="-", acc="-", lr="-", rate="-")
+def _training_progress(total: int | None) -> Iterator[tuple[Callable[[Any], None],
+                                                            Callable[[int], None]]]:
+    """Progress of the run on stderr (:func:`tvtool.cli.common.reporter`).
 
-        def update(entry: Any) -> None:
-            progress.update(task, completed=entry.step, total=entry.total,
-                            loss=f"{entry.loss:.4f}", acc=f"{entry.accuracy:.3f}",
-                            lr=f"{entry.lr:.2e}", rate=f"{entry.images_per_s:.0f}")
+    Yields:
+        ``(report, step_done)``: ``report`` takes the loop's :class:`StepLog` (loss, accuracy,
+        lr, images/s), ``step_done`` the number of steps done after every step.
+    """
+    with reporter().task("fine-tuning", total, unit="step") as task:
+        first = [True]
 
-        yield update
+        def step_done(done: int) -> None:
+            if first[0] and done > 1:
+                task.resumed_at(done - 1)  # a resumed run: rate and ETA from here
+            first[0] = False
+            task.update(completed=done)
+
+        def report(entry: Any) -> None:
+            task.update(completed=entry.step, total=entry.total, loss=entry.loss,
+                        acc=entry.accuracy, lr=entry.lr,
+                        **{"img/s": entry.images_per_s})
+
+        yield report, step_done
 
 
 def _mode_options() -> list[DeclaredOption]:
@@ -213,7 +213,10 @@ def finetune(
         "--workers", rich_help_panel="Model and data",
         help="DataLoader worker processes (default 4 on CUDA, 0 on CPU).",
         show_default=False)] = None,
+    tensorboard: TensorboardOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Fine-tune the image encoder of BASE on DATASET and write the task vector.
 
@@ -222,6 +225,7 @@ def finetune(
 
     Several GPUs or nodes: torchrun --nproc_per_node N -m tvtool finetune ...
     """
+    configure_progress(quiet, log_every)
     # The modes' own flags (--lora-*) are declared by the modes (FinetuneCommand) and
     # arrive in ctx.meta.
     from tvtool.finetune import FinetuneConfig, get_mode
@@ -243,13 +247,18 @@ def finetune(
                              hint="download first: tvtool eval ... --download, or run once "
                                   "without torchrun")
         download_datasets([dataset], data_root)
-    with _training_progress(steps) as progress:
-        result = run(config, progress=progress, log=log)
+    with _training_progress(steps) as (progress, step_done):
+        result = run(config, progress=progress, after_step=step_done, log=log,
+                     tensorboard=tensorboard)
     if os.environ.get("RANK", "0") != "0":
         return
     log(f"{result.mode} fine-tuning: {result.steps} steps in {result.seconds:.1f}s "
-        f"({result.images_per_s:.0f} img/s), final loss {result.final_loss:.4f}")
+        f"({result.images_per_s:.0f} img/s), final loss {result.final_loss:.4f}"
+        + (f"; metrics log {result.metrics_log}" if result.metrics_log else ""))
     if as_json:
-        emit_json(result.as_json(), outputs=[result.output, result.checkpoint_out])
+        # A failed report removes the outputs; the metrics log of a workdir (-o -) stays.
+        emit_json(result.as_json(), outputs=[
+            result.output, result.checkpoint_out,
+            result.metrics_log if result.output != "-" else None])
     else:
         emit_path(result.output)

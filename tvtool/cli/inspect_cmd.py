@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tvtool.cli.common import JsonOpt, emit_json, handles_errors, stderr
+from tvtool.cli.common import JsonOpt, emit_json, handles_errors, print_table, stderr
 
 
 @handles_errors
@@ -58,7 +58,7 @@ def _print_tables(report: dict[str, Any]) -> None:
             table.add_row("L2 norm", f"{entry['norm']:.6g}")
             for item in entry["largest"]:
                 table.add_row(f"  {item['tensor']}", f"{item['norm']:.6g}")
-        console.print(table)
+        print_table(table, console)
     if report["cosine"]:
         names = [e["file"] for e in report["files"] if "norm" in e]
         table = Table(title="cosine similarity", title_justify="left")
@@ -67,7 +67,7 @@ def _print_tables(report: dict[str, Any]) -> None:
             table.add_column(str(index), justify="right")
         for index, row in enumerate(report["cosine"]):
             table.add_row(f"{index}: {names[index]}", *[f"{v:.3f}" for v in row])
-        console.print(table)
+        print_table(table, console)
 
 
 def chain_lines(chain: dict[str, Any], name: str) -> list[str]:

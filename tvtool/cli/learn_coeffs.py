@@ -13,9 +13,13 @@ from tvtool.cli.common import (
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
+    LogEveryOpt,
     OutputOpt,
     PrecisionOpt,
+    QuietOpt,
     SeedOpt,
+    TensorboardOpt,
+    configure_progress,
     download_datasets,
     emit_json,
     emit_path,
@@ -183,12 +187,16 @@ def learn_coeffs(
     precision: PrecisionOpt = "auto",
     seed: SeedOpt = 0,
     allow_base_mismatch: AllowOtherBaseOpt = False,
+    tensorboard: TensorboardOpt = None,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Learn one coefficient per task vector per block (aTLAS) and write a coefficient file.
 
     The file can be given to `merge --coefs` and `eval`.
     """
+    configure_progress(quiet, log_every)
     from tvtool.atlas.learner import LearnerConfig
     from tvtool.data import with_suite
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig
@@ -215,9 +223,10 @@ def learn_coeffs(
         audit_split=audit_split, eval_limit=eval_limit, path_out=path_out)
     if download:
         download_datasets([*config.datasets, *config.control], data_root)
-    result = run(config, log=log, progress=progress_bar)
+    result = run(config, log=log, progress=progress_bar, tensorboard=tensorboard)
     if as_json:
-        emit_json(result.as_json(), outputs=[result.output, result.merged_output])
+        emit_json(result.as_json(), outputs=[result.output, result.merged_output,
+                                             result.metrics_log])
         return
     if to_stdout:
         return  # stdout holds the safetensors bytes; a path would corrupt the stream

@@ -14,8 +14,11 @@ from tvtool.cli.common import (
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
+    LogEveryOpt,
     PrecisionOpt,
+    QuietOpt,
     WorkersOpt,
+    configure_progress,
     download_datasets,
     emit_json,
     emit_path,
@@ -24,9 +27,9 @@ from tvtool.cli.common import (
     listed_or,
     log,
     percent,
+    print_table,
     progress_bar,
     refuse_json_with_stdout,
-    stderr,
 )
 from tvtool.errors import UsageError
 
@@ -185,12 +188,15 @@ def merge(
         "--threads", envvar="TVTOOL_MERGE_THREADS",
         help="CPU threads for the merge kernels (results do not depend on it).")] = 1,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Merge task vectors into one task vector (streamed tensor by tensor).
 
     Refuses vectors of different bases, linearized with non-linearized vectors, and vectors
     holding different tensors, unless a flag says how to combine them.
     """
+    configure_progress(quiet, log_every)
     from tvtool.merge import MergeConfig
     from tvtool.merge.engine import merge as run_merge
     from tvtool.merge.job import load_job
@@ -318,7 +324,7 @@ def _print_sweep(report: dict[str, Any]) -> None:
                       f"{row['best_coef']:g}" + ("" if row["coef"] is None else " (fixed)"),
                       f"{row['val_score']:.4f}", percent(test["average_accuracy"]),
                       percent(test["average_normalized_accuracy"]))
-    stderr.print(table)
+    print_table(table)
 
 
 def _params(density: float | None, trim: str | None, pairs: list[str] | None
@@ -476,7 +482,7 @@ def _search(cfg: Any, grid_text: str | None, base: str | None, datasets: list[st
         table.add_column(column, justify="left" if column == "dataset" else "right")
     for row in _accuracy_rows(document):
         table.add_row(*row)
-    stderr.print(table)
+    print_table(table)
     if report_path is not None:
         write_json(report_path, document, inputs=list(cfg.vectors))
     if save_config is not None:

@@ -10,11 +10,14 @@ from tvtool.cli.common import (
     DeviceOpt,
     DownloadOpt,
     JsonOpt,
+    LogEveryOpt,
     OutputOpt,
     PrecisionOpt,
+    QuietOpt,
     SeedOpt,
     SuiteOpt,
     WorkersOpt,
+    configure_progress,
     deprecated_alias,
     download_datasets,
     emit_json,
@@ -22,9 +25,9 @@ from tvtool.cli.common import (
     handles_errors,
     log,
     percent,
+    print_table,
     progress_bar,
     refuse_json_with_stdout,
-    stderr,
     take_alias,
 )
 from tvtool.errors import UsageError
@@ -41,6 +44,8 @@ def negate(
     coef: Annotated[float, typer.Option("--coef", "-a", help="Scale of the negated vector.")
                     ] = 1.0,
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
     search: Annotated[bool, typer.Option(
         "--search", help="Choose COEF on validation splits: lowest target accuracy while "
                          "every control accuracy stays >= --control-threshold x the base's "
@@ -78,6 +83,7 @@ def negate(
     workers: WorkersOpt = 0,
 ) -> None:
     """Write -COEF x VECTOR (streamed tensor by tensor)."""
+    configure_progress(quiet, log_every)
     control_threshold = take_alias(ctx, "control_threshold", control_threshold, threshold)
     if download and not search:
         raise UsageError("--download goes with --search (only the search reads datasets)")
@@ -143,5 +149,5 @@ def _search(vector: str, output: str, settings: EvalSettings, control: list[str]
         label = "base" if name == "base" else f"-{best.coef:g} x vector"
         table.add_row(label, "test", percent(accs[report.target]),
                       *[percent(accs[c]) for c in report.controls])
-    stderr.print(table)
+    print_table(table)
     emit_json(document, outputs=[output]) if as_json else emit_path(output)

@@ -12,6 +12,9 @@ import typer
 
 from tvtool.cli.common import (
     JsonOpt,
+    LogEveryOpt,
+    QuietOpt,
+    configure_progress,
     deprecated_alias,
     emit_json,
     emit_path,
@@ -50,12 +53,15 @@ def pretrain(
                         "weights are not packaged: this creates them, ~23 min on 2 cores).")
     ] = "tvtool-tiny",
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_every: LogEveryOpt = 30.0,
 ) -> None:
     """Pre-train an embedded CLIP on the synthetic corpus (CPU; tvtool-tiny about 26 min).
 
     Measured on 2 shared cores: tvtool-tiny 1582 s, tvtool-small 1650 s, tvtool-base 1373 s
     (docs/embedded-world.md).
     """
+    configure_progress(quiet, log_every)
     import dataclasses
     import time
 
@@ -82,11 +88,13 @@ def pretrain(
     check_output(target)
     start = time.perf_counter()
     last = [float("nan")]
+    from tvtool.synthetic_world.pretrain import learning_rate_at
+
     with progress_bar(f"pre-training {config.model}", config.steps) as advance:
 
         def report(step: int, loss: float) -> None:
             last[0] = loss
-            advance(1)
+            advance(1, loss=loss, lr=learning_rate_at(step, config), unit="step")
 
         state = pretrain_tiny(config, progress=report)
     elapsed = time.perf_counter() - start

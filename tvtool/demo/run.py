@@ -194,7 +194,7 @@ def run_demo(config: DemoConfig, log: Logger,
                                                 steps=cfg.steps, batch_size=cfg.batch_size,
                                                 lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10),
                                                 device=cfg.device, seed=cfg.seed),
-                                 progress=step_reached)
+                                 progress=step_reached, metrics=False)
                 vector_paths[mode][task] = str(path)
 
     # ---- zero-shot and fine-tuned accuracy
@@ -282,7 +282,8 @@ def _step_progress(progress: ProgressFactory, description: str,
 
         def step_reached(entry: Any) -> None:
             nonlocal done
-            advance(entry.step - done)
+            advance(entry.step - done, loss=entry.loss, lr=entry.lr,
+                    **{"img/s": entry.images_per_s})
             done = entry.step
 
         yield step_reached

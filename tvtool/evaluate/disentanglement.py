@@ -171,7 +171,7 @@ def disentanglement(config: DisentanglementConfig, *, log: Logger = _quiet,
                 loaded[0] = coefs
             predicted, _ = predictions(model, data, heads[data.name], settings.batch_size,
                                        workers=settings.workers, precision=settings.precision,
-                                       materialize=True)
+                                       materialize=True, progress=progress)
             return predicted
 
         count = len(alphas)

@@ -264,6 +264,8 @@ class FinetuneResult:
     precision: str
     world_size: int
     notes: list[str] = field(default_factory=list)
+    metrics_log: str | None = None
+    tensorboard: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready summary."""

@@ -192,6 +192,7 @@ def train(
     progress: Callable[[StepLog], None] | None = None,
     after_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Run the optimisation loop of one fine-tuning job.
 
@@ -207,6 +208,8 @@ def train(
         progress: Called with a :class:`StepLog` every ``log_every`` steps (main process).
         after_step: Called with the number of completed steps after each step (all processes).
         log: Info lines (main process).
+        on_start: Called with the step the loop starts from (0, or a resumed state's step)
+            before the first step (main process).
 
     Returns:
         What happened.
@@ -224,7 +227,7 @@ def train(
     try:
         return _train(adapter, head, dataset, config, device=device, precision=precision,
                       info=info, fingerprint=fingerprint, progress=progress,
-                      after_step=after_step, log=log, track=track)
+                      after_step=after_step, log=log, track=track, on_start=on_start)
     except KeyboardInterrupt as exc:
         if not track.started:  # during set-up: nothing was trained or written
             raise
@@ -249,6 +252,7 @@ def _train(
     after_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
     track: _Track | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """The loop of :func:`train`; ``track`` follows the steps done and the state saved."""
     size = len(dataset)  # type: ignore[arg-type]
@@ -310,6 +314,8 @@ def _train(
     last_loss, last_acc, lr = float("nan"), float("nan"), config.lr
     global_batch = config.batch_size
     batches = iter(loader)
+    if on_start is not None and info.is_main:
+        on_start(start)
 
     def check_finite(step_done: int) -> None:
         flag = diverged.to(torch.int32)

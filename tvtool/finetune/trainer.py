@@ -8,6 +8,7 @@ the resume state: :mod:`tvtool.finetune.resume`; the schedule:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, cast
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from tvtool.device import resolve_device, resolve_precision
-from tvtool.errors import InvalidInputError
+from tvtool.errors import InvalidInputError, UsageError
 from tvtool.finetune.base import Adapter
 from tvtool.finetune.config import RESUME_FILE, FinetuneConfig, FinetuneResult, StepLog
 from tvtool.finetune.distributed import init_process_group
@@ -27,6 +28,7 @@ from tvtool.finetune.registry import get_mode
 from tvtool.finetune.sampling import dist_from_env
 from tvtool.io import check_output, ensure_directory, write_tensors
 from tvtool.metadata import FileMeta, Kind, Mode, provenance
+from tvtool.metrics import METRICS_FILE, MetricsLog, check_tensorboard, metrics_log_path
 from tvtool.types import quiet as _quiet
 
 
@@ -75,6 +77,8 @@ def finetune(
     after_step: Callable[[int], None] | None = None,
     log: Callable[[str], None] | None = None,
     on_trained: Callable[[Adapter], None] | None = None,
+    metrics: bool = True,
+    tensorboard: str | None = None,
 ) -> FinetuneResult:
     """Fine-tune the image encoder of ``config.base`` and write the task vector.
 
@@ -90,6 +94,9 @@ def finetune(
         log: Info lines (stderr in the CLI).
         on_trained: Called on every process with the trained adapter, before the outputs
             are written (e.g. to evaluate in-process).
+        metrics: Write the metrics log (:func:`tvtool.metrics.metrics_log_path` of the
+            output; with ``config.workdir`` also a live copy there, continued on resume).
+        tensorboard: A directory for TensorBoard scalars (the optional extra).
 
     Returns:
         The run summary.
@@ -120,6 +127,7 @@ def finetune(
     if skeleton is not None:
         check_encoder(config.mode, skeleton, config.options)
     owns_group = init_process_group(info, device.type)
+    closing = contextlib.ExitStack()
     try:
         source, ref = base_source(ref)
         try:
@@ -128,10 +136,18 @@ def finetune(
             source.close()
         inputs = [ref.location or ref.text] if ref.kind in (RefKind.CHECKPOINT,
                                                               RefKind.WEIGHTS_FILE) else []
+        metrics_path = metrics_log_path(config.output) if metrics else None
         if info.is_main:
             check_output(config.output, inputs)
             if config.checkpoint_out is not None:
                 check_output(config.checkpoint_out, inputs)
+            if metrics_path is not None:
+                check_output(metrics_path, inputs)
+                if metrics_path == config.checkpoint_out:
+                    raise UsageError(f"--checkpoint-out {metrics_path!r} is where the metrics "
+                                     "log of -o goes", hint="give another file name")
+            if tensorboard is not None:
+                check_tensorboard()
             if config.workdir:
                 ensure_directory(config.workdir)
                 if config.resume == "no" and os.path.exists(os.path.join(config.workdir,
@@ -165,9 +181,23 @@ def finetune(
         say(f"fine-tuning {architecture} ({mode.name.value}: {mode.summary}) on "
             f"{config.dataset}, {len(dataset)} examples, {device}, {precision}"  # type: ignore[arg-type]
             + (f", {info.world} processes" if info.world > 1 else ""))
+        live = os.path.join(config.workdir, METRICS_FILE) if config.workdir else None
+        log_book = MetricsLog(live=live if metrics else None, tensorboard=tensorboard) \
+            if info.is_main else None
+        closing.callback(lambda: log_book.close() if log_book is not None else None)
+
+        def report(entry: StepLog) -> None:
+            if log_book is not None:
+                log_book.add({"step": entry.step, "loss": entry.loss, "lr": entry.lr,
+                              "train_accuracy": entry.accuracy,
+                              "images_per_s": entry.images_per_s})
+            if progress is not None:
+                progress(entry)
+
         result = train(adapter, head, dataset, config, device=device, precision=precision,
-                       info=info, fingerprint=base_fp, progress=progress,
-                       after_step=after_step, log=say)
+                       info=info, fingerprint=base_fp, progress=report,
+                       after_step=after_step, log=say,
+                       on_start=log_book.start if log_book is not None else None)
         if on_trained is not None:
             on_trained(adapter)
         vector = adapter.task_vector()
@@ -188,6 +218,8 @@ def finetune(
                 ckpt_meta = meta.with_changes(kind=Kind.CHECKPOINT, linearized=False, extra={})
                 _write_checkpoint(config.checkpoint_out, ref, adapter.dense_delta(), ckpt_meta,
                                   inputs)
+            if metrics_path is not None and log_book is not None:
+                log_book.write(metrics_path, tuple(inputs))
         if info.world > 1:
             dist.barrier()
         return FinetuneResult(
@@ -197,8 +229,10 @@ def finetune(
             images_per_s=result.images_per_s, final_loss=result.final_loss,
             train_accuracy=result.train_accuracy, tensors=len(vector),
             parameters=sum(t.numel() for t in vector.values()), device=str(device),
-            precision=precision, world_size=info.world)
+            precision=precision, world_size=info.world,
+            metrics_log=metrics_path or (live if metrics else None), tensorboard=tensorboard)
     finally:
+        closing.close()
         if owns_group and dist.is_initialized():
             dist.destroy_process_group()
 

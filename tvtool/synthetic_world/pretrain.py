@@ -145,7 +145,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _lr_at(step: int, config: PretrainConfig) -> float:
+def learning_rate_at(step: int, config: PretrainConfig) -> float:
+    """The learning rate of 0-based ``step``: linear warm-up, then cosine decay to 0."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
@@ -184,7 +185,7 @@ def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | N
         images, texts = corpus_batch(rng, config.batch, config.caption_noise)
         _, text_ids = np.unique(np.asarray(texts), return_inverse=True)
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
+            group["lr"] = learning_rate_at(step, config)
         image_features = F.normalize(model.encode_image(images_to_tensor(images, mean, std)),
                                      dim=-1)
         text_features = F.normalize(model.encode_text(bundle.tokenizer(texts)), dim=-1)

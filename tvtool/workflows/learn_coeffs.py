@@ -47,12 +47,14 @@ from tvtool.io import (
     TensorInfo,
     TensorSource,
     check_distinct_paths,
+    check_output,
     fingerprint,
     write_json,
     write_tensors,
 )
 from tvtool.limits import short_repr
 from tvtool.metadata import FileMeta, Kind, Mode, input_record, provenance
+from tvtool.metrics import MetricsLog, check_tensorboard, metrics_log_path
 from tvtool.types import Logger, ProgressFactory
 from tvtool.types import no_progress as _no_progress
 from tvtool.types import quiet as _quiet
@@ -163,6 +165,8 @@ class LearnCoeffsResult:
         seconds: Wall time of the learning loop.
         notes: Remarks (also printed on stderr).
         path_output: The learning-path document, if written.
+        metrics_log: The metrics log (JSON lines of the evaluations), if written.
+        tensorboard: The TensorBoard directory, if any.
     """
 
     output: str
@@ -187,6 +191,8 @@ class LearnCoeffsResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     path_output: str | None = None
+    metrics_log: str | None = None
+    tensorboard: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready summary."""
@@ -318,8 +324,17 @@ def covered_tensors(encoder_params: Mapping[str, Tensor], vectors: Sequence[Tens
 
 
 def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
-                 progress: ProgressFactory = _no_progress) -> LearnCoeffsResult:
+                 progress: ProgressFactory = _no_progress, metrics: bool = True,
+                 tensorboard: str | None = None) -> LearnCoeffsResult:
     """Learn aTLAS coefficients and write the coefficient file (and the composed model).
+
+    Args:
+        config: What to learn and where to write it.
+        log: Notes and warnings (stderr in the CLI).
+        progress: Progress factory of the learning steps.
+        metrics: Write the metrics log of the evaluations beside the output
+            (:func:`tvtool.metrics.metrics_log_path`).
+        tensorboard: A directory for the same scalars as TensorBoard events (optional extra).
 
     Raises:
         UsageError: bad settings.
@@ -329,6 +344,14 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
     from tvtool.evaluate import head_key, open_eval_data, open_eval_model, zero_shot_head
 
     check_config(config)
+    metrics_path = metrics_log_path(config.output) if metrics else None
+    if metrics_path is not None:
+        check_output(metrics_path, config.vectors)
+        if metrics_path in (config.merged_out, config.path_out):
+            raise UsageError(f"{metrics_path!r} is where the metrics log of -o goes",
+                             hint="give --merged-out or --path-out another name")
+    if tensorboard is not None:
+        check_tensorboard()
     objective = config.learner.objective
     protocol = resolve_protocol(objective, config.learner.protocol)
     val_fraction = config.val_fraction if config.val_fraction is not None \
@@ -407,7 +430,12 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         start = time.perf_counter()
         learner = config.learner.resolved()
         log(f"protocol {learner.protocol}: {PROTOCOL_SPECS[str(learner.protocol)].summary}")
-        result = learn(encoder, tasks, learner, log=log, progress=progress)
+        log_book = MetricsLog(tensorboard=tensorboard, prefix="learn")
+        try:
+            result = learn(encoder, tasks, learner, log=log, progress=progress,
+                           metrics=log_book.add)
+        finally:
+            log_book.close()
         seconds = time.perf_counter() - start
         chosen = ("the zero-shot model (all coefficients 0)" if result.best_step < 0
                   else f"step {result.best_step}")
@@ -446,6 +474,8 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
                             for record, matrix in zip(result.history, result.path,
                                                       strict=True)]},
                        inputs=[*inputs, config.output])
+        if metrics_path is not None:
+            log_book.write(metrics_path, tuple(inputs))
     return LearnCoeffsResult(
         output=config.output, merged_output=config.merged_out, vectors=len(sources),
         blocks=partition.num_blocks, granularity=str(granularity), objective=objective,
@@ -454,7 +484,7 @@ def learn_coeffs(config: LearnCoeffsConfig, *, log: Logger = _quiet,
         rule_met=result.rule_met, candidates=result.history, initial=result.initial,
         best=result.best, zero_shot=result.zero_shot, settings=result.config,
         coefficients=_row_stats(result.coefficients), seconds=round(seconds, 3), notes=notes,
-        path_output=config.path_out)
+        path_output=config.path_out, metrics_log=metrics_path, tensorboard=tensorboard)
 
 
 def _compact(history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -41,6 +41,7 @@ from tvtool.workflows.evaluator import (
     Progress,
     check_recorded_dataset,
 )
+from tvtool.workflows.search_progress import search_progress
 
 
 def default_grid_text(method: str, params: Mapping[str, Any] | None = None) -> str:
@@ -385,6 +386,13 @@ def measure_merges(configs: Sequence[MergeConfig], grids: Sequence[Sequence[floa
                 for split in ("val", "test"):
                     finetuned[split][name] = evaluator.accuracies(onehot, split, [name])[name]
             searches, tests = [], []
+            references = finetuned["val"]
+
+            def normalized(accuracies: Accuracies) -> float | None:
+                if set(accuracies) - set(references):
+                    return None
+                return average(normalize(accuracies, references).values())
+
             for index, (config, grid) in enumerate(zip(configs, grids, strict=True)):
 
                 def coefficients(alpha: float, index: int = index) -> list[float]:
@@ -397,7 +405,9 @@ def measure_merges(configs: Sequence[MergeConfig], grids: Sequence[Sequence[floa
                 log(f"searching α of {config.method} over {len(values)} values on the "
                     "validation splits" + (" (extended past an end where the best α sits)"
                                            if isinstance(grid, AutoGrid) else ""))
-                search = search_coef(on_val, grid, references=finetuned["val"])
+                with search_progress(progress, f"merge search ({config.method})", len(values),
+                                     normalized, what="normalized") as reported:
+                    search = search_coef(reported(on_val), grid, references=references)
                 if search.grid_edge is not None:
                     log(edge_warning("α", search.best, search.grid_edge,
                                      [p.coef for p in search.points],

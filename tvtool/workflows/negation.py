@@ -40,6 +40,7 @@ from tvtool.workflows.evaluator import (
     check_recorded_dataset,
     recorded_dataset,
 )
+from tvtool.workflows.search_progress import search_progress
 
 DEFAULT_NEGATION_GRID_TEXT = "0.05:1:0.05"
 DEFAULT_THRESHOLD = 0.95
@@ -312,10 +313,22 @@ def measure_negation(settings: EvalSettings, vector: str, grid: Sequence[float] 
             + (" (extended past an end where the best α sits)"
                if isinstance(grid, AutoGrid) else ""))
         opened = evaluator.opened("val")[target]
-        search = search_negation(lambda a: evaluator.accuracies([-a], "val"), grid,
-                                 target=target, control=controls, threshold=threshold,
-                                 base=base_val, chance=1.0 / opened.num_classes,
-                                 examples=opened.size)
+
+        def feasible_target(accuracies: Accuracies) -> float | None:
+            # The running best: the lowest target accuracy whose controls stay above the
+            # threshold (the search's own rule, _search_once).
+            for name in controls:
+                if base_val[name] > 0 and \
+                        accuracies[name] / base_val[name] < threshold - 1e-12:
+                    return None
+            return accuracies[target]
+
+        with search_progress(progress, "negation search", len(values), feasible_target,
+                             lower_is_better=True, what=f"on {target}") as reported:
+            search = search_negation(reported(lambda a: evaluator.accuracies([-a], "val")),
+                                     grid, target=target, control=controls,
+                                     threshold=threshold, base=base_val,
+                                     chance=1.0 / opened.num_classes, examples=opened.size)
         _warn(search, target, grid, log)
         coef = search.best if search.best is not None else fallback
         if coef is None:

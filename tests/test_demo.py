@@ -134,12 +134,13 @@ def test_histogram_check_gives_the_guards_verdict_for_every_candidate():
     spread = [_stats("synthetic:a", [25, 25, 25, 25]), _stats("synthetic:b", [50, 50])]
     # one class for 97 of 100 examples: entropy ratio about 0.12, far below 0.75
     collapsed = [_stats("synthetic:a", [97, 1, 1, 1]), _stats("synthetic:b", [50, 50])]
-    result = {"selection": "val-split", "best_step": 20, "zero_shot": spread,
+    result = {"protocol": "atlas", "best_step": 20, "zero_shot": spread,
               "candidates": [{"step": 0, "datasets": spread, "rejected": []},
                              {"step": 10, "datasets": collapsed, "rejected": []},
                              {"step": 20, "datasets": spread, "rejected": []}]}
     check = histogram_check(result, TASKS)
     assert check["guard_applied"] is False and check["kept_step"] == 20
+    assert check["selection"] == "val-split"
     rows = {row["step"]: row for row in check["candidates"]}
     assert [rows[s]["kept"] for s in (0, 10, 20)] == [False, False, True]
     assert rows[0]["rejected"] == [] and rows[20]["rejected"] == []
@@ -150,7 +151,7 @@ def test_histogram_check_gives_the_guards_verdict_for_every_candidate():
     assert math.isclose(ratio, expected)
     assert rows[10]["datasets"]["synthetic:a"]["top_share"] == 0.97
     # where the protocol applies the guard, its own reasons are reported as they are
-    held_out = dict(result, selection="held-out")
+    held_out = dict(result, protocol="tvtool")
     held_out["candidates"] = [{"step": 10, "datasets": collapsed, "rejected": ["said so"]}]
     assert histogram_check(held_out, TASKS)["candidates"][0]["rejected"] == ["said so"]
     # and the Markdown report shows the table, the kept step marked
@@ -319,8 +320,8 @@ def _check_unlabelled(doc: dict) -> None:
     entry = doc["methods"]["full"]["atlas_unlabelled"]
     # learn_ufm.py's protocol: the epoch kept by accuracy on the labelled val split
     assert entry["objective"] == "ufm" and entry["protocol"] == "atlas"
-    assert entry["selection"] == "val-split"
     check = entry["histogram"]
+    assert check["selection"] == "val-split" and "val split" in entry["selection"]
     assert check["guard_applied"] is False and check["tasks"] == doc["tasks"]
     assert sum(row["kept"] for row in check["candidates"]) == 1
     for row in check["candidates"]:

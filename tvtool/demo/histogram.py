@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 from tvtool.atlas.objectives import TaskScore, collapse_reasons
+from tvtool.atlas.protocols import PROTOCOL_SPECS
 
 HISTOGRAM_FIELDS = ("class_entropy", "prior_entropy", "class_entropy_ratio", "top_share")
 
@@ -30,9 +31,12 @@ def histogram_check(result: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
         tasks: The datasets, in the order of each candidate's statistics.
 
     Returns:
-        ``{"guard_applied", "kept_step", "candidates": [{step, kept, rejected, datasets}]}``.
+        ``{"selection", "guard_applied", "kept_step", "tasks", "candidates": [{step, kept,
+        rejected, datasets}]}`` (``selection``: the protocol's rule, ``held-out``,
+        ``val-split`` or ``last``).
     """
-    applied = result["selection"] == "held-out"
+    rule = PROTOCOL_SPECS[result["protocol"]].selection
+    applied = rule == "held-out"
     zero = [_task_score(s) for s in result.get("zero_shot") or []]
     kept_step = result["best_step"]
     rows = []
@@ -53,7 +57,8 @@ def histogram_check(result: dict[str, Any], tasks: list[str]) -> dict[str, Any]:
             "rejected": rejected,
             "datasets": {s["dataset"]: {k: s.get(k) for k in HISTOGRAM_FIELDS}
                          for s in stats}})
-    return {"guard_applied": applied, "kept_step": kept_step, "tasks": list(tasks),
+    return {"selection": rule, "guard_applied": applied, "kept_step": kept_step,
+            "tasks": list(tasks),
             "candidates": rows}
 
 

@@ -305,8 +305,8 @@ def histogram_markdown(results: Results) -> list[str]:
         applied = ("the protocol's selection applies the guard" if check["guard_applied"]
                    else "the protocol's selection does not read it (the guard's verdict is "
                         "shown all the same)")
-        lines += ["", f"{mode} vectors, {entry.get('protocol')} protocol, "
-                      f"{entry.get('selection')} selection, kept step {check['kept_step']}; "
+        lines += ["", f"{mode} vectors, {entry.get('protocol')} protocol (selection: "
+                      f"{entry.get('selection')}), kept step {check['kept_step']}; "
                       f"{applied}:", "",
                   "| step | " + " | ".join(t.split(":")[-1] for t in tasks) + " | guard |",
                   "|---|" + "---|" * (len(tasks) + 1)]

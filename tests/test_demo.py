@@ -164,6 +164,7 @@ def test_histogram_check_gives_the_guards_verdict_for_every_candidate():
     text = report.markdown(results)
     assert "## Histogram check (unlabelled aTLAS)" in text
     assert f"| 10 | {ratio:.2f} (97%) | 1.00 (50%) | rejected: " in text
+    assert "| 0 (zero-shot) | 1.00 (25%) | 1.00 (50%) | passes |" in text
     assert "| **20, kept** | 1.00 (25%) | 1.00 (50%) | passes |" in text
 
 

@@ -318,7 +318,9 @@ def histogram_markdown(results: Results) -> list[str]:
                 cells.append("-" if ratio is None else
                              f"{ratio:.2f} ({100 * (top or 0.0):.0f}%)")
             verdict = ("rejected: " + "; ".join(row["rejected"])) if row["rejected"] else "passes"
-            step = f"{row['step']}" + (" (zero-shot)" if row.get("note") else "")
+            # the demo's runs start every coefficient at 0: step 0 is the zero-shot model
+            zero = row.get("note") or (row["step"] == 0 and entry.get("init", 0.0) == 0.0)
+            step = f"{row['step']}" + (" (zero-shot)" if zero else "")
             if row["kept"]:
                 step = f"**{step}, kept**"
             lines.append(f"| {step} | " + " | ".join(cells) + f" | {verdict} |")

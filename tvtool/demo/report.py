@@ -93,6 +93,30 @@ def noise_level(accuracies: Sequence[Mapping[str, float]], tasks: Sequence[str],
     return float(2 * variance ** 0.5 / len(tasks))
 
 
+LABELS = {
+    "task_arithmetic": "task arithmetic",
+    "ties": "TIES ({mode})",
+    "tsv": "TSV-M ({mode})",
+    "iso-cts": "Iso-CTS ({mode})",
+    "atlas_fewshot": "aTLAS (fewshot, {mode})",
+    "atlas_unlabelled": "aTLAS (unlabelled, {mode})",
+}
+"""How the claims name each method (``{mode}`` filled in; task arithmetic is the baseline)."""
+
+COMPARISONS = (
+    ("atlas_fewshot", "task_arithmetic"),
+    ("atlas_unlabelled", "task_arithmetic"),
+    ("ties", "task_arithmetic"),
+    ("tsv", "task_arithmetic"),
+    ("tsv", "ties"),
+    ("iso-cts", "task_arithmetic"),
+    ("iso-cts", "ties"),
+)
+"""``(method, baseline)``: the claims "method beats baseline" the report checks, where both ran:
+the aTLAS paper's over task arithmetic, and TSV-M's and Iso-CTS' central ordering (above task
+arithmetic and TIES)."""
+
+
 def _claim(claim: str, held: bool, evidence: str, difference: float | None = None,
            noise: float | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"claim": claim, "held": held, "evidence": evidence}
@@ -140,20 +164,20 @@ def check_claims(results: Results) -> list[dict[str, Any]]:
                              "fine-tuning gain (CLIP ViT-B/32: about 0.5)",
                     "held": fraction >= 0.5,
                     "evidence": f"(TA − zero-shot) / (fine-tuned − zero-shot) = {fraction:.2f}"})
-        for other, label in (("atlas_fewshot", "aTLAS (fewshot, {mode})"),
-                             ("atlas_unlabelled", "aTLAS (unlabelled, {mode})"),
-                             ("ties", "TIES ({mode})")):
-            if other not in entries or "task_arithmetic" not in entries:
+        for other, reference in COMPARISONS:
+            if other not in entries or reference not in entries:
                 continue
             a = normalized_average(results, mode, other)
-            t = normalized_average(results, mode, "task_arithmetic")
+            t = normalized_average(results, mode, reference)
             searched = " with searched α" if other.startswith("atlas") else ""
-            noise = noise_level([entries[other]["accuracy"],
-                                 entries["task_arithmetic"]["accuracy"]], tasks, examples,
-                                scale=inverse_ref)
+            noise = noise_level([entries[other]["accuracy"], entries[reference]["accuracy"]],
+                                tasks, examples, scale=inverse_ref)
+            protocol = entries[other].get("protocol")
+            how = f" ({protocol} protocol)" if protocol else ""
             claims.append(_claim(
-                f"{label.format(mode=mode)} beats task arithmetic{searched} "
-                "(normalized accuracy)", a > t, f"{a:.3f} vs {t:.3f}", a - t, noise))
+                f"{LABELS[other].format(mode=mode)} beats {LABELS[reference].format(mode=mode)}"
+                f"{searched} (normalized accuracy)", a > t, f"{a:.3f} vs {t:.3f}{how}", a - t,
+                noise))
     dis = results.get("disentanglement", {})
     if "full" in dis:
         for mode in ("linear", "attn"):
@@ -205,7 +229,15 @@ def markdown(results: Results) -> str:
     for mode, methods in results["methods"].items():
         for method, entry in methods.items():
             if entry.get("coef") is not None:
-                lines.append(f"- {mode} / {method}: α = {entry['coef']:g}")
+                edge = entry.get("grid_edge")
+                note = (f" (the {edge} end of the grid "
+                        f"{', '.join(f'{g:g}' for g in entry['grid'])})") if edge else ""
+                lines.append(f"- {mode} / {method}: α = {entry['coef']:g}{note}")
+    for mode, skipped in (results.get("merge_skipped") or {}).items():
+        for method, reason in skipped.items():
+            lines.append(f"- {mode} / {method}: not run, `merge` refuses LoRA vectors for it "
+                         f"({reason})")
+    lines += histogram_markdown(results)
     neg = results.get("negation")
     if neg:
         lines += ["", "## Negation", "",
@@ -247,6 +279,52 @@ def markdown(results: Results) -> str:
     for stage, seconds in results["timings"].items():
         lines.append(f"- {stage}: {seconds:.1f}")
     return "\n".join(lines) + "\n"
+
+
+def histogram_markdown(results: Results) -> list[str]:
+    """The histogram check of the label-free aTLAS runs, as Markdown lines.
+
+    One table per mode: every candidate's predicted-class entropy as a fraction of the class
+    prior's (and the share of the most predicted class) per task, and the collapse guard's
+    verdict; the kept candidate is marked.
+    """
+    lines: list[str] = []
+    for mode, methods in results["methods"].items():
+        entry = methods.get("atlas_unlabelled")
+        check = entry.get("histogram") if entry else None
+        if not check:
+            continue
+        tasks = check["tasks"]
+        if not lines:
+            lines += ["", "## Histogram check (unlabelled aTLAS)", "",
+                      "Per candidate and task: entropy of the histogram of predicted classes / "
+                      "entropy of the class prior (1: spread like the classes; share of the "
+                      "most predicted class in brackets). The collapse guard rejects a "
+                      "candidate below 0.75 of the prior's, or below 0.9 of the zero-shot "
+                      "model's, on some task."]
+        applied = ("the protocol's selection applies the guard" if check["guard_applied"]
+                   else "the protocol's selection does not read it (the guard's verdict is "
+                        "shown all the same)")
+        lines += ["", f"{mode} vectors, {entry.get('protocol')} protocol (selection: "
+                      f"{entry.get('selection')}), kept step {check['kept_step']}; "
+                      f"{applied}:", "",
+                  "| step | " + " | ".join(t.split(":")[-1] for t in tasks) + " | guard |",
+                  "|---|" + "---|" * (len(tasks) + 1)]
+        for row in check["candidates"]:
+            cells = []
+            for task in tasks:
+                stats = row["datasets"].get(task) or {}
+                ratio, top = stats.get("class_entropy_ratio"), stats.get("top_share")
+                cells.append("-" if ratio is None else
+                             f"{ratio:.2f} ({100 * (top or 0.0):.0f}%)")
+            verdict = ("rejected: " + "; ".join(row["rejected"])) if row["rejected"] else "passes"
+            # the demo's runs start every coefficient at 0: step 0 is the zero-shot model
+            zero = row.get("note") or (row["step"] == 0 and entry.get("init", 0.0) == 0.0)
+            step = f"{row['step']}" + (" (zero-shot)" if zero else "")
+            if row["kept"]:
+                step = f"**{step}, kept**"
+            lines.append(f"| {step} | " + " | ".join(cells) + f" | {verdict} |")
+    return lines
 
 
 def _png(figure: Any) -> bytes:

@@ -2,10 +2,11 @@
 
 Stages (each cached in the output directory, so a re-run reuses what it already made):
 fine-tune every task in every mode, evaluate zero-shot and fine-tuned accuracy, merge per
-mode (task arithmetic and TIES, α searched on the validation splits), learn aTLAS
-coefficients (few-shot labelled and unlabelled), negate one task against a control, measure
-weight disentanglement per mode and the cosine similarity of the vectors, then write the
-report (Markdown + JSON + PNG figures).
+mode (task arithmetic, TIES, TSV-M and Iso-CTS, α searched on the validation splits), learn
+aTLAS coefficients (few-shot labelled, and unlabelled under the objective's default protocol,
+with the predicted-class histogram of every candidate), negate one task against a control,
+measure weight disentanglement per mode and the cosine similarity of the vectors, then write
+the report (Markdown + JSON + PNG figures).
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ FULL_TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count", "syntheti
               "synthetic:texture", "synthetic:digit")
 QUICK_MODES = ("full", "attn", "linear")
 FULL_MODES = ("full", "attn", "linear", "lora", "llora")
+MERGE_METHODS = ("task_arithmetic", "ties", "tsv", "iso-cts")
+"""The merging stage's methods (registry names), each with its α searched per mode."""
+FEWSHOT_PROTOCOL = "tvtool"
+"""Protocol of the few-shot stage (the label-free one runs its objective's default)."""
 
 
 @dataclass(frozen=True)
@@ -212,9 +217,18 @@ def run_demo(config: DemoConfig, log: Logger,
 
     # ---- merging with α searched on validation splits
     with stages.timed("merging"):
+        from tvtool.merge.registry import get_method
+
+        results["merge_skipped"] = {}
         for mode, paths in vector_paths.items():
             results["methods"][mode] = {}
-            for method in ("task_arithmetic", "ties"):
+            for method in MERGE_METHODS:
+                refusal = get_method(method).lora_refusal
+                if refusal is not None and Mode(mode).factored:
+                    # Iso-CTS flattens the spectrum of each summed matrix: `merge` refuses
+                    # LoRA vectors for it, so the demo reports why instead of a number.
+                    results["merge_skipped"].setdefault(mode, {})[method] = refusal
+                    continue
                 results["methods"][mode][method] = _merge_searched(
                     cfg, stages, mode, method, [paths[t] for t in tasks], tasks, log)
 
@@ -224,8 +238,8 @@ def run_demo(config: DemoConfig, log: Logger,
                        if m in vector_paths]
         for mode in atlas_modes:
             mode_paths = [vector_paths[mode][t] for t in tasks]
-            # Unlabelled: aTLAS' own test-time objective (learn_ufm.py), which does not
-            # collapse the way plain entropy minimisation did on this world.
+            # Unlabelled: aTLAS' own test-time objective (learn_ufm.py) under its default
+            # protocol, the reference's (`atlas`).
             for objective, name in (("ce", "atlas_fewshot"), ("ufm", "atlas_unlabelled")):
                 results["methods"][mode][name] = _atlas(cfg, stages, mode, objective, mode_paths,
                                                         tasks, eval_accs, log)
@@ -295,24 +309,33 @@ def _file_key(path: str) -> str:
     return f"{Path(path).name}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def demo_grid(cfg: DemoConfig, method: str) -> tuple[float, ...]:
+    """The α grid the demo searches for a merge method: seven points each.
+
+    Task arithmetic sums N vectors, so its best α is near 1/N: 0-1.5 (quick) or 0-0.6 (full).
+    TIES's disjoint merge is a mean of the vectors, not a sum, so its best λ sits near or
+    above 1: seven points spanning its reference range 0.8-2.5 (`merge --search-coef`'s
+    default for ties, at a coarser step to keep the demo short). TSV-M and Iso-CTS: seven
+    points spanning their references' range 0.1-3 (`merge --search-coef`'s default for both,
+    ``np.linspace(0, 3, 31)[1:]`` in the references), denser around the references' α = 1.
+    """
+    if cfg.smoke:
+        return (0.0, 0.5, 1.0)
+    if method == "ties":
+        return (0.8, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5)
+    if method in ("tsv", "iso-cts"):
+        return (0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0)
+    step = 0.25 if cfg.quick else 0.1
+    return tuple(round(step * i, 2) for i in range(0, 7))
+
+
 def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
                     paths: list[str], tasks: list[str], log: Logger) -> dict[str, Any]:
     from tvtool.evaluate import EvalSettings
     from tvtool.merge import MergeConfig
     from tvtool.workflows.merge_search import search_merge
 
-    # Seven points each. TIES's disjoint merge is a mean of the vectors, not a sum, so its best
-    # λ sits near or above 1 where task arithmetic's sum of N vectors wants α ≈ 1/N: TIES
-    # gets seven points spanning its reference range 0.8-2.5 (`merge --search-coef`'s
-    # default for ties, at a coarser step to keep the demo short).
-    grid: tuple[float, ...]
-    if cfg.smoke:
-        grid = (0.0, 0.5, 1.0)
-    elif method == "ties":
-        grid = (0.8, 1.0, 1.2, 1.5, 1.8, 2.1, 2.5)
-    else:
-        step = 0.25 if cfg.quick else 0.1
-        grid = tuple(round(step * i, 2) for i in range(0, 7))
+    grid = demo_grid(cfg, method)
     key = _key("merge", method, [_file_key(p) for p in paths], grid, cfg.eval_limit, cfg.seed)
     output = str(stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors")
 
@@ -321,7 +344,8 @@ def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
                                 seed=cfg.seed)
         rep = search_merge(MergeConfig(vectors=tuple(paths), method=method, output=output),
                            settings, grid, datasets=tasks, log=log, progress=stages.progress)
-        return {"coef": rep.search.best, "accuracy": dict(rep.test), "output": output}
+        return {"coef": rep.search.best, "accuracy": dict(rep.test), "output": output,
+                "grid": list(grid), "grid_edge": rep.search.grid_edge}
 
     return stages.cached_json("merge", key, compute)  # type: ignore[no-any-return]
 
@@ -330,42 +354,54 @@ def _atlas(cfg: DemoConfig, stages: _Stages, mode: str, objective: str, paths: l
            tasks: list[str], eval_accs: Callable[..., dict[str, float]], log: Logger
            ) -> dict[str, Any]:
     from tvtool.atlas.learner import LearnerConfig
+    from tvtool.demo.histogram import histogram_check
+    from tvtool.io import open_tensors
     from tvtool.workflows.learn_coeffs import LearnCoeffsConfig, learn_coeffs
 
-    steps = 4 if cfg.smoke else 30 if cfg.quick else 80
-    # The references' other settings (weight decay 0.1, gradient clipping at 1, ufm's
-    # pseudo-labels, trusted subset and 0.99 threshold) are learn-coeffs' defaults. Two
-    # differences, both for this world: augmentation is open_clip's mild training crop
-    # ("train", what the world's fine-tunes used) rather than the references' 50-100 % crop
-    # and horizontal flip, which change the label of the position, digit, count and size
-    # tasks; and ufm runs 80 steps at lr 1e-2 instead of ~500 at 1e-3 (the same bound on how
-    # far Adam can move a coefficient, in the demo's budget).
-    lr = 1e-2 if objective == "ufm" else None
-    key = _key("atlas", objective, [_file_key(p) for p in paths], steps, lr, "train",
-               cfg.seed)
+    labelled = objective == "ce"
+    # Few-shot: tvtool's protocol (held-out selection), 80 steps (30 quick). Unlabelled: the
+    # objective's default protocol with its defaults (for ufm, aTLAS' learn_ufm.py: 10 epochs
+    # of batch 128, lr 1e-3, every example trusted, the epoch kept by accuracy on the labelled
+    # val split, as the reference does). One difference, for this world: augmentation is
+    # open_clip's mild training crop ("train", what the world's fine-tunes used) rather than
+    # the references' 50-100 % crop and horizontal flip, which change the label of the
+    # position, digit, count and size tasks.
+    protocol = FEWSHOT_PROTOCOL if labelled else None
+    steps = 4 if cfg.smoke else (30 if cfg.quick else 80) if labelled else None
+    # (ufm's reference trusted set needs at least 10 examples per class)
+    shots = (4 if cfg.smoke else 16) if labelled else (10 if cfg.smoke else 32)
+    # The val-split selection reads the demo's evaluation subset (the whole split otherwise).
+    eval_limit = None if labelled else (32 if cfg.smoke else cfg.eval_limit)
+    key = _key("atlas", objective, [_file_key(p) for p in paths], protocol, steps, shots,
+               eval_limit, "train", cfg.seed)
     coefs = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}.safetensors")
     merged = str(stages.root / "vectors" / f"atlas-{mode}-{objective}-{key}-merged.safetensors")
-    if not (Path(coefs).is_file() and Path(merged).is_file()):
-        # The tvtool protocol (held-out, label-free selection for ufm), as before the
-        # reference protocols existed; the reference ones are measured by
-        # scripts/results_labelfree.py (issue 23).
-        learner = LearnerConfig(objective=objective, protocol="tvtool", steps=steps, lr=lr,
-                                augment="train", seed=cfg.seed)
-        learn_coeffs(LearnCoeffsConfig(
-            vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
-            learner=learner, granularity="tensor",
-            shots=(4 if cfg.smoke else 16) if objective == "ce" else (8 if cfg.smoke else 32),
-            split="train" if objective == "ce" else "test", device=cfg.device,
-            merged_out=merged), log=log, progress=stages.progress)
-    from tvtool.io import open_tensors
 
+    def compute() -> dict[str, Any]:
+        learner = LearnerConfig(objective=objective, protocol=protocol, steps=steps,
+                                augment="train", seed=cfg.seed)
+        result = learn_coeffs(LearnCoeffsConfig(
+            vectors=tuple(paths), base=cfg.base, output=coefs, datasets=tuple(tasks),
+            learner=learner, granularity="tensor", shots=shots,
+            split="train" if labelled else "test", device=cfg.device, merged_out=merged,
+            eval_limit=eval_limit), log=log, progress=stages.progress).as_json()
+        return {"protocol": result["protocol"], "selection": result["selection"],
+                "best_step": result["best_step"], "steps_run": result["steps_run"],
+                "histogram": histogram_check(result, tasks)}
+
+    learned = stages.cached_json("atlas", key, compute)
+    if not (Path(coefs).is_file() and Path(merged).is_file()):
+        # A cache entry without its files (deleted by hand): learn again.
+        remove_file(str(stages.cache / f"atlas-{key}.json"))
+        learned = stages.cached_json("atlas", key, compute)
     source = open_tensors(merged)
     try:
         kind = source.metadata.get("tvtool.kind")
     finally:
         source.close()
     accuracy = eval_accs(base=merged) if kind == "checkpoint" else eval_accs((merged,))
-    return {"coef": None, "accuracy": accuracy, "objective": objective, "output": coefs}
+    return {"coef": None, "accuracy": accuracy, "objective": objective, "output": coefs,
+            **learned}
 
 
 def _negate(cfg: DemoConfig, stages: _Stages, mode: str, vector: str, target: str,

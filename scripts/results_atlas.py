@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from doc_sections import replace_section
+
 # The fine-tuning recipe and the vector cache are results_merge.py's (same directory).
 from results_merge import base_fingerprint, finetune_vectors, log
 
@@ -180,16 +182,7 @@ def markdown(results: dict[str, Any]) -> str:
 
 def update_doc(path: Path, section: str) -> None:
     """Replace the text between the markers (or append it), atomically."""
-    from tvtool.io import write_bytes
-
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_bytes(str(path), text.encode("utf-8"))
+    replace_section(path, BEGIN, END, section)
 
 
 def main() -> int:

@@ -54,6 +54,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from doc_sections import replace_section
+
 # The fine-tuning recipe and the full-vector cache are results_merge.py's (same directory).
 from results_merge import base_fingerprint, finetune_vectors, log
 
@@ -427,17 +429,7 @@ def markdown(summary: dict[str, Any], section: str | None,
 
 def update_doc(path: Path, section_text: str, section: str | None) -> None:
     """Replace the text between the section's markers (or append it), atomically."""
-    from tvtool.io import write_bytes
-
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    begin, end = markers(section)
-    block = f"{begin}\n{section_text}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_bytes(str(path), text.encode("utf-8"))
+    replace_section(path, *markers(section), section_text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from doc_sections import replace_section
+
 DEFAULT_BASE = "tvtool-small"
 
 
@@ -599,17 +601,7 @@ def _chance(task: str) -> float | None:
 
 def update_doc(path: Path, section: str, name: str | None = None) -> None:
     """Replace the text between the markers of section ``name`` (or append it), atomically."""
-    from tvtool.io import write_bytes
-
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    begin, end = markers(name)
-    block = f"{begin}\n{section}\n{end}"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    write_bytes(str(path), text.encode("utf-8"))
+    replace_section(path, *markers(name), section)
 
 
 def main() -> int:

@@ -36,6 +36,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from doc_sections import replace_section
+
 # The gain and negation figures are results_merge.py's own (this directory is on sys.path
 # when a script here runs).
 from results_merge import (
@@ -266,18 +268,8 @@ def compression_table(result: dict[str, Any]) -> list[str]:
 
 def update_doc(path: Path, text: str, section: str) -> None:
     """Write ``text`` between the ``seeds-SECTION`` markers of ``path`` (appended if absent)."""
-    from tvtool.io import write_bytes
-
-    doc = path.read_text(encoding="utf-8") if path.exists() else "# Results\n"
-    begin = f"<!-- seeds-{section}:begin (scripts/results_seeds.py) -->"
-    end = f"<!-- seeds-{section}:end -->"
-    block = f"{begin}\n{text}\n{end}"
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        doc = head + block + rest.split(end, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + block + "\n"
-    write_bytes(str(path), doc.encode("utf-8"))
+    replace_section(path, f"<!-- seeds-{section}:begin (scripts/results_seeds.py) -->",
+                    f"<!-- seeds-{section}:end -->", text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,6 +120,40 @@ def mode_vectors(args: argparse.Namespace, mode: str) -> list[str]:
     return paths
 
 
+# What a checkpointed measurement depends on (not the list of methods, modes or shots: each
+# measurement is stored under its own name).
+CHECKPOINT_KEYS = ("base", "tasks", "seed", "steps", "lr", "batch_size", "limit", "augment",
+                   "path_every", "atlas_steps", "tta_shots", "granularity", "grid",
+                   "eval_batch_size")
+
+
+class Checkpoint:
+    """Measurements of one run kept in a JSON file, refused when the recipe differs."""
+
+    def __init__(self, path: Path, recipe: dict[str, Any]) -> None:
+        self.path = path
+        self.recipe = json.loads(json.dumps(recipe))
+        self.done: dict[str, Any] = {}
+        if path.exists():
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored.get("recipe") != self.recipe:
+                raise SystemExit(f"results_labelfree.py: {path} was measured with another "
+                                 "recipe; remove it or use another --workdir")
+            self.done = stored["done"]
+
+    def get(self, name: str, measure: Any) -> Any:
+        """The stored measurement ``name``, or ``measure()`` stored now."""
+        if name in self.done:
+            log(f"{name}: kept from {self.path.name}")
+            return self.done[name]
+        self.done[name] = measure()
+        from tvtool.io import write_bytes
+
+        write_bytes(str(self.path), json.dumps({"recipe": self.recipe, "done": self.done},
+                                               sort_keys=True).encode("utf-8"))
+        return self.done[name]
+
+
 def task_arithmetic(args: argparse.Namespace, mode: str, vectors: list[str]) -> dict[str, Any]:
     """Zero-shot, fine-tuned and task arithmetic (α searched on val) test accuracies."""
     from tvtool.evaluate import EvalSettings
@@ -194,25 +228,39 @@ def _path_point(record: dict[str, Any]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every mode's vectors and task arithmetic, the label-free runs, the few-shot curve."""
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
+    # Each measurement is kept as soon as it is made (hours on 2 cores): a run stopped and
+    # started again with the same recipe measures only what is missing.
+    checkpoint = Checkpoint(Path(args.workdir) / f"results_labelfree-seed{args.seed}.partial.json",
+                            {key: getattr(args, key) for key in CHECKPOINT_KEYS}
+                            | {"base_fingerprint": base_fingerprint(args.base)})
     modes: dict[str, Any] = {}
     vectors: dict[str, list[str]] = {}
     for mode in args.modes:
         vectors[mode] = mode_vectors(args, mode)
-        modes[mode] = task_arithmetic(args, mode, vectors[mode])
+        modes[mode] = checkpoint.get(f"task_arithmetic/{mode}",
+                                     lambda m=mode: task_arithmetic(args, m, vectors[m]))
     labelfree = []
     for method in args.methods:
         objective, protocol, reading = parse_method(method)
-        log(f"{method}: learning coefficients on the unlabelled test images")
-        record = learn_run(args, vectors["full"], objective, protocol, reading, args.tta_shots,
-                           method.replace("@", "-").replace("/", "-"))
+
+        def learn(objective: str = objective, protocol: str = protocol,
+                  reading: str | None = reading, method: str = method) -> dict[str, Any]:
+            log(f"{method}: learning coefficients on the unlabelled test images")
+            return learn_run(args, vectors["full"], objective, protocol, reading,
+                             args.tta_shots, method.replace("@", "-").replace("/", "-"))
+
+        record = checkpoint.get(f"labelfree/{method}", learn)
         labelfree.append({"method": method, "objective": objective, "protocol": protocol,
                           "reading": reading, **record})
     fewshot = []
     for mode in args.modes:
         for shots in args.shots_curve:
-            log(f"ce@atlas ({mode}): {shots} shots per class")
-            record = learn_run(args, vectors[mode], "ce", "atlas", None, shots,
-                               f"fewshot-{mode}-{shots}")
+            def few(mode: str = mode, shots: int = shots) -> dict[str, Any]:
+                log(f"ce@atlas ({mode}): {shots} shots per class")
+                return learn_run(args, vectors[mode], "ce", "atlas", None, shots,
+                                 f"fewshot-{mode}-{shots}")
+
+            record = checkpoint.get(f"fewshot/{mode}/{shots}", few)
             fewshot.append({"mode": mode, "shots": shots, **record})
     return {"base": args.base, "base_fingerprint": base_fingerprint(args.base),
             "tasks": args.tasks, "seed": args.seed, "steps": args.steps, "lr": args.lr,

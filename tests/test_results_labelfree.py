@@ -131,3 +131,16 @@ def test_a_curve_measured_by_some_seeds_only_is_averaged_over_those(script, tmp_
     k4 = ((0.5 + 0.2) / 0.8 + 0.9) / 2  # seed 0's k = 4 normalized accuracy, no s.e.
     assert full_row.rstrip(" |").endswith(f"{100 * k4:.1f}")
     assert "the curve: seeds 0" in text
+
+
+def test_checkpoint_keeps_measurements_and_refuses_another_recipe(script, tmp_path):
+    path = tmp_path / "run.partial.json"
+    calls = []
+    first = script.Checkpoint(path, {"seed": 0})
+    assert first.get("a", lambda: calls.append(1) or {"x": 1}) == {"x": 1}
+    again = script.Checkpoint(path, {"seed": 0})
+    assert again.get("a", lambda: calls.append(2) or {"x": 2}) == {"x": 1}
+    assert calls == [1]  # measured once, then read back
+    assert json.loads(path.read_text())["done"] == {"a": {"x": 1}}
+    with pytest.raises(SystemExit, match="another recipe"):
+        script.Checkpoint(path, {"seed": 1})

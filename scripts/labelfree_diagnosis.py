@@ -28,6 +28,8 @@ Usage::
     python scripts/labelfree_diagnosis.py --base tvtool-small VEC... \
         --tasks shape,color,count,position,texture,digit --alpha 0.25 --out diag.json
 
+    python scripts/labelfree_diagnosis.py --render diag.json   # the markdown table
+
 Progress on stderr; the JSON report on stdout or ``--out``.
 """
 
@@ -90,6 +92,47 @@ def entropy(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
+def render(report: dict[str, Any]) -> str:
+    """The report as the markdown table of docs/results.md (``--render REPORT.json``)."""
+    tasks = [t.split(":")[-1] for t in report["tasks"]]
+    per_example = report["per_example_at_task_arithmetic"]
+    cosines = report["gradients_at_task_arithmetic"]["cosine_per_task"]
+    paths = report.get("paths", {})
+    lines = ["| measured at task arithmetic (α " + f"{report['alpha']:g})"
+             + " | " + " | ".join(tasks) + " | all |",
+             "|---|" + "---|" * (len(tasks) + 1)]
+
+    def row(label: str, values: list[float], total: float | None, digits: int = 2) -> None:
+        cells = [f"{v:.{digits}f}" if not math.isnan(v) else "–" for v in values]
+        lines.append(f"| {label} | " + " | ".join(cells) + " | "
+                     + ("" if total is None else f"{total:.{digits}f}") + " |")
+
+    row("accuracy (×100)", [100 * e["accuracy"] for e in per_example],
+        100 * sum(e["accuracy"] for e in per_example) / len(per_example), 1)
+    row("ρ(entropy, CE loss) per example", [e["spearman_entropy_vs_loss"] for e in per_example],
+        None)
+    row("AUROC of entropy for errors", [e["auroc_entropy_for_errors"] for e in per_example], None)
+    row("cos(∇ entropy, ∇ labelled CE) over λ", cosines,
+        report["gradients_at_task_arithmetic"]["cosine_summed"])
+    for kind, path in paths.items():
+        first, last = path["history"][0]["accuracy"], path["history"][-1]["accuracy"]
+        row(f"{kind} path: accuracy at step 0 → last (×100, change)",
+            [100 * (b - a) for a, b in zip(first, last, strict=True)],
+            100 * (path["final_average_accuracy"] - path["start_average_accuracy"]), 1)
+        row(f"{kind} path: ρ(−entropy, accuracy) over its checkpoints",
+            path["spearman_negentropy_vs_accuracy_per_task"],
+            path["spearman_negentropy_vs_accuracy_average"])
+    for kind, path in paths.items():
+        lines.append("")
+        lines.append(f"{kind} path: average accuracy {100 * path['start_average_accuracy']:.1f}"
+                     f" at step 0 (λ = {report.get('init', 0.3):g}) → "
+                     f"{100 * path['final_average_accuracy']:.1f} at the last step; final λ mean "
+                     f"{path['final_coefficients']['mean']:.3f}, "
+                     f"{100 * path['final_coefficients']['at_0']:.0f} % at 0, "
+                     f"{100 * path['final_coefficients']['at_1']:.0f} % at 1.")
+    return "\n".join(lines)
+
+
 def main() -> int:
     """Run the three measurements and print the report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -113,6 +156,11 @@ def main() -> int:
     parser.add_argument("--paths", default="entropy,oracle",
                         help="which paths to run (entropy, oracle, none)")
     parser.add_argument("--out", default=None)
+    if sys.argv[1:2] == ["--render"]:
+        if len(sys.argv) != 3:
+            parser.error("--render takes one report")
+        print(render(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8"))))
+        return 0
     args = parser.parse_args()
     tasks = [t if ":" in t else f"synthetic:{t}" for t in args.tasks.split(",") if t]
     if len(tasks) != len(args.vectors):
@@ -129,7 +177,9 @@ def main() -> int:
     device = torch.device("cpu")
     model = open_eval_model(args.base, args.vectors, device=device)
     report: dict[str, Any] = {"base": args.base, "tasks": tasks, "vectors": args.vectors,
-                              "alpha": args.alpha, "seed": args.seed}
+                              "alpha": args.alpha, "seed": args.seed, "init": args.init,
+                              "steps": args.steps, "eval_every": args.eval_every,
+                              "eval_limit": args.eval_limit}
     with model:
         visual: nn.Module = model.bundle.model.visual  # type: ignore[assignment]
         params = dict(visual.named_parameters())

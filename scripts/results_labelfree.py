@@ -469,9 +469,12 @@ def markdown(summary: dict[str, Any], section: str | None,
     named = [str(p) for p in paths] if paths else [f"RUN-seed{s}.json" for s in seeds]
     command = ("python scripts/results_labelfree.py --summarise " + " ".join(named)
                + (f" --section {section}" if section else ""))
+    recipe = (f" --modes {','.join(modes)} --path-every {first['path_every']} --methods "
+              + ",".join(first["methods"])
+              + (f" --shots-curve {','.join(map(str, shots))}" if shots else ""))
     lines += ["", "Regenerate: one `python scripts/results_labelfree.py --seed S"
               + ("" if summary["base"] == "tvtool-small" else f" --base {summary['base']}")
-              + f"` per seed, then `{command}`."]
+              + f"{recipe}` per seed, then `{command}`."]
     return "\n".join(lines)
 
 

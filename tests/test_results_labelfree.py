@@ -91,6 +91,8 @@ def test_summary_tables_over_seeds(script, tmp_path):
     se = abs(entropy[0] - entropy[1]) / 2  # stdev of two values / sqrt(2)
     assert f"{100 * mean:.1f} ± {100 * se:.1f}" in text
     assert "| linear |" in text and "k = 4" in text and "ρ(H(mean p) − mean H(p))" in text
+    assert ("--modes full,linear --path-every 25 --methods entropy@adamerging "
+            "--shots-curve 1,4` per seed") in text
     doc = tmp_path / "results.md"
     doc.write_text("# Results\n\nkeep me\n")
     script.update_doc(doc, text, "small")

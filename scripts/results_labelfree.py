@@ -58,6 +58,7 @@ from doc_sections import replace_section
 
 # The fine-tuning recipe and the full-vector cache are results_merge.py's (same directory).
 from results_merge import base_fingerprint, finetune_vectors, log
+from seed_runs import load_seed_runs, mean_se
 
 DEFAULT_METHODS = ("entropy@adamerging,infomax@adamerging,infomax@tvtool,ufm@atlas/code,"
                    "ufm@tvtool/paper")
@@ -329,11 +330,7 @@ def path_study(path: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
-    values = [v for v in values if not math.isnan(v)]
-    if not values:
-        return math.nan, math.nan
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return statistics.fmean(values), se
+    return mean_se([v for v in values if not math.isnan(v)])
 
 
 def _fmt(mean: float, se: float, scale: float = 100.0, digits: int = 1) -> str:
@@ -345,24 +342,8 @@ def _fmt(mean: float, se: float, scale: float = 100.0, digits: int = 1) -> str:
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     """Read the runs; refuse runs that differ in anything but the seed."""
-    runs = []
-    for path in paths:
-        try:
-            run_ = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"results_labelfree.py: cannot read {path}: {error}") from None
-        if not isinstance(run_, dict) or not all(k in run_ for k in (*RECIPE_KEYS, "seed")):
-            raise SystemExit(f"results_labelfree.py: {path} is not a results_labelfree.py run")
-        runs.append(run_)
-    for path, run_ in zip(paths, runs, strict=True):
-        differing = [k for k in RECIPE_KEYS if run_[k] != runs[0][k]]
-        if differing:
-            raise SystemExit(f"results_labelfree.py: {path} differs from {paths[0]} in "
-                             f"{', '.join(differing)}, not only in the seed")
-    seeds = [r["seed"] for r in runs]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"results_labelfree.py: a seed appears twice ({sorted(seeds)})")
-    return sorted(runs, key=lambda r: r["seed"])
+    return load_seed_runs(paths, RECIPE_KEYS, (), "results_labelfree.py",
+                          "a results_labelfree.py run")
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from doc_sections import replace_section
+from seed_runs import mean_se
 
 DEFAULT_BASE = "tvtool-small"
 
@@ -441,14 +442,6 @@ def compression_markdown(compression: list[dict[str, Any]], tasks: list[str]) ->
     return lines
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = statistics_mean(values)
-    if len(values) < 2:
-        return mean, math.nan
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
-
-
 def claims(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The papers' central claims, judged from the runs (one per seed), never by hand.
 
@@ -465,7 +458,7 @@ def claims(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not all(high in r and low in r for r in per_run):
             continue
         diffs = [r[high] - r[low] for r in per_run]
-        mean, se = _mean_se(diffs)
+        mean, se = mean_se(diffs)
         beyond = len(diffs) == 1 or (not math.isnan(se) and mean > 2 * se)
         holds: bool | str = (mean > 0 and beyond) or ("weak" if mean > 0 else False)
         names = {m: PUBLISHED.get(m, (m, "", ""))[0] for m in (high, low)}
@@ -481,7 +474,7 @@ def claims(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for label, summaries in by_rule.items():
             if len(summaries) != len(runs):
                 continue
-            acc, acc_se = _mean_se([s["accuracy_kept"] for s in summaries])
+            acc, acc_se = mean_se([s["accuracy_kept"] for s in summaries])
             rules.append({"rule": label, "size_kept": statistics_mean(
                 [s["size_kept"] for s in summaries]), "accuracy_kept": acc,
                 "accuracy_kept_se": acc_se,

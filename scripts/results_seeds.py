@@ -53,6 +53,7 @@ from results_merge import (
     negation_figures,
     row_edge,
 )
+from seed_runs import load_seed_runs, mean_se
 
 RECIPE_KEYS = ("base", "base_fingerprint", "tasks", "steps", "lr", "batch_size", "limit")
 
@@ -64,26 +65,8 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
         SystemExit: a file that is not a results_merge.py output, runs of different recipes,
             or two runs of the same seed.
     """
-    runs = []
-    for path in paths:
-        try:
-            run = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise SystemExit(f"results_seeds.py: cannot read {path}: {error}") from None
-        needed = (*RECIPE_KEYS, "seed", "rows")
-        if not isinstance(run, dict) or not all(key in run for key in needed):
-            raise SystemExit(f"results_seeds.py: {path} is not a scripts/results_merge.py output")
-        runs.append(run)
-    first = runs[0]
-    for path, run in zip(paths, runs, strict=True):
-        differing = [key for key in RECIPE_KEYS if run[key] != first[key]]
-        if differing:
-            raise SystemExit(f"results_seeds.py: {path} differs from {paths[0]} in "
-                             f"{', '.join(differing)}, not only in the seed")
-    seeds = [run["seed"] for run in runs]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"results_seeds.py: a seed appears twice ({sorted(seeds)})")
-    return sorted(runs, key=lambda run: run["seed"])
+    return load_seed_runs(paths, RECIPE_KEYS, ("rows",), "results_seeds.py",
+                          "a scripts/results_merge.py output")
 
 
 def gains(run: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -120,11 +103,6 @@ def negation(run: dict[str, Any]) -> dict[str, float] | None:
     return {"fraction_to_chance": fraction, "control_kept": kept, "coef": report["best_coef"]}
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-    return statistics.fmean(values), se
-
-
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-seed figures and, per method, the mean gain over seeds ± its standard error."""
     per_seed = [{"seed": run["seed"], "methods": gains(run), "negation": negation(run)}
@@ -134,10 +112,10 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for method in methods:
         if not all(method in seed["methods"] for seed in per_seed):
             continue  # a method that some runs did not measure (older runs)
-        mean, se = _mean_se([seed["methods"][method]["gain"] for seed in per_seed])
-        accuracy, accuracy_se = _mean_se([seed["methods"][method]["accuracy"]
+        mean, se = mean_se([seed["methods"][method]["gain"] for seed in per_seed])
+        accuracy, accuracy_se = mean_se([seed["methods"][method]["accuracy"]
                                           for seed in per_seed])
-        normalized, normalized_se = _mean_se([seed["methods"][method]["normalized"]
+        normalized, normalized_se = mean_se([seed["methods"][method]["normalized"]
                                               for seed in per_seed])
         summary[method] = {"gain_mean": mean, "gain_se": se,
                            "accuracy_mean": accuracy, "accuracy_se": accuracy_se,
@@ -147,7 +125,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
                            "key": per_seed[0]["methods"][method]["key"]}
     negations = [seed["negation"] for seed in per_seed]
     if all(negations):
-        mean, se = _mean_se([n["fraction_to_chance"] for n in negations if n])
+        mean, se = mean_se([n["fraction_to_chance"] for n in negations if n])
         kept = statistics.fmean(n["control_kept"] for n in negations if n)
         summary["negation"] = {"fraction_mean": mean, "fraction_se": se, "control_kept_mean": kept}
     compression = None
@@ -160,8 +138,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         for label, rules in by_rule.items():
             if len(rules) != len(runs):
                 continue
-            kept, kept_se = _mean_se([f["accuracy_kept"] for f in rules])
-            size, size_se = _mean_se([f["size_kept"] for f in rules])
+            kept, kept_se = mean_se([f["accuracy_kept"] for f in rules])
+            size, size_se = mean_se([f["size_kept"] for f in rules])
             compression[label] = {
                 "size_kept_mean": size, "size_kept_se": size_se,
                 "parameters_kept_mean": statistics.fmean(f["parameters_kept"] for f in rules),

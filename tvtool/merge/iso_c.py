@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tvtool.errors import NumericalError
 from tvtool.merge.method import MergeMethod, TensorContext, compute_dtype, output_dtype
 from tvtool.threads import intra_op_threads
+from tvtool.vectors.lowrank import thin_svd
 
 ISO_GRID = "0.1:3:0.1"
 """The Iso reference's α grid (``np.linspace(0.0, 3.0, 31)[1:]`` in ``src/eval/eval.py`` for
@@ -70,31 +70,9 @@ def not_finite_result(like: torch.Tensor) -> torch.Tensor:
     return torch.full_like(like, float("nan"))
 
 
-def svd(matrix: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Thin SVD ``matrix = U diag(S) Vh`` of a finite matrix.
-
-    A wide matrix is decomposed through its transpose (``Mᵀ = Vhᵀ S Uᵀ``): the same
-    factorisation, and LAPACK's divide and conquer is faster on tall matrices (about twice,
-    for 3072 x 768 against 768 x 3072 on one thread).
-
-    Raises:
-        NumericalError: the SVD did not converge.
-
-    """
-    try:
-        if matrix.shape[0] < matrix.shape[1]:
-            u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
-            return vh.T, s, u.T
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u, s, vh
-    except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
-        raise NumericalError(f"the SVD of {name} {tuple(matrix.shape)} did not converge: "
-                             f"{' '.join(str(exc).split())[:120]}") from None
-
-
 def polar(matrix: torch.Tensor, name: str) -> torch.Tensor:
     """The orthogonal polar factor ``U Vh`` of a matrix (its nearest semi-orthogonal matrix)."""
-    u, _, vh = svd(matrix, name)
+    u, _, vh = thin_svd(matrix, matrix.dtype, name)
     return u @ vh
 
 
@@ -105,7 +83,7 @@ class IsoCParams:
 
 def iso_matrix(matrix: torch.Tensor, name: str) -> torch.Tensor:
     """``σ̄ · U Vᵀ`` of one matrix: its spectrum flattened to the mean singular value."""
-    u, s, vh = svd(matrix, name)
+    u, s, vh = thin_svd(matrix, matrix.dtype, name)
     return (u * s.mean()) @ vh
 
 

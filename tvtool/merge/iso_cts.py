@@ -48,7 +48,6 @@ from tvtool.merge.iso_c import (
     is_matrix,
     not_finite_result,
     polar,
-    svd,
     term,
     weighted_sum,
 )
@@ -60,6 +59,7 @@ from tvtool.merge.method import (
     output_dtype,
 )
 from tvtool.threads import intra_op_threads
+from tvtool.vectors.lowrank import thin_svd
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def iso_cts_matrix(tensors: Sequence[torch.Tensor], weights: Sequence[float],
     rows, cols = total.shape
     m = min(rows, cols)
     common, n = rank_split(m, len(tensors), fraction)
-    u, s, vh = svd(total, name)
+    u, s, vh = thin_svd(total, total.dtype, name)
     if n == 0:
         # The common subspace is the whole SVD (its polar factors are U and Vh themselves).
         return (u * s.mean()) @ vh
@@ -132,7 +132,7 @@ def iso_cts_matrix(tensors: Sequence[torch.Tensor], weights: Sequence[float],
         task = term(tensor, weight, total.dtype)
         if complement is not None:
             # I − U_c U_cᵀ = Q Qᵀ: decompose the small (m − c) x k matrix Qᵀ τ instead.
-            small_u, small_s, small_vh = svd(complement.T @ task, name)
+            small_u, small_s, small_vh = thin_svd(complement.T @ task, task.dtype, name)
             us.append(complement @ small_u[:, :n])
             ss.append(small_s[:n])
             vhs.append(small_vh[:n])

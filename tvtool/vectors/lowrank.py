@@ -39,8 +39,8 @@ def thin_svd(matrix: torch.Tensor, dtype: torch.dtype, name: str = "matrix"
         u, s, vh = torch.linalg.svd(x, full_matrices=False)
         return u, s, vh
     except RuntimeError as exc:  # torch.linalg.LinAlgError is a RuntimeError
-        raise NumericalError(f"the SVD of {name} did not converge: "
-                             f"{' '.join(str(exc).split())[:160]}") from None
+        raise NumericalError(f"the SVD of {name} {tuple(matrix.shape)} did not converge: "
+                             f"{' '.join(str(exc).split())[:120]}") from None
 
 
 def singular_values(matrix: torch.Tensor, dtype: torch.dtype, name: str = "matrix"
@@ -54,8 +54,8 @@ def singular_values(matrix: torch.Tensor, dtype: torch.dtype, name: str = "matri
     try:
         return torch.linalg.svdvals(x.T if x.shape[0] < x.shape[1] else x)
     except RuntimeError as exc:
-        raise NumericalError(f"the SVD of {name} did not converge: "
-                             f"{' '.join(str(exc).split())[:160]}") from None
+        raise NumericalError(f"the SVD of {name} {tuple(matrix.shape)} did not converge: "
+                             f"{' '.join(str(exc).split())[:120]}") from None
 
 
 def rank_tolerance(values: torch.Tensor, shape: tuple[int, ...]) -> float:

@@ -318,6 +318,16 @@ def test_written_directories_follow_the_umask(cli, files, tmp_path, mask, comman
 HUGE = "9" * 5000
 
 
+def _assert_convert_refuses(cli, path: Path, tmp_path: Path, *extra: str) -> None:
+    """``convert PATH`` exits 2 with one short error line, no internal error and no output."""
+    out = tmp_path / "out.safetensors"
+    result = cli(["convert", str(path), *extra, "-o", str(out)])
+    assert result.exit_code == 2, result.stderr
+    line = _one_error_line(result.stderr)
+    assert "internal error" not in line and len(line) < 600
+    assert not out.exists()
+
+
 def test_huge_layer_index_in_a_hugging_face_checkpoint_is_invalid_input(cli, tmp_path):
     from tests.test_hf_clip import hf_state
 
@@ -326,12 +336,7 @@ def test_huge_layer_index_in_a_hugging_face_checkpoint_is_invalid_input(cli, tmp
     sd[key.replace(".layers.0.", f".layers.{HUGE}.")] = sd.pop(key)
     path = tmp_path / "model.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
-    out = tmp_path / "out.safetensors"
-    result = cli(["convert", str(path), "-o", str(out)])
-    assert result.exit_code == 2, result.stderr
-    line = _one_error_line(result.stderr)
-    assert "internal error" not in line and len(line) < 600
-    assert not out.exists()
+    _assert_convert_refuses(cli, path, tmp_path)
 
 
 def test_huge_block_index_in_an_open_clip_checkpoint_is_invalid_input(cli, tiny_state,
@@ -341,12 +346,7 @@ def test_huge_block_index_in_an_open_clip_checkpoint_is_invalid_input(cli, tiny_
     state[key.replace(".resblocks.0.", f".resblocks.{HUGE}.")] = state.pop(key)
     path = tmp_path / "ckpt.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    out = tmp_path / "out.safetensors"
-    result = cli(["convert", str(path), "-o", str(out)])
-    assert result.exit_code == 2, result.stderr
-    line = _one_error_line(result.stderr)
-    assert "internal error" not in line and len(line) < 600
-    assert not out.exists()
+    _assert_convert_refuses(cli, path, tmp_path)
 
 
 def test_huge_parameter_index_in_a_tangent_checkpoint_is_invalid_input(cli, files, tmp_path):
@@ -354,12 +354,7 @@ def test_huge_parameter_index_in_a_tangent_checkpoint_is_invalid_input(cli, file
     path = tmp_path / "linear_finetuned.pt"
     torch.save({"model_name": TINY, f"model.params.{HUGE}": torch.zeros(2),
                 "model.params0.0": torch.zeros(2)}, path)
-    out = tmp_path / "out.safetensors"
-    result = cli(["convert", str(path), "--base", files["base"], "-o", str(out)])
-    assert result.exit_code == 2, result.stderr
-    line = _one_error_line(result.stderr)
-    assert "internal error" not in line and len(line) < 600
-    assert not out.exists()
+    _assert_convert_refuses(cli, path, tmp_path, "--base", files["base"])
 
 
 @pytest.fixture()

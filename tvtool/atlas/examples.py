@@ -153,15 +153,7 @@ class Examples:
         loader = DataLoader(self.dataset, batch_size=batch_size, shuffle=generator is not None,
                             generator=generator, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda")
-        try:
-            for images, labels in loader:
-                yield images.to(self.device, non_blocking=True), \
-                    torch.as_tensor(labels).long().to(self.device, non_blocking=True)
-        except TvtoolError:
-            raise
-        except (OSError, ValueError, RuntimeError, TypeError) as exc:
-            raise InvalidInputError(f"cannot read an example of {self.name}: "
-                                    f"{worker_error_text(exc)}") from exc
+        yield from self._read(loader)
 
     def stream(self, index_batches: Iterator[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
         """The examples of every index batch of ``index_batches``, in order.
@@ -177,6 +169,10 @@ class Examples:
         batches = ([int(i) for i in index.tolist()] for index in index_batches)
         loader = DataLoader(self.dataset, batch_sampler=batches,  # type: ignore[arg-type]
                             num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        yield from self._read(loader)
+
+    def _read(self, loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+        """A loader's batches on the device; a worker's read error becomes invalid input."""
         try:
             for images, labels in loader:
                 yield images.to(self.device, non_blocking=True), \

@@ -359,7 +359,8 @@ def markdown(results: dict[str, Any], section: str | None = None) -> str:
         "",
         f"Run time: {results.get('seconds', float('nan')) / 60:.1f} min on CPU. For scale, the "
         "published 8-task ViT-B/32 averages (absolute accuracy): "
-        + "; ".join(f"{name} {figure}" for name, figure, _ in PUBLISHED.values()) + ".",
+        + "; ".join(f"{name} {figure}" for name, figure, _ in PUBLISHED.values())
+        + f" ({ISO_TABLE_1}; TALL-masks checkpoints).",
         "",
         "Regenerate with `python scripts/results_merge.py"
         + ("" if results["base"] == DEFAULT_BASE else f" --base {results['base']}")
@@ -371,22 +372,26 @@ def markdown(results: dict[str, Any], section: str | None = None) -> str:
 
 # ---------------------------------------------------------------- compression and claims
 
+ISO_TABLE_1 = "Marczak et al. 2025 (ICML, arXiv 2502.04959v3), Table 1, 8 tasks"
+
 PUBLISHED: dict[str, tuple[str, str, str]] = {
-    "zero-shot": ("zero-shot", "48.2", "Ilharco et al. 2023 (ICLR), task addition"),
-    "fine-tuned": ("fine-tuned", "90.5", "Ilharco et al. 2023 (ICLR), task addition"),
-    "task_arithmetic": ("task arithmetic", "69–70",
-                        "Ilharco et al. 2023; the TSV and Iso papers' Table 1 baselines"),
-    "ties": ("TIES", "72.4", "Yadav et al. 2023 (NeurIPS), ViT-B/32"),
-    "tsv": ("TSV-M", "≈85", "Gargiulo et al. 2025 (CVPR, arXiv 2412.00081), Table 1, 8 tasks"),
-    "iso-c": ("Iso-C", "≈86", "Marczak et al. 2025 (ICML, arXiv 2502.04959), Table 1, 8 tasks"),
-    "iso-cts": ("Iso-CTS", "≈86",
-                "Marczak et al. 2025 (ICML, arXiv 2502.04959), Table 1, 8 tasks"),
+    "zero-shot": ("zero-shot", "48.3", ISO_TABLE_1),
+    "fine-tuned": ("fine-tuned", "92.8", ISO_TABLE_1),
+    "task_arithmetic": ("task arithmetic", "70.8", ISO_TABLE_1),
+    "ties": ("TIES", "75.1", ISO_TABLE_1),
+    "consensus": ("consensus TA", "75.0", ISO_TABLE_1),
+    "tsv": ("TSV-M", "85.9", ISO_TABLE_1 + "; 85.86 in Gargiulo et al. 2025 (CVPR, arXiv "
+            "2412.00081v3), Table 2"),
+    "iso-c": ("Iso-C", "86.3", ISO_TABLE_1),
+    "iso-cts": ("Iso-CTS", "86.2", ISO_TABLE_1),
 }
 """Published 8-task ViT-B/32 average absolute accuracies, by method key: (name, figure,
-source), for scale only. The TSV-M and Iso figures are rounded to the point (≈): they were not
-re-read from the papers' tables when this list was written; check them there before quoting
-a decimal. TSV-C's own claim: ~99 % of the accuracy at ~10 % of the size (Gargiulo et al.
-2025, abstract and README of AntoAndGar/task_singular_vectors)."""
+source), for scale only. One table for all of them, so that every figure comes from the same
+fine-tuned checkpoints (the TALL-masks ones, fine-tuned 92.8; Ilharco et al.'s original
+checkpoints give fine-tuned 90.5 and task arithmetic 69–70, and Iso-C 84.1 / Iso-CTS 84.3 in
+the Iso paper's Table 4). Breadcrumbs has no ViT-B/32 8-task figure in these tables and is
+left out. TSV-C's own claim: 99 % of the accuracy at 10 % of the size (Gargiulo et al. 2025,
+abstract; Table 3: 92.62 against fine-tuned 92.83)."""
 
 ORDERING_CLAIMS = [("tsv", "task_arithmetic"), ("tsv", "ties"),
                    ("iso-cts", "task_arithmetic"), ("iso-cts", "ties"),

@@ -224,7 +224,10 @@ def columns_markdown(result: dict[str, Any]) -> list[str]:
                      f"{_pm(figures['gain_mean'], figures['gain_se'], 1, 2)} | "
                      f"{coefs if any(c is not None for c in figures['coefs']) else ''} | "
                      f"{published[1] if published else ''} |")
-    sources = sorted({f"{name}: {source}" for name, _figure, source in PUBLISHED.values()})
+    by_source: dict[str, list[str]] = {}
+    for name, _figure, source in PUBLISHED.values():
+        by_source.setdefault(source, []).append(name)
+    sources = [f"{', '.join(names)}: {source}" for source, names in by_source.items()]
     lines += ["", "Published figures (absolute accuracy, for scale; not the same tasks or "
               "model): " + "; ".join(sources) + ". An α marked low/high sat at that end of "
               "its grid."]

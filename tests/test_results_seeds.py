@@ -149,7 +149,7 @@ def test_orderings_are_judged_from_the_paired_differences(seeds, tmp_path):
     # every column as mean ± s.e.: TSV-M averages 0.9 and 0.8 → 85.0 ± 5.0
     assert "| TSV | 85.0 ± 5.0 |" in table
     # the TIES α sat at the low edge of its grid in both seeds, and its published figure
-    assert "| 1 (low), 1 (low) | 72.4 |" in table
+    assert "| 1 (low), 1 (low) | 75.1 |" in table
 
 
 def test_compression_claim_needs_both_bounds(seeds, tmp_path):

@@ -221,7 +221,7 @@ def run_demo(config: DemoConfig, log: Logger,
 
         results["merge_skipped"] = {}
         for mode, paths in vector_paths.items():
-            results["methods"][mode] = {}
+            methods = []
             for method in MERGE_METHODS:
                 refusal = get_method(method).lora_refusal
                 if refusal is not None and Mode(mode).factored:
@@ -229,8 +229,9 @@ def run_demo(config: DemoConfig, log: Logger,
                     # LoRA vectors for it, so the demo reports why instead of a number.
                     results["merge_skipped"].setdefault(mode, {})[method] = refusal
                     continue
-                results["methods"][mode][method] = _merge_searched(
-                    cfg, stages, mode, method, [paths[t] for t in tasks], tasks, log)
+                methods.append(method)
+            results["methods"][mode] = _merges_searched(
+                cfg, stages, mode, methods, [paths[t] for t in tasks], tasks, log)
 
     # ---- aTLAS on the full-mode vectors (and linear ones in the full run)
     with stages.timed("aTLAS"):
@@ -329,23 +330,37 @@ def demo_grid(cfg: DemoConfig, method: str) -> tuple[float, ...]:
     return tuple(round(step * i, 2) for i in range(0, 7))
 
 
-def _merge_searched(cfg: DemoConfig, stages: _Stages, mode: str, method: str,
-                    paths: list[str], tasks: list[str], log: Logger) -> dict[str, Any]:
+def _merges_searched(cfg: DemoConfig, stages: _Stages, mode: str, methods: list[str],
+                     paths: list[str], tasks: list[str], log: Logger) -> dict[str, Any]:
+    """Every merge method of one mode, each α searched on the validation splits.
+
+    One evaluator serves all methods (``measure_merges``): the zero-shot and fine-tuned
+    references and the opened splits are shared; each merge is then written at its α.
+    """
     from tvtool.evaluate import EvalSettings
     from tvtool.merge import MergeConfig
-    from tvtool.workflows.merge_search import search_merge
+    from tvtool.workflows.merge_search import measure_merges, merge_searched
 
-    grid = demo_grid(cfg, method)
-    key = _key("merge", method, [_file_key(p) for p in paths], grid, cfg.eval_limit, cfg.seed)
-    output = str(stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors")
+    grids = [demo_grid(cfg, method) for method in methods]
+    key = _key("merges", methods, [_file_key(p) for p in paths], grids, cfg.eval_limit,
+               cfg.seed)
+    configs = [MergeConfig(vectors=tuple(paths), method=method, output=str(
+        stages.root / "vectors" / f"merged-{mode}-{method}-{key}.safetensors"))
+        for method in methods]
 
     def compute() -> dict[str, Any]:
         settings = EvalSettings(base=cfg.base, device=cfg.device, limit=cfg.eval_limit,
                                 seed=cfg.seed)
-        rep = search_merge(MergeConfig(vectors=tuple(paths), method=method, output=output),
-                           settings, grid, datasets=tasks, log=log, progress=stages.progress)
-        return {"coef": rep.search.best, "accuracy": dict(rep.test), "output": output,
-                "grid": list(grid), "grid_edge": rep.search.grid_edge}
+        measured = measure_merges(configs, grids, settings, datasets=tasks, log=log,
+                                  progress=stages.progress)
+        found = {}
+        for config, grid, search, test in zip(configs, grids, measured.searches,
+                                              measured.tests, strict=True):
+            merge_searched(config, search, measured.datasets, settings, log)
+            found[config.method] = {"coef": search.best, "accuracy": dict(test),
+                                    "output": config.output, "grid": list(grid),
+                                    "grid_edge": search.grid_edge}
+        return found
 
     return stages.cached_json("merge", key, compute)  # type: ignore[no-any-return]
 

@@ -297,7 +297,8 @@ def _result(data: EvalData, correct: int, reference: ReferenceEntry | None) -> D
 
 def predictions(model: EvalModel, data: EvalData, head: Tensor, batch_size: int, *,
                 workers: int = 0, precision: str = "auto", progress: ProgressFactory = no_progress,
-                materialize: bool = False) -> tuple[Tensor, Tensor]:
+                materialize: bool = False,
+                materialize_bytes: int | None = None) -> tuple[Tensor, Tensor]:
     """Predicted and true labels of every evaluated example, on CPU.
 
     Args:
@@ -309,6 +310,7 @@ def predictions(model: EvalModel, data: EvalData, head: Tensor, batch_size: int,
         precision: Autocast precision.
         progress: Progress-bar factory.
         materialize: Keep the preprocessed batches in memory for later calls.
+        materialize_bytes: The most bytes kept (see :func:`batches`).
 
     Returns:
         ``(predicted, labels)`` int64 tensors.
@@ -317,7 +319,8 @@ def predictions(model: EvalModel, data: EvalData, head: Tensor, batch_size: int,
     steps = -(-data.size // batch_size)
     with progress(f"{data.name} ({data.split})", steps) as advance, torch.no_grad():
         for index, (images, targets) in enumerate(batches(
-                data, batch_size, workers=workers, device=model.device, materialize=materialize)):
+                data, batch_size, workers=workers, device=model.device, materialize=materialize,
+                materialize_bytes=materialize_bytes)):
             with autocast(model.device, precision):
                 features = model.image_features(images)
             logits = features.float() @ head.float().T
@@ -330,7 +333,8 @@ def predictions(model: EvalModel, data: EvalData, head: Tensor, batch_size: int,
 
 def count_correct(model: EvalModel, data: EvalData, head: Tensor, batch_size: int, *,
                   workers: int = 0, precision: str = "auto",
-                  progress: ProgressFactory = no_progress, materialize: bool = False) -> int:
+                  progress: ProgressFactory = no_progress, materialize: bool = False,
+                  materialize_bytes: int | None = None) -> int:
     """Number of correctly classified examples (see :func:`predictions`).
 
     Pass ``materialize=True`` when the same data is evaluated at many coefficients (searches):
@@ -338,5 +342,6 @@ def count_correct(model: EvalModel, data: EvalData, head: Tensor, batch_size: in
     """
     predicted, labels = predictions(model, data, head, batch_size, workers=workers,
                                     precision=precision, progress=progress,
-                                    materialize=materialize)
+                                    materialize=materialize,
+                                    materialize_bytes=materialize_bytes)
     return int((predicted == labels).sum())

@@ -26,9 +26,9 @@ from tvtool.errors import (
 
 SPLITS = ("train", "val", "test")
 
-# Preprocessed images are kept in memory for repeated passes (disentanglement grids) up to this
-# many bytes; larger sets are re-read from the loader on every pass.
-_MATERIALIZE_BYTES = 1 << 30
+MATERIALIZE_BYTES = 1 << 30
+"""Preprocessed images kept in memory for repeated passes (searches, disentanglement grids),
+at most; larger sets are re-read from the loader on every pass."""
 
 
 @dataclass
@@ -69,6 +69,13 @@ class EvalData:
     def size(self) -> int:
         """Examples evaluated."""
         return len(self.indices) if self.indices is not None else self.total
+
+    @property
+    def materialized_bytes(self) -> int:
+        """Bytes of the preprocessed images kept in memory (0 when none are)."""
+        if self._cache is None:
+            return 0
+        return sum(images.nelement() * images.element_size() for images, _ in self._cache)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready record of what was evaluated (for reproducibility)."""
@@ -180,8 +187,8 @@ def _manifest(data: Any, name: str, data_root: str | None, seed: int) -> dict[st
 
 
 def batches(data: EvalData, batch_size: int, *, workers: int = 0,
-            device: torch.device | str = "cpu",
-            materialize: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+            device: torch.device | str = "cpu", materialize: bool = False,
+            materialize_bytes: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(images, labels)`` batches on ``device``, checking labels against the classes.
 
     Args:
@@ -190,6 +197,8 @@ def batches(data: EvalData, batch_size: int, *, workers: int = 0,
         workers: DataLoader worker processes.
         device: Where the batches go.
         materialize: Keep the batches in memory for later passes (when they fit).
+        materialize_bytes: The most image bytes kept (default 1 GiB); a split that needs more
+            is re-read on every pass.
 
     Raises:
         InvalidInputError: an unreadable example or a label outside ``[0, num_classes)``.
@@ -219,7 +228,8 @@ def batches(data: EvalData, batch_size: int, *, workers: int = 0,
         labels = labels.to(device, non_blocking=True)
         if kept is not None:
             kept_bytes += images.nelement() * images.element_size()
-            if kept_bytes <= _MATERIALIZE_BYTES:
+            limit = MATERIALIZE_BYTES if materialize_bytes is None else materialize_bytes
+            if kept_bytes <= limit:
                 kept.append((images, labels))
             else:
                 kept = None

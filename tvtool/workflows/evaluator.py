@@ -28,6 +28,7 @@ from tvtool.evaluate import (
     open_eval_data,
     open_eval_model,
 )
+from tvtool.evaluate.batches import MATERIALIZE_BYTES
 from tvtool.evaluate.linear_cache import LinearizedFeatures
 from tvtool.io import open_tensors
 from tvtool.types import Logger
@@ -43,6 +44,10 @@ Evaluate = Callable[[float], Accuracies]
 
 class Evaluator:
     """Accuracy of ``base + Σ coef_i · vector_i`` on fixed datasets, at any coefficients.
+
+    The preprocessed images of every split are kept in memory after their first pass (a
+    search evaluates the same images at every coefficient), up to ``materialize_bytes`` for
+    all splits together; a split that does not fit is re-read on every call.
 
     Linearized vectors are evaluated from cached encoder outputs
     (:class:`tvtool.evaluate.linear_cache.LinearizedFeatures`): their model's features are
@@ -60,11 +65,14 @@ class Evaluator:
         linear_cache: Use the cached encoder outputs for linearized vectors; ``False``
             evaluates every call with its own encoder passes (the reference of the tests and
             the benchmark; same accuracies up to float rounding).
+        materialize_bytes: The most bytes of preprocessed images kept in memory, all splits
+            together (default 1 GiB; 0 re-reads every split on every call).
     """
 
     def __init__(self, settings: EvalSettings, vectors: Sequence[str], datasets: Sequence[str],
                  splits: Sequence[str] = ("val", "test"), log: Logger = _quiet,
-                 progress: Progress = None, linear_cache: bool = True) -> None:
+                 progress: Progress = None, linear_cache: bool = True,
+                 materialize_bytes: int = MATERIALIZE_BYTES) -> None:
         self.settings = settings
         self.datasets = [dataset_identity(name) for name in datasets]
         self._progress = progress or no_progress
@@ -93,6 +101,7 @@ class Evaluator:
             self._model.close()
             raise
         self.calls = 0
+        self._materialize_left = materialize_bytes
 
     def __enter__(self) -> Evaluator:
         return self
@@ -131,9 +140,13 @@ class Evaluator:
                 correct = self.linear.count_correct(data, self._heads[data.name], coefs)
                 out[data.name] = correct / data.size
                 continue
+            kept_before = data.materialized_bytes
             correct = count_correct(self._model, data, self._heads[data.name],
                                     self.settings.batch_size, workers=self.settings.workers,
-                                    precision=self.settings.precision, progress=self._progress)
+                                    precision=self.settings.precision, progress=self._progress,
+                                    materialize=self._materialize_left > 0,
+                                    materialize_bytes=self._materialize_left)
+            self._materialize_left -= data.materialized_bytes - kept_before
             out[data.name] = correct / data.size
         return out
 

@@ -291,13 +291,27 @@ def search_merge(config: MergeConfig, settings: EvalSettings,
     measured = measure_merges([config], [grid], settings, datasets=datasets, suite=suite,
                               log=log, progress=progress)
     search, names = measured.searches[0], measured.datasets
-    log(f"best α = {search.best:g}; writing the merge at that coefficient")
-    # The output records how its coefficient was chosen (grid, scores, datasets), not only α.
-    record = {"split": "val", "datasets": list(names), **search.as_json(),
-              "limit": settings.limit, "seed": settings.seed}
-    result = merge(replace(config, coefs=(search.best,)), log, search=record)
+    result = merge_searched(config, search, names, settings, log)
     return MergeSearchReport(search, tuple(names), measured.zero_shot, measured.finetuned,
                              measured.tests[0], result)
+
+
+def merge_searched(config: MergeConfig, search: CoefSearch, datasets: Sequence[str],
+                   settings: EvalSettings, log: Logger = _quiet) -> MergeResult:
+    """Write ``config``'s merge at the coefficient a search chose, recording the search.
+
+    Args:
+        config: The merge (its ``coefs`` are replaced by the search's α).
+        search: The validation search of its coefficient.
+        datasets: The datasets the search evaluated.
+        settings: The evaluation settings of the search (its subset and seed are recorded).
+        log: Receives progress notes.
+    """
+    log(f"best α = {search.best:g}; writing the merge at that coefficient")
+    # The output records how its coefficient was chosen (grid, scores, datasets), not only α.
+    record = {"split": "val", "datasets": list(datasets), **search.as_json(),
+              "limit": settings.limit, "seed": settings.seed}
+    return merge(replace(config, coefs=(search.best,)), log, search=record)
 
 
 def check_searchable(config: MergeConfig) -> None:

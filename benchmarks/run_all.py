@@ -14,7 +14,8 @@ from pathlib import Path
 
 BENCHMARKS = ("startup_bench.py", "streaming_bench.py", "merge_bench.py", "svd_bench.py",
               "finetune_bench.py",
-              "atlas_bench.py", "search_bench.py", "sampling_bench.py", "bounds_bench.py")
+              "atlas_bench.py", "search_bench.py", "materialize_bench.py", "sampling_bench.py",
+              "bounds_bench.py")
 
 
 def main() -> int:

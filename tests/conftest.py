@@ -58,6 +58,19 @@ class CliResult:
     stderr: str
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> dict[str, int]:
+    """Replace ``owner.name`` by a wrapper that counts its calls in the returned ``{"n": ...}``."""
+    calls = {"n": 0}
+    real = getattr(owner, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def run_tvtool(args: Sequence[str], input: bytes | None = None) -> CliResult:
     """Run the CLI in-process with separate stdout/stderr."""
     from typer.testing import CliRunner

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 import tvtool.evaluate.batches as batches_module
+from tests.conftest import count_calls
 from tvtool.evaluate import EvalSettings
 from tvtool.workflows.evaluator import Evaluator
 
@@ -20,15 +21,7 @@ def _settings(files):
 @pytest.fixture
 def loaders(monkeypatch):
     """Count the DataLoaders built: one per split read from its dataset."""
-    made = {"n": 0}
-    real = batches_module.DataLoader
-
-    def counting(*args, **kwargs):
-        made["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(batches_module, "DataLoader", counting)
-    return made
+    return count_calls(monkeypatch, batches_module, "DataLoader")
 
 
 def _accuracies(evaluator):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.conftest import TINY, count_calls
 from tvtool.device import autocast
 from tvtool.errors import UsageError
 from tvtool.evaluate import (
@@ -102,15 +102,7 @@ def _counting(monkeypatch):
     """Count batches through the image encoder (the linearized forward, either path)."""
     import tvtool.linearize as linearize
 
-    calls = {"n": 0}
-    dual = linearize.vit_dual_forward
-
-    def counted(*args, **kwargs):
-        calls["n"] += 1
-        return dual(*args, **kwargs)
-
-    monkeypatch.setattr(linearize, "vit_dual_forward", counted)
-    return calls
+    return count_calls(monkeypatch, linearize, "vit_dual_forward")
 
 
 def _settings(files):

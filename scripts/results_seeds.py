@@ -17,7 +17,7 @@ from these numbers by ``results_merge.claims`` (never written by hand).
 
 Usage::
 
-    python scripts/results_seeds.py docs/data/results/results_merge*.json
+    python scripts/results_seeds.py docs/data/results/merge-methods-small-seed*.json
     python scripts/results_seeds.py --json RUN.json ...   # the summary as JSON on stdout
     python scripts/results_seeds.py --doc docs/results.md --section small RUN.json ...
         # also writes the tables between the seeds-small markers of docs/results.md

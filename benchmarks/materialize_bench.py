@@ -28,39 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count", "synthetic:position",
-         "synthetic:texture", "synthetic:digit")
-
-
-def _write_vectors(root: Path, base: str, count: int, scale: float) -> list[str]:
-    """``count`` plain vectors and their sum (the merge at α = 1), last."""
-    from tvtool.io import write_tensors
-    from tvtool.metadata import FileMeta, Kind
-    from tvtool.models import base_source
-
-    source, ref = base_source(base)
-    try:
-        names = [n for n in source.keys() if n.startswith("visual.")
-                 and source.info(n).dtype.is_floating_point]
-        shapes = {n: source.info(n).shape for n in names}
-    finally:
-        source.close()
-    paths, total = [], {n: torch.zeros(shapes[n]) for n in names}
-    for index in range(count + 1):
-        if index < count:
-            gen = torch.Generator().manual_seed(index)
-            tensors = {n: scale * torch.randn(shapes[n], generator=gen) for n in names}
-            for n in names:
-                total[n] += tensors[n]
-        else:
-            tensors = total
-        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture,
-                        dataset=TASKS[index] if index < count else None)
-        path = root / f"tv{index}.safetensors"
-        write_tensors(str(path), tensors, meta.to_header())
-        paths.append(str(path))
-    return paths
+from search_bench import TASKS, add_search_arguments, write_noise_vectors
 
 
 def _search(evaluator: Any, count: int, grid: list[float]) -> list[dict[str, float]]:
@@ -75,13 +43,7 @@ def _search(evaluator: Any, count: int, grid: list[float]) -> list[dict[str, flo
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", default="tvtool-small")
-    parser.add_argument("--vectors", type=int, default=6)
-    parser.add_argument("--grid", type=int, default=11, help="points of the α grid (0 to 1)")
-    parser.add_argument("--limit", type=int, default=300, help="examples per split")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--scale", type=float, default=1e-3, help="std of the vectors' noise")
-    parser.add_argument("--threads", type=int, default=1)
+    add_search_arguments(parser, base="tvtool-small", vectors=6, grid=11, limit=300, batch=256)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import tvtool.evaluate.batches as batches_module
@@ -100,7 +62,9 @@ def main() -> int:
     tasks = list(TASKS[:args.vectors])
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="tvtool-materialize-bench-") as tmp:
-        paths = _write_vectors(Path(tmp), args.base, args.vectors, args.scale)
+        vectors, merged = write_noise_vectors(Path(tmp), args.base, args.vectors, args.scale,
+                                              linearized=False)
+        paths = [*vectors, merged]
         settings = EvalSettings(base=args.base, batch_size=args.batch, device="cpu",
                                 limit=args.limit)
         for way, budget in (("read every point", 0), ("kept in memory", None)):

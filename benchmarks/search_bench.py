@@ -40,12 +40,15 @@ TASKS = ("synthetic:shape", "synthetic:color", "synthetic:count", "synthetic:pos
          "synthetic:texture", "synthetic:digit")
 
 
-def _write_vectors(root: Path, base: str, count: int, scale: float) -> tuple[list[str], str]:
-    """``count`` linearized vectors and their sum (the merge at α = 1)."""
+def write_noise_vectors(root: Path, base: str, count: int, scale: float, *,
+                        linearized: bool = True) -> tuple[list[str], str]:
+    """``count`` task vectors of seeded noise on every image-encoder tensor, and their sum (the
+    merge at α = 1); linearized ones by default."""
     from tvtool.io import write_tensors
     from tvtool.metadata import FileMeta, Kind, Mode
     from tvtool.models import base_source
 
+    mode = {"mode": Mode.LINEAR, "linearized": True} if linearized else {}
     source, ref = base_source(base)
     names = [n for n in source.keys() if n.startswith("visual.")
              and source.info(n).dtype.is_floating_point]
@@ -57,17 +60,28 @@ def _write_vectors(root: Path, base: str, count: int, scale: float) -> tuple[lis
                    for n in names}
         for n, t in tensors.items():
             total[n] = total[n] + t if n in total else t.clone()
-        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture, mode=Mode.LINEAR,
-                        linearized=True, dataset=TASKS[index % len(TASKS)])
-        path = root / f"lin{index}.safetensors"
+        meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture, **mode,
+                        dataset=TASKS[index % len(TASKS)])
+        path = root / f"tv{index}.safetensors"
         write_tensors(str(path), tensors, meta.to_header())
         paths.append(str(path))
     source.close()
     merged = root / "merged.safetensors"
-    meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture, mode=Mode.LINEAR,
-                    linearized=True)
+    meta = FileMeta(kind=Kind.TASK_VECTOR, architecture=ref.architecture, **mode)
     write_tensors(str(merged), total, meta.to_header())
     return paths, str(merged)
+
+
+def add_search_arguments(parser: argparse.ArgumentParser, *, base: str, vectors: int, grid: int,
+                         limit: int, batch: int) -> None:
+    """The options the search benchmarks share (base, vectors, grid, data, noise, threads)."""
+    parser.add_argument("--base", default=base)
+    parser.add_argument("--vectors", type=int, default=vectors)
+    parser.add_argument("--grid", type=int, default=grid, help="points of the α grid (0 to 1)")
+    parser.add_argument("--limit", type=int, default=limit, help="examples per split")
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--scale", type=float, default=1e-3, help="std of the vectors' noise")
+    parser.add_argument("--threads", type=int, default=1)
 
 
 class _Counter:
@@ -114,14 +128,8 @@ def _materialize(evaluator: Any, batch: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="tvtool-tiny")
-    parser.add_argument("--vectors", type=int, default=4)
-    parser.add_argument("--grid", type=int, default=21, help="points of the α grid (0 to 1)")
+    add_search_arguments(parser, base="tvtool-tiny", vectors=4, grid=21, limit=64, batch=64)
     parser.add_argument("--dis-grid", type=int, default=7, help="points per disentanglement axis")
-    parser.add_argument("--limit", type=int, default=64, help="examples per split")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--scale", type=float, default=1e-3, help="std of the vectors' noise")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -135,7 +143,7 @@ def main() -> int:
                             precision="fp32", limit=args.limit, cache_heads=False)
     rows: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="tvtool-search-bench-") as tmp:
-        vectors, merged = _write_vectors(Path(tmp), args.base, args.vectors, args.scale)
+        vectors, merged = write_noise_vectors(Path(tmp), args.base, args.vectors, args.scale)
         count = len(vectors)
 
         def addition(evaluator: Any) -> list[dict[str, float]]:

@@ -501,3 +501,38 @@ def test_adapter_card_is_publishable_and_says_what_to_load_it_onto(tiny, tmp_pat
     assert "Load it onto the whole open_clip model (`model`)" in cards["clip"]
     result = cli(["export-peft", str(vector), "-o", str(tmp_path / "bad"), "--license", "MIT!"])
     assert result.exit_code == 2 and "--license" in result.stderr
+
+
+# ---------------------------------------------------------------- peft versions
+
+
+@pytest.mark.parametrize(("version", "applied"), [
+    ("0.21.2", 2.0), ("0.11.1", 2.0), ("0.22.0", 1.0), ("0.22.1.dev0", 1.0), ("1.0.0", 1.0),
+    (None, 1.0)])
+def test_out_projection_counts_twice_before_peft_0_22(version, applied):
+    from tvtool.formats.peft_adapters import mha_out_proj_applied
+
+    assert mha_out_proj_applied(version) == applied
+
+
+def test_convert_reads_the_out_projection_as_the_recorded_peft_computes_it(tiny, tmp_path, cli):
+    adapter, _ = _peft_adapter(tiny, tmp_path)
+    config_path = Path(adapter) / "adapter_config.json"
+    dense = {}
+    for version in ("0.21.2", "0.22.0", "not-a-version"):
+        config = json.loads(config_path.read_text())
+        config["peft_version"] = version
+        config_path.write_text(json.dumps(config))
+        out = tmp_path / f"imported-{version}.safetensors"
+        result = cli(["convert", adapter, "--base", TINY, "-o", str(out)])
+        if version == "not-a-version":
+            assert result.exit_code == 2 and "not a peft version" in result.stderr
+            assert not out.exists()
+            continue
+        assert result.exit_code == 0, result.stderr
+        dense[version] = _dense_of(str(out))
+    outs = [name for name in dense["0.22.0"] if name.endswith("out_proj.weight")]
+    assert outs and sorted(dense["0.21.2"]) == sorted(dense["0.22.0"])
+    for name, once in dense["0.22.0"].items():
+        factor = 2.0 if name in outs else 1.0
+        torch.testing.assert_close(dense["0.21.2"][name], factor * once, rtol=0, atol=0)

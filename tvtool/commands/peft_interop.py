@@ -16,7 +16,11 @@ from tvtool.commands.common import config_args
 from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.formats.lora import SUFFIX_A, lora_alpha_rank, svd_factored
-from tvtool.formats.peft_adapters import lora_vector_to_peft, peft_to_lora_vector
+from tvtool.formats.peft_adapters import (
+    lora_vector_to_peft,
+    mha_out_proj_applied,
+    peft_to_lora_vector,
+)
 from tvtool.io import (
     STDIO,
     adapter_weights_path,
@@ -42,6 +46,19 @@ MODULE_ROOTS = ("clip", "visual")
 _PEFT_MODULE_KEY = PREFIX + "peft_module"
 
 
+
+
+def installed_peft_version() -> str | None:
+    """The installed peft's version, or None when peft is not installed.
+
+    Read from its distribution metadata: importing peft is not needed.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("peft")
+    except PackageNotFoundError:
+        return None
 
 def _check_root(module: str, allow_auto: bool) -> None:
     allowed = (*MODULE_ROOTS, "auto") if allow_auto else MODULE_ROOTS
@@ -167,9 +184,14 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
                                     f"{tensor.shape[0]}, the metadata says {declared_rank}")
     modules = module_table(meta.architecture, config.module)  # type: ignore[arg-type]
     class_name, class_module = root_class(meta.architecture, config.module)  # type: ignore[arg-type]
+    installed = installed_peft_version()
+    if installed is None:
+        log("peft is not installed here: the adapter is written for peft 0.22 or later, which "
+            "applies an attention's out-projection delta once")
     adapter = lora_vector_to_peft(tensors, alpha, modules, config.module, label=source.label,
                                   auto_mapping={"base_model_class": class_name,
-                                                "parent_library": class_module})
+                                                "parent_library": class_module},
+                                  out_proj_applied=mha_out_proj_applied(installed))
     for note in adapter.notes:
         log(note)
     recorded = {"architecture": meta.architecture, "base_ref": meta.base_ref,
@@ -271,7 +293,18 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     onto = "the open_clip model" if root == "clip" else "its image tower (model.visual)"
     notes.append(f"peft LoRA adapter on {onto} ({how}): {len(adapter.tensors)} tensors")
     modules = module_table(architecture, root)  # type: ignore[arg-type]
-    imported = peft_to_lora_vector(adapter.config, adapter.tensors, modules, root, label=label)
+    written_by = adapter.config.get("peft_version")
+    if not isinstance(written_by, str):
+        written_by = installed_peft_version()
+        notes.append(f"the adapter records no peft_version: read as peft {written_by or '0.22+'} "
+                     "computes it")
+    try:
+        applied = mha_out_proj_applied(written_by)
+    except ValueError as exc:
+        raise InvalidInputError(f"{label}: {exc}", hint="adapter_config.json's peft_version "
+                                "should read like 0.21.2") from None
+    imported = peft_to_lora_vector(adapter.config, adapter.tensors, modules, root, label=label,
+                                   out_proj_applied=applied)
     notes.extend(imported.notes)
     base_fp = recorded.get("base_fingerprint") if ref is None else None
     if ref is not None:

@@ -18,13 +18,16 @@ columns of B (B·A is unchanged), so every module of the adapter has one rank r 
 lora_alpha = s·r for the vector's scale s = alpha/r: the adapter needs neither
 ``rank_pattern`` nor ``alpha_pattern``, which older peft versions match differently.
 
-peft's wrapper of ``nn.MultiheadAttention`` applies the out-projection's delta **twice**: its
-``merge()`` adds ΔW to ``out_proj``'s weight and then calls the inner layer's ``merge()``,
-which adds it again; every forward pass merges that way (measured with peft 0.21.2; the
-open fix huggingface/peft PR #3774 describes the same bug). A peft model with out-projection
-factors (A, B) therefore computes W + 2·scaling·B·A. tvtool reproduces what peft computes:
-export halves the out-projection's B, import doubles it (exact: powers of two).
-:data:`MHA_OUT_PROJ_APPLIED` is that factor.
+Before 0.22, peft's wrapper of ``nn.MultiheadAttention`` applied the out-projection's delta
+**twice**: its ``merge()`` added ΔW to ``out_proj``'s weight and then called the inner
+layer's ``merge()``, which added it again; every forward pass merged that way (measured with
+peft 0.21.2). peft 0.22 fixed it (huggingface/peft PR #3774; measured with 0.22.0: once). A
+peft model with out-projection factors (A, B) therefore computes W + f·scaling·B·A with f = 2
+before 0.22 and 1 after, and tvtool reproduces what the adapter's peft computes: import
+multiplies the out-projection's B by the f of the peft version the adapter records
+(``peft_version`` in ``adapter_config.json``; the installed peft's when it records none),
+export divides it by the f of the installed peft (exact: powers of two).
+:func:`mha_out_proj_applied` gives f.
 
 Nothing here reads files or imports peft or open_clip; module structure comes from
 :func:`tvtool.models.modules.module_table`.
@@ -39,18 +42,17 @@ from tvtool.formats.peft_adapters.config import PeftSettings, check_peft_config
 from tvtool.formats.peft_adapters.from_peft import peft_to_lora_vector
 from tvtool.formats.peft_adapters.layout import (
     MHA_OUT,
-    MHA_OUT_PROJ_APPLIED,
     PEFT_A,
     PEFT_B,
     PEFT_PREFIX,
     ImportedVector,
     PeftAdapter,
+    mha_out_proj_applied,
 )
 from tvtool.formats.peft_adapters.to_peft import lora_vector_to_peft
 
 __all__ = [
     "MHA_OUT",
-    "MHA_OUT_PROJ_APPLIED",
     "PEFT_A",
     "PEFT_B",
     "PEFT_PREFIX",
@@ -59,5 +61,6 @@ __all__ = [
     "PeftSettings",
     "check_peft_config",
     "lora_vector_to_peft",
+    "mha_out_proj_applied",
     "peft_to_lora_vector",
 ]

@@ -15,7 +15,6 @@ from tvtool.formats.peft_adapters.config import adaptable, check_peft_config, ch
 from tvtool.formats.peft_adapters.layout import (
     IN_WEIGHT,
     MHA_OUT,
-    MHA_OUT_PROJ_APPLIED,
     NO_MODULE,
     OUT_WEIGHT,
     PEFT_A,
@@ -132,7 +131,7 @@ def _check_scaled_deltas(pairs: Mapping[str, tuple[Tensor, Tensor, float]], labe
 
 def peft_to_lora_vector(config: Mapping[str, Any], tensors: Mapping[str, Tensor],
                         modules: Mapping[str, ModuleSpec], root: str, *,
-                        label: str) -> ImportedVector:
+                        label: str, out_proj_applied: float = 1.0) -> ImportedVector:
     """A peft LoRA adapter of an open_clip model as tvtool task-vector tensors.
 
     Every adapted module becomes a factor pair with tvtool names: an attention's in-projection
@@ -143,7 +142,9 @@ def peft_to_lora_vector(config: Mapping[str, Any], tensors: Mapping[str, Tensor]
     (``rank_pattern``, ``alpha_pattern``, ``use_rslora``): when every module has the same
     scaling s, the result keeps the factors, padded with zeros to the largest rank R, with
     tvtool alpha s·R (half-precision factors widened to float32); otherwise it holds the
-    dense deltas scaling·B·A.
+    dense deltas scaling·B·A. An attention's out-projection B is multiplied by
+    ``out_proj_applied``: how many times the adapter's peft applies that delta
+    (:func:`~tvtool.formats.peft_adapters.layout.mha_out_proj_applied`).
 
     Raises:
         InvalidInputError: see :func:`check_peft_config`; unexpected or missing keys, modules
@@ -168,14 +169,14 @@ def peft_to_lora_vector(config: Mapping[str, Any], tensors: Mapping[str, Tensor]
             a, b = _checked(module, "", parts, spec.weight_shape, rank, label)
             pairs[prefix + module + IN_WEIGHT] = (a, b, scale)
             a, b = _checked(module, "out", parts, spec.out_proj_shape, rank, label)
-            pairs[prefix + module + OUT_WEIGHT] = (a, b * MHA_OUT_PROJ_APPLIED, scale)
-            doubled = doubled or bool(b.any())
+            pairs[prefix + module + OUT_WEIGHT] = (a, b * out_proj_applied, scale)
+            doubled = doubled or (out_proj_applied != 1.0 and bool(b.any()))
         else:
             a, b = _checked(module, "", parts, spec.weight_shape, rank, label)
             pairs[prefix + module + ".weight"] = (a, b, scale)
     if doubled:
-        notes.append("attention out-projections: B doubled, since peft applies their delta "
-                     "twice (huggingface/peft PR #3774)")
+        notes.append("attention out-projections: B doubled, since the adapter's peft (before "
+                     "0.22) applies their delta twice (huggingface/peft PR #3774)")
     if settings.rslora:
         notes.append("use_rslora: scaling lora_alpha/sqrt(r) per module")
     if config.get("fan_in_fan_out"):

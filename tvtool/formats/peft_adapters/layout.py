@@ -1,13 +1,14 @@
 """How peft names and scales the LoRA adapters of open_clip modules (shared by both directions).
 
 The key layout of a saved peft adapter, the factor applied twice to an attention's
-out-projection (:data:`MHA_OUT_PROJ_APPLIED`, see :mod:`tvtool.formats.peft_adapters`), the
+out-projection (:func:`mha_out_proj_applied`, see :mod:`tvtool.formats.peft_adapters`), the
 in-memory forms of both directions (:class:`PeftAdapter`, :class:`ImportedVector`), and the
 rank padding both use.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,27 @@ PEFT_A = ".lora_A.weight"
 PEFT_B = ".lora_B.weight"
 MHA_OUT = ".base_layer.out_proj"
 """Where peft's wrapper of an ``nn.MultiheadAttention`` keeps the adapted out-projection."""
-MHA_OUT_PROJ_APPLIED = 2.0
-"""How many times peft applies an attention's out-projection delta (see the module docs)."""
+PEFT_SINGLE_OUT_PROJ = (0, 22)
+"""The first peft release that applies an attention's out-projection delta once (PR #3774)."""
+
+
+def mha_out_proj_applied(peft_version: str | None) -> float:
+    """How many times peft ``peft_version`` applies an attention's out-projection delta.
+
+    Twice before 0.22 (its ``merge()`` added the delta and then merged the inner layer, see
+    the package docs), once from 0.22 on. ``None`` (unknown) is taken as the current
+    behaviour, once.
+
+    Raises:
+        ValueError: a version string that does not start with ``MAJOR.MINOR``.
+    """
+    if peft_version is None:
+        return 1.0
+    match = re.match(r"\s*(\d+)\.(\d+)", peft_version)
+    if match is None:
+        raise ValueError(f"not a peft version: {peft_version[:40]!r}")
+    version = (int(match.group(1)), int(match.group(2)))
+    return 1.0 if version >= PEFT_SINGLE_OUT_PROJ else 2.0
 OUT_WEIGHT = ".out_proj.weight"
 """Suffix of an attention's out-projection weight (tvtool names)."""
 IN_WEIGHT = "." + FUSED_IN_PROJ

@@ -13,7 +13,6 @@ from tvtool.formats.lora import ROW_BLOCKS, SUFFIX_A, SUFFIX_B, split_target
 from tvtool.formats.peft_adapters.layout import (
     IN_WEIGHT,
     MHA_OUT,
-    MHA_OUT_PROJ_APPLIED,
     NO_MODULE,
     OUT_WEIGHT,
     PEFT_A,
@@ -42,7 +41,8 @@ def _check_pair(target: str, a: Tensor, b: Tensor, shape: tuple[int, int] | None
 
 def lora_vector_to_peft(tensors: Mapping[str, Tensor], alpha: float,
                         modules: Mapping[str, ModuleSpec], root: str, *, label: str,
-                        auto_mapping: Mapping[str, str] | None = None) -> PeftAdapter:
+                        auto_mapping: Mapping[str, str] | None = None,
+                        out_proj_applied: float = 1.0) -> PeftAdapter:
     """The peft adapter (config and state dict) of a tvtool LoRA vector.
 
     Args:
@@ -54,6 +54,9 @@ def lora_vector_to_peft(tensors: Mapping[str, Tensor], alpha: float,
         root: ``clip`` or ``visual`` (see :data:`tvtool.models.modules.ROOT_PREFIX`).
         label: How to name the vector in errors.
         auto_mapping: peft's ``auto_mapping`` entry (the base model's class) to record.
+        out_proj_applied: How many times the peft that will load the adapter applies an
+            attention's out-projection delta (:func:`mha_out_proj_applied`); its B is divided
+            by it.
 
     Returns:
         The config (``adapter_config.json`` as a dict) and the state dict with peft's names.
@@ -159,7 +162,7 @@ def lora_vector_to_peft(tensors: Mapping[str, Tensor], alpha: float,
         out_pair = None
         if module in out_parts:
             out_a, out_b = scaled(prefix + module + OUT_WEIGHT, *out_parts[module])
-            out_pair = (out_a, out_b / MHA_OUT_PROJ_APPLIED)
+            out_pair = (out_a, out_b / out_proj_applied)
         some = (in_pair or out_pair)
         assert some is not None
         rank = max(int(p[0].shape[0]) for p in (in_pair, out_pair) if p is not None)
@@ -170,9 +173,9 @@ def lora_vector_to_peft(tensors: Mapping[str, Tensor], alpha: float,
         if in_pair is None or out_pair is None:
             notes.append(f"{module}: peft adapts the in- and out-projection of an attention "
                          "together; the one without factors gets zero factors")
-    if out_parts:
-        notes.append("attention out-projections: B halved, since peft applies their delta "
-                     "twice (huggingface/peft PR #3774)")
+    if out_parts and out_proj_applied != 1.0:
+        notes.append("attention out-projections: B halved, since peft before 0.22 applies "
+                     "their delta twice (huggingface/peft PR #3774)")
     for module, (a, b) in linear_parts.items():
         pairs[module] = scaled(prefix + module + ".weight", a, b)
     rank = max(int(a.shape[0]) for a, _ in pairs.values())

@@ -17,6 +17,7 @@ from tvtool.commands.convert import ConvertConfig
 from tvtool.errors import InvalidInputError, UsageError
 from tvtool.formats.lora import SUFFIX_A, lora_alpha_rank, svd_factored
 from tvtool.formats.peft_adapters import (
+    MHA_OUT_PROJ_LOADED,
     lora_vector_to_peft,
     mha_out_proj_applied,
     peft_to_lora_vector,
@@ -184,14 +185,10 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
                                     f"{tensor.shape[0]}, the metadata says {declared_rank}")
     modules = module_table(meta.architecture, config.module)  # type: ignore[arg-type]
     class_name, class_module = root_class(meta.architecture, config.module)  # type: ignore[arg-type]
-    installed = installed_peft_version()
-    if installed is None:
-        log("peft is not installed here: the adapter is written for peft 0.22 or later, which "
-            "applies an attention's out-projection delta once")
     adapter = lora_vector_to_peft(tensors, alpha, modules, config.module, label=source.label,
                                   auto_mapping={"base_model_class": class_name,
                                                 "parent_library": class_module},
-                                  out_proj_applied=mha_out_proj_applied(installed))
+                                  out_proj_applied=MHA_OUT_PROJ_LOADED)
     for note in adapter.notes:
         log(note)
     recorded = {"architecture": meta.architecture, "base_ref": meta.base_ref,

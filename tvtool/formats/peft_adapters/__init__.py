@@ -21,13 +21,14 @@ lora_alpha = s·r for the vector's scale s = alpha/r: the adapter needs neither
 Before 0.22, peft's wrapper of ``nn.MultiheadAttention`` applied the out-projection's delta
 **twice**: its ``merge()`` added ΔW to ``out_proj``'s weight and then called the inner
 layer's ``merge()``, which added it again; every forward pass merged that way (measured with
-peft 0.21.2). peft 0.22 fixed it (huggingface/peft PR #3774; measured with 0.22.0: once). A
-peft model with out-projection factors (A, B) therefore computes W + f·scaling·B·A with f = 2
-before 0.22 and 1 after, and tvtool reproduces what the adapter's peft computes: import
-multiplies the out-projection's B by the f of the peft version the adapter records
-(``peft_version`` in ``adapter_config.json``; the installed peft's when it records none),
-export divides it by the f of the installed peft (exact: powers of two).
-:func:`mha_out_proj_applied` gives f.
+peft 0.21.2). peft 0.22 (huggingface/peft PR #3774) applies it once in a model made by
+``get_peft_model`` (the model it trains), but still twice in one loaded by
+``PeftModel.from_pretrained`` (measured with 0.22.0). A peft model with out-projection factors
+(A, B) therefore computes W + f·scaling·B·A. tvtool reproduces what peft computes: import
+multiplies the out-projection's B by the f of the model the adapter was trained as
+(:func:`mha_out_proj_applied` of the ``peft_version`` that ``adapter_config.json`` records,
+or of the installed peft's when it records none); export divides it by
+:data:`MHA_OUT_PROJ_LOADED` = 2, what a loading peft applies. Both exact (powers of two).
 
 Nothing here reads files or imports peft or open_clip; module structure comes from
 :func:`tvtool.models.modules.module_table`.
@@ -42,6 +43,7 @@ from tvtool.formats.peft_adapters.config import PeftSettings, check_peft_config
 from tvtool.formats.peft_adapters.from_peft import peft_to_lora_vector
 from tvtool.formats.peft_adapters.layout import (
     MHA_OUT,
+    MHA_OUT_PROJ_LOADED,
     PEFT_A,
     PEFT_B,
     PEFT_PREFIX,
@@ -53,6 +55,7 @@ from tvtool.formats.peft_adapters.to_peft import lora_vector_to_peft
 
 __all__ = [
     "MHA_OUT",
+    "MHA_OUT_PROJ_LOADED",
     "PEFT_A",
     "PEFT_B",
     "PEFT_PREFIX",

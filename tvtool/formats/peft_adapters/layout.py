@@ -24,16 +24,20 @@ PEFT_A = ".lora_A.weight"
 PEFT_B = ".lora_B.weight"
 MHA_OUT = ".base_layer.out_proj"
 """Where peft's wrapper of an ``nn.MultiheadAttention`` keeps the adapted out-projection."""
+MHA_OUT_PROJ_LOADED = 2.0
+"""How many times peft applies an attention's out-projection delta in a model loaded with
+``PeftModel.from_pretrained`` (measured with 0.21.2 and with 0.22.0): what an exported
+adapter is written for."""
 PEFT_SINGLE_OUT_PROJ = (0, 22)
 """The first peft release that applies an attention's out-projection delta once (PR #3774)."""
 
 
 def mha_out_proj_applied(peft_version: str | None) -> float:
-    """How many times peft ``peft_version`` applies an attention's out-projection delta.
+    """How many times peft ``peft_version`` applies an out-projection delta while training.
 
-    Twice before 0.22 (its ``merge()`` added the delta and then merged the inner layer, see
-    the package docs), once from 0.22 on. ``None`` (unknown) is taken as the current
-    behaviour, once.
+    In the model ``get_peft_model`` makes: twice before 0.22 (its ``merge()`` added the
+    delta and then merged the inner layer, see the package docs), once from 0.22 on.
+    ``None`` (unknown) is taken as the current behaviour, once.
 
     Raises:
         ValueError: a version string that does not start with ``MAJOR.MINOR``.

@@ -191,7 +191,8 @@ def export_peft(config: ExportPeftConfig, log: Logger = _quiet) -> WriteResult:
                                   out_proj_applied=MHA_OUT_PROJ_LOADED)
     for note in adapter.notes:
         log(note)
-    recorded = {"architecture": meta.architecture, "base_ref": meta.base_ref,
+    recorded = {"out_proj_applied": f"{MHA_OUT_PROJ_LOADED:g}",
+                "architecture": meta.architecture, "base_ref": meta.base_ref,
                 "base_fingerprint": meta.base_fingerprint, "mode": meta.mode.value
                 if meta.mode else None, "dataset": meta.dataset, "peft_module": config.module,
                 "exported_by": f"tvtool {__version__}"}
@@ -291,15 +292,22 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     notes.append(f"peft LoRA adapter on {onto} ({how}): {len(adapter.tensors)} tensors")
     modules = module_table(architecture, root)  # type: ignore[arg-type]
     written_by = adapter.config.get("peft_version")
-    if not isinstance(written_by, str):
-        written_by = installed_peft_version()
-        notes.append(f"the adapter records no peft_version: read as peft {written_by or '0.22+'} "
-                     "computes it")
-    try:
-        applied = mha_out_proj_applied(written_by)
-    except ValueError as exc:
-        raise InvalidInputError(f"{label}: {exc}", hint="adapter_config.json's peft_version "
-                                "should read like 0.21.2") from None
+    if recorded.get("out_proj_applied") is not None:
+        # Written by export-peft for a loading peft: it says what it divided by.
+        if recorded["out_proj_applied"] not in ("1", "2"):
+            raise InvalidInputError(f"{label}: tvtool.out_proj_applied must be 1 or 2, got "
+                                    f"{recorded['out_proj_applied'][:20]!r}")
+        applied = float(recorded["out_proj_applied"])
+    else:
+        if not isinstance(written_by, str):
+            written_by = installed_peft_version()
+            notes.append("the adapter records no peft_version: read as peft "
+                         f"{written_by or '0.22+'} computes it")
+        try:
+            applied = mha_out_proj_applied(written_by)
+        except ValueError as exc:
+            raise InvalidInputError(f"{label}: {exc}", hint="adapter_config.json's "
+                                    "peft_version should read like 0.21.2") from None
     imported = peft_to_lora_vector(adapter.config, adapter.tensors, modules, root, label=label,
                                    out_proj_applied=applied)
     notes.extend(imported.notes)

@@ -536,3 +536,33 @@ def test_convert_reads_the_out_projection_as_the_recorded_peft_computes_it(tiny,
     for name, once in dense["0.22.0"].items():
         factor = 2.0 if name in outs else 1.0
         torch.testing.assert_close(dense["0.21.2"][name], factor * once, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("recorded", ["1", "2", "3", "two"])
+def test_convert_uses_the_factor_export_recorded(tiny, tmp_path, cli, recorded):
+    factors = _factors(tiny, ("q", "v", "o"), seed=5)
+    vector = _write_vector(tmp_path / "v.safetensors", factors)
+    out = tmp_path / "adapter"
+    assert cli(["export-peft", vector, "-o", str(out)]).exit_code == 0
+    source = open_tensors(str(out / "adapter_model.safetensors"))
+    tensors = {n: source.get(n) for n in source.keys()}
+    metadata = dict(source.metadata)
+    source.close()
+    assert metadata["tvtool.out_proj_applied"] == "2"  # what a loading peft applies
+    metadata["tvtool.out_proj_applied"] = recorded
+    (out / "adapter_model.safetensors").unlink()
+    write_tensors(str(out / "adapter_model.safetensors"), tensors, metadata)
+    back = tmp_path / "back.safetensors"
+    result = cli(["convert", str(out), "--base", TINY, "-o", str(back)])
+    if recorded not in ("1", "2"):
+        assert result.exit_code == 2 and "out_proj_applied must be 1 or 2" in result.stderr
+        assert not back.exists()
+        return
+    assert result.exit_code == 0, result.stderr
+    got, want = _dense_of(str(back)), _reference_dense(factors, ALPHA)
+    assert any(name.endswith("out_proj.weight") for name in want)
+    for name in want:
+        # export halved B; the recorded factor scales it back (2: exact round trip)
+        factor = float(recorded) / 2 if name.endswith("out_proj.weight") else 1.0
+        torch.testing.assert_close(got[name].double(), factor * want[name], atol=1e-7,
+                                   rtol=1e-6)

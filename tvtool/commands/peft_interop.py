@@ -47,8 +47,6 @@ MODULE_ROOTS = ("clip", "visual")
 _PEFT_MODULE_KEY = PREFIX + "peft_module"
 
 
-
-
 def installed_peft_version() -> str | None:
     """The installed peft's version, or None when peft is not installed.
 
@@ -60,6 +58,37 @@ def installed_peft_version() -> str | None:
         return version("peft")
     except PackageNotFoundError:
         return None
+
+
+def _out_proj_factor(recorded: dict[str, str], adapter_config: dict[str, Any], label: str,
+                     notes: list[str]) -> float:
+    """How many times the adapter's attention out-projection deltas count in its model.
+
+    What ``export-peft`` recorded (``tvtool.out_proj_applied``, the factor it divided by),
+    else what the peft that trained it applies (its ``peft_version``, or the installed
+    peft's when it records none, noted).
+
+    Raises:
+        InvalidInputError: a recorded factor other than 1 or 2, or a ``peft_version`` that is
+            not a version.
+    """
+    exported = recorded.get("out_proj_applied")
+    if exported is not None:
+        if exported not in ("1", "2"):
+            raise InvalidInputError(f"{label}: tvtool.out_proj_applied must be 1 or 2, got "
+                                    f"{exported[:20]!r}")
+        return float(exported)
+    written_by = adapter_config.get("peft_version")
+    if not isinstance(written_by, str):
+        written_by = installed_peft_version()
+        notes.append("the adapter records no peft_version: read as peft "
+                     f"{written_by or '0.22+'} computes it")
+    try:
+        return mha_out_proj_applied(written_by)
+    except ValueError as exc:
+        raise InvalidInputError(f"{label}: {exc}", hint="adapter_config.json's peft_version "
+                                "should read like 0.21.2") from None
+
 
 def _check_root(module: str, allow_auto: bool) -> None:
     allowed = (*MODULE_ROOTS, "auto") if allow_auto else MODULE_ROOTS
@@ -291,25 +320,9 @@ def convert_peft(config: ConvertConfig, log: Logger = _quiet) -> WriteResult:
     onto = "the open_clip model" if root == "clip" else "its image tower (model.visual)"
     notes.append(f"peft LoRA adapter on {onto} ({how}): {len(adapter.tensors)} tensors")
     modules = module_table(architecture, root)  # type: ignore[arg-type]
-    written_by = adapter.config.get("peft_version")
-    if recorded.get("out_proj_applied") is not None:
-        # Written by export-peft for a loading peft: it says what it divided by.
-        if recorded["out_proj_applied"] not in ("1", "2"):
-            raise InvalidInputError(f"{label}: tvtool.out_proj_applied must be 1 or 2, got "
-                                    f"{recorded['out_proj_applied'][:20]!r}")
-        applied = float(recorded["out_proj_applied"])
-    else:
-        if not isinstance(written_by, str):
-            written_by = installed_peft_version()
-            notes.append("the adapter records no peft_version: read as peft "
-                         f"{written_by or '0.22+'} computes it")
-        try:
-            applied = mha_out_proj_applied(written_by)
-        except ValueError as exc:
-            raise InvalidInputError(f"{label}: {exc}", hint="adapter_config.json's "
-                                    "peft_version should read like 0.21.2") from None
-    imported = peft_to_lora_vector(adapter.config, adapter.tensors, modules, root, label=label,
-                                   out_proj_applied=applied)
+    imported = peft_to_lora_vector(
+        adapter.config, adapter.tensors, modules, root, label=label,
+        out_proj_applied=_out_proj_factor(recorded, adapter.config, label, notes))
     notes.extend(imported.notes)
     base_fp = recorded.get("base_fingerprint") if ref is None else None
     if ref is not None:

@@ -209,6 +209,7 @@ def batches(data: EvalData, batch_size: int, *, workers: int = 0,
     loader = DataLoader(data.dataset, batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=torch.device(device).type == "cuda")
     kept: list[tuple[Tensor, Tensor]] | None = [] if materialize else None
+    limit = MATERIALIZE_BYTES if materialize_bytes is None else materialize_bytes
     kept_bytes = 0
     iterator = iter(loader)
     while True:
@@ -228,7 +229,6 @@ def batches(data: EvalData, batch_size: int, *, workers: int = 0,
         labels = labels.to(device, non_blocking=True)
         if kept is not None:
             kept_bytes += images.nelement() * images.element_size()
-            limit = MATERIALIZE_BYTES if materialize_bytes is None else materialize_bytes
             if kept_bytes <= limit:
                 kept.append((images, labels))
             else:

@@ -30,6 +30,12 @@ MHA_OUT_PROJ_LOADED = 2.0
 adapter is written for."""
 PEFT_SINGLE_OUT_PROJ = (0, 22)
 """The first peft release that applies an attention's out-projection delta once (PR #3774)."""
+OUT_WEIGHT = ".out_proj.weight"
+"""Suffix of an attention's out-projection weight (tvtool names)."""
+IN_WEIGHT = "." + FUSED_IN_PROJ
+"""Suffix of an attention's fused in-projection weight (tvtool names)."""
+NO_MODULE = ModuleSpec("other", "")
+"""What a name that is no module of the model looks like (``modules.get(name, NO_MODULE)``)."""
 
 
 def mha_out_proj_applied(peft_version: str | None) -> float:
@@ -49,12 +55,6 @@ def mha_out_proj_applied(peft_version: str | None) -> float:
         raise ValueError(f"not a peft version: {peft_version[:40]!r}")
     version = (int(match.group(1)), int(match.group(2)))
     return 1.0 if version >= PEFT_SINGLE_OUT_PROJ else 2.0
-OUT_WEIGHT = ".out_proj.weight"
-"""Suffix of an attention's out-projection weight (tvtool names)."""
-IN_WEIGHT = "." + FUSED_IN_PROJ
-"""Suffix of an attention's fused in-projection weight (tvtool names)."""
-NO_MODULE = ModuleSpec("other", "")
-"""What a name that is no module of the model looks like (``modules.get(name, NO_MODULE)``)."""
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,7 @@ def test_choices_shown_are_the_library_choices():
     assert _metavar("tvtool merge", "--dtype") == list(DTYPES)
 
     assert _metavar("tvtool finetune", "--resume") == list(RESUME_CHOICES)
+    assert _metavar("tvtool pretrain", "--resume") == list(RESUME_CHOICES)
 
 
 def test_help_shows_no_bool_and_lists_choices(cli, monkeypatch):

@@ -18,16 +18,21 @@ from tvtool.cli.common import (
     deprecated_alias,
     emit_json,
     emit_path,
+    given,
     handles_errors,
     log,
     progress_bar,
     refuse_json_with_stdout,
     take_alias,
 )
+from tvtool.errors import UsageError
 
 # The embedded models (tvtool.models.EMBEDDED_MODELS, which imports open_clip): named here so
 # that `--help` stays fast; tests/test_cli_grammar.py checks the two lists agree.
 EMBEDDED_NAMES = ("tvtool-tiny", "tvtool-small", "tvtool-base")
+# tvtool.io.train_state.RESUME_CHOICES, without importing torch for `tvtool --help`
+# (tests/test_cli_grammar.py checks they are the same).
+_RESUME = ("auto", "yes", "no")
 
 
 @handles_errors
@@ -52,6 +57,18 @@ def pretrain(
                         "tvtool-small (the demo's) or tvtool-base (docs/results.md's; its "
                         "weights are not packaged: this creates them, ~23 min on 2 cores).")
     ] = "tvtool-tiny",
+    workdir: Annotated[str | None, typer.Option(
+        "--workdir", rich_help_panel="Resumable runs", envvar="TVTOOL_WORKDIR",
+        help="Directory for the resumable training state (pretrain-state.safetensors).",
+        show_default=False)] = None,
+    resume: Annotated[str, typer.Option(
+        "--resume", rich_help_panel="Resumable runs", metavar="[" + "|".join(_RESUME) + "]",
+        help="With --workdir: auto continues a state of this run and starts when there is "
+             "none (a state of another run is refused); yes requires one; no starts over, "
+             "replacing it.")] = "auto",
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", rich_help_panel="Resumable runs",
+        help="Steps between training-state saves (with --workdir).")] = 250,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     log_every: LogEveryOpt = 30.0,
@@ -59,7 +76,8 @@ def pretrain(
     """Pre-train an embedded CLIP on the synthetic corpus (CPU; tvtool-tiny about 26 min).
 
     Measured on 2 shared cores: tvtool-tiny 1582 s, tvtool-small 1650 s, tvtool-base 1373 s
-    (docs/embedded-world.md).
+    (docs/embedded-world.md). With --workdir the run saves its state every --checkpoint-every
+    steps; the same command continues an interrupted run to the same weights.
     """
     configure_progress(quiet, log_every)
     import dataclasses
@@ -67,7 +85,13 @@ def pretrain(
 
     from tvtool.io import check_output, ensure_directory
     from tvtool.models import cache_dir, embedded_weights_path
-    from tvtool.synthetic_world.pretrain import PretrainConfig, pretrain_tiny, write_pretrained
+    from tvtool.synthetic_world.pretrain import (
+        PretrainCheckpoints,
+        PretrainConfig,
+        learning_rate_at,
+        pretrain_tiny,
+        write_pretrained,
+    )
 
     batch = take_alias(ctx, "batch", batch, old_batch)
     refuse_json_with_stdout(as_json, output or "")
@@ -75,6 +99,14 @@ def pretrain(
     config = dataclasses.replace(defaults, seed=seed,
                                  steps=defaults.steps if steps is None else steps,
                                  batch=defaults.batch if batch is None else batch)
+    checkpoints = None
+    if workdir is not None:
+        checkpoints = PretrainCheckpoints(workdir, every=checkpoint_every, resume=resume)
+    else:
+        flags = [f"--{name.replace('_', '-')}" for name in ("resume", "checkpoint_every")
+                 if given(ctx, name)]
+        if flags:
+            raise UsageError(f"{' and '.join(flags)} need --workdir")
     target = output
     if target is None:
         default = cache_dir() / f"{config.model}.safetensors"
@@ -86,23 +118,31 @@ def pretrain(
             log(f"note: the packaged weights at {packaged} take precedence over {target}; "
                 f"pass -o {packaged} to replace them")
     check_output(target)
+    if checkpoints is not None:
+        ensure_directory(checkpoints.workdir)
     start = time.perf_counter()
     last = [float("nan")]
-    from tvtool.synthetic_world.pretrain import learning_rate_at
-
+    started_at = [0]
     with progress_bar(f"pre-training {config.model}", config.steps) as advance:
+
+        def started(step: int) -> None:
+            started_at[0] = step
+            if step:
+                log(f"resuming from step {step} of {config.steps}")
+                advance.resumed_at(step)  # rate and ETA from here
 
         def report(step: int, loss: float) -> None:
             last[0] = loss
             advance(1, loss=loss, lr=learning_rate_at(step, config), unit="step")
 
-        state = pretrain_tiny(config, progress=report)
+        state = pretrain_tiny(config, progress=report, checkpoints=checkpoints, on_start=started)
     elapsed = time.perf_counter() - start
     write_pretrained(state, target, config)
     log(f"pre-trained {config.steps} steps in {elapsed:.1f}s, final loss {last[0]:.3f}")
     if as_json:
         emit_json({"output": target, "steps": config.steps, "batch": config.batch,
-                   "seed": config.seed, "seconds": elapsed, "final_loss": last[0]},
+                   "seed": config.seed, "seconds": elapsed, "final_loss": last[0],
+                   "resumed_from": started_at[0]},
                   outputs=[target])
     else:
         emit_path(target)

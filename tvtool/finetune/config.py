@@ -16,16 +16,13 @@ from typing import Any
 from tvtool.device import check_precision
 from tvtool.errors import UsageError
 from tvtool.finetune.registry import MODES, get_mode
+from tvtool.io.train_state import RESUME_CHOICES
 from tvtool.limits import short_repr
 from tvtool.metadata import Mode
 
 DEFAULT_STEPS = 2000
 REFERENCE_WARMUP = 500
 RESUME_FILE = "resume.safetensors"
-RESUME_CHOICES = ("auto", "yes", "no")
-"""``--resume``: continue a compatible state of ``--workdir`` or start (``auto``, the
-default), continue and refuse when there is no state (``yes``, a bare ``--resume``), or start
-over, replacing any state (``no``)."""
 STATE_FORMAT = 1
 
 # Config fields a resumed run must share with the run that wrote the checkpoint; the fields

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tvtool.errors import UsageError
+from tvtool.errors import InvalidInputError, UsageError, note_interruption
+from tvtool.io.train_state import (
+    RESUME_CHOICES,
+    check_training_tensors,
+    damaged_state,
+    optimizer_tensors,
+    read_train_state,
+    restore_optimizer,
+    write_train_state,
+)
+from tvtool.limits import short_repr
 from tvtool.metadata import FileMeta, Kind, provenance
 from tvtool.models import EMBEDDED_MODELS, TINY_MODEL, load_clip
 from tvtool.synthetic_world.scenes import rng_for
@@ -36,6 +47,39 @@ _RECIPES: dict[str, dict[str, Any]] = {
     "tvtool-small": {"steps": 3000},
     "tvtool-base": {"steps": 3000, "lr": 1e-3},
 }
+
+
+PRETRAIN_STATE_FILE = "pretrain-state.safetensors"
+"""The training state a resumable pre-training run keeps in its work directory."""
+PRETRAIN_STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PretrainCheckpoints:
+    """Where a pre-training run keeps its training state, how often, and whether it resumes.
+
+    Attributes:
+        workdir: Directory of the state file (:data:`PRETRAIN_STATE_FILE`).
+        every: Optimiser steps between saves.
+        resume: ``auto`` continues a state of the same run and starts when there is none,
+            ``yes`` requires one, ``no`` starts over and replaces it (:data:`RESUME_CHOICES`).
+    """
+
+    workdir: str
+    every: int = 250
+    resume: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise UsageError(f"--checkpoint-every must be >= 1, got {self.every}")
+        if self.resume not in RESUME_CHOICES:
+            raise UsageError(f"--resume must be {', '.join(RESUME_CHOICES)}, not "
+                             f"{short_repr(self.resume, 40)}")
+
+    @property
+    def path(self) -> str:
+        """The state file."""
+        return os.path.join(self.workdir, PRETRAIN_STATE_FILE)
 
 
 @dataclass(frozen=True)
@@ -154,54 +198,160 @@ def learning_rate_at(step: int, config: PretrainConfig) -> float:
 
 
 def pretrain_tiny(config: PretrainConfig | None = None,
-                  progress: Callable[[int, float], None] | None = None) -> StateDict:
+                  progress: Callable[[int, float], None] | None = None,
+                  checkpoints: PretrainCheckpoints | None = None,
+                  on_start: Callable[[int], None] | None = None) -> StateDict:
     """Pre-train an embedded CLIP (``config.model``) contrastively on the synthetic corpus (CPU).
 
     Args:
         config: Training settings (defaults: the recipe of the embedded weights).
         progress: Called after every step with ``(step_index, loss)``.
+        checkpoints: Save the training state (weights, AdamW moments, corpus stream and RNG
+            positions) every ``checkpoints.every`` steps and continue a saved one; a resumed
+            run ends with the same weights as an uninterrupted one.
+        on_start: Called once with the step the loop starts from (0, or the resumed step).
 
     Returns:
         The trained open_clip state dict (float32, CPU). A diverged run shows as a NaN loss
         in ``progress``; :func:`write_pretrained` refuses to write its weights.
+
+    Raises:
+        InvalidInputError: a training state of another run, a damaged one, or none with
+            ``resume="yes"``.
     """
     config = config or PretrainConfig()
     # Seed torch without disturbing the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return _pretrain(config, progress)
+        return _pretrain(config, progress, checkpoints, on_start)
+
+
+def _run_key(config: PretrainConfig) -> dict[str, Any]:
+    return {**dataclasses.asdict(config), "generator_version": GENERATOR_VERSION,
+            "stream_version": STREAM_VERSION}
+
+
+def _save_state(path: str, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer,
+                rng: np.random.Generator, step: int, config: PretrainConfig) -> None:
+    tensors = optimizer_tensors(params, optimizer)
+    tensors["rng/torch_cpu"] = torch.get_rng_state()
+    write_train_state(path, tensors, {"format": PRETRAIN_STATE_FORMAT, "step": step,
+                                      "run": _run_key(config),
+                                      "corpus_rng": rng.bit_generator.state})
+
+
+def _load_state(path: str, params: dict[str, nn.Parameter], names: list[str],
+                optimizer: torch.optim.Optimizer, rng: np.random.Generator,
+                config: PretrainConfig) -> int:
+    """Check the state in ``path`` against this run, then apply it; returns its step."""
+    tensors, state = read_train_state(path)
+    if state.get("format") != PRETRAIN_STATE_FORMAT:
+        raise damaged_state(path, f"format {short_repr(state.get('format'), 40)}, expected "
+                                  f"the pre-training state format {PRETRAIN_STATE_FORMAT}")
+    saved, current = state.get("run"), _run_key(config)
+    saved = saved if isinstance(saved, dict) else {}
+    different = [k for k in current if saved.get(k) != current[k]]
+    if different:
+        detail = ", ".join(f"{k}: {short_repr(saved.get(k), 40)} -> {short_repr(current[k], 40)}"
+                           for k in different[:3])
+        raise InvalidInputError(
+            f"the training state in {path!r} belongs to a different pre-training run ({detail})",
+            hint="resume with the original settings, use a new --workdir, or pass --resume no "
+                 "to start over (the state is replaced)")
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= config.steps:
+        raise damaged_state(path, f"'step' must be an integer in [0, {config.steps}], got "
+                                  f"{short_repr(step, 40)}")
+    check_training_tensors(path, tensors, params)
+    corpus_rng = state.get("corpus_rng")
+    try:
+        if not isinstance(corpus_rng, dict):
+            raise TypeError(corpus_rng)
+        rng.bit_generator.state = corpus_rng
+    except (TypeError, ValueError, KeyError, OverflowError):
+        raise damaged_state(path, "malformed corpus stream state 'corpus_rng'") from None
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[f"param/{name}"])
+    restore_optimizer(optimizer, names, tensors)
+    torch.set_rng_state(tensors["rng/torch_cpu"])
+    return step
 
 
 def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | None,
-              ) -> StateDict:
+              checkpoints: PretrainCheckpoints | None,
+              on_start: Callable[[int], None] | None) -> StateDict:
     bundle = load_clip(f"{config.model}:random")
     # open_clip's CLIP (encode_image, encode_text, logit_scale), typed as a plain Module.
     model: Any = bundle.model.train()
     mean, std = normalization(bundle.preprocess_eval)
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6)
+    params = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    name_of = {id(param): name for name, param in params.items()}
+    names = [name_of[id(param)] for group in optimizer.param_groups for param in group["params"]]
     rng = rng_for("tvtool-world", STREAM_VERSION, "corpus", config.seed)
-    for step in range(config.steps):
-        images, texts = corpus_batch(rng, config.batch, config.caption_noise)
-        _, text_ids = np.unique(np.asarray(texts), return_inverse=True)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, config)
-        image_features = F.normalize(model.encode_image(images_to_tensor(images, mean, std)),
-                                     dim=-1)
-        text_features = F.normalize(model.encode_text(bundle.tokenizer(texts)), dim=-1)
-        loss = clip_loss(image_features, text_features, model.logit_scale,
-                         torch.from_numpy(text_ids.reshape(-1)))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
-        if progress is not None:
-            progress(step, float(loss.detach()))
+    start = 0
+    if checkpoints is not None and checkpoints.resume != "no":
+        if os.path.exists(checkpoints.path):
+            start = _load_state(checkpoints.path, params, names, optimizer, rng, config)
+        elif checkpoints.resume == "yes":
+            raise InvalidInputError(f"--resume: no pre-training state at {checkpoints.path!r}",
+                                    hint="use --resume auto to start when there is none")
+    if on_start is not None:
+        on_start(start)
+    saved = start if start else None
+    done = start
+    try:
+        for done in range(start + 1, config.steps + 1):
+            _train_step(model, bundle.tokenizer, optimizer, rng, mean, std, done - 1, config,
+                        progress)
+            if checkpoints is not None and done % checkpoints.every == 0 \
+                    and done < config.steps:
+                _save_state(checkpoints.path, params, optimizer, rng, done, config)
+                saved = done
+    except KeyboardInterrupt as exc:
+        note_interruption(exc, _interruption_text(checkpoints, done - 1, config.steps, saved))
+        raise
     model.eval()
     return {name: tensor.detach().clone().contiguous() for name, tensor in
             model.state_dict().items()}
+
+
+def _interruption_text(checkpoints: PretrainCheckpoints | None, done: int, total: int,
+                       saved: int | None) -> str:
+    where = f"stopped after step {done} of {total}"
+    if checkpoints is None:
+        return f"{where}; nothing was saved (--workdir DIR makes a run resumable)"
+    if saved is None:
+        return (f"{where}; no training state was saved yet (every {checkpoints.every} steps, "
+                f"--checkpoint-every, into {checkpoints.workdir})")
+    how = ("run the same command again to continue from it" if checkpoints.resume != "no"
+           else "run it again with --resume auto instead of --resume no to continue from it")
+    return f"{where}; the training state of step {saved} is in {checkpoints.path}: {how}"
+
+
+def _train_step(model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                rng: np.random.Generator, mean: torch.Tensor, std: torch.Tensor, step: int,
+                config: PretrainConfig, progress: Callable[[int, float], None] | None) -> None:
+    """One optimiser step on a fresh corpus batch (0-based ``step`` sets the learning rate)."""
+    images, texts = corpus_batch(rng, config.batch, config.caption_noise)
+    _, text_ids = np.unique(np.asarray(texts), return_inverse=True)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate_at(step, config)
+    image_features = F.normalize(model.encode_image(images_to_tensor(images, mean, std)),
+                                 dim=-1)
+    text_features = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
+    loss = clip_loss(image_features, text_features, model.logit_scale,
+                     torch.from_numpy(text_ids.reshape(-1)))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, _MAX_LOGIT_SCALE)
+    if progress is not None:
+        progress(step, float(loss.detach()))
 
 
 def pretrain_metadata(config: PretrainConfig, command: str = "pretrain") -> dict[str, str]:

@@ -9,7 +9,8 @@ Public API:
 * :data:`DOMAINS`, :func:`sample_domain`, :func:`domain_captions` -- the image domains.
 * :func:`corpus_batch` -- the captioned pre-training corpus (every domain, mixed).
 * :func:`sample_scenes`, :func:`render`, :class:`Scenes`, :func:`rng_for` -- the generator.
-* :class:`PretrainConfig`, :func:`pretrain_tiny`, :func:`write_pretrained` -- pre-training
+* :class:`PretrainConfig`, :class:`PretrainCheckpoints`, :func:`pretrain_tiny`,
+  :func:`write_pretrained` -- pre-training, resumable
   (import from :mod:`tvtool.synthetic_world.pretrain`; it pulls in the model code).
 """
 

@@ -95,6 +95,8 @@ def test_a_state_of_another_run_is_refused(tmp_path):
     (lambda t, s: s.update(corpus_rng={"bit_generator": "PCG64"}), "corpus stream"),
     (lambda t, s: s.update(step=99), "'step' must be"),
     (lambda t, s: s.update(format=7), "format"),
+    (lambda t, s: t.update({"rng/torch_cpu": torch.full_like(t["rng/torch_cpu"], 255)}),
+     "malformed RNG state"),
 ])
 def test_a_damaged_state_is_refused(tmp_path, damage, message):
     checkpoints = _interrupted_run(tmp_path)
@@ -130,5 +132,5 @@ def test_pretrain_cli_resumes_from_its_workdir(cli, tmp_path):
 def test_pretrain_cli_resume_options_need_a_workdir(cli, tmp_path):
     out = tmp_path / "x.safetensors"
     result = cli(["pretrain", "-o", str(out), "--steps", "1", "--resume", "no"])
-    assert result.exit_code == 2 and "--resume need --workdir" in result.stderr
+    assert result.exit_code == 2 and "--resume needs --workdir" in result.stderr
     assert not out.exists()

@@ -81,6 +81,7 @@ def pretrain(
     """
     configure_progress(quiet, log_every)
     import dataclasses
+    import os
     import time
 
     from tvtool.io import check_output, ensure_directory
@@ -106,7 +107,8 @@ def pretrain(
         flags = [f"--{name.replace('_', '-')}" for name in ("resume", "checkpoint_every")
                  if given(ctx, name)]
         if flags:
-            raise UsageError(f"{' and '.join(flags)} need --workdir")
+            raise UsageError(f"{' and '.join(flags)} "
+                             f"{'need' if len(flags) > 1 else 'needs'} --workdir")
     target = output
     if target is None:
         default = cache_dir() / f"{config.model}.safetensors"
@@ -120,6 +122,9 @@ def pretrain(
     check_output(target)
     if checkpoints is not None:
         ensure_directory(checkpoints.workdir)
+        if resume == "no" and os.path.exists(checkpoints.path):
+            log(f"note: --resume no: the training state in {checkpoints.path} is replaced at "
+                "the first save")
     start = time.perf_counter()
     last = [float("nan")]
     started_at = [0]

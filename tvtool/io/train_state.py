@@ -121,6 +121,11 @@ def check_training_tensors(path: str, tensors: Mapping[str, torch.Tensor],
         found = "missing" if rng is None else f"{rng.dtype} {tuple(rng.shape)}"
         raise damaged_state(path, f"RNG state 'rng/torch_cpu' is {found}, expected uint8 "
                                   f"{tuple(expected.shape)}")
+    with torch.random.fork_rng(devices=[]):
+        try:
+            torch.set_rng_state(rng)  # its bytes must be a valid generator state too
+        except RuntimeError:
+            raise damaged_state(path, "malformed RNG state 'rng/torch_cpu'") from None
     moments: dict[str, set[str]] = {}
     for key, tensor in tensors.items():
         if key == "rng/torch_cpu":

@@ -364,6 +364,8 @@ def _del(mapping: dict, key: str) -> None:
     (lambda t, s: _del(t, "rng/torch_cpu"), "rng/torch_cpu' is missing"),
     (lambda t, s: t.update({"rng/torch_cpu": torch.zeros(3, dtype=torch.uint8)}),
      r"rng/torch_cpu' is torch.uint8 \(3,\)"),
+    (lambda t, s: t.update({"rng/torch_cpu": torch.full_like(t["rng/torch_cpu"], 255)}),
+     "malformed RNG state"),
     (lambda t, s: t.update({"optim/w/exp_avg": torch.zeros(2, 3)}), "optimizer tensor"),
     (lambda t, s: t.update({"optim/w/step": torch.zeros(2)}), "optimizer tensor"),
     (lambda t, s: t.update({"param/w": torch.zeros(5)}), "has shape"),

@@ -416,7 +416,8 @@ def markdown(summary: dict[str, Any], section: str | None,
               "measured it (n: how many; the curve: seeds "
               f"{', '.join(map(str, curve_seeds)) or 'none'}); selection on the labelled val "
               "split; task arithmetic's α searched on the full val splits.", "",
-              "| mode | n | task arithmetic | " + " | ".join(f"k = {k}" for k in shots) + " |",
+              "| " + " | ".join(["mode", "n", "task arithmetic",
+                                 *(f"k = {k}" for k in shots)]) + " |",
               "|---|---|---|" + "---|" * len(shots)]
     for mode in modes:
         ta_values = summary["ta_mode"][mode]

@@ -340,6 +340,37 @@ def _fmt(mean: float, se: float, scale: float = 100.0, digits: int = 1) -> str:
     return text if math.isnan(se) else f"{text} ± {scale * se:.{digits}f}"
 
 
+def per_task_deltas(runs: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Each label-free method's kept accuracy minus task arithmetic's, per task and run.
+
+    Task arithmetic is the full vectors' searched α; one value per run, in run order.
+    """
+    deltas: dict[str, dict[str, list[float]]] = {}
+    for run_ in runs:
+        ta = run_["results"]["full"]["task_arithmetic"]["accuracy"]
+        for entry in run_["labelfree"]:
+            per_task = deltas.setdefault(entry["method"], {})
+            for task in run_["tasks"]:
+                per_task.setdefault(task, []).append(entry["accuracy"][task] - ta[task])
+    return deltas
+
+
+def _per_task_lines(runs: list[dict[str, Any]]) -> list[str]:
+    tasks = runs[0]["tasks"]
+    head = ["method", *(t.split(":")[-1] for t in tasks), "average"]
+    lines = ["", "### Per task: the learned model against task arithmetic", "",
+             "Test accuracy of each label-free method's kept model minus task arithmetic's, "
+             "per task, in points (mean ± s.e. over seeds); the average is the difference of "
+             "average (not normalized) accuracy.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method, per_task in per_task_deltas(runs).items():
+        average = [statistics.fmean(values) for values in zip(*per_task.values(), strict=True)]
+        cells = [method, *(_fmt(*_mean_se(per_task[t])) for t in tasks),
+                 _fmt(*_mean_se(average))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
     """Read the runs; refuse runs that differ in anything but the seed."""
     return load_seed_runs(paths, RECIPE_KEYS, (), "results_labelfree.py",
@@ -448,12 +479,13 @@ def markdown(summary: dict[str, Any], section: str | None,
         cells += [_fmt(*_mean_se(study.get("last", []))), _fmt(*_mean_se(study.get("rule", []))),
                   _fmt(*_mean_se(kept)), _fmt(*_mean_se(study.get("oracle", [])))]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _per_task_lines(runs)
     named = [str(p) for p in paths] if paths else [f"RUN-seed{s}.json" for s in seeds]
     command = ("python scripts/results_labelfree.py --summarise " + " ".join(named)
                + (f" --section {section}" if section else ""))
     recipe = (f" --modes {','.join(modes)} --path-every {first['path_every']} --methods "
               + ",".join(first["methods"])
-              + (f" --shots-curve {','.join(map(str, shots))}" if shots else ""))
+              + f" --shots-curve {','.join(map(str, shots)) or chr(39) * 2}")
     lines += ["", "Regenerate: one `python scripts/results_labelfree.py --seed S"
               + ("" if summary["base"] == "tvtool-small" else f" --base {summary['base']}")
               + f"{recipe}` per seed, then `{command}`."]

@@ -146,3 +146,23 @@ def test_checkpoint_keeps_measurements_and_refuses_another_recipe(script, tmp_pa
     assert json.loads(path.read_text())["done"] == {"a": {"x": 1}}
     with pytest.raises(SystemExit, match="another recipe"):
         script.Checkpoint(path, {"seed": 1})
+
+
+def test_per_task_table_is_the_kept_model_minus_task_arithmetic(script):
+    # TA accuracy is (0.6, 0.8) in every run; entropy keeps (0.7, 0.8) and (0.5, 0.9).
+    runs = [_run(0, (0.7, 0.8)), _run(1, (0.5, 0.9))]
+    deltas = script.per_task_deltas(runs)["entropy@adamerging"]
+    assert deltas["synthetic:a"] == pytest.approx([0.1, -0.1])
+    assert deltas["synthetic:b"] == pytest.approx([0.0, 0.1])
+    text = script.markdown(script.summarise(runs), None)
+    table = text.split("### Per task")[1]
+    # a: mean 0.0, s.e. 0.1; b: 5.0 ± 5.0; average of the per-run means (0.05, 0.0): 2.5 ± 2.5
+    assert "| entropy@adamerging | 0.0 ± 10.0 | 5.0 ± 5.0 | 2.5 ± 2.5 |" in table
+
+
+def test_regenerate_line_names_an_empty_curve(script):
+    run = _run(0, (0.7, 0.8))
+    run["shots_curve"], run["fewshot"] = [], []
+    text = script.markdown(script.summarise([run]), None)
+    assert "--shots-curve ''` per seed" in text
+    assert "| mode | n | task arithmetic |\n|---|---|---|" in text

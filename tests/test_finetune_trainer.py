@@ -172,7 +172,8 @@ def test_resume_refuses_a_different_run(tmp_path):
 
 def test_llora_state_of_the_network_level_variant_does_not_resume(tmp_path):
     """Training states written when `llora` was the network-level model lack the marker."""
-    from tvtool.finetune.resume import _check_run_key, _run_key
+    from tvtool.finetune.resume import _run_key
+    from tvtool.io.train_state import check_run_key as _check_run_key
 
     config = _config(tmp_path, "ll", mode="llora")
     current = _run_key(config, "sha256:x", 6, 0, 32)
@@ -186,7 +187,8 @@ def test_llora_state_of_the_network_level_variant_does_not_resume(tmp_path):
 
 def test_run_key_takes_the_modes_option_fields_and_old_states_still_resume(tmp_path):
     """The LoRA modes' options keep the resume keys states have always stored."""
-    from tvtool.finetune.resume import _check_run_key, _run_key
+    from tvtool.finetune.resume import _run_key
+    from tvtool.io.train_state import check_run_key as _check_run_key
 
     lora = _run_key(_config(tmp_path, "l", mode="lora"), "sha256:x", 6, 0, 32)
     assert (lora["lora_rank"], lora["lora_alpha"], lora["lora_targets"]) == (2, 4.0, ["q", "v"])

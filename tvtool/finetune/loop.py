@@ -44,6 +44,7 @@ from tvtool.finetune.sampling import (
     SeededSamples,
 )
 from tvtool.finetune.schedule import default_warmup, learning_rate, total_steps
+from tvtool.io import train_state
 
 
 def classification_loss(model: torch.nn.Module, images: Tensor, labels: Tensor, head: Tensor,
@@ -153,11 +154,6 @@ class _Track:
     saved: int | None = None
 
 
-def _continue_how(config: FinetuneConfig) -> str:
-    return ("run the same command again to continue from it" if config.resume != "no"
-            else "run it again with --resume auto instead of --resume no to continue from it")
-
-
 def interruption_text(config: FinetuneConfig, state_path: str | None, done: int, total: int,
                       saved: int | None) -> str:
     """What a user needs after Ctrl-C: where the state is and how to continue.
@@ -169,14 +165,9 @@ def interruption_text(config: FinetuneConfig, state_path: str | None, done: int,
         total: Steps of the run.
         saved: Step of the state on disk that this run wrote or resumed from (None if none).
     """
-    where = f"stopped after step {done} of {total}"
-    if state_path is None:
-        return f"{where}; nothing was saved (--workdir DIR makes a run resumable)"
-    if saved is None:
-        return (f"{where}; no training state was saved yet (every {config.checkpoint_every} "
-                f"steps, --checkpoint-every, into {config.workdir})")
-    return (f"{where}; the training state of step {saved} is in {state_path}: "
-            f"{_continue_how(config)}")
+    return train_state.interruption_text(done, total, state_path, every=config.checkpoint_every,
+                                         workdir=config.workdir, resume=config.resume,
+                                         saved=saved)
 
 
 def train(
@@ -323,8 +314,9 @@ def _train(
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if bool(flag.item()):
             where = f"between steps {last_checked} and {step_done}"
+            how = train_state.continue_how(config.resume)
             saved = (f"; the training state of step {last_saved} in {config.workdir} is intact "
-                     f"({_continue_how(config)})" if last_saved is not None else "")
+                     f"({how})" if last_saved is not None else "")
             raise NumericalError(f"training diverged: the loss became NaN or Inf {where}; "
                                  f"no output was written{saved}",
                                  hint="lower --lr, use --precision fp32 or bf16, or check the data")

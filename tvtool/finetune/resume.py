@@ -20,6 +20,7 @@ from tvtool.finetune.base import Adapter
 from tvtool.finetune.config import STATE_FORMAT, FinetuneConfig
 from tvtool.finetune.registry import get_mode
 from tvtool.io.train_state import (
+    check_run_key,
     check_training_tensors,
     damaged_state,
     optimizer_tensors,
@@ -37,17 +38,6 @@ def _run_key(config: FinetuneConfig, fingerprint: str, total: int, warmup: int,
     key.update(base_fingerprint=fingerprint, total_steps=total, warmup_steps=warmup,
                dataset_size=size)
     return key
-
-
-def _check_run_key(saved: Mapping[str, Any], current: Mapping[str, Any], path: str) -> None:
-    different = [k for k in current if saved.get(k) != current[k]]
-    if different:
-        detail = ", ".join(f"{k}: {short_repr(saved.get(k), 40)} -> {short_repr(current[k], 40)}"
-                           for k in different[:3])
-        raise InvalidInputError(
-            f"the training state in {path!r} belongs to a different run ({detail})",
-            hint="resume with the original settings, use a new --workdir, or pass --resume no "
-                 "to start over (the state is replaced)")
 
 
 def _python_random_state() -> list[Any]:
@@ -107,7 +97,7 @@ def _load_state(path: str, adapter: Adapter, names: list[str],
                                 f"this tvtool reads {STATE_FORMAT}",
                                 hint="use a new --workdir, or pass --resume no to replace it")
     run = state.get("run")
-    _check_run_key(run if isinstance(run, dict) else {}, run_key, path)
+    check_run_key(run if isinstance(run, dict) else {}, run_key, path)
     _check_state(path, tensors, state, dict(adapter.trainable()), int(run_key["total_steps"]))
     adapter.load_trainable_state({n: tensors[f"param/{n}"] for n in names
                                   if f"param/{n}" in tensors})

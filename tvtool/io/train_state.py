@@ -177,3 +177,54 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, names: Sequence[str],
         if moments:
             restored[index] = moments
     optimizer.load_state_dict({"state": restored, "param_groups": current["param_groups"]})
+
+
+def check_run_key(saved: Mapping[str, Any], current: Mapping[str, Any], path: str,
+                  what: str = "run") -> None:
+    """Refuse a training state whose run settings differ from the current run's.
+
+    Args:
+        saved: The settings recorded in the state (``{}`` when it has none).
+        current: The current run's settings; every key must match.
+        path: The state file (for messages).
+        what: How to name the run in the message (``run``, ``pre-training run``).
+
+    Raises:
+        InvalidInputError: a setting differs (the first three are named).
+    """
+    different = [k for k in current if saved.get(k) != current[k]]
+    if different:
+        detail = ", ".join(f"{k}: {short_repr(saved.get(k), 40)} -> {short_repr(current[k], 40)}"
+                           for k in different[:3])
+        raise InvalidInputError(
+            f"the training state in {path!r} belongs to a different {what} ({detail})",
+            hint="resume with the original settings, use a new --workdir, or pass --resume no "
+                 "to start over (the state is replaced)")
+
+
+def continue_how(resume: str) -> str:
+    """How to continue from a saved state, given the run's ``--resume``."""
+    return ("run the same command again to continue from it" if resume != "no"
+            else "run it again with --resume auto instead of --resume no to continue from it")
+
+
+def interruption_text(done: int, total: int, state_path: str | None, *, every: int,
+                      workdir: str | None, resume: str, saved: int | None) -> str:
+    """What a user needs after Ctrl-C: where the training state is and how to continue.
+
+    Args:
+        done: Optimizer steps completed.
+        total: Steps of the run.
+        state_path: The training-state file (None without ``--workdir``).
+        every: Steps between saves (``--checkpoint-every``).
+        workdir: The work directory (None without ``--workdir``).
+        resume: The run's ``--resume``.
+        saved: Step of the state on disk that this run wrote or resumed from (None if none).
+    """
+    where = f"stopped after step {done} of {total}"
+    if state_path is None:
+        return f"{where}; nothing was saved (--workdir DIR makes a run resumable)"
+    if saved is None:
+        return (f"{where}; no training state was saved yet (every {every} steps, "
+                f"--checkpoint-every, into {workdir})")
+    return f"{where}; the training state of step {saved} is in {state_path}: {continue_how(resume)}"

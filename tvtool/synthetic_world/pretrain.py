@@ -23,8 +23,10 @@ from torch import nn
 from tvtool.errors import InvalidInputError, UsageError, note_interruption
 from tvtool.io.train_state import (
     RESUME_CHOICES,
+    check_run_key,
     check_training_tensors,
     damaged_state,
+    interruption_text,
     optimizer_tensors,
     read_train_state,
     restore_optimizer,
@@ -248,16 +250,9 @@ def _load_state(path: str, params: dict[str, nn.Parameter], names: list[str],
     if state.get("format") != PRETRAIN_STATE_FORMAT:
         raise damaged_state(path, f"format {short_repr(state.get('format'), 40)}, expected "
                                   f"the pre-training state format {PRETRAIN_STATE_FORMAT}")
-    saved, current = state.get("run"), _run_key(config)
-    saved = saved if isinstance(saved, dict) else {}
-    different = [k for k in current if saved.get(k) != current[k]]
-    if different:
-        detail = ", ".join(f"{k}: {short_repr(saved.get(k), 40)} -> {short_repr(current[k], 40)}"
-                           for k in different[:3])
-        raise InvalidInputError(
-            f"the training state in {path!r} belongs to a different pre-training run ({detail})",
-            hint="resume with the original settings, use a new --workdir, or pass --resume no "
-                 "to start over (the state is replaced)")
+    saved = state.get("run")
+    check_run_key(saved if isinstance(saved, dict) else {}, _run_key(config), path,
+                  what="pre-training run")
     step = state.get("step")
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= config.steps:
         raise damaged_state(path, f"'step' must be an integer in [0, {config.steps}], got "
@@ -311,24 +306,18 @@ def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | N
                 _save_state(checkpoints.path, params, optimizer, rng, done, config)
                 saved = done
     except KeyboardInterrupt as exc:
-        note_interruption(exc, _interruption_text(checkpoints, done - 1, config.steps, saved))
+        if checkpoints is None:
+            text = interruption_text(done - 1, config.steps, None, every=0, workdir=None,
+                                     resume="auto", saved=None)
+        else:
+            text = interruption_text(done - 1, config.steps, checkpoints.path,
+                                     every=checkpoints.every, workdir=checkpoints.workdir,
+                                     resume=checkpoints.resume, saved=saved)
+        note_interruption(exc, text)
         raise
     model.eval()
     return {name: tensor.detach().clone().contiguous() for name, tensor in
             model.state_dict().items()}
-
-
-def _interruption_text(checkpoints: PretrainCheckpoints | None, done: int, total: int,
-                       saved: int | None) -> str:
-    where = f"stopped after step {done} of {total}"
-    if checkpoints is None:
-        return f"{where}; nothing was saved (--workdir DIR makes a run resumable)"
-    if saved is None:
-        return (f"{where}; no training state was saved yet (every {checkpoints.every} steps, "
-                f"--checkpoint-every, into {checkpoints.workdir})")
-    how = ("run the same command again to continue from it" if checkpoints.resume != "no"
-           else "run it again with --resume auto instead of --resume no to continue from it")
-    return f"{where}; the training state of step {saved} is in {checkpoints.path}: {how}"
 
 
 def _train_step(model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,

@@ -164,10 +164,11 @@ def test_extracted_vector_holds_what_a_finetune_vector_holds_and_merges(cli, tmp
 
 
 def test_bare_resume_means_yes():
-    from tvtool.cli.finetune import _RESUME, bare_resume
+    from tvtool.cli.common import RESUME_NAMES
+    from tvtool.cli.finetune import bare_resume
     from tvtool.finetune.config import RESUME_CHOICES
 
-    assert _RESUME == RESUME_CHOICES
+    assert RESUME_NAMES == RESUME_CHOICES
     assert bare_resume(["--resume"]) == ["--resume", "yes"]
     assert bare_resume(["--resume", "-o", "x"]) == ["--resume", "yes", "-o", "x"]
     assert bare_resume(["--resume", "auto", "-o", "x"]) == ["--resume", "auto", "-o", "x"]

@@ -432,6 +432,15 @@ DeviceOpt = Annotated[str, typer.Option("--device", envvar="TVTOOL_DEVICE",
                                         metavar="[auto|cpu|cuda|cuda:N]",
                                         help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option("--seed", envvar="TVTOOL_SEED", help="Random seed.")]
+RESUME_NAMES = ("auto", "yes", "no")
+"""``--resume``'s values: tvtool.io.train_state.RESUME_CHOICES, named without importing torch
+so that ``--help`` stays fast (tests/test_cli_grammar.py checks they agree)."""
+WorkdirOpt = Annotated[str | None, typer.Option(
+    "--workdir", rich_help_panel="Resumable runs", envvar="TVTOOL_WORKDIR",
+    help="Directory for the resumable training state.", show_default=False)]
+CheckpointEveryOpt = Annotated[int, typer.Option(
+    "--checkpoint-every", rich_help_panel="Resumable runs",
+    help="Steps between training-state saves (with --workdir).")]
 PrecisionOpt = Annotated[str, typer.Option("--precision", envvar="TVTOOL_PRECISION",
                                            metavar="[auto|fp32|bf16|fp16]",
                                            help="fp32, bf16 or fp16 (autocast on GPU).")]

@@ -16,7 +16,9 @@ import typer
 
 from tvtool.cli.common import (
     DECLARED_OPTIONS,
+    RESUME_NAMES,
     BaseOpt,
+    CheckpointEveryOpt,
     DataRootOpt,
     DeclaredOption,
     DeclaredOptionsCommand,
@@ -29,6 +31,7 @@ from tvtool.cli.common import (
     QuietOpt,
     SeedOpt,
     TensorboardOpt,
+    WorkdirOpt,
     configure_progress,
     download_datasets,
     emit_json,
@@ -114,9 +117,6 @@ def _mode_metavar() -> dict[str, str]:
     return {"mode": "[" + "|".join(m.value for m in MODES) + "]"}
 
 
-# tvtool.finetune.config.RESUME_CHOICES, without importing torch for `tvtool --help`
-# (tests/test_cli_grammar.py checks they are the same).
-_RESUME = ("auto", "yes", "no")
 
 
 def bare_resume(args: list[str]) -> list[str]:
@@ -194,19 +194,13 @@ def finetune(
     precision: PrecisionOpt = "auto",
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    workdir: Annotated[str | None, typer.Option(
-        "--workdir", rich_help_panel="Resumable runs",
-        envvar="TVTOOL_WORKDIR", help="Directory for the resumable training "
-                                      "state.", show_default=False)] = None,
+    workdir: WorkdirOpt = None,
     resume: Annotated[str, typer.Option(
-        "--resume", rich_help_panel="Resumable runs", metavar="[" + "|".join(_RESUME) + "]",
+        "--resume", rich_help_panel="Resumable runs", metavar="[" + "|".join(RESUME_NAMES) + "]",
         help="With --workdir: auto continues a state of this run and starts when there is "
              "none (a state of another run is refused); yes (or a bare --resume) requires "
              "one; no starts over, replacing it.")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(
-        "--checkpoint-every", rich_help_panel="Resumable runs",
-        help="Steps between training-state saves (with --workdir).")
-    ] = 500,
+    checkpoint_every: CheckpointEveryOpt = 500,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     workers: Annotated[int | None, typer.Option(

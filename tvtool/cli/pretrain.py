@@ -11,9 +11,12 @@ from typing import Annotated
 import typer
 
 from tvtool.cli.common import (
+    RESUME_NAMES,
+    CheckpointEveryOpt,
     JsonOpt,
     LogEveryOpt,
     QuietOpt,
+    WorkdirOpt,
     configure_progress,
     deprecated_alias,
     emit_json,
@@ -30,9 +33,6 @@ from tvtool.errors import UsageError
 # The embedded models (tvtool.models.EMBEDDED_MODELS, which imports open_clip): named here so
 # that `--help` stays fast; tests/test_cli_grammar.py checks the two lists agree.
 EMBEDDED_NAMES = ("tvtool-tiny", "tvtool-small", "tvtool-base")
-# tvtool.io.train_state.RESUME_CHOICES, without importing torch for `tvtool --help`
-# (tests/test_cli_grammar.py checks they are the same).
-_RESUME = ("auto", "yes", "no")
 
 
 @handles_errors
@@ -57,18 +57,13 @@ def pretrain(
                         "tvtool-small (the demo's) or tvtool-base (docs/results.md's; its "
                         "weights are not packaged: this creates them, ~23 min on 2 cores).")
     ] = "tvtool-tiny",
-    workdir: Annotated[str | None, typer.Option(
-        "--workdir", rich_help_panel="Resumable runs", envvar="TVTOOL_WORKDIR",
-        help="Directory for the resumable training state (pretrain-state.safetensors).",
-        show_default=False)] = None,
+    workdir: WorkdirOpt = None,
     resume: Annotated[str, typer.Option(
-        "--resume", rich_help_panel="Resumable runs", metavar="[" + "|".join(_RESUME) + "]",
+        "--resume", rich_help_panel="Resumable runs", metavar="[" + "|".join(RESUME_NAMES) + "]",
         help="With --workdir: auto continues a state of this run and starts when there is "
              "none (a state of another run is refused); yes requires one; no starts over, "
              "replacing it.")] = "auto",
-    checkpoint_every: Annotated[int, typer.Option(
-        "--checkpoint-every", rich_help_panel="Resumable runs",
-        help="Steps between training-state saves (with --workdir).")] = 250,
+    checkpoint_every: CheckpointEveryOpt = 250,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     log_every: LogEveryOpt = 30.0,

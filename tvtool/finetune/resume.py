@@ -22,6 +22,7 @@ from tvtool.finetune.registry import get_mode
 from tvtool.io.train_state import (
     check_run_key,
     check_training_tensors,
+    checked_step,
     damaged_state,
     optimizer_tensors,
     read_train_state,
@@ -70,10 +71,7 @@ def _check_state(path: str, tensors: Mapping[str, Tensor], state: Mapping[str, A
     A state file is written by tvtool, but a damaged or edited one must end in a one-line
     InvalidInputError (exit 2), never in a KeyError deep inside torch.
     """
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
-        raise damaged_state(path, f"'step' must be an integer in [0, {total}], got "
-                                  f"{short_repr(step, 40)}")
+    checked_step(path, state, total)
     if not isinstance(state.get("run"), dict):
         raise damaged_state(path, "no 'run' record")
     check_training_tensors(path, tensors, params)

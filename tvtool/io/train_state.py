@@ -79,6 +79,19 @@ def damaged_state(path: str, what: str) -> InvalidInputError:
                              hint="start a new --workdir, or pass --resume no to replace it")
 
 
+def checked_step(path: str, state: Mapping[str, Any], total: int) -> int:
+    """The ``step`` a training state records, an integer in [0, ``total``].
+
+    Raises:
+        InvalidInputError: anything else (a damaged state, exit 2).
+    """
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= total:
+        raise damaged_state(path, f"'step' must be an integer in [0, {total}], got "
+                                  f"{short_repr(step, 40)}")
+    return step
+
+
 def optimizer_tensors(params: Mapping[str, torch.Tensor],
                       optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     """The trained tensors and their Adam(W) moments, named as training states store them.
@@ -208,16 +221,18 @@ def continue_how(resume: str) -> str:
             else "run it again with --resume auto instead of --resume no to continue from it")
 
 
-def interruption_text(done: int, total: int, state_path: str | None, *, every: int,
-                      workdir: str | None, resume: str, saved: int | None) -> str:
+def interruption_text(done: int, total: int, state_path: str | None = None, *, every: int = 0,
+                      workdir: str | None = None, resume: str = "auto",
+                      saved: int | None = None) -> str:
     """What a user needs after Ctrl-C: where the training state is and how to continue.
 
     Args:
         done: Optimizer steps completed.
         total: Steps of the run.
-        state_path: The training-state file (None without ``--workdir``).
+        state_path: The training-state file (None without ``--workdir``: the other
+            arguments are then not used).
         every: Steps between saves (``--checkpoint-every``).
-        workdir: The work directory (None without ``--workdir``).
+        workdir: The work directory.
         resume: The run's ``--resume``.
         saved: Step of the state on disk that this run wrote or resumed from (None if none).
     """

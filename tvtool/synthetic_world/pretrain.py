@@ -25,6 +25,7 @@ from tvtool.io.train_state import (
     RESUME_CHOICES,
     check_run_key,
     check_training_tensors,
+    checked_step,
     damaged_state,
     interruption_text,
     optimizer_tensors,
@@ -253,10 +254,7 @@ def _load_state(path: str, params: dict[str, nn.Parameter], names: list[str],
     saved = state.get("run")
     check_run_key(saved if isinstance(saved, dict) else {}, _run_key(config), path,
                   what="pre-training run")
-    step = state.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= config.steps:
-        raise damaged_state(path, f"'step' must be an integer in [0, {config.steps}], got "
-                                  f"{short_repr(step, 40)}")
+    step = checked_step(path, state, config.steps)
     check_training_tensors(path, tensors, params)
     corpus_rng = state.get("corpus_rng")
     try:
@@ -306,14 +304,11 @@ def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | N
                 _save_state(checkpoints.path, params, optimizer, rng, done, config)
                 saved = done
     except KeyboardInterrupt as exc:
-        if checkpoints is None:
-            text = interruption_text(done - 1, config.steps, None, every=0, workdir=None,
-                                     resume="auto", saved=None)
-        else:
-            text = interruption_text(done - 1, config.steps, checkpoints.path,
-                                     every=checkpoints.every, workdir=checkpoints.workdir,
-                                     resume=checkpoints.resume, saved=saved)
-        note_interruption(exc, text)
+        note_interruption(exc, interruption_text(done - 1, config.steps) if checkpoints is None
+                          else interruption_text(done - 1, config.steps, checkpoints.path,
+                                                 every=checkpoints.every,
+                                                 workdir=checkpoints.workdir,
+                                                 resume=checkpoints.resume, saved=saved))
         raise
     model.eval()
     return {name: tensor.detach().clone().contiguous() for name, tensor in

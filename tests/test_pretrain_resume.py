@@ -134,3 +134,38 @@ def test_pretrain_cli_resume_options_need_a_workdir(cli, tmp_path):
     result = cli(["pretrain", "-o", str(out), "--steps", "1", "--resume", "no"])
     assert result.exit_code == 2 and "--resume needs --workdir" in result.stderr
     assert not out.exists()
+
+
+def test_pretrain_cli_trains_on_threads_and_records_the_count(cli, tmp_path):
+    """The weights depend on torch's thread count, so the output names it."""
+    import json
+
+    out = tmp_path / "base.safetensors"
+    before = torch.get_num_threads()
+    result = cli(["pretrain", "-o", str(out), "--steps", "2", "--batch-size", "4",
+                  "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["torch_threads"] == 1
+    assert torch.get_num_threads() == before  # the caller's setting is restored
+    shown = cli(["inspect", str(out), "--json"])
+    assert json.loads(shown.stdout)["files"][0]["provenance"]["arguments"]["torch_threads"] == 1
+
+
+def test_pretrain_cli_refuses_zero_threads(cli, tmp_path):
+    out = tmp_path / "base.safetensors"
+    result = cli(["pretrain", "-o", str(out), "--steps", "1", "--threads", "0"])
+    assert result.exit_code == 2 and "--threads" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("shift, noted", [(0, False), (1, True)])
+def test_a_state_of_another_thread_count_is_continued_with_a_note(tmp_path, shift, noted):
+    checkpoints = _interrupted_run(tmp_path)
+    tensors, state = read_train_state(checkpoints.path)
+    assert state["torch_threads"] == torch.get_num_threads()
+    state["torch_threads"] += shift
+    write_train_state(checkpoints.path, tensors, state)
+    notes: list[str] = []
+    pretrain_tiny(CONFIG, checkpoints=checkpoints, log=notes.append)
+    assert any(f"trained on {state['torch_threads']} torch threads" in note
+               for note in notes) is noted

@@ -57,6 +57,12 @@ def pretrain(
                         "tvtool-small (the demo's) or tvtool-base (docs/results.md's; its "
                         "weights are not packaged: this creates them, ~23 min on 2 cores).")
     ] = "tvtool-tiny",
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1,
+        help="CPU threads torch trains on (default: torch's, one per core). The weights "
+             "depend on it: the same count, torch build and CPU give the same weights bit "
+             "for bit; it is recorded in the output's provenance as torch_threads.",
+        show_default=False)] = None,
     workdir: WorkdirOpt = None,
     resume: Annotated[str, typer.Option(
         "--resume", rich_help_panel="Resumable runs", metavar="[" + "|".join(RESUME_NAMES) + "]",
@@ -79,6 +85,8 @@ def pretrain(
     import os
     import time
 
+    import torch
+
     from tvtool.io import check_output, ensure_directory
     from tvtool.models import cache_dir, embedded_weights_path
     from tvtool.synthetic_world.pretrain import (
@@ -88,6 +96,7 @@ def pretrain(
         pretrain_tiny,
         write_pretrained,
     )
+    from tvtool.threads import intra_op_threads
 
     batch = take_alias(ctx, "batch", batch, old_batch)
     refuse_json_with_stdout(as_json, output or "")
@@ -135,14 +144,17 @@ def pretrain(
             last[0] = loss
             advance(1, loss=loss, lr=learning_rate_at(step, config), unit="step")
 
-        state = pretrain_tiny(config, progress=report, checkpoints=checkpoints, on_start=started)
+        with intra_op_threads(threads):
+            trained_on = torch.get_num_threads()
+            state = pretrain_tiny(config, progress=report, checkpoints=checkpoints,
+                                  on_start=started, log=log)
     elapsed = time.perf_counter() - start
-    write_pretrained(state, target, config)
+    write_pretrained(state, target, config, threads=trained_on)
     log(f"pre-trained {config.steps} steps in {elapsed:.1f}s, final loss {last[0]:.3f}")
     if as_json:
         emit_json({"output": target, "steps": config.steps, "batch": config.batch,
                    "seed": config.seed, "seconds": elapsed, "final_loss": last[0],
-                   "resumed_from": started_at[0]},
+                   "resumed_from": started_at[0], "torch_threads": trained_on},
                   outputs=[target])
     else:
         emit_path(target)

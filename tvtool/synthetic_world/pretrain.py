@@ -203,8 +203,13 @@ def learning_rate_at(step: int, config: PretrainConfig) -> float:
 def pretrain_tiny(config: PretrainConfig | None = None,
                   progress: Callable[[int, float], None] | None = None,
                   checkpoints: PretrainCheckpoints | None = None,
-                  on_start: Callable[[int], None] | None = None) -> StateDict:
+                  on_start: Callable[[int], None] | None = None,
+                  log: Callable[[str], None] | None = None) -> StateDict:
     """Pre-train an embedded CLIP (``config.model``) contrastively on the synthetic corpus (CPU).
+
+    The weights are a function of the config, the torch build, the CPU and torch's thread
+    count: float32 reductions split across threads add in another order, so two thread counts
+    give other last bits after one step and other weights after thousands.
 
     Args:
         config: Training settings (defaults: the recipe of the embedded weights).
@@ -213,6 +218,8 @@ def pretrain_tiny(config: PretrainConfig | None = None,
             positions) every ``checkpoints.every`` steps and continue a saved one; a resumed
             run ends with the same weights as an uninterrupted one.
         on_start: Called once with the step the loop starts from (0, or the resumed step).
+        log: Receives a note when a resumed state was trained on another thread count (the
+            run continues, but cannot end bit for bit at an uninterrupted run's weights).
 
     Returns:
         The trained open_clip state dict (float32, CPU). A diverged run shows as a NaN loss
@@ -226,7 +233,7 @@ def pretrain_tiny(config: PretrainConfig | None = None,
     # Seed torch without disturbing the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return _pretrain(config, progress, checkpoints, on_start)
+        return _pretrain(config, progress, checkpoints, on_start, log)
 
 
 def _run_key(config: PretrainConfig) -> dict[str, Any]:
@@ -240,12 +247,13 @@ def _save_state(path: str, params: dict[str, nn.Parameter], optimizer: torch.opt
     tensors["rng/torch_cpu"] = torch.get_rng_state()
     write_train_state(path, tensors, {"format": PRETRAIN_STATE_FORMAT, "step": step,
                                       "run": _run_key(config),
-                                      "corpus_rng": rng.bit_generator.state})
+                                      "corpus_rng": rng.bit_generator.state,
+                                      "torch_threads": torch.get_num_threads()})
 
 
 def _load_state(path: str, params: dict[str, nn.Parameter], names: list[str],
                 optimizer: torch.optim.Optimizer, rng: np.random.Generator,
-                config: PretrainConfig) -> int:
+                config: PretrainConfig, log: Callable[[str], None] | None) -> int:
     """Check the state in ``path`` against this run, then apply it; returns its step."""
     tensors, state = read_train_state(path)
     if state.get("format") != PRETRAIN_STATE_FORMAT:
@@ -268,12 +276,19 @@ def _load_state(path: str, params: dict[str, nn.Parameter], names: list[str],
             param.copy_(tensors[f"param/{name}"])
     restore_optimizer(optimizer, names, tensors)
     torch.set_rng_state(tensors["rng/torch_cpu"])
+    saved_threads = state.get("torch_threads")
+    if log is not None and isinstance(saved_threads, int) \
+            and saved_threads != torch.get_num_threads():
+        log(f"note: the state in {path} was trained on {saved_threads} torch threads and this "
+            f"run uses {torch.get_num_threads()}: it continues, but its weights will differ in "
+            f"the last bits from an uninterrupted run's (--threads {saved_threads} matches)")
     return step
 
 
 def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | None,
               checkpoints: PretrainCheckpoints | None,
-              on_start: Callable[[int], None] | None) -> StateDict:
+              on_start: Callable[[int], None] | None,
+              log: Callable[[str], None] | None) -> StateDict:
     bundle = load_clip(f"{config.model}:random")
     # open_clip's CLIP (encode_image, encode_text, logit_scale), typed as a plain Module.
     model: Any = bundle.model.train()
@@ -287,7 +302,7 @@ def _pretrain(config: PretrainConfig, progress: Callable[[int, float], None] | N
     start = 0
     if checkpoints is not None and checkpoints.resume != "no":
         if os.path.exists(checkpoints.path):
-            start = _load_state(checkpoints.path, params, names, optimizer, rng, config)
+            start = _load_state(checkpoints.path, params, names, optimizer, rng, config, log)
         elif checkpoints.resume == "yes":
             raise InvalidInputError(f"--resume: no pre-training state at {checkpoints.path!r}",
                                     hint="use --resume auto to start when there is none")
@@ -338,17 +353,27 @@ def _train_step(model: Any, tokenizer: Any, optimizer: torch.optim.Optimizer,
         progress(step, float(loss.detach()))
 
 
-def pretrain_metadata(config: PretrainConfig, command: str = "pretrain") -> dict[str, str]:
-    """Build the safetensors header of a pre-trained ``tvtool-tiny`` checkpoint."""
-    arguments = dataclasses.asdict(config)
+def pretrain_metadata(config: PretrainConfig, command: str = "pretrain",
+                      threads: int | None = None) -> dict[str, str]:
+    """Build the safetensors header of a pre-trained embedded checkpoint.
+
+    Args:
+        config: The run's settings.
+        command: The subcommand recorded in the provenance.
+        threads: The torch thread count the run trained on, recorded as ``torch_threads``
+            because the weights depend on it (:func:`pretrain_tiny`).
+    """
+    arguments: dict[str, Any] = dataclasses.asdict(config)
     arguments["generator_version"] = GENERATOR_VERSION
+    if threads is not None:
+        arguments["torch_threads"] = threads
     meta = FileMeta(kind=Kind.CHECKPOINT, architecture=config.model,
                     provenance=provenance(command, arguments, seed=config.seed))
     return meta.to_header()
 
 
 def write_pretrained(state: StateDict, output: str, config: PretrainConfig,
-                     inputs: Sequence[str] = ()) -> None:
+                     inputs: Sequence[str] = (), threads: int | None = None) -> None:
     """Write pre-trained weights as a tvtool checkpoint (atomic; ``-`` is stdout).
 
     Raises:
@@ -357,4 +382,4 @@ def write_pretrained(state: StateDict, output: str, config: PretrainConfig,
     """
     from tvtool.io import write_tensors
 
-    write_tensors(output, state, pretrain_metadata(config), inputs=inputs)
+    write_tensors(output, state, pretrain_metadata(config, threads=threads), inputs=inputs)

@@ -77,7 +77,7 @@ def main() -> int:
 
     state = pretrain_tiny(config, progress=report)
     elapsed = time.perf_counter() - start
-    write_pretrained(state, args.output, config)
+    write_pretrained(state, args.output, config, threads=torch.get_num_threads())
     cpu = time.process_time() - cpu_start
     print(f"pretraining took {elapsed:.1f}s wall, {cpu:.1f}s process CPU "
           f"({elapsed / config.steps * 1000:.0f} ms/step, {torch.get_num_threads()} threads)",

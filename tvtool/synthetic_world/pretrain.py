@@ -209,7 +209,7 @@ def pretrain_tiny(config: PretrainConfig | None = None,
 
     The weights are a function of the config, the torch build, the CPU and torch's thread
     count: float32 reductions split across threads add in another order, so two thread counts
-    give other last bits after one step and other weights after thousands.
+    give weights that differ in the last bits within a few steps.
 
     Args:
         config: Training settings (defaults: the recipe of the embedded weights).

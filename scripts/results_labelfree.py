@@ -404,7 +404,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             tuned_mode = run_["results"][entry["mode"]]["finetuned"]
             fewshot.setdefault((entry["mode"], entry["shots"]), []).append(
                 normalized(entry["accuracy"], tuned_mode, tasks))
-    return {"base": runs[0]["base"], "tasks": tasks, "seeds": [r["seed"] for r in runs],
+    return {"base": runs[0]["base"], "base_fingerprint": runs[0].get("base_fingerprint"),
+            "tasks": tasks, "seeds": [r["seed"] for r in runs],
             "methods": methods, "deltas": deltas, "ta_mode": ta_mode,
             "fewshot": {f"{m}:{k}": v for (m, k), v in fewshot.items()},
             "studies": studies, "runs": runs}
@@ -420,7 +421,10 @@ def markdown(summary: dict[str, Any], section: str | None,
         f"## Label-free and few-shot aTLAS under the references' protocols: "
         f"`{summary['base']}`",
         "",
-        f"Base `{summary['base']}`, tasks {', '.join(t.split(':')[-1] for t in first['tasks'])}; "
+        f"Base `{summary['base']}`"
+        + (f" (fingerprint `{summary['base_fingerprint'][:19]}…`)"
+           if summary.get("base_fingerprint") else "")
+        + f", tasks {', '.join(t.split(':')[-1] for t in first['tasks'])}; "
         f"vectors fine-tuned {first['steps']} steps (lr {first['lr']:g}, batch "
         f"{first['batch_size']}) with each seed; accuracy on the test splits"
         + (f" (seeded subsets of {first['limit']})" if first["limit"] else "")

@@ -91,6 +91,7 @@ def test_summary_tables_over_seeds(script, tmp_path):
     se = abs(entropy[0] - entropy[1]) / 2  # stdev of two values / sqrt(2)
     assert f"{100 * mean:.1f} ± {100 * se:.1f}" in text
     assert "| linear |" in text and "k = 4" in text and "ρ(H(mean p) − mean H(p))" in text
+    assert "Base `tvtool-small` (fingerprint `sha256:x…`)" in text  # which build was measured
     assert ("--modes full,linear --path-every 25 --methods entropy@adamerging "
             "--shots-curve 1,4` per seed") in text
     doc = tmp_path / "results.md"
@@ -104,12 +105,17 @@ def test_summary_tables_over_seeds(script, tmp_path):
 def test_runs_of_different_recipes_are_refused(script, tmp_path):
     first, second = _run(0, (0.7, 0.8)), _run(1, (0.5, 0.8))
     second["path_every"] = 10
+    other_build = _run(1, (0.5, 0.8)) | {"base_fingerprint": "sha256:y"}
     paths = []
     for index, run in enumerate((first, second)):
         path = tmp_path / f"r{index}.json"
         path.write_text(json.dumps(run))
         paths.append(path)
     with pytest.raises(SystemExit, match="path_every"):
+        script.load_runs(paths)
+    # Two builds of the same base name (tvtool-base is made on each machine) never mix.
+    paths[1].write_text(json.dumps(other_build))
+    with pytest.raises(SystemExit, match="base_fingerprint"):
         script.load_runs(paths)
     with pytest.raises(SystemExit, match="OBJECTIVE@PROTOCOL"):
         script.parse_method("entropy")

@@ -65,6 +65,8 @@ def test_one_seed_has_no_standard_error(seeds, tmp_path):
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"lr": 3e-4}, "differs from"),
+    # Another build of the same base name (tvtool-base is made on each machine).
+    ({"base_fingerprint": "sha256:other"}, "base_fingerprint"),
     ({"seed": 0}, "a seed appears twice"),
 ])
 def test_runs_must_differ_only_in_the_seed(seeds, tmp_path, changes, message):

@@ -419,7 +419,10 @@ def markdown(summary: dict[str, Any], section: str | None,
     head = ["method", *(f"seed {s}" for s in seeds), "mean ± s.e.", "Δ vs task arithmetic"]
     lines = [
         f"## Label-free and few-shot aTLAS under the references' protocols: "
-        f"`{summary['base']}`",
+        f"`{summary['base']}`"
+        # Two builds of one base name can both be in the doc (tvtool-base is made per machine).
+        + (f" (build `{summary['base_fingerprint'].removeprefix('sha256:')[:8]}…`)"
+           if summary.get("base_fingerprint") else ""),
         "",
         f"Base `{summary['base']}`"
         + (f" (fingerprint `{summary['base_fingerprint'][:19]}…`)"

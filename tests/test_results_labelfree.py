@@ -92,6 +92,7 @@ def test_summary_tables_over_seeds(script, tmp_path):
     assert f"{100 * mean:.1f} ± {100 * se:.1f}" in text
     assert "| linear |" in text and "k = 4" in text and "ρ(H(mean p) − mean H(p))" in text
     assert "Base `tvtool-small` (fingerprint `sha256:x…`)" in text  # which build was measured
+    assert "protocols: `tvtool-small` (build `x…`)" in text
     assert ("--modes full,linear --path-every 25 --methods entropy@adamerging "
             "--shots-curve 1,4` per seed") in text
     doc = tmp_path / "results.md"

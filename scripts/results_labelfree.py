@@ -417,17 +417,16 @@ def markdown(summary: dict[str, Any], section: str | None,
     seeds, runs = summary["seeds"], summary["runs"]
     first = runs[0]
     head = ["method", *(f"seed {s}" for s in seeds), "mean ± s.e.", "Δ vs task arithmetic"]
+    # Two builds of one base name can both be in the doc (tvtool-base is made per machine).
+    fingerprint = summary.get("base_fingerprint") or ""
+    build = f" (build `{fingerprint.removeprefix('sha256:')[:8]}…`)" if fingerprint else ""
+    named = f" (fingerprint `{fingerprint[:19]}…`)" if fingerprint else ""
     lines = [
         f"## Label-free and few-shot aTLAS under the references' protocols: "
-        f"`{summary['base']}`"
-        # Two builds of one base name can both be in the doc (tvtool-base is made per machine).
-        + (f" (build `{summary['base_fingerprint'].removeprefix('sha256:')[:8]}…`)"
-           if summary.get("base_fingerprint") else ""),
+        f"`{summary['base']}`{build}",
         "",
-        f"Base `{summary['base']}`"
-        + (f" (fingerprint `{summary['base_fingerprint'][:19]}…`)"
-           if summary.get("base_fingerprint") else "")
-        + f", tasks {', '.join(t.split(':')[-1] for t in first['tasks'])}; "
+        f"Base `{summary['base']}`{named}, "
+        f"tasks {', '.join(t.split(':')[-1] for t in first['tasks'])}; "
         f"vectors fine-tuned {first['steps']} steps (lr {first['lr']:g}, batch "
         f"{first['batch_size']}) with each seed; accuracy on the test splits"
         + (f" (seeded subsets of {first['limit']})" if first["limit"] else "")

@@ -1,4 +1,8 @@
-"""How many CPU threads the tensor kernels of merge and compress run on (`--threads`)."""
+"""How many CPU threads torch's kernels run on (`--threads` of merge, compress and pretrain).
+
+Merge and compress results do not depend on the count; pre-training's weights do (its float32
+reductions split across threads add in another order), so pretrain records the count.
+"""
 
 from __future__ import annotations
 

@@ -117,8 +117,6 @@ def _mode_metavar() -> dict[str, str]:
     return {"mode": "[" + "|".join(m.value for m in MODES) + "]"}
 
 
-
-
 def bare_resume(args: list[str]) -> list[str]:
     """``--resume`` without a value (its spelling before ``auto|yes|no``) means ``yes``.
 
